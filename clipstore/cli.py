@@ -1,0 +1,78 @@
+"""`clipstore` command line: serve, principals, audit export."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from clipstore.auth import ROLES, create_principal
+from clipstore.config import Config, ConfigError, load_config
+from clipstore.logs import configure_logging
+
+EXIT_CONFIG = 2
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML config file (or $CLIPSTORE_CONFIG)")
+    parser.add_argument("--data-dir", help="data directory (or $CLIPSTORE_DATA_DIR; "
+                                           "default ~/.local/share/clipstore)")
+    parser.add_argument("--database-url", help="sqlite:///PATH or postgresql://… (default: SQLite in data dir)")
+
+
+def _config(args: argparse.Namespace, **extra: object) -> Config:
+    return load_config(config_file=args.config, overrides={
+        "data_dir": args.data_dir, "database_url": args.database_url, **extra})
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from clipstore.server import serve
+    return serve(_config(args, listen=args.listen))
+
+
+def _cmd_principals_create(args: argparse.Namespace) -> int:
+    from clipstore.app import App
+    app = App(_config(args))
+    try:
+        principal, key = create_principal(app.principals, role=args.role, name=args.name)
+    finally:
+        app.close()
+    print(f"principal_id={principal.id} role={principal.role}")
+    print(f"api_key={key}")
+    print("# the key is shown only once; send it as 'authorization: Bearer <key>'", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipstore", description="Encrypted voice-clip store")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gRPC server (embedded defaults with no config)")
+    _add_config_flags(serve)
+    serve.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:50051, or $CLIPSTORE_LISTEN)")
+    serve.set_defaults(func=_cmd_serve)
+
+    principals = sub.add_parser("principals", help="manage API-key principals")
+    psub = principals.add_subparsers(dest="principals_command", required=True)
+    create = psub.add_parser("create", help="create a principal and print its API key once")
+    _add_config_flags(create)
+    create.add_argument("--role", required=True, choices=ROLES)
+    create.add_argument("--name", required=True)
+    create.set_defaults(func=_cmd_principals_create)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    configure_logging()
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

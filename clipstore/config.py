@@ -1,0 +1,217 @@
+"""Configuration: defaults < TOML file < CLIPSTORE_* environment < flags.
+
+With nothing given, clipstore runs embedded: a data dir holding a local root
+key, a SQLite database and a file blob store, listening on 127.0.0.1:50051.
+Every problem is reported as one `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_MAX_MESSAGE_BYTES = 4 << 20  # bounds memory per gRPC message
+DEFAULT_GRACE_S = 10.0
+
+
+class ConfigError(Exception):
+    """A configuration value is missing, unknown or malformed."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"config error: {key}: {problem}")
+        self.key = key
+
+
+def default_data_dir(env: Mapping[str, str]) -> Path:
+    """`$CLIPSTORE_DATA_DIR`, else `$XDG_DATA_HOME/clipstore`, else ~/.local/share/clipstore."""
+    if env.get("CLIPSTORE_DATA_DIR"):
+        return Path(env["CLIPSTORE_DATA_DIR"])
+    base = Path(env["XDG_DATA_HOME"]) if env.get("XDG_DATA_HOME") else Path.home() / ".local" / "share"
+    return base / "clipstore"
+
+
+@dataclass(frozen=True, kw_only=True)
+class S3Config:
+    bucket: str
+    endpoint_url: str | None = None
+    region: str | None = None
+    prefix: str = "clips/"
+
+
+@dataclass(frozen=True, kw_only=True)
+class KmsConfig:
+    key_id: str
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlsConfig:
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    data_dir: Path
+    listen: str = DEFAULT_LISTEN
+    database_url: str | None = None
+    s3: S3Config | None = None
+    kms: KmsConfig | None = None
+    tls: TlsConfig | None = None
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    shutdown_grace_s: float = DEFAULT_GRACE_S
+    audit_checkpoint_every_entries: int = 1000
+    audit_checkpoint_every_s: float = 60.0
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'clipstore.db'}"
+
+    @property
+    def root_key_file(self) -> Path:
+        return self.data_dir / "root.key"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def audit_signing_key_file(self) -> Path:
+        return self.data_dir / "audit-signing.key"
+
+
+# key -> (environment variable, type); nested keys use dots as in the TOML file.
+_SCHEMA: dict[str, tuple[str, type]] = {
+    "data_dir": ("CLIPSTORE_DATA_DIR", str),
+    "listen": ("CLIPSTORE_LISTEN", str),
+    "database_url": ("CLIPSTORE_DATABASE_URL", str),
+    "max_message_bytes": ("CLIPSTORE_MAX_MESSAGE_BYTES", int),
+    "shutdown_grace_s": ("CLIPSTORE_SHUTDOWN_GRACE_S", float),
+    "s3.bucket": ("CLIPSTORE_S3_BUCKET", str),
+    "s3.endpoint_url": ("CLIPSTORE_S3_ENDPOINT_URL", str),
+    "s3.region": ("CLIPSTORE_S3_REGION", str),
+    "s3.prefix": ("CLIPSTORE_S3_PREFIX", str),
+    "kms.key_id": ("CLIPSTORE_KMS_KEY_ID", str),
+    "kms.endpoint_url": ("CLIPSTORE_KMS_ENDPOINT_URL", str),
+    "kms.region": ("CLIPSTORE_KMS_REGION", str),
+    "tls.cert_file": ("CLIPSTORE_TLS_CERT_FILE", str),
+    "tls.key_file": ("CLIPSTORE_TLS_KEY_FILE", str),
+    "tls.client_ca_file": ("CLIPSTORE_TLS_CLIENT_CA_FILE", str),
+    "audit.checkpoint_every_entries": ("CLIPSTORE_AUDIT_CHECKPOINT_EVERY_ENTRIES", int),
+    "audit.checkpoint_every_s": ("CLIPSTORE_AUDIT_CHECKPOINT_EVERY_S", float),
+}
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{full}."))
+        else:
+            flat[full] = value
+    return flat
+
+
+def _coerce(key: str, value: Any, want: type) -> Any:
+    if want is str:
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(key, "must be a non-empty string")
+        return value
+    if isinstance(value, bool):
+        raise ConfigError(key, f"must be a number, got {value!r}")
+    try:
+        number = want(value)
+    except (TypeError, ValueError):
+        raise ConfigError(key, f"must be a number, got {value!r}") from None
+    if number <= 0:
+        raise ConfigError(key, f"must be positive, got {value!r}")
+    return number
+
+
+def _check_listen(listen: str) -> None:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError("listen", f"must be HOST:PORT, got {listen!r}")
+
+
+def is_loopback(listen: str) -> bool:
+    """True when `listen` binds only the loopback interface."""
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_config(*, config_file: Path | None = None, env: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """Merge the sources and validate; raises `ConfigError` on the first problem."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    config_file = config_file or (Path(env["CLIPSTORE_CONFIG"]) if env.get("CLIPSTORE_CONFIG") else None)
+    if config_file is not None:
+        try:
+            with config_file.open("rb") as fh:
+                table = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError("config", f"cannot read {config_file}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("config", f"{config_file} is not valid TOML: {exc}") from None
+        for key, value in _flatten(table).items():
+            if key not in _SCHEMA:
+                raise ConfigError(key, f"unknown key in {config_file}; known keys: {', '.join(sorted(_SCHEMA))}")
+            values[key] = value
+    for key, (var, _) in _SCHEMA.items():
+        if var in env:
+            values[key] = env[var]
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = value
+    values = {key: _coerce(key, value, _SCHEMA[key][1]) for key, value in values.items()}
+    return _build(values, env)
+
+
+def _section(values: Mapping[str, Any], name: str) -> dict[str, Any]:
+    prefix = f"{name}."
+    return {k[len(prefix):]: v for k, v in values.items() if k.startswith(prefix)}
+
+
+def _build(values: Mapping[str, Any], env: Mapping[str, str]) -> Config:
+    listen = values.get("listen", DEFAULT_LISTEN)
+    _check_listen(listen)
+    database_url = values.get("database_url")
+    if database_url is not None and not database_url.startswith(("sqlite:///", "postgresql://")):
+        raise ConfigError("database_url", "must start with sqlite:/// or postgresql://")
+    s3 = _section(values, "s3")
+    if s3 and "bucket" not in s3:
+        raise ConfigError("s3.bucket", "is required when any s3.* key is set")
+    kms = _section(values, "kms")
+    if kms and "key_id" not in kms:
+        raise ConfigError("kms.key_id", "is required when any kms.* key is set")
+    tls = _section(values, "tls")
+    for required in ("cert_file", "key_file"):
+        if tls and required not in tls:
+            raise ConfigError(f"tls.{required}", "is required when any tls.* key is set")
+    return Config(
+        data_dir=Path(values["data_dir"]) if "data_dir" in values else default_data_dir(env),
+        listen=listen,
+        database_url=database_url,
+        s3=S3Config(**s3) if s3 else None,
+        kms=KmsConfig(**kms) if kms else None,
+        tls=TlsConfig(**{k: Path(v) for k, v in tls.items()}) if tls else None,
+        max_message_bytes=values.get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES),
+        shutdown_grace_s=values.get("shutdown_grace_s", DEFAULT_GRACE_S),
+        audit_checkpoint_every_entries=values.get("audit.checkpoint_every_entries", 1000),
+        audit_checkpoint_every_s=values.get("audit.checkpoint_every_s", 60.0),
+    )

@@ -1,0 +1,67 @@
+"""Domain errors: each one carries its gRPC status code and a stable reason.
+
+Servicers raise these; the interceptor in `clipstore.interceptors` is the one
+place that turns them into a gRPC status with `google.rpc.ErrorInfo`.
+Messages say what to do next and never carry keys, tokens, codes or PII.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import grpc
+
+ERROR_DOMAIN = "clipstore.v1"
+
+
+class ClipstoreError(Exception):
+    """A security or request outcome the caller should see as a gRPC status."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason: str = "INTERNAL"
+
+    def __init__(self, message: str, *, reason: str | None = None,
+                 metadata: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+        self.metadata = dict(metadata or {})
+
+
+class InvalidArgument(ClipstoreError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, problem: str, *, reason: str | None = None) -> None:
+        super().__init__(f"{field}: {problem}", reason=reason, metadata={"field": field})
+
+
+class Unauthenticated(ClipstoreError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ClipstoreError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
+
+
+class NotFound(ClipstoreError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "NOT_FOUND"
+
+
+class FailedPrecondition(ClipstoreError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "FAILED_PRECONDITION"
+
+
+class Unavailable(ClipstoreError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "UNAVAILABLE"
+
+
+class DataLoss(ClipstoreError):
+    code = grpc.StatusCode.DATA_LOSS
+    reason = "DATA_LOSS"

@@ -1,0 +1,182 @@
+"""The interceptor chain every RPC passes through:
+
+request id → authentication → role check → handler → error mapping → access log.
+
+Servicers raise `ClipstoreError`s; this is the one place that turns them into
+a gRPC status carrying `google.rpc.ErrorInfo`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import structlog
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from clipstore.auth import PUBLIC_PREFIXES, authorize
+from clipstore.errors import ERROR_DOMAIN, ClipstoreError
+from clipstore.logs import get_logger
+from clipstore.store.principals import Principal
+
+REQUEST_ID_HEADER = "x-request-id"
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+log = get_logger("clipstore.rpc")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RequestContext:
+    request_id: str
+    method: str
+    principal: Principal | None
+
+
+_current: ContextVar[RequestContext | None] = ContextVar("clipstore_request", default=None)
+
+
+def current_request() -> RequestContext:
+    """The request being served on this thread; `RuntimeError` outside an RPC."""
+    ctx = _current.get()
+    if ctx is None:
+        raise RuntimeError("current_request() called outside an RPC")
+    return ctx
+
+
+Authenticator = Callable[[Mapping[str, str]], Principal]
+DenialHook = Callable[[RequestContext, ClipstoreError], None]
+
+
+def _status_for(error: ClipstoreError, request_id: str) -> grpc.Status:
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN,
+                                       metadata={**error.metadata, "request_id": request_id})
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    return rpc_status.to_status(status_pb2.Status(
+        code=error.code.value[0], message=error.message, details=[detail]))
+
+
+class _Internal(ClipstoreError):
+    reason = "INTERNAL"
+
+
+class _Unimplemented(ClipstoreError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+    reason = "NOT_IMPLEMENTED"
+
+
+class ClipstoreInterceptor(grpc.ServerInterceptor):
+    """Runs the chain around every handler; see the module docstring."""
+
+    def __init__(self, authenticate: Authenticator, on_denied: DenialHook | None = None) -> None:
+        self._authenticate = authenticate
+        self._on_denied = on_denied
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        method: str = details.method
+        metadata = {k: v for k, v in details.invocation_metadata or () if isinstance(v, str)}
+        public = method.startswith(PUBLIC_PREFIXES)
+        wrap = self._wrap_stream if handler.response_streaming else self._wrap_unary
+        kind = ("stream" if handler.request_streaming else "unary") + "_" + (
+            "stream" if handler.response_streaming else "unary")
+        behavior = getattr(handler, kind)
+        wrapped = wrap(behavior, method, metadata, public)
+        factory = getattr(grpc, f"{kind}_rpc_method_handler")
+        return factory(wrapped, request_deserializer=handler.request_deserializer,
+                       response_serializer=handler.response_serializer)
+
+    # -- the chain -------------------------------------------------------
+    def _begin(self, method: str, metadata: Mapping[str, str], public: bool,
+               context: grpc.ServicerContext) -> RequestContext:
+        incoming = metadata.get(REQUEST_ID_HEADER, "")
+        request_id = incoming if _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+        context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        ctx = RequestContext(request_id=request_id, method=method, principal=None)
+        if public:
+            return ctx
+        try:
+            principal = self._authenticate(metadata)
+            ctx = RequestContext(request_id=request_id, method=method, principal=principal)
+            authorize(principal, method)
+        except ClipstoreError as exc:
+            if self._on_denied is not None:
+                self._on_denied(ctx, exc)
+            raise
+        return ctx
+
+    def _fail(self, exc: BaseException, ctx: RequestContext, context: grpc.ServicerContext) -> str:
+        if isinstance(exc, ClipstoreError):
+            error = exc
+        elif isinstance(exc, NotImplementedError):
+            error = _Unimplemented(f"{ctx.method} is not implemented in this release")
+        else:
+            log.error("rpc.unhandled_exception", method=ctx.method, exc_type=type(exc).__name__)
+            error = _Internal(f"internal error; retry later and quote request id {ctx.request_id}")
+        context.abort_with_status(_status_for(error, ctx.request_id))
+        raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+    def _access_log(self, ctx: RequestContext, status: str, started: float) -> None:
+        log.info("rpc", method=ctx.method, status=status,
+                 principal=ctx.principal.id if ctx.principal else None,
+                 role=ctx.principal.role if ctx.principal else None,
+                 duration_ms=round((time.perf_counter() - started) * 1000, 3))
+        structlog.contextvars.unbind_contextvars("request_id")
+
+    def _wrap_unary(self, behavior: Callable[..., Any], method: str, metadata: Mapping[str, str],
+                    public: bool) -> Callable[..., Any]:
+        def run(request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.perf_counter()
+            ctx = RequestContext(request_id="-", method=method, principal=None)
+            status = "OK"
+            try:
+                ctx = self._begin(method, metadata, public, context)
+                token = _current.set(ctx)
+                try:
+                    return behavior(request, context)
+                finally:
+                    _current.reset(token)
+            except Exception as exc:
+                status = _status_name(exc)
+                self._fail(exc, ctx, context)
+            finally:
+                self._access_log(ctx, status, started)
+        return run
+
+    def _wrap_stream(self, behavior: Callable[..., Iterator[Any]], method: str,
+                     metadata: Mapping[str, str], public: bool) -> Callable[..., Iterator[Any]]:
+        def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            started = time.perf_counter()
+            ctx = RequestContext(request_id="-", method=method, principal=None)
+            status = "OK"
+            try:
+                ctx = self._begin(method, metadata, public, context)
+                token = _current.set(ctx)
+                try:
+                    yield from behavior(request, context)
+                finally:
+                    _current.reset(token)
+            except Exception as exc:
+                status = _status_name(exc)
+                self._fail(exc, ctx, context)
+            finally:
+                self._access_log(ctx, status, started)
+        return run
+
+
+def _status_name(exc: BaseException) -> str:
+    if isinstance(exc, ClipstoreError):
+        return exc.code.name
+    if isinstance(exc, NotImplementedError):
+        return "UNIMPLEMENTED"
+    return "INTERNAL"

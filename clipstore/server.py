@@ -1,0 +1,150 @@
+"""The gRPC server: services, health, reflection, interceptors, graceful stop."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from clipstore.app import App
+from clipstore.auth import authenticate
+from clipstore.config import Config, ConfigError, is_loopback
+from clipstore.interceptors import ClipstoreInterceptor
+from clipstore.logs import get_logger
+from clipstore.v1 import (
+    account_pb2_grpc,
+    audit_pb2_grpc,
+    clip_pb2_grpc,
+    review_pb2_grpc,
+    reviewer_admin_pb2_grpc,
+    safety_pb2_grpc,
+)
+
+MAX_WORKERS = 32
+log = get_logger("clipstore.server")
+
+# (full service name, add_*_to_server, base servicer answering UNIMPLEMENTED)
+_SERVICES: list[tuple[str, Callable[[Any, grpc.Server], None], type]] = [
+    ("clipstore.v1.ClipService", clip_pb2_grpc.add_ClipServiceServicer_to_server,
+     clip_pb2_grpc.ClipServiceServicer),
+    ("clipstore.v1.AccountService", account_pb2_grpc.add_AccountServiceServicer_to_server,
+     account_pb2_grpc.AccountServiceServicer),
+    ("clipstore.v1.ReviewerAdminService", reviewer_admin_pb2_grpc.add_ReviewerAdminServiceServicer_to_server,
+     reviewer_admin_pb2_grpc.ReviewerAdminServiceServicer),
+    ("clipstore.v1.ReviewService", review_pb2_grpc.add_ReviewServiceServicer_to_server,
+     review_pb2_grpc.ReviewServiceServicer),
+    ("clipstore.v1.SafetyService", safety_pb2_grpc.add_SafetyServiceServicer_to_server,
+     safety_pb2_grpc.SafetyServiceServicer),
+    ("clipstore.v1.AuditService", audit_pb2_grpc.add_AuditServiceServicer_to_server,
+     audit_pb2_grpc.AuditServiceServicer),
+]
+SERVICE_NAMES = tuple(name for name, _, _ in _SERVICES)
+
+
+def _implemented_servicers(app: App) -> dict[str, Any]:
+    """Servicers whose issue has landed; the rest answer UNIMPLEMENTED."""
+    return {}
+
+
+def _credentials(config: Config) -> grpc.ServerCredentials | None:
+    if config.tls is None:
+        if not is_loopback(config.listen):
+            raise ConfigError("listen", f"{config.listen} is not a loopback address and TLS is not "
+                                        "configured; set tls.cert_file and tls.key_file or bind 127.0.0.1")
+        return None
+    root_ca = config.tls.client_ca_file.read_bytes() if config.tls.client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(config.tls.key_file.read_bytes(), config.tls.cert_file.read_bytes())],
+        root_certificates=root_ca, require_client_auth=root_ca is not None)
+
+
+class ClipstoreServer:
+    """A bound, not yet started server; `port` is the port actually bound."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        config = app.config
+        credentials = _credentials(config)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="rpc"),
+            interceptors=[ClipstoreInterceptor(lambda md: authenticate(app.principals, md))],
+            options=[("grpc.max_receive_message_length", config.max_message_bytes),
+                     ("grpc.max_send_message_length", config.max_message_bytes),
+                     ("grpc.so_reuseport", 0)],
+        )
+        implemented = _implemented_servicers(app)
+        for name, add, base in _SERVICES:
+            add(implemented.get(name) or base(), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        try:
+            if credentials is None:
+                self.port = self._server.add_insecure_port(config.listen)
+            else:
+                self.port = self._server.add_secure_port(config.listen, credentials)
+        except RuntimeError as exc:
+            raise ConfigError("listen", f"cannot bind {config.listen}: {exc}") from None
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        self._server.start()
+        for name in ("", *SERVICE_NAMES):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("server.started", listen=self.app.config.listen, port=self.port,
+                 database="sqlite" if self.app.db.is_sqlite else "postgresql",
+                 root_kms=type(self.app.root).__name__)
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Stop accepting, drain in-flight RPCs for up to `grace_s`, close stores."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.app.config.shutdown_grace_s if grace_s is None else grace_s
+        log.info("server.stopping", grace_s=grace)
+        self.health.enter_graceful_shutdown()
+        self._server.stop(grace).wait()
+        self.app.close()
+        log.info("server.stopped")
+
+
+@contextmanager
+def running_server(config: Config) -> Iterator[ClipstoreServer]:
+    """Start a server on an ephemeral loopback port (unless `config.listen` names one)."""
+    if config.listen.endswith(":50051"):
+        config = replace(config, listen="127.0.0.1:0")
+    server = ClipstoreServer(App(config))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(grace_s=1.0)
+
+
+def serve(config: Config) -> int:
+    """Run until SIGTERM or SIGINT, then drain and exit 0."""
+    server = ClipstoreServer(App(config))
+    stop_requested = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("server.signal", signal=signal.Signals(signum).name)
+        stop_requested.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.start()
+        stop_requested.wait()
+        server.stop()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0

@@ -1,0 +1,47 @@
+"""Ordered schema migrations, applied at start inside one transaction each.
+
+Append only: a released migration is never edited; add a new one instead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import sqlalchemy as sa
+
+from clipstore.store import schema
+
+Migration = tuple[int, str, Callable[[sa.Connection], None]]
+
+
+def _create(*tables: sa.Table) -> Callable[[sa.Connection], None]:
+    def apply(conn: sa.Connection) -> None:
+        for table in tables:
+            table.create(conn)
+    return apply
+
+
+MIGRATIONS: list[Migration] = [
+    (1, "principals", _create(schema.principals)),
+]
+
+
+def migrate(engine: sa.Engine) -> int:
+    """Apply pending migrations; returns the schema version now in force."""
+    schema.schema_migrations.create(engine, checkfirst=True)
+    with engine.begin() as conn:
+        applied = set(conn.scalars(sa.select(schema.schema_migrations.c.version)))
+    known = {version for version, _, _ in MIGRATIONS}
+    if applied - known:
+        raise RuntimeError(
+            f"database schema version {max(applied)} is newer than this clipstore "
+            f"(knows up to {max(known)}); upgrade clipstore")
+    for version, name, apply in MIGRATIONS:
+        if version in applied:
+            continue
+        with engine.begin() as conn:
+            apply(conn)
+            conn.execute(schema.schema_migrations.insert().values(
+                version=version, name=name, applied_at=time.time()))
+    return max(known)
