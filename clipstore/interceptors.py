@@ -12,8 +12,9 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -96,26 +97,25 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
                        response_serializer=handler.response_serializer)
 
     # -- the chain -------------------------------------------------------
-    def _begin(self, method: str, metadata: Mapping[str, str], public: bool,
-               context: grpc.ServicerContext) -> RequestContext:
+    def _request_context(self, method: str, metadata: Mapping[str, str],
+                         context: grpc.ServicerContext) -> RequestContext:
         incoming = metadata.get(REQUEST_ID_HEADER, "")
         request_id = incoming if _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
         context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
         structlog.contextvars.bind_contextvars(request_id=request_id)
-        ctx = RequestContext(request_id=request_id, method=method, principal=None)
-        if public:
-            return ctx
+        return RequestContext(request_id=request_id, method=method, principal=None)
+
+    def _authenticated(self, ctx: RequestContext, metadata: Mapping[str, str]) -> RequestContext:
         try:
-            principal = self._authenticate(metadata)
-            ctx = RequestContext(request_id=request_id, method=method, principal=principal)
-            authorize(principal, method)
+            ctx = replace(ctx, principal=self._authenticate(metadata))
+            authorize(ctx.principal, ctx.method)  # type: ignore[arg-type]
         except ClipstoreError as exc:
             if self._on_denied is not None:
                 self._on_denied(ctx, exc)
             raise
         return ctx
 
-    def _fail(self, exc: BaseException, ctx: RequestContext, context: grpc.ServicerContext) -> str:
+    def _fail(self, exc: Exception, ctx: RequestContext, context: grpc.ServicerContext) -> None:
         if isinstance(exc, ClipstoreError):
             error = exc
         elif isinstance(exc, NotImplementedError):
@@ -124,53 +124,46 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
             log.error("rpc.unhandled_exception", method=ctx.method, exc_type=type(exc).__name__)
             error = _Internal(f"internal error; retry later and quote request id {ctx.request_id}")
         context.abort_with_status(_status_for(error, ctx.request_id))
-        raise AssertionError("abort_with_status returned")  # pragma: no cover
 
-    def _access_log(self, ctx: RequestContext, status: str, started: float) -> None:
-        log.info("rpc", method=ctx.method, status=status,
-                 principal=ctx.principal.id if ctx.principal else None,
-                 role=ctx.principal.role if ctx.principal else None,
-                 duration_ms=round((time.perf_counter() - started) * 1000, 3))
-        structlog.contextvars.unbind_contextvars("request_id")
+    @contextmanager
+    def _scope(self, method: str, metadata: Mapping[str, str], public: bool,
+               context: grpc.ServicerContext) -> Iterator[None]:
+        started = time.perf_counter()
+        ctx = self._request_context(method, metadata, context)
+        status = "OK"
+        try:
+            if not public:
+                ctx = self._authenticated(ctx, metadata)
+            token = _current.set(ctx)
+            try:
+                yield
+            finally:
+                _current.reset(token)
+        except GeneratorExit:
+            status = "CANCELLED"
+            raise
+        except Exception as exc:
+            status = _status_name(exc)
+            self._fail(exc, ctx, context)
+        finally:
+            log.info("rpc", method=ctx.method, status=status,
+                     principal=ctx.principal.id if ctx.principal else None,
+                     role=ctx.principal.role if ctx.principal else None,
+                     duration_ms=round((time.perf_counter() - started) * 1000, 3))
+            structlog.contextvars.unbind_contextvars("request_id")
 
     def _wrap_unary(self, behavior: Callable[..., Any], method: str, metadata: Mapping[str, str],
                     public: bool) -> Callable[..., Any]:
         def run(request: Any, context: grpc.ServicerContext) -> Any:
-            started = time.perf_counter()
-            ctx = RequestContext(request_id="-", method=method, principal=None)
-            status = "OK"
-            try:
-                ctx = self._begin(method, metadata, public, context)
-                token = _current.set(ctx)
-                try:
-                    return behavior(request, context)
-                finally:
-                    _current.reset(token)
-            except Exception as exc:
-                status = _status_name(exc)
-                self._fail(exc, ctx, context)
-            finally:
-                self._access_log(ctx, status, started)
+            with self._scope(method, metadata, public, context):
+                return behavior(request, context)
         return run
 
     def _wrap_stream(self, behavior: Callable[..., Iterator[Any]], method: str,
                      metadata: Mapping[str, str], public: bool) -> Callable[..., Iterator[Any]]:
         def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            started = time.perf_counter()
-            ctx = RequestContext(request_id="-", method=method, principal=None)
-            status = "OK"
-            try:
-                ctx = self._begin(method, metadata, public, context)
-                token = _current.set(ctx)
-                try:
-                    yield from behavior(request, context)
-                finally:
-                    _current.reset(token)
-            except Exception as exc:
-                status = _status_name(exc)
-                self._fail(exc, ctx, context)
-            finally:
-                self._access_log(ctx, status, started)
+            with self._scope(method, metadata, public, context):
+                yield from behavior(request, context)
         return run
 
 

@@ -7,7 +7,6 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
-from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -119,9 +118,7 @@ class ClipstoreServer:
 
 @contextmanager
 def running_server(config: Config) -> Iterator[ClipstoreServer]:
-    """Start a server on an ephemeral loopback port (unless `config.listen` names one)."""
-    if config.listen.endswith(":50051"):
-        config = replace(config, listen="127.0.0.1:0")
+    """Start a server for `config` (use listen 127.0.0.1:0 for an ephemeral port); stop it on exit."""
     server = ClipstoreServer(App(config))
     server.start()
     try:

@@ -1,0 +1,62 @@
+"""Shared fixtures: a real server on an ephemeral loopback port, real stubs."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from clipstore.auth import create_principal
+from clipstore.config import Config, load_config
+from clipstore.logs import configure_logging
+from clipstore.server import ClipstoreServer, running_server
+from clipstore.store import Database, PrincipalRepository
+
+
+def make_config(data_dir: Path, **overrides: object) -> Config:
+    return load_config(env={}, overrides={"data_dir": str(data_dir), "listen": "127.0.0.1:0", **overrides})
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return make_config(tmp_path / "data")
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    """Everything structlog writes during the test, as JSON lines."""
+    stream = io.StringIO()
+    configure_logging(stream)
+    yield stream
+    configure_logging()
+
+
+@pytest.fixture
+def server(config: Config, log_stream: io.StringIO) -> Iterator[ClipstoreServer]:
+    with running_server(config) as srv:
+        yield srv
+
+
+@pytest.fixture
+def channel(server: ClipstoreServer) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        yield ch
+
+
+def new_key(db: Database, role: str, name: str = "test") -> str:
+    _, key = create_principal(PrincipalRepository(db), role=role, name=name)
+    return key
+
+
+def bearer(key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),)
+
+
+@pytest.fixture
+def keys(server: ClipstoreServer) -> dict[str, str]:
+    """One API key per role, created through the real principal store."""
+    return {role: new_key(server.app.db, role, f"{role}-svc")
+            for role in ("ingest", "reviewer", "safety", "auditor", "admin")}

@@ -1,0 +1,95 @@
+"""`clipstore` as a user runs it: subprocesses, real signals, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from clipstore.config import DEFAULT_LISTEN, ConfigError, load_config
+
+
+def _env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLIPSTORE_", "XDG_"))}
+    return {**env, "HOME": str(home), **extra}
+
+
+def _clipstore(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "clipstore", *args], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_defaults_are_embedded_on_loopback_under_home(tmp_path: Path) -> None:
+    config = load_config(env={"HOME": str(tmp_path)})
+    assert config.listen == DEFAULT_LISTEN == "127.0.0.1:50051"
+    assert config.effective_database_url.startswith("sqlite:///")
+    assert config.s3 is None and config.kms is None
+
+
+def test_serve_with_no_config_creates_data_dir_and_answers_health_then_exits_0_on_sigterm(
+        tmp_path: Path) -> None:
+    # No flags and no config file; only the port is made ephemeral so tests can run in parallel.
+    env = _env(tmp_path, CLIPSTORE_LISTEN="127.0.0.1:0")
+    proc = subprocess.Popen([sys.executable, "-m", "clipstore", "serve"], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        started = json.loads(proc.stderr.readline())
+        assert started["event"] == "server.started"
+        with grpc.insecure_channel(f"127.0.0.1:{started['port']}") as channel:
+            resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        data_dir = tmp_path / ".local" / "share" / "clipstore"
+        assert (data_dir / "root.key").stat().st_mode & 0o777 == 0o600
+        assert (data_dir / "clipstore.db").is_file() and (data_dir / "blobs").is_dir()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        events = [json.loads(line)["event"] for line in proc.stderr.read().splitlines()]
+        assert events[-1] == "server.stopped"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize(("toml", "key"), [
+    ('[s3]\nendpoint_url = "http://127.0.0.1:5000"\n', "s3.bucket"),
+    ('listen = "0.0.0.0:7000"\n', "listen"),
+    ('listen = "nonsense"\n', "listen"),
+    ('max_message_bytes = "lots"\n', "max_message_bytes"),
+    ('database_url = "mysql://x"\n', "database_url"),
+    ('colour = "blue"\n', "colour"),
+    ("this is = not toml [\n", "config"),
+])
+def test_bad_config_exits_2_with_one_line_naming_the_key(tmp_path: Path, toml: str, key: str) -> None:
+    config_file = tmp_path / "clipstore.toml"
+    config_file.write_text(toml)
+    result = _clipstore("serve", "--config", str(config_file), "--data-dir", str(tmp_path / "d"),
+                        env=_env(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"config error: {key}: ")
+
+
+def test_env_var_config_errors_name_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(env={"CLIPSTORE_SHUTDOWN_GRACE_S": "-1"})
+    assert caught.value.key == "shutdown_grace_s"
+
+
+def test_principal_key_is_printed_once_and_only_its_hash_is_stored(tmp_path: Path) -> None:
+    data_dir = tmp_path / "d"
+    result = _clipstore("principals", "create", "--role", "ingest", "--name", "asr-backend",
+                        "--data-dir", str(data_dir), env=_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    key = result.stdout.split("api_key=")[1].split()[0]
+    assert key.startswith("csk_") and len(key) >= 40
+    assert key not in result.stderr
+    for path in data_dir.rglob("clipstore.db*"):
+        assert key.encode() not in path.read_bytes()

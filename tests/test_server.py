@@ -1,0 +1,154 @@
+"""The frame: health, reflection, auth, role checks, errors, drain, logs."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from clipstore.config import Config
+from clipstore.server import SERVICE_NAMES, ClipstoreServer, running_server
+from clipstore.store import Principal
+from clipstore.v1 import audit_pb2, audit_pb2_grpc, clip_pb2, clip_pb2_grpc, review_pb2, review_pb2_grpc
+from tests.conftest import bearer, new_key
+from tests.grpc_helpers import error_info
+
+
+def test_health_reports_serving_overall_and_per_service(channel: grpc.Channel) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    for name in ("", *SERVICE_NAMES):
+        resp = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING, name
+
+
+def test_reflection_lists_every_clipstore_service(channel: grpc.Channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    listed = {s.name for s in next(iter(responses)).list_services_response.service}
+    assert set(SERVICE_NAMES) <= listed
+    assert {"clipstore.v1.ClipService", "clipstore.v1.ReviewService", "clipstore.v1.AuditService",
+            "clipstore.v1.AccountService", "clipstore.v1.ReviewerAdminService",
+            "clipstore.v1.SafetyService"} <= listed
+
+
+def _get_clip(channel: grpc.Channel, metadata: tuple[tuple[str, str], ...] = ()) -> grpc.RpcError:
+    stub = clip_pb2_grpc.ClipServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.GetClip(clip_pb2.GetClipRequest(clip_id="c_x"), metadata=metadata, timeout=5)
+    return caught.value
+
+
+def test_call_without_key_is_unauthenticated(channel: grpc.Channel) -> None:
+    err = _get_clip(channel)
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error_info(err).reason == "MISSING_CREDENTIALS"
+    assert "Bearer" in err.details()
+
+
+def test_call_with_unknown_key_is_unauthenticated(channel: grpc.Channel) -> None:
+    err = _get_clip(channel, bearer("csk_" + "A" * 43))
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error_info(err).reason == "INVALID_CREDENTIALS"
+
+
+def test_malformed_authorization_header_is_unauthenticated(channel: grpc.Channel) -> None:
+    err = _get_clip(channel, (("authorization", "Basic dXNlcjpwYXNz"),))
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error_info(err).reason == "MALFORMED_CREDENTIALS"
+
+
+def test_call_with_wrong_role_is_permission_denied(channel: grpc.Channel, keys: dict[str, str]) -> None:
+    err = _get_clip(channel, bearer(keys["reviewer"]))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    info = error_info(err)
+    assert info.reason == "WRONG_ROLE" and info.domain == "clipstore.v1"
+    assert "ingest" in err.details()
+
+
+@pytest.mark.parametrize("role", ["ingest", "safety", "admin", "auditor"])
+def test_reviewer_rpcs_refuse_every_other_role(channel: grpc.Channel, keys: dict[str, str], role: str) -> None:
+    stub = review_pb2_grpc.ReviewServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.StartReviewSession(review_pb2.StartReviewSessionRequest(totp_code="123456"),
+                                metadata=bearer(keys[role]), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_disabled_principal_is_unauthenticated(server: ClipstoreServer, channel: grpc.Channel,
+                                               keys: dict[str, str]) -> None:
+    from clipstore.auth import hash_api_key
+    principal = server.app.principals.by_key_hash(hash_api_key(keys["ingest"]))
+    assert principal is not None
+    server.app.principals.set_disabled(principal.id, True)
+    err = _get_clip(channel, bearer(keys["ingest"]))
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_request_id_is_echoed_and_put_in_error_info(channel: grpc.Channel) -> None:
+    err = _get_clip(channel, (("x-request-id", "req-123"),))
+    assert ("x-request-id", "req-123") in tuple(err.initial_metadata())
+    assert error_info(err).metadata["request_id"] == "req-123"
+
+
+def test_request_id_is_generated_when_absent_or_malformed(channel: grpc.Channel) -> None:
+    err = _get_clip(channel, (("x-request-id", "bad id with spaces"),))
+    rid = error_info(err).metadata["request_id"]
+    assert rid != "bad id with spaces" and len(rid) == 32
+
+
+def test_every_access_log_line_is_json_without_the_bearer_key(
+        channel: grpc.Channel, keys: dict[str, str], log_stream: io.StringIO) -> None:
+    audit = audit_pb2_grpc.AuditServiceStub(channel)
+    for key in (keys["auditor"], keys["reviewer"], "csk_" + "Z" * 43):
+        with contextlib.suppress(grpc.RpcError):
+            audit.GetCheckpoint(audit_pb2.GetCheckpointRequest(), metadata=bearer(key), timeout=5)
+    text = log_stream.getvalue()
+    lines = [json.loads(line) for line in text.splitlines()]
+    rpc_lines = [line for line in lines if line["event"] == "rpc"]
+    assert len(rpc_lines) >= 3
+    assert {"method", "principal", "role", "status", "duration_ms", "request_id"} <= set(rpc_lines[0])
+    for key in (*keys.values(), "Z" * 43):
+        assert key not in text
+
+
+def test_sigterm_path_drains_in_flight_call_and_refuses_new_ones(
+        config: Config, log_stream: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> None:
+    """stop() is what the SIGTERM handler runs (tests/test_cli.py sends the signal itself).
+
+    The in-flight call is held inside authentication (the principal lookup)
+    until the server has begun stopping; it must still finish normally.
+    """
+    with running_server(config) as srv:
+        key = new_key(srv.app.db, "ingest")
+        channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
+        undisturbed = _get_clip(channel, bearer(key)).code()
+        entered, release = threading.Event(), threading.Event()
+        lookup = srv.app.principals.by_key_hash
+
+        def held_lookup(key_hash: bytes) -> Principal | None:
+            entered.set()
+            release.wait(10)
+            return lookup(key_hash)
+
+        monkeypatch.setattr(srv.app.principals, "by_key_hash", held_lookup)
+        stub = clip_pb2_grpc.ClipServiceStub(channel)
+        future = stub.GetClip.future(clip_pb2.GetClipRequest(clip_id="c_x"), metadata=bearer(key), timeout=20)
+        assert entered.wait(5)
+        stopper = threading.Thread(target=srv.stop, kwargs={"grace_s": 10})
+        stopper.start()
+        time.sleep(0.3)
+        with pytest.raises(grpc.RpcError) as refused:
+            health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{srv.port}")).Check(
+                health_pb2.HealthCheckRequest(), timeout=2)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        release.set()
+        assert future.exception(timeout=10).code() == undisturbed  # ran to its normal end
+        stopper.join(10)
+        assert not stopper.is_alive()
