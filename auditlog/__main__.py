@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a checkpoint saved earlier; fails on rollback or fork relative to it")
     args = parser.parse_args(argv)
     code, line = verify_dir(args.export, args.key, args.trusted_checkpoint)
-    print(line, file=sys.stdout if code == 0 else sys.stderr)
+    print(line, file=sys.stderr if code == 2 else sys.stdout)
     return code
 
 

@@ -1,0 +1,36 @@
+"""Build small audit logs and exports for verifier tests (auditlog only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from auditlog.checkpoint import Checkpoint, sign_checkpoint
+from auditlog.entry import GENESIS_PREV, entry_hash, make_entry
+from auditlog.merkle import leaf_hash, root_hash
+from auditlog.note import NoteSigner
+
+
+def build_entries(n: int, *, start_prev: str = GENESIS_PREV, first_seq: int = 0) -> list[bytes]:
+    entries: list[bytes] = []
+    prev = start_prev
+    for i in range(first_seq, first_seq + n):
+        data = make_entry(seq=i, prev=prev, time=f"2026-11-26T00:00:{i % 60:02d}.000Z",
+                          actor={"id": "p_test", "role": "ingest"}, action="clip.ingest",
+                          target={"clip_id": f"c_{i:04d}", "account_ref": "acct_x"},
+                          outcome={"result": "ok", "reason": ""}, request_id=f"r{i}")
+        entries.append(data)
+        prev = entry_hash(data)
+    return entries
+
+
+def checkpoint_for(entries: list[bytes], signer: NoteSigner) -> str:
+    cp = Checkpoint(origin=signer.name, size=len(entries), root=root_hash([leaf_hash(e) for e in entries]))
+    return sign_checkpoint(cp, signer)
+
+
+def write_export(directory: Path, entries: list[bytes], checkpoint: str, signer: NoteSigner) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "entries.jsonl").write_bytes(b"".join(e + b"\n" for e in entries))
+    (directory / "checkpoint").write_text(checkpoint)
+    (directory / "verifier.key").write_text(signer.verifier.key_string() + "\n")
+    return directory
