@@ -54,7 +54,7 @@ def test_duplicate_verifiers_are_ambiguous() -> None:
     TEXT + "\n",
     TEXT + "\n" + PETER_SIG[:-1],
     "\x01" + TEXT + "\n" + PETER_SIG,
-    TEXT + "\n" + "\u2014 Bad Name x08go/ZJkuBS9UG/SffcvIAQxVBtiFupLLr8pAcElZInNIuGUgYN1FFYC2pZSNXgKvqfqdngotpRZb6KE6RyyBwJnAM=",
+    TEXT + "\n" + PETER_SIG.replace("PeterNeumann", "Bad Name")[:-1],
     TEXT + "\n" + PETER_SIG + "Unexpected line.\n",
     TEXT + "\n" + PETER_SIG * 101,
 ], ids=["no-sigs", "blank-only", "no-final-newline", "control-char", "bad-name", "trailing-line", "101-sigs"])
