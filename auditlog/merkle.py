@@ -12,6 +12,7 @@ import hashlib
 from collections.abc import Sequence
 
 from auditlog.errors import ProofError
+from auditlog.tree import consistency_ranges, inclusion_ranges
 
 HASH_BYTES = 32
 MAX_PROOF_HASHES = 128  # a 2**64-leaf tree needs at most 2*64 hashes; bounds work on hostile input
@@ -32,11 +33,6 @@ def node_hash(left: bytes, right: bytes) -> bytes:
     return hashlib.sha256(b"\x01" + left + right).digest()
 
 
-def _split(n: int) -> int:
-    """The largest power of two strictly smaller than n (n ≥ 2)."""
-    return 1 << ((n - 1).bit_length() - 1)
-
-
 def root_hash(leaf_hashes: Sequence[bytes]) -> bytes:
     """MTH(D[n]) over already-hashed leaves; SHA-256("") for the empty tree."""
     if not leaf_hashes:
@@ -54,37 +50,12 @@ def root_hash(leaf_hashes: Sequence[bytes]) -> bytes:
 
 def inclusion_proof(leaf_hashes: Sequence[bytes], index: int) -> list[bytes]:
     """PATH(index, D[n]) of RFC 9162 §2.1.3.1."""
-    if not 0 <= index < len(leaf_hashes):
-        raise ValueError(f"index must be in [0, {len(leaf_hashes)}), got {index}")
-
-    def path(m: int, leaves: Sequence[bytes]) -> list[bytes]:
-        if len(leaves) == 1:
-            return []
-        k = _split(len(leaves))
-        if m < k:
-            return path(m, leaves[:k]) + [root_hash(leaves[k:])]
-        return path(m - k, leaves[k:]) + [root_hash(leaves[:k])]
-
-    return path(index, leaf_hashes)
+    return [root_hash(leaf_hashes[lo:hi]) for lo, hi in inclusion_ranges(index, len(leaf_hashes))]
 
 
 def consistency_proof(leaf_hashes: Sequence[bytes], old_size: int) -> list[bytes]:
     """PROOF(old_size, D[n]) of RFC 9162 §2.1.4.1 (empty when old_size is 0 or n)."""
-    if not 0 <= old_size <= len(leaf_hashes):
-        raise ValueError(f"old_size must be in [0, {len(leaf_hashes)}], got {old_size}")
-    if old_size in (0, len(leaf_hashes)):
-        return []
-
-    def subproof(m: int, leaves: Sequence[bytes], complete: bool) -> list[bytes]:
-        n = len(leaves)
-        if m == n:
-            return [] if complete else [root_hash(leaves)]
-        k = _split(n)
-        if m <= k:
-            return subproof(m, leaves[:k], complete) + [root_hash(leaves[k:])]
-        return subproof(m - k, leaves[k:], False) + [root_hash(leaves[:k])]
-
-    return subproof(old_size, leaf_hashes, True)
+    return [root_hash(leaf_hashes[lo:hi]) for lo, hi in consistency_ranges(old_size, len(leaf_hashes))]
 
 
 def _check_hash(name: str, value: bytes) -> None:

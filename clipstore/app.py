@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from clipstore.audit import AuditLog
+from clipstore.audit.signing import load_or_create_signer
+from clipstore.clock import Clock, SystemClock
 from clipstore.config import Config
 from clipstore.store import Database, PrincipalRepository
 from kms import AwsKms, KeyProvider, LocalKms
@@ -28,8 +31,13 @@ class App:
         self.root = root_provider(config)
         self.db = Database(config.effective_database_url)
         self.principals = PrincipalRepository(self.db)
+        self.clock: Clock = SystemClock()
+        self.audit = AuditLog(self.db, load_or_create_signer(self.db, self.root, now=self.clock.now()), self.clock,
+                              checkpoint_every_entries=config.audit_checkpoint_every_entries,
+                              checkpoint_every_s=config.audit_checkpoint_every_s)
         if config.s3 is None:
             _private_dir(config.blob_dir)
 
     def close(self) -> None:
+        self.audit.close()
         self.db.close()

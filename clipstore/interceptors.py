@@ -23,6 +23,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from clipstore.audit import AuditLog, AuditRecord
 from clipstore.auth import PUBLIC_PREFIXES, authorize
 from clipstore.errors import ERROR_DOMAIN, ClipstoreError
 from clipstore.logs import get_logger
@@ -173,3 +174,16 @@ def _status_name(exc: BaseException) -> str:
     if isinstance(exc, NotImplementedError):
         return "UNIMPLEMENTED"
     return "INTERNAL"
+
+
+def audit_denial(audit: AuditLog, ctx: RequestContext, error: ClipstoreError) -> None:
+    """Record a refused credential or role; if even that fails, the call fails as it would anyway."""
+    principal = ctx.principal
+    record = AuditRecord(actor_id=principal.id if principal else "anonymous",
+                         actor_role=principal.role if principal else "", action="auth.deny",
+                         outcome="denied", reason=error.reason, request_id=ctx.request_id,
+                         clip_id="", account_ref="")
+    try:
+        audit.append(record)
+    except Exception as exc:
+        log.error("audit.denial_not_recorded", exc_type=type(exc).__name__)

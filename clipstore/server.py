@@ -16,8 +16,9 @@ from grpc_reflection.v1alpha import reflection
 from clipstore.app import App
 from clipstore.auth import authenticate
 from clipstore.config import Config, ConfigError, is_loopback
-from clipstore.interceptors import ClipstoreInterceptor
+from clipstore.interceptors import ClipstoreInterceptor, audit_denial
 from clipstore.logs import get_logger
+from clipstore.servicers.audit import AuditServicer
 from clipstore.v1 import (
     account_pb2_grpc,
     audit_pb2_grpc,
@@ -50,7 +51,7 @@ SERVICE_NAMES = tuple(name for name, _, _ in _SERVICES)
 
 def _implemented_servicers(app: App) -> dict[str, Any]:
     """Servicers whose issue has landed; the rest answer UNIMPLEMENTED."""
-    return {}
+    return {"clipstore.v1.AuditService": AuditServicer(app.audit)}
 
 
 def _credentials(config: Config) -> grpc.ServerCredentials | None:
@@ -75,7 +76,8 @@ class ClipstoreServer:
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="rpc"),
-            interceptors=[ClipstoreInterceptor(lambda md: authenticate(app.principals, md))],
+            interceptors=[ClipstoreInterceptor(lambda md: authenticate(app.principals, md),
+                                               on_denied=lambda ctx, exc: audit_denial(app.audit, ctx, exc))],
             options=[("grpc.max_receive_message_length", config.max_message_bytes),
                      ("grpc.max_send_message_length", config.max_message_bytes),
                      ("grpc.so_reuseport", 0)],

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import sqlalchemy as sa
 
+from auditlog.entry import GENESIS_PREV
 from clipstore.store import schema
 
 Migration = tuple[int, str, Callable[[sa.Connection], None]]
@@ -22,8 +23,15 @@ def _create(*tables: sa.Table) -> Callable[[sa.Connection], None]:
     return apply
 
 
+def _audit_log(conn: sa.Connection) -> None:
+    _create(schema.audit_head, schema.audit_entries, schema.audit_nodes, schema.audit_checkpoints,
+            schema.audit_signing_key)(conn)
+    conn.execute(schema.audit_head.insert().values(id=1, size=0, last_hash=GENESIS_PREV))
+
+
 MIGRATIONS: list[Migration] = [
     (1, "principals", _create(schema.principals)),
+    (2, "audit log", _audit_log),
 ]
 
 

@@ -24,3 +24,43 @@ principals = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("disabled", sa.Boolean, nullable=False, default=False),
 )
+
+# -- audit log (migration 2) ---------------------------------------------------
+audit_head = sa.Table(
+    "audit_head", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),  # always 1: the row writers lock
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("last_hash", sa.String(64), nullable=False),
+)
+
+audit_entries = sa.Table(
+    "audit_entries", metadata,
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("entry", sa.LargeBinary, nullable=False),  # canonical JSON bytes
+)
+
+# Perfect subtree hashes: level 0 are leaf hashes; (level, idx) covers leaves
+# [idx * 2**level, (idx + 1) * 2**level). Proofs read O(log n) of these.
+audit_nodes = sa.Table(
+    "audit_nodes", metadata,
+    sa.Column("level", sa.SmallInteger, primary_key=True, autoincrement=False),
+    sa.Column("idx", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("hash", sa.LargeBinary(32), nullable=False),
+)
+
+audit_checkpoints = sa.Table(
+    "audit_checkpoints", metadata,
+    sa.Column("size", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("root", sa.LargeBinary(32), nullable=False),
+    sa.Column("note", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+# The checkpoint signing key, shared by every replica, wrapped by the KMS root.
+audit_signing_key = sa.Table(
+    "audit_signing_key", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),  # always 1
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("wrapped_seed", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)

@@ -1,0 +1,82 @@
+"""Reads of the stored log: entries, subtree hashes, proofs, checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import sqlalchemy as sa
+
+from auditlog.merkle import node_hash
+from auditlog.tree import Range, consistency_ranges, inclusion_ranges, perfect_subtrees
+from clipstore.store import Database, schema
+
+MAX_PAGE_ENTRIES = 1000
+EXPORT_BATCH_ENTRIES = 10_000
+
+
+class AuditReader:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def size(self) -> int:
+        with self._db.transaction() as conn:
+            return int(conn.scalar(sa.select(schema.audit_head.c.size).where(schema.audit_head.c.id == 1)))
+
+    def entries(self, start: int, limit: int) -> list[bytes]:
+        t = schema.audit_entries
+        with self._db.transaction() as conn:
+            return [bytes(e) for e in conn.scalars(
+                sa.select(t.c.entry).where(t.c.seq >= start).order_by(t.c.seq).limit(limit))]
+
+    def iter_entries(self, end: int) -> Iterator[bytes]:
+        """Entries [0, end) in batches, for exports of any size in bounded memory."""
+        start = 0
+        while start < end:
+            batch = self.entries(start, min(EXPORT_BATCH_ENTRIES, end - start))
+            if not batch:
+                return
+            yield from batch
+            start += len(batch)
+
+    def nodes(self, keys: Iterable[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        wanted = sorted(set(keys))
+        if not wanted:
+            return {}
+        t = schema.audit_nodes
+        cond = sa.or_(*(sa.and_(t.c.level == lv, t.c.idx == ix) for lv, ix in wanted))
+        with self._db.transaction() as conn:
+            found = {(r.level, r.idx): bytes(r.hash) for r in conn.execute(sa.select(t).where(cond))}
+        if len(found) != len(wanted):
+            raise LookupError(f"audit tree is missing {len(wanted) - len(found)} stored subtree hashes")
+        return found
+
+    def _range_roots(self, ranges: Sequence[Range]) -> list[bytes]:
+        """One query for every stored subtree the ranges need, then O(log n) hashing."""
+        parts = [perfect_subtrees(lo, hi) for lo, hi in ranges]
+        stored = self.nodes(key for part in parts for key in part)
+        roots = []
+        for part in parts:
+            hashes = [stored[key] for key in part]
+            root = hashes[-1]
+            for left in reversed(hashes[:-1]):
+                root = node_hash(left, root)
+            roots.append(root)
+        return roots
+
+    def leaf_hash(self, index: int) -> bytes:
+        return self.nodes([(0, index)])[(0, index)]
+
+    def root(self, size: int) -> bytes:
+        return self._range_roots([(0, size)])[0]
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        return self._range_roots(inclusion_ranges(index, size))
+
+    def consistency_proof(self, old_size: int, size: int) -> list[bytes]:
+        return self._range_roots(consistency_ranges(old_size, size))
+
+    def latest_checkpoint(self) -> tuple[int, str] | None:
+        t = schema.audit_checkpoints
+        with self._db.transaction() as conn:
+            row = conn.execute(sa.select(t.c.size, t.c.note).order_by(t.c.size.desc()).limit(1)).one_or_none()
+        return None if row is None else (int(row.size), row.note)

@@ -1,0 +1,1 @@
+"""Thin servicers: parse and check the request, call the domain, return protos."""

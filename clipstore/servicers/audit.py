@@ -1,0 +1,71 @@
+"""AuditService (role auditor): checkpoints, entries and proofs."""
+
+from __future__ import annotations
+
+import grpc
+
+from auditlog.checkpoint import Checkpoint
+from auditlog.note import open_note
+from clipstore.audit import AuditLog
+from clipstore.audit.reader import MAX_PAGE_ENTRIES
+from clipstore.errors import ClipstoreError, InvalidArgument
+from clipstore.v1 import audit_pb2, audit_pb2_grpc
+
+DEFAULT_PAGE_ENTRIES = 100
+
+
+class OutOfRange(ClipstoreError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+    reason = "BEYOND_TREE_SIZE"
+
+
+class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
+    def __init__(self, audit: AuditLog) -> None:
+        self._audit = audit
+        self._reader = audit.reader
+
+    def _check_size(self, field: str, size: int) -> None:
+        current = self._reader.size()
+        if size > current:
+            raise OutOfRange(f"{field} {size} exceeds the log size {current}; use GetCheckpoint's tree_size",
+                             metadata={"field": field, "tree_size": str(current)})
+
+    def GetCheckpoint(self, request: audit_pb2.GetCheckpointRequest,
+                      context: grpc.ServicerContext) -> audit_pb2.GetCheckpointResponse:
+        latest = self._reader.latest_checkpoint()
+        if latest is None:
+            latest = self._audit.checkpoint()
+        size, note = latest
+        checkpoint = Checkpoint.parse(open_note(note, [self._audit.signer.verifier]))
+        return audit_pb2.GetCheckpointResponse(signed_note=note, tree_size=size, root_hash=checkpoint.root,
+                                               verifier_key=self._audit.signer.verifier.key_string())
+
+    def ListEntries(self, request: audit_pb2.ListEntriesRequest,
+                    context: grpc.ServicerContext) -> audit_pb2.ListEntriesResponse:
+        if request.page_size > MAX_PAGE_ENTRIES:
+            raise InvalidArgument("page_size", f"at most {MAX_PAGE_ENTRIES}, got {request.page_size}")
+        size = self._reader.size()
+        entries = self._reader.entries(request.start_index, min(request.page_size or DEFAULT_PAGE_ENTRIES,
+                                                                max(size - request.start_index, 0)))
+        return audit_pb2.ListEntriesResponse(entries=entries, next_index=request.start_index + len(entries),
+                                             tree_size=size)
+
+    def GetInclusionProof(self, request: audit_pb2.GetInclusionProofRequest,
+                          context: grpc.ServicerContext) -> audit_pb2.GetInclusionProofResponse:
+        if request.tree_size == 0:
+            raise InvalidArgument("tree_size", "required: pass the tree_size of a checkpoint you hold")
+        if request.index >= request.tree_size:
+            raise InvalidArgument("index", f"must be below tree_size {request.tree_size}, got {request.index}")
+        self._check_size("tree_size", request.tree_size)
+        return audit_pb2.GetInclusionProofResponse(
+            proof=self._reader.inclusion_proof(request.index, request.tree_size),
+            leaf_hash=self._reader.leaf_hash(request.index), tree_size=request.tree_size)
+
+    def GetConsistencyProof(self, request: audit_pb2.GetConsistencyProofRequest,
+                            context: grpc.ServicerContext) -> audit_pb2.GetConsistencyProofResponse:
+        if not 0 < request.old_size <= request.new_size:
+            raise InvalidArgument("old_size", f"need 0 < old_size <= new_size, got {request.old_size} and "
+                                              f"{request.new_size}")
+        self._check_size("new_size", request.new_size)
+        return audit_pb2.GetConsistencyProofResponse(
+            proof=self._reader.consistency_proof(request.old_size, request.new_size))
