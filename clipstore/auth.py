@@ -12,6 +12,7 @@ import secrets
 import time
 from collections.abc import Mapping
 
+from clipstore.audit import AuditLog, AuditRecord
 from clipstore.errors import PermissionDenied, Unauthenticated
 from clipstore.store.principals import Principal, PrincipalRepository
 
@@ -50,13 +51,17 @@ def new_api_key() -> str:
     return API_KEY_PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def create_principal(repo: PrincipalRepository, *, role: str, name: str) -> tuple[Principal, str]:
-    """Create a principal with a fresh API key; returns the key (shown once)."""
+def create_principal(repo: PrincipalRepository, audit: AuditLog, *, role: str, name: str,
+                     actor: Principal | None = None, request_id: str = "") -> tuple[Principal, str]:
+    """Create a principal with a fresh API key (audited first); returns the key, shown once."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
     if not name or len(name) > 200:
         raise ValueError("name must be 1 to 200 characters")
     principal = Principal(id="p_" + secrets.token_hex(8), name=name, role=role)
+    audit.append(AuditRecord(actor_id=actor.id if actor else "cli", actor_role=actor.role if actor else "operator",
+                             action="principal.create", reason=role, principal_id=principal.id,
+                             request_id=request_id))
     key = new_api_key()
     repo.add(principal, key_hash=hash_api_key(key), now=time.time())
     return principal, key

@@ -35,13 +35,45 @@ def _cmd_principals_create(args: argparse.Namespace) -> int:
     from clipstore.app import App
     app = App(_config(args))
     try:
-        principal, key = create_principal(app.principals, role=args.role, name=args.name)
+        principal, key = create_principal(app.principals, app.audit, role=args.role, name=args.name)
     finally:
         app.close()
     print(f"principal_id={principal.id} role={principal.role}")
     print(f"api_key={key}")
     print("# the key is shown only once; send it as 'authorization: Bearer <key>'", file=sys.stderr)
     return 0
+
+
+def _cmd_audit_export(args: argparse.Namespace) -> int:
+    from clipstore.app import App
+    from clipstore.audit.export import export_log
+    app = App(_config(args))
+    try:
+        size = export_log(app.audit, args.out, actor_id="cli", actor_role="operator")
+        vkey = app.audit.signer.verifier.key_string()
+    finally:
+        app.close()
+    print(f"exported {size} entries to {args.out}")
+    print(f"verify with: auditlog verify {args.out} --key '{vkey}'")
+    return 0
+
+
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import grpc
+
+    from auditlog.__main__ import verify_dir
+    from clipstore.audit.export import fetch_export
+    with tempfile.TemporaryDirectory() as tmp, grpc.insecure_channel(args.server) as channel:
+        try:
+            fetch_export(channel, args.api_key, Path(tmp))
+        except grpc.RpcError as exc:
+            print(f"ERROR server {args.server}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 2
+        code, line = verify_dir(Path(tmp), args.key, args.trusted_checkpoint)
+    print(line, file=sys.stderr if code == 2 else sys.stdout)
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--role", required=True, choices=ROLES)
     create.add_argument("--name", required=True)
     create.set_defaults(func=_cmd_principals_create)
+
+    audit = sub.add_parser("audit", help="export or verify the audit log")
+    asub = audit.add_subparsers(dest="audit_command", required=True)
+    export = asub.add_parser("export", help="write entries, a fresh checkpoint and the verifier key to a dir")
+    _add_config_flags(export)
+    export.add_argument("--out", type=Path, required=True)
+    export.set_defaults(func=_cmd_audit_export)
+    verify = asub.add_parser("verify", help="fetch a running server's log and verify it")
+    verify.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of a loopback server")
+    verify.add_argument("--api-key", required=True, help="an auditor API key")
+    verify.add_argument("--key", required=True, help="verifier key string (obtained independently)")
+    verify.add_argument("--trusted-checkpoint", type=Path, help="checkpoint saved earlier")
+    verify.set_defaults(func=_cmd_audit_verify)
     return parser
 
 

@@ -181,8 +181,7 @@ def audit_denial(audit: AuditLog, ctx: RequestContext, error: ClipstoreError) ->
     principal = ctx.principal
     record = AuditRecord(actor_id=principal.id if principal else "anonymous",
                          actor_role=principal.role if principal else "", action="auth.deny",
-                         outcome="denied", reason=error.reason, request_id=ctx.request_id,
-                         clip_id="", account_ref="")
+                         outcome="denied", reason=error.reason, request_id=ctx.request_id)
     try:
         audit.append(record)
     except Exception as exc:

@@ -9,11 +9,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from clipstore.app import App
 from clipstore.auth import create_principal
 from clipstore.config import Config, load_config
 from clipstore.logs import configure_logging
 from clipstore.server import ClipstoreServer, running_server
-from clipstore.store import Database, PrincipalRepository
 
 
 def make_config(data_dir: Path, **overrides: object) -> Config:
@@ -46,8 +46,8 @@ def channel(server: ClipstoreServer) -> Iterator[grpc.Channel]:
         yield ch
 
 
-def new_key(db: Database, role: str, name: str = "test") -> str:
-    _, key = create_principal(PrincipalRepository(db), role=role, name=name)
+def new_key(app: App, role: str, name: str = "test") -> str:
+    _, key = create_principal(app.principals, app.audit, role=role, name=name)
     return key
 
 
@@ -58,5 +58,5 @@ def bearer(key: str) -> tuple[tuple[str, str], ...]:
 @pytest.fixture
 def keys(server: ClipstoreServer) -> dict[str, str]:
     """One API key per role, created through the real principal store."""
-    return {role: new_key(server.app.db, role, f"{role}-svc")
+    return {role: new_key(server.app, role, f"{role}-svc")
             for role in ("ingest", "reviewer", "safety", "auditor", "admin")}

@@ -126,7 +126,7 @@ def test_sigterm_path_drains_in_flight_call_and_refuses_new_ones(
     until the server has begun stopping; it must still finish normally.
     """
     with running_server(config) as srv:
-        key = new_key(srv.app.db, "ingest")
+        key = new_key(srv.app, "ingest")
         channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
         undisturbed = _get_clip(channel, bearer(key)).code()
         entered, release = threading.Event(), threading.Event()

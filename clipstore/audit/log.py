@@ -44,6 +44,7 @@ class AuditRecord:
     reason: str = ""
     clip_id: str = ""
     account_ref: str = ""
+    principal_id: str = ""  # the principal acted upon (enrolment, disabling)
     request_id: str = ""
 
 
@@ -151,7 +152,8 @@ class AuditLog:
             for p in batch:
                 r = p.record
                 data = make_entry(seq=size, prev=prev, time=now, actor={"id": r.actor_id, "role": r.actor_role},
-                                  action=r.action, target={"clip_id": r.clip_id, "account_ref": r.account_ref},
+                                  action=r.action, target={"clip_id": r.clip_id, "account_ref": r.account_ref,
+                                          "principal_id": r.principal_id},
                                   outcome={"result": r.outcome, "reason": r.reason}, request_id=r.request_id)
                 leaf = leaf_hash(data)
                 entry_rows.append({"seq": size, "entry": data})

@@ -8,8 +8,7 @@ import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from auditlog.note import NoteSigner
-from clipstore.store import Database
-from clipstore.store import schema
+from clipstore.store import Database, schema
 from kms import KeyProvider
 
 SEED_BYTES = 32

@@ -6,9 +6,10 @@ import grpc
 
 from auditlog.checkpoint import Checkpoint
 from auditlog.note import open_note
-from clipstore.audit import AuditLog
+from clipstore.audit import AuditLog, AuditRecord
 from clipstore.audit.reader import MAX_PAGE_ENTRIES
 from clipstore.errors import ClipstoreError, InvalidArgument
+from clipstore.interceptors import current_request
 from clipstore.v1 import audit_pb2, audit_pb2_grpc
 
 DEFAULT_PAGE_ENTRIES = 100
@@ -44,6 +45,10 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
                     context: grpc.ServicerContext) -> audit_pb2.ListEntriesResponse:
         if request.page_size > MAX_PAGE_ENTRIES:
             raise InvalidArgument("page_size", f"at most {MAX_PAGE_ENTRIES}, got {request.page_size}")
+        ctx = current_request()
+        assert ctx.principal is not None
+        self._audit.append(AuditRecord(actor_id=ctx.principal.id, actor_role=ctx.principal.role,
+                                       action="audit.read", request_id=ctx.request_id))
         size = self._reader.size()
         entries = self._reader.entries(request.start_index, min(request.page_size or DEFAULT_PAGE_ENTRIES,
                                                                 max(size - request.start_index, 0)))

@@ -1,0 +1,61 @@
+"""Exports in the layout `auditlog verify` reads: entries.jsonl, checkpoint, verifier.key."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import grpc
+
+from clipstore.audit.log import AuditLog, AuditRecord
+from clipstore.audit.reader import MAX_PAGE_ENTRIES
+from clipstore.v1 import audit_pb2, audit_pb2_grpc
+
+ENTRIES_FILE, CHECKPOINT_FILE, VERIFIER_KEY_FILE = "entries.jsonl", "checkpoint", "verifier.key"
+
+
+def _write_atomic(path: Path, chunks: Iterable[bytes]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as fh:
+        for chunk in chunks:
+            fh.write(chunk)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+
+
+def write_export(out: Path, entries: Iterable[bytes], checkpoint_note: str, verifier_key: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / ENTRIES_FILE, (e + b"\n" for e in entries))
+    _write_atomic(out / CHECKPOINT_FILE, [checkpoint_note.encode()])
+    _write_atomic(out / VERIFIER_KEY_FILE, [verifier_key.encode() + b"\n"])
+
+
+def export_log(audit: AuditLog, out: Path, *, actor_id: str, actor_role: str) -> int:
+    """Record the export, sign a checkpoint covering it, write every entry up to it."""
+    audit.append(AuditRecord(actor_id=actor_id, actor_role=actor_role, action="audit.export"))
+    size, note = audit.checkpoint()
+    write_export(out, audit.reader.iter_entries(size), note, audit.signer.verifier.key_string())
+    return size
+
+
+def fetch_export(channel: grpc.Channel, api_key: str, out: Path) -> int:
+    """Download a live server's log through AuditService into an export directory."""
+    stub = audit_pb2_grpc.AuditServiceStub(channel)
+    metadata = (("authorization", f"Bearer {api_key}"),)
+    checkpoint = stub.GetCheckpoint(audit_pb2.GetCheckpointRequest(), metadata=metadata, timeout=30)
+
+    def pages() -> Iterable[bytes]:
+        index = 0
+        while index < checkpoint.tree_size:
+            page = stub.ListEntries(audit_pb2.ListEntriesRequest(
+                start_index=index, page_size=min(MAX_PAGE_ENTRIES, checkpoint.tree_size - index)),
+                metadata=metadata, timeout=60)
+            if not page.entries:
+                break
+            yield from page.entries
+            index = page.next_index
+
+    write_export(out, pages(), checkpoint.signed_note, checkpoint.verifier_key)
+    return checkpoint.tree_size
