@@ -46,7 +46,7 @@ def verify_dir(export: Path, vkey: str, trusted: Path | None) -> tuple[int, str]
     except VerificationError as exc:
         return 2, f"ERROR bad --key: {exc}"
     try:
-        result = verify_log(_entries(export / ENTRIES_FILE), checkpoint, verifier, trusted_note)
+        result = verify_log(lambda: _entries(export / ENTRIES_FILE), checkpoint, verifier, trusted_note)
     except EntryError as exc:
         return 1, f"FAIL entry {exc.index}: {exc.reason}"
     except VerificationError as exc:

@@ -75,3 +75,4 @@ def perfect_subtrees(lo: int, hi: int) -> list[tuple[int, int]]:
         out.append((level, lo >> level))
         lo += 1 << level
     return out
+

@@ -2,24 +2,32 @@
 
 Plan (each step raises on its first failure, naming the entry index):
   1. open the checkpoint note with the verifier key (signature, origin);
-  2. for each entry i: canonical form, seq == i, prev == hash of entry i-1;
-  3. the export holds at least checkpoint.size entries (else: truncated);
-  4. the RFC 9162 root of the first checkpoint.size entries equals the
-     signed root (else: the last entry was edited or the chain rewritten);
-  5. against a trusted checkpoint saved earlier: not smaller (rollback) and
+  2. hash every entry into the RFC 9162 tree; the first checkpoint.size
+     entries must hash to the signed root. If they do, every byte is what the
+     log signed; if not (or entries are missing), re-read the entries and
+     find the first defect: form, seq == i, prev == hash of entry i-1;
+     failing that, truncation, or an edit the chain was rewritten to hide;
+  3. seq and prev of every entry (entries past the checkpoint included);
+  4. against a trusted checkpoint saved earlier: not smaller (rollback) and
      a prefix of this log (else: fork).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import hashlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from auditlog.checkpoint import Checkpoint, open_checkpoint
-from auditlog.entry import GENESIS_PREV, entry_hash, parse_entry
-from auditlog.errors import CheckpointError, EntryError, ProofError
-from auditlog.merkle import consistency_proof, leaf_hash, root_hash, verify_consistency
+from auditlog.compact import CompactRange
+from auditlog.entry import GENESIS_PREV, parse_entry
+from auditlog.errors import EntryError
+from auditlog.merkle import leaf_hash
 from auditlog.note import NoteVerifier
+
+__all__ = ["VerifiedLog", "check_chain", "verify_log"]
+
+_LEAF_PREFIX = hashlib.sha256(b"\x00")
 
 
 @dataclass(frozen=True)
@@ -30,23 +38,22 @@ class VerifiedLog:
 
 
 def check_chain(entries: Iterable[bytes]) -> list[bytes]:
-    """Steps 2: check each entry and link; return the leaf hashes."""
+    """Parse every entry and check seq and prev; return the leaf hashes."""
     leaves: list[bytes] = []
     prevs: list[str] = []  # hex hash of each entry, to explain insertions
     for index, data in enumerate(entries):
         entry = parse_entry(data, index)
-        expected_prev = prevs[-1] if prevs else GENESIS_PREV
         seq = entry["seq"]
         if seq != index:
             if seq > index:
+                gap = seq - index
                 raise EntryError(index, f"seq is {seq}, expected {index}: "
-                                        f"{seq - index} entr{'y' if seq - index == 1 else 'ies'} "
-                                        "deleted or entries reordered")
-            if 0 <= seq <= index and entry["prev"] == (prevs[seq - 1] if seq else GENESIS_PREV):
+                                        f"{gap} entr{'y' if gap == 1 else 'ies'} deleted or entries reordered")
+            if 0 <= seq < index and entry["prev"] == (prevs[seq - 1] if seq else GENESIS_PREV):
                 raise EntryError(seq, f"inserted: entry {index} carries seq {seq} and links to "
                                       f"entry {seq - 1}, so entries {seq}..{index - 1} are not original")
             raise EntryError(index, f"seq is {seq}, expected {index}: entries duplicated or reordered")
-        if entry["prev"] != expected_prev:
+        if entry["prev"] != (prevs[-1] if prevs else GENESIS_PREV):
             raise EntryError(index - 1, f"edited: its hash no longer matches entry {index}'s prev")
         leaf = leaf_hash(data)
         leaves.append(leaf)
@@ -54,38 +61,55 @@ def check_chain(entries: Iterable[bytes]) -> list[bytes]:
     return leaves
 
 
-def verify_log(entries: Iterable[bytes], checkpoint_note: str | bytes, verifier: NoteVerifier,
+def _link(data: bytes) -> tuple[int, bytes]:
+    """seq and prev of an entry the log itself encoded (canonical: each key occurs once)."""
+    i = data.find(b'"prev":"')
+    j = data.find(b'"seq":', i)
+    k = data.find(b",", j)
+    if i < 0 or j < 0 or k < 0:
+        return -1, b""
+    return int(data[j + 6:k]), data[i + 8:i + 72]
+
+
+def verify_log(entries: Callable[[], Iterable[bytes]], checkpoint_note: str | bytes, verifier: NoteVerifier,
                trusted_note: str | bytes | None = None) -> VerifiedLog:
-    """Run the plan in the module docstring; return size and root on success."""
+    """Run the plan in the module docstring. `entries` is called once more to pinpoint a failure."""
     # 1
     checkpoint = open_checkpoint(checkpoint_note, verifier)
-    # 2
-    leaves = check_chain(entries)
-    # 3
-    if len(leaves) < checkpoint.size:
-        raise EntryError(len(leaves), f"missing: the checkpoint covers {checkpoint.size} entries but the "
-                                      f"export ends after {len(leaves)} (truncated)")
-    signed = leaves[:checkpoint.size]
+    trusted = open_checkpoint(trusted_note, verifier) if trusted_note is not None else None
+    # 2 and 3 in one streaming pass: O(log n) memory for any log size.
+    tree = CompactRange()
+    signed_root = trusted_root = None
+    prev, linked = GENESIS_PREV.encode(), True
+    for data in entries():
+        if tree.size == checkpoint.size:
+            signed_root = tree.root()
+        if trusted is not None and tree.size == trusted.size:
+            trusted_root = tree.root()
+        h = _LEAF_PREFIX.copy()
+        h.update(data)
+        leaf = h.digest()
+        seq, entry_prev = _link(data)
+        linked = linked and seq == tree.size and entry_prev == prev
+        prev = leaf.hex().encode()
+        tree.append(leaf)
+    if tree.size == checkpoint.size:
+        signed_root = tree.root()
+    if trusted is not None and tree.size == trusted.size:
+        trusted_root = tree.root()
+    if signed_root != checkpoint.root or not linked:
+        check_chain(entries())  # raises at the first defective entry, if one is visible
+        if tree.size < checkpoint.size:
+            raise EntryError(tree.size, f"missing: the checkpoint covers {checkpoint.size} entries but the "
+                                        f"export ends after {tree.size} (truncated)")
+        raise EntryError(max(checkpoint.size - 1, 0), "the entries do not hash to the signed checkpoint root "
+                                                      "(this entry was edited, or the chain was rewritten up to here)")
     # 4
-    root = root_hash(signed)
-    if root != checkpoint.root:
-        raise EntryError(max(checkpoint.size - 1, 0),
-                         "the entries do not hash to the signed checkpoint root "
-                         "(this entry was edited, or the chain was rewritten up to here)")
-    # 5
-    if trusted_note is not None:
-        trusted = open_checkpoint(trusted_note, verifier)
+    if trusted is not None:
         if trusted.size > checkpoint.size:
             raise EntryError(checkpoint.size, f"rolled back: the trusted checkpoint covers {trusted.size} "
                                               f"entries, this log only {checkpoint.size}")
-        if trusted.size:
-            try:
-                verify_consistency(trusted.size, checkpoint.size, trusted.root, root,
-                                   consistency_proof(signed, trusted.size))
-            except ProofError:
-                raise EntryError(trusted.size - 1, "forked: the first "
-                                 f"{trusted.size} entries differ from the trusted checkpoint") from None
-    return VerifiedLog(size=checkpoint.size, root=root, checkpoint=checkpoint)
-
-
-__all__ = ["CheckpointError", "VerifiedLog", "check_chain", "entry_hash", "verify_log"]
+        if trusted_root != trusted.root:
+            raise EntryError(max(trusted.size - 1, 0), f"forked: the first {trusted.size} entries differ "
+                                                       "from the trusted checkpoint")
+    return VerifiedLog(size=checkpoint.size, root=checkpoint.root, checkpoint=checkpoint)

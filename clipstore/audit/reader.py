@@ -14,6 +14,10 @@ MAX_PAGE_ENTRIES = 1000
 EXPORT_BATCH_ENTRIES = 10_000
 
 
+_NODES_BY_KEY = sa.select(schema.audit_nodes.c.node_key, schema.audit_nodes.c.hash).where(
+    schema.audit_nodes.c.node_key.in_(sa.bindparam("keys", expanding=True)))
+
+
 class AuditReader:
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -39,13 +43,11 @@ class AuditReader:
             start += len(batch)
 
     def nodes(self, keys: Iterable[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
-        wanted = sorted(set(keys))
+        wanted = {schema.node_key(level, idx): (level, idx) for level, idx in keys}
         if not wanted:
             return {}
-        t = schema.audit_nodes
-        cond = sa.or_(*(sa.and_(t.c.level == lv, t.c.idx == ix) for lv, ix in wanted))
         with self._db.transaction() as conn:
-            found = {(r.level, r.idx): bytes(r.hash) for r in conn.execute(sa.select(t).where(cond))}
+            found = {wanted[k]: bytes(h) for k, h in conn.execute(_NODES_BY_KEY, {"keys": list(wanted)})}
         if len(found) != len(wanted):
             raise LookupError(f"audit tree is missing {len(wanted) - len(found)} stored subtree hashes")
         return found

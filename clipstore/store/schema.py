@@ -40,13 +40,20 @@ audit_entries = sa.Table(
 )
 
 # Perfect subtree hashes: level 0 are leaf hashes; (level, idx) covers leaves
-# [idx * 2**level, (idx + 1) * 2**level). Proofs read O(log n) of these.
+# [idx * 2**level, (idx + 1) * 2**level) and is stored under node_key(level, idx).
+# Proofs read O(log n) of these.
 audit_nodes = sa.Table(
     "audit_nodes", metadata,
-    sa.Column("level", sa.SmallInteger, primary_key=True, autoincrement=False),
-    sa.Column("idx", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("node_key", sa.BigInteger, primary_key=True, autoincrement=False),
     sa.Column("hash", sa.LargeBinary(32), nullable=False),
 )
+
+NODE_LEVEL_SHIFT = 56  # idx < 2**56 leaves; level < 128
+
+
+def node_key(level: int, idx: int) -> int:
+    return level << NODE_LEVEL_SHIFT | idx
+
 
 audit_checkpoints = sa.Table(
     "audit_checkpoints", metadata,

@@ -1,0 +1,31 @@
+"""A compact range: the root of a growing tree in O(log n) memory."""
+
+from __future__ import annotations
+
+from auditlog.merkle import node_hash, root_hash
+
+__all__ = ["CompactRange"]
+
+
+class CompactRange:
+    """Holds only the right-edge perfect subtrees; `root()` folds them (RFC 9162 MTH)."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self._stack: list[bytes] = []  # subtree roots, highest level first
+
+    def append(self, leaf_hash: bytes) -> None:
+        h, idx = leaf_hash, self.size
+        while idx & 1:  # a right child: merge with the left sibling on the stack
+            h = node_hash(self._stack.pop(), h)
+            idx >>= 1
+        self._stack.append(h)
+        self.size += 1
+
+    def root(self) -> bytes:
+        if not self._stack:
+            return root_hash([])
+        r = self._stack[-1]
+        for left in reversed(self._stack[:-1]):
+            r = node_hash(left, r)
+        return r
