@@ -65,3 +65,54 @@ class Unavailable(ClipstoreError):
 class DataLoss(ClipstoreError):
     code = grpc.StatusCode.DATA_LOSS
     reason = "DATA_LOSS"
+
+
+class EnvelopeError(DataLoss):
+    """A clip object failed authentication. Callers see one generic status;
+    `kind` and `detail` (never key material) go to the audit log and tests."""
+
+    reason = "CLIP_INTEGRITY"
+    kind = "integrity"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("the clip failed its integrity check and was not returned; the event was recorded")
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.detail}"
+
+
+class MalformedHeader(EnvelopeError):
+    kind = "malformed_header"
+
+
+class UnsupportedFormat(EnvelopeError):
+    kind = "unsupported_format"
+
+
+class HeaderTampered(EnvelopeError):
+    kind = "header_tampered"
+
+
+class ClipIdMismatch(EnvelopeError):
+    kind = "clip_id_mismatch"
+
+
+class AccountMismatch(EnvelopeError):
+    kind = "account_mismatch"
+
+
+class SegmentTampered(EnvelopeError):
+    kind = "segment_tampered"
+
+
+class Truncated(EnvelopeError):
+    kind = "truncated"
+
+
+class Extended(EnvelopeError):
+    kind = "extended"
+
+
+class Reordered(EnvelopeError):
+    kind = "reordered"

@@ -4,15 +4,20 @@ from kms._aws import AwsKms
 from kms._local import LocalKms
 from kms.errors import (
     AccountKeysDestroyed,
+    DekUnwrapError,
     KeyVersionError,
     KmsAccessDenied,
     KmsDecryptError,
     KmsError,
     KmsUnavailable,
+    RetiredKeyVersion,
+    UnknownKeyVersion,
 )
+from kms.keyring import KekRecord, KekStore, KeyRing, WrappedDek
 from kms.provider import DataKey, EncryptionContext, KeyProvider
 
 __all__ = [
-    "AccountKeysDestroyed", "AwsKms", "DataKey", "EncryptionContext", "KeyProvider", "KeyVersionError",
-    "KmsAccessDenied", "KmsDecryptError", "KmsError", "KmsUnavailable", "LocalKms",
+    "AccountKeysDestroyed", "AwsKms", "DataKey", "DekUnwrapError", "EncryptionContext", "KekRecord", "KekStore",
+    "KeyProvider", "KeyRing", "KeyVersionError", "KmsAccessDenied", "KmsDecryptError", "KmsError",
+    "KmsUnavailable", "LocalKms", "RetiredKeyVersion", "UnknownKeyVersion", "WrappedDek",
 ]

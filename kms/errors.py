@@ -25,3 +25,15 @@ class KeyVersionError(KmsError):
 
 class AccountKeysDestroyed(KeyVersionError):
     """The account was crypto-shredded; its data can never be opened again."""
+
+
+class UnknownKeyVersion(KeyVersionError):
+    """No key of that version exists for the account."""
+
+
+class RetiredKeyVersion(KeyVersionError):
+    """The version is below the account's minimum decryption version."""
+
+
+class DekUnwrapError(KmsError):
+    """A wrapped data key does not open under the named account, clip and version."""

@@ -32,6 +32,7 @@ def _audit_log(conn: sa.Connection) -> None:
 MIGRATIONS: list[Migration] = [
     (1, "principals", _create(schema.principals)),
     (2, "audit log", _audit_log),
+    (3, "account keys", _create(schema.account_keys, schema.account_key_tombstones)),
 ]
 
 

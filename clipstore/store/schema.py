@@ -71,3 +71,20 @@ audit_signing_key = sa.Table(
     sa.Column("wrapped_seed", sa.LargeBinary, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
 )
+
+# -- account keys (migration 3) ------------------------------------------------
+account_keys = sa.Table(
+    "account_keys", metadata,
+    sa.Column("account_ref", sa.String(64), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("wrapped_kek", sa.LargeBinary, nullable=False),  # by the KMS root
+    sa.Column("retired", sa.Boolean, nullable=False, default=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+# A crypto-shredded account leaves only this: the random pseudonym and when.
+account_key_tombstones = sa.Table(
+    "account_key_tombstones", metadata,
+    sa.Column("account_ref", sa.String(64), primary_key=True),
+    sa.Column("destroyed_at", sa.Float, nullable=False),
+)

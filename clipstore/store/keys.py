@@ -1,0 +1,51 @@
+"""Wrapped account KEKs: the metadata store's side of `kms.KekStore`."""
+
+from __future__ import annotations
+
+import time
+
+import sqlalchemy as sa
+
+from clipstore.store import schema
+from clipstore.store.db import Database
+from kms import KekRecord
+
+
+class SqlKekStore:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def add_kek(self, account_ref: str, record: KekRecord) -> None:
+        with self._db.transaction() as conn:
+            conn.execute(schema.account_keys.insert().values(
+                account_ref=account_ref, version=record.version, wrapped_kek=record.wrapped,
+                retired=record.retired, created_at=time.time()))
+
+    def keks(self, account_ref: str) -> list[KekRecord]:
+        t = schema.account_keys
+        with self._db.transaction() as conn:
+            rows = conn.execute(sa.select(t.c.version, t.c.wrapped_kek, t.c.retired)
+                                .where(t.c.account_ref == account_ref).order_by(t.c.version))
+            return [KekRecord(version=r.version, wrapped=bytes(r.wrapped_kek), retired=r.retired) for r in rows]
+
+    def retire_keks_below(self, account_ref: str, min_version: int) -> int:
+        t = schema.account_keys
+        with self._db.transaction() as conn:
+            return conn.execute(t.update().where(t.c.account_ref == account_ref, t.c.version < min_version,
+                                                 t.c.retired.is_(False)).values(retired=True)).rowcount
+
+    def destroy_keks(self, account_ref: str) -> int:
+        t = schema.account_keys
+        with self._db.transaction() as conn:
+            deleted = conn.execute(t.delete().where(t.c.account_ref == account_ref)).rowcount
+            exists = conn.execute(sa.select(schema.account_key_tombstones.c.account_ref).where(
+                schema.account_key_tombstones.c.account_ref == account_ref)).first()
+            if exists is None:
+                conn.execute(schema.account_key_tombstones.insert().values(account_ref=account_ref,
+                                                                           destroyed_at=time.time()))
+        return deleted
+
+    def is_destroyed(self, account_ref: str) -> bool:
+        t = schema.account_key_tombstones
+        with self._db.transaction() as conn:
+            return conn.execute(sa.select(t.c.account_ref).where(t.c.account_ref == account_ref)).first() is not None

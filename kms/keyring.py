@@ -1,0 +1,225 @@
+"""Per-account key ring: KMS root → account KEK (versioned) → clip DEK.
+
+KEKs are 256-bit random, stored only wrapped by the root with the context
+{account_ref, key_version, purpose}. Unwrapped KEKs live in a bounded TTL
+cache, so the root is called about once per account per TTL. A DEK is
+wrapped by its account's KEK with AES-256-GCM, AAD binding clip id, account
+ref and key version.
+"""
+
+from __future__ import annotations
+
+import secrets
+import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from kms.errors import AccountKeysDestroyed, DekUnwrapError, RetiredKeyVersion, UnknownKeyVersion
+from kms.provider import KeyProvider
+
+KEK_BYTES = 32
+DEK_BYTES = 32
+NONCE_BYTES = 12
+DEFAULT_CACHE_TTL_S = 300.0
+DEFAULT_CACHE_MAX_ACCOUNTS = 10_000
+_KEK_PURPOSE = "account-kek"
+
+__all__ = ["KekRecord", "KekStore", "KeyRing", "WrappedDek"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class KekRecord:
+    version: int
+    wrapped: bytes
+    retired: bool = False
+
+
+class KekStore(Protocol):
+    """Where wrapped KEKs live (the metadata store implements it)."""
+
+    def add_kek(self, account_ref: str, record: KekRecord) -> None: ...
+
+    def keks(self, account_ref: str) -> list[KekRecord]: ...
+
+    def retire_keks_below(self, account_ref: str, min_version: int) -> int: ...
+
+    def destroy_keks(self, account_ref: str) -> int: ...
+
+    def is_destroyed(self, account_ref: str) -> bool: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class WrappedDek:
+    key_version: int
+    blob: bytes  # nonce ‖ AES-256-GCM(KEK, DEK)
+
+    def __repr__(self) -> str:
+        return f"WrappedDek(key_version={self.key_version})"
+
+
+def _dek_aad(clip_id: str, account_ref: str, key_version: int) -> bytes:
+    # Length-prefixed so no two (clip, account, version) triples share an encoding.
+    cid, ref = clip_id.encode(), account_ref.encode()
+    return struct.pack(">H", len(cid)) + cid + struct.pack(">H", len(ref)) + ref + struct.pack(">I", key_version)
+
+
+class _TtlCache:
+    """LRU of unwrapped KEKs with a time-to-live; bounded in entries."""
+
+    def __init__(self, ttl_s: float, max_entries: int, now: Callable[[], float]) -> None:
+        self._ttl, self._max, self._now = ttl_s, max_entries, now
+        self._items: OrderedDict[tuple[str, int], tuple[float, bytes]] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple[str, int]) -> bytes | None:
+        item = self._items.get(key)
+        if item is None or item[0] <= self._now():
+            self._items.pop(key, None)
+            self.misses += 1
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return item[1]
+
+    def put(self, key: tuple[str, int], value: bytes) -> None:
+        self._items[key] = (self._now() + self._ttl, value)
+        self._items.move_to_end(key)
+        while len(self._items) > self._max:
+            self._items.popitem(last=False)
+
+    def evict_account(self, account_ref: str) -> None:
+        for key in [k for k in self._items if k[0] == account_ref]:
+            del self._items[key]
+
+
+class KeyRing:
+    """The only door to account keys; see the module docstring."""
+
+    def __init__(self, root: KeyProvider, store: KekStore, *, now: Callable[[], float],
+                 cache_ttl_s: float = DEFAULT_CACHE_TTL_S,
+                 cache_max_accounts: int = DEFAULT_CACHE_MAX_ACCOUNTS) -> None:
+        if cache_ttl_s <= 0 or cache_max_accounts <= 0:
+            raise ValueError("cache_ttl_s and cache_max_accounts must be positive")
+        self._root = root
+        self._store = store
+        self._cache = _TtlCache(cache_ttl_s, cache_max_accounts, now)
+        self._lock = threading.Lock()
+        self.root_calls = 0
+
+    def __repr__(self) -> str:
+        return f"KeyRing(root={self._root!r})"
+
+    @property
+    def cache_hit_ratio(self) -> float:
+        total = self._cache.hits + self._cache.misses
+        return self._cache.hits / total if total else 0.0
+
+    @staticmethod
+    def _context(account_ref: str, version: int) -> dict[str, str]:
+        return {"account_ref": account_ref, "key_version": str(version), "purpose": _KEK_PURPOSE}
+
+    # -- account keys ------------------------------------------------------
+    def _records(self, account_ref: str) -> list[KekRecord]:
+        records = self._store.keks(account_ref)
+        if not records:
+            if self._store.is_destroyed(account_ref):
+                raise AccountKeysDestroyed(f"account {account_ref} was crypto-shredded; its clips cannot be opened")
+        return records
+
+    def create_account(self, account_ref: str) -> int:
+        """Give a new account its first KEK; returns version 1."""
+        if self._store.keks(account_ref) or self._store.is_destroyed(account_ref):
+            raise ValueError(f"account {account_ref} already has (or had) keys")
+        return self._add_version(account_ref, 1)
+
+    def _add_version(self, account_ref: str, version: int) -> int:
+        kek = secrets.token_bytes(KEK_BYTES)
+        wrapped = self._root.encrypt(kek, self._context(account_ref, version))
+        self.root_calls += 1
+        self._store.add_kek(account_ref, KekRecord(version=version, wrapped=wrapped))
+        with self._lock:
+            self._cache.put((account_ref, version), kek)
+        return version
+
+    def active_version(self, account_ref: str) -> int:
+        live = [r.version for r in self._records(account_ref) if not r.retired]
+        if not live:
+            raise UnknownKeyVersion(f"account {account_ref} has no active key")
+        return max(live)
+
+    def rotate(self, account_ref: str) -> int:
+        """Add a new active version; old versions still decrypt until retired."""
+        records = self._records(account_ref)
+        if not records:
+            raise UnknownKeyVersion(f"account {account_ref} has no keys to rotate")
+        return self._add_version(account_ref, max(r.version for r in records) + 1)
+
+    def retire_below(self, account_ref: str, min_version: int) -> int:
+        """Set the minimum decryption version; returns how many versions were retired."""
+        if min_version > self.active_version(account_ref):
+            raise ValueError(f"min_version {min_version} is above the active version")
+        retired = self._store.retire_keks_below(account_ref, min_version)
+        with self._lock:
+            self._cache.evict_account(account_ref)
+        return retired
+
+    def destroy(self, account_ref: str) -> int:
+        """Crypto-shred: every KEK version of this account is gone, and so is its cache."""
+        destroyed = self._store.destroy_keks(account_ref)
+        with self._lock:
+            self._cache.evict_account(account_ref)
+        return destroyed
+
+    def _kek(self, account_ref: str, version: int) -> bytes:
+        with self._lock:
+            cached = self._cache.get((account_ref, version))
+        if cached is not None:
+            return cached
+        record = next((r for r in self._records(account_ref) if r.version == version), None)
+        if record is None:
+            raise UnknownKeyVersion(f"account {account_ref} has no key version {version}")
+        if record.retired:
+            raise RetiredKeyVersion(f"key version {version} of account {account_ref} is retired; "
+                                    "rewrap its clips before retiring it")
+        kek = self._root.decrypt(record.wrapped, self._context(account_ref, version))
+        self.root_calls += 1
+        with self._lock:
+            self._cache.put((account_ref, version), kek)
+        return kek
+
+    # -- clip data keys ----------------------------------------------------
+    def data_key_for(self, account_ref: str, clip_id: str) -> tuple[bytes, WrappedDek]:
+        """A fresh random DEK for one clip, and its wrapping under the active KEK."""
+        dek = secrets.token_bytes(DEK_BYTES)
+        return dek, self.wrap(dek, account_ref=account_ref, clip_id=clip_id)
+
+    def wrap(self, dek: bytes, *, account_ref: str, clip_id: str, key_version: int | None = None) -> WrappedDek:
+        if len(dek) != DEK_BYTES:
+            raise ValueError(f"dek must be {DEK_BYTES} bytes, got {len(dek)}")
+        version = key_version if key_version is not None else self.active_version(account_ref)
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        sealed = AESGCM(self._kek(account_ref, version)).encrypt(nonce, dek, _dek_aad(clip_id, account_ref, version))
+        return WrappedDek(key_version=version, blob=nonce + sealed)
+
+    def unwrap(self, wrapped: WrappedDek, *, account_ref: str, clip_id: str) -> bytes:
+        kek = self._kek(account_ref, wrapped.key_version)
+        nonce, sealed = wrapped.blob[:NONCE_BYTES], wrapped.blob[NONCE_BYTES:]
+        try:
+            return AESGCM(kek).decrypt(nonce, sealed, _dek_aad(clip_id, account_ref, wrapped.key_version))
+        except (InvalidTag, ValueError):
+            raise DekUnwrapError(f"data key of clip {clip_id} does not open under account {account_ref} "
+                                 f"key version {wrapped.key_version}") from None
+
+    def rewrap(self, wrapped: WrappedDek, *, account_ref: str, clip_id: str) -> WrappedDek:
+        """Move a DEK to the active version without touching the clip's audio."""
+        active = self.active_version(account_ref)
+        if wrapped.key_version == active:
+            return wrapped
+        dek = self.unwrap(wrapped, account_ref=account_ref, clip_id=clip_id)
+        return self.wrap(dek, account_ref=account_ref, clip_id=clip_id, key_version=active)
