@@ -110,12 +110,16 @@ def _nonce(prefix: bytes, index: int, last: bool) -> bytes:
 
 # -- sealing -------------------------------------------------------------------
 def seal_clip(dek: bytes, plaintext: Iterable[bytes], *, clip_id: str, account_ref: str,
-              segment_size: int = SEGMENT_SIZE_BYTES) -> Iterator[bytes]:
-    """Yield the header, then each sealed segment, reading `plaintext` chunk by chunk."""
+              segment_size: int = SEGMENT_SIZE_BYTES,
+              random_bytes: Callable[[int], bytes] = secrets.token_bytes) -> Iterator[bytes]:
+    """Yield the header, then each sealed segment, reading `plaintext` chunk by chunk.
+
+    `random_bytes` supplies salt and nonce prefix; only format vectors fix it.
+    """
     _check_clip_id(clip_id)
     if not 0 < segment_size <= 1 << 24:
         raise ValueError(f"segment_size must be in (0, 16 MiB], got {segment_size}")
-    salt, prefix = secrets.token_bytes(SALT_BYTES), secrets.token_bytes(NONCE_PREFIX_BYTES)
+    salt, prefix = random_bytes(SALT_BYTES), random_bytes(NONCE_PREFIX_BYTES)
     keys = _Keys(dek, salt)
     partial = ClipHeader(clip_id=clip_id, segment_size=segment_size, salt=salt, nonce_prefix=prefix,
                          account_tag=keys.account_tag(account_ref), commitment=b"")
@@ -244,8 +248,6 @@ def open_clip(dek: bytes, ciphertext: Iterable[bytes], *, clip_id: str, account_
     while True:
         following = reader.read(seg_ct)  # one segment of look-ahead tells whether `current` is last
         last = not following
-        if not last and len(current) < seg_ct:
-            raise SegmentTampered(f"segment {index} is short but not final")
         yield opener.open(index, last, current)
         if last:
             return

@@ -1,0 +1,218 @@
+"""The clip envelope: round trips, a frozen format vector, and every tamper kind."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clipstore.envelope import SEGMENT_SIZE_BYTES, open_clip, open_segments, seal_clip, sealed_size
+from clipstore.errors import (
+    AccountMismatch,
+    ClipIdMismatch,
+    EnvelopeError,
+    Extended,
+    HeaderTampered,
+    MalformedHeader,
+    Reordered,
+    SegmentTampered,
+    Truncated,
+    UnsupportedFormat,
+)
+
+DEK = bytes(range(32))
+CLIP, ACCOUNT = "c_test0001", "acct_test"
+SEG_CT = SEGMENT_SIZE_BYTES + 16
+VECTORS: list[dict[str, Any]] = json.loads(
+    (Path(__file__).parent / "vectors" / "clip-format" / "v1.json").read_text())["vectors"]
+
+
+def seal(plaintext: bytes, *, chunk: int = 10_000, **kw: Any) -> bytes:
+    chunks = [plaintext[i:i + chunk] for i in range(0, len(plaintext), chunk)]
+    return b"".join(seal_clip(kw.pop("dek", DEK), chunks, clip_id=kw.pop("clip_id", CLIP),
+                              account_ref=kw.pop("account_ref", ACCOUNT), **kw))
+
+
+def open_(ciphertext: bytes, *, chunk: int = 7_777, **kw: Any) -> bytes:
+    chunks = [ciphertext[i:i + chunk] for i in range(0, len(ciphertext), chunk)]
+    return b"".join(open_clip(kw.pop("dek", DEK), chunks, clip_id=kw.pop("clip_id", CLIP),
+                              account_ref=kw.pop("account_ref", ACCOUNT)))
+
+
+def header_len(clip_id: str = CLIP) -> int:
+    return 11 + len(clip_id) + 32 + 7 + 16 + 32
+
+
+@pytest.mark.parametrize("size", [0, 1, SEGMENT_SIZE_BYTES - 1, SEGMENT_SIZE_BYTES, SEGMENT_SIZE_BYTES + 1,
+                                  5 * 1024 * 1024])
+def test_round_trip_at_segment_boundaries(size: int) -> None:
+    plaintext = secrets.token_bytes(size)
+    ciphertext = seal(plaintext)
+    assert len(ciphertext) == sealed_size(size, clip_id=CLIP)
+    assert open_(ciphertext) == plaintext
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([0, 1, SEGMENT_SIZE_BYTES - 1, SEGMENT_SIZE_BYTES, SEGMENT_SIZE_BYTES + 1, 200_000]),
+       st.integers(1, 100_000), st.integers(1, 100_000))
+def test_round_trip_with_any_chunking(size: int, in_chunk: int, out_chunk: int) -> None:
+    plaintext = secrets.token_bytes(size)
+    assert open_(seal(plaintext, chunk=in_chunk), chunk=out_chunk) == plaintext
+
+
+@pytest.mark.parametrize("vector", VECTORS, ids=[v["name"] for v in VECTORS])
+def test_format_vector_is_stable(vector: dict[str, Any]) -> None:
+    fixed = iter([bytes.fromhex(vector["salt"]), bytes.fromhex(vector["nonce_prefix"])])
+    ciphertext = b"".join(seal_clip(bytes.fromhex(vector["dek"]), [bytes.fromhex(vector["plaintext"])],
+                                    clip_id=vector["clip_id"], account_ref=vector["account_ref"],
+                                    segment_size=vector["segment_size"], random_bytes=lambda n: next(fixed)))
+    assert ciphertext.hex() == vector["ciphertext"]
+    assert b"".join(open_clip(bytes.fromhex(vector["dek"]), [ciphertext], clip_id=vector["clip_id"],
+                              account_ref=vector["account_ref"])).hex() == vector["plaintext"]
+
+
+@pytest.mark.parametrize("vector", VECTORS, ids=[v["name"] for v in VECTORS])
+def test_format_vector_decrypts_by_the_documented_layout_alone(vector: dict[str, Any]) -> None:
+    """Re-derive everything from docs/clip-format.md with raw primitives, not envelope.py."""
+    ct = bytes.fromhex(vector["ciphertext"])
+    magic, version, suite, seg, id_len = struct.unpack(">4sBBIB", ct[:11])
+    assert (magic, version, suite, seg) == (b"CLPS", 1, 1, vector["segment_size"])
+    o = 11 + id_len
+    salt, prefix, tag, commitment = ct[o:o + 32], ct[o + 32:o + 39], ct[o + 39:o + 55], ct[o + 55:o + 87]
+    header = ct[:o + 87]
+    okm = HKDF(algorithm=hashes.SHA256(), length=64, salt=salt, info=b"clipstore/clip/v1").derive(
+        bytes.fromhex(vector["dek"]))
+    assert hmac.new(okm[32:], b"header\x00" + header[:-32], hashlib.sha256).digest() == commitment
+    assert hmac.new(okm[32:], b"account\x00" + vector["account_ref"].encode(), hashlib.sha256).digest()[:16] == tag
+    body, plaintext, i = ct[len(header):], b"", 0
+    while body:
+        segment, body = body[:seg + 16], body[seg + 16:]
+        nonce = prefix + struct.pack(">I", i) + (b"\x01" if not body else b"\x00")
+        plaintext += AESGCM(okm[:32]).decrypt(nonce, segment, hashlib.sha256(header).digest())
+        i += 1
+    assert plaintext.hex() == vector["plaintext"]
+
+
+@pytest.fixture(scope="module")
+def three_segments() -> tuple[bytes, bytes]:
+    plaintext = secrets.token_bytes(2 * SEGMENT_SIZE_BYTES + 1000)
+    return plaintext, seal(plaintext)
+
+
+def _flip(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:]
+
+
+@pytest.mark.parametrize("offset", [6, 12, 30, 60, 90], ids=["segment-size", "clip-id", "salt", "nonce-prefix",
+                                                              "commitment"])
+def test_tampered_header_is_detected(three_segments: tuple[bytes, bytes], offset: int) -> None:
+    with pytest.raises((HeaderTampered, ClipIdMismatch, MalformedHeader)):
+        open_(_flip(three_segments[1], offset))
+
+
+def test_tampered_header_commitment_field(three_segments: tuple[bytes, bytes]) -> None:
+    with pytest.raises(HeaderTampered):
+        open_(_flip(three_segments[1], header_len() - 1))
+
+
+def test_bad_magic_and_unknown_version(three_segments: tuple[bytes, bytes]) -> None:
+    with pytest.raises(MalformedHeader):
+        open_(b"XXXX" + three_segments[1][4:])
+    with pytest.raises(UnsupportedFormat):
+        open_(three_segments[1][:4] + b"\x02" + three_segments[1][5:])
+
+
+def test_tampered_segment_is_detected(three_segments: tuple[bytes, bytes]) -> None:
+    with pytest.raises(SegmentTampered, match="segment 1"):
+        open_(_flip(three_segments[1], header_len() + SEG_CT + 500))
+
+
+def test_truncated_at_a_segment_boundary(three_segments: tuple[bytes, bytes]) -> None:
+    with pytest.raises(Truncated):
+        open_(three_segments[1][:header_len() + 2 * SEG_CT])
+
+
+def test_truncated_inside_a_segment(three_segments: tuple[bytes, bytes]) -> None:
+    with pytest.raises(EnvelopeError):
+        open_(three_segments[1][:-10])
+
+
+def test_truncated_to_the_header(three_segments: tuple[bytes, bytes]) -> None:
+    with pytest.raises(Truncated):
+        open_(three_segments[1][:header_len()])
+
+
+def test_extended_after_a_full_final_segment() -> None:
+    ciphertext = seal(secrets.token_bytes(2 * SEGMENT_SIZE_BYTES))
+    with pytest.raises(Extended, match="follows segment 1"):
+        open_(ciphertext + secrets.token_bytes(100))
+
+
+def test_extended_after_a_short_final_segment_still_fails(three_segments: tuple[bytes, bytes]) -> None:
+    # The appended bytes merge into the last fixed-size read; the segment no longer authenticates.
+    with pytest.raises(SegmentTampered):
+        open_(three_segments[1] + secrets.token_bytes(SEG_CT))
+
+
+def test_reordered_segments(three_segments: tuple[bytes, bytes]) -> None:
+    ct, h = three_segments[1], header_len()
+    swapped = ct[:h] + ct[h + SEG_CT:h + 2 * SEG_CT] + ct[h:h + SEG_CT] + ct[h + 2 * SEG_CT:]
+    with pytest.raises(Reordered, match="position 0 is segment 1"):
+        open_(swapped)
+
+
+def test_moved_to_another_clip_id(three_segments: tuple[bytes, bytes]) -> None:
+    with pytest.raises(ClipIdMismatch):
+        open_(three_segments[1], clip_id="c_other0001")
+
+
+def test_moved_to_another_account(three_segments: tuple[bytes, bytes]) -> None:
+    with pytest.raises(AccountMismatch):
+        open_(three_segments[1], account_ref="acct_other")
+
+
+def test_wrong_key_fails_the_commitment(three_segments: tuple[bytes, bytes]) -> None:
+    with pytest.raises(HeaderTampered):
+        open_(three_segments[1], dek=secrets.token_bytes(32))
+
+
+def test_no_plaintext_is_released_from_a_tampered_segment(three_segments: tuple[bytes, bytes]) -> None:
+    plaintext, ct = three_segments
+    released = []
+    with pytest.raises(SegmentTampered):
+        for piece in open_clip(DEK, [_flip(ct, header_len() + 10)], clip_id=CLIP, account_ref=ACCOUNT):
+            released.append(piece)
+    assert released == []
+
+
+def test_ranged_decryption_of_any_segment_range(three_segments: tuple[bytes, bytes]) -> None:
+    plaintext, ct = three_segments
+
+    def read_at(offset: int, length: int) -> bytes:
+        return ct[offset:offset + length]
+
+    for first, stop in [(0, 1), (1, 2), (2, 3), (1, 3), (0, 3), (2, 2)]:
+        got = b"".join(open_segments(DEK, read_at, len(ct), clip_id=CLIP, account_ref=ACCOUNT,
+                                     first=first, stop=stop))
+        assert got == plaintext[first * SEGMENT_SIZE_BYTES:stop * SEGMENT_SIZE_BYTES]
+    with pytest.raises(ValueError):
+        list(open_segments(DEK, read_at, len(ct), clip_id=CLIP, account_ref=ACCOUNT, first=2, stop=4))
+
+
+def test_errors_show_callers_one_generic_message(three_segments: tuple[bytes, bytes]) -> None:
+    with pytest.raises(EnvelopeError) as caught:
+        open_(three_segments[1], account_ref="acct_other")
+    assert caught.value.message == ("the clip failed its integrity check and was not returned; "
+                                    "the event was recorded")
+    assert caught.value.reason == "CLIP_INTEGRITY" and caught.value.kind == "account_mismatch"
