@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,24 @@ from clipstore.auth import create_principal
 from clipstore.config import Config, load_config
 from clipstore.logs import configure_logging
 from clipstore.server import ClipstoreServer, running_server
+
+# Tests never reach AWS: fake credentials, no instance metadata, one region.
+for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+    os.environ.pop(_var, None)
+os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                   "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"})
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """moto's server on an ephemeral loopback port, for code that takes an endpoint_url."""
+    from moto.server import ThreadedMotoServer
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{server._server.server_port}"  # type: ignore[attr-defined]
+    finally:
+        server.stop()
 
 
 def make_config(data_dir: Path, **overrides: object) -> Config:

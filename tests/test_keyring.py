@@ -1,0 +1,218 @@
+"""Root providers (LocalKms, AwsKms on moto) and the per-account key ring."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from clipstore.envelope import open_clip, seal_clip
+from clipstore.errors import EnvelopeError
+from clipstore.store import Database
+from clipstore.store.keys import SqlKekStore
+from kms import (
+    AccountKeysDestroyed,
+    AwsKms,
+    DekUnwrapError,
+    KeyProvider,
+    KeyRing,
+    KmsAccessDenied,
+    KmsDecryptError,
+    KmsUnavailable,
+    LocalKms,
+    RetiredKeyVersion,
+    UnknownKeyVersion,
+)
+
+CTX = {"account_ref": "acct_1", "key_version": "1", "purpose": "account-kek"}
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1_000_000.0
+
+    def now(self) -> float:
+        return self.t
+
+
+@pytest.fixture(params=["local", "aws-in-process", "aws-server"])
+def provider(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[KeyProvider]:
+    if request.param == "local":
+        yield LocalKms.from_file(tmp_path / "root.key")
+    elif request.param == "aws-in-process":
+        with mock_aws():
+            key_id = boto3.client("kms").create_key()["KeyMetadata"]["KeyId"]
+            yield AwsKms(key_id)
+    else:
+        endpoint = request.getfixturevalue("moto_endpoint")
+        key_id = boto3.client("kms", endpoint_url=endpoint).create_key()["KeyMetadata"]["KeyId"]
+        yield AwsKms(key_id, endpoint_url=endpoint)
+
+
+# -- the provider contract, run against every provider -----------------------------
+def test_provider_round_trip(provider: KeyProvider) -> None:
+    secret = secrets.token_bytes(32)
+    assert provider.decrypt(provider.encrypt(secret, CTX), CTX) == secret
+
+
+def test_provider_rejects_wrong_context(provider: KeyProvider) -> None:
+    blob = provider.encrypt(b"k" * 32, CTX)
+    with pytest.raises(KmsDecryptError):
+        provider.decrypt(blob, {**CTX, "account_ref": "acct_2"})
+
+
+def test_provider_rejects_tampered_blob(provider: KeyProvider) -> None:
+    blob = bytearray(provider.encrypt(b"k" * 32, CTX))
+    blob[-1] ^= 1
+    with pytest.raises(KmsDecryptError):
+        provider.decrypt(bytes(blob), CTX)
+
+
+def test_provider_generates_data_keys(provider: KeyProvider) -> None:
+    key = provider.generate_data_key(CTX)
+    assert len(key.plaintext) == 32 and provider.decrypt(key.wrapped, CTX) == key.plaintext
+    assert key.plaintext.hex() not in repr(key)
+
+
+def test_local_root_key_file_is_0600_and_refused_when_readable_by_others(tmp_path: Path) -> None:
+    path = tmp_path / "root.key"
+    LocalKms.from_file(path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    os.chmod(path, 0o644)
+    with pytest.raises(PermissionError, match="chmod 600"):
+        LocalKms.from_file(path)
+
+
+def test_aws_missing_key_is_access_denied() -> None:
+    # moto does not enforce a disabled key's state; a key that does not exist is refused the same way.
+    with mock_aws(), pytest.raises(KmsAccessDenied, match="NotFoundException"):
+        AwsKms("11111111-2222-3333-4444-555555555555").encrypt(b"k" * 32, CTX)
+
+
+def test_aws_unreachable_endpoint_is_unavailable() -> None:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connections are refused
+        kms = AwsKms("alias/x", endpoint_url=f"http://127.0.0.1:{port}")
+        kms._client.meta.config.retries = {"max_attempts": 1}
+        with pytest.raises(KmsUnavailable):
+            kms.encrypt(b"k" * 32, CTX)
+
+
+# -- the key ring ---------------------------------------------------------------------
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def ring(tmp_path: Path, clock: FakeClock) -> KeyRing:
+    db = Database(f"sqlite:///{tmp_path / 'meta.db'}")
+    return KeyRing(LocalKms.from_file(tmp_path / "root.key"), SqlKekStore(db), now=clock.now)
+
+
+def _seal(ring: KeyRing, account: str, clip: str, plaintext: bytes) -> tuple[bytes, object]:
+    dek, wrapped = ring.data_key_for(account, clip)
+    return b"".join(seal_clip(dek, [plaintext], clip_id=clip, account_ref=account)), wrapped
+
+
+def _open(ring: KeyRing, account: str, clip: str, ciphertext: bytes, wrapped: object) -> bytes:
+    dek = ring.unwrap(wrapped, account_ref=account, clip_id=clip)  # type: ignore[arg-type]
+    return b"".join(open_clip(dek, [ciphertext], clip_id=clip, account_ref=account))
+
+
+def test_root_is_called_about_once_per_account_per_ttl(ring: KeyRing) -> None:
+    accounts = [f"acct_{i:03d}" for i in range(100)]
+    for account in accounts:
+        ring.create_account(account)
+    ring.root_calls = 0
+    ring._cache._items.clear()  # start cold: every account must be unwrapped once
+    for n in range(10_000):
+        account = accounts[n % 100]
+        dek, wrapped = ring.data_key_for(account, f"c_{n}")
+        assert ring.unwrap(wrapped, account_ref=account, clip_id=f"c_{n}") == dek
+    assert ring.root_calls <= 100
+    assert ring.cache_hit_ratio > 0.99
+
+
+def test_cache_expires_after_ttl(ring: KeyRing, clock: FakeClock) -> None:
+    ring.create_account("acct_a")
+    ring.data_key_for("acct_a", "c_1")
+    calls = ring.root_calls
+    clock.t += 301
+    ring.data_key_for("acct_a", "c_2")
+    assert ring.root_calls == calls + 1
+
+
+def test_rotate_rewrap_retire_keeps_every_clip_readable(ring: KeyRing) -> None:
+    ring.create_account("acct_a")
+    clips = {f"c_{i}": secrets.token_bytes(1000 + i) for i in range(5)}
+    sealed = {cid: _seal(ring, "acct_a", cid, pt) for cid, pt in clips.items()}
+    assert ring.rotate("acct_a") == 2
+    rewrapped = {cid: (ct, ring.rewrap(w, account_ref="acct_a", clip_id=cid))  # type: ignore[arg-type]
+                 for cid, (ct, w) in sealed.items()}
+    assert all(w.key_version == 2 for _, w in rewrapped.values())
+    assert ring.retire_below("acct_a", 2) == 1
+    for cid, (ct, wrapped) in rewrapped.items():
+        assert _open(ring, "acct_a", cid, ct, wrapped) == clips[cid]  # audio untouched, still readable
+    ct, old = sealed["c_0"]
+    with pytest.raises(RetiredKeyVersion):
+        _open(ring, "acct_a", "c_0", ct, old)
+
+
+def test_unknown_key_version_is_refused(ring: KeyRing) -> None:
+    ring.create_account("acct_a")
+    with pytest.raises(UnknownKeyVersion):
+        ring.wrap(b"d" * 32, account_ref="acct_a", clip_id="c_1", key_version=7)
+
+
+def test_wrong_key_version_does_not_unwrap(ring: KeyRing) -> None:
+    from kms import WrappedDek
+    ring.create_account("acct_a")
+    _, wrapped = ring.data_key_for("acct_a", "c_1")
+    ring.rotate("acct_a")
+    with pytest.raises(DekUnwrapError):
+        ring.unwrap(WrappedDek(key_version=2, blob=wrapped.blob), account_ref="acct_a", clip_id="c_1")
+
+
+def test_wrapped_dek_is_bound_to_clip_and_account(ring: KeyRing) -> None:
+    ring.create_account("acct_a")
+    ring.create_account("acct_b")
+    _, wrapped = ring.data_key_for("acct_a", "c_1")
+    with pytest.raises(DekUnwrapError):
+        ring.unwrap(wrapped, account_ref="acct_a", clip_id="c_2")
+    with pytest.raises(DekUnwrapError):
+        ring.unwrap(wrapped, account_ref="acct_b", clip_id="c_1")
+
+
+def test_crypto_shred_makes_a_copy_taken_before_unopenable(ring: KeyRing) -> None:
+    ring.create_account("acct_gone")
+    ring.create_account("acct_kept")
+    backup = _seal(ring, "acct_gone", "c_1", b"secret audio")  # a copy, as a backup would hold
+    kept = _seal(ring, "acct_kept", "c_2", b"other audio")
+    assert ring.destroy("acct_gone") == 1
+    with pytest.raises(AccountKeysDestroyed):
+        _open(ring, "acct_gone", "c_1", *backup)
+    assert _open(ring, "acct_kept", "c_2", *kept) == b"other audio"  # no other account touched
+
+
+def test_an_object_moved_to_another_account_does_not_open(ring: KeyRing) -> None:
+    ring.create_account("acct_a")
+    ring.create_account("acct_b")
+    ciphertext, _ = _seal(ring, "acct_a", "c_1", b"audio")
+    dek_b, _ = ring.data_key_for("acct_b", "c_1")
+    with pytest.raises(EnvelopeError):
+        b"".join(open_clip(dek_b, [ciphertext], clip_id="c_1", account_ref="acct_b"))
+
+
+def test_key_material_is_never_in_reprs(ring: KeyRing) -> None:
+    ring.create_account("acct_a")
+    dek, wrapped = ring.data_key_for("acct_a", "c_1")
+    assert dek.hex() not in repr(wrapped) and wrapped.blob.hex() not in repr(wrapped)
+    assert "LocalKms(<root key hidden>)" in repr(ring)
