@@ -17,20 +17,20 @@ _ACCESS_CODES = frozenset({"AccessDeniedException", "DisabledException", "NotFou
                            "KMSInvalidStateException", "UnrecognizedClientException",
                            "InvalidKeyUsageException"})
 _DECRYPT_CODES = frozenset({"InvalidCiphertextException", "IncorrectKeyException"})
-_RETRY = botocore.config.Config(retries={"max_attempts": 5, "mode": "adaptive"},
-                                connect_timeout=5, read_timeout=10)
+DEFAULT_RETRY_ATTEMPTS = 5
 
 
 class AwsKms:
     """Root key in AWS KMS (or anything speaking its API, e.g. moto)."""
 
     def __init__(self, key_id: str, *, client: Any | None = None, endpoint_url: str | None = None,
-                 region: str | None = None) -> None:
+                 region: str | None = None, retry_attempts: int = DEFAULT_RETRY_ATTEMPTS) -> None:
         if not key_id:
             raise ValueError("key_id must name a KMS key id, ARN or alias")
         self.key_id = key_id
-        self._client = client or boto3.client("kms", endpoint_url=endpoint_url, region_name=region,
-                                              config=_RETRY)
+        config = botocore.config.Config(retries={"max_attempts": retry_attempts, "mode": "adaptive"},
+                                        connect_timeout=5, read_timeout=10)
+        self._client = client or boto3.client("kms", endpoint_url=endpoint_url, region_name=region, config=config)
 
     def __repr__(self) -> str:
         return f"AwsKms(key_id={self.key_id!r})"

@@ -127,9 +127,8 @@ class KeyRing:
     # -- account keys ------------------------------------------------------
     def _records(self, account_ref: str) -> list[KekRecord]:
         records = self._store.keks(account_ref)
-        if not records:
-            if self._store.is_destroyed(account_ref):
-                raise AccountKeysDestroyed(f"account {account_ref} was crypto-shredded; its clips cannot be opened")
+        if not records and self._store.is_destroyed(account_ref):
+            raise AccountKeysDestroyed(f"account {account_ref} was crypto-shredded; its clips cannot be opened")
         return records
 
     def create_account(self, account_ref: str) -> int:

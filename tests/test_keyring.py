@@ -99,8 +99,7 @@ def test_aws_unreachable_endpoint_is_unavailable() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, never listening: connections are refused
-        kms = AwsKms("alias/x", endpoint_url=f"http://127.0.0.1:{port}")
-        kms._client.meta.config.retries = {"max_attempts": 1}
+        kms = AwsKms("alias/x", endpoint_url=f"http://127.0.0.1:{port}", retry_attempts=1)
         with pytest.raises(KmsUnavailable):
             kms.encrypt(b"k" * 32, CTX)
 
