@@ -126,18 +126,28 @@ def seal_clip(dek: bytes, plaintext: Iterable[bytes], *, clip_id: str, account_r
     header = partial.encode() + keys.commitment(partial.encode())
     aad = hashlib.sha256(header).digest()
     yield header
-    buf = bytearray()
+    pending = bytearray()  # plaintext of the segment being filled
     index = 0
     for chunk in plaintext:
-        buf += chunk
-        # Seal a segment only once more data follows it: then it is surely not the last.
-        while len(buf) > segment_size:
-            if index + 1 >= MAX_SEGMENTS:
-                raise ValueError("clip exceeds the format's 2**32 segments")
-            yield keys.aead.encrypt(_nonce(prefix, index, False), bytes(buf[:segment_size]), aad)
-            del buf[:segment_size]
-            index += 1
-    yield keys.aead.encrypt(_nonce(prefix, index, True), bytes(buf), aad)
+        view, pos = memoryview(chunk), 0
+        while pos < len(view):
+            if len(pending) == segment_size:
+                # A full segment with more data behind it: surely not the last one.
+                if index + 1 >= MAX_SEGMENTS:
+                    raise ValueError("clip exceeds the format's 2**32 segments")
+                yield keys.aead.encrypt(_nonce(prefix, index, False), bytes(pending), aad)
+                pending.clear()
+                index += 1
+            if not pending and len(view) - pos > segment_size:
+                # A whole non-final segment inside this chunk: seal it in place, no copy.
+                yield keys.aead.encrypt(_nonce(prefix, index, False), view[pos:pos + segment_size], aad)
+                pos += segment_size
+                index += 1
+                continue
+            take = min(segment_size - len(pending), len(view) - pos)
+            pending += view[pos:pos + take]
+            pos += take
+    yield keys.aead.encrypt(_nonce(prefix, index, True), bytes(pending), aad)
 
 
 def sealed_size(plaintext_bytes: int, *, clip_id: str, segment_size: int = SEGMENT_SIZE_BYTES) -> int:
@@ -149,25 +159,31 @@ def sealed_size(plaintext_bytes: int, *, clip_id: str, segment_size: int = SEGME
 
 # -- opening -------------------------------------------------------------------
 class _Reader:
-    """Exact-size reads over an iterable of byte chunks, holding at most one chunk extra."""
+    """Exact-size reads over an iterable of byte chunks; each byte is copied once."""
 
     def __init__(self, chunks: Iterable[bytes]) -> None:
         self._it = iter(chunks)
-        self._buf = bytearray()
+        self._cur = memoryview(b"")
+        self._pos = 0
 
-    def read(self, n: int) -> bytes:
-        while len(self._buf) < n:
-            chunk = next(self._it, None)
-            if chunk is None:
-                break
-            self._buf += chunk
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
+    def read(self, n: int) -> bytes | memoryview:
+        parts: list[memoryview] = []
+        while n:
+            if self._pos >= len(self._cur):
+                chunk = next(self._it, None)
+                if chunk is None:
+                    break
+                self._cur, self._pos = memoryview(chunk), 0
+                continue
+            take = min(n, len(self._cur) - self._pos)
+            parts.append(self._cur[self._pos:self._pos + take])
+            self._pos += take
+            n -= take
+        return parts[0] if len(parts) == 1 else b"".join(parts)  # a slice of one chunk needs no copy
 
 
-def _parse_header(read: Callable[[int], bytes]) -> tuple[ClipHeader, bytes]:
-    fixed = read(_FIXED.size)
+def _parse_header(read: Callable[[int], bytes | memoryview]) -> tuple[ClipHeader, bytes]:
+    fixed = bytes(read(_FIXED.size))
     if len(fixed) < _FIXED.size:
         raise MalformedHeader(f"object is {len(fixed)} bytes, shorter than a header")
     magic, version, suite, segment_size, id_len = _FIXED.unpack(fixed)
@@ -179,7 +195,7 @@ def _parse_header(read: Callable[[int], bytes]) -> tuple[ClipHeader, bytes]:
     if not 0 < id_len <= MAX_CLIP_ID_BYTES or not 0 < segment_size <= 1 << 24:
         raise MalformedHeader(f"clip id length {id_len} or segment size {segment_size} out of range")
     rest_len = id_len + SALT_BYTES + NONCE_PREFIX_BYTES + ACCOUNT_TAG_BYTES + COMMITMENT_BYTES
-    rest = read(rest_len)
+    rest = bytes(read(rest_len))
     if len(rest) < rest_len:
         raise MalformedHeader("header is cut short")
     try:
@@ -214,13 +230,13 @@ class _SegmentOpener:
     def __init__(self, keys: _Keys, header: ClipHeader, aad: bytes) -> None:
         self._aead, self._prefix, self._aad = keys.aead, header.nonce_prefix, aad
 
-    def _try(self, index: int, last: bool, ct: bytes) -> bytes | None:
+    def _try(self, index: int, last: bool, ct: bytes | memoryview) -> bytes | None:
         try:
             return self._aead.decrypt(_nonce(self._prefix, index, last), ct, self._aad)
         except InvalidTag:
             return None
 
-    def open(self, index: int, last: bool, ct: bytes) -> bytes:
+    def open(self, index: int, last: bool, ct: bytes | memoryview) -> bytes:
         if len(ct) < TAG_BYTES:
             raise Truncated(f"segment {index} is {len(ct)} bytes, shorter than its tag")
         plain = self._try(index, last, ct)

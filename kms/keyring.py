@@ -15,7 +15,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -29,6 +29,8 @@ NONCE_BYTES = 12
 DEFAULT_CACHE_TTL_S = 300.0
 DEFAULT_CACHE_MAX_ACCOUNTS = 10_000
 _KEK_PURPOSE = "account-kek"
+K = TypeVar("K")
+V = TypeVar("V")
 
 __all__ = ["KekRecord", "KekStore", "KeyRing", "WrappedDek"]
 
@@ -69,15 +71,15 @@ def _dek_aad(clip_id: str, account_ref: str, key_version: int) -> bytes:
     return struct.pack(">H", len(cid)) + cid + struct.pack(">H", len(ref)) + ref + struct.pack(">I", key_version)
 
 
-class _TtlCache:
-    """LRU of unwrapped KEKs with a time-to-live; bounded in entries."""
+class _TtlCache(Generic[K, V]):
+    """LRU with a time-to-live, bounded in entries."""
 
     def __init__(self, ttl_s: float, max_entries: int, now: Callable[[], float]) -> None:
         self._ttl, self._max, self._now = ttl_s, max_entries, now
-        self._items: OrderedDict[tuple[str, int], tuple[float, bytes]] = OrderedDict()
+        self._items: OrderedDict[K, tuple[float, V]] = OrderedDict()
         self.hits = self.misses = 0
 
-    def get(self, key: tuple[str, int]) -> bytes | None:
+    def get(self, key: K) -> V | None:
         item = self._items.get(key)
         if item is None or item[0] <= self._now():
             self._items.pop(key, None)
@@ -87,14 +89,14 @@ class _TtlCache:
         self.hits += 1
         return item[1]
 
-    def put(self, key: tuple[str, int], value: bytes) -> None:
+    def put(self, key: K, value: V) -> None:
         self._items[key] = (self._now() + self._ttl, value)
         self._items.move_to_end(key)
         while len(self._items) > self._max:
             self._items.popitem(last=False)
 
-    def evict_account(self, account_ref: str) -> None:
-        for key in [k for k in self._items if k[0] == account_ref]:
+    def evict(self, match: Callable[[K], bool]) -> None:
+        for key in [k for k in self._items if match(k)]:
             del self._items[key]
 
 
@@ -108,7 +110,8 @@ class KeyRing:
             raise ValueError("cache_ttl_s and cache_max_accounts must be positive")
         self._root = root
         self._store = store
-        self._cache = _TtlCache(cache_ttl_s, cache_max_accounts, now)
+        self._cache: _TtlCache[tuple[str, int], bytes] = _TtlCache(cache_ttl_s, cache_max_accounts, now)
+        self._versions: _TtlCache[str, list[KekRecord]] = _TtlCache(cache_ttl_s, cache_max_accounts, now)
         self._lock = threading.Lock()
         self.root_calls = 0
 
@@ -126,9 +129,17 @@ class KeyRing:
 
     # -- account keys ------------------------------------------------------
     def _records(self, account_ref: str) -> list[KekRecord]:
+        """The account's versions, cached like KEKs: another replica's rotation is seen within one TTL."""
+        with self._lock:
+            cached = self._versions.get(account_ref)
+        if cached is not None:
+            return cached
         records = self._store.keks(account_ref)
         if not records and self._store.is_destroyed(account_ref):
             raise AccountKeysDestroyed(f"account {account_ref} was crypto-shredded; its clips cannot be opened")
+        if records:
+            with self._lock:
+                self._versions.put(account_ref, records)
         return records
 
     def create_account(self, account_ref: str) -> int:
@@ -142,6 +153,7 @@ class KeyRing:
         wrapped = self._root.encrypt(kek, self._context(account_ref, version))
         self.root_calls += 1
         self._store.add_kek(account_ref, KekRecord(version=version, wrapped=wrapped))
+        self._forget(account_ref)
         with self._lock:
             self._cache.put((account_ref, version), kek)
         return version
@@ -164,16 +176,19 @@ class KeyRing:
         if min_version > self.active_version(account_ref):
             raise ValueError(f"min_version {min_version} is above the active version")
         retired = self._store.retire_keks_below(account_ref, min_version)
-        with self._lock:
-            self._cache.evict_account(account_ref)
+        self._forget(account_ref)
         return retired
 
     def destroy(self, account_ref: str) -> int:
         """Crypto-shred: every KEK version of this account is gone, and so is its cache."""
         destroyed = self._store.destroy_keks(account_ref)
-        with self._lock:
-            self._cache.evict_account(account_ref)
+        self._forget(account_ref)
         return destroyed
+
+    def _forget(self, account_ref: str) -> None:
+        with self._lock:
+            self._cache.evict(lambda key: key[0] == account_ref)
+            self._versions.evict(lambda key: key == account_ref)
 
     def _kek(self, account_ref: str, version: int) -> bytes:
         with self._lock:
