@@ -40,7 +40,7 @@ RECORD = AuditRecord(actor_id="p_0123456789abcdef", actor_role="reviewer", actio
 def _audit_log(directory: Path, max_batch: int) -> AuditLog:
     db = Database(f"sqlite:///{directory / 'bench.db'}")
     root = LocalKms.from_file(directory / "root.key")
-    signer = load_or_create_signer(db, root, now=time.time())
+    signer = load_or_create_signer(db, root)
     return AuditLog(db, signer, SystemClock(), checkpoint_every_entries=10**9, checkpoint_every_s=3600,
                     max_batch_entries=max_batch)
 

@@ -32,7 +32,7 @@ class App:
         self.db = Database(config.effective_database_url)
         self.principals = PrincipalRepository(self.db)
         self.clock: Clock = SystemClock()
-        self.audit = AuditLog(self.db, load_or_create_signer(self.db, self.root, now=self.clock.now()), self.clock,
+        self.audit = AuditLog(self.db, load_or_create_signer(self.db, self.root), self.clock,
                               checkpoint_every_entries=config.audit_checkpoint_every_entries,
                               checkpoint_every_s=config.audit_checkpoint_every_s)
         if config.s3 is None:

@@ -83,10 +83,6 @@ class Config:
     def blob_dir(self) -> Path:
         return self.data_dir / "blobs"
 
-    @property
-    def audit_signing_key_file(self) -> Path:
-        return self.data_dir / "audit-signing.key"
-
 
 # key -> (environment variable, type); nested keys use dots as in the TOML file.
 _SCHEMA: dict[str, tuple[str, type]] = {

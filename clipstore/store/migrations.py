@@ -25,7 +25,7 @@ def _create(*tables: sa.Table) -> Callable[[sa.Connection], None]:
 
 def _audit_log(conn: sa.Connection) -> None:
     _create(schema.audit_head, schema.audit_entries, schema.audit_nodes, schema.audit_checkpoints,
-            schema.audit_signing_key)(conn)
+            schema.service_keys)(conn)
     conn.execute(schema.audit_head.insert().values(id=1, size=0, last_hash=GENESIS_PREV))
 
 
@@ -33,6 +33,7 @@ MIGRATIONS: list[Migration] = [
     (1, "principals", _create(schema.principals)),
     (2, "audit log", _audit_log),
     (3, "account keys", _create(schema.account_keys, schema.account_key_tombstones)),
+    (4, "accounts and clips", _create(schema.accounts, schema.clips, schema.ingest_idempotency)),
 ]
 
 

@@ -63,12 +63,12 @@ audit_checkpoints = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
 )
 
-# The checkpoint signing key, shared by every replica, wrapped by the KMS root.
-audit_signing_key = sa.Table(
-    "audit_signing_key", metadata,
-    sa.Column("id", sa.Integer, primary_key=True),  # always 1
-    sa.Column("name", sa.String(200), nullable=False),
-    sa.Column("wrapped_seed", sa.LargeBinary, nullable=False),
+# Secrets the service keeps for itself (the checkpoint signing seed, the
+# account-lookup HMAC key), wrapped by the KMS root and shared by every replica.
+service_keys = sa.Table(
+    "service_keys", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("wrapped", sa.LargeBinary, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
 )
 
@@ -87,4 +87,44 @@ account_key_tombstones = sa.Table(
     "account_key_tombstones", metadata,
     sa.Column("account_ref", sa.String(64), primary_key=True),
     sa.Column("destroyed_at", sa.Float, nullable=False),
+)
+
+# -- accounts and clips (migration 4) ------------------------------------------
+# The only link from an account id to its pseudonym: a keyed HMAC, deleted with the account.
+accounts = sa.Table(
+    "accounts", metadata,
+    sa.Column("account_ref", sa.String(64), primary_key=True),
+    sa.Column("lookup_hmac", sa.LargeBinary(32), nullable=False, unique=True),
+    sa.Column("allow_review", sa.Boolean, nullable=False),
+    sa.Column("retention_days", sa.Integer, nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+clips = sa.Table(
+    "clips", metadata,
+    sa.Column("clip_id", sa.String(64), primary_key=True),
+    sa.Column("account_ref", sa.String(64), nullable=False, index=True),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False),
+    sa.Column("sealed_bytes", sa.BigInteger, nullable=False),
+    sa.Column("content_type", sa.String(64), nullable=False),
+    sa.Column("locale", sa.String(35), nullable=False),
+    sa.Column("device_type", sa.String(64), nullable=False),
+    sa.Column("duration_ms", sa.Integer, nullable=False),
+    sa.Column("captured_at", sa.Float, nullable=True),
+    sa.Column("wake_word", sa.Boolean, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False, index=True),
+    sa.Column("key_version", sa.Integer, nullable=False),
+    sa.Column("wrapped_dek", sa.LargeBinary, nullable=False),
+    # account id and device serial, AES-GCM under the clip's DEK: shredded with the account.
+    sa.Column("identity_ct", sa.LargeBinary, nullable=False),
+)
+
+# A retried PutClip with the same key returns the same clip.
+ingest_idempotency = sa.Table(
+    "ingest_idempotency", metadata,
+    sa.Column("principal_id", sa.String(40), primary_key=True),
+    sa.Column("key_hash", sa.LargeBinary(32), primary_key=True),
+    sa.Column("clip_id", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
 )

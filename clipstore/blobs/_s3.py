@@ -1,0 +1,126 @@
+"""S3BlobStore: boto3 against any S3-compatible endpoint; multipart for large objects."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from clipstore.blobs.protocol import BlobNotFound, BlobUnavailable
+
+T = TypeVar("T")
+PART_BYTES = 8 * 1024 * 1024  # S3 needs ≥ 5 MiB parts; 8 MiB bounds memory per upload
+READ_CHUNK_BYTES = 64 * 1024 + 16
+_MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
+
+
+class S3BlobStore:
+    def __init__(self, bucket: str, *, prefix: str = "clips/", client: Any | None = None,
+                 endpoint_url: str | None = None, region: str | None = None, profile: str | None = None,
+                 sse_kms_key_id: str | None = None, part_bytes: int = PART_BYTES) -> None:
+        if part_bytes < 5 * 1024 * 1024:
+            raise ValueError("part_bytes must be at least 5 MiB (an S3 limit)")
+        self.bucket, self.prefix, self.part_bytes = bucket, prefix, part_bytes
+        config = botocore.config.Config(retries={"max_attempts": 3, "mode": "standard"},
+                                        connect_timeout=5, read_timeout=30)
+        session = boto3.session.Session(profile_name=profile) if profile else boto3.session.Session()
+        self.client = client or session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+        # Defence in depth: the object is already sealed; SSE-KMS adds the bucket's own key.
+        self._sse = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": sse_kms_key_id} if sse_kms_key_id else {}
+
+    def __repr__(self) -> str:
+        return f"S3BlobStore(bucket={self.bucket!r}, prefix={self.prefix!r})"
+
+    def _key(self, key: str) -> str:
+        return self.prefix + key
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except botocore.exceptions.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in _MISSING:
+                raise BlobNotFound("clip object is missing") from None
+            raise BlobUnavailable(f"blob store error {code}; retry later") from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise BlobUnavailable(f"blob store unreachable ({type(exc).__name__}); retry later") from None
+
+    def put_stream(self, key: str, chunks: Iterable[bytes]) -> int:
+        buf, size, upload_id, parts = bytearray(), 0, None, []
+        try:
+            for chunk in chunks:
+                buf += chunk
+                size += len(chunk)
+                while len(buf) >= self.part_bytes:
+                    if upload_id is None:
+                        upload_id = self._call(lambda: self.client.create_multipart_upload(
+                            Bucket=self.bucket, Key=self._key(key), **self._sse))["UploadId"]
+                    part, buf = bytes(buf[:self.part_bytes]), buf[self.part_bytes:]
+                    number = len(parts) + 1
+                    etag = self._call(lambda part=part, number=number: self.client.upload_part(
+                        Bucket=self.bucket, Key=self._key(key), UploadId=upload_id, PartNumber=number,
+                        Body=part))["ETag"]
+                    parts.append({"PartNumber": number, "ETag": etag})
+            if upload_id is None:
+                self._call(lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=bytes(buf),
+                                                          **self._sse))
+                return size
+            if buf:
+                number = len(parts) + 1
+                etag = self._call(lambda: self.client.upload_part(
+                    Bucket=self.bucket, Key=self._key(key), UploadId=upload_id, PartNumber=number,
+                    Body=bytes(buf)))["ETag"]
+                parts.append({"PartNumber": number, "ETag": etag})
+            self._call(lambda: self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=self._key(key), UploadId=upload_id, MultipartUpload={"Parts": parts}))
+            return size
+        except BaseException:
+            if upload_id is not None:  # leave no multipart upload behind
+                with contextlib.suppress(Exception):
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=self._key(key), UploadId=upload_id)
+            raise
+
+    def get_stream(self, key: str) -> Iterator[bytes]:
+        body = self._call(lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key)))["Body"]
+        try:
+            while chunk := self._call(lambda: body.read(READ_CHUNK_BYTES)):
+                yield chunk
+        finally:
+            body.close()
+
+    def read_range(self, key: str, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        resp = self._call(lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key),
+                                                         Range=f"bytes={offset}-{offset + length - 1}"))
+        return bytes(self._call(lambda: resp["Body"].read()))
+
+    def size(self, key: str) -> int:
+        return int(self._call(lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key)))
+                   ["ContentLength"])
+
+    def delete(self, key: str) -> None:
+        self._call(lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))
+
+    def list_keys(self, older_than_s: float) -> Iterator[str]:
+        cutoff = time.time() - older_than_s
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in self._call(lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=self.prefix))):
+            for obj in page.get("Contents", []):
+                if obj["LastModified"].timestamp() < cutoff:
+                    yield obj["Key"][len(self.prefix):]
+
+    def sweep_incomplete(self, older_than_s: float) -> int:
+        cutoff, removed = time.time() - older_than_s, 0
+        resp = self._call(lambda: self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=self.prefix))
+        for upload in resp.get("Uploads", []):
+            if upload["Initiated"].timestamp() < cutoff:
+                self._call(lambda u=upload: self.client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"]))
+                removed += 1
+        return removed

@@ -1,0 +1,140 @@
+"""Accounts, clips and ingest idempotency rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from clipstore.store import schema
+from clipstore.store.db import Database
+
+
+@dataclass(frozen=True, kw_only=True)
+class AccountRow:
+    account_ref: str
+    allow_review: bool
+    retention_days: int | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClipRow:
+    clip_id: str
+    account_ref: str
+    size_bytes: int
+    sealed_bytes: int
+    content_type: str
+    locale: str
+    device_type: str
+    duration_ms: int
+    captured_at: float | None
+    wake_word: bool
+    created_at: float
+    expires_at: float
+    key_version: int
+    wrapped_dek: bytes
+    identity_ct: bytes
+
+
+def _clip(row: sa.Row[tuple[object, ...]]) -> ClipRow:
+    values = dict(row._mapping)
+    values["wrapped_dek"], values["identity_ct"] = bytes(values["wrapped_dek"]), bytes(values["identity_ct"])
+    return ClipRow(**values)
+
+
+class AccountRepository:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def _one(self, where: sa.ColumnElement[bool]) -> AccountRow | None:
+        t = schema.accounts
+        with self._db.transaction() as conn:
+            row = conn.execute(sa.select(t.c.account_ref, t.c.allow_review, t.c.retention_days)
+                               .where(where)).one_or_none()
+        return None if row is None else AccountRow(account_ref=row.account_ref, allow_review=row.allow_review,
+                                                   retention_days=row.retention_days)
+
+    def by_lookup(self, lookup_hmac: bytes) -> AccountRow | None:
+        return self._one(schema.accounts.c.lookup_hmac == lookup_hmac)
+
+    def get(self, account_ref: str) -> AccountRow | None:
+        return self._one(schema.accounts.c.account_ref == account_ref)
+
+    def insert(self, account_ref: str, lookup_hmac: bytes, *, allow_review: bool, now: float) -> bool:
+        """False when another request created the account first."""
+        try:
+            with self._db.transaction() as conn:
+                conn.execute(schema.accounts.insert().values(account_ref=account_ref, lookup_hmac=lookup_hmac,
+                                                             allow_review=allow_review, created_at=now))
+        except sa.exc.IntegrityError:
+            return False
+        return True
+
+    def set_allow_review(self, account_ref: str, allow: bool) -> None:
+        with self._db.transaction() as conn:
+            conn.execute(schema.accounts.update().where(schema.accounts.c.account_ref == account_ref)
+                         .values(allow_review=allow))
+
+    def delete(self, account_ref: str) -> None:
+        with self._db.transaction() as conn:
+            conn.execute(schema.accounts.delete().where(schema.accounts.c.account_ref == account_ref))
+
+
+class ClipRepository:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def insert(self, clip: ClipRow, *, principal_id: str, idempotency_hash: bytes) -> str:
+        """Commit the row and its idempotency key together; returns the clip id that owns the key
+        (another one if a concurrent retry won)."""
+        try:
+            with self._db.transaction() as conn:
+                conn.execute(schema.ingest_idempotency.insert().values(
+                    principal_id=principal_id, key_hash=idempotency_hash, clip_id=clip.clip_id,
+                    created_at=clip.created_at))
+                conn.execute(schema.clips.insert().values(**clip.__dict__))
+        except sa.exc.IntegrityError:
+            existing = self.by_idempotency(principal_id, idempotency_hash)
+            if existing is None:
+                raise
+            return existing
+        return clip.clip_id
+
+    def by_idempotency(self, principal_id: str, key_hash: bytes) -> str | None:
+        t = schema.ingest_idempotency
+        with self._db.transaction() as conn:
+            return conn.scalar(sa.select(t.c.clip_id).where(t.c.principal_id == principal_id,
+                                                            t.c.key_hash == key_hash))
+
+    def get(self, clip_id: str) -> ClipRow | None:
+        with self._db.transaction() as conn:
+            row = conn.execute(sa.select(schema.clips).where(schema.clips.c.clip_id == clip_id)).one_or_none()
+        return None if row is None else _clip(row)
+
+    def list_by_account(self, account_ref: str, *, after: str, limit: int) -> list[ClipRow]:
+        t = schema.clips
+        with self._db.transaction() as conn:
+            rows = conn.execute(sa.select(t).where(t.c.account_ref == account_ref, t.c.clip_id > after)
+                                .order_by(t.c.clip_id).limit(limit))
+            return [_clip(r) for r in rows]
+
+    def expired(self, now: float, limit: int) -> list[ClipRow]:
+        t = schema.clips
+        with self._db.transaction() as conn:
+            return [_clip(r) for r in conn.execute(sa.select(t).where(t.c.expires_at <= now)
+                                                   .order_by(t.c.expires_at).limit(limit))]
+
+    def delete(self, clip_id: str) -> bool:
+        with self._db.transaction() as conn:
+            conn.execute(schema.ingest_idempotency.delete().where(schema.ingest_idempotency.c.clip_id == clip_id))
+            return conn.execute(schema.clips.delete().where(schema.clips.c.clip_id == clip_id)).rowcount == 1
+
+    def exists(self, clip_id: str) -> bool:
+        with self._db.transaction() as conn:
+            return conn.scalar(sa.select(schema.clips.c.clip_id).where(schema.clips.c.clip_id == clip_id)) \
+                is not None
+
+    def update_wrapped_dek(self, clip_id: str, key_version: int, wrapped: bytes) -> None:
+        with self._db.transaction() as conn:
+            conn.execute(schema.clips.update().where(schema.clips.c.clip_id == clip_id)
+                         .values(key_version=key_version, wrapped_dek=wrapped))

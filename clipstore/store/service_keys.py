@@ -1,0 +1,31 @@
+"""Service secrets: created once per database, wrapped by the KMS root, shared by replicas."""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+import sqlalchemy as sa
+
+from clipstore.store import schema
+from clipstore.store.db import Database
+from kms import KeyProvider
+
+KEY_BYTES = 32
+
+
+def load_or_create_service_key(db: Database, root: KeyProvider, name: str) -> bytes:
+    """A 256-bit service secret, created once per database, wrapped by the root; replicas share it."""
+    t, context = schema.service_keys, {"purpose": "service-key", "name": name}
+    with db.transaction() as conn:
+        wrapped = conn.scalar(sa.select(t.c.wrapped).where(t.c.name == name))
+    if wrapped is None:
+        key = secrets.token_bytes(KEY_BYTES)
+        try:
+            with db.transaction() as conn:
+                conn.execute(t.insert().values(name=name, wrapped=root.encrypt(key, context), created_at=time.time()))
+            return key
+        except sa.exc.IntegrityError:  # another replica created it first
+            with db.transaction() as conn:
+                wrapped = conn.scalar(sa.select(t.c.wrapped).where(t.c.name == name))
+    return root.decrypt(bytes(wrapped), context)
