@@ -50,8 +50,15 @@ class S3BlobStore:
         except botocore.exceptions.BotoCoreError as exc:
             raise BlobUnavailable(f"blob store unreachable ({type(exc).__name__}); retry later") from None
 
+    def _upload_part(self, key: str, upload_id: str, parts: list[dict[str, Any]], body: bytes) -> None:
+        number = len(parts) + 1
+        etag = self._call(lambda: self.client.upload_part(Bucket=self.bucket, Key=self._key(key), UploadId=upload_id,
+                                                          PartNumber=number, Body=body))["ETag"]
+        parts.append({"PartNumber": number, "ETag": etag})
+
     def put_stream(self, key: str, chunks: Iterable[bytes]) -> int:
-        buf, size, upload_id, parts = bytearray(), 0, None, []
+        buf, size, parts = bytearray(), 0, []  # type: ignore[var-annotated]
+        upload_id: str | None = None
         try:
             for chunk in chunks:
                 buf += chunk
@@ -60,22 +67,14 @@ class S3BlobStore:
                     if upload_id is None:
                         upload_id = self._call(lambda: self.client.create_multipart_upload(
                             Bucket=self.bucket, Key=self._key(key), **self._sse))["UploadId"]
-                    part, buf = bytes(buf[:self.part_bytes]), buf[self.part_bytes:]
-                    number = len(parts) + 1
-                    etag = self._call(lambda part=part, number=number: self.client.upload_part(
-                        Bucket=self.bucket, Key=self._key(key), UploadId=upload_id, PartNumber=number,
-                        Body=part))["ETag"]
-                    parts.append({"PartNumber": number, "ETag": etag})
+                    self._upload_part(key, upload_id, parts, bytes(buf[:self.part_bytes]))
+                    del buf[:self.part_bytes]
             if upload_id is None:
                 self._call(lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=bytes(buf),
                                                           **self._sse))
                 return size
             if buf:
-                number = len(parts) + 1
-                etag = self._call(lambda: self.client.upload_part(
-                    Bucket=self.bucket, Key=self._key(key), UploadId=upload_id, PartNumber=number,
-                    Body=bytes(buf)))["ETag"]
-                parts.append({"PartNumber": number, "ETag": etag})
+                self._upload_part(key, upload_id, parts, bytes(buf))
             self._call(lambda: self.client.complete_multipart_upload(
                 Bucket=self.bucket, Key=self._key(key), UploadId=upload_id, MultipartUpload={"Parts": parts}))
             return size
