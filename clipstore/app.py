@@ -7,15 +7,29 @@ from pathlib import Path
 from clipstore.audit import AuditLog
 from clipstore.audit.signing import load_or_create_signer
 from clipstore.clock import Clock, SystemClock
+from clipstore.accounts import AccountDirectory
+from clipstore.blobs import BlobStore, FileBlobStore, S3BlobStore
+from clipstore.clips import ClipLibrary
 from clipstore.config import Config
+from clipstore.identity import LOOKUP_KEY_NAME, AccountLookup
 from clipstore.store import Database, PrincipalRepository
-from kms import AwsKms, KeyProvider, LocalKms
+from clipstore.store.clips import AccountRepository, ClipRepository
+from clipstore.store.keys import SqlKekStore
+from clipstore.store.service_keys import load_or_create_service_key
+from kms import AwsKms, KeyProvider, KeyRing, LocalKms
 
 
 def root_provider(config: Config) -> KeyProvider:
     if config.kms is not None:
         return AwsKms(config.kms.key_id, endpoint_url=config.kms.endpoint_url, region=config.kms.region)
     return LocalKms.from_file(config.root_key_file)
+
+
+def blob_store(config: Config) -> BlobStore:
+    if config.s3 is not None:
+        return S3BlobStore(config.s3.bucket, prefix=config.s3.prefix, endpoint_url=config.s3.endpoint_url,
+                           region=config.s3.region)
+    return FileBlobStore(config.blob_dir)
 
 
 def _private_dir(path: Path) -> None:
@@ -35,8 +49,16 @@ class App:
         self.audit = AuditLog(self.db, load_or_create_signer(self.db, self.root), self.clock,
                               checkpoint_every_entries=config.audit_checkpoint_every_entries,
                               checkpoint_every_s=config.audit_checkpoint_every_s)
-        if config.s3 is None:
-            _private_dir(config.blob_dir)
+        self.blobs = blob_store(config)
+        self.keyring = KeyRing(self.root, SqlKekStore(self.db), now=self.clock.now)
+        self.accounts = AccountDirectory(
+            accounts=AccountRepository(self.db), clips=ClipRepository(self.db), keyring=self.keyring,
+            lookup=AccountLookup(load_or_create_service_key(self.db, self.root, LOOKUP_KEY_NAME)),
+            blobs=self.blobs, audit=self.audit, clock=self.clock, default_allow_review=config.review_default_allow)
+        self.clips = ClipLibrary(clips=ClipRepository(self.db), accounts=self.accounts, keyring=self.keyring,
+                                 blobs=self.blobs, audit=self.audit, clock=self.clock,
+                                 retention_days=config.retention_days,
+                                 accidental_retention_hours=config.accidental_retention_hours)
 
     def close(self) -> None:
         self.audit.close()

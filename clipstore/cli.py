@@ -76,6 +76,19 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
     return code
 
 
+def _cmd_purge(args: argparse.Namespace) -> int:
+    from clipstore.app import App
+    from clipstore.audit import OPERATOR
+    app = App(_config(args))
+    try:
+        purged = app.clips.purge_expired(OPERATOR)
+        swept = app.clips.sweep_orphans()
+    finally:
+        app.close()
+    print(f"purged {purged} expired clips; removed {swept} orphan objects")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipstore", description="Encrypted voice-clip store")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--role", required=True, choices=ROLES)
     create.add_argument("--name", required=True)
     create.set_defaults(func=_cmd_principals_create)
+
+    purge = sub.add_parser("purge", help="delete expired clips (object, row, wrapped key) and orphan objects")
+    _add_config_flags(purge)
+    purge.set_defaults(func=_cmd_purge)
 
     audit = sub.add_parser("audit", help="export or verify the audit log")
     asub = audit.add_subparsers(dest="audit_command", required=True)

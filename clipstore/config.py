@@ -70,6 +70,10 @@ class Config:
     shutdown_grace_s: float = DEFAULT_GRACE_S
     audit_checkpoint_every_entries: int = 1000
     audit_checkpoint_every_s: float = 60.0
+    retention_days: float = 180.0
+    accidental_retention_hours: float = 24.0
+    review_default_allow: bool = False
+    purge_interval_s: float = 300.0
 
     @property
     def effective_database_url(self) -> str:
@@ -103,6 +107,10 @@ _SCHEMA: dict[str, tuple[str, type]] = {
     "tls.client_ca_file": ("CLIPSTORE_TLS_CLIENT_CA_FILE", str),
     "audit.checkpoint_every_entries": ("CLIPSTORE_AUDIT_CHECKPOINT_EVERY_ENTRIES", int),
     "audit.checkpoint_every_s": ("CLIPSTORE_AUDIT_CHECKPOINT_EVERY_S", float),
+    "retention.default_days": ("CLIPSTORE_RETENTION_DEFAULT_DAYS", float),
+    "retention.accidental_hours": ("CLIPSTORE_RETENTION_ACCIDENTAL_HOURS", float),
+    "retention.purge_interval_s": ("CLIPSTORE_RETENTION_PURGE_INTERVAL_S", float),
+    "review.default_allow": ("CLIPSTORE_REVIEW_DEFAULT_ALLOW", bool),
 }
 
 
@@ -118,6 +126,12 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _coerce(key: str, value: Any, want: type) -> Any:
+    if want is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        raise ConfigError(key, f"must be true or false, got {value!r}")
     if want is str:
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(key, "must be a non-empty string")
@@ -210,4 +224,8 @@ def _build(values: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         shutdown_grace_s=values.get("shutdown_grace_s", DEFAULT_GRACE_S),
         audit_checkpoint_every_entries=values.get("audit.checkpoint_every_entries", 1000),
         audit_checkpoint_every_s=values.get("audit.checkpoint_every_s", 60.0),
+        retention_days=values.get("retention.default_days", 180.0),
+        accidental_retention_hours=values.get("retention.accidental_hours", 24.0),
+        purge_interval_s=values.get("retention.purge_interval_s", 300.0),
+        review_default_allow=values.get("review.default_allow", False),
     )

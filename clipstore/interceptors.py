@@ -23,7 +23,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from clipstore.audit import AuditLog, AuditRecord
+from clipstore.audit import Actor, AuditLog, AuditRecord
 from clipstore.auth import PUBLIC_PREFIXES, authorize
 from clipstore.errors import ERROR_DOMAIN, ClipstoreError
 from clipstore.logs import get_logger
@@ -50,6 +50,14 @@ def current_request() -> RequestContext:
     if ctx is None:
         raise RuntimeError("current_request() called outside an RPC")
     return ctx
+
+
+def current_actor() -> Actor:
+    """The authenticated caller of the current RPC, for audit records."""
+    ctx = current_request()
+    if ctx.principal is None:
+        raise RuntimeError("current_actor() called in an unauthenticated RPC")
+    return Actor(id=ctx.principal.id, role=ctx.principal.role, request_id=ctx.request_id)
 
 
 Authenticator = Callable[[Mapping[str, str]], Principal]

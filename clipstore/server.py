@@ -18,7 +18,9 @@ from clipstore.auth import authenticate
 from clipstore.config import Config, ConfigError, is_loopback
 from clipstore.interceptors import ClipstoreInterceptor, audit_denial
 from clipstore.logs import get_logger
+from clipstore.servicers.accounts import AccountServicer
 from clipstore.servicers.audit import AuditServicer
+from clipstore.servicers.clips import ClipServicer
 from clipstore.v1 import (
     account_pb2_grpc,
     audit_pb2_grpc,
@@ -51,7 +53,9 @@ SERVICE_NAMES = tuple(name for name, _, _ in _SERVICES)
 
 def _implemented_servicers(app: App) -> dict[str, Any]:
     """Servicers whose issue has landed; the rest answer UNIMPLEMENTED."""
-    return {"clipstore.v1.AuditService": AuditServicer(app.audit)}
+    return {"clipstore.v1.AuditService": AuditServicer(app.audit),
+            "clipstore.v1.ClipService": ClipServicer(app.clips),
+            "clipstore.v1.AccountService": AccountServicer(app.accounts)}
 
 
 def _credentials(config: Config) -> grpc.ServerCredentials | None:
@@ -96,9 +100,21 @@ class ClipstoreServer:
         except RuntimeError as exc:
             raise ConfigError("listen", f"cannot bind {config.listen}: {exc}") from None
         self._stopped = threading.Event()
+        self._retention = threading.Thread(target=self._retention_loop, name="retention", daemon=True)
+
+    def _retention_loop(self) -> None:
+        """Purge expired clips and sweep orphans every `purge_interval_s` until stopped."""
+        while not self._stopped.wait(self.app.config.purge_interval_s):
+            try:
+                purged, swept = self.app.clips.purge_expired(), self.app.clips.sweep_orphans()
+                if purged or swept:
+                    log.info("retention.ran", purged=purged, orphans_removed=swept)
+            except Exception as exc:  # the next tick retries; the audit log says what was done
+                log.error("retention.failed", exc_type=type(exc).__name__)
 
     def start(self) -> None:
         self._server.start()
+        self._retention.start()
         for name in ("", *SERVICE_NAMES):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("server.started", listen=self.app.config.listen, port=self.port,
@@ -114,6 +130,8 @@ class ClipstoreServer:
         log.info("server.stopping", grace_s=grace)
         self.health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
+        if self._retention.is_alive():
+            self._retention.join()
         self.app.close()
         log.info("server.stopped")
 

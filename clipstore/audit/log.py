@@ -53,6 +53,23 @@ class AuditRecord:
     request_id: str = ""
 
 
+@dataclass(frozen=True, kw_only=True)
+class Actor:
+    """Who acts: a principal (id and role) within one request."""
+
+    id: str
+    role: str
+    request_id: str = ""
+
+    def record(self, action: str, **fields: str) -> AuditRecord:
+        return AuditRecord(actor_id=self.id, actor_role=self.role, action=action, request_id=self.request_id,
+                           **fields)
+
+
+SYSTEM = Actor(id="system", role="retention")
+OPERATOR = Actor(id="cli", role="operator")
+
+
 @dataclass
 class _Pending:
     record: AuditRecord

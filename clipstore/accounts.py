@@ -1,0 +1,96 @@
+"""Accounts: pseudonyms, review preference, deletion (crypto-shred) and key rotation."""
+
+from __future__ import annotations
+
+import secrets
+
+from clipstore.audit import Actor, AuditLog
+from clipstore.blobs import BlobStore
+from clipstore.clock import Clock
+from clipstore.errors import NotFound
+from clipstore.identity import AccountLookup
+from clipstore.logs import get_logger
+from clipstore.store.clips import AccountRepository, AccountRow, ClipRepository
+from kms import KeyRing, WrappedDek
+
+PAGE_ROWS = 500
+log = get_logger("clipstore.accounts")
+
+
+class AccountDirectory:
+    def __init__(self, *, accounts: AccountRepository, clips: ClipRepository, keyring: KeyRing,
+                 lookup: AccountLookup, blobs: BlobStore, audit: AuditLog, clock: Clock,
+                 default_allow_review: bool) -> None:
+        self._accounts, self._clips, self._keyring = accounts, clips, keyring
+        self._lookup, self._blobs, self._audit, self._clock = lookup, blobs, audit, clock
+        self._default_allow = default_allow_review
+
+    def find(self, account_id: str) -> AccountRow | None:
+        return self._accounts.by_lookup(self._lookup.hmac(account_id))
+
+    def find_or_create(self, account_id: str) -> AccountRow:
+        lookup = self._lookup.hmac(account_id)
+        existing = self._accounts.by_lookup(lookup)
+        if existing is not None:
+            return existing
+        ref = "acct_" + secrets.token_hex(12)
+        self._keyring.create_account(ref)
+        if self._accounts.insert(ref, lookup, allow_review=self._default_allow, now=self._clock.now()):
+            return AccountRow(account_ref=ref, allow_review=self._default_allow, retention_days=None)
+        self._keyring.destroy(ref)  # a concurrent request created the account first; drop our unused key
+        winner = self._accounts.by_lookup(lookup)
+        assert winner is not None
+        return winner
+
+    def require(self, account_id: str) -> AccountRow:
+        account = self.find(account_id)
+        if account is None:
+            raise NotFound("no such account; it has no clips or was deleted", reason="ACCOUNT_NOT_FOUND")
+        return account
+
+    def set_review_preference(self, account_id: str, allow: bool, actor: Actor) -> AccountRow:
+        account = self.find_or_create(account_id)
+        self._audit.append(actor.record("account.review_preference", account_ref=account.account_ref,
+                                        reason="allow" if allow else "deny"))
+        self._accounts.set_allow_review(account.account_ref, allow)
+        return AccountRow(account_ref=account.account_ref, allow_review=allow, retention_days=account.retention_days)
+
+    def _all_clips(self, account_ref: str) -> list[str]:
+        ids, after = [], ""
+        while page := self._clips.list_by_account(account_ref, after=after, limit=PAGE_ROWS):
+            ids += [c.clip_id for c in page]
+            after = page[-1].clip_id
+        return ids
+
+    def delete_account(self, account_id: str, actor: Actor) -> int:
+        """Crypto-shred first (from then on nothing of the account opens), then delete rows and objects."""
+        account = self.require(account_id)
+        ref = account.account_ref
+        self._audit.append(actor.record("account.delete", account_ref=ref))
+        self._keyring.destroy(ref)
+        clip_ids = self._all_clips(ref)
+        for clip_id in clip_ids:
+            self._clips.delete(clip_id)
+            try:
+                self._blobs.delete(clip_id)
+            except Exception as exc:  # the object is noise now; the orphan sweep retries
+                log.warning("account.object_delete_failed", clip_id=clip_id, exc_type=type(exc).__name__)
+        self._accounts.delete(ref)  # the pseudonym mapping goes last
+        return len(clip_ids)
+
+    def rotate_key(self, account_id: str, actor: Actor) -> tuple[int, int]:
+        """A new active key version; every clip's DEK is rewrapped to it, audio untouched."""
+        account = self.require(account_id)
+        ref = account.account_ref
+        self._audit.append(actor.record("account.key_rotate", account_ref=ref))
+        version = self._keyring.rotate(ref)
+        rewrapped, after = 0, ""
+        while page := self._clips.list_by_account(ref, after=after, limit=PAGE_ROWS):
+            for clip in page:
+                if clip.key_version != version:
+                    new = self._keyring.rewrap(WrappedDek(key_version=clip.key_version, blob=clip.wrapped_dek),
+                                               account_ref=ref, clip_id=clip.clip_id)
+                    self._clips.update_wrapped_dek(clip.clip_id, new.key_version, new.blob)
+                    rewrapped += 1
+            after = page[-1].clip_id
+        return version, rewrapped

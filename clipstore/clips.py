@@ -1,0 +1,179 @@
+"""Clips: streaming ingest, reads, deletion, retention purge and the orphan sweep."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from clipstore.accounts import AccountDirectory
+from clipstore.audit import SYSTEM, Actor, AuditLog
+from clipstore.blobs import BlobStore
+from clipstore.clock import Clock
+from clipstore.envelope import open_clip, seal_clip
+from clipstore.errors import ClipstoreError, FailedPrecondition, InvalidArgument, NotFound
+from clipstore.identity import open_identity, seal_identity
+from clipstore.logs import get_logger
+from clipstore.store.clips import ClipRepository, ClipRow
+from kms import KeyRing, WrappedDek
+
+MAX_CHUNK_BYTES = 1 << 20  # bounds memory per stream message
+MAX_CLIP_BYTES = 256 << 20  # ~2.5 h of 16-bit 16 kHz audio; longer is not a voice command
+ORPHAN_AGE_S = 3600.0  # an object without a row this old is a crashed or failed ingest
+PURGE_BATCH = 500
+log = get_logger("clipstore.clips")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NewClip:
+    """Validated metadata of a PutClip stream."""
+
+    account_id: str
+    device_serial: str
+    device_type: str
+    locale: str
+    captured_at: float | None
+    wake_word: bool
+    content_type: str
+    idempotency_key: str
+    duration_ms: int
+
+
+class _Counted:
+    """Passes audio chunks through, enforcing the size limits and counting bytes."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = chunks
+        self.total = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._chunks:
+            if len(chunk) > MAX_CHUNK_BYTES:
+                raise InvalidArgument("audio_chunk", f"chunks may be at most {MAX_CHUNK_BYTES} bytes, "
+                                                     f"got {len(chunk)}; split the audio")
+            self.total += len(chunk)
+            if self.total > MAX_CLIP_BYTES:
+                raise InvalidArgument("audio_chunk", f"clips may be at most {MAX_CLIP_BYTES} bytes")
+            yield chunk
+
+
+class ClipLibrary:
+    def __init__(self, *, clips: ClipRepository, accounts: AccountDirectory, keyring: KeyRing, blobs: BlobStore,
+                 audit: AuditLog, clock: Clock, retention_days: float, accidental_retention_hours: float) -> None:
+        self._clips, self._accounts, self._keyring = clips, accounts, keyring
+        self._blobs, self._audit, self._clock = blobs, audit, clock
+        self._retention_s = retention_days * 86400
+        self._accidental_s = accidental_retention_hours * 3600
+
+    # -- ingest ------------------------------------------------------------
+    def ingest(self, new: NewClip, audio: Iterable[bytes], actor: Actor) -> ClipRow:
+        """Seal and store the audio, then commit the row: a failure leaves no row and no object."""
+        idem = hashlib.sha256(new.idempotency_key.encode()).digest()
+        existing = self._clips.by_idempotency(actor.id, idem)
+        if existing is not None:
+            return self._existing(existing)
+        account = self._accounts.find_or_create(new.account_id)
+        ref, clip_id = account.account_ref, "c_" + secrets.token_hex(12)
+        dek, wrapped = self._keyring.data_key_for(ref, clip_id)
+        counted = _Counted(audio)
+        try:
+            sealed_bytes = self._blobs.put_stream(clip_id, seal_clip(dek, counted, clip_id=clip_id, account_ref=ref))
+        except ClipstoreError as exc:
+            if exc.code.name == "UNAVAILABLE":
+                self._audit.append(actor.record("clip.ingest", account_ref=ref, clip_id=clip_id,
+                                                outcome="failed", reason=exc.reason))
+            raise
+        if counted.total == 0:
+            self._blobs.delete(clip_id)
+            raise InvalidArgument("audio_chunk", "the clip is empty; send at least one audio chunk")
+        now = self._clock.now()
+        keep_s = self._retention_s if new.wake_word else self._accidental_s
+        if new.wake_word and account.retention_days is not None:
+            keep_s = account.retention_days * 86400
+        row = ClipRow(clip_id=clip_id, account_ref=ref, size_bytes=counted.total, sealed_bytes=sealed_bytes,
+                      content_type=new.content_type, locale=new.locale, device_type=new.device_type,
+                      duration_ms=new.duration_ms, captured_at=new.captured_at, wake_word=new.wake_word,
+                      created_at=now, expires_at=now + keep_s, key_version=wrapped.key_version,
+                      wrapped_dek=wrapped.blob,
+                      identity_ct=seal_identity(dek, clip_id, account_id=new.account_id,
+                                                device_serial=new.device_serial))
+        try:
+            self._audit.append(actor.record("clip.ingest", account_ref=ref, clip_id=clip_id))
+            owner = self._clips.insert(row, principal_id=actor.id, idempotency_hash=idem)
+        except Exception:
+            self._blobs.delete(clip_id)
+            raise
+        if owner != clip_id:  # a concurrent retry with the same key committed first
+            self._blobs.delete(clip_id)
+            return self._existing(owner)
+        return row
+
+    def _existing(self, clip_id: str) -> ClipRow:
+        clip = self._clips.get(clip_id)
+        if clip is None:
+            raise FailedPrecondition("this idempotency key belongs to a clip that was deleted; use a new key",
+                                     reason="IDEMPOTENCY_KEY_SPENT")
+        return clip
+
+    # -- reads -------------------------------------------------------------
+    def get(self, clip_id: str) -> ClipRow:
+        clip = self._clips.get(clip_id)
+        if clip is None or clip.expires_at <= self._clock.now():
+            raise NotFound(f"no clip {clip_id}; it never existed, was deleted, or expired", reason="CLIP_NOT_FOUND")
+        return clip
+
+    def _dek(self, clip: ClipRow) -> bytes:
+        return self._keyring.unwrap(WrappedDek(key_version=clip.key_version, blob=clip.wrapped_dek),
+                                    account_ref=clip.account_ref, clip_id=clip.clip_id)
+
+    def identity(self, clip: ClipRow) -> dict[str, str]:
+        return open_identity(self._dek(clip), clip.clip_id, clip.identity_ct)
+
+    def list(self, account_id: str, *, after: str, limit: int) -> list[ClipRow]:
+        account = self._accounts.find(account_id)
+        if account is None:
+            return []
+        now = self._clock.now()
+        return [c for c in self._clips.list_by_account(account.account_ref, after=after, limit=limit)
+                if c.expires_at > now]
+
+    def audio(self, clip: ClipRow) -> Iterator[bytes]:
+        """Authenticated plaintext, segment by segment (bounded memory)."""
+        return open_clip(self._dek(clip), self._blobs.get_stream(clip.clip_id), clip_id=clip.clip_id,
+                         account_ref=clip.account_ref)
+
+    # -- deletion and retention ---------------------------------------------
+    def _remove(self, clip: ClipRow) -> None:
+        self._clips.delete(clip.clip_id)  # row and wrapped DEK together
+        try:
+            self._blobs.delete(clip.clip_id)
+        except Exception as exc:  # unreadable without its DEK; the orphan sweep retries
+            log.warning("clip.object_delete_failed", clip_id=clip.clip_id, exc_type=type(exc).__name__)
+
+    def delete(self, clip_id: str, actor: Actor) -> None:
+        clip = self._clips.get(clip_id)
+        if clip is None:
+            raise NotFound(f"no clip {clip_id}", reason="CLIP_NOT_FOUND")
+        self._audit.append(actor.record("clip.delete", account_ref=clip.account_ref, clip_id=clip_id))
+        self._remove(clip)
+
+    def purge_expired(self, actor: Actor = SYSTEM) -> int:
+        """Delete object, row and wrapped DEK of every expired clip; each purge is audited."""
+        purged = 0
+        while batch := self._clips.expired(self._clock.now(), PURGE_BATCH):
+            for clip in batch:
+                self._audit.append(actor.record("clip.purge", account_ref=clip.account_ref, clip_id=clip.clip_id,
+                                                reason="expired"))
+                self._remove(clip)
+                purged += 1
+        return purged
+
+    def sweep_orphans(self, older_than_s: float = ORPHAN_AGE_S) -> int:
+        """Remove objects that have no row (an ingest that crashed after upload) and partial uploads."""
+        removed = self._blobs.sweep_incomplete(older_than_s)
+        for key in list(self._blobs.list_keys(older_than_s)):
+            if not self._clips.exists(key):
+                self._blobs.delete(key)
+                removed += 1
+        return removed

@@ -1,0 +1,35 @@
+"""AccountService (roles ingest, admin): review preference, deletion, key rotation."""
+
+from __future__ import annotations
+
+import grpc
+
+from clipstore.accounts import AccountDirectory
+from clipstore.interceptors import current_actor
+from clipstore.servicers.clips import MAX_ID_CHARS, _text
+from clipstore.v1 import account_pb2, account_pb2_grpc
+
+
+class AccountServicer(account_pb2_grpc.AccountServiceServicer):
+    def __init__(self, accounts: AccountDirectory) -> None:
+        self._accounts = accounts
+
+    @staticmethod
+    def _account_id(value: str) -> str:
+        return _text("account_id", value, max_chars=MAX_ID_CHARS, required=True)
+
+    def SetReviewPreference(self, request: account_pb2.SetReviewPreferenceRequest,
+                            context: grpc.ServicerContext) -> account_pb2.SetReviewPreferenceResponse:
+        account = self._accounts.set_review_preference(self._account_id(request.account_id),
+                                                       request.allow_human_review, current_actor())
+        return account_pb2.SetReviewPreferenceResponse(allow_human_review=account.allow_review)
+
+    def DeleteAccount(self, request: account_pb2.DeleteAccountRequest,
+                      context: grpc.ServicerContext) -> account_pb2.DeleteAccountResponse:
+        deleted = self._accounts.delete_account(self._account_id(request.account_id), current_actor())
+        return account_pb2.DeleteAccountResponse(deleted_clips=deleted)
+
+    def RotateAccountKey(self, request: account_pb2.RotateAccountKeyRequest,
+                         context: grpc.ServicerContext) -> account_pb2.RotateAccountKeyResponse:
+        version, rewrapped = self._accounts.rotate_key(self._account_id(request.account_id), current_actor())
+        return account_pb2.RotateAccountKeyResponse(active_key_version=version, rewrapped_clips=rewrapped)
