@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from clipstore.accounts import AccountDirectory
 from clipstore.audit import AuditLog
 from clipstore.audit.signing import load_or_create_signer
-from clipstore.clock import Clock, SystemClock
-from clipstore.accounts import AccountDirectory
 from clipstore.blobs import BlobStore, FileBlobStore, S3BlobStore
 from clipstore.clips import ClipLibrary
+from clipstore.clock import Clock, SystemClock
 from clipstore.config import Config
 from clipstore.identity import LOOKUP_KEY_NAME, AccountLookup
 from clipstore.store import Database, PrincipalRepository
@@ -39,13 +39,13 @@ def _private_dir(path: Path) -> None:
 class App:
     """Stores and key providers shared by the servicers; close() releases them."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, clock: Clock | None = None) -> None:
         self.config = config
         _private_dir(config.data_dir)
         self.root = root_provider(config)
         self.db = Database(config.effective_database_url)
         self.principals = PrincipalRepository(self.db)
-        self.clock: Clock = SystemClock()
+        self.clock: Clock = clock or SystemClock()
         self.audit = AuditLog(self.db, load_or_create_signer(self.db, self.root), self.clock,
                               checkpoint_every_entries=config.audit_checkpoint_every_entries,
                               checkpoint_every_s=config.audit_checkpoint_every_s)

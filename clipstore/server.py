@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from clipstore.app import App
 from clipstore.auth import authenticate
+from clipstore.clock import Clock
 from clipstore.config import Config, ConfigError, is_loopback
 from clipstore.interceptors import ClipstoreInterceptor, audit_denial
 from clipstore.logs import get_logger
@@ -137,9 +138,9 @@ class ClipstoreServer:
 
 
 @contextmanager
-def running_server(config: Config) -> Iterator[ClipstoreServer]:
+def running_server(config: Config, *, clock: Clock | None = None) -> Iterator[ClipstoreServer]:
     """Start a server for `config` (use listen 127.0.0.1:0 for an ephemeral port); stop it on exit."""
-    server = ClipstoreServer(App(config))
+    server = ClipstoreServer(App(config, clock=clock))
     server.start()
     try:
         yield server

@@ -79,3 +79,16 @@ def keys(server: ClipstoreServer) -> dict[str, str]:
     """One API key per role, created through the real principal store."""
     return {role: new_key(server.app, role, f"{role}-svc")
             for role in ("ingest", "reviewer", "safety", "auditor", "admin")}
+
+
+class FakeClock:
+    """An injected clock tests move by hand."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.t = start
+
+    def now(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds

@@ -1,0 +1,28 @@
+"""Building PutClip streams and reading what the service stored."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+
+from clipstore.v1 import clip_pb2
+
+ACCOUNT_ID = "amzn1.account.AF3XYZEXAMPLE42"
+SERIAL = "G090LF1183940QWE"
+
+
+def metadata(**overrides: object) -> clip_pb2.ClipMetadata:
+    fields: dict[str, object] = {
+        "identity": clip_pb2.ClipIdentity(account_id=ACCOUNT_ID, device_serial=SERIAL),
+        "device_type": "echo-dot-5", "locale": "en-US", "wake_word_detected": True,
+        "content_type": "audio/opus", "idempotency_key": secrets.token_hex(8), "duration_ms": 2300,
+    }
+    fields.update(overrides)
+    return clip_pb2.ClipMetadata(**fields)  # type: ignore[arg-type]
+
+
+def put_requests(meta: clip_pb2.ClipMetadata, audio: bytes, chunk: int = 64 * 1024
+                 ) -> Iterator[clip_pb2.PutClipRequest]:
+    yield clip_pb2.PutClipRequest(metadata=meta)
+    for i in range(0, len(audio), chunk):
+        yield clip_pb2.PutClipRequest(audio_chunk=audio[i:i + chunk])
