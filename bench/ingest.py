@@ -1,0 +1,99 @@
+"""Ingest benchmark (not a test): PutClip through our server vs raw boto3 put_object.
+
+  python bench/ingest.py [--small-count 400] [--large-count 24]
+
+One moto server (subprocess, loopback) serves both in the same run. Ours:
+`clipstore serve` as a subprocess with the S3 backend; 8 client threads send
+PutClip streams (64 KiB messages). Peer: 8 threads of boto3 put_object of the
+same bytes to the same moto server. Then RSS growth of the server process
+while it ingests one 50 MiB clip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import boto3  # noqa: E402
+import grpc  # noqa: E402
+import psutil  # noqa: E402
+
+from bench._servers import clipstore_server, moto_server  # noqa: E402
+from clipstore.v1 import clip_pb2, clip_pb2_grpc  # noqa: E402
+
+CLIENTS = 8
+CHUNK = 64 * 1024
+
+
+def _requests(audio: bytes) -> list[clip_pb2.PutClipRequest]:
+    meta = clip_pb2.ClipMetadata(identity=clip_pb2.ClipIdentity(account_id=f"acct-{secrets.token_hex(2)}",
+                                                                device_serial="SERIAL1"),
+                                 locale="en-US", content_type="audio/opus", wake_word_detected=True,
+                                 idempotency_key=uuid.uuid4().hex)
+    return [clip_pb2.PutClipRequest(metadata=meta)] + [
+        clip_pb2.PutClipRequest(audio_chunk=audio[i:i + CHUNK]) for i in range(0, len(audio), CHUNK)]
+
+
+def _timed(count: int, one: Callable[[int], None]) -> float:
+    one(-1)  # warm up
+    start = time.perf_counter()
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        list(pool.map(one, range(count)))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--small-count", type=int, default=400)
+    parser.add_argument("--large-count", type=int, default=24)
+    args = parser.parse_args()
+    cases = [("32 KiB", 32 * 1024, args.small_count), ("5 MiB", 5 * 1024 * 1024, args.large_count)]
+    with moto_server() as endpoint, clipstore_server(endpoint) as (address, proc, keys):
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        raw_bucket = f"raw-{uuid.uuid4().hex[:8]}"
+        s3.create_bucket(Bucket=raw_bucket)
+        channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 8 << 20)])
+        stub = clip_pb2_grpc.ClipServiceStub(channel)
+        md = (("authorization", f"Bearer {keys['ingest']}"),)
+        ratios = []
+        print(f"{'clip':>7} {'count':>6} {'ours s':>8} {'boto3 s':>8} {'ours/boto3':>10}")
+        for name, size, count in cases:
+            audio = secrets.token_bytes(size)
+            ours = _timed(count, lambda i, audio=audio: stub.PutClip(iter(_requests(audio)), metadata=md,
+                                                                       timeout=120))
+            raw = _timed(count, lambda i, audio=audio: s3.put_object(Bucket=raw_bucket, Key=f"k{i}", Body=audio))
+            ratios.append(ours / raw)
+            print(f"{name:>7} {count:>6} {ours:>8.2f} {raw:>8.2f} {ours / raw:>10.2f}")
+        server = psutil.Process(proc.pid)
+        base, peak, stop = server.memory_info().rss, [0], threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                peak[0] = max(peak[0], server.memory_info().rss)
+                time.sleep(0.01)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        big = secrets.token_bytes(CHUNK)
+        meta = _requests(b"")[0]
+        stub.PutClip(iter([meta] + [clip_pb2.PutClipRequest(audio_chunk=big)] * (50 * 1024 * 1024 // CHUNK)),
+                     metadata=md, timeout=600)
+        stop.set()
+        sampler.join()
+        growth = (peak[0] - base) / (1 << 20)
+        print(f"server RSS growth while ingesting one 50 MiB clip: {growth:.1f} MiB (goal < 32)")
+        print(f"putclip_rss_growth_mib={growth:.1f}")
+        print(f"putclip_overhead_ratio={max(ratios):.2f}")
+
+
+if __name__ == "__main__":
+    main()
