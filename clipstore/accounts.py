@@ -11,6 +11,7 @@ from clipstore.errors import NotFound
 from clipstore.identity import AccountLookup
 from clipstore.logs import get_logger
 from clipstore.store.clips import AccountRepository, AccountRow, ClipRepository
+from clipstore.store.review import ReviewRepository
 from kms import KeyRing, WrappedDek
 
 PAGE_ROWS = 500
@@ -19,9 +20,9 @@ log = get_logger("clipstore.accounts")
 
 class AccountDirectory:
     def __init__(self, *, accounts: AccountRepository, clips: ClipRepository, keyring: KeyRing,
-                 lookup: AccountLookup, blobs: BlobStore, audit: AuditLog, clock: Clock,
+                 lookup: AccountLookup, blobs: BlobStore, audit: AuditLog, clock: Clock, review: ReviewRepository,
                  default_allow_review: bool) -> None:
-        self._accounts, self._clips, self._keyring = accounts, clips, keyring
+        self._accounts, self._clips, self._keyring, self._review = accounts, clips, keyring, review
         self._lookup, self._blobs, self._audit, self._clock = lookup, blobs, audit, clock
         self._default_allow = default_allow_review
 
@@ -48,12 +49,20 @@ class AccountDirectory:
             raise NotFound("no such account; it has no clips or was deleted", reason="ACCOUNT_NOT_FOUND")
         return account
 
-    def set_review_preference(self, account_id: str, allow: bool, actor: Actor) -> AccountRow:
+    def set_review_preference(self, account_id: str, allow: bool, actor: Actor) -> tuple[AccountRow, int, int]:
+        """Returns the account and, when review is turned off, how many queued clips and
+        unredeemed grants were withdrawn."""
         account = self.find_or_create(account_id)
-        self._audit.append(actor.record("account.review_preference", account_ref=account.account_ref,
+        ref = account.account_ref
+        self._audit.append(actor.record("account.review_preference", account_ref=ref,
                                         reason="allow" if allow else "deny"))
-        self._accounts.set_allow_review(account.account_ref, allow)
-        return AccountRow(account_ref=account.account_ref, allow_review=allow, retention_days=account.retention_days)
+        self._accounts.set_allow_review(ref, allow)
+        dequeued = revoked = 0
+        if not allow:
+            dequeued = self._review.dequeue(account_ref=ref)
+            revoked = self._review.void_grants(account_ref=ref)
+        return AccountRow(account_ref=ref, allow_review=allow, retention_days=account.retention_days), \
+            dequeued, revoked
 
     def _all_clips(self, account_ref: str) -> list[str]:
         ids, after = [], ""
@@ -68,6 +77,8 @@ class AccountDirectory:
         ref = account.account_ref
         self._audit.append(actor.record("account.delete", account_ref=ref))
         self._keyring.destroy(ref)
+        self._review.dequeue(account_ref=ref)
+        self._review.void_grants(account_ref=ref)
         clip_ids = self._all_clips(ref)
         for clip_id in clip_ids:
             self._clips.delete(clip_id)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from clipstore.accounts import AccountDirectory
 from clipstore.audit import AuditLog
 from clipstore.audit.signing import load_or_create_signer
@@ -12,9 +14,12 @@ from clipstore.clips import ClipLibrary
 from clipstore.clock import Clock, SystemClock
 from clipstore.config import Config
 from clipstore.identity import LOOKUP_KEY_NAME, AccountLookup
+from clipstore.review import ReviewDesk, ReviewPolicy
+from clipstore.sampling import ReviewSampler
 from clipstore.store import Database, PrincipalRepository
 from clipstore.store.clips import AccountRepository, ClipRepository
 from clipstore.store.keys import SqlKekStore
+from clipstore.store.review import ReviewRepository
 from clipstore.store.service_keys import load_or_create_service_key
 from kms import AwsKms, KeyProvider, KeyRing, LocalKms
 
@@ -23,6 +28,9 @@ def root_provider(config: Config) -> KeyProvider:
     if config.kms is not None:
         return AwsKms(config.kms.key_id, endpoint_url=config.kms.endpoint_url, region=config.kms.region)
     return LocalKms.from_file(config.root_key_file)
+
+
+GRANT_KEY_NAME = "grant-signing"
 
 
 def blob_store(config: Config) -> BlobStore:
@@ -51,14 +59,26 @@ class App:
                               checkpoint_every_s=config.audit_checkpoint_every_s)
         self.blobs = blob_store(config)
         self.keyring = KeyRing(self.root, SqlKekStore(self.db), now=self.clock.now)
+        review = ReviewRepository(self.db)
         self.accounts = AccountDirectory(
             accounts=AccountRepository(self.db), clips=ClipRepository(self.db), keyring=self.keyring,
             lookup=AccountLookup(load_or_create_service_key(self.db, self.root, LOOKUP_KEY_NAME)),
-            blobs=self.blobs, audit=self.audit, clock=self.clock, default_allow_review=config.review_default_allow)
+            blobs=self.blobs, audit=self.audit, clock=self.clock, review=review,
+            default_allow_review=config.review_default_allow)
+        self.sampler = ReviewSampler(review, rate=config.review_sample_rate)
         self.clips = ClipLibrary(clips=ClipRepository(self.db), accounts=self.accounts, keyring=self.keyring,
-                                 blobs=self.blobs, audit=self.audit, clock=self.clock,
-                                 retention_days=config.retention_days,
+                                 blobs=self.blobs, audit=self.audit, clock=self.clock, review=review,
+                                 sampler=self.sampler, retention_days=config.retention_days,
                                  accidental_retention_hours=config.accidental_retention_hours)
+        self.review = ReviewDesk(
+            repo=review, principals=self.principals, accounts=AccountRepository(self.db), clips=self.clips,
+            audit=self.audit, clock=self.clock, root=self.root,
+            grant_key=Ed25519PrivateKey.from_private_bytes(
+                load_or_create_service_key(self.db, self.root, GRANT_KEY_NAME)),
+            policy=ReviewPolicy(session_lifetime_s=config.review_session_lifetime_s,
+                                session_idle_s=config.review_session_idle_s,
+                                max_failed_codes=config.review_max_failed_codes, lockout_s=config.review_lockout_s,
+                                daily_cap=config.review_daily_cap, grant_ttl_s=config.review_grant_ttl_s))
 
     def close(self) -> None:
         self.audit.close()

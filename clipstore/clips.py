@@ -15,7 +15,9 @@ from clipstore.envelope import open_clip, seal_clip
 from clipstore.errors import ClipstoreError, FailedPrecondition, InvalidArgument, NotFound
 from clipstore.identity import open_identity, seal_identity
 from clipstore.logs import get_logger
+from clipstore.sampling import ReviewSampler
 from clipstore.store.clips import ClipRepository, ClipRow
+from clipstore.store.review import ReviewRepository
 from kms import KeyRing, WrappedDek
 
 MAX_CHUNK_BYTES = 1 << 20  # bounds memory per stream message
@@ -60,8 +62,10 @@ class _Counted:
 
 class ClipLibrary:
     def __init__(self, *, clips: ClipRepository, accounts: AccountDirectory, keyring: KeyRing, blobs: BlobStore,
-                 audit: AuditLog, clock: Clock, retention_days: float, accidental_retention_hours: float) -> None:
+                 audit: AuditLog, clock: Clock, review: ReviewRepository, sampler: ReviewSampler,
+                 retention_days: float, accidental_retention_hours: float) -> None:
         self._clips, self._accounts, self._keyring = clips, accounts, keyring
+        self._review, self._sampler = review, sampler
         self._blobs, self._audit, self._clock = blobs, audit, clock
         self._retention_s = retention_days * 86400
         self._accidental_s = accidental_retention_hours * 3600
@@ -107,6 +111,7 @@ class ClipLibrary:
         if owner != clip_id:  # a concurrent retry with the same key committed first
             self._blobs.delete(clip_id)
             return self._existing(owner)
+        self._sampler.offer(row, allow_review=account.allow_review, now=now)
         return row
 
     def _existing(self, clip_id: str) -> ClipRow:
@@ -117,6 +122,9 @@ class ClipLibrary:
         return clip
 
     # -- reads -------------------------------------------------------------
+    def find(self, clip_id: str) -> ClipRow | None:
+        return self._clips.get(clip_id)
+
     def get(self, clip_id: str) -> ClipRow:
         clip = self._clips.get(clip_id)
         if clip is None or clip.expires_at <= self._clock.now():
@@ -145,6 +153,8 @@ class ClipLibrary:
 
     # -- deletion and retention ---------------------------------------------
     def _remove(self, clip: ClipRow) -> None:
+        self._review.dequeue(clip_id=clip.clip_id)
+        self._review.void_grants(clip_id=clip.clip_id)
         self._clips.delete(clip.clip_id)  # row and wrapped DEK together
         try:
             self._blobs.delete(clip.clip_id)
@@ -157,6 +167,17 @@ class ClipLibrary:
             raise NotFound(f"no clip {clip_id}", reason="CLIP_NOT_FOUND")
         self._audit.append(actor.record("clip.delete", account_ref=clip.account_ref, clip_id=clip_id))
         self._remove(clip)
+
+    def expire_now(self, clip_id: str, actor: Actor) -> None:
+        """Out of review at once and purged at the next run (an accidental activation)."""
+        clip = self._clips.get(clip_id)
+        if clip is None:
+            return
+        self._audit.append(actor.record("clip.expire", clip_id=clip_id, account_ref=clip.account_ref,
+                                        reason="accidental_activation"))
+        self._review.dequeue(clip_id=clip_id)
+        self._review.void_grants(clip_id=clip_id)
+        self._clips.set_expiry(clip_id, self._clock.now())
 
     def purge_expired(self, actor: Actor = SYSTEM) -> int:
         """Delete object, row and wrapped DEK of every expired clip; each purge is audited."""

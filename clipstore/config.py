@@ -74,6 +74,13 @@ class Config:
     accidental_retention_hours: float = 24.0
     review_default_allow: bool = False
     purge_interval_s: float = 300.0
+    review_sample_rate: float = 0.02
+    review_daily_cap: int = 1000
+    review_grant_ttl_s: int = 120
+    review_session_lifetime_s: float = 8 * 3600
+    review_session_idle_s: float = 30 * 60
+    review_max_failed_codes: int = 5
+    review_lockout_s: float = 15 * 60
 
     @property
     def effective_database_url(self) -> str:
@@ -111,6 +118,13 @@ _SCHEMA: dict[str, tuple[str, type]] = {
     "retention.accidental_hours": ("CLIPSTORE_RETENTION_ACCIDENTAL_HOURS", float),
     "retention.purge_interval_s": ("CLIPSTORE_RETENTION_PURGE_INTERVAL_S", float),
     "review.default_allow": ("CLIPSTORE_REVIEW_DEFAULT_ALLOW", bool),
+    "review.sample_rate": ("CLIPSTORE_REVIEW_SAMPLE_RATE", float),
+    "review.daily_cap": ("CLIPSTORE_REVIEW_DAILY_CAP", int),
+    "review.grant_ttl_s": ("CLIPSTORE_REVIEW_GRANT_TTL_S", int),
+    "review.session_lifetime_s": ("CLIPSTORE_REVIEW_SESSION_LIFETIME_S", float),
+    "review.session_idle_s": ("CLIPSTORE_REVIEW_SESSION_IDLE_S", float),
+    "review.max_failed_codes": ("CLIPSTORE_REVIEW_MAX_FAILED_CODES", int),
+    "review.lockout_s": ("CLIPSTORE_REVIEW_LOCKOUT_S", float),
 }
 
 
@@ -228,4 +242,23 @@ def _build(values: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         accidental_retention_hours=values.get("retention.accidental_hours", 24.0),
         purge_interval_s=values.get("retention.purge_interval_s", 300.0),
         review_default_allow=values.get("review.default_allow", False),
+        review_sample_rate=_sample_rate(values.get("review.sample_rate", 0.02)),
+        review_daily_cap=values.get("review.daily_cap", 1000),
+        review_grant_ttl_s=_grant_ttl(values.get("review.grant_ttl_s", 120)),
+        review_session_lifetime_s=values.get("review.session_lifetime_s", 8 * 3600),
+        review_session_idle_s=values.get("review.session_idle_s", 30 * 60),
+        review_max_failed_codes=values.get("review.max_failed_codes", 5),
+        review_lockout_s=values.get("review.lockout_s", 15 * 60),
     )
+
+
+def _sample_rate(rate: float) -> float:
+    if rate > 1:
+        raise ConfigError("review.sample_rate", f"is a share between 0 and 1, got {rate}")
+    return rate
+
+
+def _grant_ttl(ttl: int) -> int:
+    if ttl > 300:
+        raise ConfigError("review.grant_ttl_s", f"grants live at most 300 s, got {ttl}")
+    return ttl

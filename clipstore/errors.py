@@ -57,6 +57,11 @@ class FailedPrecondition(ClipstoreError):
     reason = "FAILED_PRECONDITION"
 
 
+class ResourceExhausted(ClipstoreError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "DAILY_CAP"
+
+
 class Unavailable(ClipstoreError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "UNAVAILABLE"

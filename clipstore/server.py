@@ -22,6 +22,7 @@ from clipstore.logs import get_logger
 from clipstore.servicers.accounts import AccountServicer
 from clipstore.servicers.audit import AuditServicer
 from clipstore.servicers.clips import ClipServicer
+from clipstore.servicers.review import ReviewerAdminServicer, ReviewServicer, SafetyServicer
 from clipstore.v1 import (
     account_pb2_grpc,
     audit_pb2_grpc,
@@ -56,7 +57,10 @@ def _implemented_servicers(app: App) -> dict[str, Any]:
     """Servicers whose issue has landed; the rest answer UNIMPLEMENTED."""
     return {"clipstore.v1.AuditService": AuditServicer(app.audit),
             "clipstore.v1.ClipService": ClipServicer(app.clips),
-            "clipstore.v1.AccountService": AccountServicer(app.accounts)}
+            "clipstore.v1.AccountService": AccountServicer(app.accounts),
+            "clipstore.v1.ReviewService": ReviewServicer(app.review),
+            "clipstore.v1.ReviewerAdminService": ReviewerAdminServicer(app.review),
+            "clipstore.v1.SafetyService": SafetyServicer(app.review)}
 
 
 def _credentials(config: Config) -> grpc.ServerCredentials | None:

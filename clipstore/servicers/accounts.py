@@ -20,9 +20,10 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
 
     def SetReviewPreference(self, request: account_pb2.SetReviewPreferenceRequest,
                             context: grpc.ServicerContext) -> account_pb2.SetReviewPreferenceResponse:
-        account = self._accounts.set_review_preference(self._account_id(request.account_id),
-                                                       request.allow_human_review, current_actor())
-        return account_pb2.SetReviewPreferenceResponse(allow_human_review=account.allow_review)
+        account, dequeued, revoked = self._accounts.set_review_preference(
+            self._account_id(request.account_id), request.allow_human_review, current_actor())
+        return account_pb2.SetReviewPreferenceResponse(allow_human_review=account.allow_review,
+                                                       dequeued_clips=dequeued, revoked_grants=revoked)
 
     def DeleteAccount(self, request: account_pb2.DeleteAccountRequest,
                       context: grpc.ServicerContext) -> account_pb2.DeleteAccountResponse:

@@ -134,6 +134,10 @@ class ClipRepository:
             return conn.scalar(sa.select(schema.clips.c.clip_id).where(schema.clips.c.clip_id == clip_id)) \
                 is not None
 
+    def set_expiry(self, clip_id: str, expires_at: float) -> None:
+        with self._db.transaction() as conn:
+            conn.execute(schema.clips.update().where(schema.clips.c.clip_id == clip_id).values(expires_at=expires_at))
+
     def update_wrapped_dek(self, clip_id: str, key_version: int, wrapped: bytes) -> None:
         with self._db.transaction() as conn:
             conn.execute(schema.clips.update().where(schema.clips.c.clip_id == clip_id)

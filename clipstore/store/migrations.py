@@ -34,6 +34,8 @@ MIGRATIONS: list[Migration] = [
     (2, "audit log", _audit_log),
     (3, "account keys", _create(schema.account_keys, schema.account_key_tombstones)),
     (4, "accounts and clips", _create(schema.accounts, schema.clips, schema.ingest_idempotency)),
+    (5, "review", _create(schema.reviewers, schema.review_sessions, schema.review_queue, schema.assignments,
+                          schema.grants, schema.escalations)),
 ]
 
 

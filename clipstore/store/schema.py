@@ -128,3 +128,78 @@ ingest_idempotency = sa.Table(
     sa.Column("clip_id", sa.String(64), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
 )
+
+# -- review (migration 5) ------------------------------------------------------
+reviewers = sa.Table(
+    "reviewers", metadata,
+    sa.Column("principal_id", sa.String(40), primary_key=True),
+    sa.Column("locales", sa.String(400), nullable=False),  # comma-separated; empty = any
+    sa.Column("wrapped_totp_secret", sa.LargeBinary, nullable=False),  # by the KMS root
+    sa.Column("last_totp_step", sa.BigInteger, nullable=False),  # a step is accepted once
+    sa.Column("failed_attempts", sa.Integer, nullable=False),
+    sa.Column("locked_until", sa.Float, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+review_sessions = sa.Table(
+    "review_sessions", metadata,
+    sa.Column("session_id", sa.String(40), primary_key=True),
+    sa.Column("token_hash", sa.LargeBinary(32), nullable=False, unique=True),
+    sa.Column("reviewer_id", sa.String(40), nullable=False, index=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("last_seen_at", sa.Float, nullable=False),
+    sa.Column("ended", sa.Boolean, nullable=False),
+)
+
+# Sampled clips waiting for review; the reviewer sees only review_clip_id.
+review_queue = sa.Table(
+    "review_queue", metadata,
+    sa.Column("clip_id", sa.String(64), primary_key=True),
+    sa.Column("review_clip_id", sa.String(40), nullable=False, unique=True),
+    sa.Column("account_ref", sa.String(64), nullable=False, index=True),
+    sa.Column("locale", sa.String(35), nullable=False),
+    sa.Column("enqueued_at", sa.Float, nullable=False),
+    sa.Column("assignment_id", sa.String(40), nullable=True),
+    sa.Column("assignment_expires_at", sa.Float, nullable=True),
+)
+
+assignments = sa.Table(
+    "assignments", metadata,
+    sa.Column("assignment_id", sa.String(40), primary_key=True),
+    sa.Column("clip_id", sa.String(64), nullable=False),
+    sa.Column("review_clip_id", sa.String(40), nullable=False),
+    sa.Column("reviewer_id", sa.String(40), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("completed_at", sa.Float, nullable=True),
+    sa.Column("label", sa.String(64), nullable=True),
+    sa.Index("ix_assignments_reviewer_created", "reviewer_id", "created_at"),
+)
+
+grants = sa.Table(
+    "grants", metadata,
+    sa.Column("grant_id", sa.String(40), primary_key=True),
+    sa.Column("reviewer_id", sa.String(40), nullable=False, index=True),
+    sa.Column("session_id", sa.String(40), nullable=False, index=True),
+    sa.Column("assignment_id", sa.String(40), nullable=False),
+    sa.Column("clip_id", sa.String(64), nullable=False, index=True),
+    sa.Column("account_ref", sa.String(64), nullable=False, index=True),
+    sa.Column("issued_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("redeemed_at", sa.Float, nullable=True),
+    sa.Column("voided", sa.Boolean, nullable=False),
+)
+
+escalations = sa.Table(
+    "escalations", metadata,
+    sa.Column("escalation_id", sa.String(40), primary_key=True),
+    sa.Column("review_clip_id", sa.String(40), nullable=False),
+    sa.Column("clip_id", sa.String(64), nullable=False),
+    sa.Column("category", sa.Integer, nullable=False),
+    sa.Column("note", sa.Text, nullable=False),
+    sa.Column("created_by", sa.String(40), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("resolved_at", sa.Float, nullable=True),
+    sa.Column("resolution", sa.Text, nullable=True),
+)

@@ -167,7 +167,9 @@ class RequestGrantResponse(_message.Message):
 
     GRANT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    REVIEW_CLIP_ID_FIELD_NUMBER: _builtins.int
     grant: _builtins.str
+    review_clip_id: _builtins.str
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -175,10 +177,11 @@ class RequestGrantResponse(_message.Message):
         *,
         grant: _builtins.str = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
+        review_clip_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "grant", b"grant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "grant", b"grant", "review_clip_id", b"review_clip_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -190,17 +193,21 @@ class FetchClipRequest(_message.Message):
 
     SESSION_TOKEN_FIELD_NUMBER: _builtins.int
     GRANT_FIELD_NUMBER: _builtins.int
+    REVIEW_CLIP_ID_FIELD_NUMBER: _builtins.int
     session_token: _builtins.str
     grant: _builtins.str
+    review_clip_id: _builtins.str
+    """The clip the grant was issued for; a grant never opens another clip."""
     def __init__(
         self,
         *,
         session_token: _builtins.str = ...,
         grant: _builtins.str = ...,
+        review_clip_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["grant", b"grant", "session_token", b"session_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grant", b"grant", "review_clip_id", b"review_clip_id", "session_token", b"session_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
