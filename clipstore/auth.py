@@ -78,9 +78,10 @@ def authenticate(repo: PrincipalRepository, metadata: Mapping[str, str]) -> Prin
         raise Unauthenticated("malformed authorization header; expected 'Bearer csk_…'",
                               reason="MALFORMED_CREDENTIALS")
     principal = repo.by_key_hash(hash_api_key(key.strip()))
-    if principal is None or principal.disabled:
-        raise Unauthenticated("API key is unknown or revoked; ask an admin for a new key",
-                              reason="INVALID_CREDENTIALS")
+    if principal is None:
+        raise Unauthenticated("API key is unknown; ask an admin for a key", reason="INVALID_CREDENTIALS")
+    if principal.disabled:
+        raise Unauthenticated("this principal was disabled by an admin", reason="PRINCIPAL_DISABLED")
     return principal
 
 

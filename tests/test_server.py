@@ -89,6 +89,7 @@ def test_disabled_principal_is_unauthenticated(server: ClipstoreServer, channel:
     server.app.principals.set_disabled(principal.id, True)
     err = _get_clip(channel, bearer(keys["ingest"]))
     assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error_info(err).reason == "PRINCIPAL_DISABLED"
 
 
 def test_request_id_is_echoed_and_put_in_error_info(channel: grpc.Channel) -> None:
