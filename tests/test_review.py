@@ -159,7 +159,7 @@ def test_review_flow_streams_audio_every_fetch_is_audited_and_the_export_verifie
 
 
 def _strings(message: Message) -> Iterator[str]:
-    for field, value in message.ListFields():
+    for _field, value in message.ListFields():
         repeated = not isinstance(value, (str, bytes, Message)) and hasattr(value, "__iter__")
         values = value if repeated else [value]
         for v in values:
@@ -337,6 +337,7 @@ def test_five_wrong_codes_lock_the_reviewer_for_fifteen_minutes(w: World) -> Non
     for _ in range(5):
         err = _raises(r.stub.StartReviewSession, review_pb2.StartReviewSessionRequest(totp_code="123456"),
                       metadata=r.md, timeout=10)
+        assert error_info(err).reason == "BAD_CODE"
     good = review_pb2.StartReviewSessionRequest(totp_code=code_at(r.secret, w.clock.now()))
     w.denied(_raises(r.stub.StartReviewSession, good, metadata=r.md, timeout=10), grpc.StatusCode.PERMISSION_DENIED,
              "REVIEWER_LOCKED", action="session.deny")
