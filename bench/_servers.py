@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -47,18 +49,37 @@ def moto_server() -> Iterator[str]:
         proc.wait()
 
 
+class Server:
+    """A running `clipstore serve`: its address, process, API keys, and its JSON log lines."""
+
+    def __init__(self, address: str, proc: subprocess.Popen[str], keys: dict[str, str]) -> None:
+        self.address, self.proc, self.keys = address, proc, keys
+        self.log: list[dict[str, object]] = []
+        self._drain = threading.Thread(target=self._read, daemon=True)  # a full pipe would stall the server
+        self._drain.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with contextlib.suppress(ValueError):
+                self.log.append(json.loads(line))
+
+    def rpc_ms(self, method_suffix: str) -> list[float]:
+        return [float(e["duration_ms"]) for e in list(self.log)  # type: ignore[arg-type]
+                if e.get("event") == "rpc" and str(e.get("method", "")).endswith(method_suffix)]
+
+
 @contextmanager
-def clipstore_server(endpoint: str | None = None) -> Iterator[tuple[str, subprocess.Popen[str], dict[str, str]]]:
-    """Yields (address, process, api keys by role); S3 on `endpoint` if given, else the file store."""
+def clipstore_server(endpoint: str | None = None, **settings: str) -> Iterator[Server]:
+    """A server subprocess; S3 on `endpoint` if given, else the file store. `settings` are CLIPSTORE_* vars."""
     with tempfile.TemporaryDirectory() as data:
-        env = {**os.environ, "CLIPSTORE_DATA_DIR": data, "CLIPSTORE_LISTEN": "127.0.0.1:0",
-               "CLIPSTORE_REVIEW_DEFAULT_ALLOW": "true"}
+        env = {**os.environ, "CLIPSTORE_DATA_DIR": data, "CLIPSTORE_LISTEN": "127.0.0.1:0", **settings}
         if endpoint:
             bucket = f"bench-{uuid.uuid4().hex[:8]}"
             boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
             env.update({"CLIPSTORE_S3_BUCKET": bucket, "CLIPSTORE_S3_ENDPOINT_URL": endpoint})
         keys = {}
-        for role in ("ingest", "admin", "auditor"):
+        for role in ("ingest", "admin", "auditor", "safety"):
             out = subprocess.run([sys.executable, "-m", "clipstore", "principals", "create", "--role", role,
                                   "--name", f"bench-{role}"], env=env, capture_output=True, text=True, check=True)
             keys[role] = out.stdout.split("api_key=")[1].split()[0]
@@ -67,7 +88,7 @@ def clipstore_server(endpoint: str | None = None) -> Iterator[tuple[str, subproc
         assert proc.stderr is not None
         started = json.loads(proc.stderr.readline())
         try:
-            yield f"127.0.0.1:{started['port']}", proc, keys
+            yield Server(f"127.0.0.1:{started['port']}", proc, keys)
         finally:
             proc.terminate()
             proc.wait(timeout=30)

@@ -57,7 +57,8 @@ def main() -> None:
     parser.add_argument("--large-count", type=int, default=24)
     args = parser.parse_args()
     cases = [("32 KiB", 32 * 1024, args.small_count), ("5 MiB", 5 * 1024 * 1024, args.large_count)]
-    with moto_server() as endpoint, clipstore_server(endpoint) as (address, proc, keys):
+    with moto_server() as endpoint, clipstore_server(endpoint) as server:
+        address, proc, keys = server.address, server.proc, server.keys
         s3 = boto3.client("s3", endpoint_url=endpoint)
         raw_bucket = f"raw-{uuid.uuid4().hex[:8]}"
         s3.create_bucket(Bucket=raw_bucket)

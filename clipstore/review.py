@@ -8,6 +8,7 @@ id. Every denial is audited with its own reason.
 from __future__ import annotations
 
 import hashlib
+import random
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from kms import KeyProvider
 
 DAY_S = 86400
 CANDIDATES_PER_CLAIM = 20
+CLAIM_ROUNDS = 5
+SESSION_TOUCH_S = 60.0  # idle time is tracked to the minute: most RPCs need not write
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,7 +147,8 @@ class ReviewDesk:
         reviewer = self._repo.reviewer(actor.id)
         if reviewer is not None and reviewer.locked_until > now:
             raise self._deny(actor, action, PermissionDenied("reviewer is locked", reason="REVIEWER_LOCKED"))
-        self._repo.touch_session(session.session_id, now)
+        if now - session.last_seen_at >= SESSION_TOUCH_S:
+            self._repo.touch_session(session.session_id, now)
         return session
 
     def end_session(self, token: str, actor: Actor) -> None:
@@ -163,18 +167,28 @@ class ReviewDesk:
                 f"daily cap of {self.policy.daily_cap} clips reached; it resets at 00:00 UTC"))
         reviewer = self._repo.reviewer(actor.id)
         locales = (locale,) if locale else (reviewer.locales if reviewer else ())
-        for candidate in self._repo.candidates(now=now, locales=locales, limit=CANDIDATES_PER_CLAIM):
-            clip = self._eligible_clip(candidate, now)
-            if clip is None:
-                self._repo.dequeue(clip_id=candidate.clip_id)  # opted out, expired or deleted since queued
-                continue
-            assignment = AssignmentRow(assignment_id="as_" + secrets.token_hex(10), clip_id=clip.clip_id,
-                                       review_clip_id=candidate.review_clip_id, reviewer_id=actor.id,
-                                       created_at=now, expires_at=now + self.policy.assignment_ttl_s,
-                                       completed_at=None)
-            self._audit.append(actor.record("assignment.issue", clip_id=clip.clip_id,
-                                            account_ref=clip.account_ref))
-            if self._repo.claim(candidate.clip_id, assignment, now):
+        for _ in range(CLAIM_ROUNDS):
+            candidates = self._repo.candidates(now=now, locales=locales, limit=CANDIDATES_PER_CLAIM)
+            if not candidates:
+                break
+            random.shuffle(candidates)  # concurrent reviewers then rarely race for the same row
+            for candidate in candidates:
+                clip = self._eligible_clip(candidate, now)
+                if clip is None:
+                    self._repo.dequeue(clip_id=candidate.clip_id)  # opted out, expired or deleted since queued
+                    continue
+                assignment = AssignmentRow(assignment_id="as_" + secrets.token_hex(10), clip_id=clip.clip_id,
+                                           review_clip_id=candidate.review_clip_id, reviewer_id=actor.id,
+                                           created_at=now, expires_at=now + self.policy.assignment_ttl_s,
+                                           completed_at=None)
+                if not self._repo.claim(candidate.clip_id, assignment, now):
+                    continue
+                try:  # on record before the reviewer learns of it
+                    self._audit.append(actor.record("assignment.issue", clip_id=clip.clip_id,
+                                                    account_ref=clip.account_ref))
+                except Exception:
+                    self._repo.release(assignment.assignment_id)
+                    raise
                 return assignment, clip
         raise NotFound("no clips are waiting for review; try again later", reason="QUEUE_EMPTY")
 

@@ -172,6 +172,10 @@ class AuditLog:
     def _write(self, batch: list[_Pending]) -> int:
         # The hot path uses one DBAPI connection owned by the sequencer thread:
         # four statements per batch, however many entries it holds.
+        with self._db.write_lock():
+            return self._write_locked(batch)
+
+    def _write_locked(self, batch: list[_Pending]) -> int:
         if self._raw is None:
             self._raw = self._db.engine.raw_connection()
         raw = self._raw

@@ -23,12 +23,12 @@ class AuditReader:
         self._db = db
 
     def size(self) -> int:
-        with self._db.transaction() as conn:
+        with self._db.read() as conn:
             return int(conn.scalar(sa.select(schema.audit_head.c.size).where(schema.audit_head.c.id == 1)))
 
     def entries(self, start: int, limit: int) -> list[bytes]:
         t = schema.audit_entries
-        with self._db.transaction() as conn:
+        with self._db.read() as conn:
             return [bytes(e) for e in conn.scalars(
                 sa.select(t.c.entry).where(t.c.seq >= start).order_by(t.c.seq).limit(limit))]
 
@@ -46,7 +46,7 @@ class AuditReader:
         wanted = {schema.node_key(level, idx): (level, idx) for level, idx in keys}
         if not wanted:
             return {}
-        with self._db.transaction() as conn:
+        with self._db.read() as conn:
             found = {wanted[k]: bytes(h) for k, h in conn.execute(_NODES_BY_KEY, {"keys": list(wanted)})}
         if len(found) != len(wanted):
             raise LookupError(f"audit tree is missing {len(wanted) - len(found)} stored subtree hashes")
@@ -79,6 +79,6 @@ class AuditReader:
 
     def latest_checkpoint(self) -> tuple[int, str] | None:
         t = schema.audit_checkpoints
-        with self._db.transaction() as conn:
+        with self._db.read() as conn:
             row = conn.execute(sa.select(t.c.size, t.c.note).order_by(t.c.size.desc()).limit(1)).one_or_none()
         return None if row is None else (int(row.size), row.note)

@@ -48,7 +48,7 @@ class AccountRepository:
 
     def _one(self, where: sa.ColumnElement[bool]) -> AccountRow | None:
         t = schema.accounts
-        with self._db.transaction() as conn:
+        with self._db.read() as conn:
             row = conn.execute(sa.select(t.c.account_ref, t.c.allow_review, t.c.retention_days)
                                .where(where)).one_or_none()
         return None if row is None else AccountRow(account_ref=row.account_ref, allow_review=row.allow_review,
@@ -102,7 +102,7 @@ class ClipRepository:
 
     def by_idempotency(self, principal_id: str, key_hash: bytes) -> str | None:
         t = schema.ingest_idempotency
-        with self._db.transaction() as conn:
+        with self._db.read() as conn:
             return conn.scalar(sa.select(t.c.clip_id).where(t.c.principal_id == principal_id,
                                                             t.c.key_hash == key_hash))
 
@@ -113,14 +113,14 @@ class ClipRepository:
 
     def list_by_account(self, account_ref: str, *, after: str, limit: int) -> list[ClipRow]:
         t = schema.clips
-        with self._db.transaction() as conn:
+        with self._db.read() as conn:
             rows = conn.execute(sa.select(t).where(t.c.account_ref == account_ref, t.c.clip_id > after)
                                 .order_by(t.c.clip_id).limit(limit))
             return [_clip(r) for r in rows]
 
     def expired(self, now: float, limit: int) -> list[ClipRow]:
         t = schema.clips
-        with self._db.transaction() as conn:
+        with self._db.read() as conn:
             return [_clip(r) for r in conn.execute(sa.select(t).where(t.c.expires_at <= now)
                                                    .order_by(t.c.expires_at).limit(limit))]
 
@@ -130,7 +130,7 @@ class ClipRepository:
             return conn.execute(schema.clips.delete().where(schema.clips.c.clip_id == clip_id)).rowcount == 1
 
     def exists(self, clip_id: str) -> bool:
-        with self._db.transaction() as conn:
+        with self._db.read() as conn:
             return conn.scalar(sa.select(schema.clips.c.clip_id).where(schema.clips.c.clip_id == clip_id)) \
                 is not None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
+        self._write_lock = threading.Lock() if self.is_sqlite else None
         if self.is_sqlite:
             path = url.removeprefix("sqlite:///")
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -43,9 +45,25 @@ class Database:
 
     @contextmanager
     def transaction(self) -> Iterator[sa.Connection]:
-        """A connection inside one transaction: commit on success, roll back on error."""
-        with self.engine.begin() as conn:
+        """A connection inside one read-write transaction: commit on success, roll back on error."""
+        with self.write_lock(), self.engine.begin() as conn:
             yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[sa.Connection]:
+        """A connection for reads only (WAL readers never wait for writers)."""
+        with self.engine.connect() as conn:
+            yield conn
+
+    @contextmanager
+    def write_lock(self) -> Iterator[None]:
+        """SQLite has one writer: queue this process's writers on a lock rather than in SQLite's
+        sleeping busy handler. PostgreSQL needs no such lock."""
+        if self._write_lock is None:
+            yield
+            return
+        with self._write_lock:
+            yield
 
     def close(self) -> None:
         self.engine.dispose()

@@ -23,7 +23,7 @@ class SqlKekStore:
 
     def keks(self, account_ref: str) -> list[KekRecord]:
         t = schema.account_keys
-        with self._db.transaction() as conn:
+        with self._db.read() as conn:
             rows = conn.execute(sa.select(t.c.version, t.c.wrapped_kek, t.c.retired)
                                 .where(t.c.account_ref == account_ref).order_by(t.c.version))
             return [KekRecord(version=r.version, wrapped=bytes(r.wrapped_kek), retired=r.retired) for r in rows]
@@ -47,5 +47,5 @@ class SqlKekStore:
 
     def is_destroyed(self, account_ref: str) -> bool:
         t = schema.account_key_tombstones
-        with self._db.transaction() as conn:
+        with self._db.read() as conn:
             return conn.execute(sa.select(t.c.account_ref).where(t.c.account_ref == account_ref)).first() is not None

@@ -36,7 +36,7 @@ class PrincipalRepository:
 
     def _one(self, where: sa.ColumnElement[bool]) -> Principal | None:
         t = schema.principals
-        with self._db.transaction() as conn:
+        with self._db.read() as conn:
             row = conn.execute(sa.select(t.c.id, t.c.name, t.c.role, t.c.disabled)
                                .where(where)).one_or_none()
         return None if row is None else Principal(id=row.id, name=row.name, role=row.role,

@@ -91,7 +91,7 @@ class ReviewRepository:
             return conn.execute(statement)
 
     def _first(self, cls: type, statement: sa.Select[Any]) -> Any:
-        with self._db.transaction() as conn:
+        with self._db.read() as conn:
             row = conn.execute(statement).first()
         return None if row is None else _row(cls, row)
 
@@ -103,7 +103,7 @@ class ReviewRepository:
 
     def reviewer(self, principal_id: str) -> ReviewerRow | None:
         t = schema.reviewers
-        with self._db.transaction() as conn:
+        with self._db.read() as conn:
             row = conn.execute(sa.select(t).where(t.c.principal_id == principal_id)).first()
         if row is None:
             return None
@@ -164,7 +164,7 @@ class ReviewRepository:
         q = sa.select(t).where(sa.or_(t.c.assignment_id.is_(None), t.c.assignment_expires_at < now))
         if locales:
             q = q.where(t.c.locale.in_(locales))
-        with self._db.transaction() as conn:
+        with self._db.read() as conn:
             return [_row(QueueRow, r) for r in conn.execute(q.order_by(t.c.enqueued_at).limit(limit))]
 
     def claim(self, clip_id: str, assignment: AssignmentRow, now: float) -> bool:
@@ -178,9 +178,17 @@ class ReviewRepository:
                 conn.execute(schema.assignments.insert().values(**assignment.__dict__, label=None))
         return won
 
+    def release(self, assignment_id: str) -> None:
+        """Undo a claim whose audit entry could not be written."""
+        q = schema.review_queue
+        with self._db.transaction() as conn:
+            conn.execute(q.update().where(q.c.assignment_id == assignment_id)
+                         .values(assignment_id=None, assignment_expires_at=None))
+            conn.execute(schema.assignments.delete().where(schema.assignments.c.assignment_id == assignment_id))
+
     def assignments_since(self, reviewer_id: str, since: float) -> int:
         t = schema.assignments
-        with self._db.transaction() as conn:
+        with self._db.read() as conn:
             return int(conn.scalar(sa.select(sa.func.count()).select_from(t).where(
                 t.c.reviewer_id == reviewer_id, t.c.created_at >= since)) or 0)
 
@@ -241,7 +249,7 @@ class ReviewRepository:
         q = sa.select(t).where(t.c.escalation_id > after)
         if not include_resolved:
             q = q.where(t.c.resolved_at.is_(None))
-        with self._db.transaction() as conn:
+        with self._db.read() as conn:
             return [_row(EscalationRow, r) for r in conn.execute(q.order_by(t.c.escalation_id).limit(limit))]
 
     def resolve(self, escalation_id: str, resolution: str, now: float) -> EscalationRow | None:
