@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,9 +40,56 @@ def make_config(data_dir: Path, **overrides: object) -> Config:
     return load_config(env={}, overrides={"data_dir": str(data_dir), "listen": "127.0.0.1:0", **overrides})
 
 
+# -- PostgreSQL: the local server when it answers; under CI=true it must --------------
+PG_ADMIN = os.environ.get("CLIPSTORE_TEST_PG", "host=127.0.0.1 port=5432 dbname=test user=postgres")
+
+
+def _pg_available() -> str | None:
+    try:
+        import psycopg
+        with psycopg.connect(PG_ADMIN, connect_timeout=3):
+            return None
+    except Exception as exc:  # why it is unavailable, for the skip message
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+@pytest.fixture(scope="session")
+def pg_problem() -> str | None:
+    problem = _pg_available()
+    if problem and os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true but PostgreSQL is not reachable ({problem}); .ci/run should have started it")
+    return problem
+
+
 @pytest.fixture
-def config(tmp_path: Path) -> Config:
-    return make_config(tmp_path / "data")
+def pg_url(pg_problem: str | None) -> Iterator[str]:
+    """A fresh schema on the PostgreSQL server, dropped afterwards."""
+    if pg_problem:
+        pytest.skip(f"no PostgreSQL at {PG_ADMIN!r} ({pg_problem}); set CLIPSTORE_TEST_PG to a libpq "
+                    "connection string of a server where this user may create schemas")
+    import psycopg
+    conninfo = psycopg.conninfo.conninfo_to_dict(PG_ADMIN)
+    schema = "cs_" + secrets.token_hex(6)
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    user = conninfo.get("user", "postgres")
+    host, port, db = conninfo.get("host", "127.0.0.1"), conninfo.get("port", "5432"), conninfo.get("dbname", "test")
+    try:
+        yield f"postgresql://{user}@{host}:{port}/{db}?options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    """Run the test on the embedded SQLite file and on PostgreSQL."""
+    return None if request.param == "sqlite" else request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def config(tmp_path: Path, database_url: str | None) -> Config:
+    return make_config(tmp_path / "data", database_url=database_url)
 
 
 @pytest.fixture

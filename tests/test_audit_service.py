@@ -84,8 +84,8 @@ def test_stored_subtree_proofs_equal_proofs_from_all_leaves(app: App) -> None:
             assert app.audit.reader.consistency_proof(old, size) == consistency_proof(leaves[:size], old)
 
 
-def test_checkpoints_are_signed_every_n_entries(tmp_path: Path) -> None:
-    app = App(make_config(tmp_path / "d", **{"audit.checkpoint_every_entries": 10}))
+def test_checkpoints_are_signed_every_n_entries(tmp_path: Path, database_url: str | None) -> None:
+    app = App(make_config(tmp_path / "d", database_url=database_url, **{"audit.checkpoint_every_entries": 10}))
     try:
         for i in range(25):
             app.audit.append(_record(i))
@@ -98,8 +98,8 @@ def test_checkpoints_are_signed_every_n_entries(tmp_path: Path) -> None:
         app.close()
 
 
-def test_checkpoints_are_signed_after_t_seconds(tmp_path: Path) -> None:
-    app = App(make_config(tmp_path / "d", **{"audit.checkpoint_every_s": 0.2}))
+def test_checkpoints_are_signed_after_t_seconds(tmp_path: Path, database_url: str | None) -> None:
+    app = App(make_config(tmp_path / "d", database_url=database_url, **{"audit.checkpoint_every_s": 0.2}))
     try:
         app.audit.append(_record(0))
         deadline = time.monotonic() + 10
@@ -211,7 +211,7 @@ import sys
 from clipstore.app import App
 from clipstore.audit import AuditRecord
 from tests.conftest import make_config
-app = App(make_config(sys.argv[1]))
+app = App(make_config(sys.argv[1], database_url=sys.argv[2] if len(sys.argv) > 2 else None))
 i = 0
 while True:
     seq = app.audit.append(AuditRecord(actor_id="p", actor_role="ingest", action="clip.ingest", request_id=str(i)))
@@ -220,10 +220,10 @@ while True:
 """
 
 
-def test_sigkill_between_appends_loses_no_acknowledged_entry(tmp_path: Path) -> None:
+def test_sigkill_between_appends_loses_no_acknowledged_entry(tmp_path: Path, database_url: str | None) -> None:
     data = tmp_path / "d"
-    proc = subprocess.Popen([sys.executable, "-c", _APPENDER, str(data)], stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).parent.parent)
+    proc = subprocess.Popen([sys.executable, "-c", _APPENDER, str(data), *([database_url] if database_url else [])],
+                            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
     acked: list[int] = []
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -232,7 +232,7 @@ def test_sigkill_between_appends_loses_no_acknowledged_entry(tmp_path: Path) -> 
             break
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    app = App(make_config(data))
+    app = App(make_config(data, database_url=database_url))
     try:
         size = app.audit.reader.size()
         assert size >= max(acked) + 1

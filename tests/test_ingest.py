@@ -38,8 +38,9 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def s3_config(tmp_path: Path, moto_endpoint: str, bucket: str) -> Config:
-    return make_config(tmp_path / "data", **{"s3.bucket": bucket, "s3.endpoint_url": moto_endpoint})
+def s3_config(tmp_path: Path, moto_endpoint: str, bucket: str, database_url: str | None) -> Config:
+    return make_config(tmp_path / "data", database_url=database_url,
+                       **{"s3.bucket": bucket, "s3.endpoint_url": moto_endpoint})
 
 
 @pytest.fixture
@@ -114,15 +115,31 @@ def test_identity_never_reaches_the_database_file_in_clear(stubs: tuple, s3_serv
                                                                         allow_human_review=True),
                                  metadata=md, timeout=10)
     s3_server.app.audit.checkpoint()
-    db_files = list(s3_server.app.config.data_dir.glob("clipstore.db*"))
-    assert db_files
-    for path in db_files:
-        data = path.read_bytes()
+    for name, data in _database_bytes(s3_server):
         for secret in (ACCOUNT_ID, SERIAL):
-            assert secret.encode() not in data, f"{secret} in {path.name}"
+            assert secret.encode() not in data, f"{secret} in {name}"
     logs = log_stream.getvalue()
     for secret in (ACCOUNT_ID, SERIAL, AUDIO[:32].hex()):
         assert secret not in logs
+
+
+def _database_bytes(server: ClipstoreServer) -> list[tuple[str, bytes]]:
+    """Every byte the metadata store holds: the SQLite files, or every PostgreSQL row as text."""
+    app = server.app
+    if app.db.is_sqlite:
+        files = list(app.config.data_dir.glob("clipstore.db*"))
+        assert files
+        return [(path.name, path.read_bytes()) for path in files]
+    import sqlalchemy as sa
+
+    from clipstore.store.schema import metadata as tables
+    out = []
+    with app.db.read() as conn:
+        for table in tables.sorted_tables:
+            rows = conn.execute(sa.select(table)).all()
+            out.append((table.name, repr(rows).encode() + b"".join(
+                v for r in rows for v in r if isinstance(v, bytes))))
+    return out
 
 
 def test_review_is_opt_in_by_default_and_can_be_toggled(stubs: tuple, s3_server: ClipstoreServer) -> None:

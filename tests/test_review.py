@@ -46,8 +46,9 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def review_config(tmp_path: Path) -> Config:
-    return make_config(tmp_path / "data", **{"review.sample_rate": 1.0, "review.daily_cap": 3})
+def review_config(tmp_path: Path, database_url: str | None) -> Config:
+    return make_config(tmp_path / "data", database_url=database_url,
+                       **{"review.sample_rate": 1.0, "review.daily_cap": 3})
 
 
 @pytest.fixture

@@ -39,6 +39,10 @@ class Database:
                                            pool_size=8, max_overflow=8)
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
+            try:
+                import psycopg  # noqa: F401
+            except ImportError:
+                raise RuntimeError("PostgreSQL needs psycopg: pip install 'clipstore[postgres]'") from None
             self.engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1),
                                            pool_size=8, max_overflow=8, pool_pre_ping=True)
         self.schema_version = migrate(self.engine)
