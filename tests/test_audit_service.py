@@ -243,3 +243,41 @@ def test_sigkill_between_appends_loses_no_acknowledged_entry(tmp_path: Path, dat
         check_chain(app.audit.reader.entries(0, size + 1))
     finally:
         app.close()
+
+
+_BOUNDED_APPENDER = """
+import sys, time
+from clipstore.app import App
+from clipstore.audit import AuditRecord
+from tests.conftest import make_config
+app = App(make_config(sys.argv[1], database_url=sys.argv[2]))
+time.sleep(max(0.0, float(sys.argv[5]) - time.time()))  # both replicas start appending together
+for i in range(0, int(sys.argv[4]), 4):
+    batch = [app.audit.append_async(AuditRecord(actor_id=sys.argv[3], actor_role="ingest", action="clip.ingest",
+                                                request_id=str(i + j))) for j in range(4)]
+    for f in batch:
+        f.result()
+app.close()
+"""
+
+
+def test_two_processes_on_one_postgresql_keep_a_single_chain(tmp_path: Path, pg_url: str) -> None:
+    data = tmp_path / "shared"  # replicas share the root key (in production: AWS KMS) and the database
+    App(make_config(data, database_url=pg_url)).close()
+    per_process = 400
+    start = str(time.time() + 4)
+    procs = [subprocess.Popen([sys.executable, "-c", _BOUNDED_APPENDER, str(data), pg_url, f"replica-{n}",
+                               str(per_process), start], cwd=Path(__file__).parent.parent) for n in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    app = App(make_config(data, database_url=pg_url))
+    try:
+        size = app.audit.reader.size()
+        entries = app.audit.reader.entries(0, size)
+        leaves = check_chain(entries)
+        actors = [json.loads(e)["actor"]["id"] for e in entries]
+        assert actors.count("replica-0") == actors.count("replica-1") == per_process
+        assert app.audit.reader.root(size) == root_hash(leaves)
+        interleaved = sum(1 for a, b in zip(actors, actors[1:], strict=False) if a != b)
+        assert interleaved > 1, "the two writers never overlapped; the test proved nothing"
+    finally:
+        app.close()
