@@ -28,7 +28,24 @@ def _config(args: argparse.Namespace, **extra: object) -> Config:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from clipstore.server import serve
-    return serve(_config(args, listen=args.listen))
+    return serve(_config(args, listen=args.listen, **{"tls.cert_file": args.tls_cert, "tls.key_file": args.tls_key,
+                                                      "tls.client_ca_file": args.client_ca}))
+
+
+def _cmd_dev_certs(args: argparse.Namespace) -> int:
+    from clipstore.tls import write_dev_certs
+    clients = []
+    for item in args.client or [f"{role}-dev:{role}" for role in ROLES]:
+        name, _, role = item.partition(":")
+        if role not in ROLES or not name:
+            print(f"--client takes NAME:ROLE with ROLE one of {', '.join(ROLES)}; got {item!r}", file=sys.stderr)
+            return EXIT_CONFIG
+        clients.append((name, role))
+    for path in write_dev_certs(args.out, clients):
+        print(path)
+    print(f"serve with: clipstore serve --tls-cert {args.out}/server.pem --tls-key {args.out}/server.key "
+          f"--client-ca {args.out}/ca.pem", file=sys.stderr)
+    return 0
 
 
 def _cmd_principals_create(args: argparse.Namespace) -> int:
@@ -96,7 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gRPC server (embedded defaults with no config)")
     _add_config_flags(serve)
     serve.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:50051, or $CLIPSTORE_LISTEN)")
+    serve.add_argument("--tls-cert", help="server certificate (PEM); enables TLS")
+    serve.add_argument("--tls-key", help="server private key (PEM)")
+    serve.add_argument("--client-ca", help="CA (PEM) that client certificates must chain to: requires mTLS")
     serve.set_defaults(func=_cmd_serve)
+
+    certs = sub.add_parser("dev-certs", help="create a development CA, server and client certificates")
+    certs.add_argument("--out", type=Path, required=True)
+    certs.add_argument("--client", action="append", help="NAME:ROLE (repeatable; default one per role)")
+    certs.set_defaults(func=_cmd_dev_certs)
 
     principals = sub.add_parser("principals", help="manage API-key principals")
     psub = principals.add_subparsers(dest="principals_command", required=True)

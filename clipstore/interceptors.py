@@ -60,7 +60,7 @@ def current_actor() -> Actor:
     return Actor(id=ctx.principal.id, role=ctx.principal.role, request_id=ctx.request_id)
 
 
-Authenticator = Callable[[Mapping[str, str]], Principal]
+Authenticator = Callable[[Mapping[str, str], grpc.ServicerContext], Principal]
 DenialHook = Callable[[RequestContext, ClipstoreError], None]
 
 
@@ -114,9 +114,10 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
         structlog.contextvars.bind_contextvars(request_id=request_id)
         return RequestContext(request_id=request_id, method=method, principal=None)
 
-    def _authenticated(self, ctx: RequestContext, metadata: Mapping[str, str]) -> RequestContext:
+    def _authenticated(self, ctx: RequestContext, metadata: Mapping[str, str],
+                       context: grpc.ServicerContext) -> RequestContext:
         try:
-            ctx = replace(ctx, principal=self._authenticate(metadata))
+            ctx = replace(ctx, principal=self._authenticate(metadata, context))
             authorize(ctx.principal, ctx.method)  # type: ignore[arg-type]
         except ClipstoreError as exc:
             if self._on_denied is not None:
@@ -142,7 +143,7 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
         status = "OK"
         try:
             if not public:
-                ctx = self._authenticated(ctx, metadata)
+                ctx = self._authenticated(ctx, metadata, context)
             token = _current.set(ctx)
             try:
                 yield

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from contextlib import contextmanager
 from typing import Any
@@ -17,12 +17,15 @@ from clipstore.app import App
 from clipstore.auth import authenticate
 from clipstore.clock import Clock
 from clipstore.config import Config, ConfigError, is_loopback
+from clipstore.errors import Unauthenticated
 from clipstore.interceptors import ClipstoreInterceptor, audit_denial
 from clipstore.logs import get_logger
 from clipstore.servicers.accounts import AccountServicer
 from clipstore.servicers.audit import AuditServicer
 from clipstore.servicers.clips import ClipServicer
 from clipstore.servicers.review import ReviewerAdminServicer, ReviewServicer, SafetyServicer
+from clipstore.store.principals import Principal
+from clipstore.tls import principal_from_cert
 from clipstore.v1 import (
     account_pb2_grpc,
     audit_pb2_grpc,
@@ -69,10 +72,24 @@ def _credentials(config: Config) -> grpc.ServerCredentials | None:
             raise ConfigError("listen", f"{config.listen} is not a loopback address and TLS is not "
                                         "configured; set tls.cert_file and tls.key_file or bind 127.0.0.1")
         return None
-    root_ca = config.tls.client_ca_file.read_bytes() if config.tls.client_ca_file else None
-    return grpc.ssl_server_credentials(
-        [(config.tls.key_file.read_bytes(), config.tls.cert_file.read_bytes())],
-        root_certificates=root_ca, require_client_auth=root_ca is not None)
+    try:
+        root_ca = config.tls.client_ca_file.read_bytes() if config.tls.client_ca_file else None
+        pair = (config.tls.key_file.read_bytes(), config.tls.cert_file.read_bytes())
+    except OSError as exc:
+        raise ConfigError("tls", f"cannot read {exc.filename}: {exc.strerror}") from None
+    return grpc.ssl_server_credentials([pair], root_certificates=root_ca, require_client_auth=root_ca is not None)
+
+
+def _principal(app: App, metadata: Mapping[str, str], context: grpc.ServicerContext) -> Principal:
+    """A verified client certificate names the principal (mTLS); else the bearer API key does."""
+    pem = context.auth_context().get("x509_pem_cert")
+    if pem:
+        principal = principal_from_cert(pem[0])
+        if principal is None:
+            raise Unauthenticated("the client certificate names no principal; it needs a SAN URI "
+                                  "spiffe://clipstore/<role>/<name>", reason="CERT_WITHOUT_PRINCIPAL")
+        return principal
+    return authenticate(app.principals, metadata)
 
 
 class ClipstoreServer:
@@ -85,7 +102,7 @@ class ClipstoreServer:
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="rpc"),
-            interceptors=[ClipstoreInterceptor(lambda md: authenticate(app.principals, md),
+            interceptors=[ClipstoreInterceptor(lambda md, context: _principal(app, md, context),
                                                on_denied=lambda ctx, exc: audit_denial(app.audit, ctx, exc))],
             options=[("grpc.max_receive_message_length", config.max_message_bytes),
                      ("grpc.max_send_message_length", config.max_message_bytes),
