@@ -61,17 +61,31 @@ def _cmd_principals_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _s3_client(endpoint_url: str | None) -> object:
+    import boto3
+    return boto3.client("s3", endpoint_url=endpoint_url)
+
+
 def _cmd_audit_export(args: argparse.Namespace) -> int:
     from clipstore.app import App
-    from clipstore.audit.export import export_log
+    from clipstore.audit.export import export_log, export_to_s3
+    if (args.out is None) == (args.s3_bucket is None):
+        print("give exactly one of --out DIR or --s3-bucket BUCKET", file=sys.stderr)
+        return EXIT_CONFIG
     app = App(_config(args))
     try:
-        size = export_log(app.audit, args.out, actor_id="cli", actor_role="operator")
+        if args.out is not None:
+            size, where = export_log(app.audit, args.out, actor_id="cli", actor_role="operator"), str(args.out)
+        else:
+            base, size, _ = export_to_s3(app.audit, _s3_client(args.s3_endpoint_url), args.s3_bucket,
+                                      prefix=args.s3_prefix, retention_days=args.retention_days,
+                                      actor_id="cli", actor_role="operator")
+            where = f"s3://{args.s3_bucket}/{base}"
         vkey = app.audit.signer.verifier.key_string()
     finally:
         app.close()
-    print(f"exported {size} entries to {args.out}")
-    print(f"verify with: auditlog verify {args.out} --key '{vkey}'")
+    print(f"exported {size} entries to {where}")
+    print(f"verify with: auditlog verify DIR --key '{vkey}'")
     return 0
 
 
@@ -81,13 +95,21 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
     import grpc
 
     from auditlog.__main__ import verify_dir
-    from clipstore.audit.export import fetch_export
-    with tempfile.TemporaryDirectory() as tmp, grpc.insecure_channel(args.server) as channel:
-        try:
-            fetch_export(channel, args.api_key, Path(tmp))
-        except grpc.RpcError as exc:
-            print(f"ERROR server {args.server}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 2
+    from clipstore.audit.export import download_export, fetch_export
+    if not args.s3_export and not args.api_key:
+        print("--api-key (an auditor key) is required to verify a running server", file=sys.stderr)
+        return EXIT_CONFIG
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.s3_export:
+            bucket, _, base = args.s3_export.removeprefix("s3://").partition("/")
+            download_export(_s3_client(args.s3_endpoint_url), bucket, base.rstrip("/") + "/", Path(tmp))
+        else:
+            with grpc.insecure_channel(args.server) as channel:
+                try:
+                    fetch_export(channel, args.api_key, Path(tmp))
+                except grpc.RpcError as exc:
+                    print(f"ERROR server {args.server}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                    return 2
         code, line = verify_dir(Path(tmp), args.key, args.trusted_checkpoint)
     print(line, file=sys.stderr if code == 2 else sys.stdout)
     return code
@@ -139,11 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     asub = audit.add_subparsers(dest="audit_command", required=True)
     export = asub.add_parser("export", help="write entries, a fresh checkpoint and the verifier key to a dir")
     _add_config_flags(export)
-    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--out", type=Path, help="directory to write")
+    export.add_argument("--s3-bucket", help="Object Lock bucket for a WORM export (compliance mode)")
+    export.add_argument("--s3-prefix", default="audit/")
+    export.add_argument("--s3-endpoint-url", help="S3-compatible endpoint")
+    export.add_argument("--retention-days", type=int, default=2555, help="Object Lock retention (default 7 years)")
     export.set_defaults(func=_cmd_audit_export)
-    verify = asub.add_parser("verify", help="fetch a running server's log and verify it")
+    verify = asub.add_parser("verify", help="fetch a running server's log (or an S3 export) and verify it")
     verify.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of a loopback server")
-    verify.add_argument("--api-key", required=True, help="an auditor API key")
+    verify.add_argument("--api-key", help="an auditor API key (for --server)")
+    verify.add_argument("--s3-export", help="s3://BUCKET/PREFIX/SIZE/ written by audit export --s3-bucket")
+    verify.add_argument("--s3-endpoint-url", help="S3-compatible endpoint")
     verify.add_argument("--key", required=True, help="verifier key string (obtained independently)")
     verify.add_argument("--trusted-checkpoint", type=Path, help="checkpoint saved earlier")
     verify.set_defaults(func=_cmd_audit_verify)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -38,6 +41,33 @@ def export_log(audit: AuditLog, out: Path, *, actor_id: str, actor_role: str) ->
     size, note = audit.checkpoint()
     write_export(out, audit.reader.iter_entries(size), note, audit.signer.verifier.key_string())
     return size
+
+
+def export_to_s3(audit: AuditLog, client: Any, bucket: str, *, prefix: str = "audit/", retention_days: int,
+                 actor_id: str, actor_role: str) -> tuple[str, int, dict[str, str]]:
+    """Write a sealed range [0, checkpoint size) with its checkpoint to an Object Lock bucket
+    (compliance mode: nobody, root included, can delete or shorten it before `retention_days`)."""
+    audit.append(AuditRecord(actor_id=actor_id, actor_role=actor_role, action="audit.export",
+                             reason=f"s3:{bucket}"))
+    size, note = audit.checkpoint()
+    lock = {"ObjectLockMode": "COMPLIANCE",
+            "ObjectLockRetainUntilDate": dt.datetime.now(dt.UTC) + dt.timedelta(days=retention_days)}
+    base, versions = f"{prefix}{size:016d}/", {}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_export(Path(tmp), audit.reader.iter_entries(size), note, audit.signer.verifier.key_string())
+        for name in (ENTRIES_FILE, CHECKPOINT_FILE, VERIFIER_KEY_FILE):
+            client.upload_file(str(Path(tmp) / name), bucket, base + name, ExtraArgs=lock)
+            versions[name] = client.head_object(Bucket=bucket, Key=base + name).get("VersionId", "")
+    return base, size, versions
+
+
+def download_export(client: Any, bucket: str, base: str, out: Path, versions: dict[str, str] | None = None) -> None:
+    """Fetch an export written by `export_to_s3` into a directory `auditlog verify` reads
+    (the locked versions, when their ids are known)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (ENTRIES_FILE, CHECKPOINT_FILE, VERIFIER_KEY_FILE):
+        extra = {"VersionId": versions[name]} if versions and versions.get(name) else None
+        client.download_file(bucket, base + name, str(out / name), ExtraArgs=extra)
 
 
 def fetch_export(channel: grpc.Channel, api_key: str, out: Path) -> int:
