@@ -81,6 +81,7 @@ class Config:
     review_session_idle_s: float = 30 * 60
     review_max_failed_codes: int = 5
     review_lockout_s: float = 15 * 60
+    metrics_listen: str | None = None
 
     @property
     def effective_database_url(self) -> str:
@@ -125,6 +126,7 @@ _SCHEMA: dict[str, tuple[str, type]] = {
     "review.session_idle_s": ("CLIPSTORE_REVIEW_SESSION_IDLE_S", float),
     "review.max_failed_codes": ("CLIPSTORE_REVIEW_MAX_FAILED_CODES", int),
     "review.lockout_s": ("CLIPSTORE_REVIEW_LOCKOUT_S", float),
+    "metrics.listen": ("CLIPSTORE_METRICS_LISTEN", str),
 }
 
 
@@ -249,7 +251,19 @@ def _build(values: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         review_session_idle_s=values.get("review.session_idle_s", 30 * 60),
         review_max_failed_codes=values.get("review.max_failed_codes", 5),
         review_lockout_s=values.get("review.lockout_s", 15 * 60),
+        metrics_listen=_metrics_listen(values.get("metrics.listen")),
     )
+
+
+def _metrics_listen(listen: str | None) -> str | None:
+    if listen is not None:
+        host, sep, port = listen.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ConfigError("metrics.listen", f"must be HOST:PORT, got {listen!r}")
+        if not is_loopback(listen):
+            raise ConfigError("metrics.listen", "metrics are served without TLS; bind a loopback address and "
+                                                "let the scraper reach it through your mesh or a sidecar")
+    return listen
 
 
 def _sample_rate(rate: float) -> float:

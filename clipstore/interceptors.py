@@ -85,9 +85,11 @@ class _Unimplemented(ClipstoreError):
 class ClipstoreInterceptor(grpc.ServerInterceptor):
     """Runs the chain around every handler; see the module docstring."""
 
-    def __init__(self, authenticate: Authenticator, on_denied: DenialHook | None = None) -> None:
+    def __init__(self, authenticate: Authenticator, on_denied: DenialHook | None = None,
+                 on_finished: Callable[[str, str, float], None] | None = None) -> None:
         self._authenticate = authenticate
         self._on_denied = on_denied
+        self._on_finished = on_finished
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = continuation(details)
@@ -156,10 +158,13 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
             status = _status_name(exc)
             self._fail(exc, ctx, context)
         finally:
+            elapsed = time.perf_counter() - started
             log.info("rpc", method=ctx.method, status=status,
                      principal=ctx.principal.id if ctx.principal else None,
                      role=ctx.principal.role if ctx.principal else None,
-                     duration_ms=round((time.perf_counter() - started) * 1000, 3))
+                     duration_ms=round(elapsed * 1000, 3))
+            if self._on_finished is not None:
+                self._on_finished(method, status, elapsed)
             structlog.contextvars.unbind_contextvars("request_id")
 
     def _wrap_unary(self, behavior: Callable[..., Any], method: str, metadata: Mapping[str, str],

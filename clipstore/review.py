@@ -192,6 +192,9 @@ class ReviewDesk:
                 return assignment, clip
         raise NotFound("no clips are waiting for review; try again later", reason="QUEUE_EMPTY")
 
+    def queue_depth(self) -> int:
+        return self._repo.queue_depth()
+
     def _eligible_clip(self, queued: QueueRow, now: float) -> ClipRow | None:
         account = self._accounts.get(queued.account_ref)
         if account is None or not account.allow_review:

@@ -20,6 +20,7 @@ from clipstore.config import Config, ConfigError, is_loopback
 from clipstore.errors import Unauthenticated
 from clipstore.interceptors import ClipstoreInterceptor, audit_denial
 from clipstore.logs import get_logger
+from clipstore.metrics import Metrics
 from clipstore.servicers.accounts import AccountServicer
 from clipstore.servicers.audit import AuditServicer
 from clipstore.servicers.clips import ClipServicer
@@ -92,6 +93,19 @@ def _principal(app: App, metadata: Mapping[str, str], context: grpc.ServicerCont
     return authenticate(app.principals, metadata)
 
 
+def _metrics(app: App) -> Metrics:
+    metrics = Metrics()
+    app.audit.on_record = metrics.observe_record
+    app.audit.on_batch = metrics.observe_batch
+    metrics.gauge("clipstore_kms_root_calls", "calls to the KMS root for account keys",
+                  lambda: app.keyring.root_calls)
+    metrics.gauge("clipstore_key_cache_hit_ratio", "account-key cache hits / lookups",
+                  lambda: app.keyring.cache_hit_ratio)
+    metrics.gauge("clipstore_review_queue_depth", "clips waiting for review", app.review.queue_depth)
+    metrics.gauge("clipstore_audit_log_entries", "entries in the audit log", app.audit.reader.size)
+    return metrics
+
+
 class ClipstoreServer:
     """A bound, not yet started server; `port` is the port actually bound."""
 
@@ -99,11 +113,14 @@ class ClipstoreServer:
         self.app = app
         config = app.config
         credentials = _credentials(config)
+        self.metrics = _metrics(app)
+        self.metrics_port: int | None = None
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="rpc"),
             interceptors=[ClipstoreInterceptor(lambda md, context: _principal(app, md, context),
-                                               on_denied=lambda ctx, exc: audit_denial(app.audit, ctx, exc))],
+                                               on_denied=lambda ctx, exc: audit_denial(app.audit, ctx, exc),
+                                               on_finished=self.metrics.observe_rpc)],
             options=[("grpc.max_receive_message_length", config.max_message_bytes),
                      ("grpc.max_send_message_length", config.max_message_bytes),
                      ("grpc.so_reuseport", 0)],
@@ -135,6 +152,8 @@ class ClipstoreServer:
                 log.error("retention.failed", exc_type=type(exc).__name__)
 
     def start(self) -> None:
+        if self.app.config.metrics_listen:
+            self.metrics_port = self.metrics.serve(self.app.config.metrics_listen)
         self._server.start()
         self._retention.start()
         for name in ("", *SERVICE_NAMES):
@@ -154,6 +173,7 @@ class ClipstoreServer:
         self._server.stop(grace).wait()
         if self._retention.is_alive():
             self._retention.join()
+        self.metrics.close()
         self.app.close()
         log.info("server.stopped")
 

@@ -11,6 +11,7 @@ import contextlib
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +94,8 @@ class AuditLog:
         self._raw: Any = None  # the sequencer thread's own DBAPI connection
         self._last_checkpoint = (-1, 0.0)  # (size, time)
         self.batches = 0  # for metrics and the benchmark
+        self.on_record: Callable[[AuditRecord], None] = lambda record: None
+        self.on_batch: Callable[[int, float], None] = lambda entries, seconds: None
         self._last_batch_size = 0
 
     # -- appending ---------------------------------------------------------
@@ -153,6 +156,7 @@ class AuditLog:
             self._maybe_checkpoint(force_time=stopping)
 
     def _commit(self, batch: list[_Pending]) -> None:
+        started = time.perf_counter()
         try:
             first_seq = self._write(batch)
         except Exception as exc:
@@ -163,7 +167,9 @@ class AuditLog:
                     "the audit log could not record this action, so it was not performed; retry later"))
             return
         self.batches += 1
+        self.on_batch(len(batch), time.perf_counter() - started)
         for offset, p in enumerate(batch):
+            self.on_record(p.record)
             p.done.set_result(first_seq + offset)
 
     def _sql(self, statement: str) -> str:

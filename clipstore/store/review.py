@@ -211,6 +211,10 @@ class ReviewRepository:
         where = q.c.account_ref == account_ref if account_ref else q.c.clip_id == clip_id
         return self._execute(q.delete().where(where)).rowcount
 
+    def queue_depth(self) -> int:
+        with self._db.read() as conn:
+            return int(conn.scalar(sa.select(sa.func.count()).select_from(schema.review_queue)) or 0)
+
     def queued(self, clip_id: str) -> QueueRow | None:
         t = schema.review_queue
         return self._first(QueueRow, sa.select(t).where(t.c.clip_id == clip_id))

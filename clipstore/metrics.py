@@ -1,0 +1,64 @@
+"""Prometheus metrics on their own port (`metrics.listen`), one registry per server.
+
+Names carry units; labels never carry ids, keys or anything a caller sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from clipstore.audit import AuditRecord
+from clipstore.config import ConfigError
+
+_LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.rpcs = Counter("clipstore_rpcs", "RPCs by method and status code", ["method", "code"], registry=r)
+        self.rpc_seconds = Histogram("clipstore_rpc_duration_seconds", "RPC latency by method", ["method"],
+                                     buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.audit_records = Counter("clipstore_audit_records", "audit entries by action, outcome and reason code "
+                                     "(grants issued/denied, fetches, purges, …)", ["action", "outcome", "reason"],
+                                     registry=r)
+        self.audit_append_seconds = Histogram("clipstore_audit_commit_duration_seconds",
+                                              "time to commit one group of audit entries",
+                                              buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.audit_batch_entries = Histogram("clipstore_audit_batch_entries", "audit entries per durable commit",
+                                             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 512, 4096), registry=r)
+        self._server: Any = None
+
+    def gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        """A value read at scrape time (root KMS calls, cache hit ratio, queue depth)."""
+        Gauge(name, doc, registry=self.registry).set_function(read)
+
+    def observe_rpc(self, method: str, code: str, seconds: float) -> None:
+        self.rpcs.labels(method, code).inc()
+        self.rpc_seconds.labels(method).observe(seconds)
+
+    def observe_record(self, record: AuditRecord) -> None:
+        reason = record.reason if record.outcome != "ok" else ""
+        self.audit_records.labels(record.action, record.outcome, reason).inc()
+
+    def observe_batch(self, entries: int, seconds: float) -> None:
+        self.audit_batch_entries.observe(entries)
+        self.audit_append_seconds.observe(seconds)
+
+    def serve(self, listen: str) -> int:
+        host, _, port = listen.rpartition(":")
+        try:
+            self._server, _ = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+        except OSError as exc:
+            raise ConfigError("metrics.listen", f"cannot bind {listen}: {exc.strerror}") from None
+        return int(self._server.server_port)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -1,0 +1,43 @@
+"""Prometheus metrics on a separate loopback port."""
+
+from __future__ import annotations
+
+import io
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+
+from clipstore.config import ConfigError
+from clipstore.server import running_server
+from clipstore.v1 import clip_pb2, clip_pb2_grpc
+from tests.clip_helpers import ACCOUNT_ID, metadata, put_requests
+from tests.conftest import bearer, make_config, new_key
+
+
+def test_metrics_endpoint_reports_rpcs_audit_keys_and_queue(tmp_path: Path, log_stream: io.StringIO) -> None:
+    config = make_config(tmp_path / "d", **{"metrics.listen": "127.0.0.1:0"})
+    with running_server(config) as srv, grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        key = new_key(srv.app, "ingest")
+        stub = clip_pb2_grpc.ClipServiceStub(channel)
+        stub.PutClip(put_requests(metadata(), b"a" * 1000), metadata=bearer(key), timeout=10)
+        with pytest.raises(grpc.RpcError):
+            stub.GetClip(clip_pb2.GetClipRequest(clip_id="c_x"), timeout=10)
+        assert srv.metrics_port
+        text = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode()
+    assert 'clipstore_rpcs_total{code="OK",method="/clipstore.v1.ClipService/PutClip"} 1.0' in text
+    assert 'clipstore_rpcs_total{code="UNAUTHENTICATED",method="/clipstore.v1.ClipService/GetClip"} 1.0' in text
+    assert 'clipstore_audit_records_total{action="auth.deny",outcome="denied",reason="MISSING_CREDENTIALS"} 1.0' \
+        in text
+    assert 'clipstore_audit_records_total{action="clip.ingest",outcome="ok",reason=""} 1.0' in text
+    for name in ("clipstore_rpc_duration_seconds_bucket", "clipstore_kms_root_calls", "clipstore_key_cache_hit_ratio",
+                 "clipstore_review_queue_depth", "clipstore_audit_batch_entries_bucket",
+                 "clipstore_audit_commit_duration_seconds_bucket", "clipstore_audit_log_entries"):
+        assert name in text
+    assert key not in text and ACCOUNT_ID not in text
+
+
+def test_metrics_must_bind_loopback(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="metrics.listen"):
+        make_config(tmp_path, **{"metrics.listen": "0.0.0.0:9464"})
