@@ -45,53 +45,44 @@ def _audit_log(directory: Path, max_batch: int) -> AuditLog:
                     max_batch_entries=max_batch)
 
 
+def _drive(log: AuditLog, seconds: float, burst: int) -> float:
+    """16 appender threads, each waiting for `burst` appends at a time, for `seconds`; appends/s."""
+    log.append(RECORD)  # warm up: thread, connection, schema
+    stop = time.monotonic() + seconds
+    counts = [0] * APPENDERS
+
+    def appender(i: int) -> None:
+        while time.monotonic() < stop:
+            for future in [log.append_async(RECORD) for _ in range(burst)]:
+                future.result()
+            counts[i] += burst
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=appender, args=(i,)) for i in range(APPENDERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.monotonic() - start)
+
+
 def appends_per_s(max_batch: int, seconds: float) -> tuple[float, float]:
+    """Blocking appenders (one append in flight each); also the mean entries per commit."""
     with tempfile.TemporaryDirectory() as tmp:
         log = _audit_log(Path(tmp), max_batch)
-        log.append(RECORD)  # warm up: thread, connection, schema
-        stop = time.monotonic() + seconds
-        counts = [0] * APPENDERS
-
-        def appender(i: int) -> None:
-            while time.monotonic() < stop:
-                log.append(RECORD)
-                counts[i] += 1
-
-        start = time.monotonic()
-        threads = [threading.Thread(target=appender, args=(i,)) for i in range(APPENDERS)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = time.monotonic() - start
-        batches = log.batches
+        rate = _drive(log, seconds, burst=1)
+        per_commit = log.reader.size() / max(log.batches, 1)
         log.close()
-        return sum(counts) / elapsed, sum(counts) / max(batches - 1, 1)
+        return rate, per_commit
 
 
 def pipelined_appends_per_s(seconds: float, in_flight: int = 32) -> float:
     """16 appenders that each keep `in_flight` appends outstanding (as a busy server's RPC threads do)."""
     with tempfile.TemporaryDirectory() as tmp:
         log = _audit_log(Path(tmp), 4096)
-        log.append(RECORD)
-        stop = time.monotonic() + seconds
-        counts = [0] * APPENDERS
-
-        def appender(i: int) -> None:
-            while time.monotonic() < stop:
-                for f in [log.append_async(RECORD) for _ in range(in_flight)]:
-                    f.result()
-                counts[i] += in_flight
-
-        start = time.monotonic()
-        threads = [threading.Thread(target=appender, args=(i,)) for i in range(APPENDERS)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = time.monotonic() - start
+        rate = _drive(log, seconds, burst=in_flight)
         log.close()
-        return sum(counts) / elapsed
+        return rate
 
 
 def verify_rate(n: int) -> float:

@@ -6,7 +6,7 @@ import grpc
 
 from clipstore.accounts import AccountDirectory
 from clipstore.interceptors import current_actor
-from clipstore.servicers.clips import MAX_ID_CHARS, _text
+from clipstore.servicers.common import MAX_ID_CHARS, text
 from clipstore.v1 import account_pb2, account_pb2_grpc
 
 
@@ -16,7 +16,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
 
     @staticmethod
     def _account_id(value: str) -> str:
-        return _text("account_id", value, max_chars=MAX_ID_CHARS, required=True)
+        return text("account_id", value, max_chars=MAX_ID_CHARS, required=True)
 
     def SetReviewPreference(self, request: account_pb2.SetReviewPreferenceRequest,
                             context: grpc.ServicerContext) -> account_pb2.SetReviewPreferenceResponse:

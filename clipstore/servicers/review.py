@@ -6,18 +6,14 @@ and `Escalation`: a pseudonymous clip id, locale, duration, content type.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import re
 from collections.abc import Iterator
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from clipstore.errors import InvalidArgument
 from clipstore.interceptors import current_actor
 from clipstore.review import ReviewDesk
-from clipstore.servicers.clips import _text
+from clipstore.servicers.common import LOCALE_RE, next_token, page_after, page_limit, text, timestamp
 from clipstore.store.clips import ClipRow
 from clipstore.store.review import EscalationRow
 from clipstore.v1 import (
@@ -32,13 +28,6 @@ from clipstore.v1 import (
 
 MAX_NOTE_CHARS = 2000
 MAX_LABEL_CHARS = 64
-_LOCALE_RE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8}){0,3}$")
-
-
-def _ts(seconds: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
 
 
 def review_clip(review_clip_id: str, clip: ClipRow) -> review_pb2.ReviewClip:
@@ -47,11 +36,11 @@ def review_clip(review_clip_id: str, clip: ClipRow) -> review_pb2.ReviewClip:
 
 
 def _token(value: str) -> str:
-    return _text("session_token", value, max_chars=128, required=True)
+    return text("session_token", value, max_chars=128, required=True)
 
 
 def _id(field: str, value: str) -> str:
-    return _text(field, value, max_chars=64, required=True)
+    return text(field, value, max_chars=64, required=True)
 
 
 class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
@@ -60,29 +49,30 @@ class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
 
     def StartReviewSession(self, request: review_pb2.StartReviewSessionRequest,
                            context: grpc.ServicerContext) -> review_pb2.StartReviewSessionResponse:
-        code = _text("totp_code", request.totp_code, max_chars=16, required=True)
+        code = text("totp_code", request.totp_code, max_chars=16, required=True)
         token, expires = self._desk.start_session(code, current_actor())
-        return review_pb2.StartReviewSessionResponse(session_token=token, expires_at=_ts(expires))
+        return review_pb2.StartReviewSessionResponse(session_token=token, expires_at=timestamp(expires))
 
     def NextAssignment(self, request: review_pb2.NextAssignmentRequest,
                        context: grpc.ServicerContext) -> review_pb2.NextAssignmentResponse:
-        if request.locale and not _LOCALE_RE.match(request.locale):
+        if request.locale and not LOCALE_RE.match(request.locale):
             raise InvalidArgument("locale", "must be a BCP 47 tag such as en-US, or empty")
         assignment, clip = self._desk.next_assignment(_token(request.session_token), request.locale,
                                                       current_actor())
         return review_pb2.NextAssignmentResponse(assignment_id=assignment.assignment_id,
                                                  clip=review_clip(assignment.review_clip_id, clip),
-                                                 expires_at=_ts(assignment.expires_at))
+                                                 expires_at=timestamp(assignment.expires_at))
 
     def RequestGrant(self, request: review_pb2.RequestGrantRequest,
                      context: grpc.ServicerContext) -> review_pb2.RequestGrantResponse:
         grant, expires, review_clip_id = self._desk.request_grant(
             _token(request.session_token), _id("assignment_id", request.assignment_id), current_actor())
-        return review_pb2.RequestGrantResponse(grant=grant, expires_at=_ts(expires), review_clip_id=review_clip_id)
+        return review_pb2.RequestGrantResponse(grant=grant, expires_at=timestamp(expires),
+                                               review_clip_id=review_clip_id)
 
     def FetchClip(self, request: review_pb2.FetchClipRequest,
                   context: grpc.ServicerContext) -> Iterator[review_pb2.FetchClipResponse]:
-        grant = _text("grant", request.grant, max_chars=1024, required=True)
+        grant = text("grant", request.grant, max_chars=1024, required=True)
         assignment, clip, audio = self._desk.fetch(_token(request.session_token), grant,
                                                    _id("review_clip_id", request.review_clip_id), current_actor())
         yield review_pb2.FetchClipResponse(clip=review_clip(assignment.review_clip_id, clip))
@@ -94,7 +84,7 @@ class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
         if request.category not in common_pb2.FlagCategory.values() or \
                 request.category == common_pb2.FLAG_CATEGORY_UNSPECIFIED:
             raise InvalidArgument("category", "choose possible_crime, distress, sensitive or accidental_activation")
-        note = _text("note", request.note, max_chars=MAX_NOTE_CHARS, required=False)
+        note = text("note", request.note, max_chars=MAX_NOTE_CHARS, required=False)
         escalation_id = self._desk.flag(
             _token(request.session_token), _id("assignment_id", request.assignment_id), request.category, note,
             current_actor(), accidental=request.category == common_pb2.FLAG_CATEGORY_ACCIDENTAL_ACTIVATION)
@@ -102,7 +92,7 @@ class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
 
     def CompleteAssignment(self, request: review_pb2.CompleteAssignmentRequest,
                            context: grpc.ServicerContext) -> review_pb2.CompleteAssignmentResponse:
-        label = _text("label", request.label, max_chars=MAX_LABEL_CHARS, required=True)
+        label = text("label", request.label, max_chars=MAX_LABEL_CHARS, required=True)
         self._desk.complete(_token(request.session_token), _id("assignment_id", request.assignment_id), label,
                             current_actor())
         return review_pb2.CompleteAssignmentResponse()
@@ -119,8 +109,8 @@ class ReviewerAdminServicer(reviewer_admin_pb2_grpc.ReviewerAdminServiceServicer
 
     def CreateReviewer(self, request: reviewer_admin_pb2.CreateReviewerRequest,
                        context: grpc.ServicerContext) -> reviewer_admin_pb2.CreateReviewerResponse:
-        name = _text("name", request.name, max_chars=200, required=True)
-        if len(request.locales) > 20 or any(not _LOCALE_RE.match(loc) for loc in request.locales):
+        name = text("name", request.name, max_chars=200, required=True)
+        if len(request.locales) > 20 or any(not LOCALE_RE.match(loc) for loc in request.locales):
             raise InvalidArgument("locales", "up to 20 BCP 47 tags such as en-US")
         enrolment = self._desk.enroll(name, tuple(request.locales), current_actor())
         return reviewer_admin_pb2.CreateReviewerResponse(
@@ -136,7 +126,7 @@ class ReviewerAdminServicer(reviewer_admin_pb2_grpc.ReviewerAdminServiceServicer
 def escalation_message(row: EscalationRow) -> safety_pb2.Escalation:
     return safety_pb2.Escalation(escalation_id=row.escalation_id, review_clip_id=row.review_clip_id,
                                  category=row.category, note=row.note,  # type: ignore[arg-type]
-                                 created_at=_ts(row.created_at), resolved=row.resolved_at is not None)
+                                 created_at=timestamp(row.created_at), resolved=row.resolved_at is not None)
 
 
 class SafetyServicer(safety_pb2_grpc.SafetyServiceServicer):
@@ -145,21 +135,16 @@ class SafetyServicer(safety_pb2_grpc.SafetyServiceServicer):
 
     def ListEscalations(self, request: safety_pb2.ListEscalationsRequest,
                         context: grpc.ServicerContext) -> safety_pb2.ListEscalationsResponse:
-        if request.page_size > 1000:
-            raise InvalidArgument("page_size", f"at most 1000, got {request.page_size}")
-        try:
-            after = base64.urlsafe_b64decode(request.page_token.encode()).decode() if request.page_token else ""
-        except (binascii.Error, UnicodeDecodeError):
-            raise InvalidArgument("page_token", "not a token this service issued") from None
-        limit = request.page_size or 100
-        rows = self._desk.list_escalations(include_resolved=request.include_resolved, after=after, limit=limit)
-        token = base64.urlsafe_b64encode(rows[-1].escalation_id.encode()).decode() if len(rows) == limit else ""
+        limit = page_limit(request.page_size)
+        rows = self._desk.list_escalations(include_resolved=request.include_resolved,
+                                           after=page_after(request.page_token), limit=limit)
+        token = next_token([r.escalation_id for r in rows], limit)
         return safety_pb2.ListEscalationsResponse(escalations=[escalation_message(r) for r in rows],
                                                   next_page_token=token)
 
     def ResolveEscalation(self, request: safety_pb2.ResolveEscalationRequest,
                           context: grpc.ServicerContext) -> safety_pb2.ResolveEscalationResponse:
-        resolution = _text("resolution", request.resolution, max_chars=MAX_NOTE_CHARS, required=True)
+        resolution = text("resolution", request.resolution, max_chars=MAX_NOTE_CHARS, required=True)
         row = self._desk.resolve_escalation(_id("escalation_id", request.escalation_id), resolution,
                                             current_actor())
         return safety_pb2.ResolveEscalationResponse(escalation=escalation_message(row))

@@ -1,0 +1,52 @@
+"""Boundary checks and conversions shared by the servicers."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from clipstore.errors import InvalidArgument
+
+LOCALE_RE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8}){0,3}$")
+MAX_ID_CHARS = 256
+MAX_SHORT_CHARS = 64
+MAX_PAGE = 1000
+DEFAULT_PAGE = 100
+
+
+def text(field: str, value: str, *, max_chars: int, required: bool) -> str:
+    """A printable string of bounded length; the error names the field."""
+    if required and not value:
+        raise InvalidArgument(field, "is required")
+    if len(value) > max_chars:
+        raise InvalidArgument(field, f"at most {max_chars} characters, got {len(value)}")
+    if any(not c.isprintable() for c in value):
+        raise InvalidArgument(field, "must not contain control characters")
+    return value
+
+
+def timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def page_limit(page_size: int) -> int:
+    if page_size > MAX_PAGE:
+        raise InvalidArgument("page_size", f"at most {MAX_PAGE}, got {page_size}")
+    return page_size or DEFAULT_PAGE
+
+
+def page_after(page_token: str) -> str:
+    """The last id of the previous page, from an opaque token this service issued."""
+    try:
+        return base64.urlsafe_b64decode(page_token.encode()).decode() if page_token else ""
+    except (binascii.Error, UnicodeDecodeError):
+        raise InvalidArgument("page_token", "not a token this service issued; start without one") from None
+
+
+def next_token(ids: list[str], limit: int) -> str:
+    return base64.urlsafe_b64encode(ids[-1].encode()).decode() if len(ids) == limit else ""
