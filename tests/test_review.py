@@ -423,3 +423,29 @@ def test_rfc6238_vectors_sha1() -> None:
         assert code_at(secret, t, digits=8) == code
         assert matching_step(secret, code, now=t, digits=8) == t // 30
     assert matching_step(secret, "94287083", now=59, digits=8) is None
+
+
+def test_no_secret_token_code_or_identity_reaches_any_log_line(w: World, log_stream: io.StringIO) -> None:
+    w.opt_in()
+    w.put()
+    enrolled = w.admin_stub.CreateReviewer(reviewer_admin_pb2.CreateReviewerRequest(name="Jane Doe"),
+                                           metadata=w.admin, timeout=10)
+    secret = base64.b32decode(enrolled.totp_secret + "=" * (-len(enrolled.totp_secret) % 8))
+    r = Reviewer(enrolled.reviewer_id, bearer(enrolled.api_key), secret, review_pb2_grpc.ReviewServiceStub(w.channel))
+    code = code_at(secret, w.clock.now())
+    token = r.stub.StartReviewSession(review_pb2.StartReviewSessionRequest(totp_code=code), metadata=r.md,
+                                      timeout=10).session_token
+    _raises(r.stub.StartReviewSession, review_pb2.StartReviewSessionRequest(totp_code=code), metadata=r.md,
+            timeout=10)  # a replay: denial paths log too
+    assignment = w.next(r, token)
+    grant = w.grant(r, token, assignment.assignment_id)
+    w.fetch(r, token, grant.grant, grant.review_clip_id)
+    _fetch_err(w, r, token, grant.grant, grant.review_clip_id)
+    logs = log_stream.getvalue()
+    assert logs.count('"event": "rpc"') >= 8
+    assert f'"{code}"' not in logs  # quoted: six bare digits can occur by chance in a timestamp
+    for secret_text in (enrolled.api_key, enrolled.totp_secret, token, grant.grant, ACCOUNT_ID, SERIAL,
+                        w.admin[0][1], w.ingest[0][1], AUDIO[:64].hex(), base64.b64encode(AUDIO[:48]).decode()):
+        assert secret_text not in logs, "a secret reached the logs"
+    for line in logs.splitlines():
+        json.loads(line)  # every line is structured JSON
