@@ -12,7 +12,7 @@ import secrets
 import time
 from collections.abc import Mapping
 
-from clipstore.audit import AuditLog, AuditRecord
+from clipstore.audit import OPERATOR, Actor, AuditLog
 from clipstore.errors import PermissionDenied, Unauthenticated
 from clipstore.store.principals import Principal, PrincipalRepository
 
@@ -52,16 +52,14 @@ def new_api_key() -> str:
 
 
 def create_principal(repo: PrincipalRepository, audit: AuditLog, *, role: str, name: str,
-                     actor: Principal | None = None, request_id: str = "") -> tuple[Principal, str]:
+                     actor: Actor = OPERATOR) -> tuple[Principal, str]:
     """Create a principal with a fresh API key (audited first); returns the key, shown once."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
     if not name or len(name) > 200:
         raise ValueError("name must be 1 to 200 characters")
     principal = Principal(id="p_" + secrets.token_hex(8), name=name, role=role)
-    audit.append(AuditRecord(actor_id=actor.id if actor else "cli", actor_role=actor.role if actor else "operator",
-                             action="principal.create", reason=role, principal_id=principal.id,
-                             request_id=request_id))
+    audit.append(actor.record("principal.create", reason=role, principal_id=principal.id))
     key = new_api_key()
     repo.add(principal, key_hash=hash_api_key(key), now=time.time())
     return principal, key

@@ -24,7 +24,7 @@ class AuditReader:
 
     def size(self) -> int:
         with self._db.read() as conn:
-            return int(conn.scalar(sa.select(schema.audit_head.c.size).where(schema.audit_head.c.id == 1)))
+            return int(conn.scalar(sa.select(schema.audit_head.c.size).where(schema.audit_head.c.id == 1)) or 0)
 
     def entries(self, start: int, limit: int) -> list[bytes]:
         t = schema.audit_entries

@@ -114,12 +114,14 @@ class S3BlobStore:
                 if obj["LastModified"].timestamp() < cutoff:
                     yield obj["Key"][len(self.prefix):]
 
+    def _abort(self, key: str, upload_id: str) -> None:
+        self._call(lambda: self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id))
+
     def sweep_incomplete(self, older_than_s: float) -> int:
         cutoff, removed = time.time() - older_than_s, 0
         resp = self._call(lambda: self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=self.prefix))
         for upload in resp.get("Uploads", []):
             if upload["Initiated"].timestamp() < cutoff:
-                self._call(lambda u=upload: self.client.abort_multipart_upload(
-                    Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"]))
+                self._abort(upload["Key"], upload["UploadId"])
                 removed += 1
         return removed

@@ -6,6 +6,7 @@ redemption) is one conditional UPDATE whose row count says who won.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,9 +78,10 @@ class EscalationRow:
     resolved_at: float | None
 
 
-def _row(cls: type, row: Any) -> Any:
-    values = {k: v for k, v in row._mapping.items() if k in cls.__dataclass_fields__}
-    return cls(**values)
+def _row(cls: Any, row: Any) -> Any:
+    """Build a row dataclass from the columns it declares."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in row._mapping.items() if k in names})
 
 
 class ReviewRepository:

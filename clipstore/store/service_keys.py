@@ -28,4 +28,5 @@ def load_or_create_service_key(db: Database, root: KeyProvider, name: str) -> by
         except sa.exc.IntegrityError:  # another replica created it first
             with db.transaction() as conn:
                 wrapped = conn.scalar(sa.select(t.c.wrapped).where(t.c.name == name))
+    assert wrapped is not None, f"service key {name} vanished"
     return root.decrypt(bytes(wrapped), context)
