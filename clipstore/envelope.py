@@ -18,6 +18,7 @@ import secrets
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import NoReturn
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -52,7 +53,8 @@ REORDER_SEARCH_SEGMENTS = 16  # how far to look when classifying a misplaced seg
 _FIXED = struct.Struct(">4sBBIB")  # magic, version, suite, segment size, clip id length
 _HKDF_INFO = b"clipstore/clip/v1"
 
-__all__ = ["SEGMENT_SIZE_BYTES", "ClipHeader", "open_clip", "open_segments", "seal_clip", "segment_count"]
+__all__ = ["SEGMENT_SIZE_BYTES", "ClipHeader", "open_bytes", "open_clip", "open_segments", "seal_bytes", "seal_clip",
+           "sealed_size", "segment_count"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,11 +99,10 @@ class _Keys:
         self._commit_key = okm[32:]
 
     def account_tag(self, account_ref: str) -> bytes:
-        return hmac.new(self._commit_key, b"account\x00" + account_ref.encode(), hashlib.sha256).digest()[
-            :ACCOUNT_TAG_BYTES]
+        return hmac.digest(self._commit_key, b"account\x00" + account_ref.encode(), "sha256")[:ACCOUNT_TAG_BYTES]
 
     def commitment(self, header_prefix: bytes) -> bytes:
-        return hmac.new(self._commit_key, b"header\x00" + header_prefix, hashlib.sha256).digest()
+        return hmac.digest(self._commit_key, b"header\x00" + header_prefix, "sha256")
 
 
 def _nonce(prefix: bytes, index: int, last: bool) -> bytes:
@@ -109,13 +110,9 @@ def _nonce(prefix: bytes, index: int, last: bool) -> bytes:
 
 
 # -- sealing -------------------------------------------------------------------
-def seal_clip(dek: bytes, plaintext: Iterable[bytes], *, clip_id: str, account_ref: str,
-              segment_size: int = SEGMENT_SIZE_BYTES,
-              random_bytes: Callable[[int], bytes] = secrets.token_bytes) -> Iterator[bytes]:
-    """Yield the header, then each sealed segment, reading `plaintext` chunk by chunk.
-
-    `random_bytes` supplies salt and nonce prefix; only format vectors fix it.
-    """
+def _start(dek: bytes, clip_id: str, account_ref: str, segment_size: int,
+           random_bytes: Callable[[int], bytes]) -> tuple[bytes, _Keys, bytes, bytes]:
+    """A new clip's header, keys, segment AAD and nonce prefix."""
     _check_clip_id(clip_id)
     if not 0 < segment_size <= 1 << 24:
         raise ValueError(f"segment_size must be in (0, 16 MiB], got {segment_size}")
@@ -124,7 +121,35 @@ def seal_clip(dek: bytes, plaintext: Iterable[bytes], *, clip_id: str, account_r
     partial = ClipHeader(clip_id=clip_id, segment_size=segment_size, salt=salt, nonce_prefix=prefix,
                          account_tag=keys.account_tag(account_ref), commitment=b"")
     header = partial.encode() + keys.commitment(partial.encode())
-    aad = hashlib.sha256(header).digest()
+    return header, keys, hashlib.sha256(header).digest(), prefix
+
+
+def seal_bytes(dek: bytes, plaintext: bytes, *, clip_id: str, account_ref: str,
+               segment_size: int = SEGMENT_SIZE_BYTES,
+               random_bytes: Callable[[int], bytes] = secrets.token_bytes) -> bytearray:
+    """One-shot `seal_clip` for a clip already in memory: the same bytes, sealed in place
+    into one buffer (no per-segment allocations, no join)."""
+    header, keys, aad, prefix = _start(dek, clip_id, account_ref, segment_size, random_bytes)
+    count = max(1, -(-len(plaintext) // segment_size))
+    out = bytearray(len(header) + len(plaintext) + count * TAG_BYTES)
+    out[:len(header)] = header
+    src, dst, pos = memoryview(plaintext), memoryview(out), len(header)
+    for index in range(count):
+        piece = src[index * segment_size:(index + 1) * segment_size]
+        keys.aead.encrypt_into(_nonce(prefix, index, index == count - 1), piece, aad,
+                               dst[pos:pos + len(piece) + TAG_BYTES])
+        pos += len(piece) + TAG_BYTES
+    return out
+
+
+def seal_clip(dek: bytes, plaintext: Iterable[bytes], *, clip_id: str, account_ref: str,
+              segment_size: int = SEGMENT_SIZE_BYTES,
+              random_bytes: Callable[[int], bytes] = secrets.token_bytes) -> Iterator[bytes]:
+    """Yield the header, then each sealed segment, reading `plaintext` chunk by chunk.
+
+    `random_bytes` supplies salt and nonce prefix; only format vectors fix it.
+    """
+    header, keys, aad, prefix = _start(dek, clip_id, account_ref, segment_size, random_bytes)
     yield header
     pending = bytearray()  # plaintext of the segment being filled
     index = 0
@@ -242,7 +267,18 @@ class _SegmentOpener:
         plain = self._try(index, last, ct)
         if plain is not None:
             return plain
-        # Classify the failure for the audit entry; the caller sees one status either way.
+        self._classify(index, last, ct)
+
+    def open_into(self, index: int, last: bool, ct: memoryview, out: memoryview) -> None:
+        if len(ct) < TAG_BYTES:
+            raise Truncated(f"segment {index} is {len(ct)} bytes, shorter than its tag")
+        try:
+            self._aead.decrypt_into(_nonce(self._prefix, index, last), ct, self._aad, out)
+        except InvalidTag:
+            self._classify(index, last, ct)
+
+    def _classify(self, index: int, last: bool, ct: bytes | memoryview) -> NoReturn:
+        """Name the failure for the audit entry; the caller sees one status either way."""
         if last and self._try(index, False, ct) is not None:
             raise Truncated(f"stream ends after segment {index}, which is not the final segment")
         if not last and self._try(index, True, ct) is not None:
@@ -270,6 +306,32 @@ def open_clip(dek: bytes, ciphertext: Iterable[bytes], *, clip_id: str, account_
         current, index = following, index + 1
         if index >= MAX_SEGMENTS:
             raise Extended("more than 2**32 segments")
+
+
+def open_bytes(dek: bytes, ciphertext: bytes | bytearray, *, clip_id: str, account_ref: str) -> bytearray:
+    """One-shot `open_clip`: every segment authenticated into one buffer; on any failure the
+    buffer is dropped and an `EnvelopeError` raised, so no plaintext reaches the caller."""
+    view, position = memoryview(ciphertext), 0
+
+    def read(n: int) -> memoryview:
+        nonlocal position
+        piece = view[position:position + n]
+        position += len(piece)
+        return piece
+
+    header, raw = _parse_header(read)
+    keys, aad = _authenticate_header(dek, header, raw, clip_id=clip_id, account_ref=account_ref)
+    opener = _SegmentOpener(keys, header, aad)
+    seg_ct = header.segment_size + TAG_BYTES
+    total = segment_count(len(view), len(raw), header.segment_size)
+    out = bytearray(len(view) - len(raw) - total * TAG_BYTES)
+    dst = memoryview(out)
+    for index in range(total):
+        start = len(raw) + index * seg_ct
+        piece = view[start:start + seg_ct]
+        opener.open_into(index, index == total - 1, piece,
+                         dst[index * header.segment_size:index * header.segment_size + len(piece) - TAG_BYTES])
+    return out
 
 
 def segment_count(object_size: int, header_length: int, segment_size: int = SEGMENT_SIZE_BYTES) -> int:

@@ -17,7 +17,15 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clipstore.envelope import SEGMENT_SIZE_BYTES, open_clip, open_segments, seal_clip, sealed_size
+from clipstore.envelope import (
+    SEGMENT_SIZE_BYTES,
+    open_bytes,
+    open_clip,
+    open_segments,
+    seal_bytes,
+    seal_clip,
+    sealed_size,
+)
 from clipstore.errors import (
     AccountMismatch,
     ClipIdMismatch,
@@ -216,3 +224,51 @@ def test_errors_show_callers_one_generic_message(three_segments: tuple[bytes, by
     assert caught.value.message == ("the clip failed its integrity check and was not returned; "
                                     "the event was recorded")
     assert caught.value.reason == "CLIP_INTEGRITY" and caught.value.kind == "account_mismatch"
+
+
+@pytest.mark.parametrize("size", [0, 1, SEGMENT_SIZE_BYTES - 1, SEGMENT_SIZE_BYTES, SEGMENT_SIZE_BYTES + 1,
+                                  5 * 1024 * 1024])
+def test_one_shot_seal_and_open_match_the_streaming_format(size: int) -> None:
+    plaintext = secrets.token_bytes(size)
+    fixed = secrets.token_bytes(39)
+
+    def rnd() -> Any:
+        parts = iter([fixed[:32], fixed[32:]])
+        return lambda n: next(parts)
+
+    streamed = seal(plaintext, random_bytes=rnd())
+    one_shot = seal_bytes(DEK, plaintext, clip_id=CLIP, account_ref=ACCOUNT, random_bytes=rnd())
+    assert bytes(one_shot) == streamed
+    assert open_bytes(DEK, streamed, clip_id=CLIP, account_ref=ACCOUNT) == plaintext
+
+
+def _swap01(ct: bytes) -> bytes:
+    h = header_len()
+    return ct[:h] + ct[h + SEG_CT:h + 2 * SEG_CT] + ct[h:h + SEG_CT] + ct[h + 2 * SEG_CT:]
+
+
+TAMPERS = {
+    "header": lambda ct: _flip(ct, header_len() - 1),
+    "segment": lambda ct: _flip(ct, header_len() + SEG_CT + 500),
+    "truncated-at-boundary": lambda ct: ct[:header_len() + 2 * SEG_CT],
+    "truncated-inside": lambda ct: ct[:-10],
+    "reordered": _swap01,
+    "bad-magic": lambda ct: b"XXXX" + ct[4:],
+}
+
+
+@pytest.mark.parametrize("name", sorted(TAMPERS))
+def test_one_shot_and_streaming_raise_the_same_error(three_segments: tuple[bytes, bytes], name: str) -> None:
+    tampered = TAMPERS[name](three_segments[1])
+    with pytest.raises(EnvelopeError) as streamed:
+        open_(tampered)
+    with pytest.raises(EnvelopeError) as one_shot:
+        open_bytes(DEK, tampered, clip_id=CLIP, account_ref=ACCOUNT)
+    assert type(one_shot.value) is type(streamed.value)
+
+
+def test_one_shot_checks_clip_and_account(three_segments: tuple[bytes, bytes]) -> None:
+    with pytest.raises(ClipIdMismatch):
+        open_bytes(DEK, three_segments[1], clip_id="c_other", account_ref=ACCOUNT)
+    with pytest.raises(AccountMismatch):
+        open_bytes(DEK, three_segments[1], clip_id=CLIP, account_ref="acct_other")
