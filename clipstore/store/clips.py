@@ -89,10 +89,11 @@ class ClipRepository:
         (another one if a concurrent retry won)."""
         try:
             with self._db.transaction() as conn:
-                conn.execute(schema.ingest_idempotency.insert().values(
-                    principal_id=principal_id, key_hash=idempotency_hash, clip_id=clip.clip_id,
-                    created_at=clip.created_at))
-                conn.execute(schema.clips.insert().values(**clip.__dict__))
+                # Parameters passed to a plain insert(): the compiled statement is cached.
+                conn.execute(schema.ingest_idempotency.insert(), {
+                    "principal_id": principal_id, "key_hash": idempotency_hash, "clip_id": clip.clip_id,
+                    "created_at": clip.created_at})
+                conn.execute(schema.clips.insert(), clip.__dict__)
         except sa.exc.IntegrityError:
             existing = self.by_idempotency(principal_id, idempotency_hash)
             if existing is None:
