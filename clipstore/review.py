@@ -299,6 +299,7 @@ class ReviewDesk:
         _, assignment = self._assignment(token, assignment_id, actor, "assignment.deny")
         self._audit.append(actor.record("assignment.complete", clip_id=assignment.clip_id))
         self._repo.complete(assignment_id, label, self._clock.now())
+        self._repo.void_grants(clip_id=assignment.clip_id)  # a closed assignment opens nothing more
 
     def flag(self, token: str, assignment_id: str, category: int, note: str, actor: Actor,
              *, accidental: bool) -> str:

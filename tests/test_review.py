@@ -407,13 +407,15 @@ def test_accidental_activation_flag_schedules_the_clip_for_purge(w: World) -> No
 
 
 def test_complete_assignment_closes_it(w: World) -> None:
-    r, token, assignment, _ = _ready(w)
+    r, token, assignment, grant = _ready(w)
     r.stub.CompleteAssignment(review_pb2.CompleteAssignmentRequest(
         session_token=token, assignment_id=assignment.assignment_id, label="weather"), metadata=r.md, timeout=10)
     err = _raises(r.stub.RequestGrant, review_pb2.RequestGrantRequest(session_token=token,
                                                                       assignment_id=assignment.assignment_id),
                   metadata=r.md, timeout=10)
     w.denied(err, grpc.StatusCode.FAILED_PRECONDITION, "ASSIGNMENT_COMPLETED")
+    w.denied(_fetch_err(w, r, token, grant.grant, grant.review_clip_id), grpc.StatusCode.PERMISSION_DENIED,
+             "GRANT_REVOKED")
 
 
 def test_rfc6238_vectors_sha1() -> None:
