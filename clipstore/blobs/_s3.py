@@ -14,7 +14,7 @@ import botocore.exceptions
 from clipstore.blobs.protocol import BlobNotFound, BlobUnavailable
 
 T = TypeVar("T")
-PART_BYTES = 8 * 1024 * 1024  # S3 needs ≥ 5 MiB parts; 8 MiB bounds memory per upload
+PART_BYTES = 5 * 1024 * 1024  # the S3 minimum part: the smallest memory per upload
 READ_CHUNK_BYTES = 64 * 1024 + 16
 _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
 
