@@ -53,9 +53,12 @@ def pct(samples: list[float], p: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--clips", type=int, default=400)
+    parser.add_argument("--database-url", help="postgresql://… (an empty database or schema); default SQLite")
     args = parser.parse_args()
     settings = {"CLIPSTORE_REVIEW_SAMPLE_RATE": "1", "CLIPSTORE_REVIEW_DAILY_CAP": "100000",
                 "CLIPSTORE_REVIEW_DEFAULT_ALLOW": "true"}
+    if args.database_url:
+        settings["CLIPSTORE_DATABASE_URL"] = args.database_url
     with moto_server() as endpoint, clipstore_server(endpoint, **settings) as server:
         channel = grpc.insecure_channel(server.address)
         ingest_md = (("authorization", f"Bearer {server.keys['ingest']}"),)
