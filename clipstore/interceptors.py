@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
+import sqlalchemy as sa
 import structlog
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
@@ -25,9 +26,17 @@ from grpc_status import rpc_status
 
 from clipstore.audit import Actor, AuditLog, AuditRecord
 from clipstore.auth import PUBLIC_PREFIXES, authorize
-from clipstore.errors import ERROR_DOMAIN, ClipstoreError
+from clipstore.errors import (
+    ERROR_DOMAIN,
+    ClipstoreError,
+    DataLoss,
+    FailedPrecondition,
+    NotFound,
+    Unavailable,
+)
 from clipstore.logs import get_logger
 from clipstore.store.principals import Principal
+from kms import AccountKeysDestroyed, DekUnwrapError, KeyVersionError, KmsAccessDenied, KmsError
 
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -128,8 +137,9 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
         return ctx
 
     def _fail(self, exc: Exception, ctx: RequestContext, context: grpc.ServicerContext) -> None:
-        if isinstance(exc, ClipstoreError):
-            error = exc
+        translated = translate(exc)
+        if translated is not None:
+            error = translated
         elif isinstance(exc, NotImplementedError):
             error = _Unimplemented(f"{ctx.method} is not implemented in this release")
         else:
@@ -182,9 +192,31 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
         return run
 
 
-def _status_name(exc: BaseException) -> str:
+def translate(exc: BaseException) -> ClipstoreError | None:
+    """Errors of the layers below (key ring, database) as the status a caller should see."""
     if isinstance(exc, ClipstoreError):
-        return exc.code.name
+        return exc
+    if isinstance(exc, AccountKeysDestroyed):
+        return NotFound("the account was deleted; its clips can never be opened", reason="ACCOUNT_DELETED")
+    if isinstance(exc, KeyVersionError):
+        return FailedPrecondition("the clip's key version is retired or unknown; an operator must rewrap it",
+                                  reason="KEY_VERSION_UNAVAILABLE")
+    if isinstance(exc, DekUnwrapError):
+        return DataLoss("the clip's data key does not open; the event was recorded", reason="CLIP_INTEGRITY")
+    if isinstance(exc, KmsAccessDenied):
+        return Unavailable("the service cannot use its root key; operators: check the KMS key policy and state",
+                           reason="KMS_ACCESS_DENIED")
+    if isinstance(exc, KmsError):
+        return Unavailable("the key service is unavailable; retry later", reason="KMS_UNAVAILABLE")
+    if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
+        return Unavailable("the metadata database is unavailable; retry later", reason="DATABASE_UNAVAILABLE")
+    return None
+
+
+def _status_name(exc: BaseException) -> str:
+    translated = translate(exc)
+    if translated is not None:
+        return translated.code.name
     if isinstance(exc, NotImplementedError):
         return "UNIMPLEMENTED"
     return "INTERNAL"

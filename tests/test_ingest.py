@@ -280,3 +280,30 @@ def test_ingest_on_the_embedded_file_store(server: ClipstoreServer, channel: grp
     assert b"".join(server.app.clips.audio(row)) == AUDIO
     sealed = next(server.app.config.blob_dir.rglob(clip.clip_id)).read_bytes()
     assert AUDIO[:1000] not in sealed
+
+
+def test_lower_layer_failures_map_to_precise_statuses(stubs: tuple, s3_server: ClipstoreServer,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    clips, _, md = stubs
+    clip = _put(clips, md)
+    app = s3_server.app
+    row = app.clips.find(clip.clip_id)
+    app.keyring.destroy(row.account_ref)  # keys shredded while rows still exist (mid-deletion)
+    err = _bad_get(clips, md, clip.clip_id)
+    assert (err.code(), error_info(err).reason) == (grpc.StatusCode.NOT_FOUND, "ACCOUNT_DELETED")
+
+    import sqlalchemy as sa
+
+    def db_down(*args: object, **kwargs: object) -> None:
+        raise sa.exc.OperationalError("SELECT 1", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(app.clips._clips, "get", db_down)
+    err = _bad_get(clips, md, clip.clip_id)
+    assert (err.code(), error_info(err).reason) == (grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE")
+    assert "connection refused" not in err.details()
+
+
+def _bad_get(clips: clip_pb2_grpc.ClipServiceStub, md: tuple, clip_id: str) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        clips.GetClip(clip_pb2.GetClipRequest(clip_id=clip_id), metadata=md, timeout=10)
+    return caught.value
