@@ -7,7 +7,7 @@ import secrets
 from clipstore.audit import Actor, AuditLog
 from clipstore.blobs import BlobStore
 from clipstore.clock import Clock
-from clipstore.errors import NotFound
+from clipstore.errors import FailedPrecondition, NotFound
 from clipstore.identity import AccountLookup
 from clipstore.logs import get_logger
 from clipstore.store.clips import AccountRepository, AccountRow, ClipRepository
@@ -88,6 +88,19 @@ class AccountDirectory:
                 log.warning("account.object_delete_failed", clip_id=clip_id, exc_type=type(exc).__name__)
         self._accounts.delete(ref)  # the pseudonym mapping goes last
         return len(clip_ids)
+
+    def retire_key_versions(self, account_id: str, min_version: int, actor: Actor) -> int:
+        """Set the minimum decryption version, once no clip of the account still needs an older one."""
+        ref = self.require(account_id).account_ref
+        after = ""
+        while page := self._clips.list_by_account(ref, after=after, limit=PAGE_ROWS):
+            stale = [c.clip_id for c in page if c.key_version < min_version]
+            if stale:
+                raise FailedPrecondition(f"{len(stale)}+ clips still use a version below {min_version}; "
+                                         "run RotateAccountKey (it rewraps) first", reason="KEY_VERSION_IN_USE")
+            after = page[-1].clip_id
+        self._audit.append(actor.record("account.key_retire", account_ref=ref, reason=f"below {min_version}"))
+        return self._keyring.retire_below(ref, min_version)
 
     def rotate_key(self, account_id: str, actor: Actor) -> tuple[int, int]:
         """A new active key version; every clip's DEK is rewrapped to it, audio untouched."""

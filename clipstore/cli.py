@@ -128,6 +128,22 @@ def _cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_keys_retire(args: argparse.Namespace) -> int:
+    from clipstore.app import App
+    from clipstore.audit import OPERATOR
+    from clipstore.errors import ClipstoreError
+    app = App(_config(args))
+    try:
+        retired = app.accounts.retire_key_versions(args.account_id, args.below, OPERATOR)
+    except (ClipstoreError, ValueError) as exc:
+        print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 1
+    finally:
+        app.close()
+    print(f"retired {retired} key versions below {args.below}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipstore", description="Encrypted voice-clip store")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -152,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--role", required=True, choices=ROLES)
     create.add_argument("--name", required=True)
     create.set_defaults(func=_cmd_principals_create)
+
+    keys = sub.add_parser("keys", help="account key versions")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    retire = ksub.add_parser("retire", help="set an account's minimum decryption version (after a rotation)")
+    _add_config_flags(retire)
+    retire.add_argument("--account-id", required=True)
+    retire.add_argument("--below", type=int, required=True, help="retire every version below this one")
+    retire.set_defaults(func=_cmd_keys_retire)
 
     purge = sub.add_parser("purge", help="delete expired clips (object, row, wrapped key) and orphan objects")
     _add_config_flags(purge)

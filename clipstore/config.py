@@ -42,6 +42,8 @@ class S3Config:
     endpoint_url: str | None = None
     region: str | None = None
     prefix: str = "clips/"
+    profile: str | None = None
+    sse_kms_key_id: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,6 +109,8 @@ _SCHEMA: dict[str, tuple[str, type]] = {
     "s3.endpoint_url": ("CLIPSTORE_S3_ENDPOINT_URL", str),
     "s3.region": ("CLIPSTORE_S3_REGION", str),
     "s3.prefix": ("CLIPSTORE_S3_PREFIX", str),
+    "s3.profile": ("CLIPSTORE_S3_PROFILE", str),
+    "s3.sse_kms_key_id": ("CLIPSTORE_S3_SSE_KMS_KEY_ID", str),
     "kms.key_id": ("CLIPSTORE_KMS_KEY_ID", str),
     "kms.endpoint_url": ("CLIPSTORE_KMS_ENDPOINT_URL", str),
     "kms.region": ("CLIPSTORE_KMS_REGION", str),

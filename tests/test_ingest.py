@@ -307,3 +307,19 @@ def _bad_get(clips: clip_pb2_grpc.ClipServiceStub, md: tuple, clip_id: str) -> g
     with pytest.raises(grpc.RpcError) as caught:
         clips.GetClip(clip_pb2.GetClipRequest(clip_id=clip_id), metadata=md, timeout=10)
     return caught.value
+
+
+def test_old_key_versions_retire_only_after_the_rewrap(stubs: tuple, s3_server: ClipstoreServer) -> None:
+    from clipstore.audit import OPERATOR
+    from clipstore.errors import FailedPrecondition
+    clips, accounts, md = stubs
+    clip = _put(clips, md)
+    app = s3_server.app
+    ref = app.accounts.require(ACCOUNT_ID).account_ref
+    app.keyring.rotate(ref)  # a new version, but this clip's key still uses version 1
+    with pytest.raises(FailedPrecondition):
+        app.accounts.retire_key_versions(ACCOUNT_ID, 2, OPERATOR)
+    accounts.RotateAccountKey(account_pb2.RotateAccountKeyRequest(account_id=ACCOUNT_ID), metadata=md, timeout=10)
+    assert app.accounts.retire_key_versions(ACCOUNT_ID, 3, OPERATOR) == 2
+    assert clips.GetClip(clip_pb2.GetClipRequest(clip_id=clip.clip_id), metadata=md,
+                         timeout=10).clip.identity.account_id == ACCOUNT_ID
