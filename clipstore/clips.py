@@ -131,12 +131,12 @@ class ClipLibrary:
             raise NotFound(f"no clip {clip_id}; it never existed, was deleted, or expired", reason="CLIP_NOT_FOUND")
         return clip
 
-    def _dek(self, clip: ClipRow) -> bytes:
+    def dek(self, clip: ClipRow) -> bytes:
         return self._keyring.unwrap(WrappedDek(key_version=clip.key_version, blob=clip.wrapped_dek),
                                     account_ref=clip.account_ref, clip_id=clip.clip_id)
 
     def identity(self, clip: ClipRow) -> dict[str, str]:
-        return open_identity(self._dek(clip), clip.clip_id, clip.identity_ct)
+        return open_identity(self.dek(clip), clip.clip_id, clip.identity_ct)
 
     def list(self, account_id: str, *, after: str, limit: int) -> list[ClipRow]:
         account = self._accounts.find(account_id)
@@ -148,7 +148,7 @@ class ClipLibrary:
 
     def audio(self, clip: ClipRow) -> Iterator[bytes]:
         """Authenticated plaintext, segment by segment (bounded memory)."""
-        return open_clip(self._dek(clip), self._blobs.get_stream(clip.clip_id), clip_id=clip.clip_id,
+        return open_clip(self.dek(clip), self._blobs.get_stream(clip.clip_id), clip_id=clip.clip_id,
                          account_ref=clip.account_ref)
 
     # -- deletion and retention ---------------------------------------------

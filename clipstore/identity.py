@@ -30,20 +30,40 @@ class AccountLookup:
         return hmac.new(self._key, account_id.encode("utf-8"), hashlib.sha256).digest()
 
 
-def _aad(clip_id: str) -> bytes:
+def _seal(dek: bytes, plain: bytes, aad: bytes) -> bytes:
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    return nonce + AESGCM(dek).encrypt(nonce, plain, aad)
+
+
+def _open(dek: bytes, sealed: bytes, aad: bytes, what: str) -> bytes:
+    try:
+        return AESGCM(dek).decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], aad)
+    except InvalidTag:
+        raise ValueError(f"{what} does not open under its clip's data key") from None
+
+
+def _identity_aad(clip_id: str) -> bytes:
     return b"clipstore/identity/v1\x00" + clip_id.encode()
 
 
 def seal_identity(dek: bytes, clip_id: str, *, account_id: str, device_serial: str) -> bytes:
-    nonce = secrets.token_bytes(NONCE_BYTES)
     plain = json.dumps({"account_id": account_id, "device_serial": device_serial}).encode()
-    return nonce + AESGCM(dek).encrypt(nonce, plain, _aad(clip_id))
+    return _seal(dek, plain, _identity_aad(clip_id))
 
 
 def open_identity(dek: bytes, clip_id: str, sealed: bytes) -> dict[str, str]:
-    try:
-        plain = AESGCM(dek).decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], _aad(clip_id))
-    except InvalidTag:
-        raise ValueError(f"identity of clip {clip_id} does not open under its data key") from None
-    value: dict[str, str] = json.loads(plain)
+    value: dict[str, str] = json.loads(_open(dek, sealed, _identity_aad(clip_id), f"identity of clip {clip_id}"))
     return value
+
+
+def _note_aad(escalation_id: str) -> bytes:
+    return b"clipstore/escalation-note/v1\x00" + escalation_id.encode()
+
+
+def seal_note(dek: bytes, escalation_id: str, note: str) -> bytes:
+    """A reviewer's note may quote the speaker: it lives and dies with the account's keys."""
+    return _seal(dek, note.encode(), _note_aad(escalation_id))
+
+
+def open_note(dek: bytes, escalation_id: str, sealed: bytes) -> str:
+    return _open(dek, sealed, _note_aad(escalation_id), f"note of escalation {escalation_id}").decode()

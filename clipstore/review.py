@@ -30,13 +30,15 @@ from clipstore.errors import (
     Unauthenticated,
 )
 from clipstore.grants import GrantClaims, check_grant_time, decode_grant, encode_grant
+from clipstore.identity import open_note, seal_note
 from clipstore.store.clips import AccountRepository, ClipRow
 from clipstore.store.principals import Principal, PrincipalRepository
 from clipstore.store.review import AssignmentRow, EscalationRow, GrantRow, QueueRow, ReviewRepository, SessionRow
 from clipstore.totp import matching_step, new_secret, provisioning_uri, secret_base32
-from kms import KeyProvider
+from kms import KeyProvider, KmsError
 
 DAY_S = 86400
+NOTE_ERASED = "[note erased: the clip was deleted]"
 CANDIDATES_PER_CLAIM = 20
 CLAIM_ROUNDS = 5
 SESSION_TOUCH_S = 60.0  # idle time is tracked to the minute: most RPCs need not write
@@ -305,16 +307,31 @@ class ReviewDesk:
              *, accidental: bool) -> str:
         _, assignment = self._assignment(token, assignment_id, actor, "assignment.deny")
         escalation_id = "esc_" + secrets.token_hex(10)
+        clip = self._clips.find(assignment.clip_id)
+        if clip is None:
+            raise self._deny(actor, "assignment.deny", FailedPrecondition("the clip was deleted", reason="CLIP_GONE"))
         self._audit.append(actor.record("clip.flag", clip_id=assignment.clip_id, reason=str(category)))
-        self._repo.add_escalation(EscalationRow(escalation_id=escalation_id, review_clip_id=assignment.review_clip_id,
-                                                clip_id=assignment.clip_id, category=category, note=note,
-                                                created_at=self._clock.now(), resolved_at=None), actor.id)
+        self._repo.add_escalation(EscalationRow(
+            escalation_id=escalation_id, review_clip_id=assignment.review_clip_id, clip_id=assignment.clip_id,
+            category=category, note_ct=seal_note(self._clips.dek(clip), escalation_id, note),
+            created_at=self._clock.now(), resolved_at=None), actor.id)
         if accidental:  # never reviewable, and gone at the next purge
             self._clips.expire_now(assignment.clip_id, actor)
         return escalation_id
 
-    def list_escalations(self, *, include_resolved: bool, after: str, limit: int) -> list[EscalationRow]:
-        return self._repo.escalations(include_resolved=include_resolved, after=after, limit=limit)
+    def list_escalations(self, *, include_resolved: bool, after: str, limit: int) -> list[tuple[EscalationRow, str]]:
+        rows = self._repo.escalations(include_resolved=include_resolved, after=after, limit=limit)
+        return [(row, self.note(row)) for row in rows]
+
+    def note(self, row: EscalationRow) -> str:
+        """The reviewer's note, or a marker once the clip (and with it the note's key) is gone."""
+        clip = self._clips.find(row.clip_id)
+        if clip is None:
+            return NOTE_ERASED
+        try:
+            return open_note(self._clips.dek(clip), row.escalation_id, row.note_ct)
+        except KmsError:  # the account was crypto-shredded
+            return NOTE_ERASED
 
     def resolve_escalation(self, escalation_id: str, resolution: str, actor: Actor) -> EscalationRow:
         self._audit.append(actor.record("escalation.resolve", reason=escalation_id))

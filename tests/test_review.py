@@ -451,3 +451,18 @@ def test_no_secret_token_code_or_identity_reaches_any_log_line(w: World, log_str
         assert secret_text not in logs, "a secret reached the logs"
     for line in logs.splitlines():
         json.loads(line)  # every line is structured JSON
+
+
+def test_escalation_notes_are_encrypted_and_erased_with_the_account(w: World) -> None:
+    r, token, assignment, _ = _ready(w)
+    note = "caller says her name is Jane Roe, 12 Elm Street"
+    r.stub.FlagClip(review_pb2.FlagClipRequest(session_token=token, assignment_id=assignment.assignment_id,
+                                               category=common_pb2.FLAG_CATEGORY_DISTRESS, note=note),
+                    metadata=r.md, timeout=10)
+    from tests.test_ingest import _database_bytes
+    assert all(note.encode() not in data for _, data in _database_bytes(w.server))
+    listed = w.safety.ListEscalations(safety_pb2.ListEscalationsRequest(), metadata=w.safety_md, timeout=10)
+    assert listed.escalations[0].note == note
+    w.accounts.DeleteAccount(account_pb2.DeleteAccountRequest(account_id=ACCOUNT_ID), metadata=w.ingest, timeout=10)
+    listed = w.safety.ListEscalations(safety_pb2.ListEscalationsRequest(), metadata=w.safety_md, timeout=10)
+    assert [e.note for e in listed.escalations] == ["[note erased: the clip was deleted]"]

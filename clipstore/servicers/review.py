@@ -123,9 +123,9 @@ class ReviewerAdminServicer(reviewer_admin_pb2_grpc.ReviewerAdminServiceServicer
         return reviewer_admin_pb2.DisableReviewerResponse(ended_sessions=ended, voided_grants=voided)
 
 
-def escalation_message(row: EscalationRow) -> safety_pb2.Escalation:
+def escalation_message(row: EscalationRow, note: str) -> safety_pb2.Escalation:
     return safety_pb2.Escalation(escalation_id=row.escalation_id, review_clip_id=row.review_clip_id,
-                                 category=row.category, note=row.note,  # type: ignore[arg-type]
+                                 category=row.category, note=note,  # type: ignore[arg-type]
                                  created_at=timestamp(row.created_at), resolved=row.resolved_at is not None)
 
 
@@ -138,8 +138,8 @@ class SafetyServicer(safety_pb2_grpc.SafetyServiceServicer):
         limit = page_limit(request.page_size)
         rows = self._desk.list_escalations(include_resolved=request.include_resolved,
                                            after=page_after(request.page_token), limit=limit)
-        token = next_token([r.escalation_id for r in rows], limit)
-        return safety_pb2.ListEscalationsResponse(escalations=[escalation_message(r) for r in rows],
+        token = next_token([r.escalation_id for r, _ in rows], limit)
+        return safety_pb2.ListEscalationsResponse(escalations=[escalation_message(r, note) for r, note in rows],
                                                   next_page_token=token)
 
     def ResolveEscalation(self, request: safety_pb2.ResolveEscalationRequest,
@@ -147,4 +147,4 @@ class SafetyServicer(safety_pb2_grpc.SafetyServiceServicer):
         resolution = text("resolution", request.resolution, max_chars=MAX_NOTE_CHARS, required=True)
         row = self._desk.resolve_escalation(_id("escalation_id", request.escalation_id), resolution,
                                             current_actor())
-        return safety_pb2.ResolveEscalationResponse(escalation=escalation_message(row))
+        return safety_pb2.ResolveEscalationResponse(escalation=escalation_message(row, self._desk.note(row)))

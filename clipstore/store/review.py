@@ -73,7 +73,7 @@ class EscalationRow:
     review_clip_id: str
     clip_id: str
     category: int
-    note: str
+    note_ct: bytes
     created_at: float
     resolved_at: float | None
 

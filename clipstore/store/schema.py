@@ -197,7 +197,8 @@ escalations = sa.Table(
     sa.Column("review_clip_id", sa.String(40), nullable=False),
     sa.Column("clip_id", sa.String(64), nullable=False),
     sa.Column("category", sa.Integer, nullable=False),
-    sa.Column("note", sa.Text, nullable=False),
+    # What the reviewer wrote may quote the speaker: AES-GCM under the clip's DEK, shredded with the account.
+    sa.Column("note_ct", sa.LargeBinary, nullable=False),
     sa.Column("created_by", sa.String(40), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("resolved_at", sa.Float, nullable=True),
