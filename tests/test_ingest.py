@@ -20,6 +20,7 @@ from clipstore.v1 import account_pb2, account_pb2_grpc, clip_pb2, clip_pb2_grpc
 from kms import AccountKeysDestroyed, WrappedDek
 from tests.clip_helpers import ACCOUNT_ID, SERIAL, metadata, put_requests
 from tests.conftest import FakeClock, bearer, make_config, new_key
+from tests.db_helpers import database_bytes
 from tests.grpc_helpers import error_info
 
 AUDIO = secrets.token_bytes(200_000)
@@ -115,31 +116,12 @@ def test_identity_never_reaches_the_database_file_in_clear(stubs: tuple, s3_serv
                                                                         allow_human_review=True),
                                  metadata=md, timeout=10)
     s3_server.app.audit.checkpoint()
-    for name, data in _database_bytes(s3_server):
+    for name, data in database_bytes(s3_server):
         for secret in (ACCOUNT_ID, SERIAL):
             assert secret.encode() not in data, f"{secret} in {name}"
     logs = log_stream.getvalue()
     for secret in (ACCOUNT_ID, SERIAL, AUDIO[:32].hex()):
         assert secret not in logs
-
-
-def _database_bytes(server: ClipstoreServer) -> list[tuple[str, bytes]]:
-    """Every byte the metadata store holds: the SQLite files, or every PostgreSQL row as text."""
-    app = server.app
-    if app.db.is_sqlite:
-        files = list(app.config.data_dir.glob("clipstore.db*"))
-        assert files
-        return [(path.name, path.read_bytes()) for path in files]
-    import sqlalchemy as sa
-
-    from clipstore.store.schema import metadata as tables
-    out = []
-    with app.db.read() as conn:
-        for table in tables.sorted_tables:
-            rows = conn.execute(sa.select(table)).all()
-            out.append((table.name, repr(rows).encode() + b"".join(
-                v for r in rows for v in r if isinstance(v, bytes))))
-    return out
 
 
 def test_review_is_opt_in_by_default_and_can_be_toggled(stubs: tuple, s3_server: ClipstoreServer) -> None:

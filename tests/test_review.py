@@ -35,6 +35,7 @@ from clipstore.v1 import (
 )
 from tests.clip_helpers import ACCOUNT_ID, SERIAL, metadata, put_requests
 from tests.conftest import FakeClock, bearer, make_config, new_key
+from tests.db_helpers import database_bytes
 from tests.grpc_helpers import error_info
 
 AUDIO = bytes(range(256)) * 300  # 75 KiB: two segments
@@ -459,8 +460,7 @@ def test_escalation_notes_are_encrypted_and_erased_with_the_account(w: World) ->
     r.stub.FlagClip(review_pb2.FlagClipRequest(session_token=token, assignment_id=assignment.assignment_id,
                                                category=common_pb2.FLAG_CATEGORY_DISTRESS, note=note),
                     metadata=r.md, timeout=10)
-    from tests.test_ingest import _database_bytes
-    assert all(note.encode() not in data for _, data in _database_bytes(w.server))
+    assert all(note.encode() not in data for _, data in database_bytes(w.server))
     listed = w.safety.ListEscalations(safety_pb2.ListEscalationsRequest(), metadata=w.safety_md, timeout=10)
     assert listed.escalations[0].note == note
     w.accounts.DeleteAccount(account_pb2.DeleteAccountRequest(account_id=ACCOUNT_ID), metadata=w.ingest, timeout=10)
