@@ -39,7 +39,10 @@ from clipstore.store.principals import Principal
 from kms import AccountKeysDestroyed, DekUnwrapError, KeyVersionError, KmsAccessDenied, KmsError
 
 REQUEST_ID_HEADER = "x-request-id"
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# Only UUID-shaped ids are adopted: request ids reach the audit log, so they must not carry names or
+# account numbers a client might otherwise put there.
+_REQUEST_ID_RE = re.compile(r"^(?:[0-9a-fA-F]{32}|"
+                            r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$")
 log = get_logger("clipstore.rpc")
 
 

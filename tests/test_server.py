@@ -93,15 +93,18 @@ def test_disabled_principal_is_unauthenticated(server: ClipstoreServer, channel:
 
 
 def test_request_id_is_echoed_and_put_in_error_info(channel: grpc.Channel) -> None:
-    err = _get_clip(channel, (("x-request-id", "req-123"),))
-    assert ("x-request-id", "req-123") in tuple(err.initial_metadata())
-    assert error_info(err).metadata["request_id"] == "req-123"
+    rid = "3f2b8c1e-9d4a-4e7b-8a1c-5b6d7e8f9a0b"
+    err = _get_clip(channel, (("x-request-id", rid),))
+    assert ("x-request-id", rid) in tuple(err.initial_metadata())
+    assert error_info(err).metadata["request_id"] == rid
 
 
-def test_request_id_is_generated_when_absent_or_malformed(channel: grpc.Channel) -> None:
-    err = _get_clip(channel, (("x-request-id", "bad id with spaces"),))
+@pytest.mark.parametrize("incoming", ["bad id with spaces", "acct-12345-jane-doe", "x" * 32])
+def test_request_id_is_generated_unless_uuid_shaped(channel: grpc.Channel, incoming: str) -> None:
+    """Request ids reach the audit log: a client cannot smuggle a name or account number in."""
+    err = _get_clip(channel, (("x-request-id", incoming),))
     rid = error_info(err).metadata["request_id"]
-    assert rid != "bad id with spaces" and len(rid) == 32
+    assert rid != incoming and len(rid) == 32
 
 
 def test_every_access_log_line_is_json_without_the_bearer_key(
