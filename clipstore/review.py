@@ -38,6 +38,7 @@ from clipstore.totp import matching_step, new_secret, provisioning_uri, secret_b
 from kms import KeyProvider, KmsError
 
 DAY_S = 86400
+MAX_GRANTS_PER_ASSIGNMENT = 3  # a reviewer may replay a clip a little, not pass it around
 NOTE_ERASED = "[note erased: the clip was deleted]"
 CANDIDATES_PER_CLAIM = 20
 CLAIM_ROUNDS = 5
@@ -224,6 +225,10 @@ class ReviewDesk:
         if now >= assignment.expires_at:
             raise self._deny(actor, "grant.deny", FailedPrecondition(
                 "the assignment expired; ask for the next one", reason="ASSIGNMENT_EXPIRED"))
+        if self._repo.grants_for(assignment.assignment_id) >= MAX_GRANTS_PER_ASSIGNMENT:
+            raise self._deny(actor, "grant.deny", ResourceExhausted(
+                f"this assignment already had {MAX_GRANTS_PER_ASSIGNMENT} grants; complete or flag it",
+                reason="GRANT_LIMIT"))
         queued = self._repo.queued(assignment.clip_id)
         clip = self._eligible_clip(queued, now) if queued else None
         if clip is None:

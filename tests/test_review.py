@@ -466,3 +466,13 @@ def test_escalation_notes_are_encrypted_and_erased_with_the_account(w: World) ->
     w.accounts.DeleteAccount(account_pb2.DeleteAccountRequest(account_id=ACCOUNT_ID), metadata=w.ingest, timeout=10)
     listed = w.safety.ListEscalations(safety_pb2.ListEscalationsRequest(), metadata=w.safety_md, timeout=10)
     assert [e.note for e in listed.escalations] == ["[note erased: the clip was deleted]"]
+
+
+def test_an_assignment_gets_at_most_three_grants(w: World) -> None:
+    r, token, assignment, _ = _ready(w)
+    for _ in range(2):
+        w.grant(r, token, assignment.assignment_id)
+    err = _raises(r.stub.RequestGrant, review_pb2.RequestGrantRequest(session_token=token,
+                                                                      assignment_id=assignment.assignment_id),
+                  metadata=r.md, timeout=10)
+    w.denied(err, grpc.StatusCode.RESOURCE_EXHAUSTED, "GRANT_LIMIT")

@@ -225,6 +225,12 @@ class ReviewRepository:
     def add_grant(self, grant: GrantRow, now: float) -> None:
         self._execute(schema.grants.insert().values(**grant.__dict__, issued_at=now))
 
+    def grants_for(self, assignment_id: str) -> int:
+        t = schema.grants
+        with self._db.read() as conn:
+            return int(conn.scalar(sa.select(sa.func.count()).select_from(t)
+                                   .where(t.c.assignment_id == assignment_id)) or 0)
+
     def grant(self, grant_id: str) -> GrantRow | None:
         t = schema.grants
         return self._first(GrantRow, sa.select(t).where(t.c.grant_id == grant_id))
