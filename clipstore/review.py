@@ -23,13 +23,12 @@ from clipstore.errors import (
     ClipstoreError,
     EnvelopeError,
     FailedPrecondition,
-    InvalidArgument,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
 )
-from clipstore.grants import GrantClaims, check_grant_time, decode_grant, encode_grant
+from clipstore.grants import DEFAULT_GRANT_TTL_S, GrantClaims, check_grant_time, decode_grant, encode_grant
 from clipstore.identity import open_note, seal_note
 from clipstore.store.clips import AccountRepository, ClipRow
 from clipstore.store.principals import Principal, PrincipalRepository
@@ -53,7 +52,7 @@ class ReviewPolicy:
     lockout_s: float = 15 * 60
     daily_cap: int = 1000
     assignment_ttl_s: float = 10 * 60
-    grant_ttl_s: int = 120
+    grant_ttl_s: int = DEFAULT_GRANT_TTL_S
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -344,10 +343,4 @@ class ReviewDesk:
         if row is None:
             raise NotFound(f"no escalation {escalation_id}", reason="ESCALATION_NOT_FOUND")
         return row
-
-
-def validate_code(code: str) -> str:
-    if len(code) > 16:
-        raise InvalidArgument("totp_code", "a TOTP code is 6 digits")
-    return code
 

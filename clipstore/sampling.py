@@ -8,8 +8,6 @@ from collections.abc import Callable
 from clipstore.store.clips import ClipRow
 from clipstore.store.review import ReviewRepository
 
-DEFAULT_SAMPLE_RATE = 0.02
-
 
 def _uniform() -> float:
     return secrets.randbelow(1 << 53) / (1 << 53)
