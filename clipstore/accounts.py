@@ -14,7 +14,6 @@ from clipstore.store.clips import AccountRepository, AccountRow, ClipRepository
 from clipstore.store.review import ReviewRepository
 from kms import KeyRing, WrappedDek
 
-PAGE_ROWS = 500
 log = get_logger("clipstore.accounts")
 
 
@@ -64,13 +63,6 @@ class AccountDirectory:
         return AccountRow(account_ref=ref, allow_review=allow, retention_days=account.retention_days), \
             dequeued, revoked
 
-    def _all_clips(self, account_ref: str) -> list[str]:
-        ids, after = [], ""
-        while page := self._clips.list_by_account(account_ref, after=after, limit=PAGE_ROWS):
-            ids += [c.clip_id for c in page]
-            after = page[-1].clip_id
-        return ids
-
     def delete_account(self, account_id: str, actor: Actor) -> int:
         """Crypto-shred first (from then on nothing of the account opens), then delete rows and objects."""
         account = self.require(account_id)
@@ -79,7 +71,7 @@ class AccountDirectory:
         self._keyring.destroy(ref)
         self._review.dequeue(account_ref=ref)
         self._review.void_grants(account_ref=ref)
-        clip_ids = self._all_clips(ref)
+        clip_ids = [c.clip_id for c in self._clips.all_for_account(ref)]
         for clip_id in clip_ids:
             self._clips.delete(clip_id)
             try:
@@ -92,13 +84,9 @@ class AccountDirectory:
     def retire_key_versions(self, account_id: str, min_version: int, actor: Actor) -> int:
         """Set the minimum decryption version, once no clip of the account still needs an older one."""
         ref = self.require(account_id).account_ref
-        after = ""
-        while page := self._clips.list_by_account(ref, after=after, limit=PAGE_ROWS):
-            stale = [c.clip_id for c in page if c.key_version < min_version]
-            if stale:
-                raise FailedPrecondition(f"{len(stale)}+ clips still use a version below {min_version}; "
-                                         "run RotateAccountKey (it rewraps) first", reason="KEY_VERSION_IN_USE")
-            after = page[-1].clip_id
+        if any(c.key_version < min_version for c in self._clips.all_for_account(ref)):
+            raise FailedPrecondition(f"clips still use a version below {min_version}; "
+                                     "run RotateAccountKey (it rewraps) first", reason="KEY_VERSION_IN_USE")
         self._audit.append(actor.record("account.key_retire", account_ref=ref, reason=f"below {min_version}"))
         return self._keyring.retire_below(ref, min_version)
 
@@ -108,13 +96,11 @@ class AccountDirectory:
         ref = account.account_ref
         self._audit.append(actor.record("account.key_rotate", account_ref=ref))
         version = self._keyring.rotate(ref)
-        rewrapped, after = 0, ""
-        while page := self._clips.list_by_account(ref, after=after, limit=PAGE_ROWS):
-            for clip in page:
-                if clip.key_version != version:
-                    new = self._keyring.rewrap(WrappedDek(key_version=clip.key_version, blob=clip.wrapped_dek),
-                                               account_ref=ref, clip_id=clip.clip_id)
-                    self._clips.update_wrapped_dek(clip.clip_id, new.key_version, new.blob)
-                    rewrapped += 1
-            after = page[-1].clip_id
+        rewrapped = 0
+        for clip in self._clips.all_for_account(ref):
+            if clip.key_version != version:
+                new = self._keyring.rewrap(WrappedDek(key_version=clip.key_version, blob=clip.wrapped_dek),
+                                           account_ref=ref, clip_id=clip.clip_id)
+                self._clips.update_wrapped_dek(clip.clip_id, new.key_version, new.blob)
+                rewrapped += 1
         return version, rewrapped

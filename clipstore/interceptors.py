@@ -139,16 +139,16 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
             raise
         return ctx
 
-    def _fail(self, exc: Exception, ctx: RequestContext, context: grpc.ServicerContext) -> None:
+    @staticmethod
+    def _error_for(exc: Exception, ctx: RequestContext) -> ClipstoreError:
+        """The one status a failed call ends with."""
         translated = translate(exc)
         if translated is not None:
-            error = translated
-        elif isinstance(exc, NotImplementedError):
-            error = _Unimplemented(f"{ctx.method} is not implemented in this release")
-        else:
-            log.error("rpc.unhandled_exception", method=ctx.method, exc_type=type(exc).__name__)
-            error = _Internal(f"internal error; retry later and quote request id {ctx.request_id}")
-        context.abort_with_status(_status_for(error, ctx.request_id))
+            return translated
+        if isinstance(exc, NotImplementedError):
+            return _Unimplemented(f"{ctx.method} is not implemented in this release")
+        log.error("rpc.unhandled_exception", method=ctx.method, exc_type=type(exc).__name__)
+        return _Internal(f"internal error; retry later and quote request id {ctx.request_id}")
 
     @contextmanager
     def _scope(self, method: str, metadata: Mapping[str, str], public: bool,
@@ -168,8 +168,9 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
             status = "CANCELLED"
             raise
         except Exception as exc:
-            status = _status_name(exc)
-            self._fail(exc, ctx, context)
+            error = self._error_for(exc, ctx)
+            status = error.code.name
+            context.abort_with_status(_status_for(error, ctx.request_id))
         finally:
             elapsed = time.perf_counter() - started
             log.info("rpc", method=ctx.method, status=status,
@@ -214,15 +215,6 @@ def translate(exc: BaseException) -> ClipstoreError | None:
     if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
         return Unavailable("the metadata database is unavailable; retry later", reason="DATABASE_UNAVAILABLE")
     return None
-
-
-def _status_name(exc: BaseException) -> str:
-    translated = translate(exc)
-    if translated is not None:
-        return translated.code.name
-    if isinstance(exc, NotImplementedError):
-        return "UNIMPLEMENTED"
-    return "INTERNAL"
 
 
 def audit_denial(audit: AuditLog, ctx: RequestContext, error: ClipstoreError) -> None:

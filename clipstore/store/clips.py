@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -118,6 +119,13 @@ class ClipRepository:
             rows = conn.execute(sa.select(t).where(t.c.account_ref == account_ref, t.c.clip_id > after)
                                 .order_by(t.c.clip_id).limit(limit))
             return [_clip(r) for r in rows]
+
+    def all_for_account(self, account_ref: str, *, page_rows: int = 500) -> Iterator[ClipRow]:
+        """Every clip of the account, read a page at a time."""
+        after = ""
+        while page := self.list_by_account(account_ref, after=after, limit=page_rows):
+            yield from page
+            after = page[-1].clip_id
 
     def expired(self, now: float, limit: int) -> list[ClipRow]:
         t = schema.clips
