@@ -12,7 +12,7 @@ from clipstore.audit import SYSTEM, Actor, AuditLog
 from clipstore.blobs import BlobStore
 from clipstore.clock import Clock
 from clipstore.envelope import open_clip, seal_clip
-from clipstore.errors import ClipstoreError, FailedPrecondition, InvalidArgument, NotFound
+from clipstore.errors import ClipstoreError, FailedPrecondition, InvalidArgument, Kind, NotFound
 from clipstore.identity import open_identity, seal_identity
 from clipstore.logs import get_logger
 from clipstore.sampling import ReviewSampler
@@ -84,7 +84,7 @@ class ClipLibrary:
         try:
             sealed_bytes = self._blobs.put_stream(clip_id, seal_clip(dek, counted, clip_id=clip_id, account_ref=ref))
         except ClipstoreError as exc:
-            if exc.code.name == "UNAVAILABLE":
+            if exc.kind is Kind.DEPENDENCY_DOWN:
                 self._audit.append(actor.record("clip.ingest", account_ref=ref, clip_id=clip_id,
                                                 outcome="failed", reason=exc.reason))
             raise

@@ -15,6 +15,8 @@ import secrets
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from clipstore.errors import SealedBlobTampered
+
 LOOKUP_KEY_NAME = "account-lookup-hmac"
 NONCE_BYTES = 12
 
@@ -36,10 +38,12 @@ def _seal(dek: bytes, plain: bytes, aad: bytes) -> bytes:
 
 
 def _open(dek: bytes, sealed: bytes, aad: bytes, what: str) -> bytes:
+    if len(sealed) < NONCE_BYTES + 16:
+        raise SealedBlobTampered(f"{what} is {len(sealed)} bytes, shorter than a nonce and a tag")
     try:
         return AESGCM(dek).decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], aad)
     except InvalidTag:
-        raise ValueError(f"{what} does not open under its clip's data key") from None
+        raise SealedBlobTampered(f"{what} does not open under its clip's data key") from None
 
 
 def _identity_aad(clip_id: str) -> bytes:

@@ -20,21 +20,20 @@ from typing import Any
 import grpc
 import sqlalchemy as sa
 import structlog
-from google.protobuf import any_pb2
-from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from clipstore.audit import Actor, AuditLog, AuditRecord
 from clipstore.auth import PUBLIC_PREFIXES, authorize
 from clipstore.errors import (
-    ERROR_DOMAIN,
     ClipstoreError,
     DataLoss,
     FailedPrecondition,
+    Internal,
     NotFound,
     Unavailable,
+    Unimplemented,
 )
 from clipstore.logs import get_logger
+from clipstore.servicers.status import grpc_status, status_code
 from clipstore.store.principals import Principal
 from kms import AccountKeysDestroyed, DekUnwrapError, KeyVersionError, KmsAccessDenied, KmsError
 
@@ -74,24 +73,6 @@ def current_actor() -> Actor:
 
 Authenticator = Callable[[Mapping[str, str], grpc.ServicerContext], Principal]
 DenialHook = Callable[[RequestContext, ClipstoreError], None]
-
-
-def _status_for(error: ClipstoreError, request_id: str) -> grpc.Status:
-    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN,
-                                       metadata={**error.metadata, "request_id": request_id})
-    detail = any_pb2.Any()
-    detail.Pack(info)
-    return rpc_status.to_status(status_pb2.Status(
-        code=error.code.value[0], message=error.message, details=[detail]))
-
-
-class _Internal(ClipstoreError):
-    reason = "INTERNAL"
-
-
-class _Unimplemented(ClipstoreError):
-    code = grpc.StatusCode.UNIMPLEMENTED
-    reason = "NOT_IMPLEMENTED"
 
 
 class ClipstoreInterceptor(grpc.ServerInterceptor):
@@ -146,9 +127,9 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
         if translated is not None:
             return translated
         if isinstance(exc, NotImplementedError):
-            return _Unimplemented(f"{ctx.method} is not implemented in this release")
+            return Unimplemented(f"{ctx.method} is not implemented in this release")
         log.error("rpc.unhandled_exception", method=ctx.method, exc_type=type(exc).__name__)
-        return _Internal(f"internal error; retry later and quote request id {ctx.request_id}")
+        return Internal(f"internal error; retry later and quote request id {ctx.request_id}")
 
     @contextmanager
     def _scope(self, method: str, metadata: Mapping[str, str], public: bool,
@@ -169,8 +150,8 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
             raise
         except Exception as exc:
             error = self._error_for(exc, ctx)
-            status = error.code.name
-            context.abort_with_status(_status_for(error, ctx.request_id))
+            status = status_code(error).name
+            context.abort_with_status(grpc_status(error, ctx.request_id))
         finally:
             elapsed = time.perf_counter() - started
             log.info("rpc", method=ctx.method, status=status,

@@ -297,7 +297,7 @@ class ReviewDesk:
             yield from self._clips.audio(clip)
         except EnvelopeError as exc:
             self._audit.append(actor.record("clip.integrity_failure", clip_id=clip.clip_id,
-                                            account_ref=clip.account_ref, outcome="failed", reason=exc.kind))
+                                            account_ref=clip.account_ref, outcome="failed", reason=exc.tamper))
             raise
 
     # -- closing and escalation ---------------------------------------------------------

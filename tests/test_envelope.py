@@ -223,7 +223,7 @@ def test_errors_show_callers_one_generic_message(three_segments: tuple[bytes, by
         open_(three_segments[1], account_ref="acct_other")
     assert caught.value.message == ("the clip failed its integrity check and was not returned; "
                                     "the event was recorded")
-    assert caught.value.reason == "CLIP_INTEGRITY" and caught.value.kind == "account_mismatch"
+    assert caught.value.reason == "CLIP_INTEGRITY" and caught.value.tamper == "account_mismatch"
 
 
 @pytest.mark.parametrize("size", [0, 1, SEGMENT_SIZE_BYTES - 1, SEGMENT_SIZE_BYTES, SEGMENT_SIZE_BYTES + 1,

@@ -8,16 +8,11 @@ from auditlog.checkpoint import Checkpoint
 from auditlog.note import open_note
 from clipstore.audit import AuditLog, AuditRecord
 from clipstore.audit.reader import MAX_PAGE_ENTRIES
-from clipstore.errors import ClipstoreError, InvalidArgument
+from clipstore.errors import InvalidArgument, OutOfRange
 from clipstore.interceptors import current_request
 from clipstore.v1 import audit_pb2, audit_pb2_grpc
 
 DEFAULT_PAGE_ENTRIES = 100
-
-
-class OutOfRange(ClipstoreError):
-    code = grpc.StatusCode.OUT_OF_RANGE
-    reason = "BEYOND_TREE_SIZE"
 
 
 class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
