@@ -40,19 +40,29 @@ def make_entry(*, seq: int, prev: str, time: str, actor: Mapping[str, str], acti
 
 
 def parse_entry(data: bytes, index: int) -> dict[str, Any]:
-    """Parse and check one entry's form; `EntryError(index, …)` on any defect."""
+    """Parse and check one entry's form; `EntryError(index, "malformed: …")` on any defect.
+
+    Hostile input must end in an `EntryError`, never in another exception: json
+    raises ValueError for over-long integers, RecursionError for deep nesting,
+    and a lone surrogate (valid JSON escape, invalid Unicode) only fails when
+    re-encoded.
+    """
     if len(data) > MAX_ENTRY_BYTES:
-        raise EntryError(index, f"entry is {len(data)} bytes; at most {MAX_ENTRY_BYTES} allowed")
+        raise EntryError(index, f"malformed: entry is {len(data)} bytes; at most {MAX_ENTRY_BYTES} allowed")
     try:
         value = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EntryError(index, f"not valid JSON ({exc.__class__.__name__})") from None
+    except (ValueError, RecursionError) as exc:
+        raise EntryError(index, f"malformed: not valid JSON ({exc.__class__.__name__})") from None
     if not isinstance(value, dict) or set(value) != FIELDS:
-        raise EntryError(index, f"fields must be exactly {sorted(FIELDS)}")
-    if canonical_json(value) != data:
-        raise EntryError(index, "not in canonical form (sorted keys, no spaces, UTF-8)")
+        raise EntryError(index, f"malformed: fields must be exactly {sorted(FIELDS)}")
+    try:
+        canonical = canonical_json(value)
+    except (ValueError, RecursionError):  # UnicodeEncodeError: a lone surrogate
+        raise EntryError(index, "malformed: not encodable as UTF-8 (lone surrogate)") from None
+    if canonical != data:
+        raise EntryError(index, "malformed: not in canonical form (sorted keys, no spaces, UTF-8)")
     if not isinstance(value["seq"], int) or isinstance(value["seq"], bool):
-        raise EntryError(index, "seq is not an integer")
+        raise EntryError(index, "malformed: seq is not an integer")
     if not isinstance(value["prev"], str) or len(value["prev"]) != 64:
-        raise EntryError(index, "prev is not a 64-character hex hash")
+        raise EntryError(index, "malformed: prev is not a 64-character hex hash")
     return value

@@ -7,7 +7,9 @@ Plan (each step raises on its first failure, naming the entry index):
      log signed; if not (or entries are missing), re-read the entries and
      find the first defect: form, seq == i, prev == hash of entry i-1;
      failing that, truncation, or an edit the chain was rewritten to hide;
-  3. seq and prev of every entry (entries past the checkpoint included);
+  3. seq and prev of every entry; entries past the checkpoint are parsed in
+     full and counted (`unsigned_trailing`): no signature covers them, so a
+     caller decides whether to accept them (`--strict` refuses);
   4. against a trusted checkpoint saved earlier: not smaller (rollback) and
      a prefix of this log (else: fork).
 """
@@ -35,6 +37,7 @@ class VerifiedLog:
     size: int
     root: bytes
     checkpoint: Checkpoint
+    unsigned_trailing: int = 0  # entries after checkpoint.size: chained, but signed by nobody
 
 
 def check_chain(entries: Iterable[bytes]) -> list[bytes]:
@@ -66,8 +69,8 @@ def _link(data: bytes) -> tuple[int, bytes]:
     i = data.find(b'"prev":"')
     j = data.find(b'"seq":', i)
     k = data.find(b",", j)
-    if i < 0 or j < 0 or k < 0:
-        return -1, b""
+    if i < 0 or j < 0 or k < 0 or not data[j + 6:k].isdigit() or k - j - 6 > 19:
+        return -1, b""  # not what the log writes: the slow path names the defect
     return int(data[j + 6:k]), data[i + 8:i + 72]
 
 
@@ -89,7 +92,14 @@ def verify_log(entries: Callable[[], Iterable[bytes]], checkpoint_note: str | by
         h = _LEAF_PREFIX.copy()
         h.update(data)
         leaf = h.digest()
-        seq, entry_prev = _link(data)
+        if tree.size < checkpoint.size:
+            seq, entry_prev = _link(data)
+        else:  # unsigned: only a full parse vouches for its form
+            try:
+                entry = parse_entry(data, tree.size)
+                seq, entry_prev = entry["seq"], entry["prev"].encode()
+            except EntryError:
+                seq, entry_prev = -1, b""  # check_chain below reports the first defect
         linked = linked and seq == tree.size and entry_prev == prev
         prev = leaf.hex().encode()
         tree.append(leaf)
@@ -112,4 +122,5 @@ def verify_log(entries: Callable[[], Iterable[bytes]], checkpoint_note: str | by
         if trusted_root != trusted.root:
             raise EntryError(max(trusted.size - 1, 0), f"forked: the first {trusted.size} entries differ "
                                                        "from the trusted checkpoint")
-    return VerifiedLog(size=checkpoint.size, root=checkpoint.root, checkpoint=checkpoint)
+    return VerifiedLog(size=checkpoint.size, root=checkpoint.root, checkpoint=checkpoint,
+                       unsigned_trailing=tree.size - checkpoint.size)

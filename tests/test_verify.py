@@ -167,3 +167,89 @@ def test_auditlog_imports_only_stdlib_and_cryptography() -> None:
             "bad = [m for m in sys.modules if m.split('.')[0] in ('clipstore', 'kms', 'grpc', 'boto3')]; " \
             "print(bad); sys.exit(1 if bad else 0)"
     assert subprocess.run([sys.executable, "-c", probe], timeout=60).returncode == 0
+
+
+# -- issue 11.15: unsigned trailing entries, malformed input, a trailing blank line ----------
+
+def _forged_tail(entries: list[bytes]) -> bytes:
+    """A correctly chained entry appended after the checkpoint: nobody signed it."""
+    return _edit(entries[-1], seq=len(entries), prev=entry_hash(entries[-1]), action="clip.fetch",
+                 request_id="forged")
+
+
+def test_unsigned_trailing_entries_are_reported_not_silently_accepted(tmp_path: Path,
+                                                                      entries: list[bytes]) -> None:
+    checkpoint = checkpoint_for(entries, SIGNER)
+    code, line = _verify(tmp_path, [*entries, _forged_tail(entries)], checkpoint)
+    assert code == 0 and line.startswith(f"OK size={N} root=") and line.endswith(" unsigned_trailing=1"), line
+
+
+def test_strict_fails_on_unsigned_trailing_entries_via_the_cli(tmp_path: Path, entries: list[bytes]) -> None:
+    export = write_export(tmp_path / "e", [*entries, _forged_tail(entries)], checkpoint_for(entries, SIGNER), SIGNER)
+    result = subprocess.run([sys.executable, "-m", "auditlog", "verify", str(export), "--key", VKEY, "--strict"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result
+    assert result.stdout.startswith(f"FAIL entry {N}: unsigned: 1 entries follow the checkpoint"), result.stdout
+
+
+def test_strict_passes_a_log_that_ends_at_its_checkpoint(tmp_path: Path, entries: list[bytes]) -> None:
+    export = write_export(tmp_path / "e", entries, checkpoint_for(entries, SIGNER), SIGNER)
+    assert verify_dir(export, VKEY, None, strict=True) == (0, f"OK size={N} root="
+                                                               f"{_root(entries)} unsigned_trailing=0")
+
+
+def _root(entries: list[bytes]) -> str:
+    from auditlog.merkle import leaf_hash, root_hash
+    return root_hash([leaf_hash(e) for e in entries]).hex()
+
+
+MALFORMED = {
+    "seq as a string": lambda e: e.replace(b'"seq":4,', b'"seq":"4",'),
+    "lone surrogate": lambda e: e.replace(b'"action":"clip.ingest"', b'"action":"\\ud800"'),
+    "invalid UTF-8": lambda e: e.replace(b"clip.ingest", b"clip.\xff"),
+    "deep nesting": lambda e: b"[" * 5000 + b"]" * 5000,
+    "huge integer": lambda e: e.replace(b'"seq":4,', b'"seq":' + b"9" * 5000 + b","),
+    "not an object": lambda e: b'"just a string"',
+    "empty line": lambda e: b"",
+}
+
+
+@pytest.mark.parametrize("how", sorted(MALFORMED))
+def test_malformed_entry_fails_with_its_index_never_a_traceback(tmp_path: Path, entries: list[bytes],
+                                                                how: str) -> None:
+    checkpoint = checkpoint_for(entries, SIGNER)
+    entries[4] = MALFORMED[how](entries[4])
+    export = write_export(tmp_path / "e", entries, checkpoint, SIGNER)
+    result = subprocess.run([sys.executable, "-m", "auditlog", "verify", str(export), "--key", VKEY],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stdout.startswith("FAIL entry 4: malformed"), result
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("how", sorted(set(MALFORMED) - {"empty line"}))  # a final blank line is tolerated
+def test_malformed_unsigned_trailing_entry_fails_too(tmp_path: Path, entries: list[bytes], how: str) -> None:
+    checkpoint = checkpoint_for(entries, SIGNER)
+    tail = MALFORMED[how](_edit(entries[-1], seq=4, prev=entry_hash(entries[-1])))  # seq 4: what MALFORMED edits
+    code, line = _verify(tmp_path, [*entries, tail], checkpoint)
+    assert code == 1 and line.startswith(f"FAIL entry {N}: malformed"), line
+
+
+def test_one_trailing_empty_line_is_accepted(tmp_path: Path, entries: list[bytes]) -> None:
+    export = write_export(tmp_path / "e", entries, checkpoint_for(entries, SIGNER), SIGNER)
+    with (export / "entries.jsonl").open("ab") as fh:
+        fh.write(b"\n")
+    assert verify_dir(export, VKEY, None, strict=True)[0] == 0
+
+
+def test_a_missing_final_newline_is_accepted(tmp_path: Path, entries: list[bytes]) -> None:
+    export = write_export(tmp_path / "e", entries, checkpoint_for(entries, SIGNER), SIGNER)
+    (export / "entries.jsonl").write_bytes(b"\n".join(entries))
+    assert verify_dir(export, VKEY, None, strict=True)[0] == 0
+
+
+def test_two_trailing_empty_lines_fail_as_a_malformed_entry(tmp_path: Path, entries: list[bytes]) -> None:
+    export = write_export(tmp_path / "e", entries, checkpoint_for(entries, SIGNER), SIGNER)
+    with (export / "entries.jsonl").open("ab") as fh:
+        fh.write(b"\n\n")
+    code, line = verify_dir(export, VKEY, None)
+    assert code == 1 and line.startswith(f"FAIL entry {N}: malformed"), line
