@@ -1,8 +1,18 @@
-"""Durable audit appends: one sequencer thread, group commit, periodic checkpoints.
+"""Units of work and durable audit appends: one writer thread, group commit, periodic checkpoints.
 
-Callers block in `append` until their entry is committed (many callers share
-one transaction and one fsync). Across processes the `audit_head` row lock
-serialises writers, so replicas on one PostgreSQL keep a single chain.
+A state-changing request is one *unit of work*: a function that runs its
+checks, its state change and its audit entries against one transaction
+(`Tx`). `AuditLog.run(unit)` hands it to the writer thread, which runs the
+units that are waiting one after another inside ONE database transaction and
+commits them together: many requests share one fsync, and a limit checked
+inside a unit cannot be raced, because no other write interleaves. Across
+processes the `audit_head` row lock, taken first, serialises writers, so
+replicas on one PostgreSQL keep a single chain and see each other's commits.
+
+A crash leaves a unit's effect and its entries both committed or both absent.
+A unit that refuses (`raise tx.deny(...)`) keeps what it wrote (the denial's
+entry, a failure counter); a unit that fails any other way is rolled back and
+the others are committed without it.
 """
 
 from __future__ import annotations
@@ -12,9 +22,10 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Any
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
 
@@ -24,7 +35,7 @@ from auditlog.merkle import leaf_hash, node_hash, root_hash
 from auditlog.note import NoteSigner
 from clipstore.audit.reader import AuditReader
 from clipstore.clock import Clock, rfc3339
-from clipstore.errors import Unavailable
+from clipstore.errors import ClipstoreError, Unavailable
 from clipstore.logs import get_logger
 from clipstore.store import Database, schema
 from clipstore.store.schema import node_key
@@ -71,10 +82,40 @@ SYSTEM = Actor(id="system", role="retention")
 OPERATOR = Actor(id="cli", role="operator")
 
 
+T = TypeVar("T")
+
+
+class Tx:
+    """What a unit of work sees: the batch's connection, the batch's clock reading, and its audit trail."""
+
+    def __init__(self, conn: sa.Connection, now: float) -> None:
+        self.conn = conn
+        self.now = now
+        self.records: list[AuditRecord] = []
+        self._denials: list[ClipstoreError] = []
+
+    def audit(self, record: AuditRecord) -> None:
+        """Record an action; it commits together with the unit's state change."""
+        self.records.append(record)
+
+    def deny(self, actor: Actor, action: str, error: ClipstoreError, **target: str) -> ClipstoreError:
+        """Record a refusal and return the error to raise; what the unit wrote so far still commits."""
+        self.audit(actor.record(action, outcome="denied", reason=error.reason, **target))
+        self._denials.append(error)
+        return error
+
+    def is_denial(self, exc: BaseException) -> bool:
+        return any(exc is d for d in self._denials)
+
+
+Unit = Callable[[Tx], T]
+
+
 @dataclass
-class _Pending:
-    record: AuditRecord
-    done: Future[int]
+class _Pending(Generic[T]):
+    unit: Unit[T]
+    done: Future[T] = field(default_factory=Future)
+    first_seq: int = -1
 
 
 class AuditLog:
@@ -87,27 +128,51 @@ class AuditLog:
         self._every_entries = checkpoint_every_entries
         self._every_s = checkpoint_every_s
         self._max_batch = max_batch_entries
-        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Pending[Any] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._frontier: tuple[int, dict[int, bytes]] | None = None  # (size, level -> hash)
-        self._raw: Any = None  # the sequencer thread's own DBAPI connection
+        self._conn: sa.Connection | None = None  # the writer thread's own connection
         self._last_checkpoint = (-1, 0.0)  # (size, time)
         self.batches = 0  # for metrics and the benchmark
         self.on_record: Callable[[AuditRecord], None] = lambda record: None
         self.on_batch: Callable[[int, float], None] = lambda entries, seconds: None
         self._last_batch_size = 0
 
-    # -- appending ---------------------------------------------------------
-    def append(self, record: AuditRecord) -> int:
-        """Append and wait until durable; returns the entry's index."""
-        return self.append_async(record).result(timeout=APPEND_TIMEOUT_S)
+    # -- units of work and appends -----------------------------------------
+    def run(self, unit: Unit[T], *, timeout_s: float = APPEND_TIMEOUT_S) -> T:
+        """Run a unit of work in the writer's next transaction and wait until it is durable."""
+        return self._wait(self.submit(unit), timeout_s)
 
-    def append_async(self, record: AuditRecord) -> Future[int]:
+    def submit(self, unit: Unit[T]) -> _Pending[T]:
         self._ensure_started()
-        pending = _Pending(record, Future())
+        pending: _Pending[T] = _Pending(unit)
         self._queue.put(pending)
-        return pending.done
+        return pending
+
+    @staticmethod
+    def _wait(pending: _Pending[T], timeout_s: float) -> T:
+        """The outcome is never ambiguous: if the wait times out before the writer took the unit, the
+        unit is withdrawn and never runs; once the writer has it, wait for its commit or rollback."""
+        try:
+            return pending.done.result(timeout=timeout_s)
+        except FutureTimeout:
+            if pending.done.cancel():
+                raise AuditUnavailable("the audit log is too busy to record this action, so it was not "
+                                       "performed; retry later") from None
+            return pending.done.result()
+        except CancelledError:
+            raise AuditUnavailable("the audit log stopped before recording this action; retry") from None
+
+    def append(self, record: AuditRecord, *, timeout_s: float = APPEND_TIMEOUT_S) -> int:
+        """Append one entry on its own and wait until durable; returns the entry's index."""
+        pending = self.submit(lambda tx: tx.audit(record))
+        self._wait(pending, timeout_s)
+        return pending.first_seq
+
+    def append_async(self, record: AuditRecord) -> Future[None]:
+        """Queue one entry without waiting (benchmarks and bulk writers); the future ends when durable."""
+        return self.submit(lambda tx: tx.audit(record)).done
 
     def _ensure_started(self) -> None:
         with self._lock:
@@ -122,9 +187,9 @@ class AuditLog:
         if thread is not None:
             self._queue.put(None)
             thread.join()
-        if self._raw is not None:
-            self._raw.close()
-            self._raw = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     def _run(self) -> None:
         stopping = False
@@ -137,8 +202,8 @@ class AuditLog:
             if self._last_batch_size > 1:
                 # Concurrent callers are about: let them enqueue so one fsync serves them all.
                 time.sleep(GROUP_COMMIT_WAIT_S)
-            batch: list[_Pending] = []
-            item: _Pending | None = first
+            batch: list[_Pending[Any]] = []
+            item: _Pending[Any] | None = first
             while True:
                 if item is None:
                     stopping = True
@@ -155,51 +220,91 @@ class AuditLog:
             self._last_batch_size = len(batch)
             self._maybe_checkpoint(force_time=stopping)
 
-    def _commit(self, batch: list[_Pending]) -> None:
+    def _commit(self, batch: list[_Pending[Any]]) -> None:
         started = time.perf_counter()
-        try:
-            first_seq = self._write(batch)
-        except Exception as exc:
-            self._frontier = None
-            log.error("audit.append_failed", entries=len(batch), exc_type=type(exc).__name__)
-            for p in batch:
-                p.done.set_exception(AuditUnavailable(
-                    "the audit log could not record this action, so it was not performed; retry later"))
-            return
+        live = [p for p in batch if p.done.set_running_or_notify_cancel()]  # skip units withdrawn on timeout
+        outcomes: list[tuple[_Pending[Any], Tx, Any, BaseException | None]] = []
+        while live:
+            try:
+                outcomes, failed = self._write(live)
+            except Exception as exc:
+                self._frontier = None
+                log.error("audit.commit_failed", units=len(live), exc_type=type(exc).__name__)
+                for p in live:
+                    p.done.set_exception(AuditUnavailable(
+                        "the audit log could not record this action, so it was not performed; retry later"))
+                return
+            if failed is None:
+                break
+            # One unit failed (a bug or a lost connection): everything was rolled back; the others
+            # are run again without it, so its partial writes never commit.
+            bad, exc = failed
+            log.warning("unit.failed", exc_type=type(exc).__name__)
+            bad.done.set_exception(exc)
+            live.remove(bad)
         self.batches += 1
-        self.on_batch(len(batch), time.perf_counter() - started)
-        for offset, p in enumerate(batch):
-            self.on_record(p.record)
-            p.done.set_result(first_seq + offset)
+        self.on_batch(sum(len(tx.records) for _, tx, _, _ in outcomes), time.perf_counter() - started)
+        for p, tx, value, error in outcomes:
+            for record in tx.records:
+                self.on_record(record)
+            if error is None:
+                p.done.set_result(value)
+            else:
+                p.done.set_exception(error)
 
     def _sql(self, statement: str) -> str:
         return statement if self._db.is_sqlite else statement.replace("?", "%s")
 
-    def _write(self, batch: list[_Pending]) -> int:
-        # The hot path uses one DBAPI connection owned by the sequencer thread:
-        # four statements per batch, however many entries it holds.
-        with self._db.write_lock():
-            return self._write_locked(batch)
+    def _connection(self) -> sa.Connection:
+        if self._conn is None:
+            self._conn = self._db.engine.connect()
+        return self._conn
 
-    def _write_locked(self, batch: list[_Pending]) -> int:
-        if self._raw is None:
-            self._raw = self._db.engine.raw_connection()
-        raw = self._raw
-        try:
-            cur = raw.cursor()
-            # Lock the head row first: the one place writers of all replicas serialise.
-            cur.execute(self._sql("UPDATE audit_head SET size = size WHERE id = 1 RETURNING size, last_hash"))
-            size, prev = cur.fetchone()
-            frontier = self._load_frontier(cur, size)
-            first, now = size, rfc3339(self._clock.now())
-            entry_rows: list[tuple[int, bytes]] = []
-            node_rows: list[tuple[int, bytes]] = []
-            for p in batch:
-                r = p.record
+    def _write(self, live: list[_Pending[Any]]
+               ) -> tuple[list[tuple[_Pending[Any], Tx, Any, BaseException | None]],
+                          tuple[_Pending[Any], BaseException] | None]:
+        """Run the units and chain their entries in one transaction; returns their outcomes, or the
+        unit that failed (then nothing was committed)."""
+        with self._db.write_lock():
+            conn = self._connection()
+            try:
+                with conn.begin() as trans:
+                    # Lock the head row first: the one place writers of all replicas serialise.
+                    size, prev = conn.exec_driver_sql(
+                        "UPDATE audit_head SET size = size WHERE id = 1 RETURNING size, last_hash").one()
+                    frontier = self._load_frontier(conn, size)
+                    now = self._clock.now()
+                    outcomes: list[tuple[_Pending[Any], Tx, Any, BaseException | None]] = []
+                    for p in live:
+                        tx = Tx(conn, now)
+                        try:
+                            outcomes.append((p, tx, p.unit(tx), None))
+                        except BaseException as exc:
+                            if not tx.is_denial(exc):
+                                trans.rollback()
+                                return [], (p, exc)
+                            outcomes.append((p, tx, None, exc))
+                    size = self._chain(conn, outcomes, size, prev, rfc3339(now), frontier)
+            except BaseException:
+                self._conn = None
+                with contextlib.suppress(Exception):
+                    conn.invalidate()
+                raise
+        self._frontier = (size, frontier)
+        return outcomes, None
+
+    def _chain(self, conn: sa.Connection, outcomes: list[tuple[_Pending[Any], Tx, Any, BaseException | None]],
+               size: int, prev: str, now: str, frontier: dict[int, bytes]) -> int:
+        """Number, hash and store the batch's entries and tree nodes; returns the new size."""
+        entry_rows: list[tuple[int, bytes]] = []
+        node_rows: list[tuple[int, bytes]] = []
+        for p, tx, _, _ in outcomes:
+            p.first_seq = size
+            for r in tx.records:
                 data = make_entry(seq=size, prev=prev, time=now, actor={"id": r.actor_id, "role": r.actor_role},
                                   action=r.action, target={"clip_id": r.clip_id, "account_ref": r.account_ref,
                                                            "principal_id": r.principal_id},
-                                  outcome={"result": r.outcome, "reason": r.reason}, request_id=r.request_id)
+                                  outcome={"result": r.outcome, "reason": str(r.reason)}, request_id=r.request_id)
                 leaf = leaf_hash(data)
                 entry_rows.append((size, data))
                 node_rows.append((node_key(0, size), leaf))
@@ -210,21 +315,14 @@ class AuditLog:
                     node_rows.append((node_key(level, idx), h))
                 frontier[level] = h
                 prev, size = leaf.hex(), size + 1
-            cur.executemany(self._sql("INSERT INTO audit_entries (seq, entry) VALUES (?, ?)"), entry_rows)
-            cur.executemany(self._sql("INSERT INTO audit_nodes (node_key, hash) VALUES (?, ?)"), node_rows)
-            cur.execute(self._sql("UPDATE audit_head SET size = ?, last_hash = ? WHERE id = 1"), (size, prev))
-            raw.commit()
-        except BaseException:
-            self._raw = None
-            with contextlib.suppress(Exception):
-                raw.rollback()
-            with contextlib.suppress(Exception):
-                raw.close()
-            raise
-        self._frontier = (size, frontier)
-        return first
+        if entry_rows:
+            conn.exec_driver_sql(self._sql("INSERT INTO audit_entries (seq, entry) VALUES (?, ?)"), entry_rows)
+            conn.exec_driver_sql(self._sql("INSERT INTO audit_nodes (node_key, hash) VALUES (?, ?)"), node_rows)
+            conn.exec_driver_sql(self._sql("UPDATE audit_head SET size = ?, last_hash = ? WHERE id = 1"),
+                                 (size, prev))
+        return size
 
-    def _load_frontier(self, cur: Any, size: int) -> dict[int, bytes]:
+    def _load_frontier(self, conn: sa.Connection, size: int) -> dict[int, bytes]:
         if self._frontier is not None and self._frontier[0] == size:
             return dict(self._frontier[1])
         levels = {node_key(level, (size >> level) - 1): level
@@ -232,9 +330,10 @@ class AuditLog:
         if not levels:
             return {}
         marks = ", ".join("?" * len(levels))
-        cur.execute(self._sql(f"SELECT node_key, hash FROM audit_nodes WHERE node_key IN ({marks})"),  # noqa: S608
-                    tuple(levels))
-        frontier = {levels[k]: bytes(h) for k, h in cur.fetchall()}
+        rows = conn.exec_driver_sql(
+            self._sql(f"SELECT node_key, hash FROM audit_nodes WHERE node_key IN ({marks})"),  # noqa: S608
+            tuple(levels)).all()
+        frontier = {levels[k]: bytes(h) for k, h in rows}
         if len(frontier) != len(levels):
             raise LookupError("audit tree frontier is incomplete")
         return frontier
