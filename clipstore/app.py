@@ -14,6 +14,7 @@ from clipstore.clips import ClipLibrary
 from clipstore.clock import Clock, SystemClock
 from clipstore.config import Config
 from clipstore.identity import LOOKUP_KEY_NAME, AccountLookup
+from clipstore.principals import PrincipalLifecycle
 from clipstore.review import ReviewDesk, ReviewPolicy
 from clipstore.sampling import ReviewSampler
 from clipstore.store import Database, PrincipalRepository
@@ -45,6 +46,16 @@ def _private_dir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
+class _ReviewerSessions:
+    """What disabling a reviewer ends at once: their sessions and unredeemed grants."""
+
+    def __init__(self, repo: ReviewRepository) -> None:
+        self._repo = repo
+
+    def close_all(self, reviewer_id: str) -> tuple[int, int]:
+        return self._repo.end_sessions(reviewer_id=reviewer_id), self._repo.void_grants(reviewer_id=reviewer_id)
+
+
 class App:
     """Stores and key providers shared by the servicers; close() releases them."""
 
@@ -61,6 +72,10 @@ class App:
         self.blobs = blob_store(config)
         self.keyring = KeyRing(self.root, SqlKekStore(self.db), now=self.clock.now)
         review = ReviewRepository(self.db)
+        self.lifecycle = PrincipalLifecycle(repo=self.principals, audit=self.audit, clock=self.clock,
+                                            trust_domain=config.trust_domain,
+                                            reviewer_sessions=_ReviewerSessions(review),
+                                            default_overlap_s=config.key_overlap_s)
         self.accounts = AccountDirectory(
             accounts=AccountRepository(self.db), clips=ClipRepository(self.db), keyring=self.keyring,
             lookup=AccountLookup(load_or_create_service_key(self.db, self.root, LOOKUP_KEY_NAME)),

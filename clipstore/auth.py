@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping
 
 from clipstore.audit import OPERATOR, Actor, AuditLog
-from clipstore.errors import PermissionDenied, Unauthenticated
+from clipstore.errors import PermissionDenied, PrincipalRefused, Unauthenticated
 from clipstore.store.principals import Principal, PrincipalRepository
 
 ROLES = ("ingest", "reviewer", "safety", "auditor", "admin")
@@ -29,6 +29,9 @@ METHOD_ROLES: Mapping[str, frozenset[str]] = {
        for m in ("SetReviewPreference", "DeleteAccount", "RotateAccountKey")},
     **{f"{_SVC}ReviewerAdminService/{m}": frozenset({"admin"})
        for m in ("CreateReviewer", "DisableReviewer")},
+    **{f"{_SVC}PrincipalAdminService/{m}": frozenset({"admin"})
+       for m in ("CreatePrincipal", "ListPrincipals", "DisablePrincipal", "EnablePrincipal", "RotatePrincipalKey",
+                 "SetPrincipalExpiry")},
     **{f"{_SVC}ReviewService/{m}": frozenset({"reviewer"})
        for m in ("StartReviewSession", "NextAssignment", "RequestGrant", "FetchClip",
                  "FlagClip", "CompleteAssignment", "EndReviewSession")},
@@ -52,21 +55,34 @@ def new_api_key() -> str:
 
 
 def create_principal(repo: PrincipalRepository, audit: AuditLog, *, role: str, name: str,
-                     actor: Actor = OPERATOR) -> tuple[Principal, str]:
-    """Create a principal with a fresh API key (audited first); returns the key, shown once."""
+                     actor: Actor = OPERATOR, spiffe_id: str | None = None, expires_at: float | None = None,
+                     now: float | None = None) -> tuple[Principal, str | None]:
+    """Create a principal (audited first). It gets a fresh API key, returned once, unless it is named
+    by a certificate (`spiffe_id`): then it has no key at all and None is returned."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
     if not name or len(name) > 200:
         raise ValueError("name must be 1 to 200 characters")
-    principal = Principal(id="p_" + secrets.token_hex(8), name=name, role=role)
+    principal = Principal(id="p_" + secrets.token_hex(8), name=name, role=role, spiffe_id=spiffe_id,
+                          expires_at=expires_at)
     audit.append(actor.record("principal.create", reason=role, principal_id=principal.id))
-    key = new_api_key()
-    repo.add(principal, key_hash=hash_api_key(key), now=time.time())
+    key = None if spiffe_id else new_api_key()
+    repo.add(principal, key_hash=hash_api_key(key) if key else None, now=time.time() if now is None else now)
     return principal, key
 
 
-def authenticate(repo: PrincipalRepository, metadata: Mapping[str, str]) -> Principal:
-    """Resolve the bearer key in `authorization` metadata to an enabled principal."""
+def check_standing(principal: Principal, *, now: float) -> Principal:
+    """Raise unless the principal may act now (not disabled, not expired): for keys and certificates alike."""
+    if principal.disabled:
+        raise PrincipalRefused(principal.id, "this principal was disabled by an admin", reason="PRINCIPAL_DISABLED")
+    if principal.expires_at is not None and now >= principal.expires_at:
+        raise PrincipalRefused(principal.id, "this principal expired; an admin may extend it",
+                               reason="PRINCIPAL_EXPIRED")
+    return principal
+
+
+def authenticate(repo: PrincipalRepository, metadata: Mapping[str, str], *, now: float) -> Principal:
+    """Resolve the bearer key in `authorization` metadata to a principal in good standing."""
     header = metadata.get("authorization")
     if header is None:
         raise Unauthenticated("no credentials; send 'authorization: Bearer <api key>'",
@@ -75,12 +91,13 @@ def authenticate(repo: PrincipalRepository, metadata: Mapping[str, str]) -> Prin
     if scheme.lower() != "bearer" or not key.startswith(API_KEY_PREFIX):
         raise Unauthenticated("malformed authorization header; expected 'Bearer csk_…'",
                               reason="MALFORMED_CREDENTIALS")
-    principal = repo.by_key_hash(hash_api_key(key.strip()))
-    if principal is None:
+    match = repo.by_key_hash(hash_api_key(key.strip()))
+    if match is None:
         raise Unauthenticated("API key is unknown; ask an admin for a key", reason="INVALID_CREDENTIALS")
-    if principal.disabled:
-        raise Unauthenticated("this principal was disabled by an admin", reason="PRINCIPAL_DISABLED")
-    return principal
+    if match.retires_at is not None and now >= match.retires_at:
+        raise PrincipalRefused(match.principal.id, "this API key was replaced and its overlap has ended; "
+                                                   "use the new key", reason="KEY_ROTATED_OUT")
+    return check_standing(match.principal, now=now)
 
 
 def authorize(principal: Principal, method: str) -> None:

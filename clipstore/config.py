@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +19,9 @@ from typing import Any
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 4 << 20  # bounds memory per gRPC message
 DEFAULT_GRACE_S = 10.0
+MAX_KEY_OVERLAP_S = 7 * 86400  # an overlap is for rolling a deployment, not a second key for good
+# SPIFFE-ID spec §2.1: the trust domain of the ids client certificates carry.
+TRUST_DOMAIN_RE = re.compile(r"^[a-z0-9._-]{1,255}$")
 
 
 class ConfigError(Exception):
@@ -84,6 +88,8 @@ class Config:
     review_max_failed_codes: int = 5
     review_lockout_s: float = 15 * 60
     metrics_listen: str | None = None
+    trust_domain: str = "clipstore"
+    key_overlap_s: float = 3600.0
 
     @property
     def effective_database_url(self) -> str:
@@ -131,6 +137,8 @@ _SCHEMA: dict[str, tuple[str, type]] = {
     "review.max_failed_codes": ("CLIPSTORE_REVIEW_MAX_FAILED_CODES", int),
     "review.lockout_s": ("CLIPSTORE_REVIEW_LOCKOUT_S", float),
     "metrics.listen": ("CLIPSTORE_METRICS_LISTEN", str),
+    "auth.trust_domain": ("CLIPSTORE_AUTH_TRUST_DOMAIN", str),
+    "auth.key_overlap_s": ("CLIPSTORE_AUTH_KEY_OVERLAP_S", float),
 }
 
 
@@ -256,7 +264,21 @@ def _build(values: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         review_max_failed_codes=values.get("review.max_failed_codes", 5),
         review_lockout_s=values.get("review.lockout_s", 15 * 60),
         metrics_listen=_metrics_listen(values.get("metrics.listen")),
+        trust_domain=_trust_domain(values.get("auth.trust_domain", "clipstore")),
+        key_overlap_s=_key_overlap(values.get("auth.key_overlap_s", 3600.0)),
     )
+
+
+def _trust_domain(name: str) -> str:
+    if not TRUST_DOMAIN_RE.match(name):
+        raise ConfigError("auth.trust_domain", f"lower-case letters, digits, '.', '-', '_'; got {name!r}")
+    return name
+
+
+def _key_overlap(seconds: float) -> float:
+    if seconds > MAX_KEY_OVERLAP_S:
+        raise ConfigError("auth.key_overlap_s", f"at most {MAX_KEY_OVERLAP_S} s (7 days), got {seconds:g}")
+    return seconds
 
 
 def _metrics_listen(listen: str | None) -> str | None:

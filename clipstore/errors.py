@@ -53,8 +53,15 @@ class Reason(StrEnum):
     MALFORMED_CREDENTIALS = auto(), Kind.NOT_AUTHENTICATED, "the header is not `Bearer csk_…`"
     INVALID_CREDENTIALS = auto(), Kind.NOT_AUTHENTICATED, "key unknown; ask an admin"
     PRINCIPAL_DISABLED = auto(), Kind.NOT_AUTHENTICATED, "the principal (e.g. a reviewer) was disabled"
+    PRINCIPAL_EXPIRED = auto(), Kind.NOT_AUTHENTICATED, "the principal's expiry has passed; an admin may extend it"
+    KEY_ROTATED_OUT = auto(), Kind.NOT_AUTHENTICATED, "the key was replaced and its overlap has ended; use the new key"
     CERT_WITHOUT_PRINCIPAL = auto(), Kind.NOT_AUTHENTICATED, \
-        "the client certificate has no `spiffe://clipstore/<role>/<name>` URI"
+        "the client certificate has no single `spiffe://<trust domain>/<role>/<name>` URI"
+    WRONG_TRUST_DOMAIN = auto(), Kind.NOT_AUTHENTICATED, \
+        "the certificate's SPIFFE id belongs to another trust domain (`tls.trust_domain`)"
+    UNKNOWN_SPIFFE_ID = auto(), Kind.NOT_AUTHENTICATED, \
+        "no principal is enrolled for the certificate's SPIFFE id; ask an admin"
+    CERT_REVOKED = auto(), Kind.NOT_AUTHENTICATED, "the client certificate is on the revocation list; get a new one"
     WRONG_ROLE = auto(), Kind.NOT_ALLOWED, "the principal's role may not call this RPC"
     # -- requests ----------------------------------------------------------------------------------
     INVALID_ARGUMENT = auto(), Kind.BAD_INPUT, "`metadata.field` names the bad field"
@@ -91,6 +98,11 @@ class Reason(StrEnum):
     REVIEWER_LOCKED = auto(), Kind.NOT_ALLOWED, "too many wrong codes; wait for the lockout to pass"
     NOT_ENROLLED = auto(), Kind.NOT_ALLOWED, "the principal is not an enrolled reviewer"
     REVIEWER_NOT_FOUND = auto(), Kind.NOT_FOUND, "no reviewer with that id"
+    # -- principal lifecycle (admins) ------------------------------------------------------------------
+    PRINCIPAL_NOT_FOUND = auto(), Kind.NOT_FOUND, "no principal with that id"
+    SPIFFE_ID_IN_USE = auto(), Kind.WRONG_STATE, "another principal is enrolled under that SPIFFE id"
+    FACTORS_BELONG_TO_REVIEWER = auto(), Kind.WRONG_STATE, \
+        "a reviewer's key and TOTP secret go only to the reviewer: issue them an enrolment code"
     # -- assignments and grants --------------------------------------------------------------------------
     QUEUE_EMPTY = auto(), Kind.NOT_FOUND, "nothing to review now; try again later"
     ASSIGNMENT_NOT_FOUND = auto(), Kind.NOT_FOUND, "not your assignment, or no such assignment"
@@ -156,6 +168,15 @@ class OutOfRange(ClipstoreError):
 
 class Unauthenticated(ClipstoreError):
     kind, reason = Kind.NOT_AUTHENTICATED, Reason.MISSING_CREDENTIALS
+
+
+class PrincipalRefused(Unauthenticated):
+    """A credential that names a known principal who may not act (disabled, expired, rotated-out key, revoked
+    certificate). The principal's id goes to the audit entry of the refusal, never to the caller."""
+
+    def __init__(self, principal_id: str, message: str, *, reason: str) -> None:
+        super().__init__(message, reason=reason)
+        self.principal_id = principal_id
 
 
 class PermissionDenied(ClipstoreError):

@@ -203,7 +203,9 @@ def audit_denial(audit: AuditLog, ctx: RequestContext, error: ClipstoreError) ->
     principal = ctx.principal
     record = AuditRecord(actor_id=principal.id if principal else "anonymous",
                          actor_role=principal.role if principal else "", action="auth.deny",
-                         outcome="denied", reason=error.reason, request_id=ctx.request_id)
+                         outcome="denied", reason=error.reason, request_id=ctx.request_id,
+                         # whose disabled, expired, rotated-out or revoked credential was presented
+                         principal_id=getattr(error, "principal_id", ""))
     try:
         audit.append(record)
     except Exception as exc:

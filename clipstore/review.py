@@ -96,14 +96,6 @@ class ReviewDesk:
         return Enrolment(principal=principal, api_key=api_key, totp_secret=secret_base32(secret),
                          provisioning_uri=provisioning_uri(secret, account_name=f"{name} ({principal.id})"))
 
-    def disable(self, reviewer_id: str, actor: Actor) -> tuple[int, int]:
-        principal = self._principals.get(reviewer_id)
-        if principal is None or principal.role != "reviewer":
-            raise NotFound(f"no reviewer {reviewer_id}", reason="REVIEWER_NOT_FOUND")
-        self._audit.append(actor.record("reviewer.disable", principal_id=reviewer_id))
-        self._principals.set_disabled(reviewer_id, True)
-        return self._repo.end_sessions(reviewer_id=reviewer_id), self._repo.void_grants(reviewer_id=reviewer_id)
-
     # -- sessions --------------------------------------------------------------
     def start_session(self, code: str, actor: Actor) -> tuple[str, float]:
         now = self._clock.now()

@@ -24,6 +24,7 @@ from clipstore.metrics import Metrics
 from clipstore.servicers.accounts import AccountServicer
 from clipstore.servicers.audit import AuditServicer
 from clipstore.servicers.clips import ClipServicer
+from clipstore.servicers.principals import PrincipalAdminServicer
 from clipstore.servicers.review import ReviewerAdminServicer, ReviewServicer, SafetyServicer
 from clipstore.store.principals import Principal
 from clipstore.tls import principal_from_cert
@@ -31,6 +32,7 @@ from clipstore.v1 import (
     account_pb2_grpc,
     audit_pb2_grpc,
     clip_pb2_grpc,
+    principal_admin_pb2_grpc,
     review_pb2_grpc,
     reviewer_admin_pb2_grpc,
     safety_pb2_grpc,
@@ -47,6 +49,8 @@ _SERVICES: list[tuple[str, Callable[[Any, grpc.Server], None], type]] = [
      account_pb2_grpc.AccountServiceServicer),
     ("clipstore.v1.ReviewerAdminService", reviewer_admin_pb2_grpc.add_ReviewerAdminServiceServicer_to_server,
      reviewer_admin_pb2_grpc.ReviewerAdminServiceServicer),
+    ("clipstore.v1.PrincipalAdminService", principal_admin_pb2_grpc.add_PrincipalAdminServiceServicer_to_server,
+     principal_admin_pb2_grpc.PrincipalAdminServiceServicer),
     ("clipstore.v1.ReviewService", review_pb2_grpc.add_ReviewServiceServicer_to_server,
      review_pb2_grpc.ReviewServiceServicer),
     ("clipstore.v1.SafetyService", safety_pb2_grpc.add_SafetyServiceServicer_to_server,
@@ -63,7 +67,8 @@ def _implemented_servicers(app: App) -> dict[str, Any]:
             "clipstore.v1.ClipService": ClipServicer(app.clips),
             "clipstore.v1.AccountService": AccountServicer(app.accounts),
             "clipstore.v1.ReviewService": ReviewServicer(app.review),
-            "clipstore.v1.ReviewerAdminService": ReviewerAdminServicer(app.review),
+            "clipstore.v1.ReviewerAdminService": ReviewerAdminServicer(app.review, app.lifecycle),
+            "clipstore.v1.PrincipalAdminService": PrincipalAdminServicer(app.lifecycle),
             "clipstore.v1.SafetyService": SafetyServicer(app.review)}
 
 
@@ -90,7 +95,7 @@ def _principal(app: App, metadata: Mapping[str, str], context: grpc.ServicerCont
             raise Unauthenticated("the client certificate names no principal; it needs a SAN URI "
                                   "spiffe://clipstore/<role>/<name>", reason="CERT_WITHOUT_PRINCIPAL")
         return principal
-    return authenticate(app.principals, metadata)
+    return authenticate(app.principals, metadata, now=app.clock.now())
 
 
 def _metrics(app: App) -> Metrics:

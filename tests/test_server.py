@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from clipstore.config import Config
 from clipstore.server import SERVICE_NAMES, ClipstoreServer, running_server
-from clipstore.store import Principal
+from clipstore.store.principals import KeyMatch
 from clipstore.v1 import audit_pb2, audit_pb2_grpc, clip_pb2, clip_pb2_grpc, review_pb2, review_pb2_grpc
 from tests.conftest import bearer, new_key
 from tests.grpc_helpers import error_info
@@ -84,9 +84,9 @@ def test_reviewer_rpcs_refuse_every_other_role(channel: grpc.Channel, keys: dict
 def test_disabled_principal_is_unauthenticated(server: ClipstoreServer, channel: grpc.Channel,
                                                keys: dict[str, str]) -> None:
     from clipstore.auth import hash_api_key
-    principal = server.app.principals.by_key_hash(hash_api_key(keys["ingest"]))
-    assert principal is not None
-    server.app.principals.set_disabled(principal.id, True)
+    match = server.app.principals.by_key_hash(hash_api_key(keys["ingest"]))
+    assert match is not None
+    server.app.principals.set_disabled(match.principal.id, True)
     err = _get_clip(channel, bearer(keys["ingest"]))
     assert err.code() == grpc.StatusCode.UNAUTHENTICATED
     assert error_info(err).reason == "PRINCIPAL_DISABLED"
@@ -136,7 +136,7 @@ def test_sigterm_path_drains_in_flight_call_and_refuses_new_ones(
         entered, release = threading.Event(), threading.Event()
         lookup = srv.app.principals.by_key_hash
 
-        def held_lookup(key_hash: bytes) -> Principal | None:
+        def held_lookup(key_hash: bytes) -> KeyMatch | None:
             entered.set()
             release.wait(10)
             return lookup(key_hash)

@@ -12,6 +12,7 @@ import grpc
 
 from clipstore.errors import InvalidArgument
 from clipstore.interceptors import current_actor
+from clipstore.principals import PrincipalLifecycle
 from clipstore.review import ReviewDesk
 from clipstore.servicers.common import LOCALE_RE, next_token, page_after, page_limit, text, timestamp
 from clipstore.store.clips import ClipRow
@@ -104,8 +105,8 @@ class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
 
 
 class ReviewerAdminServicer(reviewer_admin_pb2_grpc.ReviewerAdminServiceServicer):
-    def __init__(self, desk: ReviewDesk) -> None:
-        self._desk = desk
+    def __init__(self, desk: ReviewDesk, lifecycle: PrincipalLifecycle) -> None:
+        self._desk, self._lifecycle = desk, lifecycle
 
     def CreateReviewer(self, request: reviewer_admin_pb2.CreateReviewerRequest,
                        context: grpc.ServicerContext) -> reviewer_admin_pb2.CreateReviewerResponse:
@@ -119,7 +120,8 @@ class ReviewerAdminServicer(reviewer_admin_pb2_grpc.ReviewerAdminServiceServicer
 
     def DisableReviewer(self, request: reviewer_admin_pb2.DisableReviewerRequest,
                         context: grpc.ServicerContext) -> reviewer_admin_pb2.DisableReviewerResponse:
-        ended, voided = self._desk.disable(_id("reviewer_id", request.reviewer_id), current_actor())
+        _, ended, voided = self._lifecycle.disable(_id("reviewer_id", request.reviewer_id), current_actor(),
+                                                   role="reviewer")
         return reviewer_admin_pb2.DisableReviewerResponse(ended_sessions=ended, voided_grants=voided)
 
 

@@ -23,6 +23,48 @@ def _create(*tables: sa.Table) -> Callable[[sa.Connection], None]:
     return apply
 
 
+def _principals_v1(conn: sa.Connection) -> None:
+    # The table as released in migration 1 (schema.principals has moved on since).
+    sa.Table("principals", sa.MetaData(),
+             sa.Column("id", sa.String(40), primary_key=True),
+             sa.Column("name", sa.String(200), nullable=False),
+             sa.Column("role", sa.String(20), nullable=False),
+             sa.Column("key_hash", sa.LargeBinary(32), nullable=False, unique=True),
+             sa.Column("created_at", sa.Float, nullable=False),
+             sa.Column("disabled", sa.Boolean, nullable=False, default=False)).create(conn)
+
+
+def _rebuild(conn: sa.Connection, new: sa.Table, columns: str, *, migration: int) -> None:
+    """Replace table `new.name` by `new`'s shape, keeping `columns`. SQLite cannot drop a UNIQUE
+    column or a NOT NULL constraint in place, so both databases copy into a fresh table. (The staging
+    name carries the migration: PostgreSQL keeps it in constraint names, which must stay unique.)"""
+    staging = new.to_metadata(sa.MetaData(), name=f"{new.name}_m{migration}")
+    staging.create(conn)
+    conn.exec_driver_sql(f"INSERT INTO {staging.name} ({columns}) SELECT {columns} FROM {new.name}")  # noqa: S608
+    conn.exec_driver_sql(f"DROP TABLE {new.name}")
+    conn.exec_driver_sql(f"ALTER TABLE {staging.name} RENAME TO {new.name}")
+
+
+def _principal_lifecycle(conn: sa.Connection) -> None:
+    keys = sa.Table("principal_keys", sa.MetaData(),
+                    sa.Column("key_hash", sa.LargeBinary(32), primary_key=True),
+                    sa.Column("principal_id", sa.String(40), nullable=False, index=True),
+                    sa.Column("created_at", sa.Float, nullable=False),
+                    sa.Column("retires_at", sa.Float, nullable=True))
+    keys.create(conn)
+    conn.exec_driver_sql("INSERT INTO principal_keys (key_hash, principal_id, created_at) "
+                         "SELECT key_hash, id, created_at FROM principals")
+    _rebuild(conn, sa.Table("principals", sa.MetaData(),
+                            sa.Column("id", sa.String(40), primary_key=True),
+                            sa.Column("name", sa.String(200), nullable=False),
+                            sa.Column("role", sa.String(20), nullable=False),
+                            sa.Column("created_at", sa.Float, nullable=False),
+                            sa.Column("disabled", sa.Boolean, nullable=False, default=False),
+                            sa.Column("expires_at", sa.Float, nullable=True),
+                            sa.Column("spiffe_id", sa.String(255), nullable=True, unique=True)),
+             "id, name, role, created_at, disabled", migration=6)
+
+
 def _audit_log(conn: sa.Connection) -> None:
     _create(schema.audit_head, schema.audit_entries, schema.audit_nodes, schema.audit_checkpoints,
             schema.service_keys)(conn)
@@ -30,12 +72,13 @@ def _audit_log(conn: sa.Connection) -> None:
 
 
 MIGRATIONS: list[Migration] = [
-    (1, "principals", _create(schema.principals)),
+    (1, "principals", _principals_v1),
     (2, "audit log", _audit_log),
     (3, "account keys", _create(schema.account_keys, schema.account_key_tombstones)),
     (4, "accounts and clips", _create(schema.accounts, schema.clips, schema.ingest_idempotency)),
     (5, "review", _create(schema.reviewers, schema.review_sessions, schema.review_queue, schema.assignments,
                           schema.grants, schema.escalations)),
+    (6, "principal lifecycle: keys with rotation, expiry, SPIFFE ids", _principal_lifecycle),
 ]
 
 

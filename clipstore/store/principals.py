@@ -1,8 +1,9 @@
-"""Principals (services and people) and their API-key hashes."""
+"""Principals (services and people), their API-key hashes and their SPIFFE ids."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -16,35 +17,96 @@ class Principal:
     name: str
     role: str
     disabled: bool = False
+    expires_at: float | None = None  # None: never
+    spiffe_id: str | None = None  # the certificate identity that names this principal, if any
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeyMatch:
+    """The principal an API key belongs to, and until when the key works (None: it is the current key)."""
+
+    principal: Principal
+    retires_at: float | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrincipalListing:
+    principal: Principal
+    usable_keys: int  # keys that still authenticate now (the current one and any in their overlap)
+
+
+_P, _K = schema.principals, schema.principal_keys
+_COLUMNS = (_P.c.id, _P.c.name, _P.c.role, _P.c.disabled, _P.c.expires_at, _P.c.spiffe_id, _P.c.created_at)
+
+
+def _principal(row: Any) -> Principal:
+    return Principal(id=row.id, name=row.name, role=row.role, disabled=row.disabled, expires_at=row.expires_at,
+                     spiffe_id=row.spiffe_id, created_at=row.created_at)
 
 
 class PrincipalRepository:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    def add(self, principal: Principal, *, key_hash: bytes, now: float) -> None:
+    def add(self, principal: Principal, *, key_hash: bytes | None, now: float) -> None:
+        """Insert a principal and (unless it authenticates only by certificate) its first key."""
         with self._db.transaction() as conn:
-            conn.execute(schema.principals.insert().values(
-                id=principal.id, name=principal.name, role=principal.role,
-                key_hash=key_hash, created_at=now, disabled=principal.disabled))
+            conn.execute(_P.insert().values(
+                id=principal.id, name=principal.name, role=principal.role, created_at=now,
+                disabled=principal.disabled, expires_at=principal.expires_at, spiffe_id=principal.spiffe_id))
+            if key_hash is not None:
+                conn.execute(_K.insert().values(key_hash=key_hash, principal_id=principal.id, created_at=now))
 
-    def by_key_hash(self, key_hash: bytes) -> Principal | None:
-        return self._one(schema.principals.c.key_hash == key_hash)
+    def by_key_hash(self, key_hash: bytes) -> KeyMatch | None:
+        with self._db.read() as conn:
+            row = conn.execute(sa.select(*_COLUMNS, _K.c.retires_at).join(_K, _K.c.principal_id == _P.c.id)
+                               .where(_K.c.key_hash == key_hash)).one_or_none()
+        return None if row is None else KeyMatch(principal=_principal(row), retires_at=row.retires_at)
+
+    def by_spiffe_id(self, spiffe_id: str) -> Principal | None:
+        return self._one(_P.c.spiffe_id == spiffe_id)
 
     def get(self, principal_id: str) -> Principal | None:
-        return self._one(schema.principals.c.id == principal_id)
+        return self._one(_P.c.id == principal_id)
 
     def _one(self, where: sa.ColumnElement[bool]) -> Principal | None:
-        t = schema.principals
         with self._db.read() as conn:
-            row = conn.execute(sa.select(t.c.id, t.c.name, t.c.role, t.c.disabled)
-                               .where(where)).one_or_none()
-        return None if row is None else Principal(id=row.id, name=row.name, role=row.role,
-                                                  disabled=row.disabled)
+            row = conn.execute(sa.select(*_COLUMNS).where(where)).one_or_none()
+        return None if row is None else _principal(row)
+
+    def page(self, *, role: str | None, after: str, limit: int, now: float) -> list[PrincipalListing]:
+        usable = (sa.select(sa.func.count()).select_from(_K)
+                  .where(_K.c.principal_id == _P.c.id, sa.or_(_K.c.retires_at.is_(None), _K.c.retires_at > now))
+                  .scalar_subquery())
+        query = sa.select(*_COLUMNS, usable.label("usable_keys")).where(_P.c.id > after)
+        if role is not None:
+            query = query.where(_P.c.role == role)
+        with self._db.read() as conn:
+            rows = conn.execute(query.order_by(_P.c.id).limit(limit)).all()
+        return [PrincipalListing(principal=_principal(r), usable_keys=r.usable_keys) for r in rows]
 
     def set_disabled(self, principal_id: str, disabled: bool) -> bool:
+        return self._update(principal_id, disabled=disabled)
+
+    def set_expiry(self, principal_id: str, expires_at: float | None) -> bool:
+        return self._update(principal_id, expires_at=expires_at)
+
+    def _update(self, principal_id: str, **values: object) -> bool:
         with self._db.transaction() as conn:
-            result = conn.execute(schema.principals.update()
-                                  .where(schema.principals.c.id == principal_id)
-                                  .values(disabled=disabled))
-        return result.rowcount == 1
+            return conn.execute(_P.update().where(_P.c.id == principal_id).values(**values)).rowcount == 1
+
+    def rotate_key(self, principal_id: str, key_hash: bytes, *, now: float, retires_at: float) -> bool:
+        """Make `key_hash` the principal's one current key; every key still working now retires at
+        `retires_at` (or earlier, if it already would). False if there is no such principal.
+
+        One transaction that first locks the principal's row: concurrent rotations run one after
+        another, so exactly one key is current whatever the interleaving."""
+        with self._db.transaction() as conn:
+            if conn.execute(_P.update().where(_P.c.id == principal_id).values(id=_P.c.id)).rowcount != 1:
+                return False
+            conn.execute(_K.update().where(_K.c.principal_id == principal_id,
+                                           sa.or_(_K.c.retires_at.is_(None), _K.c.retires_at > retires_at))
+                         .values(retires_at=retires_at))
+            conn.execute(_K.insert().values(key_hash=key_hash, principal_id=principal_id, created_at=now))
+        return True

@@ -19,10 +19,23 @@ principals = sa.Table(
     sa.Column("id", sa.String(40), primary_key=True),
     sa.Column("name", sa.String(200), nullable=False),
     sa.Column("role", sa.String(20), nullable=False),
-    # SHA-256 of the API key: keys are 256-bit random, so a fast hash suffices.
-    sa.Column("key_hash", sa.LargeBinary(32), nullable=False, unique=True),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("disabled", sa.Boolean, nullable=False, default=False),
+    sa.Column("expires_at", sa.Float, nullable=True),  # NULL: never (migration 6)
+    # spiffe://<trust domain>/<role>/<name> of the client certificate naming this principal (migration 6)
+    sa.Column("spiffe_id", sa.String(255), nullable=True, unique=True),
+)
+
+# API keys (migration 6; before it, one key_hash column on principals). A principal has at most one
+# current key (retires_at NULL); a rotated key keeps working until retires_at, then is refused with
+# its own reason, so a caller still using it learns why.
+principal_keys = sa.Table(
+    "principal_keys", metadata,
+    # SHA-256 of the API key: keys are 256-bit random, so a fast hash suffices.
+    sa.Column("key_hash", sa.LargeBinary(32), primary_key=True),
+    sa.Column("principal_id", sa.String(40), nullable=False, index=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("retires_at", sa.Float, nullable=True),
 )
 
 # -- audit log (migration 2) ---------------------------------------------------

@@ -1,0 +1,265 @@
+"""Principal lifecycle for every role, through PrincipalAdminService on a real server."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+import sqlalchemy as sa
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from clipstore.auth import hash_api_key
+from clipstore.server import ClipstoreServer, running_server
+from clipstore.store import schema
+from clipstore.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    clip_pb2,
+    clip_pb2_grpc,
+    common_pb2,
+    principal_admin_pb2,
+    principal_admin_pb2_grpc,
+)
+from tests.conftest import FakeClock, bearer, make_config, new_key
+from tests.grpc_helpers import error_info
+
+RACERS = 24
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def srv(tmp_path: Path, database_url: str | None, clock: FakeClock, log_stream: io.StringIO
+        ) -> Iterator[ClipstoreServer]:
+    with running_server(make_config(tmp_path / "data", database_url=database_url), clock=clock) as server:
+        yield server
+
+
+@pytest.fixture
+def channel(srv: ClipstoreServer) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+        yield ch
+
+
+@pytest.fixture
+def admin(srv: ClipstoreServer) -> tuple[tuple[str, str], ...]:
+    return bearer(new_key(srv.app, "admin", "root"))
+
+
+@pytest.fixture
+def stub(channel: grpc.Channel) -> principal_admin_pb2_grpc.PrincipalAdminServiceStub:
+    return principal_admin_pb2_grpc.PrincipalAdminServiceStub(channel)
+
+
+def _ts(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def _create(stub: principal_admin_pb2_grpc.PrincipalAdminServiceStub, admin: tuple[tuple[str, str], ...],
+            role: common_pb2.Role.ValueType = common_pb2.ROLE_INGEST, name: str = "asr",
+            **fields: object) -> principal_admin_pb2.CreatePrincipalResponse:
+    return stub.CreatePrincipal(principal_admin_pb2.CreatePrincipalRequest(role=role, name=name, **fields),
+                                metadata=admin, timeout=10)
+
+
+def _call_as(channel: grpc.Channel, key: str) -> grpc.RpcError | None:
+    """One ordinary ingest call; the error if it was refused."""
+    try:
+        clip_pb2_grpc.ClipServiceStub(channel).ListClips(clip_pb2.ListClipsRequest(account_id="acct-1"),
+                                                         metadata=bearer(key), timeout=10)
+    except grpc.RpcError as err:
+        return err
+    return None
+
+
+def _entries(srv: ClipstoreServer) -> list[dict]:
+    return [json.loads(e) for e in srv.app.audit.reader.entries(0, 100_000)]
+
+
+def _refused(srv: ClipstoreServer, err: grpc.RpcError | None, reason: str, principal_id: str) -> None:
+    """Refused at authentication with its own reason, and the refusal is on record naming the principal."""
+    assert err is not None, "the call was not refused"
+    assert (err.code(), error_info(err).reason) == (grpc.StatusCode.UNAUTHENTICATED, reason), err.details()
+    last = [e for e in _entries(srv) if e["action"] == "auth.deny"][-1]
+    assert last["outcome"] == {"result": "denied", "reason": reason}
+    assert last["target"]["principal_id"] == principal_id
+    assert principal_id not in err.details()  # the caller learns why, not whose
+
+
+def test_admin_creates_lists_and_pages_principals_of_every_role(srv: ClipstoreServer, stub, admin) -> None:
+    created = {role: _create(stub, admin, role, f"{common_pb2.Role.Name(role)[5:].lower()}-1")
+               for role in (common_pb2.ROLE_INGEST, common_pb2.ROLE_SAFETY, common_pb2.ROLE_AUDITOR,
+                            common_pb2.ROLE_ADMIN)}
+    assert all(c.api_key.startswith("csk_") and c.principal.usable_keys == 1 for c in created.values())
+    listed, token = [], ""
+    while True:
+        page = stub.ListPrincipals(principal_admin_pb2.ListPrincipalsRequest(page_size=2, page_token=token),
+                                   metadata=admin, timeout=10)
+        listed += page.principals
+        token = page.next_page_token
+        if not token:
+            break
+    assert {p.principal_id for p in listed} >= {c.principal.principal_id for c in created.values()}
+    assert len(listed) == 5  # and the bootstrap admin
+    auditors = stub.ListPrincipals(principal_admin_pb2.ListPrincipalsRequest(role=common_pb2.ROLE_AUDITOR),
+                                   metadata=admin, timeout=10).principals
+    assert [p.name for p in auditors] == ["auditor-1"]
+    assert all(not p.disabled and not p.HasField("expires_at") for p in listed)
+
+
+def test_disabled_key_is_refused_and_audited_until_re_enabled(srv: ClipstoreServer, channel, stub, admin) -> None:
+    created = _create(stub, admin)
+    pid = created.principal.principal_id
+    assert _call_as(channel, created.api_key) is None
+    resp = stub.DisablePrincipal(principal_admin_pb2.DisablePrincipalRequest(principal_id=pid), metadata=admin,
+                                 timeout=10)
+    assert resp.principal.disabled
+    _refused(srv, _call_as(channel, created.api_key), "PRINCIPAL_DISABLED", pid)
+    stub.EnablePrincipal(principal_admin_pb2.EnablePrincipalRequest(principal_id=pid), metadata=admin, timeout=10)
+    assert _call_as(channel, created.api_key) is None
+
+
+def test_expired_key_is_refused_and_audited(srv: ClipstoreServer, channel, stub, admin, clock: FakeClock) -> None:
+    created = _create(stub, admin, expires_at=_ts(clock.now() + 3600))
+    assert created.principal.expires_at.seconds == int(clock.now() + 3600)
+    assert _call_as(channel, created.api_key) is None
+    clock.advance(3600)
+    _refused(srv, _call_as(channel, created.api_key), "PRINCIPAL_EXPIRED", created.principal.principal_id)
+    stub.SetPrincipalExpiry(principal_admin_pb2.SetPrincipalExpiryRequest(
+        principal_id=created.principal.principal_id), metadata=admin, timeout=10)  # unset: never expires
+    assert _call_as(channel, created.api_key) is None
+
+
+def test_rotated_out_key_works_through_the_overlap_then_is_refused_and_audited(
+        srv: ClipstoreServer, channel, stub, admin, clock: FakeClock) -> None:
+    created = _create(stub, admin)
+    pid = created.principal.principal_id
+    rotated = stub.RotatePrincipalKey(principal_admin_pb2.RotatePrincipalKeyRequest(
+        principal_id=pid, overlap=Duration(seconds=600)), metadata=admin, timeout=10)
+    assert rotated.api_key != created.api_key
+    assert rotated.previous_keys_retire_at.seconds == int(clock.now() + 600)
+    clock.advance(599)
+    assert _call_as(channel, created.api_key) is None and _call_as(channel, rotated.api_key) is None
+    clock.advance(1)
+    _refused(srv, _call_as(channel, created.api_key), "KEY_ROTATED_OUT", pid)
+    assert _call_as(channel, rotated.api_key) is None
+
+
+def test_rotation_uses_the_configured_overlap_unless_told_and_zero_retires_at_once(
+        srv: ClipstoreServer, channel, stub, admin, clock: FakeClock) -> None:
+    created = _create(stub, admin)
+    pid = created.principal.principal_id
+    default = stub.RotatePrincipalKey(principal_admin_pb2.RotatePrincipalKeyRequest(principal_id=pid),
+                                      metadata=admin, timeout=10)
+    assert default.previous_keys_retire_at.seconds == int(clock.now() + srv.app.config.key_overlap_s)
+    now = stub.RotatePrincipalKey(principal_admin_pb2.RotatePrincipalKeyRequest(
+        principal_id=pid, overlap=Duration(seconds=0)), metadata=admin, timeout=10)
+    for old in (created.api_key, default.api_key):
+        _refused(srv, _call_as(channel, old), "KEY_ROTATED_OUT", pid)
+    assert _call_as(channel, now.api_key) is None
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.RotatePrincipalKey(principal_admin_pb2.RotatePrincipalKeyRequest(
+            principal_id=pid, overlap=Duration(seconds=8 * 86400)), metadata=admin, timeout=10)
+    assert error_info(caught.value).metadata["field"] == "overlap"
+
+
+def test_every_lifecycle_change_is_audited_with_the_admin_as_actor(srv: ClipstoreServer, stub, admin,
+                                                                   clock: FakeClock) -> None:
+    pid = _create(stub, admin).principal.principal_id
+    stub.DisablePrincipal(principal_admin_pb2.DisablePrincipalRequest(principal_id=pid), metadata=admin, timeout=10)
+    stub.EnablePrincipal(principal_admin_pb2.EnablePrincipalRequest(principal_id=pid), metadata=admin, timeout=10)
+    stub.RotatePrincipalKey(principal_admin_pb2.RotatePrincipalKeyRequest(principal_id=pid), metadata=admin,
+                            timeout=10)
+    stub.SetPrincipalExpiry(principal_admin_pb2.SetPrincipalExpiryRequest(
+        principal_id=pid, expires_at=_ts(clock.now() + 60)), metadata=admin, timeout=10)
+    mine = [e for e in _entries(srv) if e["target"]["principal_id"] == pid]
+    assert [e["action"] for e in mine] == ["principal.create", "principal.disable", "principal.enable",
+                                           "principal.key_rotate", "principal.expiry"]
+    assert {e["actor"]["role"] for e in mine} == {"admin"}
+
+
+def test_admins_never_receive_or_rotate_a_reviewers_key(srv: ClipstoreServer, stub, admin) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        _create(stub, admin, common_pb2.ROLE_REVIEWER)
+    assert (caught.value.code(), error_info(caught.value).metadata["field"]) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "role")
+    reviewer_key = new_key(srv.app, "reviewer", "legacy-reviewer")
+    match = srv.app.principals.by_key_hash(hash_api_key(reviewer_key))
+    assert match is not None
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.RotatePrincipalKey(principal_admin_pb2.RotatePrincipalKeyRequest(principal_id=match.principal.id),
+                                metadata=admin, timeout=10)
+    assert (caught.value.code(), error_info(caught.value).reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION, "FACTORS_BELONG_TO_REVIEWER")
+
+
+@pytest.mark.parametrize("role", ["ingest", "reviewer", "safety", "auditor"])
+def test_only_admins_manage_principals(srv: ClipstoreServer, stub, role: str) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ListPrincipals(principal_admin_pb2.ListPrincipalsRequest(), metadata=bearer(new_key(srv.app, role)),
+                            timeout=10)
+    assert error_info(caught.value).reason == "WRONG_ROLE"
+
+
+def test_unknown_principal_is_not_found(stub, admin) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.DisablePrincipal(principal_admin_pb2.DisablePrincipalRequest(principal_id="p_nobody"), metadata=admin,
+                              timeout=10)
+    assert (caught.value.code(), error_info(caught.value).reason) == (grpc.StatusCode.NOT_FOUND,
+                                                                       "PRINCIPAL_NOT_FOUND")
+
+
+def test_24_concurrent_rotations_leave_exactly_one_current_key(srv: ClipstoreServer, channel, stub, admin) -> None:
+    pid = _create(stub, admin).principal.principal_id
+
+    def rotate(_: int) -> str:
+        return stub.RotatePrincipalKey(principal_admin_pb2.RotatePrincipalKeyRequest(principal_id=pid),
+                                       metadata=admin, timeout=30).api_key
+
+    with ThreadPoolExecutor(RACERS) as pool:
+        keys = list(pool.map(rotate, range(RACERS)))
+    k = schema.principal_keys
+    with srv.app.db.read() as conn:
+        current = conn.scalars(sa.select(k.c.key_hash).where(k.c.principal_id == pid, k.c.retires_at.is_(None))).all()
+    assert len(set(keys)) == RACERS and len(current) == 1
+    assert bytes(current[0]) in {hash_api_key(key) for key in keys}
+    assert len([e for e in _entries(srv) if e["action"] == "principal.key_rotate"]) == RACERS
+
+
+def test_a_database_from_before_key_rotation_keeps_its_keys(tmp_path: Path, database_url: str | None,
+                                                           log_stream: io.StringIO) -> None:
+    """Migration 6 moves each principal's key hash to principal_keys; the key keeps working."""
+    from clipstore.store import migrations
+    config = make_config(tmp_path / "data", database_url=database_url)
+    engine = sa.create_engine(config.effective_database_url.replace("postgresql://", "postgresql+psycopg://"))
+    (tmp_path / "data").mkdir(mode=0o700)
+    released = migrations.MIGRATIONS
+    try:
+        migrations.MIGRATIONS = [m for m in released if m[0] <= 5]
+        migrations.migrate(engine)
+    finally:
+        migrations.MIGRATIONS = released
+    key = "csk_" + "A" * 43
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO principals (id, name, role, key_hash, created_at, disabled) "
+                             "VALUES ('p_old', 'old-auditor', 'auditor', ?, 1.0, ?)"
+                             if engine.dialect.name == "sqlite" else
+                             "INSERT INTO principals (id, name, role, key_hash, created_at, disabled) "
+                             "VALUES ('p_old', 'old-auditor', 'auditor', %s, 1.0, %s)", (hash_api_key(key), False))
+    engine.dispose()
+    with running_server(config) as srv, grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        checkpoint = audit_pb2_grpc.AuditServiceStub(channel).GetCheckpoint(
+            audit_pb2.GetCheckpointRequest(), metadata=bearer(key), timeout=10)
+        assert checkpoint.verifier_key
+        assert srv.app.principals.get("p_old") is not None
