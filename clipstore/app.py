@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -15,12 +17,17 @@ from clipstore.clock import Clock, SystemClock
 from clipstore.config import Config
 from clipstore.identity import LOOKUP_KEY_NAME, AccountLookup
 from clipstore.principals import PrincipalLifecycle
-from clipstore.review import ReviewDesk, ReviewPolicy
+from clipstore.review import ReviewDesk, ReviewPolicy, ReviewPorts
+from clipstore.review.assignments import Assignments
+from clipstore.review.enrolment import Enrolments
+from clipstore.review.escalations import Escalations
+from clipstore.review.redeem import Grants
+from clipstore.review.sessions import Sessions
 from clipstore.sampling import ReviewSampler
 from clipstore.store import Database, PrincipalRepository
 from clipstore.store.clips import AccountRepository, ClipRepository
 from clipstore.store.keys import SqlKekStore
-from clipstore.store.review import ReviewRepository
+from clipstore.store.review import ReviewRepository, ReviewRows
 from clipstore.store.service_keys import load_or_create_service_key
 from kms import AwsKms, KeyProvider, KeyRing, LocalKms
 
@@ -86,15 +93,27 @@ class App:
                                  blobs=self.blobs, audit=self.audit, clock=self.clock, review=review,
                                  sampler=self.sampler, retention_days=config.retention_days,
                                  accidental_retention_hours=config.accidental_retention_hours)
+        policy = ReviewPolicy(session_lifetime_s=config.review_session_lifetime_s,
+                              session_idle_s=config.review_session_idle_s,
+                              max_failed_codes=config.review_max_failed_codes, lockout_s=config.review_lockout_s,
+                              daily_cap=config.review_daily_cap, grant_ttl_s=config.review_grant_ttl_s)
+        ports = ReviewPorts(ledger=self.audit, bind=lambda tx: ReviewRows(tx.conn), read=self._read_rows,
+                            clock=self.clock)
+        grant_key = Ed25519PrivateKey.from_private_bytes(load_or_create_service_key(self.db, self.root,
+                                                                                    GRANT_KEY_NAME))
         self.review = ReviewDesk(
-            repo=review, principals=self.principals, accounts=AccountRepository(self.db), clips=self.clips,
-            audit=self.audit, clock=self.clock, root=self.root,
-            grant_key=Ed25519PrivateKey.from_private_bytes(
-                load_or_create_service_key(self.db, self.root, GRANT_KEY_NAME)),
-            policy=ReviewPolicy(session_lifetime_s=config.review_session_lifetime_s,
-                                session_idle_s=config.review_session_idle_s,
-                                max_failed_codes=config.review_max_failed_codes, lockout_s=config.review_lockout_s,
-                                daily_cap=config.review_daily_cap, grant_ttl_s=config.review_grant_ttl_s))
+            ports=ports, policy=policy, clips=self.clips, audit=self.audit,
+            sessions=Sessions(ports, root=self.root, policy=policy),
+            assignments=Assignments(ports, policy=policy),
+            grants=Grants(ports, key=grant_key, policy=policy),
+            escalations=Escalations(ports, data_key=self.clips.dek, policy=policy),
+            enrolments=Enrolments(ports, principals=self.principals, repo=review, audit=self.audit,
+                                  root=self.root, clock=self.clock))
+
+    @contextmanager
+    def _read_rows(self) -> Iterator[ReviewRows]:
+        with self.db.read() as conn:
+            yield ReviewRows(conn)
 
     def close(self) -> None:
         self.audit.close()

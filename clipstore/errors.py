@@ -124,6 +124,7 @@ class Reason(StrEnum):
     REVIEWER_DISABLED = auto(), Kind.NOT_ALLOWED, "the reviewer was disabled"
     ACCOUNT_OPTED_OUT = auto(), Kind.NOT_ALLOWED, "the account no longer allows human review; stop"
     ESCALATION_NOT_FOUND = auto(), Kind.NOT_FOUND, "no escalation with that id"
+    ESCALATION_RESOLVED = auto(), Kind.WRONG_STATE, "the escalation was already resolved"
 
 
 class ClipstoreError(Exception):

@@ -71,3 +71,17 @@ def seal_note(dek: bytes, escalation_id: str, note: str) -> bytes:
 
 def open_note(dek: bytes, escalation_id: str, sealed: bytes) -> str:
     return _open(dek, sealed, _note_aad(escalation_id), f"note of escalation {escalation_id}").decode()
+
+
+def _review_text_aad(purpose: str, object_id: str) -> bytes:
+    return f"clipstore/{purpose}/v1".encode() + b"\x00" + object_id.encode()
+
+
+def seal_review_text(dek: bytes, purpose: str, object_id: str, text: str) -> bytes:
+    """A reviewer's label or the safety team's resolution, bound to its purpose and row: it may quote
+    the speaker, so it lives and dies with the account's keys, like the note."""
+    return _seal(dek, text.encode(), _review_text_aad(purpose, object_id))
+
+
+def open_review_text(dek: bytes, purpose: str, object_id: str, sealed: bytes) -> str:
+    return _open(dek, sealed, _review_text_aad(purpose, object_id), f"{purpose} of {object_id}").decode()

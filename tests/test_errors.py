@@ -20,7 +20,7 @@ SOURCES = [p for top in ("clipstore", "kms") for p in (REPO / top).rglob("*.py")
 def test_readme_error_table_is_generated_from_the_reason_list() -> None:
     readme = (REPO / "README.md").read_text()
     assert reason_table_markdown() in readme, \
-        "README error table is stale: paste clipstore.servicers.status.reason_table_markdown() into README.md"
+        "README error table is stale: run python -m clipstore.servicers.status README.md"
 
 
 def test_every_reason_literal_in_the_code_is_a_listed_reason() -> None:

@@ -19,6 +19,7 @@ from clipstore.audit.export import export_log
 from clipstore.config import Config
 from clipstore.grants import GrantClaims, encode_grant
 from clipstore.server import ClipstoreServer, running_server
+from clipstore.store.review import ReviewRows
 from clipstore.totp import code_at, matching_step
 from clipstore.v1 import (
     account_pb2,
@@ -184,7 +185,9 @@ def test_no_reviewer_or_safety_visible_field_carries_identity(w: World) -> None:
     listed = w.saw(w.safety.ListEscalations(safety_pb2.ListEscalationsRequest(), metadata=w.safety_md, timeout=10))
     w.saw(w.safety.ResolveEscalation(safety_pb2.ResolveEscalationRequest(
         escalation_id=listed.escalations[0].escalation_id, resolution="referred"), metadata=w.safety_md, timeout=10))
-    row = w.server.app.clips.find(w.server.app.review._repo.assignment(assignment.assignment_id).clip_id)
+    with w.server.app.db.read() as conn:
+        clip_id = ReviewRows(conn).assignment(assignment.assignment_id).clip_id
+    row = w.server.app.clips.find(clip_id)
     forbidden = [ACCOUNT_ID, SERIAL, row.account_ref, row.clip_id]
     text = "\n".join(s for m in w.seen for s in _strings(m))
     assert text and all(f not in text for f in forbidden)

@@ -104,6 +104,11 @@ class Tx:
         self._denials.append(error)
         return error
 
+    def refuse(self, error: ClipstoreError) -> ClipstoreError:
+        """An expected outcome that is not worth an entry (an empty queue): keep the unit's writes."""
+        self._denials.append(error)
+        return error
+
     def is_denial(self, exc: BaseException) -> bool:
         return any(exc is d for d in self._denials)
 

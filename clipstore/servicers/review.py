@@ -16,7 +16,7 @@ from clipstore.principals import PrincipalLifecycle
 from clipstore.review import ReviewDesk
 from clipstore.servicers.common import LOCALE_RE, next_token, page_after, page_limit, text, timestamp
 from clipstore.store.clips import ClipRow
-from clipstore.store.review import EscalationRow
+from clipstore.store.review import EscalationRow, QueuedClip
 from clipstore.v1 import (
     common_pb2,
     review_pb2,
@@ -31,8 +31,10 @@ MAX_NOTE_CHARS = 2000
 MAX_LABEL_CHARS = 64
 
 
-def review_clip(review_clip_id: str, clip: ClipRow) -> review_pb2.ReviewClip:
-    return review_pb2.ReviewClip(review_clip_id=review_clip_id, locale=clip.locale, duration_ms=clip.duration_ms,
+def review_clip(review_clip_id: str, clip: ClipRow | QueuedClip) -> review_pb2.ReviewClip:
+    """Only what a reviewer may see: a pseudonymous id, locale, duration, content type."""
+    locale = clip.queue.locale if isinstance(clip, QueuedClip) else clip.locale
+    return review_pb2.ReviewClip(review_clip_id=review_clip_id, locale=locale, duration_ms=clip.duration_ms,
                                  content_type=clip.content_type)
 
 
@@ -74,9 +76,10 @@ class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
     def FetchClip(self, request: review_pb2.FetchClipRequest,
                   context: grpc.ServicerContext) -> Iterator[review_pb2.FetchClipResponse]:
         grant = text("grant", request.grant, max_chars=1024, required=True)
-        assignment, clip, audio = self._desk.fetch(_token(request.session_token), grant,
-                                                   _id("review_clip_id", request.review_clip_id), current_actor())
-        yield review_pb2.FetchClipResponse(clip=review_clip(assignment.review_clip_id, clip))
+        review_clip_id, clip, audio = self._desk.fetch(_token(request.session_token), grant,
+                                                       _id("review_clip_id", request.review_clip_id),
+                                                       current_actor())
+        yield review_pb2.FetchClipResponse(clip=review_clip(review_clip_id, clip))
         for chunk in audio:
             yield review_pb2.FetchClipResponse(audio_chunk=chunk)
 
@@ -139,7 +142,7 @@ class SafetyServicer(safety_pb2_grpc.SafetyServiceServicer):
                         context: grpc.ServicerContext) -> safety_pb2.ListEscalationsResponse:
         limit = page_limit(request.page_size)
         rows = self._desk.list_escalations(include_resolved=request.include_resolved,
-                                           after=page_after(request.page_token), limit=limit)
+                                           after=page_after(request.page_token), limit=limit, actor=current_actor())
         token = next_token([r.escalation_id for r, _ in rows], limit)
         return safety_pb2.ListEscalationsResponse(escalations=[escalation_message(r, note) for r, note in rows],
                                                   next_page_token=token)
@@ -147,6 +150,6 @@ class SafetyServicer(safety_pb2_grpc.SafetyServiceServicer):
     def ResolveEscalation(self, request: safety_pb2.ResolveEscalationRequest,
                           context: grpc.ServicerContext) -> safety_pb2.ResolveEscalationResponse:
         resolution = text("resolution", request.resolution, max_chars=MAX_NOTE_CHARS, required=True)
-        row = self._desk.resolve_escalation(_id("escalation_id", request.escalation_id), resolution,
-                                            current_actor())
-        return safety_pb2.ResolveEscalationResponse(escalation=escalation_message(row, self._desk.note(row)))
+        row, note = self._desk.resolve_escalation(_id("escalation_id", request.escalation_id), resolution,
+                                                  current_actor())
+        return safety_pb2.ResolveEscalationResponse(escalation=escalation_message(row, note))

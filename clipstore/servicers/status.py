@@ -44,3 +44,18 @@ def reason_table_markdown() -> str:
     rows = ["| code | reason | meaning / what to do |", "|---|---|---|"]
     rows += [f"| {STATUS_BY_KIND[r.kind].name} | `{r}` | {r.advice} |" for r in Reason]
     return "\n".join(rows) + "\n"
+
+
+def rewrite_readme_table(readme: str) -> str:
+    """README.md text with its error table replaced by the generated one."""
+    start = readme.index("| code | reason | meaning / what to do |")
+    end = readme.find("\n\n", start)
+    return readme[:start] + reason_table_markdown() + readme[end + 1 if end != -1 else len(readme):]
+
+
+if __name__ == "__main__":  # python -m clipstore.servicers.status README.md: regenerate the table in place
+    import sys
+    from pathlib import Path
+
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else "README.md")
+    path.write_text(rewrite_readme_table(path.read_text()))

@@ -37,7 +37,7 @@ class ClipRow:
     identity_ct: bytes
 
 
-def _clip(row: sa.Row[tuple[object, ...]]) -> ClipRow:
+def clip_row(row: sa.Row[tuple[object, ...]]) -> ClipRow:
     values = dict(row._mapping)
     values["wrapped_dek"], values["identity_ct"] = bytes(values["wrapped_dek"]), bytes(values["identity_ct"])
     return ClipRow(**values)
@@ -111,14 +111,14 @@ class ClipRepository:
     def get(self, clip_id: str) -> ClipRow | None:
         with self._db.transaction() as conn:
             row = conn.execute(sa.select(schema.clips).where(schema.clips.c.clip_id == clip_id)).one_or_none()
-        return None if row is None else _clip(row)
+        return None if row is None else clip_row(row)
 
     def list_by_account(self, account_ref: str, *, after: str, limit: int) -> list[ClipRow]:
         t = schema.clips
         with self._db.read() as conn:
             rows = conn.execute(sa.select(t).where(t.c.account_ref == account_ref, t.c.clip_id > after)
                                 .order_by(t.c.clip_id).limit(limit))
-            return [_clip(r) for r in rows]
+            return [clip_row(r) for r in rows]
 
     def all_for_account(self, account_ref: str, *, page_rows: int = 500) -> Iterator[ClipRow]:
         """Every clip of the account, read a page at a time."""
@@ -130,7 +130,7 @@ class ClipRepository:
     def expired(self, now: float, limit: int) -> list[ClipRow]:
         t = schema.clips
         with self._db.read() as conn:
-            return [_clip(r) for r in conn.execute(sa.select(t).where(t.c.expires_at <= now)
+            return [clip_row(r) for r in conn.execute(sa.select(t).where(t.c.expires_at <= now)
                                                    .order_by(t.c.expires_at).limit(limit))]
 
     def delete(self, clip_id: str) -> bool:

@@ -71,6 +71,21 @@ def _audit_log(conn: sa.Connection) -> None:
     conn.execute(schema.audit_head.insert().values(id=1, size=0, last_hash=GENESIS_PREV))
 
 
+def _seal_review_text(conn: sa.Connection) -> None:
+    """Escalating lockouts; reviewer labels and safety resolutions sealed under the clip's key.
+    Spelled out as DDL (not from the live tables), guarded because migration 5 created its tables from
+    the live definitions, which already carry these columns on a fresh database."""
+    blob = sa.LargeBinary().compile(dialect=conn.dialect)
+    present = {(t, c["name"]) for t in ("reviewers", "assignments", "escalations")
+               for c in sa.inspect(conn).get_columns(t)}
+    for table, column, ddl in (("reviewers", "lockouts", "INTEGER NOT NULL DEFAULT 0"),
+                               ("assignments", "label_ct", blob), ("escalations", "resolution_ct", blob)):
+        if (table, column) not in present:
+            conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}"))
+    # Labels and resolutions written in clear before this migration stay until their clip is deleted
+    # (`ReviewRows.forget_clip`); sealing them needs the clip keys, so it is a job, not DDL.
+
+
 MIGRATIONS: list[Migration] = [
     (1, "principals", _principals_v1),
     (2, "audit log", _audit_log),
@@ -79,6 +94,7 @@ MIGRATIONS: list[Migration] = [
     (5, "review", _create(schema.reviewers, schema.review_sessions, schema.review_queue, schema.assignments,
                           schema.grants, schema.escalations)),
     (6, "principal lifecycle: keys with rotation, expiry, SPIFFE ids", _principal_lifecycle),
+    (7, "sealed review text, escalating lockouts", _seal_review_text),
 ]
 
 

@@ -1,7 +1,10 @@
 """Rows of the review workflow: reviewers, sessions, queue, assignments, grants, escalations.
 
-Every state change that must happen once (a TOTP step, a queue claim, a grant
-redemption) is one conditional UPDATE whose row count says who won.
+`ReviewRows` works on a connection it is given: inside a unit of work (one
+transaction with the request's audit entry) or on a read connection. Every
+state change that must happen once (a TOTP step, a queue claim, a grant
+redemption) is also one conditional UPDATE whose row count says who won, so
+it holds even between replicas.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from clipstore.store import schema
+from clipstore.store.clips import ClipRow, clip_row
 from clipstore.store.db import Database
 
 
@@ -24,6 +28,7 @@ class ReviewerRow:
     last_totp_step: int
     failed_attempts: int
     locked_until: float
+    lockouts: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +60,23 @@ class AssignmentRow:
 
 
 @dataclass(frozen=True, kw_only=True)
+class QueuedClip:
+    """One joined read: a queue entry, its clip's review-relevant fields and its account's preference."""
+
+    queue: QueueRow
+    clip_exists: bool
+    wake_word: bool
+    expires_at: float
+    allow_review: bool
+    duration_ms: int
+    content_type: str
+
+    def eligible(self, now: float) -> bool:
+        """Never reviewable: deleted, expired, no wake word (accidental activation), opted out."""
+        return self.clip_exists and self.wake_word and self.expires_at > now and self.allow_review
+
+
+@dataclass(frozen=True, kw_only=True)
 class GrantRow:
     grant_id: str
     reviewer_id: str
@@ -76,6 +98,7 @@ class EscalationRow:
     note_ct: bytes
     created_at: float
     resolved_at: float | None
+    resolution_ct: bytes | None
 
 
 def _row(cls: Any, row: Any) -> Any:
@@ -84,57 +107,53 @@ def _row(cls: Any, row: Any) -> Any:
     return cls(**{k: v for k, v in row._mapping.items() if k in names})
 
 
-class ReviewRepository:
-    def __init__(self, db: Database) -> None:
-        self._db = db
+class ReviewRows:
+    """The review tables, on one connection (see the module docstring)."""
 
-    def _execute(self, statement: sa.Executable) -> sa.CursorResult[Any]:
-        with self._db.transaction() as conn:
-            return conn.execute(statement)
+    def __init__(self, conn: sa.Connection) -> None:
+        self._conn = conn
 
     def _first(self, cls: type, statement: sa.Select[Any]) -> Any:
-        with self._db.read() as conn:
-            row = conn.execute(statement).first()
+        row = self._conn.execute(statement).first()
         return None if row is None else _row(cls, row)
 
     # -- reviewers -----------------------------------------------------------
     def add_reviewer(self, principal_id: str, locales: tuple[str, ...], wrapped_secret: bytes, now: float) -> None:
-        self._execute(schema.reviewers.insert().values(
+        self._conn.execute(schema.reviewers.insert().values(
             principal_id=principal_id, locales=",".join(locales), wrapped_totp_secret=wrapped_secret,
-            last_totp_step=-1, failed_attempts=0, locked_until=0.0, created_at=now))
+            last_totp_step=-1, failed_attempts=0, locked_until=0.0, lockouts=0, created_at=now))
 
     def reviewer(self, principal_id: str) -> ReviewerRow | None:
         t = schema.reviewers
-        with self._db.read() as conn:
-            row = conn.execute(sa.select(t).where(t.c.principal_id == principal_id)).first()
+        row = self._conn.execute(sa.select(t).where(t.c.principal_id == principal_id)).first()
         if row is None:
             return None
         return ReviewerRow(principal_id=row.principal_id, locales=tuple(filter(None, row.locales.split(","))),
                            wrapped_totp_secret=bytes(row.wrapped_totp_secret), last_totp_step=row.last_totp_step,
-                           failed_attempts=row.failed_attempts, locked_until=row.locked_until)
+                           failed_attempts=row.failed_attempts, locked_until=row.locked_until,
+                           lockouts=row.lockouts)
 
     def accept_step(self, principal_id: str, step: int) -> bool:
         """Record a TOTP step as used; False if it (or a later one) was used before: a replay."""
         t = schema.reviewers
-        return self._execute(t.update().where(t.c.principal_id == principal_id, t.c.last_totp_step < step)
-                             .values(last_totp_step=step, failed_attempts=0)).rowcount == 1
+        return self._conn.execute(t.update().where(t.c.principal_id == principal_id, t.c.last_totp_step < step)
+                                  .values(last_totp_step=step, failed_attempts=0, lockouts=0)).rowcount == 1
 
-    def record_failure(self, principal_id: str, *, max_failures: int, lock_until: float) -> bool:
-        """Count a failed code; True when this failure locks the reviewer."""
+    def count_failure(self, principal_id: str) -> int:
+        """One more failed code; returns the count so far."""
         t = schema.reviewers
-        with self._db.transaction() as conn:
-            conn.execute(t.update().where(t.c.principal_id == principal_id)
-                         .values(failed_attempts=t.c.failed_attempts + 1))
-            failures = conn.scalar(sa.select(t.c.failed_attempts).where(t.c.principal_id == principal_id))
-            if failures is not None and failures >= max_failures:
-                conn.execute(t.update().where(t.c.principal_id == principal_id)
-                             .values(locked_until=lock_until, failed_attempts=0))
-                return True
-        return False
+        self._conn.execute(t.update().where(t.c.principal_id == principal_id)
+                           .values(failed_attempts=t.c.failed_attempts + 1))
+        return int(self._conn.scalar(sa.select(t.c.failed_attempts).where(t.c.principal_id == principal_id)) or 0)
+
+    def lock(self, principal_id: str, until: float) -> None:
+        t = schema.reviewers
+        self._conn.execute(t.update().where(t.c.principal_id == principal_id)
+                           .values(locked_until=until, failed_attempts=0, lockouts=t.c.lockouts + 1))
 
     # -- sessions ------------------------------------------------------------
     def add_session(self, session_id: str, token_hash: bytes, reviewer_id: str, now: float, expires_at: float) -> None:
-        self._execute(schema.review_sessions.insert().values(
+        self._conn.execute(schema.review_sessions.insert().values(
             session_id=session_id, token_hash=token_hash, reviewer_id=reviewer_id, created_at=now,
             expires_at=expires_at, last_seen_at=now, ended=False))
 
@@ -142,94 +161,90 @@ class ReviewRepository:
         t = schema.review_sessions
         return self._first(SessionRow, sa.select(t).where(t.c.token_hash == token_hash))
 
-    def session(self, session_id: str) -> SessionRow | None:
-        t = schema.review_sessions
-        return self._first(SessionRow, sa.select(t).where(t.c.session_id == session_id))
-
     def touch_session(self, session_id: str, now: float) -> None:
         t = schema.review_sessions
-        self._execute(t.update().where(t.c.session_id == session_id).values(last_seen_at=now))
+        self._conn.execute(t.update().where(t.c.session_id == session_id).values(last_seen_at=now))
 
     def end_sessions(self, *, reviewer_id: str | None = None, session_id: str | None = None) -> int:
         t = schema.review_sessions
         where = t.c.reviewer_id == reviewer_id if reviewer_id else t.c.session_id == session_id
-        return self._execute(t.update().where(where, t.c.ended.is_(False)).values(ended=True)).rowcount
+        return self._conn.execute(t.update().where(where, t.c.ended.is_(False)).values(ended=True)).rowcount
 
     # -- queue and assignments ------------------------------------------------
     def enqueue(self, clip_id: str, review_clip_id: str, account_ref: str, locale: str, now: float) -> None:
-        self._execute(schema.review_queue.insert().values(
+        self._conn.execute(schema.review_queue.insert().values(
             clip_id=clip_id, review_clip_id=review_clip_id, account_ref=account_ref, locale=locale,
             enqueued_at=now))
 
-    def candidates(self, *, now: float, locales: tuple[str, ...], limit: int) -> list[QueueRow]:
-        t = schema.review_queue
-        q = sa.select(t).where(sa.or_(t.c.assignment_id.is_(None), t.c.assignment_expires_at < now))
+    def _queued_clips(self) -> sa.Select[Any]:
+        q, c, a = schema.review_queue, schema.clips, schema.accounts
+        return (sa.select(q, c.c.clip_id.label("clip_exists"), c.c.wake_word, c.c.expires_at, c.c.duration_ms,
+                          c.c.content_type, a.c.allow_review)
+                .select_from(q.outerjoin(c, c.c.clip_id == q.c.clip_id)
+                              .outerjoin(a, a.c.account_ref == q.c.account_ref)))
+
+    @staticmethod
+    def _queued(row: Any) -> QueuedClip:
+        return QueuedClip(queue=_row(QueueRow, row), clip_exists=row.clip_exists is not None,
+                          wake_word=bool(row.wake_word), expires_at=row.expires_at or 0.0,
+                          allow_review=bool(row.allow_review), duration_ms=row.duration_ms or 0,
+                          content_type=row.content_type or "")
+
+    def candidates(self, *, now: float, locales: tuple[str, ...], limit: int) -> list[QueuedClip]:
+        q = schema.review_queue
+        stmt = self._queued_clips().where(sa.or_(q.c.assignment_id.is_(None), q.c.assignment_expires_at < now))
         if locales:
-            q = q.where(t.c.locale.in_(locales))
-        with self._db.read() as conn:
-            return [_row(QueueRow, r) for r in conn.execute(q.order_by(t.c.enqueued_at).limit(limit))]
+            stmt = stmt.where(q.c.locale.in_(locales))
+        return [self._queued(r) for r in self._conn.execute(stmt.order_by(q.c.enqueued_at).limit(limit))]
+
+    def queued(self, clip_id: str) -> QueuedClip | None:
+        row = self._conn.execute(self._queued_clips().where(schema.review_queue.c.clip_id == clip_id)).first()
+        return None if row is None else self._queued(row)
 
     def claim(self, clip_id: str, assignment: AssignmentRow, now: float) -> bool:
         q = schema.review_queue
-        with self._db.transaction() as conn:
-            won = conn.execute(q.update().where(
-                q.c.clip_id == clip_id, sa.or_(q.c.assignment_id.is_(None), q.c.assignment_expires_at < now))
-                .values(assignment_id=assignment.assignment_id,
-                        assignment_expires_at=assignment.expires_at)).rowcount == 1
-            if won:
-                conn.execute(schema.assignments.insert().values(**assignment.__dict__, label=None))
+        won = self._conn.execute(q.update().where(
+            q.c.clip_id == clip_id, sa.or_(q.c.assignment_id.is_(None), q.c.assignment_expires_at < now))
+            .values(assignment_id=assignment.assignment_id,
+                    assignment_expires_at=assignment.expires_at)).rowcount == 1
+        if won:
+            self._conn.execute(schema.assignments.insert().values(**assignment.__dict__, label=None))
         return won
-
-    def release(self, assignment_id: str) -> None:
-        """Undo a claim whose audit entry could not be written."""
-        q = schema.review_queue
-        with self._db.transaction() as conn:
-            conn.execute(q.update().where(q.c.assignment_id == assignment_id)
-                         .values(assignment_id=None, assignment_expires_at=None))
-            conn.execute(schema.assignments.delete().where(schema.assignments.c.assignment_id == assignment_id))
 
     def assignments_since(self, reviewer_id: str, since: float) -> int:
         t = schema.assignments
-        with self._db.read() as conn:
-            return int(conn.scalar(sa.select(sa.func.count()).select_from(t).where(
-                t.c.reviewer_id == reviewer_id, t.c.created_at >= since)) or 0)
+        return int(self._conn.scalar(sa.select(sa.func.count()).select_from(t).where(
+            t.c.reviewer_id == reviewer_id, t.c.created_at >= since)) or 0)
 
     def assignment(self, assignment_id: str) -> AssignmentRow | None:
         t = schema.assignments
         return self._first(AssignmentRow, sa.select(t).where(t.c.assignment_id == assignment_id))
 
-    def complete(self, assignment_id: str, label: str, now: float) -> bool:
+    def complete(self, assignment_id: str, label_ct: bytes, now: float) -> bool:
         t = schema.assignments
-        with self._db.transaction() as conn:
-            done = conn.execute(t.update().where(t.c.assignment_id == assignment_id, t.c.completed_at.is_(None))
-                                .values(completed_at=now, label=label)).rowcount == 1
-            if done:
-                conn.execute(schema.review_queue.delete().where(
-                    schema.review_queue.c.assignment_id == assignment_id))
+        done = self._conn.execute(t.update().where(t.c.assignment_id == assignment_id, t.c.completed_at.is_(None))
+                                  .values(completed_at=now, label_ct=label_ct)).rowcount == 1
+        if done:
+            self._conn.execute(schema.review_queue.delete().where(
+                schema.review_queue.c.assignment_id == assignment_id))
         return done
 
     def dequeue(self, *, account_ref: str | None = None, clip_id: str | None = None) -> int:
         q = schema.review_queue
         where = q.c.account_ref == account_ref if account_ref else q.c.clip_id == clip_id
-        return self._execute(q.delete().where(where)).rowcount
+        return self._conn.execute(q.delete().where(where)).rowcount
 
     def queue_depth(self) -> int:
-        with self._db.read() as conn:
-            return int(conn.scalar(sa.select(sa.func.count()).select_from(schema.review_queue)) or 0)
-
-    def queued(self, clip_id: str) -> QueueRow | None:
-        t = schema.review_queue
-        return self._first(QueueRow, sa.select(t).where(t.c.clip_id == clip_id))
+        return int(self._conn.scalar(sa.select(sa.func.count()).select_from(schema.review_queue)) or 0)
 
     # -- grants ----------------------------------------------------------------
     def add_grant(self, grant: GrantRow, now: float) -> None:
-        self._execute(schema.grants.insert().values(**grant.__dict__, issued_at=now))
+        self._conn.execute(schema.grants.insert().values(**grant.__dict__, issued_at=now))
 
     def grants_for(self, assignment_id: str) -> int:
         t = schema.grants
-        with self._db.read() as conn:
-            return int(conn.scalar(sa.select(sa.func.count()).select_from(t)
-                                   .where(t.c.assignment_id == assignment_id)) or 0)
+        return int(self._conn.scalar(sa.select(sa.func.count()).select_from(t)
+                                     .where(t.c.assignment_id == assignment_id)) or 0)
 
     def grant(self, grant_id: str) -> GrantRow | None:
         t = schema.grants
@@ -238,34 +253,91 @@ class ReviewRepository:
     def redeem(self, grant_id: str, now: float) -> bool:
         """Single use: exactly one caller ever gets True for a grant."""
         t = schema.grants
-        return self._execute(t.update().where(t.c.grant_id == grant_id, t.c.redeemed_at.is_(None),
-                                              t.c.voided.is_(False)).values(redeemed_at=now)).rowcount == 1
+        return self._conn.execute(t.update().where(t.c.grant_id == grant_id, t.c.redeemed_at.is_(None),
+                                                   t.c.voided.is_(False)).values(redeemed_at=now)).rowcount == 1
 
     def void_grants(self, *, reviewer_id: str | None = None, session_id: str | None = None,
-                    account_ref: str | None = None, clip_id: str | None = None) -> int:
+                    account_ref: str | None = None, clip_id: str | None = None,
+                    assignment_id: str | None = None) -> int:
         t = schema.grants
-        conditions = [c for c, v in ((t.c.reviewer_id, reviewer_id), (t.c.session_id, session_id),
-                                     (t.c.account_ref, account_ref), (t.c.clip_id, clip_id)) if v is not None]
-        if len(conditions) != 1:
-            raise TypeError("void_grants takes exactly one of reviewer_id, session_id, account_ref, clip_id")
-        value = reviewer_id or session_id or account_ref or clip_id
-        return self._execute(t.update().where(conditions[0] == value, t.c.redeemed_at.is_(None),
-                                              t.c.voided.is_(False)).values(voided=True)).rowcount
+        given = [(c, v) for c, v in ((t.c.reviewer_id, reviewer_id), (t.c.session_id, session_id),
+                                     (t.c.account_ref, account_ref), (t.c.clip_id, clip_id),
+                                     (t.c.assignment_id, assignment_id)) if v is not None]
+        if len(given) != 1:
+            raise TypeError("void_grants takes exactly one of reviewer_id, session_id, account_ref, clip_id, "
+                            "assignment_id")
+        conditions, value = [given[0][0]], given[0][1]
+        return self._conn.execute(t.update().where(conditions[0] == value, t.c.redeemed_at.is_(None),
+                                                   t.c.voided.is_(False)).values(voided=True)).rowcount
+
+    def withdraw_from_review(self, *, clip_id: str | None = None, account_ref: str | None = None) -> tuple[int, int]:
+        """The one way a clip (or every clip of an account) leaves review: out of the queue, its unredeemed
+        grants void. Returns (dequeued, voided)."""
+        if (clip_id is None) == (account_ref is None):
+            raise TypeError("withdraw_from_review takes exactly one of clip_id, account_ref")
+        if clip_id is not None:
+            return self.dequeue(clip_id=clip_id), self.void_grants(clip_id=clip_id)
+        return self.dequeue(account_ref=account_ref), self.void_grants(account_ref=account_ref)
+
+    def forget_clip(self, clip_id: str) -> None:
+        """A deleted clip leaves no reviewer label and no escalation text behind (they are sealed under its
+        key, which is gone, but need not be kept as noise either)."""
+        self.withdraw_from_review(clip_id=clip_id)
+        self._conn.execute(schema.assignments.delete().where(schema.assignments.c.clip_id == clip_id))
+        e = schema.escalations
+        self._conn.execute(e.update().where(e.c.clip_id == clip_id).values(note_ct=b"", resolution=None,
+                                                                         resolution_ct=None))
+
+    # -- what review needs of other tables ------------------------------------------
+    def clip(self, clip_id: str) -> ClipRow | None:
+        row = self._conn.execute(sa.select(schema.clips).where(schema.clips.c.clip_id == clip_id)).one_or_none()
+        return None if row is None else clip_row(row)
+
+    def expire_clip(self, clip_id: str, now: float) -> None:
+        c = schema.clips
+        self._conn.execute(c.update().where(c.c.clip_id == clip_id, c.c.expires_at > now).values(expires_at=now))
+
+    def allows_review(self, account_ref: str) -> bool:
+        a = schema.accounts
+        return bool(self._conn.scalar(sa.select(a.c.allow_review).where(a.c.account_ref == account_ref)))
+
+    def principal_enabled(self, principal_id: str) -> bool:
+        p = schema.principals
+        disabled = self._conn.scalar(sa.select(p.c.disabled).where(p.c.id == principal_id))
+        return disabled is not None and not disabled
 
     # -- escalations -------------------------------------------------------------
     def add_escalation(self, row: EscalationRow, created_by: str) -> None:
-        self._execute(schema.escalations.insert().values(**row.__dict__, created_by=created_by, resolution=None))
+        self._conn.execute(schema.escalations.insert().values(**row.__dict__, created_by=created_by,
+                                                              resolution=None))
+
+    def escalation(self, escalation_id: str) -> EscalationRow | None:
+        t = schema.escalations
+        return self._first(EscalationRow, sa.select(t).where(t.c.escalation_id == escalation_id))
 
     def escalations(self, *, include_resolved: bool, after: str, limit: int) -> list[EscalationRow]:
         t = schema.escalations
         q = sa.select(t).where(t.c.escalation_id > after)
         if not include_resolved:
             q = q.where(t.c.resolved_at.is_(None))
-        with self._db.read() as conn:
-            return [_row(EscalationRow, r) for r in conn.execute(q.order_by(t.c.escalation_id).limit(limit))]
+        return [_row(EscalationRow, r) for r in self._conn.execute(q.order_by(t.c.escalation_id).limit(limit))]
 
-    def resolve(self, escalation_id: str, resolution: str, now: float) -> EscalationRow | None:
+    def resolve(self, escalation_id: str, resolution_ct: bytes | None, now: float) -> bool:
         t = schema.escalations
-        self._execute(t.update().where(t.c.escalation_id == escalation_id, t.c.resolved_at.is_(None))
-                      .values(resolved_at=now, resolution=resolution))
-        return self._first(EscalationRow, sa.select(t).where(t.c.escalation_id == escalation_id))
+        return self._conn.execute(t.update().where(t.c.escalation_id == escalation_id, t.c.resolved_at.is_(None))
+                                  .values(resolved_at=now, resolution_ct=resolution_ct)).rowcount == 1
+
+
+class ReviewRepository:
+    """`ReviewRows` each in a transaction of its own, for callers not yet written as units of work."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(ReviewRows, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._db.transaction() as conn:
+                return method(ReviewRows(conn), *args, **kwargs)
+        return call

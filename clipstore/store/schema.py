@@ -152,6 +152,7 @@ reviewers = sa.Table(
     sa.Column("failed_attempts", sa.Integer, nullable=False),
     sa.Column("locked_until", sa.Float, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("lockouts", sa.Integer, nullable=False, server_default="0"),  # migration 7: escalating lockouts
 )
 
 review_sessions = sa.Table(
@@ -186,7 +187,8 @@ assignments = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False),
     sa.Column("completed_at", sa.Float, nullable=True),
-    sa.Column("label", sa.String(64), nullable=True),
+    sa.Column("label", sa.String(64), nullable=True),  # before migration 7; now always NULL
+    sa.Column("label_ct", sa.LargeBinary, nullable=True),  # migration 7: sealed under the clip's key
     sa.Index("ix_assignments_reviewer_created", "reviewer_id", "created_at"),
 )
 
@@ -215,5 +217,6 @@ escalations = sa.Table(
     sa.Column("created_by", sa.String(40), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("resolved_at", sa.Float, nullable=True),
-    sa.Column("resolution", sa.Text, nullable=True),
+    sa.Column("resolution", sa.Text, nullable=True),  # before migration 7; now always NULL
+    sa.Column("resolution_ct", sa.LargeBinary, nullable=True),  # migration 7: sealed under the clip's key
 )

@@ -1,0 +1,87 @@
+"""The review desk: the concepts of human review behind one front for the servicers.
+
+Each RPC is one call here and one unit of work below it (sessions, assignments,
+grants, escalations, enrolment); the desk only adds what joins two concepts:
+sealing a label under the clip's key, and streaming audio after a redemption.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from clipstore.audit import Actor, AuditLog
+from clipstore.clips import ClipLibrary
+from clipstore.errors import EnvelopeError
+from clipstore.identity import seal_review_text
+from clipstore.review.assignments import Assignments, assigned_clip
+from clipstore.review.enrolment import Enrolment, Enrolments
+from clipstore.review.escalations import Escalations
+from clipstore.review.policy import ReviewPolicy
+from clipstore.review.ports import ReviewPorts
+from clipstore.review.redeem import Grants
+from clipstore.review.sessions import Sessions
+from clipstore.store.clips import ClipRow
+from clipstore.store.review import AssignmentRow, EscalationRow, QueuedClip
+
+LABEL_PURPOSE = "assignment-label"
+
+
+class ReviewDesk:
+    def __init__(self, *, ports: ReviewPorts, sessions: Sessions, assignments: Assignments, grants: Grants,
+                 escalations: Escalations, enrolments: Enrolments, clips: ClipLibrary, audit: AuditLog,
+                 policy: ReviewPolicy) -> None:
+        self.sessions, self.assignments, self.grants = sessions, assignments, grants
+        self.escalations, self.enrolments = escalations, enrolments
+        self._ports, self._clips, self._audit, self.policy = ports, clips, audit, policy
+
+    # -- sessions ------------------------------------------------------------
+    def start_session(self, code: str, actor: Actor) -> tuple[str, float]:
+        return self.sessions.start(code, actor)
+
+    def end_session(self, token: str, actor: Actor) -> None:
+        self.sessions.end(token, actor)
+
+    # -- assignments -----------------------------------------------------------
+    def next_assignment(self, token: str, locale: str, actor: Actor) -> tuple[AssignmentRow, QueuedClip]:
+        return self.assignments.next(token, locale, actor)
+
+    def queue_depth(self) -> int:
+        return self.assignments.queue_depth()
+
+    def complete(self, token: str, assignment_id: str, label: str, actor: Actor) -> None:
+        clip = assigned_clip(self._ports, assignment_id, actor)
+        label_ct = seal_review_text(self._clips.dek(clip), LABEL_PURPOSE, assignment_id, label) if clip else b""
+        self.assignments.complete(token, assignment_id, label_ct, actor)
+
+    # -- grants and fetch ----------------------------------------------------------
+    def request_grant(self, token: str, assignment_id: str, actor: Actor) -> tuple[str, int, str]:
+        return self.grants.issue(token, assignment_id, actor)
+
+    def fetch(self, token: str, grant: str, review_clip_id: str, actor: Actor
+              ) -> tuple[str, ClipRow, Iterator[bytes]]:
+        review_clip_id, clip = self.grants.redeem(token, grant, review_clip_id, actor)
+        return review_clip_id, clip, self._audio(clip, actor)
+
+    def _audio(self, clip: ClipRow, actor: Actor) -> Iterator[bytes]:
+        try:
+            yield from self._clips.audio(clip)
+        except EnvelopeError as exc:
+            self._audit.append(actor.record("clip.integrity_failure", clip_id=clip.clip_id,
+                                            account_ref=clip.account_ref, outcome="failed", reason=exc.tamper))
+            raise
+
+    # -- escalation ------------------------------------------------------------------
+    def flag(self, token: str, assignment_id: str, category: int, note: str, actor: Actor, *,
+             accidental: bool) -> str:
+        return self.escalations.flag(token, assignment_id, category, note, actor, accidental=accidental)
+
+    def list_escalations(self, *, include_resolved: bool, after: str, limit: int,
+                         actor: Actor) -> list[tuple[EscalationRow, str]]:
+        return self.escalations.list(include_resolved=include_resolved, after=after, limit=limit, actor=actor)
+
+    def resolve_escalation(self, escalation_id: str, resolution: str, actor: Actor) -> tuple[EscalationRow, str]:
+        return self.escalations.resolve(escalation_id, resolution, actor)
+
+    # -- enrolment -----------------------------------------------------------------------
+    def enroll(self, name: str, locales: tuple[str, ...], actor: Actor) -> Enrolment:
+        return self.enrolments.enroll(name, locales, actor)

@@ -1,0 +1,114 @@
+"""Escalation instead of a chat room: a reviewer flags a clip to the safety team.
+
+A note, a resolution and a label may quote the speaker, so each is sealed under
+the clip's key (and dies with the account); every note that leaves the service
+is preceded by an audit entry.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+
+from clipstore.audit import Actor, Tx
+from clipstore.errors import FailedPrecondition, NotFound
+from clipstore.identity import open_note, seal_note, seal_review_text
+from clipstore.review.assignments import assigned_clip, open_assignment
+from clipstore.review.policy import ReviewPolicy
+from clipstore.review.ports import ReviewPorts
+from clipstore.review.sessions import live_session
+from clipstore.store.clips import ClipRow
+from clipstore.store.review import EscalationRow
+from kms import KmsError
+
+NOTE_ERASED = "[note erased: the clip was deleted]"
+RESOLUTION_PURPOSE = "escalation-resolution"
+
+DataKey = Callable[[ClipRow], bytes]
+
+
+class Escalations:
+    def __init__(self, ports: ReviewPorts, *, data_key: DataKey, policy: ReviewPolicy) -> None:
+        self._ports, self._data_key, self._policy = ports, data_key, policy
+
+    def flag(self, token: str, assignment_id: str, category: int, note: str, actor: Actor, *,
+             accidental: bool) -> str:
+        """Send the clip to the safety team; its grants go void. An accidental activation also leaves
+        review at once and is purged at the next run."""
+        escalation_id = "esc_" + secrets.token_hex(10)
+        sealed_for = assigned_clip(self._ports, assignment_id, actor)
+        note_ct = seal_note(self._data_key(sealed_for), escalation_id, note) if sealed_for else b""
+
+        def unit(tx: Tx) -> str:
+            rows = self._ports.bind(tx)
+            live_session(rows, tx, actor, token, "assignment.deny", self._policy)
+            assignment = open_assignment(rows, tx, actor, assignment_id, "assignment.deny")
+            clip = rows.clip(assignment.clip_id)
+            if clip is None or sealed_for is None or sealed_for.clip_id != clip.clip_id:
+                raise tx.deny(actor, "assignment.deny", FailedPrecondition("the clip was deleted",
+                                                                           reason="CLIP_GONE"))
+            rows.add_escalation(EscalationRow(
+                escalation_id=escalation_id, review_clip_id=assignment.review_clip_id, clip_id=clip.clip_id,
+                category=category, note_ct=note_ct, created_at=tx.now, resolved_at=None, resolution_ct=None),
+                actor.id)
+            rows.void_grants(clip_id=clip.clip_id)  # a flagged clip opens nothing more
+            tx.audit(actor.record("clip.flag", clip_id=clip.clip_id, account_ref=clip.account_ref,
+                                  reason=str(category)))
+            if accidental:  # never reviewable, and gone at the next purge
+                rows.withdraw_from_review(clip_id=clip.clip_id)
+                rows.expire_clip(clip.clip_id, tx.now)
+                tx.audit(actor.record("clip.expire", clip_id=clip.clip_id, account_ref=clip.account_ref,
+                                      reason="accidental_activation"))
+            return escalation_id
+
+        return self._ports.ledger.run(unit)
+
+    def _note(self, row: EscalationRow, clip: ClipRow | None) -> str:
+        """The reviewer's note, or a marker once the clip (and with it the note's key) is gone."""
+        if clip is None or not row.note_ct:
+            return NOTE_ERASED
+        try:
+            return open_note(self._data_key(clip), row.escalation_id, row.note_ct)
+        except KmsError:  # the account was crypto-shredded
+            return NOTE_ERASED
+
+    def list(self, *, include_resolved: bool, after: str, limit: int,
+             actor: Actor) -> list[tuple[EscalationRow, str]]:
+        """A page of escalations with their notes; each disclosed note is on record before it leaves."""
+        with self._ports.read() as rows:
+            page = [(row, rows.clip(row.clip_id))
+                    for row in rows.escalations(include_resolved=include_resolved, after=after, limit=limit)]
+        notes = [(row, self._note(row, clip), clip) for row, clip in page]
+        disclosed = [clip for _, note, clip in notes if clip is not None and note != NOTE_ERASED]
+        if disclosed:
+            def unit(tx: Tx) -> None:
+                for clip in disclosed:
+                    tx.audit(actor.record("escalation.read", clip_id=clip.clip_id, account_ref=clip.account_ref))
+            self._ports.ledger.run(unit)
+        return [(row, note) for row, note, _ in notes]
+
+    def resolve(self, escalation_id: str, resolution: str, actor: Actor) -> tuple[EscalationRow, str]:
+        """Close an escalation; the resolution text is sealed under the clip's key (dropped if the clip
+        is gone: nothing could protect it). Unknown ids are refused with a fixed reason."""
+        with self._ports.read() as rows:
+            row = rows.escalation(escalation_id)
+            clip = rows.clip(row.clip_id) if row is not None else None
+        if row is None:
+            self._ports.deny(actor, "escalation.deny", NotFound("no such escalation",
+                                                                reason="ESCALATION_NOT_FOUND"))
+        resolution_ct = seal_review_text(self._data_key(clip), RESOLUTION_PURPOSE, escalation_id, resolution) \
+            if clip is not None else None
+
+        def unit(tx: Tx) -> EscalationRow:
+            rows = self._ports.bind(tx)
+            target = {"clip_id": clip.clip_id, "account_ref": clip.account_ref} if clip is not None else {}
+            if not rows.resolve(escalation_id, resolution_ct, tx.now):
+                raise tx.deny(actor, "escalation.deny", FailedPrecondition(
+                    "the escalation is already resolved", reason="ESCALATION_RESOLVED"), **target)
+            tx.audit(actor.record("escalation.resolve", **target))
+            resolved = rows.escalation(escalation_id)
+            assert resolved is not None
+            return resolved
+
+        resolved = self._ports.ledger.run(unit)
+        return resolved, self._note(resolved, clip)

@@ -1,0 +1,29 @@
+"""The limits of human review, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from clipstore.grants import DEFAULT_GRANT_TTL_S
+
+DAY_S = 86400
+MAX_GRANTS_PER_ASSIGNMENT = 3  # a reviewer may replay a clip a little, not pass it around
+CANDIDATES_PER_CLAIM = 20
+CLAIM_ROUNDS = 5
+SESSION_TOUCH_S = 60.0  # idle time is tracked to the minute: most RPCs need not write
+MAX_LOCKOUT_S = 24 * 3600.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReviewPolicy:
+    session_lifetime_s: float = 8 * 3600
+    session_idle_s: float = 30 * 60
+    max_failed_codes: int = 5
+    lockout_s: float = 15 * 60
+    daily_cap: int = 1000
+    assignment_ttl_s: float = 10 * 60
+    grant_ttl_s: int = DEFAULT_GRANT_TTL_S
+
+    def lockout_after(self, earlier_lockouts: int) -> float:
+        """Each lockout since the last good code doubles the next one, up to a day."""
+        return min(self.lockout_s * 2 ** min(earlier_lockouts, 16), MAX_LOCKOUT_S)

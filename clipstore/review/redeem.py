@@ -1,0 +1,134 @@
+"""Issuing a grant, and redeeming one: the steps of docs/grant-format.md.
+
+`check_redeem` is pure: given the claims and a snapshot of what the database
+says, read in the redeeming unit of work, it raises the first failing step.
+Steps 1 (session), 7 (single use) and 8 (the fetch entry) need the database
+and live in `Grants.redeem`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from clipstore.audit import Actor, Tx
+from clipstore.errors import FailedPrecondition, PermissionDenied, ResourceExhausted
+from clipstore.grants import GrantClaims, check_grant_time, decode_grant, encode_grant
+from clipstore.review.assignments import open_assignment
+from clipstore.review.policy import MAX_GRANTS_PER_ASSIGNMENT, ReviewPolicy
+from clipstore.review.ports import ReviewPorts
+from clipstore.review.sessions import live_session
+from clipstore.store.clips import ClipRow
+from clipstore.store.review import GrantRow
+
+
+@dataclass(frozen=True, kw_only=True)
+class RedeemState:
+    """What the database says at redemption, read in the redeeming transaction."""
+
+    caller_id: str
+    session_id: str  # the caller's live session
+    review_clip_id: str  # what the caller asks to hear
+    reviewer_enabled: bool
+    grant: GrantRow | None
+    clip: ClipRow | None
+    assignment_exists: bool
+    account_allows_review: bool
+
+
+def check_redeem(claims: GrantClaims, state: RedeemState, *, now: float) -> None:
+    """Steps 3 to 6 of docs/grant-format.md, in order; raises the first failure."""
+    # 3. time
+    check_grant_time(claims, now=now)
+    # 4. binding: the caller, the session, the clip asked for
+    if claims.reviewer_id != state.caller_id:
+        raise PermissionDenied("this grant was issued to another reviewer", reason="GRANT_WRONG_REVIEWER")
+    if claims.session_id != state.session_id:
+        raise PermissionDenied("this grant belongs to another session", reason="GRANT_WRONG_SESSION")
+    if claims.review_clip_id != state.review_clip_id:
+        raise PermissionDenied("this grant is for another clip", reason="GRANT_WRONG_CLIP")
+    # 5. still live: the reviewer is enabled, the grant not voided (disable, opt-out, flag, session end)
+    if not state.reviewer_enabled:
+        raise PermissionDenied("reviewer is disabled", reason="REVIEWER_DISABLED")
+    if state.grant is None or state.grant.voided:
+        raise PermissionDenied("the grant was revoked; request a new one", reason="GRANT_REVOKED")
+    # 6. the clip may still be heard: not deleted or expired, the account still allows review
+    if state.clip is None or state.clip.expires_at <= now or not state.assignment_exists:
+        raise FailedPrecondition("the clip was deleted or expired", reason="CLIP_GONE")
+    if not state.account_allows_review:
+        raise PermissionDenied("the account no longer allows human review", reason="ACCOUNT_OPTED_OUT")
+
+
+class Grants:
+    def __init__(self, ports: ReviewPorts, *, key: Ed25519PrivateKey, policy: ReviewPolicy) -> None:
+        self._ports, self._key, self._policy = ports, key, policy
+        self._public = key.public_key()
+
+    def issue(self, token: str, assignment_id: str, actor: Actor) -> tuple[str, int, str]:
+        """A signed single-use grant for the caller's open assignment: (grant, expires_at, review_clip_id)."""
+        policy = self._policy
+
+        def unit(tx: Tx) -> tuple[str, int, str]:
+            rows = self._ports.bind(tx)
+            session, _ = live_session(rows, tx, actor, token, "grant.deny", policy)
+            assignment = open_assignment(rows, tx, actor, assignment_id, "grant.deny")
+            if rows.grants_for(assignment_id) >= MAX_GRANTS_PER_ASSIGNMENT:
+                raise tx.deny(actor, "grant.deny", ResourceExhausted(
+                    f"this assignment already had {MAX_GRANTS_PER_ASSIGNMENT} grants; complete or flag it",
+                    reason="GRANT_LIMIT"), clip_id=assignment.clip_id)
+            queued = rows.queued(assignment.clip_id)
+            if queued is None or not queued.eligible(tx.now):
+                raise tx.deny(actor, "grant.deny", FailedPrecondition(
+                    "the clip is no longer available for review", reason="CLIP_UNAVAILABLE"),
+                    clip_id=assignment.clip_id)
+            issued = int(tx.now)
+            claims = GrantClaims(grant_id="g_" + secrets.token_hex(12), reviewer_id=actor.id,
+                                 session_id=session.session_id, assignment_id=assignment_id,
+                                 review_clip_id=assignment.review_clip_id, issued_at=issued,
+                                 expires_at=issued + policy.grant_ttl_s)
+            rows.add_grant(GrantRow(grant_id=claims.grant_id, reviewer_id=actor.id, session_id=session.session_id,
+                                    assignment_id=assignment_id, clip_id=assignment.clip_id,
+                                    account_ref=queued.queue.account_ref, expires_at=claims.expires_at,
+                                    redeemed_at=None, voided=False), tx.now)
+            tx.audit(actor.record("grant.issue", clip_id=assignment.clip_id, account_ref=queued.queue.account_ref))
+            return encode_grant(claims, self._key), claims.expires_at, assignment.review_clip_id
+
+        return self._ports.ledger.run(unit)
+
+    def redeem(self, token: str, grant: str, review_clip_id: str, actor: Actor) -> tuple[str, ClipRow]:
+        """Every check, the single-use redemption and the durable `clip.fetch` entry, in one unit;
+        returns (review_clip_id, clip). Only then may audio flow."""
+        policy = self._policy
+
+        def unit(tx: Tx) -> tuple[str, ClipRow]:
+            rows = self._ports.bind(tx)
+            # 1. a live session of the caller, the reviewer not locked
+            session, _ = live_session(rows, tx, actor, token, "grant.deny", policy)
+            clip: ClipRow | None = None
+            try:
+                # 2. form and signature
+                claims = decode_grant(grant, self._public)
+                row = rows.grant(claims.grant_id)
+                clip = rows.clip(row.clip_id) if row is not None else None
+                # 3.–6.
+                check_redeem(claims, RedeemState(
+                    caller_id=actor.id, session_id=session.session_id, review_clip_id=review_clip_id,
+                    reviewer_enabled=rows.principal_enabled(actor.id), grant=row, clip=clip,
+                    assignment_exists=rows.assignment(claims.assignment_id) is not None,
+                    account_allows_review=clip is not None and rows.allows_review(clip.account_ref)), now=tx.now)
+            except (PermissionDenied, FailedPrecondition) as refused:
+                target = {"clip_id": clip.clip_id, "account_ref": clip.account_ref} if clip is not None else {}
+                raise tx.deny(actor, "grant.deny", refused, **target) from None
+            assert clip is not None
+            # 7. single use, atomically
+            if not rows.redeem(claims.grant_id, tx.now):
+                raise tx.deny(actor, "grant.deny", PermissionDenied(
+                    "the grant was already used; request a new one", reason="GRANT_REPLAYED"),
+                    clip_id=clip.clip_id, account_ref=clip.account_ref)
+            # 8. the fetch is on record, committed with the redemption, before the first byte leaves
+            tx.audit(actor.record("clip.fetch", clip_id=clip.clip_id, account_ref=clip.account_ref))
+            return claims.review_clip_id, clip
+
+        return self._ports.ledger.run(unit)
