@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -194,6 +195,14 @@ def running_server(config: Config, *, clock: Clock | None = None) -> Iterator[Cl
         server.stop(grace_s=1.0)
 
 
+def freeze_heap() -> None:
+    """What start-up built (modules, stubs, caches, stores) lives as long as the process: move it out of
+    the collector's reach, so a full collection scans only what requests allocate, not the whole heap
+    (full collections otherwise paused the server ~120 ms and set every p99)."""
+    gc.collect()
+    gc.freeze()
+
+
 def serve(config: Config) -> int:
     """Run until SIGTERM or SIGINT, then drain and exit 0."""
     server = ClipstoreServer(App(config))
@@ -206,6 +215,7 @@ def serve(config: Config) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.start()
+        freeze_heap()
         stop_requested.wait()
         server.stop()
     finally:
