@@ -14,6 +14,7 @@ for unusable arguments.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -74,8 +75,44 @@ def verify_dir(export: Path, vkey: str, trusted: Path | None, *, strict: bool = 
     return 0, f"OK size={result.size} root={result.root.hex()} unsigned_trailing={result.unsigned_trailing}"
 
 
+def _witness_keygen(args: argparse.Namespace) -> int:
+    from auditlog.cosignature import CosignatureSigner
+    signer = CosignatureSigner.generate(args.name)
+    try:
+        fd = os.open(args.key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        print(f"ERROR {args.key_file} exists; a witness key is never overwritten", file=sys.stderr)
+        return 2
+    with os.fdopen(fd, "w") as fh:
+        fh.write(signer.key_string() + "\n")
+    print(signer.verifier.key_string())
+    return 0
+
+
+def _witness_serve(args: argparse.Namespace) -> int:
+    from auditlog.cosignature import CosignatureSigner
+    from auditlog.witness import Witness, WitnessServer
+    try:
+        signer = CosignatureSigner.from_key_string(args.key_file.read_text())
+        logs = [NoteVerifier.from_key_string(_read_key(k)) for k in args.log]
+        witness = Witness.for_log_keys(signer, logs, args.state)
+        host, _, port = args.listen.rpartition(":")
+        server = WitnessServer((host.strip("[]"), int(port)), witness)
+    except (OSError, ValueError, VerificationError) as exc:
+        print(f"ERROR {exc}", file=sys.stderr)
+        return 2
+    print(f"witness {signer.verifier.key_string()} listening on {server.url}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="auditlog", description="Verify a clipstore audit log export")
+    parser = argparse.ArgumentParser(prog="auditlog", description="Verify a clipstore audit log; run a witness")
     sub = parser.add_subparsers(dest="command", required=True)
     verify = sub.add_parser("verify", help="verify an export directory")
     verify.add_argument("export", type=Path, help=f"directory with {ENTRIES_FILE} and {CHECKPOINT_FILE}")
@@ -84,7 +121,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a checkpoint saved earlier; fails on rollback or fork relative to it")
     verify.add_argument("--strict", action="store_true",
                         help="fail when entries follow the checkpoint (no signature covers them)")
+    witness = sub.add_parser("witness", help="run a C2SP tlog-witness for clipstore logs")
+    wsub = witness.add_subparsers(dest="witness_command", required=True)
+    keygen = wsub.add_parser("keygen", help="create a witness key file (0600); prints the verifier key")
+    keygen.add_argument("--name", required=True, help="the witness name, e.g. witness.example.com/w1")
+    keygen.add_argument("--key-file", type=Path, required=True)
+    keygen.set_defaults(func=_witness_keygen)
+    serve = wsub.add_parser("serve", help="serve POST /add-checkpoint")
+    serve.add_argument("--key-file", type=Path, required=True, help="written by 'auditlog witness keygen'")
+    serve.add_argument("--state", type=Path, required=True, help="durable state: last cosigned size per log")
+    serve.add_argument("--log", action="append", required=True,
+                       help="a log's verifier key (its name is the log's origin); repeatable")
+    serve.add_argument("--listen", default="127.0.0.1:7380", help="HOST:PORT (port 0: any free port)")
+    serve.set_defaults(func=_witness_serve)
     args = parser.parse_args(argv)
+    if args.command == "witness":
+        code: int = args.func(args)
+        return code
     code, line = verify_dir(args.export, args.key, args.trusted_checkpoint, strict=args.strict)
     print(line, file=sys.stderr if code == 2 else sys.stdout)
     return code

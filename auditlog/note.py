@@ -15,6 +15,7 @@ import hashlib
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -27,7 +28,7 @@ MAX_SIGNATURES = 100  # as the Go implementation: bounds work on hostile notes
 MAX_NOTE_BYTES = 1 << 20
 _SIG_PREFIX = "\u2014 "  # em dash, space
 
-__all__ = ["NoteSigner", "NoteVerifier", "open_note", "sign_note"]
+__all__ = ["NoteSigner", "NoteVerifier", "Verifier", "open_note", "sign_note", "verify_note"]
 
 
 def _valid_name(name: str) -> bool:
@@ -140,12 +141,31 @@ def sign_note(text: str, signer: NoteSigner) -> str:
     return f"{text}\n{_SIG_PREFIX}{signer.name} {base64.b64encode(blob).decode()}\n"
 
 
-def open_note(note: str | bytes, verifiers: Sequence[NoteVerifier]) -> str:
-    """Return the note's text if a known key signed it; raise `NoteError` otherwise.
+class Verifier(Protocol):
+    """What `verify_note` needs of a key: note signers and cosigners alike."""
+
+    name: str
+    key_hash: int
+
+    def verify(self, message: bytes, signature: bytes) -> bool: ...
+
+
+def open_note(note: str | bytes, verifiers: Sequence[Verifier]) -> str:
+    """Return the note's text if a known key signed it; raise `NoteError` otherwise."""
+    text, verified = verify_note(note, verifiers)
+    if not verified:
+        known = ", ".join(f"{v.name}+{v.key_hash:08x}" for v in verifiers) or "none"
+        raise NoteError(f"note has no verifiable signatures (known keys: {known})")
+    return text
+
+
+def verify_note(note: str | bytes, verifiers: Sequence[Verifier]) -> tuple[str, list[tuple[Verifier, bytes]]]:
+    """The note's text and each (known key, signature) that verified, in note order.
 
     Steps, as in sumdb/note Open: (1) size and UTF-8; (2) split text from
     signatures at the last blank line; (3) parse each signature line;
-    (4) a signature by a known key must verify; (5) at least one must.
+    (4) a signature by a known key must verify. Signatures by unknown keys
+    are ignored (C2SP signed-note); the caller decides how many it needs.
     """
     # (1)
     if isinstance(note, bytes):
@@ -168,7 +188,7 @@ def open_note(note: str | bytes, verifiers: Sequence[NoteVerifier]) -> str:
     lines = sig_block[:-1].split("\n")
     if len(lines) > MAX_SIGNATURES:
         raise NoteError(f"malformed note: more than {MAX_SIGNATURES} signatures")
-    verified = 0
+    verified: list[tuple[Verifier, bytes]] = []
     for number, line in enumerate(lines, start=1):
         # (3)
         if not line.startswith(_SIG_PREFIX):
@@ -187,9 +207,5 @@ def open_note(note: str | bytes, verifiers: Sequence[NoteVerifier]) -> str:
         if matches:
             if not matches[0].verify(text.encode(), blob[4:]):
                 raise NoteError(f"invalid signature for key {name}+{key_hash:08x}")
-            verified += 1
-    # (5)
-    if not verified:
-        known = ", ".join(f"{v.name}+{v.key_hash:08x}" for v in verifiers) or "none"
-        raise NoteError(f"note has no verifiable signatures (known keys: {known})")
-    return text
+            verified.append((matches[0], blob[4:]))
+    return text, verified
