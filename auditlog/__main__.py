@@ -9,19 +9,31 @@ Exit 0 and `OK size=<n> root=<hex> unsigned_trailing=<k>` (k entries follow the
 checkpoint: chained, but no signature covers them; `--strict` fails on them);
 exit 1 and `FAIL entry <i>: <reason>` or `FAIL checkpoint: <reason>`; exit 2
 for unusable arguments.
+
+`auditlog verify --tiles DIR|https://…|s3://bucket/prefix --key VKEY
+[--witness WKEY … --quorum N] [--state FILE] [--format json]` verifies the
+log published as C2SP tlog-tiles. With --state, the last verified checkpoint
+is remembered and the next run checks only the new entries and that the old
+tree is a prefix of the new one (`FAIL checkpoint: rolled back…`/`forked…`).
+Also `FAIL tile <path>: <reason>`. Progress goes to stderr on long runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
 import os
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from auditlog.cosignature import Cosignature, CosignatureVerifier, open_cosigned_checkpoint
 from auditlog.errors import EntryError, VerificationError
 from auditlog.note import NoteVerifier
-from auditlog.verify import verify_log
+from auditlog.tiles import TileError
+from auditlog.verify import TileState, verify_log, verify_tiles
 
 ENTRIES_FILE = "entries.jsonl"
 CHECKPOINT_FILE = "checkpoint"
@@ -51,17 +63,27 @@ def _entries(path: Path) -> Iterator[bytes]:
         yield b""  # two or more blank lines at the end: not a trailing newline slip
 
 
-def verify_dir(export: Path, vkey: str, trusted: Path | None, *, strict: bool = False) -> tuple[int, str]:
+def _times(cosigs: Sequence[Cosignature]) -> str:
+    return ",".join(f"{c.witness}@{dt.datetime.fromtimestamp(c.timestamp, dt.UTC):%Y-%m-%dT%H:%M:%SZ}"
+                    for c in cosigs)
+
+
+def verify_dir(export: Path, vkey: str, trusted: Path | None, *, strict: bool = False,
+               witnesses: Sequence[str] = (), quorum: int = 0) -> tuple[int, str]:
     """Run the verifier; returns (exit code, the one line to print)."""
     try:
         verifier = NoteVerifier.from_key_string(_read_key(vkey))
+        wkeys = [CosignatureVerifier.from_key_string(_read_key(w)) for w in witnesses]
         checkpoint = (export / CHECKPOINT_FILE).read_bytes()
         trusted_note = trusted.read_bytes() if trusted else None
     except OSError as exc:
         return 2, f"ERROR cannot read {exc.filename}: {exc.strerror}"
     except VerificationError as exc:
-        return 2, f"ERROR bad --key: {exc}"
+        return 2, f"ERROR bad --key or --witness: {exc}"
+    cosigs: list[Cosignature] = []
     try:
+        if wkeys or quorum:
+            _, cosigs = open_cosigned_checkpoint(checkpoint, verifier, wkeys, quorum)
         result = verify_log(lambda: _entries(export / ENTRIES_FILE), checkpoint, verifier, trusted_note)
     except EntryError as exc:
         return 1, f"FAIL entry {exc.index}: {exc.reason}"
@@ -72,7 +94,64 @@ def verify_dir(export: Path, vkey: str, trusted: Path | None, *, strict: bool = 
     if strict and result.unsigned_trailing:
         return 1, (f"FAIL entry {result.size}: unsigned: {result.unsigned_trailing} entries follow the "
                    f"checkpoint (size {result.size}) and no signature covers them")
-    return 0, f"OK size={result.size} root={result.root.hex()} unsigned_trailing={result.unsigned_trailing}"
+    line = f"OK size={result.size} root={result.root.hex()} unsigned_trailing={result.unsigned_trailing}"
+    return 0, line + (f" witnesses={_times(cosigs)}" if cosigs else "")
+
+
+class _Progress:
+    """At most one stderr line a second, and only once a run has taken two seconds."""
+
+    def __init__(self) -> None:
+        self._start, self._last = time.monotonic(), 0.0
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self._start >= 2 and now - self._last >= 1:
+            self._last = now
+            print(f"verified {done:,} new entries", file=sys.stderr, flush=True)
+
+
+def verify_tiles_at(location: str, vkey: str, *, witnesses: Sequence[str] = (), quorum: int = 0,
+                    state: Path | None = None) -> tuple[int, dict[str, object]]:
+    """Verify the tiles at `location`; returns (exit code, the result as a JSON-able dict)."""
+    from auditlog.sources import open_source
+    try:
+        verifier = NoteVerifier.from_key_string(_read_key(vkey))
+        wkeys = [CosignatureVerifier.from_key_string(_read_key(w)) for w in witnesses]
+        read = open_source(location)
+        old = TileState.load(state) if state else None
+    except (OSError, ValueError, KeyError) as exc:
+        return 2, {"result": "ERROR", "reason": f"cannot read arguments: {exc}"}
+    except VerificationError as exc:
+        return 2, {"result": "ERROR", "reason": f"bad --key or --witness: {exc}"}
+    progress = _Progress()
+    try:
+        result = verify_tiles(read, verifier, witnesses=wkeys, quorum=quorum, state=old, progress=progress)
+    except EntryError as exc:
+        return 1, {"result": "FAIL", "where": f"entry {exc.index}", "reason": exc.reason}
+    except TileError as exc:
+        return 1, {"result": "FAIL", "where": f"tile {exc.path}", "reason": exc.reason}
+    except VerificationError as exc:
+        return 1, {"result": "FAIL", "where": "checkpoint", "reason": str(exc)}
+    except OSError as exc:
+        return 2, {"result": "ERROR", "reason": f"cannot read {location}: {exc}"}
+    if state is not None:
+        TileState(origin=result.checkpoint.origin, size=result.size, root=result.root,
+                  last_leaf=result.last_leaf, note=result.note).save(state)
+    return 0, {"result": "OK", "size": result.size, "root": result.root.hex(), "unsigned_trailing": 0,
+               "verified_from": result.old_size, "entries_verified": result.size - result.old_size,
+               "cosignatures": [{"witness": c.witness, "time": c.timestamp} for c in result.cosignatures]}
+
+
+def _text(code: int, result: dict[str, object]) -> str:
+    if result["result"] == "OK":
+        cosigs = [Cosignature(c["witness"], c["time"]) for c in result["cosignatures"]]  # type: ignore[attr-defined]
+        line = (f"OK size={result['size']} root={result['root']} unsigned_trailing=0 "
+                f"verified_from={result['verified_from']}")
+        return line + (f" witnesses={_times(cosigs)}" if cosigs else "")
+    if result["result"] == "FAIL":
+        return f"FAIL {result['where']}: {result['reason']}"
+    return f"ERROR {result['reason']}"
 
 
 def _witness_keygen(args: argparse.Namespace) -> int:
@@ -114,8 +193,15 @@ def _witness_serve(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="auditlog", description="Verify a clipstore audit log; run a witness")
     sub = parser.add_subparsers(dest="command", required=True)
-    verify = sub.add_parser("verify", help="verify an export directory")
-    verify.add_argument("export", type=Path, help=f"directory with {ENTRIES_FILE} and {CHECKPOINT_FILE}")
+    verify = sub.add_parser("verify", help="verify an export directory, or the published tiles")
+    verify.add_argument("export", type=Path, nargs="?", help=f"directory with {ENTRIES_FILE} and {CHECKPOINT_FILE}")
+    verify.add_argument("--tiles", help="verify the C2SP tlog-tiles at DIR, https://host/prefix or s3://bucket/prefix")
+    verify.add_argument("--state", type=Path, help="with --tiles: remember the verified checkpoint; next run checks "
+                                                   "only new entries and fails on rollback or fork")
+    verify.add_argument("--witness", action="append", default=[],
+                        help="a witness's verifier key (name+id+key, or a file); repeatable")
+    verify.add_argument("--quorum", type=int, default=0, help="valid cosignatures required from the --witness keys")
+    verify.add_argument("--format", choices=("text", "json"), default="text")
     verify.add_argument("--key", required=True, help="verifier key string name+hash+key, or a file holding it")
     verify.add_argument("--trusted-checkpoint", type=Path,
                         help="a checkpoint saved earlier; fails on rollback or fork relative to it")
@@ -138,8 +224,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "witness":
         code: int = args.func(args)
         return code
-    code, line = verify_dir(args.export, args.key, args.trusted_checkpoint, strict=args.strict)
-    print(line, file=sys.stderr if code == 2 else sys.stdout)
+    if (args.export is None) == (args.tiles is None):
+        parser.error("give an export DIR or --tiles LOCATION")
+    if args.quorum > len(args.witness) or args.quorum < 0:
+        parser.error(f"--quorum {args.quorum} needs at least that many --witness keys")
+    if args.tiles is not None:
+        code, result = verify_tiles_at(args.tiles, args.key, witnesses=args.witness, quorum=args.quorum,
+                                       state=args.state)
+        out = json.dumps(result, sort_keys=True) if args.format == "json" else _text(code, result)
+    else:
+        code, out = verify_dir(args.export, args.key, args.trusted_checkpoint, strict=args.strict,
+                               witnesses=args.witness, quorum=args.quorum)
+        if args.format == "json":
+            result = {"result": out.split(" ")[0]}
+            result.update(dict(kv.split("=", 1) for kv in out.split(" ")[1:] if "=" in kv) if code == 0 else
+                          {"reason": out.split(" ", 1)[1] if " " in out else out})
+            out = json.dumps(result, sort_keys=True)
+    print(out, file=sys.stderr if code == 2 else sys.stdout)
     return code
 
 

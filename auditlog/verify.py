@@ -17,17 +17,25 @@ Plan (each step raises on its first failure, naming the entry index):
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from auditlog.checkpoint import Checkpoint, open_checkpoint
 from auditlog.compact import CompactRange
+from auditlog.cosignature import Cosignature, CosignatureVerifier, open_cosigned_checkpoint
 from auditlog.entry import GENESIS_PREV, parse_entry
-from auditlog.errors import EntryError
+from auditlog.errors import CheckpointError, EntryError
 from auditlog.merkle import leaf_hash
 from auditlog.note import NoteVerifier
+from auditlog.tiles import verify_range
 
-__all__ = ["VerifiedLog", "check_chain", "verify_log"]
+__all__ = ["CHECKPOINT_PATH", "TileState", "VerifiedLog", "VerifiedTiles", "check_chain", "verify_log",
+           "verify_tiles"]
+
+CHECKPOINT_PATH = "checkpoint"
 
 _LEAF_PREFIX = hashlib.sha256(b"\x00")
 
@@ -124,3 +132,70 @@ def verify_log(entries: Callable[[], Iterable[bytes]], checkpoint_note: str | by
                                                        "from the trusted checkpoint")
     return VerifiedLog(size=checkpoint.size, root=checkpoint.root, checkpoint=checkpoint,
                        unsigned_trailing=tree.size - checkpoint.size)
+
+
+# -- from C2SP tlog-tiles ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VerifiedTiles:
+    size: int
+    root: bytes
+    checkpoint: Checkpoint
+    note: str
+    old_size: int  # verified before (from --state); only [old_size, size) was hashed this time
+    last_leaf: bytes
+    cosignatures: tuple[Cosignature, ...]
+
+
+def verify_tiles(read: Callable[[str], bytes], verifier: NoteVerifier, *,
+                 witnesses: Sequence[CosignatureVerifier] = (), quorum: int = 0, state: TileState | None = None,
+                 progress: Callable[[int], None] = lambda done: None) -> VerifiedTiles:
+    """Verify the published log from its tiles, from `state` (a size verified before) to its checkpoint.
+
+    Steps as in `auditlog.tiles`: open the checkpoint with the log key and the
+    witness quorum, then check entries and tiles of the new range only, and
+    that the tree verified before is a prefix of this one (rollback, fork).
+    """
+    try:
+        note = read(CHECKPOINT_PATH).decode("utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(f"no {CHECKPOINT_PATH} at the tiles location") from None
+    except UnicodeDecodeError:
+        raise CheckpointError("checkpoint is not UTF-8") from None
+    checkpoint, cosigs = open_cosigned_checkpoint(note, verifier, witnesses, quorum)
+    if state is not None and state.origin != checkpoint.origin:
+        raise CheckpointError(f"the state file is for log {state.origin!r}, this is {checkpoint.origin!r}")
+    old = state or TileState(origin=checkpoint.origin, size=0, root=b"", last_leaf=b"", note="")
+    result = verify_range(read, old_size=old.size, old_root=old.root, old_last_leaf=old.last_leaf,
+                          size=checkpoint.size, root=checkpoint.root, progress=progress)
+    return VerifiedTiles(size=checkpoint.size, root=checkpoint.root, checkpoint=checkpoint, note=note,
+                         old_size=old.size, last_leaf=result.last_leaf, cosignatures=tuple(cosigs))
+
+
+@dataclass(frozen=True)
+class TileState:
+    """What `--state` remembers: the last checkpoint verified, its root and last leaf hash."""
+
+    origin: str
+    size: int
+    root: bytes
+    last_leaf: bytes
+    note: str
+
+    @classmethod
+    def load(cls, path: Path) -> TileState | None:
+        if not path.exists():
+            return None
+        raw = json.loads(path.read_text())
+        return cls(origin=raw["origin"], size=int(raw["size"]), root=bytes.fromhex(raw["root"]),
+                   last_leaf=bytes.fromhex(raw["last_leaf"]), note=raw["checkpoint"])
+
+    def save(self, path: Path) -> None:
+        data = json.dumps({"origin": self.origin, "size": self.size, "root": self.root.hex(),
+                           "last_leaf": self.last_leaf.hex(), "checkpoint": self.note}, indent=1)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("w") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)

@@ -34,3 +34,16 @@ def write_export(directory: Path, entries: list[bytes], checkpoint: str, signer:
     (directory / "checkpoint").write_text(checkpoint)
     (directory / "verifier.key").write_text(signer.verifier.key_string() + "\n")
     return directory
+
+
+def publish_tiles(directory: Path, entries: list[bytes], signer: NoteSigner, *, sizes: list[int] | None = None,
+                  extra_signatures: str = "") -> Path:
+    """Publish `entries` as tiles, one checkpoint per size in `sizes` (the last one stays)."""
+    from auditlog.tiles import TileWriter
+    writer = TileWriter()
+    for size in sizes or [len(entries)]:
+        for path, data in writer.append(entries[writer.size:size]) + writer.flush():
+            (directory / path).parent.mkdir(parents=True, exist_ok=True)
+            (directory / path).write_bytes(data)
+        (directory / "checkpoint").write_text(checkpoint_for(entries[:size], signer) + extra_signatures)
+    return directory
