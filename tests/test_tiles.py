@@ -52,7 +52,7 @@ def _spec_read(root: Path) -> tuple[int, bytes, list[bytes]]:
 
 def _spec_check_tiles(root: Path, leaves: list[bytes]) -> int:
     """Every tile the spec says a tree of len(leaves) has, byte for byte; returns how many."""
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def mth(lo: int, hi: int) -> bytes:  # RFC 6962 MTH(D[lo:hi]), recursively
         if hi - lo == 1:
             return leaves[lo]
