@@ -65,6 +65,8 @@ class Reason(StrEnum):
     WRONG_ROLE = auto(), Kind.NOT_ALLOWED, "the principal's role may not call this RPC"
     # -- requests ----------------------------------------------------------------------------------
     INVALID_ARGUMENT = auto(), Kind.BAD_INPUT, "`metadata.field` names the bad field"
+    MALFORMED_REQUEST = auto(), Kind.BAD_INPUT, \
+        "the request bytes do not parse as the method's message; check the client's generated code"
     BEYOND_TREE_SIZE = auto(), Kind.OUT_OF_RANGE, \
         "a proof asked for a tree larger than the log; use GetCheckpoint's `tree_size`"
     NOT_IMPLEMENTED = auto(), Kind.NOT_IMPLEMENTED, "the RPC exists in the API but not yet in this release"

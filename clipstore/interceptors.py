@@ -28,6 +28,7 @@ from clipstore.errors import (
     DataLoss,
     FailedPrecondition,
     Internal,
+    InvalidArgument,
     NotFound,
     Unavailable,
     Unimplemented,
@@ -95,10 +96,12 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
         kind = ("stream" if handler.request_streaming else "unary") + "_" + (
             "stream" if handler.response_streaming else "unary")
         behavior = getattr(handler, kind)
-        wrapped = wrap(behavior, method, metadata, public)
+        parse = _parser(handler.request_deserializer, handler.request_streaming)
+        wrapped = wrap(behavior, parse, method, metadata, public)
         factory = getattr(grpc, f"{kind}_rpc_method_handler")
-        return factory(wrapped, request_deserializer=handler.request_deserializer,
-                       response_serializer=handler.response_serializer)
+        # The request bytes reach us undecoded: grpcio answers a body that does not parse with
+        # INTERNAL ("Exception deserializing request!"), which is the caller's error, not ours.
+        return factory(wrapped, request_deserializer=None, response_serializer=handler.response_serializer)
 
     # -- the chain -------------------------------------------------------
     def _request_context(self, method: str, metadata: Mapping[str, str],
@@ -145,13 +148,20 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
                 yield
             finally:
                 _current.reset(token)
+            # A handler can finish normally after its client left (grpcio may end a request
+            # iterator as if half-closed when the client cancels): the client got no answer.
+            status = _ended_early(context) or status
         except GeneratorExit:
             status = "CANCELLED"
             raise
         except Exception as exc:
-            error = self._error_for(exc, ctx)
-            status = status_code(error).name
-            context.abort_with_status(grpc_status(error, ctx.request_id))
+            ended = _ended_early(context)
+            if ended is not None:  # nobody is listening any more: record what happened, send nothing
+                status = ended
+            else:
+                error = self._error_for(exc, ctx)
+                status = status_code(error).name
+                context.abort_with_status(grpc_status(error, ctx.request_id))
         finally:
             elapsed = time.perf_counter() - started
             log.info("rpc", method=ctx.method, status=status,
@@ -162,19 +172,43 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
                 self._on_finished(method, status, elapsed)
             structlog.contextvars.unbind_contextvars("request_id")
 
-    def _wrap_unary(self, behavior: Callable[..., Any], method: str, metadata: Mapping[str, str],
-                    public: bool) -> Callable[..., Any]:
+    def _wrap_unary(self, behavior: Callable[..., Any], parse: Callable[[Any], Any], method: str,
+                    metadata: Mapping[str, str], public: bool) -> Callable[..., Any]:
         def run(request: Any, context: grpc.ServicerContext) -> Any:
             with self._scope(method, metadata, public, context):
-                return behavior(request, context)
+                return behavior(parse(request), context)
         return run
 
-    def _wrap_stream(self, behavior: Callable[..., Iterator[Any]], method: str,
+    def _wrap_stream(self, behavior: Callable[..., Iterator[Any]], parse: Callable[[Any], Any], method: str,
                      metadata: Mapping[str, str], public: bool) -> Callable[..., Iterator[Any]]:
         def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             with self._scope(method, metadata, public, context):
-                yield from behavior(request, context)
+                yield from behavior(parse(request), context)
         return run
+
+
+def _parser(deserialize: Callable[[bytes], Any] | None, streaming: bool) -> Callable[[Any], Any]:
+    """Decode request bytes inside the chain, so a malformed body is the caller's INVALID_ARGUMENT."""
+    def one(raw: bytes) -> Any:
+        if deserialize is None:
+            return raw
+        try:
+            return deserialize(raw)
+        except Exception:  # protobuf's DecodeError, or anything a third-party deserializer raises
+            raise InvalidArgument("request", "the message does not parse as this method's request type",
+                                  reason="MALFORMED_REQUEST") from None
+    if not streaming:
+        return one
+    return lambda raws: (one(raw) for raw in raws)
+
+
+def _ended_early(context: grpc.ServicerContext) -> str | None:
+    """How a call ended under its handler, if it did: the client cancelled it, its deadline passed, or
+    the transport refused one of its messages (e.g. larger than max_message_bytes, which the client
+    sees as RESOURCE_EXHAUSTED but the server only as a cancelled call). None while it is active."""
+    if context.is_active():
+        return None
+    return "DEADLINE_EXCEEDED" if context.time_remaining() <= 0 else "CANCELLED"
 
 
 def translate(exc: BaseException) -> ClipstoreError | None:

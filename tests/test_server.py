@@ -7,6 +7,8 @@ import io
 import json
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -17,7 +19,7 @@ from clipstore.config import Config
 from clipstore.server import SERVICE_NAMES, ClipstoreServer, running_server
 from clipstore.store.principals import KeyMatch
 from clipstore.v1 import audit_pb2, audit_pb2_grpc, clip_pb2, clip_pb2_grpc, review_pb2, review_pb2_grpc
-from tests.conftest import bearer, new_key
+from tests.conftest import bearer, make_config, new_key
 from tests.grpc_helpers import error_info
 
 
@@ -156,3 +158,70 @@ def test_sigterm_path_drains_in_flight_call_and_refuses_new_ones(
         assert future.exception(timeout=10).code() == undisturbed  # ran to its normal end
         stopper.join(10)
         assert not stopper.is_alive()
+
+
+def _rpc_lines(log_stream: io.StringIO, method: str, *, at_least: int = 1, wait_s: float = 10) -> list[dict]:
+    """The access-log lines of `method`, waiting for calls the server may still be finishing."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        lines = [json.loads(line) for line in log_stream.getvalue().splitlines()]
+        found = [line for line in lines if line["event"] == "rpc" and line["method"] == method]
+        if len(found) >= at_least or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def _unhandled(log_stream: io.StringIO) -> list[str]:
+    return [line for line in log_stream.getvalue().splitlines() if "unhandled_exception" in line]
+
+
+PUT_CLIP = "/clipstore.v1.ClipService/PutClip"
+
+
+def test_client_cancel_mid_stream_is_recorded_as_cancelled_not_internal(
+        server: ClipstoreServer, channel: grpc.Channel, log_stream: io.StringIO) -> None:
+    from tests.clip_helpers import metadata
+    key = new_key(server.app, "ingest")
+    release = threading.Event()
+
+    def upload() -> Iterator[clip_pb2.PutClipRequest]:
+        yield clip_pb2.PutClipRequest(metadata=metadata())
+        yield clip_pb2.PutClipRequest(audio_chunk=b"a" * 1000)
+        release.wait(10)  # the server now waits inside the request iterator
+
+    call = clip_pb2_grpc.ClipServiceStub(channel).PutClip.future(upload(), metadata=bearer(key), timeout=20)
+    time.sleep(0.5)
+    call.cancel()
+    release.set()
+    [line] = _rpc_lines(log_stream, PUT_CLIP)
+    assert line["status"] == "CANCELLED"
+    assert _unhandled(log_stream) == []
+    samples = server.metrics.registry
+    assert samples.get_sample_value("clipstore_rpcs_total", {"method": PUT_CLIP, "code": "CANCELLED"}) == 1
+    assert samples.get_sample_value("clipstore_rpcs_total", {"method": PUT_CLIP, "code": "INTERNAL"}) is None
+
+
+def test_message_the_transport_refuses_is_recorded_as_cancelled_not_internal(
+        tmp_path: Path, log_stream: io.StringIO) -> None:
+    from tests.clip_helpers import metadata
+    with running_server(make_config(tmp_path / "d", max_message_bytes=1 << 20)) as srv, \
+            grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        key = new_key(srv.app, "ingest")
+        too_big = [clip_pb2.PutClipRequest(metadata=metadata()), clip_pb2.PutClipRequest(audio_chunk=b"a" * (2 << 20))]
+        with pytest.raises(grpc.RpcError) as caught:
+            clip_pb2_grpc.ClipServiceStub(channel).PutClip(iter(too_big), metadata=bearer(key), timeout=20)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # what the transport told the client
+        [line] = _rpc_lines(log_stream, PUT_CLIP)
+        assert line["status"] == "CANCELLED"
+        assert _unhandled(log_stream) == []
+        assert srv.metrics.registry.get_sample_value(
+            "clipstore_rpcs_total", {"method": PUT_CLIP, "code": "INTERNAL"}) is None
+
+
+def test_request_body_that_does_not_parse_is_invalid_argument(channel: grpc.Channel, keys: dict[str, str]) -> None:
+    get_clip = channel.unary_unary("/clipstore.v1.ClipService/GetClip")
+    with pytest.raises(grpc.RpcError) as caught:
+        get_clip(b"\xff\xff\xff", metadata=bearer(keys["ingest"]), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(caught.value).reason == "MALFORMED_REQUEST"
+    assert error_info(caught.value).metadata["field"] == "request"
