@@ -13,6 +13,12 @@ from clipstore.interceptors import current_request
 from clipstore.v1 import audit_pb2, audit_pb2_grpc
 
 DEFAULT_PAGE_ENTRIES = 100
+MAX_INDEX = (1 << 63) - 1  # entry indices are stored as signed 64-bit integers
+
+
+def _index(field: str, value: int) -> None:
+    if value > MAX_INDEX:
+        raise InvalidArgument(field, f"at most {MAX_INDEX} (2^63 - 1), got {value}")
 
 
 class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
@@ -38,6 +44,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
 
     def ListEntries(self, request: audit_pb2.ListEntriesRequest,
                     context: grpc.ServicerContext) -> audit_pb2.ListEntriesResponse:
+        _index("start_index", request.start_index)
         if request.page_size > MAX_PAGE_ENTRIES:
             raise InvalidArgument("page_size", f"at most {MAX_PAGE_ENTRIES}, got {request.page_size}")
         ctx = current_request()
@@ -45,13 +52,15 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         self._audit.append(AuditRecord(actor_id=ctx.principal.id, actor_role=ctx.principal.role,
                                        action="audit.read", request_id=ctx.request_id))
         size = self._reader.size()
-        entries = self._reader.entries(request.start_index, min(request.page_size or DEFAULT_PAGE_ENTRIES,
-                                                                max(size - request.start_index, 0)))
+        count = min(request.page_size or DEFAULT_PAGE_ENTRIES, max(size - request.start_index, 0))
+        entries = self._reader.entries(request.start_index, count) if count else []
         return audit_pb2.ListEntriesResponse(entries=entries, next_index=request.start_index + len(entries),
                                              tree_size=size)
 
     def GetInclusionProof(self, request: audit_pb2.GetInclusionProofRequest,
                           context: grpc.ServicerContext) -> audit_pb2.GetInclusionProofResponse:
+        _index("index", request.index)
+        _index("tree_size", request.tree_size)
         if request.tree_size == 0:
             raise InvalidArgument("tree_size", "required: pass the tree_size of a checkpoint you hold")
         if request.index >= request.tree_size:
@@ -63,6 +72,8 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
 
     def GetConsistencyProof(self, request: audit_pb2.GetConsistencyProofRequest,
                             context: grpc.ServicerContext) -> audit_pb2.GetConsistencyProofResponse:
+        _index("old_size", request.old_size)
+        _index("new_size", request.new_size)
         if not 0 < request.old_size <= request.new_size:
             raise InvalidArgument("old_size", f"need 0 < old_size <= new_size, got {request.old_size} and "
                                               f"{request.new_size}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import re
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -41,11 +42,18 @@ def page_limit(page_size: int) -> int:
 
 
 def page_after(page_token: str) -> str:
-    """The last id of the previous page, from an opaque token this service issued."""
-    try:
-        return base64.urlsafe_b64decode(page_token.encode()).decode() if page_token else ""
-    except (binascii.Error, UnicodeDecodeError):
-        raise InvalidArgument("page_token", "not a token this service issued; start without one") from None
+    """The last id of the previous page, from an opaque token this service issued. Only a token
+    `next_token` could have written passes: the id then reaches a query as a bound value, and a
+    forged one (a NUL byte, megabytes) must be the caller's INVALID_ARGUMENT, not a database error."""
+    if not page_token:
+        return ""
+    after: str | None = None
+    if len(page_token) <= 4 * MAX_ID_CHARS:
+        with contextlib.suppress(binascii.Error, UnicodeDecodeError):
+            after = base64.urlsafe_b64decode(page_token.encode()).decode()
+    if after is None or not after.isprintable() or next_token([after], 1) != page_token:
+        raise InvalidArgument("page_token", "not a token this service issued; start without one")
+    return after
 
 
 def next_token(ids: list[str], limit: int) -> str:

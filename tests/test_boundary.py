@@ -1,0 +1,106 @@
+"""Every range and size field of the audit and paging RPCs is checked at the boundary: a bad value is
+INVALID_ARGUMENT (or OUT_OF_RANGE past the log) naming the field, never INTERNAL."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf.message import Message
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from clipstore.server import running_server
+from clipstore.v1 import audit_pb2, audit_pb2_grpc, clip_pb2, clip_pb2_grpc, safety_pb2, safety_pb2_grpc
+from tests.conftest import bearer, make_config, new_key
+from tests.grpc_helpers import error_info
+
+U32, U64 = (1 << 32) - 1, (1 << 64) - 1
+EDGES = [0, 1, 2, 3, (1 << 31) - 1, 1 << 31, U32, (1 << 53) + 1, (1 << 63) - 1, 1 << 63, U64]
+ACCEPTED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE}
+
+
+def _uint(bits: int) -> st.SearchStrategy[int]:
+    top = (1 << bits) - 1
+    return st.one_of(st.sampled_from([e for e in EDGES if e <= top]), st.integers(0, top))
+
+
+# (stub, method, role, request type, integer fields with their widths, fixed fields)
+RPCS = [
+    (audit_pb2_grpc.AuditServiceStub, "ListEntries", "auditor", audit_pb2.ListEntriesRequest,
+     {"start_index": 64, "page_size": 32}, {}),
+    (audit_pb2_grpc.AuditServiceStub, "GetInclusionProof", "auditor", audit_pb2.GetInclusionProofRequest,
+     {"index": 64, "tree_size": 64}, {}),
+    (audit_pb2_grpc.AuditServiceStub, "GetConsistencyProof", "auditor", audit_pb2.GetConsistencyProofRequest,
+     {"old_size": 64, "new_size": 64}, {}),
+    (clip_pb2_grpc.ClipServiceStub, "ListClips", "ingest", clip_pb2.ListClipsRequest,
+     {"page_size": 32}, {"account_id": "acct-1"}),
+    (safety_pb2_grpc.SafetyServiceStub, "ListEscalations", "safety", safety_pb2.ListEscalationsRequest,
+     {"page_size": 32}, {}),
+]
+
+
+@st.composite
+def _calls(draw: st.DrawFn) -> tuple[int, Message]:
+    i = draw(st.integers(0, len(RPCS) - 1))
+    _, _, _, request_type, ints, fixed = RPCS[i]
+    return i, request_type(**fixed, **{name: draw(_uint(bits)) for name, bits in ints.items()})
+
+
+def test_integer_fields_of_audit_and_paging_rpcs_never_answer_internal(tmp_path: Path,
+                                                                       log_stream: io.StringIO) -> None:
+    with running_server(make_config(tmp_path / "d")) as srv, \
+            grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        keys = {role: new_key(srv.app, role) for role in ("auditor", "ingest", "safety")}
+
+        @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+        @given(_calls())
+        def check(call: tuple[int, Message]) -> None:
+            i, request = call
+            stub_type, method, role, _, ints, _ = RPCS[i]
+            try:
+                getattr(stub_type(channel), method)(request, metadata=bearer(keys[role]), timeout=10)
+            except grpc.RpcError as err:
+                assert err.code() in ACCEPTED, (method, request, err.code(), err.details())
+                assert error_info(err).metadata["field"] in ints, (method, request, err.details())
+
+        check()
+
+
+@pytest.mark.parametrize("start_index", [1 << 63, U64])
+def test_list_entries_beyond_any_index_is_invalid_argument_naming_start_index(
+        tmp_path: Path, log_stream: io.StringIO, start_index: int) -> None:
+    with running_server(make_config(tmp_path / "d")) as srv, \
+            grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        audit = audit_pb2_grpc.AuditServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            audit.ListEntries(audit_pb2.ListEntriesRequest(start_index=start_index),
+                              metadata=bearer(new_key(srv.app, "auditor")), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_info(caught.value).metadata["field"] == "start_index"
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+@pytest.mark.parametrize("token", [_b64(b"\x00"), _b64(b"c_\x00x"), _b64(b"\xff\xfe"), _b64(b"x" * 5000),
+                                   "not base64!", _b64(b"c_1").rstrip("=") + "A", "Y18x\n"])
+def test_forged_page_tokens_are_invalid_argument_on_every_database(
+        tmp_path: Path, database_url: str | None, log_stream: io.StringIO, token: str) -> None:
+    with running_server(make_config(tmp_path / "d", database_url=database_url)) as srv, \
+            grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        clips = clip_pb2_grpc.ClipServiceStub(channel)
+        safety = safety_pb2_grpc.SafetyServiceStub(channel)
+        calls = [lambda: clips.ListClips(clip_pb2.ListClipsRequest(account_id="acct-1", page_token=token),
+                                         metadata=bearer(new_key(srv.app, "ingest")), timeout=10),
+                 lambda: safety.ListEscalations(safety_pb2.ListEscalationsRequest(page_token=token),
+                                                metadata=bearer(new_key(srv.app, "safety")), timeout=10)]
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert error_info(caught.value).metadata["field"] == "page_token"
