@@ -8,6 +8,7 @@ Every problem is reported as one `ConfigError` naming the key.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -142,6 +143,10 @@ _SCHEMA: dict[str, tuple[str, type]] = {
 }
 
 
+# Numbers are positive, except where 0 is a meaningful setting.
+_ZERO_ALLOWED = frozenset({"review.sample_rate"})  # 0 switches human review sampling off
+
+
 def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in table.items():
@@ -170,8 +175,10 @@ def _coerce(key: str, value: Any, want: type) -> Any:
         number = want(value)
     except (TypeError, ValueError):
         raise ConfigError(key, f"must be a number, got {value!r}") from None
-    if number <= 0:
-        raise ConfigError(key, f"must be positive, got {value!r}")
+    if not math.isfinite(number):
+        raise ConfigError(key, f"must be a finite number, got {value!r}")
+    if number < 0 or (number == 0 and key not in _ZERO_ALLOWED):
+        raise ConfigError(key, f"must be {'0 or more' if key in _ZERO_ALLOWED else 'positive'}, got {value!r}")
     return number
 
 

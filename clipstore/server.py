@@ -11,8 +11,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from clipstore.app import App
 from clipstore.auth import authenticate
@@ -99,6 +100,45 @@ def _principal(app: App, metadata: Mapping[str, str], context: grpc.ServicerCont
     return authenticate(app.principals, metadata, now=app.clock.now())
 
 
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _enable_reflection(server: grpc.Server, services: tuple[str, ...]) -> None:
+    """Serve reflection as v1 (what current tools ask first) and v1alpha. grpcio-reflection ships only
+    v1alpha; v1 is the same protocol and messages under a new package, so one servicer answers both
+    and the v1 file descriptor is the v1alpha one renamed."""
+    servicer = reflection.ReflectionServicer((*services, reflection.SERVICE_NAME, REFLECTION_V1))
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    _add_reflection_v1_descriptor()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)}),))
+
+
+def _add_reflection_v1_descriptor() -> None:
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindServiceByName(REFLECTION_V1)
+        return  # already there (a later grpcio-reflection, or a second server in this process)
+    except KeyError:
+        pass
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    proto.name, proto.package = "grpc/reflection/v1/reflection.proto", "grpc.reflection.v1"
+    proto.ClearField("options")
+    old, new = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
+    for message in proto.message_type:
+        for field in message.field:
+            if field.HasField("type_name"):
+                field.type_name = field.type_name.replace(old, new)
+    for method in proto.service[0].method:
+        method.input_type, method.output_type = (method.input_type.replace(old, new),
+                                                 method.output_type.replace(old, new))
+    pool.Add(proto)
+
+
 def _metrics(app: App) -> Metrics:
     metrics = Metrics()
     app.audit.on_record = metrics.observe_record
@@ -135,8 +175,7 @@ class ClipstoreServer:
         for name, add, base in _SERVICES:
             add(implemented.get(name) or base(), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        _enable_reflection(self._server, (*SERVICE_NAMES, health.SERVICE_NAME))
         try:
             if credentials is None:
                 self.port = self._server.add_insecure_port(config.listen)

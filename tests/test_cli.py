@@ -92,3 +92,26 @@ def test_principal_key_is_printed_once_and_only_its_hash_is_stored(tmp_path: Pat
     assert key not in result.stderr
     for path in data_dir.rglob("clipstore.db*"):
         assert key.encode() not in path.read_bytes()
+
+
+def test_review_sample_rate_0_switches_review_off(tmp_path: Path) -> None:
+    from clipstore.server import running_server
+    from clipstore.v1 import clip_pb2_grpc
+    from tests.clip_helpers import metadata, put_requests
+    from tests.conftest import bearer, new_key
+    assert load_config(env={"CLIPSTORE_REVIEW_SAMPLE_RATE": "0"}).review_sample_rate == 0
+    config = load_config(env={}, overrides={"data_dir": str(tmp_path / "d"), "listen": "127.0.0.1:0",
+                                            "review.sample_rate": 0, "review.default_allow": True})
+    with running_server(config) as srv, grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        clips = clip_pb2_grpc.ClipServiceStub(channel)
+        key = new_key(srv.app, "ingest")
+        for _ in range(5):  # eligible: account allows review, wake word heard, not expired
+            clips.PutClip(put_requests(metadata(), b"a" * 1000), metadata=bearer(key), timeout=10)
+        assert srv.app.review.queue_depth() == 0
+
+
+@pytest.mark.parametrize("value", ["-0.1", "nan", "inf", "1.5"])
+def test_review_sample_rate_outside_0_to_1_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(env={"CLIPSTORE_REVIEW_SAMPLE_RATE": value})
+    assert caught.value.key == "review.sample_rate"

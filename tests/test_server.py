@@ -225,3 +225,20 @@ def test_request_body_that_does_not_parse_is_invalid_argument(channel: grpc.Chan
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_info(caught.value).reason == "MALFORMED_REQUEST"
     assert error_info(caught.value).metadata["field"] == "request"
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+def test_reflection_answers_as_v1_and_v1alpha(channel: grpc.Channel, version: str) -> None:
+    """Current tools (grpcurl, buf curl, Postman) ask v1 first; older ones only know v1alpha."""
+    info = channel.stream_stream(f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+                                 request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                                 response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+    asks = [reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="grpc.reflection.v1.ServerReflection"),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="clipstore.v1.ReviewService")]
+    listed, v1_file, review_file = list(info(iter(asks), timeout=5))
+    assert {"grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection",
+            *SERVICE_NAMES} <= {s.name for s in listed.list_services_response.service}
+    for answer in (v1_file, review_file):
+        assert not answer.HasField("error_response"), answer.error_response
+        assert answer.file_descriptor_response.file_descriptor_proto
