@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +15,7 @@ from clipstore.audit.signing import load_or_create_signer
 from clipstore.blobs import BlobStore, FileBlobStore, S3BlobStore
 from clipstore.clips import ClipLibrary
 from clipstore.clock import Clock, SystemClock
-from clipstore.config import Config
+from clipstore.config import Config, ConfigError
 from clipstore.identity import LOOKUP_KEY_NAME, AccountLookup
 from clipstore.principals import PrincipalLifecycle
 from clipstore.review import ReviewDesk, ReviewPolicy, ReviewPorts
@@ -35,7 +36,10 @@ from kms import AwsKms, KeyProvider, KeyRing, LocalKms
 def root_provider(config: Config) -> KeyProvider:
     if config.kms is not None:
         return AwsKms(config.kms.key_id, endpoint_url=config.kms.endpoint_url, region=config.kms.region)
-    return LocalKms.from_file(config.root_key_file)
+    try:
+        return LocalKms.from_file(config.root_key_file)
+    except (OSError, ValueError) as exc:  # the message names the file and the fix
+        raise ConfigError("data_dir", str(exc)) from None
 
 
 GRANT_KEY_NAME = "grant-signing"
@@ -49,8 +53,35 @@ def blob_store(config: Config) -> BlobStore:
     return FileBlobStore(config.blob_dir)
 
 
-def _private_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+PRIVATE_UMASK = 0o077
+
+
+def private_data(config: Config) -> None:
+    """Start-up checks: what the service writes is readable by the service user alone.
+
+    A private umask covers every file created from here on (SQLite's database, -wal and -shm,
+    blobs, exports). What already exists is checked, not silently repaired: a data directory or
+    database that others can read, or that another user owns, stops the start with one line
+    naming the path and the command that fixes it."""
+    os.umask(PRIVATE_UMASK)
+    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _check_private("data_dir", config.data_dir, 0o700)
+    url = config.effective_database_url
+    if url.startswith("sqlite:///"):
+        database = Path(url.removeprefix("sqlite:///"))
+        for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
+            if path.exists():
+                _check_private("database_url", path, 0o600)
+
+
+def _check_private(key: str, path: Path, mode: int) -> None:
+    st = path.stat()
+    if st.st_uid != os.geteuid():
+        raise ConfigError(key, f"{path} is owned by uid {st.st_uid}, not the service user (uid {os.geteuid()}); "
+                               f"run: chown {os.geteuid()} {path}")
+    if st.st_mode & 0o077:
+        raise ConfigError(key, f"{path} is accessible to group or others (mode {st.st_mode & 0o777:o}); "
+                               f"run: chmod {mode:o} {path}")
 
 
 class _ReviewerSessions:
@@ -68,7 +99,7 @@ class App:
 
     def __init__(self, config: Config, *, clock: Clock | None = None) -> None:
         self.config = config
-        _private_dir(config.data_dir)
+        private_data(config)
         self.root = root_provider(config)
         self.db = Database(config.effective_database_url)
         self.principals = PrincipalRepository(self.db)

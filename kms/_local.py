@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
+import stat
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -36,18 +38,36 @@ class LocalKms:
 
     @classmethod
     def from_file(cls, path: Path, *, create: bool = True) -> LocalKms:
-        """Load the key file, creating it (mode 0600) if missing and `create` is set."""
+        """Load the key file, creating it (mode 0600) if missing and `create` is set.
+
+        The file is opened without following symlinks and checked through that open descriptor
+        (owner and mode), so what is checked is what is read. `PermissionError` names the path and
+        the fix; a symlink is refused rather than followed to wherever it points."""
         if create and not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(secrets.token_bytes(ROOT_KEY_BYTES))
                 fh.flush()
                 os.fsync(fh.fileno())
-        mode = path.stat().st_mode & 0o777
-        if mode & 0o077:
-            raise PermissionError(f"{path} is readable by others (mode {mode:o}); run chmod 600 {path}")
-        key = path.read_bytes()
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise PermissionError(f"{path} is a symbolic link; replace it with the key file itself "
+                                      f"(mode 0600, owned by the service user)") from None
+            raise
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise PermissionError(f"{path} is not a regular file; it must hold the {ROOT_KEY_BYTES}-byte root key")
+            if st.st_uid != os.geteuid():
+                raise PermissionError(f"{path} is owned by uid {st.st_uid}, not the service user (uid "
+                                      f"{os.geteuid()}); run chown {os.geteuid()} {path}")
+            if st.st_mode & 0o077:
+                raise PermissionError(f"{path} is readable by others (mode {st.st_mode & 0o777:o}); "
+                                      f"run chmod 600 {path}")
+            key = fh.read(ROOT_KEY_BYTES + 1)
         if len(key) != ROOT_KEY_BYTES:
             raise ValueError(f"{path} must hold {ROOT_KEY_BYTES} bytes, holds {len(key)}")
         return cls(key)

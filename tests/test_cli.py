@@ -115,3 +115,59 @@ def test_review_sample_rate_outside_0_to_1_is_refused(value: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(env={"CLIPSTORE_REVIEW_SAMPLE_RATE": value})
     assert caught.value.key == "review.sample_rate"
+
+
+def test_every_file_the_service_writes_is_private_even_under_a_permissive_umask(tmp_path: Path) -> None:
+    from clipstore.app import App
+    from clipstore.auth import create_principal
+    data_dir = tmp_path / "d"
+    previous = os.umask(0o022)  # what most shells hand a service
+    try:
+        app = App(load_config(env={}, overrides={"data_dir": str(data_dir)}))
+        try:
+            create_principal(app.principals, app.audit, role="ingest", name="writer")  # -wal and -shm exist now
+            files = {p.name: p.stat().st_mode & 0o777 for p in data_dir.iterdir()}
+        finally:
+            app.close()
+    finally:
+        os.umask(previous)
+    assert {"root.key", "clipstore.db", "clipstore.db-wal", "clipstore.db-shm", "blobs"} <= set(files)
+    assert files == {name: 0o700 if name == "blobs" else 0o600 for name in files}
+    assert data_dir.stat().st_mode & 0o777 == 0o700
+
+
+def _make_data_dir(tmp_path: Path) -> Path:
+    data_dir = tmp_path / "d"
+    result = _clipstore("principals", "create", "--role", "ingest", "--name", "x", "--data-dir", str(data_dir),
+                        env=_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    return data_dir
+
+
+def _link_root_key(data_dir: Path) -> str:
+    (data_dir / "root.key").rename(data_dir / "elsewhere.key")
+    (data_dir / "root.key").symlink_to(data_dir / "elsewhere.key")
+    return "replace it with the key file itself"
+
+
+@pytest.mark.parametrize(("spoil", "key", "says"), [
+    (lambda d: d.chmod(0o755) or "chmod 700", "data_dir", "{d} is accessible to group or others (mode 755)"),
+    (lambda d: (d / "clipstore.db").chmod(0o644) or "chmod 600", "database_url", "{d}/clipstore.db is accessible"),
+    (lambda d: (d / "clipstore.db").chmod(0o660) or "chmod 600", "database_url", "{d}/clipstore.db is accessible"),
+    (lambda d: os.chown(d, 65534, 65534) or "chown", "data_dir", "{d} is owned by uid 65534"),
+    (lambda d: os.chown(d / "clipstore.db", 65534, 65534) or "chown", "database_url", "{d}/clipstore.db is owned"),
+    (lambda d: (d / "root.key").chmod(0o640) or "chmod 600", "data_dir", "{d}/root.key is readable by others"),
+    (_link_root_key, "data_dir", "{d}/root.key is a symbolic link"),
+], ids=["dir-world-readable", "db-world-readable", "db-group-writable", "dir-other-owner", "db-other-owner",
+        "root-key-group-readable", "root-key-symlink"])
+def test_serve_refuses_a_data_dir_others_can_reach_with_one_line_and_exit_2(
+        tmp_path: Path, spoil: object, key: str, says: str) -> None:
+    if os.geteuid() != 0 and "owned" in says:
+        pytest.skip("changing a file's owner needs root")
+    data_dir = _make_data_dir(tmp_path)
+    fix = spoil(data_dir)  # type: ignore[operator]
+    result = _clipstore("serve", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", env=_env(tmp_path))
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"config error: {key}: {says.format(d=data_dir)}")
+    assert fix in line
