@@ -14,7 +14,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clipstore.server import running_server
-from clipstore.v1 import audit_pb2, audit_pb2_grpc, clip_pb2, clip_pb2_grpc, safety_pb2, safety_pb2_grpc
+from clipstore.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    clip_pb2,
+    clip_pb2_grpc,
+    principal_admin_pb2,
+    principal_admin_pb2_grpc,
+    safety_pb2,
+    safety_pb2_grpc,
+)
 from tests.conftest import bearer, make_config, new_key
 from tests.grpc_helpers import error_info
 
@@ -23,9 +32,10 @@ EDGES = [0, 1, 2, 3, (1 << 31) - 1, 1 << 31, U32, (1 << 53) + 1, (1 << 63) - 1, 
 ACCEPTED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE}
 
 
-def _uint(bits: int) -> st.SearchStrategy[int]:
-    top = (1 << bits) - 1
-    return st.one_of(st.sampled_from([e for e in EDGES if e <= top]), st.integers(0, top))
+def _int(bits: int) -> st.SearchStrategy[int]:
+    """Unsigned of `bits` bits; negative `bits` means a signed field (an enum is an int32)."""
+    low, top = (-(1 << -bits), (1 << -bits) - 1) if bits < 0 else (0, (1 << bits) - 1)
+    return st.one_of(st.sampled_from([e for e in (*EDGES, -1, low) if low <= e <= top]), st.integers(low, top))
 
 
 # (stub, method, role, request type, integer fields with their widths, fixed fields)
@@ -40,6 +50,8 @@ RPCS = [
      {"page_size": 32}, {"account_id": "acct-1"}),
     (safety_pb2_grpc.SafetyServiceStub, "ListEscalations", "safety", safety_pb2.ListEscalationsRequest,
      {"page_size": 32}, {}),
+    (principal_admin_pb2_grpc.PrincipalAdminServiceStub, "ListPrincipals", "admin",
+     principal_admin_pb2.ListPrincipalsRequest, {"page_size": 32, "role": -31}, {}),
 ]
 
 
@@ -47,14 +59,14 @@ RPCS = [
 def _calls(draw: st.DrawFn) -> tuple[int, Message]:
     i = draw(st.integers(0, len(RPCS) - 1))
     _, _, _, request_type, ints, fixed = RPCS[i]
-    return i, request_type(**fixed, **{name: draw(_uint(bits)) for name, bits in ints.items()})
+    return i, request_type(**fixed, **{name: draw(_int(bits)) for name, bits in ints.items()})
 
 
 def test_integer_fields_of_audit_and_paging_rpcs_never_answer_internal(tmp_path: Path,
                                                                        log_stream: io.StringIO) -> None:
     with running_server(make_config(tmp_path / "d")) as srv, \
             grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
-        keys = {role: new_key(srv.app, role) for role in ("auditor", "ingest", "safety")}
+        keys = {role: new_key(srv.app, role) for role in ("auditor", "ingest", "safety", "admin")}
 
         @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
         @given(_calls())
@@ -95,10 +107,13 @@ def test_forged_page_tokens_are_invalid_argument_on_every_database(
             grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
         clips = clip_pb2_grpc.ClipServiceStub(channel)
         safety = safety_pb2_grpc.SafetyServiceStub(channel)
+        admin = principal_admin_pb2_grpc.PrincipalAdminServiceStub(channel)
         calls = [lambda: clips.ListClips(clip_pb2.ListClipsRequest(account_id="acct-1", page_token=token),
                                          metadata=bearer(new_key(srv.app, "ingest")), timeout=10),
                  lambda: safety.ListEscalations(safety_pb2.ListEscalationsRequest(page_token=token),
-                                                metadata=bearer(new_key(srv.app, "safety")), timeout=10)]
+                                                metadata=bearer(new_key(srv.app, "safety")), timeout=10),
+                 lambda: admin.ListPrincipals(principal_admin_pb2.ListPrincipalsRequest(page_token=token),
+                                              metadata=bearer(new_key(srv.app, "admin")), timeout=10)]
         for call in calls:
             with pytest.raises(grpc.RpcError) as caught:
                 call()
