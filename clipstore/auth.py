@@ -10,10 +10,13 @@ import base64
 import hashlib
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+
+from cryptography import x509
 
 from clipstore.audit import OPERATOR, Actor, AuditLog
 from clipstore.errors import PermissionDenied, PrincipalRefused, Unauthenticated
+from clipstore.spiffe import parse_spiffe_id, spiffe_ids
 from clipstore.store.principals import Principal, PrincipalRepository
 
 ROLES = ("ingest", "reviewer", "safety", "auditor", "admin")
@@ -98,6 +101,29 @@ def authenticate(repo: PrincipalRepository, metadata: Mapping[str, str], *, now:
         raise PrincipalRefused(match.principal.id, "this API key was replaced and its overlap has ended; "
                                                    "use the new key", reason="KEY_ROTATED_OUT")
     return check_standing(match.principal, now=now)
+
+
+def authenticate_certificate(repo: PrincipalRepository, pem: bytes, *, trust_domain: str,
+                             revoked: Callable[[x509.Certificate], bool], now: float) -> Principal:
+    """Resolve a client certificate gRPC has verified against the client CA to a principal in good
+    standing: by its one SPIFFE id, in our trust domain, enrolled, not on the CRL."""
+    cert = x509.load_pem_x509_certificate(pem)
+    uris = spiffe_ids(cert)
+    spiffe_id = parse_spiffe_id(uris[0]) if len(uris) == 1 else None
+    if spiffe_id is None:  # an X.509-SVID carries exactly one SPIFFE id
+        raise Unauthenticated("the client certificate must carry one SAN URI "
+                              f"spiffe://{trust_domain}/<role>/<name>", reason="CERT_WITHOUT_PRINCIPAL")
+    if spiffe_id.trust_domain != trust_domain:
+        raise Unauthenticated(f"the certificate's SPIFFE id is not in trust domain {trust_domain!r}",
+                              reason="WRONG_TRUST_DOMAIN")
+    principal = repo.by_spiffe_id(str(spiffe_id))
+    if revoked(cert):
+        raise PrincipalRefused(principal.id if principal else "", "the client certificate was revoked; "
+                                                                  "get a new one", reason="CERT_REVOKED")
+    if principal is None:
+        raise Unauthenticated("no principal is enrolled for this certificate's SPIFFE id; ask an admin to "
+                              "enrol it", reason="UNKNOWN_SPIFFE_ID")
+    return check_standing(principal, now=now)
 
 
 def authorize(principal: Principal, method: str) -> None:

@@ -41,7 +41,7 @@ def _cmd_dev_certs(args: argparse.Namespace) -> int:
             print(f"--client takes NAME:ROLE with ROLE one of {', '.join(ROLES)}; got {item!r}", file=sys.stderr)
             return EXIT_CONFIG
         clients.append((name, role))
-    for path in write_dev_certs(args.out, clients):
+    for path in write_dev_certs(args.out, clients, trust_domain=args.trust_domain):
         print(path)
     print(f"serve with: clipstore serve --tls-cert {args.out}/server.pem --tls-key {args.out}/server.key "
           f"--client-ca {args.out}/ca.pem", file=sys.stderr)
@@ -50,14 +50,22 @@ def _cmd_dev_certs(args: argparse.Namespace) -> int:
 
 def _cmd_principals_create(args: argparse.Namespace) -> int:
     from clipstore.app import App
+    from clipstore.audit import OPERATOR
+    from clipstore.errors import ClipstoreError
     app = App(_config(args))
     try:
-        principal, key = create_principal(app.principals, app.audit, role=args.role, name=args.name)
+        spiffe_id = app.lifecycle.check_spiffe_id(args.spiffe_id, args.role) if args.spiffe_id else None
+        principal, key = create_principal(app.principals, app.audit, role=args.role, name=args.name,
+                                          actor=OPERATOR, spiffe_id=spiffe_id)
+    except ClipstoreError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
     finally:
         app.close()
-    print(f"principal_id={principal.id} role={principal.role}")
-    print(f"api_key={key}")
-    print("# the key is shown only once; send it as 'authorization: Bearer <key>'", file=sys.stderr)
+    print(f"principal_id={principal.id} role={principal.role}" + (f" spiffe_id={spiffe_id}" if spiffe_id else ""))
+    if key is not None:
+        print(f"api_key={key}")
+        print("# the key is shown only once; send it as 'authorization: Bearer <key>'", file=sys.stderr)
     return 0
 
 
@@ -159,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     certs = sub.add_parser("dev-certs", help="create a development CA, server and client certificates")
     certs.add_argument("--out", type=Path, required=True)
     certs.add_argument("--client", action="append", help="NAME:ROLE (repeatable; default one per role)")
+    certs.add_argument("--trust-domain", default="clipstore", help="of the clients' SPIFFE ids (auth.trust_domain)")
     certs.set_defaults(func=_cmd_dev_certs)
 
     principals = sub.add_parser("principals", help="manage API-key principals")
@@ -167,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(create)
     create.add_argument("--role", required=True, choices=ROLES)
     create.add_argument("--name", required=True)
+    create.add_argument("--spiffe-id", help="spiffe://<trust domain>/<role>/<name>: named by a client certificate, "
+                                            "no API key")
     create.set_defaults(func=_cmd_principals_create)
 
     keys = sub.add_parser("keys", help="account key versions")

@@ -63,6 +63,7 @@ class TlsConfig:
     cert_file: Path
     key_file: Path
     client_ca_file: Path | None = None
+    crl_file: Path | None = None  # revoked client certificates; needs client_ca_file
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,6 +125,7 @@ _SCHEMA: dict[str, tuple[str, type]] = {
     "tls.cert_file": ("CLIPSTORE_TLS_CERT_FILE", str),
     "tls.key_file": ("CLIPSTORE_TLS_KEY_FILE", str),
     "tls.client_ca_file": ("CLIPSTORE_TLS_CLIENT_CA_FILE", str),
+    "tls.crl_file": ("CLIPSTORE_TLS_CRL_FILE", str),
     "audit.checkpoint_every_entries": ("CLIPSTORE_AUDIT_CHECKPOINT_EVERY_ENTRIES", int),
     "audit.checkpoint_every_s": ("CLIPSTORE_AUDIT_CHECKPOINT_EVERY_S", float),
     "retention.default_days": ("CLIPSTORE_RETENTION_DEFAULT_DAYS", float),
@@ -248,6 +250,8 @@ def _build(values: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     for required in ("cert_file", "key_file"):
         if tls and required not in tls:
             raise ConfigError(f"tls.{required}", "is required when any tls.* key is set")
+    if "crl_file" in tls and "client_ca_file" not in tls:
+        raise ConfigError("tls.crl_file", "revokes client certificates, so it needs tls.client_ca_file")
     return Config(
         data_dir=Path(values["data_dir"]) if "data_dir" in values else default_data_dir(env),
         listen=listen,

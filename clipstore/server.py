@@ -16,10 +16,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from clipstore.app import App
-from clipstore.auth import authenticate
+from clipstore.auth import authenticate, authenticate_certificate
 from clipstore.clock import Clock
 from clipstore.config import Config, ConfigError, is_loopback
-from clipstore.errors import Unauthenticated
 from clipstore.interceptors import ClipstoreInterceptor, audit_denial
 from clipstore.logs import get_logger
 from clipstore.metrics import Metrics
@@ -29,7 +28,7 @@ from clipstore.servicers.clips import ClipServicer
 from clipstore.servicers.principals import PrincipalAdminServicer
 from clipstore.servicers.review import ReviewerAdminServicer, ReviewServicer, SafetyServicer
 from clipstore.store.principals import Principal
-from clipstore.tls import principal_from_cert
+from clipstore.tls import ServerTls
 from clipstore.v1 import (
     account_pb2_grpc,
     audit_pb2_grpc,
@@ -74,29 +73,22 @@ def _implemented_servicers(app: App) -> dict[str, Any]:
             "clipstore.v1.SafetyService": SafetyServicer(app.review)}
 
 
-def _credentials(config: Config) -> grpc.ServerCredentials | None:
+def server_tls(config: Config) -> ServerTls | None:
     if config.tls is None:
         if not is_loopback(config.listen):
             raise ConfigError("listen", f"{config.listen} is not a loopback address and TLS is not "
                                         "configured; set tls.cert_file and tls.key_file or bind 127.0.0.1")
         return None
-    try:
-        root_ca = config.tls.client_ca_file.read_bytes() if config.tls.client_ca_file else None
-        pair = (config.tls.key_file.read_bytes(), config.tls.cert_file.read_bytes())
-    except OSError as exc:
-        raise ConfigError("tls", f"cannot read {exc.filename}: {exc.strerror}") from None
-    return grpc.ssl_server_credentials([pair], root_certificates=root_ca, require_client_auth=root_ca is not None)
+    return ServerTls(config.tls)
 
 
-def _principal(app: App, metadata: Mapping[str, str], context: grpc.ServicerContext) -> Principal:
+def _principal(app: App, tls: ServerTls | None, metadata: Mapping[str, str],
+               context: grpc.ServicerContext) -> Principal:
     """A verified client certificate names the principal (mTLS); else the bearer API key does."""
     pem = context.auth_context().get("x509_pem_cert")
-    if pem:
-        principal = principal_from_cert(pem[0])
-        if principal is None:
-            raise Unauthenticated("the client certificate names no principal; it needs a SAN URI "
-                                  "spiffe://clipstore/<role>/<name>", reason="CERT_WITHOUT_PRINCIPAL")
-        return principal
+    if pem and tls is not None:
+        return authenticate_certificate(app.principals, pem[0], trust_domain=app.config.trust_domain,
+                                        revoked=tls.revoked, now=app.clock.now())
     return authenticate(app.principals, metadata, now=app.clock.now())
 
 
@@ -158,13 +150,13 @@ class ClipstoreServer:
     def __init__(self, app: App) -> None:
         self.app = app
         config = app.config
-        credentials = _credentials(config)
+        self.tls = server_tls(config)
         self.metrics = _metrics(app)
         self.metrics_port: int | None = None
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="rpc"),
-            interceptors=[ClipstoreInterceptor(lambda md, context: _principal(app, md, context),
+            interceptors=[ClipstoreInterceptor(lambda md, context: _principal(app, self.tls, md, context),
                                                on_denied=lambda ctx, exc: audit_denial(app.audit, ctx, exc),
                                                on_finished=self.metrics.observe_rpc)],
             options=[("grpc.max_receive_message_length", config.max_message_bytes),
@@ -177,10 +169,10 @@ class ClipstoreServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         _enable_reflection(self._server, (*SERVICE_NAMES, health.SERVICE_NAME))
         try:
-            if credentials is None:
+            if self.tls is None:
                 self.port = self._server.add_insecure_port(config.listen)
             else:
-                self.port = self._server.add_secure_port(config.listen, credentials)
+                self.port = self._server.add_secure_port(config.listen, self.tls.credentials())
         except RuntimeError as exc:
             raise ConfigError("listen", f"cannot bind {config.listen}: {exc}") from None
         self._stopped = threading.Event()
@@ -206,6 +198,11 @@ class ClipstoreServer:
         log.info("server.started", listen=self.app.config.listen, port=self.port,
                  database="sqlite" if self.app.db.is_sqlite else "postgresql",
                  root_kms=type(self.app.root).__name__)
+
+    def reload_tls(self) -> bool:
+        """Swap in the certificate, key, client CA and CRL files as they are now (SIGHUP); new connections
+        use them, calls in flight are undisturbed. False (and the old material kept) if any fails to load."""
+        return self.tls.reload() if self.tls is not None else False
 
     def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting, drain in-flight RPCs for up to `grace_s`, close stores."""
@@ -243,7 +240,7 @@ def freeze_heap() -> None:
 
 
 def serve(config: Config) -> int:
-    """Run until SIGTERM or SIGINT, then drain and exit 0."""
+    """Run until SIGTERM or SIGINT, then drain and exit 0; SIGHUP reloads the TLS files."""
     server = ClipstoreServer(App(config))
     stop_requested = threading.Event()
 
@@ -251,7 +248,12 @@ def serve(config: Config) -> int:
         log.info("server.signal", signal=signal.Signals(signum).name)
         stop_requested.set()
 
+    def on_hangup(signum: int, _frame: Any) -> None:
+        log.info("server.signal", signal=signal.Signals(signum).name)
+        server.reload_tls()
+
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
     try:
         server.start()
         freeze_heap()

@@ -83,5 +83,6 @@ class ReviewDesk:
         return self.escalations.resolve(escalation_id, resolution, actor)
 
     # -- enrolment -----------------------------------------------------------------------
-    def enroll(self, name: str, locales: tuple[str, ...], actor: Actor) -> Enrolment:
-        return self.enrolments.enroll(name, locales, actor)
+    def enroll(self, name: str, locales: tuple[str, ...], actor: Actor, *, spiffe_id: str | None = None
+               ) -> Enrolment:
+        return self.enrolments.enroll(name, locales, actor, spiffe_id=spiffe_id)

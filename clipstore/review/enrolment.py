@@ -29,12 +29,14 @@ class Enrolments:
         self._ports, self._principals, self._repo = ports, principals, repo
         self._audit, self._root, self._clock = audit, root, clock
 
-    def enroll(self, name: str, locales: tuple[str, ...], actor: Actor) -> Enrolment:
+    def enroll(self, name: str, locales: tuple[str, ...], actor: Actor, *, spiffe_id: str | None = None
+               ) -> Enrolment:
+        """A reviewer named by an API key, or (mTLS) by the certificate carrying `spiffe_id` and no key."""
         principal, api_key = create_principal(self._principals, self._audit, role="reviewer", name=name,
-                                              actor=actor)
+                                              actor=actor, spiffe_id=spiffe_id)
         secret = new_secret()
         self._audit.append(actor.record("reviewer.enroll", principal_id=principal.id))
         self._repo.add_reviewer(principal.id, locales, self._root.encrypt(secret, totp_context(principal.id)),
                                 self._clock.now())
-        return Enrolment(principal=principal, api_key=api_key, totp_secret=secret_base32(secret),
+        return Enrolment(principal=principal, api_key=api_key or "", totp_secret=secret_base32(secret),
                          provisioning_uri=provisioning_uri(secret, account_name=f"{name} ({principal.id})"))

@@ -116,7 +116,10 @@ class ReviewerAdminServicer(reviewer_admin_pb2_grpc.ReviewerAdminServiceServicer
         name = text("name", request.name, max_chars=200, required=True)
         if len(request.locales) > 20 or any(not LOCALE_RE.match(loc) for loc in request.locales):
             raise InvalidArgument("locales", "up to 20 BCP 47 tags such as en-US")
-        enrolment = self._desk.enroll(name, tuple(request.locales), current_actor())
+        spiffe_id = text("spiffe_id", request.spiffe_id, max_chars=255, required=False)
+        enrolment = self._desk.enroll(name, tuple(request.locales), current_actor(),
+                                      spiffe_id=self._lifecycle.check_spiffe_id(spiffe_id, "reviewer") if spiffe_id
+                                      else None)
         return reviewer_admin_pb2.CreateReviewerResponse(
             reviewer_id=enrolment.principal.id, api_key=enrolment.api_key,
             provisioning_uri=enrolment.provisioning_uri, totp_secret=enrolment.totp_secret)

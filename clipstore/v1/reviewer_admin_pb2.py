@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!clipstore/v1/reviewer_admin.proto\x12\x0c\x63lipstore.v1\"6\n\x15\x43reateReviewerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07locales\x18\x02 \x03(\t\"m\n\x16\x43reateReviewerResponse\x12\x13\n\x0breviewer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\x12\x18\n\x10provisioning_uri\x18\x03 \x01(\t\x12\x13\n\x0btotp_secret\x18\x04 \x01(\t\"-\n\x16\x44isableReviewerRequest\x12\x13\n\x0breviewer_id\x18\x01 \x01(\t\"H\n\x17\x44isableReviewerResponse\x12\x16\n\x0e\x65nded_sessions\x18\x01 \x01(\r\x12\x15\n\rvoided_grants\x18\x02 \x01(\r2\xd3\x01\n\x14ReviewerAdminService\x12[\n\x0e\x43reateReviewer\x12#.clipstore.v1.CreateReviewerRequest\x1a$.clipstore.v1.CreateReviewerResponse\x12^\n\x0f\x44isableReviewer\x12$.clipstore.v1.DisableReviewerRequest\x1a%.clipstore.v1.DisableReviewerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!clipstore/v1/reviewer_admin.proto\x12\x0c\x63lipstore.v1\"I\n\x15\x43reateReviewerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07locales\x18\x02 \x03(\t\x12\x11\n\tspiffe_id\x18\x03 \x01(\t\"m\n\x16\x43reateReviewerResponse\x12\x13\n\x0breviewer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\x12\x18\n\x10provisioning_uri\x18\x03 \x01(\t\x12\x13\n\x0btotp_secret\x18\x04 \x01(\t\"-\n\x16\x44isableReviewerRequest\x12\x13\n\x0breviewer_id\x18\x01 \x01(\t\"H\n\x17\x44isableReviewerResponse\x12\x16\n\x0e\x65nded_sessions\x18\x01 \x01(\r\x12\x15\n\rvoided_grants\x18\x02 \x01(\r2\xd3\x01\n\x14ReviewerAdminService\x12[\n\x0e\x43reateReviewer\x12#.clipstore.v1.CreateReviewerRequest\x1a$.clipstore.v1.CreateReviewerResponse\x12^\n\x0f\x44isableReviewer\x12$.clipstore.v1.DisableReviewerRequest\x1a%.clipstore.v1.DisableReviewerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,13 +32,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clipstore.v1.reviewer_admin
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CREATEREVIEWERREQUEST']._serialized_start=51
-  _globals['_CREATEREVIEWERREQUEST']._serialized_end=105
-  _globals['_CREATEREVIEWERRESPONSE']._serialized_start=107
-  _globals['_CREATEREVIEWERRESPONSE']._serialized_end=216
-  _globals['_DISABLEREVIEWERREQUEST']._serialized_start=218
-  _globals['_DISABLEREVIEWERREQUEST']._serialized_end=263
-  _globals['_DISABLEREVIEWERRESPONSE']._serialized_start=265
-  _globals['_DISABLEREVIEWERRESPONSE']._serialized_end=337
-  _globals['_REVIEWERADMINSERVICE']._serialized_start=340
-  _globals['_REVIEWERADMINSERVICE']._serialized_end=551
+  _globals['_CREATEREVIEWERREQUEST']._serialized_end=124
+  _globals['_CREATEREVIEWERRESPONSE']._serialized_start=126
+  _globals['_CREATEREVIEWERRESPONSE']._serialized_end=235
+  _globals['_DISABLEREVIEWERREQUEST']._serialized_start=237
+  _globals['_DISABLEREVIEWERREQUEST']._serialized_end=282
+  _globals['_DISABLEREVIEWERRESPONSE']._serialized_start=284
+  _globals['_DISABLEREVIEWERRESPONSE']._serialized_end=356
+  _globals['_REVIEWERADMINSERVICE']._serialized_start=359
+  _globals['_REVIEWERADMINSERVICE']._serialized_end=570
 # @@protoc_insertion_point(module_scope)

@@ -24,7 +24,12 @@ class CreateReviewerRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     LOCALES_FIELD_NUMBER: _builtins.int
+    SPIFFE_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    spiffe_id: _builtins.str
+    """spiffe://<trust domain>/reviewer/<name> of the reviewer's client
+    certificate (mTLS); the reviewer then gets no API key.
+    """
     @_builtins.property
     def locales(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -32,10 +37,11 @@ class CreateReviewerRequest(_message.Message):
         *,
         name: _builtins.str = ...,
         locales: _abc.Iterable[_builtins.str] | None = ...,
+        spiffe_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["locales", b"locales", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["locales", b"locales", "name", b"name", "spiffe_id", b"spiffe_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
