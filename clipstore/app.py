@@ -11,7 +11,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from clipstore.accounts import AccountDirectory
 from clipstore.audit import AuditLog
+from clipstore.audit.publish import Publisher, storage_for
 from clipstore.audit.signing import load_or_create_signer
+from clipstore.audit.witnessing import Cosigner, PublishLoop, WitnessEndpoint
 from clipstore.blobs import BlobStore, FileBlobStore, S3BlobStore
 from clipstore.clips import ClipLibrary
 from clipstore.clock import Clock, SystemClock
@@ -84,6 +86,21 @@ def _check_private(key: str, path: Path, mode: int) -> None:
                                f"run: chmod {mode:o} {path}")
 
 
+def publish_loop(config: Config, audit: AuditLog) -> PublishLoop | None:
+    """Witnessing and tile publishing, when configured: a background thread off the append path."""
+    if not config.audit_tiles and not config.audit_witnesses:
+        return None
+    publisher = Publisher(audit.reader, storage_for(config.audit_tiles, retain_days=config.audit_tiles_retain_days)) \
+        if config.audit_tiles else None
+    cosigner = Cosigner(audit.signer.verifier, [WitnessEndpoint.parse(w) for w in config.audit_witnesses],
+                        config.audit_witness_quorum, audit.reader.consistency_proof) \
+        if config.audit_witnesses else None
+    loop = PublishLoop(audit.reader, audit.signer.verifier, publisher, cosigner,
+                       interval_s=config.audit_publish_every_s)
+    loop.start()
+    return loop
+
+
 class _ReviewerSessions:
     """What disabling a reviewer ends at once: their sessions and unredeemed grants."""
 
@@ -107,6 +124,7 @@ class App:
         self.audit = AuditLog(self.db, load_or_create_signer(self.db, self.root), self.clock,
                               checkpoint_every_entries=config.audit_checkpoint_every_entries,
                               checkpoint_every_s=config.audit_checkpoint_every_s)
+        self.publishing = publish_loop(config, self.audit)
         self.blobs = blob_store(config)
         self.keyring = KeyRing(self.root, SqlKekStore(self.db), now=self.clock.now)
         review = ReviewRepository(self.db)
@@ -147,5 +165,7 @@ class App:
             yield ReviewRows(conn)
 
     def close(self) -> None:
+        if self.publishing is not None:
+            self.publishing.close()
         self.audit.close()
         self.db.close()

@@ -90,6 +90,11 @@ class Config:
     review_max_failed_codes: int = 5
     review_lockout_s: float = 15 * 60
     metrics_listen: str | None = None
+    audit_tiles: str | None = None  # a directory or s3://bucket/prefix for the C2SP tlog-tiles
+    audit_tiles_retain_days: int | None = None  # S3 Object Lock (compliance) retention per object
+    audit_witnesses: tuple[str, ...] = ()  # "URL VERIFIER-KEY" per witness
+    audit_witness_quorum: int = 0
+    audit_publish_every_s: float = 5.0
     trust_domain: str = "clipstore"
     key_overlap_s: float = 3600.0
 
@@ -142,6 +147,11 @@ _SCHEMA: dict[str, tuple[str, type]] = {
     "metrics.listen": ("CLIPSTORE_METRICS_LISTEN", str),
     "auth.trust_domain": ("CLIPSTORE_AUTH_TRUST_DOMAIN", str),
     "auth.key_overlap_s": ("CLIPSTORE_AUTH_KEY_OVERLAP_S", float),
+    "audit.tiles": ("CLIPSTORE_AUDIT_TILES", str),
+    "audit.tiles_retain_days": ("CLIPSTORE_AUDIT_TILES_RETAIN_DAYS", int),
+    "audit.witnesses": ("CLIPSTORE_AUDIT_WITNESSES", str),
+    "audit.witness_quorum": ("CLIPSTORE_AUDIT_WITNESS_QUORUM", int),
+    "audit.publish_every_s": ("CLIPSTORE_AUDIT_PUBLISH_EVERY_S", float),
 }
 
 
@@ -277,7 +287,23 @@ def _build(values: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         metrics_listen=_metrics_listen(values.get("metrics.listen")),
         trust_domain=_trust_domain(values.get("auth.trust_domain", "clipstore")),
         key_overlap_s=_key_overlap(values.get("auth.key_overlap_s", 3600.0)),
+        **_witnessing(values),
     )
+
+
+def _witnessing(values: Mapping[str, Any]) -> dict[str, Any]:
+    witnesses = tuple(w.strip() for w in values.get("audit.witnesses", "").split(",") if w.strip())
+    for w in witnesses:
+        url, _, key = w.partition(" ")
+        if not url.startswith(("http://", "https://")) or not key.strip():
+            raise ConfigError("audit.witnesses", "comma-separated 'URL VERIFIER-KEY' entries, e.g. "
+                                                 "'https://w1.example w1.example+1a2b3c4d+BA…'")
+    quorum = values.get("audit.witness_quorum", len(witnesses))
+    if quorum > len(witnesses):
+        raise ConfigError("audit.witness_quorum", f"is {quorum} but only {len(witnesses)} witnesses are configured")
+    return {"audit_tiles": values.get("audit.tiles"), "audit_tiles_retain_days": values.get("audit.tiles_retain_days"),
+            "audit_witnesses": witnesses, "audit_witness_quorum": quorum,
+            "audit_publish_every_s": values.get("audit.publish_every_s", 5.0)}
 
 
 def _trust_domain(name: str) -> str:

@@ -64,7 +64,8 @@ SERVICE_NAMES = tuple(name for name, _, _ in _SERVICES)
 
 def _implemented_servicers(app: App) -> dict[str, Any]:
     """Servicers whose issue has landed; the rest answer UNIMPLEMENTED."""
-    return {"clipstore.v1.AuditService": AuditServicer(app.audit),
+    published = (lambda: app.publishing.latest) if app.publishing else (lambda: None)
+    return {"clipstore.v1.AuditService": AuditServicer(app.audit, published),
             "clipstore.v1.ClipService": ClipServicer(app.clips),
             "clipstore.v1.AccountService": AccountServicer(app.accounts),
             "clipstore.v1.ReviewService": ReviewServicer(app.review),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 
 from auditlog.checkpoint import Checkpoint
@@ -22,8 +24,9 @@ def _index(field: str, value: int) -> None:
 
 
 class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
-    def __init__(self, audit: AuditLog) -> None:
+    def __init__(self, audit: AuditLog, published: Callable[[], tuple[int, str] | None] = lambda: None) -> None:
         self._audit = audit
+        self._published = published
         self._reader = audit.reader
 
     def _check_size(self, field: str, size: int) -> None:
@@ -34,11 +37,13 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
 
     def GetCheckpoint(self, request: audit_pb2.GetCheckpointRequest,
                       context: grpc.ServicerContext) -> audit_pb2.GetCheckpointResponse:
-        latest = self._reader.latest_checkpoint()
+        # With witnesses or tiles configured, the published (cosigned) checkpoint; it may lag
+        # the newest signed one by a publishing round.
+        latest = self._published() or self._reader.latest_checkpoint()
         if latest is None:
             latest = self._audit.checkpoint()
         size, note = latest
-        checkpoint = Checkpoint.parse(open_note(note, [self._audit.signer.verifier]))
+        checkpoint = Checkpoint.parse(open_note(note, [self._audit.signer.verifier]))  # cosignatures: unknown keys
         return audit_pb2.GetCheckpointResponse(signed_note=note, tree_size=size, root_hash=checkpoint.root,
                                                verifier_key=self._audit.signer.verifier.key_string())
 

@@ -1,0 +1,110 @@
+"""The service publishes its log as tiles and a checkpoint cosigned by a quorum of real witnesses
+(in-process `auditlog` witnesses on loopback); GetCheckpoint serves the cosigned note."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import grpc
+import pytest
+
+from auditlog.cosignature import CosignatureSigner, open_cosigned_checkpoint
+from auditlog.witness import Witness, WitnessServer
+from clipstore.app import App
+from clipstore.audit import AuditRecord
+from clipstore.server import running_server
+from clipstore.v1 import audit_pb2, audit_pb2_grpc
+from tests.conftest import make_config, new_key
+
+
+def _wait_published(app: App, size: int, timeout_s: float = 30) -> tuple[int, str]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert app.publishing is not None
+        app.publishing.poke()
+        if app.publishing.latest and app.publishing.latest[0] >= size:
+            return app.publishing.latest
+        time.sleep(0.05)
+    raise AssertionError(f"nothing of size >= {size} was published in {timeout_s} s")
+
+
+@pytest.fixture
+def log_key(tmp_path: Path, database_url: str | None) -> str:
+    app = App(make_config(tmp_path / "data", database_url=database_url))
+    try:
+        return app.audit.signer.verifier.key_string()
+    finally:
+        app.close()
+
+
+@pytest.fixture
+def witnesses(tmp_path: Path, log_key: str) -> Iterator[list[WitnessServer]]:
+    from auditlog.note import NoteVerifier
+    with ExitStack() as stack:
+        servers = []
+        for i in range(3):
+            witness = Witness.for_log_keys(CosignatureSigner.generate(f"w{i}.test"),
+                                           [NoteVerifier.from_key_string(log_key)], tmp_path / f"w{i}.state")
+            servers.append(stack.enter_context(WitnessServer(("127.0.0.1", 0), witness, quiet=True)))
+        yield servers
+
+
+def _config(tmp_path: Path, database_url: str | None, witnesses: list[WitnessServer]) -> object:
+    spec = ", ".join(f"{w.url} {w.witness.signer.verifier.key_string()}" for w in witnesses)
+    return make_config(tmp_path / "data", database_url=database_url, **{
+        "audit.tiles": str(tmp_path / "tiles"), "audit.witnesses": spec, "audit.witness_quorum": 2,
+        "audit.publish_every_s": 0.2})
+
+
+def test_checkpoints_are_published_as_tiles_only_with_a_witness_quorum(
+        tmp_path: Path, database_url: str | None, witnesses: list[WitnessServer], log_key: str) -> None:
+    wkeys = [w.witness.signer.verifier for w in witnesses]
+    config = _config(tmp_path, database_url, witnesses)
+    with running_server(config) as server:  # type: ignore[arg-type]
+        app = server.app
+        for i in range(300):
+            app.audit.append(AuditRecord(actor_id="p", actor_role="ingest", action="clip.ingest", request_id=str(i)))
+        size, _ = app.audit.checkpoint()
+        _, note = _wait_published(app, size)
+        _, cosigs = open_cosigned_checkpoint(note, app.audit.signer.verifier, wkeys, quorum=3)
+        assert len(cosigs) == 3
+        # GetCheckpoint hands auditors the cosigned note.
+        auditor = new_key(app, "auditor", "auditor-svc")
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = audit_pb2_grpc.AuditServiceStub(channel)
+            got = stub.GetCheckpoint(audit_pb2.GetCheckpointRequest(),
+                                     metadata=[("authorization", f"Bearer {auditor}")], timeout=30)
+        assert got.signed_note == note and got.tree_size >= size
+        # Two witnesses go away: the next checkpoint is signed but not published.
+        witnesses[1].shutdown()
+        witnesses[2].shutdown()
+        app.audit.append(AuditRecord(actor_id="p", actor_role="ingest", action="clip.ingest"))
+        newer, _ = app.audit.checkpoint()
+        app.publishing.poke()  # type: ignore[union-attr]
+        time.sleep(1.5)
+        assert app.publishing.latest[0] < newer  # type: ignore[union-attr]
+    keys = [arg for k in wkeys for arg in ("--witness", k.key_string())]
+    result = subprocess.run([sys.executable, "-m", "auditlog", "verify", "--tiles", str(tmp_path / "tiles"),
+                             "--key", log_key, *keys, "--quorum", "2", "--state", str(tmp_path / "state")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith(f"OK size={size} "), result
+    assert "witnesses=w0.test@" in result.stdout
+
+
+def test_a_restarted_service_learns_each_witness_size_from_409_and_continues(
+        tmp_path: Path, database_url: str | None, witnesses: list[WitnessServer]) -> None:
+    config = _config(tmp_path, database_url, witnesses)
+    for round_ in range(2):  # the second process starts knowing nothing of the witnesses' sizes
+        with running_server(config) as server:  # type: ignore[arg-type]
+            app = server.app
+            for i in range(10):
+                app.audit.append(AuditRecord(actor_id="p", actor_role="ingest", action="clip.ingest",
+                                             request_id=f"{round_}-{i}"))
+            size, _ = app.audit.checkpoint()
+            _wait_published(app, size)
+            assert [w.witness.cosigned_size(app.audit.signer.name) for w in witnesses] == [size] * 3
