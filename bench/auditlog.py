@@ -5,7 +5,8 @@
 Measured in one run on SQLite (synchronous=FULL, so every commit is durable):
   1. durable appends/s, 16 concurrent appenders, group-commit sequencer
   2. the same through a sequencer that commits one entry per transaction (baseline)
-  3. `auditlog` verify rate over an export of --entries entries
+  3. `auditlog` verify rate over an export of --entries entries, and from C2SP tiles
+     (all of it; then 1,000 new entries with --state)
   4. inclusion-proof time from stored subtree hashes at --entries entries
 """
 
@@ -25,7 +26,9 @@ from auditlog.checkpoint import Checkpoint, sign_checkpoint  # noqa: E402
 from auditlog.entry import GENESIS_PREV, entry_hash, make_entry  # noqa: E402
 from auditlog.merkle import leaf_hash, root_hash, verify_inclusion  # noqa: E402
 from auditlog.note import NoteSigner  # noqa: E402
-from auditlog.verify import verify_log  # noqa: E402
+from auditlog.sources import open_source  # noqa: E402
+from auditlog.tiles import TileWriter, tree_root  # noqa: E402
+from auditlog.verify import TileState, verify_log, verify_tiles  # noqa: E402
 from clipstore.audit import AuditLog, AuditRecord  # noqa: E402
 from clipstore.audit.signing import load_or_create_signer  # noqa: E402
 from clipstore.clock import SystemClock  # noqa: E402
@@ -85,8 +88,7 @@ def pipelined_appends_per_s(seconds: float, in_flight: int = 32) -> float:
         return rate
 
 
-def verify_rate(n: int) -> float:
-    signer = NoteSigner.generate("clipstore-audit/bench")
+def _entries(n: int) -> list[bytes]:
     entries, prev = [], GENESIS_PREV
     for i in range(n):
         data = make_entry(seq=i, prev=prev, time="2026-11-26T05:00:00.000Z",
@@ -96,6 +98,11 @@ def verify_rate(n: int) -> float:
                           outcome={"result": "ok", "reason": ""}, request_id="r" * 32)
         entries.append(data)
         prev = entry_hash(data)
+    return entries
+
+
+def verify_rate(n: int, entries: list[bytes]) -> float:
+    signer = NoteSigner.generate("clipstore-audit/bench")
     note = sign_checkpoint(Checkpoint(origin=signer.name, size=n, root=root_hash([leaf_hash(e) for e in entries])),
                            signer)
     start = time.perf_counter()
@@ -103,6 +110,37 @@ def verify_rate(n: int) -> float:
     elapsed = time.perf_counter() - start
     assert result.size == n
     return n / elapsed
+
+
+def _publish(directory: Path, writer: TileWriter, entries: list[bytes], signer: NoteSigner) -> None:
+    for path, data in writer.append(entries[writer.size:]) + writer.flush():
+        (directory / path).parent.mkdir(parents=True, exist_ok=True)
+        (directory / path).write_bytes(data)
+    root = root_hash([leaf_hash(e) for e in entries]) if len(entries) < 2 else None
+    tree = root if root is not None else tree_root(lambda p: (directory / p).read_bytes(), len(entries))
+    note = sign_checkpoint(Checkpoint(origin=signer.name, size=len(entries), root=tree), signer)
+    (directory / "checkpoint").write_text(note)
+
+
+def tiles_rates(entries: list[bytes], new: int = 1000) -> tuple[float, float]:
+    """Entries/s verifying all of a tiled log from scratch; ms to verify `new` more with --state."""
+    signer = NoteSigner.generate("clipstore-audit/bench")
+    with tempfile.TemporaryDirectory() as tmp:
+        directory, writer = Path(tmp), TileWriter()
+        _publish(directory, writer, entries[:-new], signer)
+        read = open_source(tmp)
+        start = time.perf_counter()
+        full = verify_tiles(read, signer.verifier)
+        rate = full.size / (time.perf_counter() - start)
+        state = TileState(origin=signer.name, size=full.size, root=full.root, last_leaf=full.last_leaf, note=full.note)
+        _publish(directory, writer, entries, signer)
+        samples = []
+        for _ in range(5):
+            start = time.perf_counter()
+            result = verify_tiles(read, signer.verifier, state=state)
+            samples.append((time.perf_counter() - start) * 1000)
+        assert result.size == len(entries) and result.old_size == len(entries) - new
+        return rate, statistics.median(samples)
 
 
 def proof_ms(n: int) -> float:
@@ -131,7 +169,10 @@ def main() -> None:
     grouped, per_batch = appends_per_s(4096, args.seconds)
     single, _ = appends_per_s(1, args.seconds)
     pipelined = pipelined_appends_per_s(args.seconds)
-    verify = verify_rate(args.entries)
+    entries = _entries(args.entries)
+    verify = verify_rate(args.entries, entries)
+    tiles_rate, incremental_ms = tiles_rates(entries)
+    del entries
     proof = proof_ms(args.entries)
     print(f"{'measure':<52} {'value':>14}")
     print(f"{'durable appends/s, 16 appenders, group commit':<52} {grouped:>14,.0f}")
@@ -140,6 +181,8 @@ def main() -> None:
     print(f"{'durable appends/s, 16 appenders x 32 in flight':<52} {pipelined:>14,.0f}")
     print(f"{f'verify rate, {args.entries:,}-entry export (entries/s)':<52} {verify:>14,.0f}")
     print(f"{f'inclusion proof at {args.entries:,} entries (median ms)':<52} {proof:>14.3f}")
+    print(f"verify_tiles_entries_per_s={tiles_rate:.0f}")
+    print(f"incremental_verify_ms={incremental_ms:.1f}  (1,000 new entries on a {args.entries:,}-entry log)")
     print(f"audit_group_commit_speedup={grouped / single:.1f}")
 
 
