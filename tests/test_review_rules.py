@@ -1,0 +1,500 @@
+"""Review rules that must hold against races, former holders and curious callers (issue 11 items 4–11,
+issue 13 item 6), through a real server on SQLite and PostgreSQL.
+
+A race test sends 24 calls released together by a barrier; every limit is checked inside the call's unit
+of work, so the counts must come out exact, not merely bounded. Every denial test also checks that the
+denial changed nothing (grants, queue, sessions, assignments).
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import pkgutil
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import sqlalchemy as sa
+
+import clipstore.v1
+from clipstore.audit import Actor, Tx
+from clipstore.auth import METHOD_ROLES, ROLES
+from clipstore.identity import open_review_text
+from clipstore.review.desk import LABEL_PURPOSE
+from clipstore.review.escalations import RESOLUTION_PURPOSE
+from clipstore.server import running_server
+from clipstore.store import schema
+from clipstore.totp import code_at
+from clipstore.v1 import account_pb2, clip_pb2, common_pb2, review_pb2, safety_pb2
+from tests.clip_helpers import ACCOUNT_ID
+from tests.conftest import FakeClock, bearer, make_config, new_key
+from tests.db_helpers import database_bytes
+from tests.grpc_helpers import error_info
+from tests.test_review import AUDIO, Reviewer, World
+
+RACERS = 24
+MAX_FAILED_CODES = 5  # the default policy, which these tests run under
+LOCKOUT_S = 15 * 60
+ASSIGNMENT_TTL_S = 10 * 60
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def overrides() -> dict[str, object]:
+    """Config beyond the review defaults; a test parametrises this to change a limit."""
+    return {}
+
+
+@pytest.fixture
+def w(tmp_path: Path, database_url: str | None, clock: FakeClock, overrides: dict[str, object],
+      log_stream: io.StringIO) -> Iterator[World]:
+    config = make_config(tmp_path / "data", database_url=database_url,
+                         **{"review.sample_rate": 1.0, "review.daily_cap": 3, **overrides})
+    with running_server(config, clock=clock) as server, \
+            grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield World(server, channel, clock)
+
+
+# -- helpers ------------------------------------------------------------------------------------------------
+def _race(call: Callable[[], Any], n: int = RACERS) -> list[Any]:
+    """`call` n times at once (a barrier releases them together); each result or the RpcError it raised."""
+    barrier = threading.Barrier(n)
+
+    def one(_: int) -> Any:
+        barrier.wait(10)
+        try:
+            result = call()
+            return list(result) if isinstance(result, Iterator) else result
+        except grpc.RpcError as err:
+            return err
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def _outcomes(results: list[Any]) -> Counter[str]:
+    """'ok' or 'CODE/REASON' per result."""
+    return Counter(f"{r.code().name}/{error_info(r).reason}" if isinstance(r, grpc.RpcError) else "ok"
+                   for r in results)
+
+
+def _err(call: Callable[..., Any], request: Any, r: Reviewer | None = None,
+         md: tuple[tuple[str, str], ...] | None = None) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        result = call(request, metadata=md if md is not None else r.md, timeout=10)  # type: ignore[union-attr]
+        if isinstance(result, Iterator):
+            list(result)
+    return caught.value
+
+
+def _count(w: World, table: sa.Table, *where: sa.ColumnElement[bool]) -> int:
+    with w.server.app.db.read() as conn:
+        return int(conn.scalar(sa.select(sa.func.count()).select_from(table).where(*where)) or 0)
+
+
+def _actions(w: World, action: str) -> list[dict[str, Any]]:
+    return [e for e in w.entries() if e["action"] == action]
+
+
+def _wrong_code(r: Reviewer, now: float) -> str:
+    """A code that no step within the accepted drift produces."""
+    near = {code_at(r.secret, now + d) for d in (-30, 0, 30)}
+    return next(c for c in (f"{i:06d}" for i in range(1000)) if c not in near)
+
+
+def _start(w: World, r: Reviewer, code: str) -> review_pb2.StartReviewSessionResponse:
+    return r.stub.StartReviewSession(review_pb2.StartReviewSessionRequest(totp_code=code), metadata=r.md, timeout=10)
+
+
+def _assigned(w: World, clips: int = 1) -> tuple[Reviewer, str, review_pb2.NextAssignmentResponse]:
+    w.opt_in()
+    for _ in range(clips):
+        w.put()
+    r = w.enroll()
+    token = w.session(r)
+    return r, token, w.next(r, token)
+
+
+def _flag(r: Reviewer, token: str, assignment_id: str, note: str = "") -> review_pb2.FlagClipResponse:
+    return r.stub.FlagClip(review_pb2.FlagClipRequest(session_token=token, assignment_id=assignment_id,
+                                                      category=common_pb2.FLAG_CATEGORY_DISTRESS, note=note),
+                           metadata=r.md, timeout=10)
+
+
+def _fetch_req(token: str, grant: review_pb2.RequestGrantResponse) -> review_pb2.FetchClipRequest:
+    return review_pb2.FetchClipRequest(session_token=token, grant=grant.grant, review_clip_id=grant.review_clip_id)
+
+
+def _clip_of(w: World, assignment_id: str) -> str:
+    with w.server.app.db.read() as conn:
+        return str(conn.scalar(sa.select(schema.assignments.c.clip_id)
+                               .where(schema.assignments.c.assignment_id == assignment_id)))
+
+
+def _opened(w: World, assignment_id: str, escalation_id: str) -> tuple[str | None, str | None]:
+    """The stored label and resolution, opened with the clip's key (None where nothing is stored)."""
+    clips = w.server.app.clips
+    clip = clips.find(_clip_of(w, assignment_id))
+    assert clip is not None
+    with w.server.app.db.read() as conn:
+        label_ct = conn.scalar(sa.select(schema.assignments.c.label_ct)
+                               .where(schema.assignments.c.assignment_id == assignment_id))
+        resolution_ct = conn.scalar(sa.select(schema.escalations.c.resolution_ct)
+                                    .where(schema.escalations.c.escalation_id == escalation_id))
+    return (open_review_text(clips.dek(clip), LABEL_PURPOSE, assignment_id, bytes(label_ct)) if label_ct else None,
+            open_review_text(clips.dek(clip), RESOLUTION_PURPOSE, escalation_id, bytes(resolution_ct))
+            if resolution_ct else None)
+
+
+# -- item 4: TOTP check-and-count, escalating lockouts --------------------------------------------------------
+def test_24_parallel_wrong_codes_are_evaluated_five_times_then_the_reviewer_is_locked_once(w: World) -> None:
+    r = w.enroll()
+    wrong = _wrong_code(r, w.clock.now())
+    results = _race(lambda: _start(w, r, wrong))
+    assert _outcomes(results) == {"UNAUTHENTICATED/BAD_CODE": MAX_FAILED_CODES,
+                                  "PERMISSION_DENIED/REVIEWER_LOCKED": RACERS - MAX_FAILED_CODES}
+    assert len(_actions(w, "reviewer.lockout")) == 1
+    assert len(_actions(w, "session.deny")) == RACERS  # every refusal is on record
+    # The right code is not even evaluated while locked: no session, and the step stays unused.
+    right = code_at(r.secret, w.clock.now())
+    w.denied(_err(r.stub.StartReviewSession, review_pb2.StartReviewSessionRequest(totp_code=right), r),
+             grpc.StatusCode.PERMISSION_DENIED, "REVIEWER_LOCKED", action="session.deny")
+    assert _count(w, schema.review_sessions) == 0
+    assert len(_actions(w, "reviewer.lockout")) == 1
+
+
+def test_a_second_lockout_after_the_first_expires_lasts_twice_as_long(w: World) -> None:
+    r = w.enroll()
+    for expected_s in (LOCKOUT_S, 2 * LOCKOUT_S):
+        for _ in range(MAX_FAILED_CODES):
+            _err(r.stub.StartReviewSession, review_pb2.StartReviewSessionRequest(
+                totp_code=_wrong_code(r, w.clock.now())), r)
+        assert _actions(w, "reviewer.lockout")[-1]["outcome"]["reason"].endswith(f"locked {expected_s} s")
+        w.clock.advance(LOCKOUT_S + 1)  # the first lockout would be over by now
+    # ... the second is not: it lasts 2 × 15 min.
+    w.denied(_err(r.stub.StartReviewSession, review_pb2.StartReviewSessionRequest(
+        totp_code=code_at(r.secret, w.clock.now())), r), grpc.StatusCode.PERMISSION_DENIED, "REVIEWER_LOCKED",
+        action="session.deny")
+    w.clock.advance(LOCKOUT_S)
+    assert w.session(r)
+    assert len(_actions(w, "reviewer.lockout")) == 2
+
+
+# -- item 5: grant limit, daily cap, single use --------------------------------------------------------------
+def test_24_parallel_grant_requests_on_one_assignment_issue_exactly_three(w: World) -> None:
+    r, token, assignment = _assigned(w)
+    request = review_pb2.RequestGrantRequest(session_token=token, assignment_id=assignment.assignment_id)
+    results = _race(lambda: r.stub.RequestGrant(request, metadata=r.md, timeout=30))
+    assert _outcomes(results) == {"ok": 3, "RESOURCE_EXHAUSTED/GRANT_LIMIT": RACERS - 3}
+    assert _count(w, schema.grants) == 3
+    assert len(_actions(w, "grant.issue")) == 3
+    assert len(_actions(w, "grant.deny")) == RACERS - 3
+
+
+@pytest.mark.parametrize("overrides", [{"review.daily_cap": 2}])
+def test_24_parallel_next_assignment_calls_hand_out_exactly_the_daily_cap(w: World) -> None:
+    w.opt_in()
+    for _ in range(6):  # more than the cap: the queue is never what stops them
+        w.put()
+    r = w.enroll()
+    token = w.session(r)
+    request = review_pb2.NextAssignmentRequest(session_token=token)
+    results = _race(lambda: r.stub.NextAssignment(request, metadata=r.md, timeout=30))
+    assert _outcomes(results) == {"ok": 2, "RESOURCE_EXHAUSTED/DAILY_CAP": RACERS - 2}
+    assert len({res.clip.review_clip_id for res in results if not isinstance(res, grpc.RpcError)}) == 2
+    assert _count(w, schema.assignments) == 2
+    assert len(_actions(w, "assignment.issue")) == 2
+    assert _count(w, schema.review_queue, schema.review_queue.c.assignment_id.is_(None)) == 4
+
+
+def test_24_parallel_fetches_of_one_grant_stream_it_exactly_once(w: World) -> None:
+    r, token, assignment = _assigned(w)
+    grant = w.grant(r, token, assignment.assignment_id)
+    request = _fetch_req(token, grant)
+    results = _race(lambda: r.stub.FetchClip(request, metadata=r.md, timeout=30))
+    assert _outcomes(results) == {"ok": 1, "PERMISSION_DENIED/GRANT_REPLAYED": RACERS - 1}
+    streamed = next(res for res in results if not isinstance(res, grpc.RpcError))
+    assert b"".join(m.audio_chunk for m in streamed[1:]) == AUDIO
+    assert len(_actions(w, "clip.fetch")) == 1
+
+
+# -- item 6: flagging voids the clip's grants ----------------------------------------------------------------
+def test_flagging_a_clip_voids_the_grants_requested_before_the_flag(w: World) -> None:
+    r, token, assignment = _assigned(w)
+    grants = [w.grant(r, token, assignment.assignment_id) for _ in range(2)]
+    _flag(r, token, assignment.assignment_id, note="someone is shouting")
+    for grant in grants:
+        w.denied(_err(r.stub.FetchClip, _fetch_req(token, grant), r), grpc.StatusCode.PERMISSION_DENIED,
+                 "GRANT_REVOKED")
+    assert _count(w, schema.grants, schema.grants.c.voided.is_(True)) == 2
+    assert not _actions(w, "clip.fetch")
+
+
+# -- item 7: a requested locale must be one of the reviewer's ------------------------------------------------
+def test_a_reviewer_cannot_pull_a_locale_they_are_not_enrolled_for(w: World) -> None:
+    w.opt_in()
+    w.put(locale="de-DE")
+    english = w.put(locale="en-US")
+    r = w.enroll()  # en-US only
+    token = w.session(r)
+    w.denied(_err(r.stub.NextAssignment, review_pb2.NextAssignmentRequest(session_token=token, locale="de-DE"), r),
+             grpc.StatusCode.PERMISSION_DENIED, "LOCALE_NOT_ENROLLED", action="assignment.deny")
+    assert _count(w, schema.assignments) == 0 and _count(w, schema.review_queue) == 2
+    # Without a locale the reviewer gets their own locales only: the en-US clip, then nothing.
+    got = w.next(r, token)
+    assert got.clip.locale == "en-US" and _clip_of(w, got.assignment_id) == english.clip_id
+    err = _err(r.stub.NextAssignment, review_pb2.NextAssignmentRequest(session_token=token), r)
+    assert error_info(err).reason == "QUEUE_EMPTY"
+    assert _count(w, schema.assignments) == 1
+
+
+# -- item 8: an expired assignment belongs to nobody ---------------------------------------------------------
+def test_the_former_holder_of_an_expired_assignment_cannot_complete_or_flag_it(w: World) -> None:
+    r, token, mine = _assigned(w)
+    clip_id = _clip_of(w, mine.assignment_id)
+    expires_before = w.server.app.clips.find(clip_id).expires_at
+    w.clock.advance(ASSIGNMENT_TTL_S + 1)
+    other = w.enroll("other")
+    other_token = w.session(other)
+    theirs = w.next(other, other_token)  # the clip went back to the queue and to another reviewer
+    assert theirs.clip.review_clip_id == mine.clip.review_clip_id
+    their_grant = w.grant(other, other_token, theirs.assignment_id)
+
+    w.denied(_err(r.stub.CompleteAssignment, review_pb2.CompleteAssignmentRequest(
+        session_token=token, assignment_id=mine.assignment_id, label="weather"), r),
+        grpc.StatusCode.FAILED_PRECONDITION, "ASSIGNMENT_EXPIRED", action="assignment.deny")
+    for category in (common_pb2.FLAG_CATEGORY_DISTRESS, common_pb2.FLAG_CATEGORY_ACCIDENTAL_ACTIVATION):
+        w.denied(_err(r.stub.FlagClip, review_pb2.FlagClipRequest(
+            session_token=token, assignment_id=mine.assignment_id, category=category, note="n"), r),
+            grpc.StatusCode.FAILED_PRECONDITION, "ASSIGNMENT_EXPIRED", action="assignment.deny")
+    err = _err(r.stub.RequestGrant, review_pb2.RequestGrantRequest(session_token=token,
+                                                                  assignment_id=mine.assignment_id), r)
+    w.denied(err, grpc.StatusCode.FAILED_PRECONDITION, "ASSIGNMENT_EXPIRED")
+
+    # Nothing the former holder tried touched the clip or the current holder's grant.
+    assert _count(w, schema.escalations) == 0 and _count(w, schema.grants) == 1
+    assert w.server.app.clips.find(clip_id).expires_at == expires_before
+    _, audio = w.fetch(other, other_token, their_grant.grant, their_grant.review_clip_id)
+    assert audio == AUDIO
+
+
+# -- item 9: resolving escalations --------------------------------------------------------------------------
+def test_resolving_an_unknown_escalation_is_not_found_with_a_fixed_reason_and_none_of_the_callers_text(
+        w: World) -> None:
+    text = "Resolution: called Jane Roe back at 555-0100"
+    err = _err(w.safety.ResolveEscalation, safety_pb2.ResolveEscalationRequest(
+        escalation_id="esc_0000000000000000dead", resolution=text), md=w.safety_md)
+    w.denied(err, grpc.StatusCode.NOT_FOUND, "ESCALATION_NOT_FOUND", action="escalation.deny")
+    assert not _actions(w, "escalation.resolve")
+    raw = b"".join(w.server.app.audit.reader.entries(0, 100_000))
+    assert text.encode() not in raw and b"Jane" not in raw and b"555-0100" not in raw
+    assert text not in err.details()
+
+
+def test_an_escalation_is_resolved_once_and_a_second_resolution_is_refused(w: World) -> None:
+    r, token, assignment = _assigned(w)
+    esc = _flag(r, token, assignment.assignment_id, note="distress")
+    w.safety.ResolveEscalation(safety_pb2.ResolveEscalationRequest(
+        escalation_id=esc.escalation_id, resolution="first: referred"), metadata=w.safety_md, timeout=10)
+    second = "second: overwrite attempt by Jane Roe"
+    w.denied(_err(w.safety.ResolveEscalation, safety_pb2.ResolveEscalationRequest(
+        escalation_id=esc.escalation_id, resolution=second), md=w.safety_md),
+        grpc.StatusCode.FAILED_PRECONDITION, "ESCALATION_RESOLVED", action="escalation.deny")
+    assert len(_actions(w, "escalation.resolve")) == 1
+    assert second.encode() not in b"".join(w.server.app.audit.reader.entries(0, 100_000))
+    assert _opened(w, assignment.assignment_id, esc.escalation_id)[1] == "first: referred"  # the first stands
+
+
+# -- item 10: labels and resolutions are sealed and die with the account --------------------------------------
+def test_labels_and_resolutions_are_sealed_and_leave_no_byte_after_account_deletion(w: World) -> None:
+    r, token, assignment = _assigned(w)
+    label, resolution = "jane-roe-says-elm-street", "Resolution: Jane Roe of 12 Elm Street was called back"
+    esc = _flag(r, token, assignment.assignment_id, note="distress")
+    w.safety.ResolveEscalation(safety_pb2.ResolveEscalationRequest(
+        escalation_id=esc.escalation_id, resolution=resolution), metadata=w.safety_md, timeout=10)
+    r.stub.CompleteAssignment(review_pb2.CompleteAssignmentRequest(
+        session_token=token, assignment_id=assignment.assignment_id, label=label), metadata=r.md, timeout=10)
+    secrets_ = (label.encode(), resolution.encode(), b"Elm Street")
+    assert _opened(w, assignment.assignment_id, esc.escalation_id) == (label, resolution)  # kept, but sealed
+    assert not [name for name, data in database_bytes(w.server) for s in secrets_ if s in data]
+    w.accounts.DeleteAccount(account_pb2.DeleteAccountRequest(account_id=ACCOUNT_ID), metadata=w.ingest, timeout=10)
+    assert not [name for name, data in database_bytes(w.server) for s in secrets_ if s in data]
+
+
+# -- item 11: every disclosed note is on record first ---------------------------------------------------------
+def test_listing_escalations_records_one_read_per_disclosed_note_before_returning(w: World) -> None:
+    r, token, first = _assigned(w, clips=2)
+    second = w.next(r, token)
+    for assignment in (first, second):
+        _flag(r, token, assignment.assignment_id, note=f"note for {assignment.assignment_id}")
+    clip_ids = {_clip_of(w, a.assignment_id) for a in (first, second)}
+    for round_ in (1, 2):
+        listed = w.safety.ListEscalations(safety_pb2.ListEscalationsRequest(), metadata=w.safety_md, timeout=10)
+        assert {e.note for e in listed.escalations} == {f"note for {a.assignment_id}" for a in (first, second)}
+        reads = _actions(w, "escalation.read")  # already durable when the response arrived
+        assert len(reads) == 2 * round_
+        assert {e["target"]["clip_id"] for e in reads[-2:]} == clip_ids
+        assert all(e["actor"]["role"] == "safety" for e in reads)
+    w.accounts.DeleteAccount(account_pb2.DeleteAccountRequest(account_id=ACCOUNT_ID), metadata=w.ingest, timeout=10)
+    listed = w.safety.ListEscalations(safety_pb2.ListEscalationsRequest(), metadata=w.safety_md, timeout=10)
+    assert {e.note for e in listed.escalations} == {"[note erased: the clip was deleted]"}
+    assert len(_actions(w, "escalation.read")) == 4  # an erased note discloses nothing
+
+
+# -- issue 13 item 6: the denials no other test reaches -------------------------------------------------------
+def test_a_made_up_or_another_reviewers_session_token_is_session_unknown_and_audited(w: World) -> None:
+    r, token, assignment = _assigned(w, clips=2)
+    other = w.enroll("other")
+    for who, tok in ((r, "made-up-token"), (other, token)):
+        w.denied(_err(who.stub.NextAssignment, review_pb2.NextAssignmentRequest(session_token=tok), who),
+                 grpc.StatusCode.UNAUTHENTICATED, "SESSION_UNKNOWN", action="assignment.deny")
+        w.denied(_err(who.stub.RequestGrant, review_pb2.RequestGrantRequest(
+            session_token=tok, assignment_id=assignment.assignment_id), who),
+            grpc.StatusCode.UNAUTHENTICATED, "SESSION_UNKNOWN")
+    assert _count(w, schema.assignments) == 1 and _count(w, schema.grants) == 0
+    assert _count(w, schema.review_queue, schema.review_queue.c.assignment_id.is_(None)) == 1
+
+
+def test_a_reviewer_principal_that_was_never_enrolled_is_not_enrolled_and_audited(w: World) -> None:
+    md = bearer(new_key(w.server.app, "reviewer", "no-totp"))
+    stub = w.enroll("enrolled").stub  # any reviewer stub: the key decides who calls
+    w.denied(_err(stub.StartReviewSession, review_pb2.StartReviewSessionRequest(totp_code="123456"), md=md),
+             grpc.StatusCode.PERMISSION_DENIED, "NOT_ENROLLED", action="session.deny")
+    assert _count(w, schema.review_sessions) == 0
+
+
+def test_a_grant_for_an_expired_assignment_is_assignment_expired_and_not_issued(w: World) -> None:
+    r, token, assignment = _assigned(w)
+    w.clock.advance(ASSIGNMENT_TTL_S)
+    err = _err(r.stub.RequestGrant, review_pb2.RequestGrantRequest(session_token=token,
+                                                                  assignment_id=assignment.assignment_id), r)
+    w.denied(err, grpc.StatusCode.FAILED_PRECONDITION, "ASSIGNMENT_EXPIRED")
+    assert _actions(w, "grant.deny")[-1]["target"]["clip_id"] == _clip_of(w, assignment.assignment_id)
+    assert _count(w, schema.grants) == 0
+
+
+def test_a_grant_requested_after_the_account_opted_out_is_clip_unavailable_and_not_issued(w: World) -> None:
+    r, token, assignment = _assigned(w)
+    w.opt_in(allow=False)
+    err = _err(r.stub.RequestGrant, review_pb2.RequestGrantRequest(session_token=token,
+                                                                  assignment_id=assignment.assignment_id), r)
+    w.denied(err, grpc.StatusCode.FAILED_PRECONDITION, "CLIP_UNAVAILABLE")
+    assert _count(w, schema.grants) == 0 and _count(w, schema.review_queue) == 0
+
+
+def test_a_clip_deleted_after_its_grant_is_refused_at_fetch_as_revoked(w: World) -> None:
+    """Deletion voids the clip's grants, so step 5 (GRANT_REVOKED) answers before step 6 could."""
+    r, token, assignment = _assigned(w)
+    grant = w.grant(r, token, assignment.assignment_id)
+    w.clips.DeleteClip(clip_pb2.DeleteClipRequest(clip_id=_clip_of(w, assignment.assignment_id)),
+                       metadata=w.ingest, timeout=10)
+    w.denied(_err(r.stub.FetchClip, _fetch_req(token, grant), r), grpc.StatusCode.PERMISSION_DENIED,
+             "GRANT_REVOKED")
+    assert _count(w, schema.grants, schema.grants.c.redeemed_at.is_not(None)) == 0
+
+
+def test_a_clip_that_expires_between_grant_and_fetch_is_clip_gone_and_the_grant_stays_unused(w: World) -> None:
+    w.opt_in()
+    clip = w.put()
+    r = w.enroll()
+    w.clock.t = clip.expires_at.seconds - 90  # retention ends a minute into the grant's life
+    token = w.session(r)
+    assignment = w.next(r, token)
+    grant = w.grant(r, token, assignment.assignment_id)
+    w.clock.advance(61)
+    w.denied(_err(r.stub.FetchClip, _fetch_req(token, grant), r), grpc.StatusCode.FAILED_PRECONDITION,
+             "CLIP_GONE")
+    assert _actions(w, "grant.deny")[-1]["target"]["clip_id"] == clip.clip_id
+    assert _count(w, schema.grants, schema.grants.c.redeemed_at.is_not(None)) == 0
+    assert not _actions(w, "clip.fetch")
+
+
+def test_flagging_a_clip_deleted_after_assignment_is_clip_gone(w: World) -> None:
+    r, token, assignment = _assigned(w)
+    w.clips.DeleteClip(clip_pb2.DeleteClipRequest(clip_id=_clip_of(w, assignment.assignment_id)),
+                       metadata=w.ingest, timeout=10)
+    w.denied(_err(r.stub.FlagClip, review_pb2.FlagClipRequest(
+        session_token=token, assignment_id=assignment.assignment_id,
+        category=common_pb2.FLAG_CATEGORY_DISTRESS, note="n"), r),
+        grpc.StatusCode.FAILED_PRECONDITION, "CLIP_GONE", action="assignment.deny")
+    assert _count(w, schema.escalations) == 0
+
+
+def test_a_reviewer_disabled_while_their_fetch_waits_is_refused_reviewer_disabled(w: World) -> None:
+    """A disabled reviewer's key is refused at the door (PRINCIPAL_DISABLED, see test_review); REVIEWER_DISABLED
+    is what a fetch that was already past the door gets when an admin disables the reviewer meanwhile."""
+    r, token, assignment = _assigned(w)
+    grant = w.grant(r, token, assignment.assignment_id)
+    app = w.server.app
+    holding, release = threading.Event(), threading.Event()
+
+    def admin_disables(tx: Tx) -> None:  # the admin's unit runs just before the fetch's
+        holding.set()
+        assert release.wait(10)
+        tx.conn.execute(schema.principals.update().where(schema.principals.c.id == r.id).values(disabled=True))
+        tx.audit(Actor(id="p_admin", role="admin").record("principal.disable", principal_id=r.id))
+
+    disabling = app.audit.submit(admin_disables)
+    assert holding.wait(10)
+    with ThreadPoolExecutor(1) as pool:
+        fetching = pool.submit(_err, r.stub.FetchClip, _fetch_req(token, grant), r)
+        deadline = time.monotonic() + 10
+        while app.audit._queue.qsize() == 0:  # the fetch has passed authentication and waits for the writer
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        release.set()
+        err = fetching.result(10)
+    disabling.done.result(10)
+    w.denied(err, grpc.StatusCode.PERMISSION_DENIED, "REVIEWER_DISABLED")
+    assert _count(w, schema.grants, schema.grants.c.redeemed_at.is_not(None)) == 0
+    assert not _actions(w, "clip.fetch")
+
+
+def test_a_tampered_clip_object_is_refused_and_recorded_as_an_integrity_failure(w: World) -> None:
+    r, token, assignment = _assigned(w)
+    clip_id = _clip_of(w, assignment.assignment_id)
+    grant = w.grant(r, token, assignment.assignment_id)
+    (path,) = (w.server.app.config.data_dir).rglob(clip_id)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x01  # one bit inside the first segment's ciphertext
+    path.write_bytes(bytes(data))
+    received: list[review_pb2.FetchClipResponse] = []
+    with pytest.raises(grpc.RpcError) as caught:
+        for message in r.stub.FetchClip(_fetch_req(token, grant), metadata=r.md, timeout=10):
+            received.append(message)
+    assert (caught.value.code(), error_info(caught.value).reason) == (grpc.StatusCode.DATA_LOSS, "CLIP_INTEGRITY")
+    assert not any(m.audio_chunk for m in received)
+    actions = [e["action"] for e in w.entries()]
+    assert actions[-2:] == ["clip.fetch", "clip.integrity_failure"]  # the fetch was on record first
+    failure = _actions(w, "clip.integrity_failure")[0]
+    assert failure["outcome"] == {"result": "failed", "reason": "segment_tampered"}
+    assert failure["target"]["clip_id"] == clip_id and failure["actor"]["id"] == r.id
+
+
+# -- issue 13 item 6: every proto method has a role ----------------------------------------------------------
+def _proto_methods() -> set[str]:
+    methods = set()
+    for info in pkgutil.iter_modules(clipstore.v1.__path__):
+        if info.name.endswith("_pb2"):
+            module = importlib.import_module(f"clipstore.v1.{info.name}")
+            for service in module.DESCRIPTOR.services_by_name.values():
+                methods |= {f"/{service.full_name}/{m.name}" for m in service.methods}
+    return methods
+
+
+def test_every_proto_method_has_a_role_and_every_role_entry_names_a_proto_method() -> None:
+    methods = _proto_methods()
+    assert len(methods) >= 20
+    assert methods == set(METHOD_ROLES)
+    assert all(roles and roles <= set(ROLES) for roles in METHOD_ROLES.values())
