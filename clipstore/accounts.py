@@ -73,6 +73,7 @@ class AccountDirectory:
         self._review.void_grants(account_ref=ref)
         clip_ids = [c.clip_id for c in self._clips.all_for_account(ref)]
         for clip_id in clip_ids:
+            self._review.forget_clip(clip_id)  # no label or escalation text outlives the clip
             self._clips.delete(clip_id)
             try:
                 self._blobs.delete(clip_id)

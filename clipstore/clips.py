@@ -153,8 +153,7 @@ class ClipLibrary:
 
     # -- deletion and retention ---------------------------------------------
     def _remove(self, clip: ClipRow) -> None:
-        self._review.dequeue(clip_id=clip.clip_id)
-        self._review.void_grants(clip_id=clip.clip_id)
+        self._review.forget_clip(clip.clip_id)  # out of review, and no label or escalation text left
         self._clips.delete(clip.clip_id)  # row and wrapped DEK together
         try:
             self._blobs.delete(clip.clip_id)

@@ -330,6 +330,31 @@ def test_labels_and_resolutions_are_sealed_and_leave_no_byte_after_account_delet
     assert not [name for name, data in database_bytes(w.server) for s in secrets_ if s in data]
     w.accounts.DeleteAccount(account_pb2.DeleteAccountRequest(account_id=ACCOUNT_ID), metadata=w.ingest, timeout=10)
     assert not [name for name, data in database_bytes(w.server) for s in secrets_ if s in data]
+    with w.server.app.db.read() as conn:  # and no ciphertext is kept as noise either
+        assert conn.execute(sa.select(schema.assignments.c.label_ct, schema.assignments.c.label)).all() == \
+            [(None, None)]  # kept for the daily cap, without its label
+        assert conn.execute(sa.select(schema.escalations.c.resolution_ct, schema.escalations.c.resolution,
+                                      schema.escalations.c.note_ct)).all() == [(None, None, b"")]
+
+
+def test_clear_text_written_before_sealing_is_removed_when_its_clip_is_deleted(w: World) -> None:
+    """Labels and resolutions from before migration 7 sit in clear columns; deleting the clip removes them."""
+    r, token, assignment = _assigned(w)
+    esc = _flag(r, token, assignment.assignment_id, note="n")
+    clip_id = _clip_of(w, assignment.assignment_id)
+    with w.server.app.db.transaction() as conn:  # as a database upgraded from before sealing holds them
+        conn.execute(schema.assignments.update().values(label="legacy label Jane Roe"))
+        conn.execute(schema.escalations.update().values(resolution="legacy resolution Jane Roe",
+                                                        resolved_at=w.clock.now()))
+    w.clips.DeleteClip(clip_pb2.DeleteClipRequest(clip_id=clip_id), metadata=w.ingest, timeout=10)
+    with w.server.app.db.read() as conn:
+        labels = conn.scalars(sa.select(schema.assignments.c.label).where(schema.assignments.c.label.is_not(None)))
+        resolutions = conn.scalars(sa.select(schema.escalations.c.resolution)
+                                   .where(schema.escalations.c.resolution.is_not(None)))
+        assert (list(labels), list(resolutions)) == ([], [])
+    listed = w.safety.ListEscalations(safety_pb2.ListEscalationsRequest(include_resolved=True),
+                                      metadata=w.safety_md, timeout=10)
+    assert [e.escalation_id for e in listed.escalations] == [esc.escalation_id]  # the case itself stays
 
 
 # -- item 11: every disclosed note is on record first ---------------------------------------------------------

@@ -326,9 +326,12 @@ class ReviewRows:
 
     def forget_clip(self, clip_id: str) -> None:
         """A deleted clip leaves no reviewer label and no escalation text behind (they are sealed under its
-        key, which is gone, but need not be kept as noise either)."""
+        key, which is gone, but need not be kept as noise; labels and resolutions from before sealing are
+        in clear). Assignment rows stay without their label: they count toward the reviewer's daily cap,
+        which a deletion must not hand back."""
         self.withdraw_from_review(clip_id=clip_id)
-        self._conn.execute(schema.assignments.delete().where(schema.assignments.c.clip_id == clip_id))
+        a = schema.assignments
+        self._conn.execute(a.update().where(a.c.clip_id == clip_id).values(label=None, label_ct=None))
         e = schema.escalations
         self._conn.execute(e.update().where(e.c.clip_id == clip_id).values(note_ct=b"", resolution=None,
                                                                          resolution_ct=None))
