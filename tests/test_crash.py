@@ -1,9 +1,10 @@
-"""SIGKILL during a live ingest workload: after restart, nothing acknowledged is lost."""
+"""SIGKILL during a live workload: after restart, nothing acknowledged is lost and no unit of work is half there."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import signal
 import subprocess
@@ -13,12 +14,14 @@ import time
 from pathlib import Path
 
 import grpc
+import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from auditlog.__main__ import verify_dir
 from auditlog.verify import check_chain
 from clipstore.app import App
 from clipstore.audit.export import export_log
+from clipstore.store import schema
 from clipstore.v1 import clip_pb2_grpc
 from tests.clip_helpers import metadata, put_requests
 from tests.conftest import bearer, make_config
@@ -112,3 +115,74 @@ def test_sigkill_mid_workload_loses_no_acknowledged_clip_and_the_chain_verifies(
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
+
+
+# A process that runs units of work from 8 threads as fast as the writer takes them and prints each
+# acknowledged unit: its effect is a principal row, its entry names that row.
+_UNIT_WORKLOAD = """
+import sys, threading
+from clipstore.app import App
+from clipstore.audit.log import Actor
+from clipstore.config import load_config
+from clipstore.store import schema
+
+app = App(load_config(env={}, overrides={"data_dir": sys.argv[1], "listen": "127.0.0.1:0",
+                                         "database_url": sys.argv[2] or None}))
+actor, printing = Actor(id="crash-test", role="admin"), threading.Lock()
+
+def unit_for(pid):
+    def unit(tx):
+        tx.conn.execute(schema.principals.insert().values(id=pid, name="crash", role="admin", created_at=tx.now,
+                                                          disabled=False))
+        tx.audit(actor.record("crash.unit", principal_id=pid))
+    return unit
+
+def worker(n):
+    for i in range(10**9):
+        pid = f"p_crash_{sys.argv[3]}_{n}_{i}"
+        app.audit.run(unit_for(pid))
+        with printing:
+            print(pid, flush=True)
+
+for n in range(8):
+    threading.Thread(target=worker, args=(n,), daemon=True).start()
+threading.Event().wait()
+"""
+
+
+def _run_units_until_killed(data: Path, database_url: str | None, round_: int) -> set[str]:
+    """Start the workload, let it run at full speed, SIGKILL it at a random point; the units it acknowledged."""
+    proc = subprocess.Popen([sys.executable, "-c", _UNIT_WORKLOAD, str(data), database_url or "", str(round_)],
+                            stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert proc.stdout is not None
+    acked: set[str] = set()
+    deadline = time.monotonic() + 60
+    while len(acked) < 100 and time.monotonic() < deadline:  # the writer is never idle from here on
+        line = proc.stdout.readline()
+        assert line, "the workload died on its own"
+        acked.add(line.strip())
+    time.sleep(random.uniform(0, 0.02))  # out of step with the acknowledgements: anywhere in a batch
+    os.kill(proc.pid, signal.SIGKILL)
+    acked |= {line.strip() for line in proc.stdout.read().splitlines() if line.strip()}  # printed before the kill
+    proc.wait()
+    assert len(acked) >= 100
+    return acked
+
+
+def test_sigkill_mid_batch_leaves_every_unit_with_both_its_effect_and_its_entry_or_neither(
+        tmp_path: Path, database_url: str | None) -> None:
+    acked = set().union(*(_run_units_until_killed(tmp_path / "data", database_url, i) for i in range(3)))
+    app = App(make_config(tmp_path / "data", database_url=database_url))
+    try:
+        with app.db.read() as conn:
+            effects = {pid for pid in conn.scalars(sa.select(schema.principals.c.id))
+                       if pid.startswith("p_crash_")}
+        entries = app.audit.reader.entries(0, app.audit.reader.size())
+        check_chain(entries)
+        recorded = [json.loads(e)["target"]["principal_id"] for e in entries
+                    if json.loads(e)["action"] == "crash.unit"]
+        assert effects == set(recorded)  # no effect without its entry, no entry without its effect
+        assert len(recorded) == len(effects)  # and no unit recorded twice
+        assert acked <= effects  # nothing acknowledged was lost
+    finally:
+        app.close()
