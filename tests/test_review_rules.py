@@ -32,7 +32,7 @@ from clipstore.review.escalations import RESOLUTION_PURPOSE
 from clipstore.server import running_server
 from clipstore.store import schema
 from clipstore.totp import code_at
-from clipstore.v1 import account_pb2, clip_pb2, common_pb2, review_pb2, safety_pb2
+from clipstore.v1 import account_pb2, clip_pb2, common_pb2, review_pb2, review_pb2_grpc, safety_pb2
 from tests.clip_helpers import ACCOUNT_ID
 from tests.conftest import FakeClock, bearer, make_config, new_key
 from tests.db_helpers import database_bytes
@@ -393,7 +393,7 @@ def test_a_made_up_or_another_reviewers_session_token_is_session_unknown_and_aud
 
 def test_a_reviewer_principal_that_was_never_enrolled_is_not_enrolled_and_audited(w: World) -> None:
     md = bearer(new_key(w.server.app, "reviewer", "no-totp"))
-    stub = w.enroll("enrolled").stub  # any reviewer stub: the key decides who calls
+    stub = review_pb2_grpc.ReviewServiceStub(w.channel)
     w.denied(_err(stub.StartReviewSession, review_pb2.StartReviewSessionRequest(totp_code="123456"), md=md),
              grpc.StatusCode.PERMISSION_DENIED, "NOT_ENROLLED", action="session.deny")
     assert _count(w, schema.review_sessions) == 0
