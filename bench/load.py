@@ -46,6 +46,8 @@ from clipstore.v1 import (  # noqa: E402
     audit_pb2_grpc,
     clip_pb2,
     clip_pb2_grpc,
+    enrolment_pb2,
+    enrolment_pb2_grpc,
     review_pb2,
     review_pb2_grpc,
     reviewer_admin_pb2,
@@ -102,8 +104,10 @@ def main() -> None:
         metadata=keys["ingest"])
     reviewers = []
     for n in range(max(1, args.clients // 4)):
-        enrolled = reviewer_admin_pb2_grpc.ReviewerAdminServiceStub(channel).CreateReviewer(
+        created = reviewer_admin_pb2_grpc.ReviewerAdminServiceStub(channel).CreateReviewer(
             reviewer_admin_pb2.CreateReviewerRequest(name=f"load-reviewer-{n}"), metadata=keys["admin"])
+        enrolled = enrolment_pb2_grpc.EnrolmentServiceStub(channel).RedeemEnrolmentCode(
+            enrolment_pb2.RedeemEnrolmentCodeRequest(reviewer_id=created.reviewer_id, code=created.enrolment.code))
         secret = base64.b32decode(enrolled.totp_secret + "=" * (-len(enrolled.totp_secret) % 8))
         reviewers.append({"md": (("authorization", f"Bearer {enrolled.api_key}"),), "secret": secret,
                           "token": None, "lock": threading.Lock()})

@@ -35,6 +35,8 @@ from clipstore.v1 import (  # noqa: E402
     account_pb2_grpc,
     clip_pb2,
     clip_pb2_grpc,
+    enrolment_pb2,
+    enrolment_pb2_grpc,
     review_pb2,
     review_pb2_grpc,
     reviewer_admin_pb2,
@@ -78,7 +80,10 @@ def main() -> None:
         admin = reviewer_admin_pb2_grpc.ReviewerAdminServiceStub(channel)
         reviewers = []
         for n in range(REVIEWERS):
-            enrolled = admin.CreateReviewer(reviewer_admin_pb2.CreateReviewerRequest(name=f"r{n}"), metadata=admin_md)
+            created = admin.CreateReviewer(reviewer_admin_pb2.CreateReviewerRequest(name=f"r{n}"), metadata=admin_md)
+            enrolled = enrolment_pb2_grpc.EnrolmentServiceStub(channel).RedeemEnrolmentCode(
+                enrolment_pb2.RedeemEnrolmentCodeRequest(reviewer_id=created.reviewer_id,
+                                                         code=created.enrolment.code))
             secret = base64.b32decode(enrolled.totp_secret + "=" * (-len(enrolled.totp_secret) % 8))
             md = (("authorization", f"Bearer {enrolled.api_key}"),)
             stub = review_pb2_grpc.ReviewServiceStub(channel)

@@ -18,18 +18,20 @@ from clipstore.blobs import BlobStore, FileBlobStore, S3BlobStore
 from clipstore.clips import ClipLibrary
 from clipstore.clock import Clock, SystemClock
 from clipstore.config import Config, ConfigError
+from clipstore.enrolment import EnrolmentPorts, SelfEnrolment
 from clipstore.identity import LOOKUP_KEY_NAME, AccountLookup
-from clipstore.principals import PrincipalLifecycle
+from clipstore.principals import PrincipalLifecycle, PrincipalPorts
 from clipstore.review import ReviewDesk, ReviewPolicy, ReviewPorts
 from clipstore.review.assignments import Assignments
-from clipstore.review.enrolment import Enrolments
 from clipstore.review.escalations import Escalations
 from clipstore.review.redeem import Grants
-from clipstore.review.sessions import Sessions
+from clipstore.review.sessions import Sessions, totp_context
 from clipstore.sampling import ReviewSampler
 from clipstore.store import Database, PrincipalRepository
 from clipstore.store.clips import AccountRepository, ClipRepository
+from clipstore.store.enrolment import EnrolmentRows
 from clipstore.store.keys import SqlKekStore
+from clipstore.store.principals import PrincipalRows
 from clipstore.store.review import ReviewRepository, ReviewRows
 from clipstore.store.service_keys import load_or_create_service_key
 from kms import AwsKms, KeyProvider, KeyRing, LocalKms
@@ -101,16 +103,6 @@ def publish_loop(config: Config, audit: AuditLog) -> PublishLoop | None:
     return loop
 
 
-class _ReviewerSessions:
-    """What disabling a reviewer ends at once: their sessions and unredeemed grants."""
-
-    def __init__(self, repo: ReviewRepository) -> None:
-        self._repo = repo
-
-    def close_all(self, reviewer_id: str) -> tuple[int, int]:
-        return self._repo.end_sessions(reviewer_id=reviewer_id), self._repo.void_grants(reviewer_id=reviewer_id)
-
-
 class App:
     """Stores and key providers shared by the servicers; close() releases them."""
 
@@ -128,10 +120,15 @@ class App:
         self.blobs = blob_store(config)
         self.keyring = KeyRing(self.root, SqlKekStore(self.db), now=self.clock.now)
         review = ReviewRepository(self.db)
-        self.lifecycle = PrincipalLifecycle(repo=self.principals, audit=self.audit, clock=self.clock,
-                                            trust_domain=config.trust_domain,
-                                            reviewer_sessions=_ReviewerSessions(review),
-                                            default_overlap_s=config.key_overlap_s)
+        self.lifecycle = PrincipalLifecycle(
+            PrincipalPorts(ledger=self.audit, bind=lambda tx: PrincipalRows(tx.conn), read=self.principals.read,
+                           sessions=lambda tx: ReviewRows(tx.conn), clock=self.clock),
+            trust_domain=config.trust_domain, default_overlap_s=config.key_overlap_s)
+        self.enrolment = SelfEnrolment(
+            EnrolmentPorts(ledger=self.audit, bind=lambda tx: EnrolmentRows(tx.conn), read=self._enrolment_rows,
+                           seal_totp=lambda pid, secret: self.root.encrypt(secret, totp_context(pid)),
+                           clock=self.clock),
+            code_ttl_s=config.enrolment_code_ttl_s, key_overlap_s=config.key_overlap_s)
         self.accounts = AccountDirectory(
             accounts=AccountRepository(self.db), clips=ClipRepository(self.db), keyring=self.keyring,
             lookup=AccountLookup(load_or_create_service_key(self.db, self.root, LOOKUP_KEY_NAME)),
@@ -155,9 +152,12 @@ class App:
             sessions=Sessions(ports, root=self.root, policy=policy),
             assignments=Assignments(ports, policy=policy),
             grants=Grants(ports, key=grant_key, policy=policy),
-            escalations=Escalations(ports, data_key=self.clips.dek, policy=policy),
-            enrolments=Enrolments(ports, principals=self.principals, repo=review, audit=self.audit,
-                                  root=self.root, clock=self.clock))
+            escalations=Escalations(ports, data_key=self.clips.dek, policy=policy))
+
+    @contextmanager
+    def _enrolment_rows(self) -> Iterator[EnrolmentRows]:
+        with self.db.read() as conn:
+            yield EnrolmentRows(conn)
 
     @contextmanager
     def _read_rows(self) -> Iterator[ReviewRows]:

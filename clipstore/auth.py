@@ -31,7 +31,7 @@ METHOD_ROLES: Mapping[str, frozenset[str]] = {
     **{f"{_SVC}AccountService/{m}": frozenset({"ingest", "admin"})
        for m in ("SetReviewPreference", "DeleteAccount", "RotateAccountKey")},
     **{f"{_SVC}ReviewerAdminService/{m}": frozenset({"admin"})
-       for m in ("CreateReviewer", "DisableReviewer")},
+       for m in ("CreateReviewer", "DisableReviewer", "IssueEnrolmentCode")},
     **{f"{_SVC}PrincipalAdminService/{m}": frozenset({"admin"})
        for m in ("CreatePrincipal", "ListPrincipals", "DisablePrincipal", "EnablePrincipal", "RotatePrincipalKey",
                  "SetPrincipalExpiry")},
@@ -43,8 +43,10 @@ METHOD_ROLES: Mapping[str, frozenset[str]] = {
     **{f"{_SVC}AuditService/{m}": frozenset({"auditor"})
        for m in ("GetCheckpoint", "ListEntries", "GetInclusionProof", "GetConsistencyProof")},
 }
-# Health and reflection answer without credentials, as load balancers expect.
-PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
+# Health and reflection answer without credentials, as load balancers expect; a reviewer redeeming an
+# enrolment code has no credential yet but the code (`clipstore.enrolment`).
+PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", f"{_SVC}EnrolmentService/",
+                   "/grpc.reflection.v1alpha.ServerReflection/",
                    "/grpc.reflection.v1.ServerReflection/")
 
 
@@ -57,20 +59,26 @@ def new_api_key() -> str:
     return API_KEY_PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def create_principal(repo: PrincipalRepository, audit: AuditLog, *, role: str, name: str,
-                     actor: Actor = OPERATOR, spiffe_id: str | None = None, expires_at: float | None = None,
-                     now: float | None = None) -> tuple[Principal, str | None]:
-    """Create a principal (audited first). It gets a fresh API key, returned once, unless it is named
-    by a certificate (`spiffe_id`): then it has no key at all and None is returned."""
+def new_principal(*, role: str, name: str, spiffe_id: str | None = None, expires_at: float | None = None,
+                  with_key: bool = True) -> tuple[Principal, str | None]:
+    """A principal not yet stored, and its API key (to show once) unless a certificate names it (`spiffe_id`)
+    or it is a reviewer, whose key only they receive, through an enrolment code (`with_key=False`)."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
     if not name or len(name) > 200:
         raise ValueError("name must be 1 to 200 characters")
     principal = Principal(id="p_" + secrets.token_hex(8), name=name, role=role, spiffe_id=spiffe_id,
                           expires_at=expires_at)
+    return principal, new_api_key() if with_key and spiffe_id is None else None
+
+
+def create_principal(repo: PrincipalRepository, audit: AuditLog, *, role: str, name: str,
+                     actor: Actor = OPERATOR, spiffe_id: str | None = None) -> tuple[Principal, str | None]:
+    """Create a principal on the local database (the operator's bootstrap; audited first). It gets a fresh
+    API key, returned once, unless a certificate names it (`spiffe_id`): then None is returned."""
+    principal, key = new_principal(role=role, name=name, spiffe_id=spiffe_id)
     audit.append(actor.record("principal.create", reason=role, principal_id=principal.id))
-    key = None if spiffe_id else new_api_key()
-    repo.add(principal, key_hash=hash_api_key(key) if key else None, now=time.time() if now is None else now)
+    repo.add(principal, key_hash=hash_api_key(key) if key else None, now=time.time())
     return principal, key
 
 

@@ -20,6 +20,7 @@ from typing import Any
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 4 << 20  # bounds memory per gRPC message
 DEFAULT_GRACE_S = 10.0
+MAX_ENROLMENT_CODE_TTL_S = 86400  # a code travels out of band; the shorter it lives, the less it is worth
 MAX_KEY_OVERLAP_S = 7 * 86400  # an overlap is for rolling a deployment, not a second key for good
 # SPIFFE-ID spec §2.1: the trust domain of the ids client certificates carry.
 TRUST_DOMAIN_RE = re.compile(r"^[a-z0-9._-]{1,255}$")
@@ -97,6 +98,7 @@ class Config:
     audit_publish_every_s: float = 5.0
     trust_domain: str = "clipstore"
     key_overlap_s: float = 3600.0
+    enrolment_code_ttl_s: float = 3600.0
 
     @property
     def effective_database_url(self) -> str:
@@ -152,6 +154,7 @@ _SCHEMA: dict[str, tuple[str, type]] = {
     "audit.witnesses": ("CLIPSTORE_AUDIT_WITNESSES", str),
     "audit.witness_quorum": ("CLIPSTORE_AUDIT_WITNESS_QUORUM", int),
     "audit.publish_every_s": ("CLIPSTORE_AUDIT_PUBLISH_EVERY_S", float),
+    "auth.enrolment_code_ttl_s": ("CLIPSTORE_AUTH_ENROLMENT_CODE_TTL_S", float),
 }
 
 
@@ -288,6 +291,7 @@ def _build(values: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         trust_domain=_trust_domain(values.get("auth.trust_domain", "clipstore")),
         key_overlap_s=_key_overlap(values.get("auth.key_overlap_s", 3600.0)),
         **_witnessing(values),
+        enrolment_code_ttl_s=_code_ttl(values.get("auth.enrolment_code_ttl_s", 3600.0)),
     )
 
 
@@ -310,6 +314,13 @@ def _trust_domain(name: str) -> str:
     if not TRUST_DOMAIN_RE.match(name):
         raise ConfigError("auth.trust_domain", f"lower-case letters, digits, '.', '-', '_'; got {name!r}")
     return name
+
+
+def _code_ttl(seconds: float) -> float:
+    if seconds > MAX_ENROLMENT_CODE_TTL_S:
+        raise ConfigError("auth.enrolment_code_ttl_s", f"a code is short-lived: at most {MAX_ENROLMENT_CODE_TTL_S} s "
+                                                       f"(1 day), got {seconds:g}")
+    return seconds
 
 
 def _key_overlap(seconds: float) -> float:

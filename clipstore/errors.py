@@ -105,6 +105,13 @@ class Reason(StrEnum):
     SPIFFE_ID_IN_USE = auto(), Kind.WRONG_STATE, "another principal is enrolled under that SPIFFE id"
     FACTORS_BELONG_TO_REVIEWER = auto(), Kind.WRONG_STATE, \
         "a reviewer's key and TOTP secret go only to the reviewer: issue them an enrolment code"
+    # -- self-enrolment (reviewers) -----------------------------------------------------------------------
+    ENROLMENT_CODE_INVALID = auto(), Kind.NOT_AUTHENTICATED, "no such enrolment code; check it or ask an admin"
+    ENROLMENT_CODE_USED = auto(), Kind.NOT_AUTHENTICATED, "the code was already redeemed; ask an admin for a new one"
+    ENROLMENT_CODE_EXPIRED = auto(), Kind.NOT_AUTHENTICATED, \
+        "the code expired or a newer one replaced it; ask an admin for a new one"
+    ENROLMENT_CODE_WRONG_REVIEWER = auto(), Kind.NOT_ALLOWED, \
+        "the code belongs to another reviewer (or another certificate presented it); it is void now"
     # -- assignments and grants --------------------------------------------------------------------------
     QUEUE_EMPTY = auto(), Kind.NOT_FOUND, "nothing to review now; try again later"
     ASSIGNMENT_NOT_FOUND = auto(), Kind.NOT_FOUND, "not your assignment, or no such assignment"

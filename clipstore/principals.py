@@ -2,29 +2,60 @@
 
 Refusal happens at authentication (`clipstore.auth.check_standing`), for API
 keys and certificates alike, so a change here takes effect on the next call.
-Every change is audited before it takes effect. A reviewer's factors (API key,
-TOTP secret) are never handed to an admin: reviewers are created, and their
-factors rotated, through enrolment codes (`clipstore.enrolment`).
+Each change is one unit of work: its checks, its effect and its audit entry
+commit together. A reviewer's factors (API key, TOTP secret) are never handed
+to an admin: reviewers are created, and their factors rotated, through
+enrolment codes (`clipstore.enrolment`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
-from clipstore.audit import Actor, AuditLog
-from clipstore.auth import ROLES, create_principal, hash_api_key, new_api_key
+from clipstore.audit import Actor, Tx
+from clipstore.auth import ROLES, hash_api_key, new_api_key, new_principal
 from clipstore.clock import Clock, rfc3339
 from clipstore.config import MAX_KEY_OVERLAP_S
 from clipstore.errors import FailedPrecondition, InvalidArgument, NotFound
 from clipstore.spiffe import parse_spiffe_id
-from clipstore.store.principals import Principal, PrincipalListing, PrincipalRepository
+from clipstore.store.principals import Principal, PrincipalListing
+
+T = TypeVar("T")
+
+
+class Ledger(Protocol):
+    """Runs a unit of work in one transaction with its audit entries (`clipstore.audit.AuditLog`)."""
+
+    def run(self, unit: Callable[[Tx], T]) -> T: ...
+
+
+class PrincipalStore(Protocol):
+    def add(self, principal: Principal, *, key_hash: bytes | None, now: float) -> None: ...
+    def get(self, principal_id: str) -> Principal | None: ...
+    def by_spiffe_id(self, spiffe_id: str) -> Principal | None: ...
+    def page(self, *, role: str | None, after: str, limit: int, now: float) -> list[PrincipalListing]: ...
+    def set_disabled(self, principal_id: str, disabled: bool) -> bool: ...
+    def set_expiry(self, principal_id: str, expires_at: float | None) -> bool: ...
+    def rotate_key(self, principal_id: str, key_hash: bytes, *, now: float, retires_at: float) -> bool: ...
 
 
 class ReviewerSessions(Protocol):
-    def close_all(self, reviewer_id: str) -> tuple[int, int]:
-        """End the reviewer's sessions and void their unredeemed grants; (ended, voided)."""
-        ...
+    """What disabling a reviewer ends at once."""
+
+    def end_sessions(self, *, reviewer_id: str) -> int: ...
+    def void_grants(self, *, reviewer_id: str) -> int: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrincipalPorts:
+    ledger: Ledger
+    bind: Callable[[Tx], PrincipalStore]  # the store inside a unit's transaction
+    read: Callable[[], AbstractContextManager[PrincipalStore]]  # the store on a read connection
+    sessions: Callable[[Tx], ReviewerSessions]
+    clock: Clock
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,26 +64,41 @@ class Rotation:
     previous_keys_retire_at: float
 
 
-class PrincipalLifecycle:
-    def __init__(self, *, repo: PrincipalRepository, audit: AuditLog, clock: Clock, trust_domain: str,
-                 reviewer_sessions: ReviewerSessions, default_overlap_s: float) -> None:
-        self._repo, self._audit, self._clock = repo, audit, clock
-        self._trust_domain, self._reviewer_sessions = trust_domain, reviewer_sessions
-        self.default_overlap_s = default_overlap_s
+def canonical_spiffe_id(spiffe_id: str, *, role: str, trust_domain: str) -> str:
+    """The SPIFFE id a principal of `role` may be enrolled under, spelled canonically; INVALID_ARGUMENT if not."""
+    parsed = parse_spiffe_id(spiffe_id)
+    if parsed is None:
+        raise InvalidArgument("spiffe_id", f"must be spiffe://{trust_domain}/<role>/<name>")
+    if parsed.trust_domain != trust_domain:
+        raise InvalidArgument("spiffe_id", f"must be in this server's trust domain {trust_domain!r}")
+    if parsed.role != role:
+        raise InvalidArgument("spiffe_id", f"names role {parsed.role!r}, but the principal's role is {role!r}")
+    return str(parsed)
 
-    def check_spiffe_id(self, spiffe_id: str, role: str) -> str:
-        """A SPIFFE id a principal of `role` may be enrolled under, in its canonical spelling."""
-        parsed = parse_spiffe_id(spiffe_id)
-        if parsed is None:
-            raise InvalidArgument("spiffe_id", f"must be spiffe://{self._trust_domain}/<role>/<name>")
-        if parsed.trust_domain != self._trust_domain:
-            raise InvalidArgument("spiffe_id", f"must be in this server's trust domain {self._trust_domain!r}")
-        if parsed.role != role:
-            raise InvalidArgument("spiffe_id", f"names role {parsed.role!r}, but the principal's role is {role!r}")
-        if self._repo.by_spiffe_id(str(parsed)) is not None:
-            raise FailedPrecondition("another principal is enrolled under that SPIFFE id; disable it and "
-                                     "issue a certificate with another name", reason="SPIFFE_ID_IN_USE")
-        return str(parsed)
+
+def require_free_spiffe_id(rows: PrincipalStore, tx: Tx, actor: Actor, spiffe_id: str | None) -> None:
+    """Inside a unit: refuse (audited) a SPIFFE id another principal is enrolled under."""
+    if spiffe_id is not None and rows.by_spiffe_id(spiffe_id) is not None:
+        raise tx.deny(actor, "principal.deny", FailedPrecondition(
+            "another principal is enrolled under that SPIFFE id; disable it and issue a certificate with another "
+            "name", reason="SPIFFE_ID_IN_USE"))
+
+
+def principal_not_found(principal_id: str, role: str | None) -> NotFound:
+    if role == "reviewer":
+        return NotFound(f"no reviewer {principal_id}", reason="REVIEWER_NOT_FOUND")
+    return NotFound(f"no principal {principal_id}", reason="PRINCIPAL_NOT_FOUND")
+
+
+class PrincipalLifecycle:
+    def __init__(self, ports: PrincipalPorts, *, trust_domain: str, default_overlap_s: float) -> None:
+        self._ports, self.trust_domain, self.default_overlap_s = ports, trust_domain, default_overlap_s
+
+    def _existing(self, rows: PrincipalStore, tx: Tx, principal_id: str, role: str | None = None) -> Principal:
+        principal = rows.get(principal_id)
+        if principal is None or (role is not None and principal.role != role):
+            raise tx.refuse(principal_not_found(principal_id, role))
+        return principal
 
     def create(self, *, role: str, name: str, spiffe_id: str | None, expires_at: float | None,
                actor: Actor) -> tuple[Principal, str | None]:
@@ -60,61 +106,71 @@ class PrincipalLifecycle:
         if role not in ROLES or role == "reviewer":
             raise InvalidArgument("role", "choose ingest, safety, auditor or admin; reviewers are created with "
                                           "CreateReviewer, which hands the admin an enrolment code, not factors")
-        spiffe_id = self.check_spiffe_id(spiffe_id, role) if spiffe_id else None
-        return create_principal(self._repo, self._audit, role=role, name=name, actor=actor, spiffe_id=spiffe_id,
-                                expires_at=expires_at, now=self._clock.now())
+        spiffe_id = canonical_spiffe_id(spiffe_id, role=role, trust_domain=self.trust_domain) if spiffe_id else None
+        principal, key = new_principal(role=role, name=name, spiffe_id=spiffe_id, expires_at=expires_at)
+
+        def unit(tx: Tx) -> Principal:
+            rows = self._ports.bind(tx)
+            require_free_spiffe_id(rows, tx, actor, spiffe_id)
+            rows.add(principal, key_hash=hash_api_key(key) if key else None, now=tx.now)
+            tx.audit(actor.record("principal.create", reason=role, principal_id=principal.id))
+            return self._existing(rows, tx, principal.id)
+        return self._ports.ledger.run(unit), key
 
     def page(self, *, role: str | None, after: str, limit: int) -> list[PrincipalListing]:
-        return self._repo.page(role=role, after=after, limit=limit, now=self._clock.now())
-
-    def require(self, principal_id: str, *, role: str | None = None) -> Principal:
-        principal = self._repo.get(principal_id)
-        if principal is None or (role is not None and principal.role != role):
-            if role == "reviewer":
-                raise NotFound(f"no reviewer {principal_id}", reason="REVIEWER_NOT_FOUND")
-            raise NotFound(f"no principal {principal_id}", reason="PRINCIPAL_NOT_FOUND")
-        return principal
+        with self._ports.read() as rows:
+            return rows.page(role=role, after=after, limit=limit, now=self._ports.clock.now())
 
     def disable(self, principal_id: str, actor: Actor, *, role: str | None = None) -> tuple[Principal, int, int]:
         """Refuse the principal from its next call on; a reviewer's sessions and open grants end now too,
         so re-enabling later does not revive them. Returns (principal, ended sessions, voided grants)."""
-        principal = self.require(principal_id, role=role)
-        self._audit.append(actor.record("principal.disable", reason=principal.role, principal_id=principal.id))
-        self._repo.set_disabled(principal.id, True)
-        ended, voided = self._reviewer_sessions.close_all(principal.id) if principal.role == "reviewer" else (0, 0)
-        return self.require(principal.id), ended, voided
+        def unit(tx: Tx) -> tuple[Principal, int, int]:
+            rows = self._ports.bind(tx)
+            principal = self._existing(rows, tx, principal_id, role)
+            rows.set_disabled(principal.id, True)
+            ended = voided = 0
+            if principal.role == "reviewer":
+                sessions = self._ports.sessions(tx)
+                ended, voided = sessions.end_sessions(reviewer_id=principal.id), \
+                    sessions.void_grants(reviewer_id=principal.id)
+            tx.audit(actor.record("principal.disable", reason=principal.role, principal_id=principal.id))
+            return self._existing(rows, tx, principal.id), ended, voided
+        return self._ports.ledger.run(unit)
 
     def enable(self, principal_id: str, actor: Actor) -> Principal:
-        principal = self.require(principal_id)
-        self._audit.append(actor.record("principal.enable", reason=principal.role, principal_id=principal.id))
-        self._repo.set_disabled(principal.id, False)
-        return self.require(principal.id)
+        def unit(tx: Tx) -> Principal:
+            rows = self._ports.bind(tx)
+            principal = self._existing(rows, tx, principal_id)
+            rows.set_disabled(principal.id, False)
+            tx.audit(actor.record("principal.enable", reason=principal.role, principal_id=principal.id))
+            return self._existing(rows, tx, principal.id)
+        return self._ports.ledger.run(unit)
 
     def rotate_key(self, principal_id: str, overlap_s: float | None, actor: Actor) -> Rotation:
         """A new current key; the keys in use keep working for `overlap_s` (default: the configured one)."""
-        principal = self.require(principal_id)
-        if principal.role == "reviewer":
-            raise FailedPrecondition("a reviewer's API key is issued only to the reviewer: issue them a "
-                                     "ROTATE_API_KEY enrolment code", reason="FACTORS_BELONG_TO_REVIEWER")
         overlap = self.default_overlap_s if overlap_s is None else overlap_s
         if not 0 <= overlap <= MAX_KEY_OVERLAP_S:
             raise InvalidArgument("overlap", f"between 0 and {MAX_KEY_OVERLAP_S} s, got {overlap:g}")
-        return Rotation(api_key=self.install_key(principal, overlap, actor),
-                        previous_keys_retire_at=self._clock.now() + overlap)
-
-    def install_key(self, principal: Principal, overlap_s: float, actor: Actor) -> str:
-        """Audit, then make a fresh key the principal's current one; returns it (to show once)."""
-        now = self._clock.now()
-        self._audit.append(actor.record("principal.key_rotate", reason=f"overlap={overlap_s:g}s",
-                                        principal_id=principal.id))
         key = new_api_key()
-        if not self._repo.rotate_key(principal.id, hash_api_key(key), now=now, retires_at=now + overlap_s):
-            raise NotFound(f"no principal {principal.id}", reason="PRINCIPAL_NOT_FOUND")
-        return key
+
+        def unit(tx: Tx) -> Rotation:
+            rows = self._ports.bind(tx)
+            principal = self._existing(rows, tx, principal_id)
+            if principal.role == "reviewer":
+                raise tx.deny(actor, "principal.deny", FailedPrecondition(
+                    "a reviewer's API key is issued only to the reviewer: issue them a ROTATE_API_KEY enrolment "
+                    "code", reason="FACTORS_BELONG_TO_REVIEWER"), principal_id=principal.id)
+            rows.rotate_key(principal.id, hash_api_key(key), now=tx.now, retires_at=tx.now + overlap)
+            tx.audit(actor.record("principal.key_rotate", reason=f"overlap={overlap:g}s", principal_id=principal.id))
+            return Rotation(api_key=key, previous_keys_retire_at=tx.now + overlap)
+        return self._ports.ledger.run(unit)
 
     def set_expiry(self, principal_id: str, expires_at: float | None, actor: Actor) -> Principal:
-        principal = self.require(principal_id)
-        self._audit.append(actor.record("principal.expiry", principal_id=principal.id,
-                                        reason="never" if expires_at is None else rfc3339(expires_at)))
-        self._repo.set_expiry(principal.id, expires_at)
-        return self.require(principal.id)
+        def unit(tx: Tx) -> Principal:
+            rows = self._ports.bind(tx)
+            principal = self._existing(rows, tx, principal_id)
+            rows.set_expiry(principal.id, expires_at)
+            tx.audit(actor.record("principal.expiry", principal_id=principal.id,
+                                  reason="never" if expires_at is None else rfc3339(expires_at)))
+            return self._existing(rows, tx, principal.id)
+        return self._ports.ledger.run(unit)

@@ -19,20 +19,23 @@ from clipstore.app import App
 from clipstore.auth import authenticate, authenticate_certificate
 from clipstore.clock import Clock
 from clipstore.config import Config, ConfigError, is_loopback
+from clipstore.errors import ClipstoreError
 from clipstore.interceptors import ClipstoreInterceptor, audit_denial
 from clipstore.logs import get_logger
 from clipstore.metrics import Metrics
 from clipstore.servicers.accounts import AccountServicer
 from clipstore.servicers.audit import AuditServicer
 from clipstore.servicers.clips import ClipServicer
+from clipstore.servicers.enrolment import EnrolmentServicer, Presenter, ReviewerAdminServicer
 from clipstore.servicers.principals import PrincipalAdminServicer
-from clipstore.servicers.review import ReviewerAdminServicer, ReviewServicer, SafetyServicer
+from clipstore.servicers.review import ReviewServicer, SafetyServicer
 from clipstore.store.principals import Principal
 from clipstore.tls import ServerTls
 from clipstore.v1 import (
     account_pb2_grpc,
     audit_pb2_grpc,
     clip_pb2_grpc,
+    enrolment_pb2_grpc,
     principal_admin_pb2_grpc,
     review_pb2_grpc,
     reviewer_admin_pb2_grpc,
@@ -52,6 +55,8 @@ _SERVICES: list[tuple[str, Callable[[Any, grpc.Server], None], type]] = [
      reviewer_admin_pb2_grpc.ReviewerAdminServiceServicer),
     ("clipstore.v1.PrincipalAdminService", principal_admin_pb2_grpc.add_PrincipalAdminServiceServicer_to_server,
      principal_admin_pb2_grpc.PrincipalAdminServiceServicer),
+    ("clipstore.v1.EnrolmentService", enrolment_pb2_grpc.add_EnrolmentServiceServicer_to_server,
+     enrolment_pb2_grpc.EnrolmentServiceServicer),
     ("clipstore.v1.ReviewService", review_pb2_grpc.add_ReviewServiceServicer_to_server,
      review_pb2_grpc.ReviewServiceServicer),
     ("clipstore.v1.SafetyService", safety_pb2_grpc.add_SafetyServiceServicer_to_server,
@@ -62,15 +67,16 @@ _SERVICES: list[tuple[str, Callable[[Any, grpc.Server], None], type]] = [
 SERVICE_NAMES = tuple(name for name, _, _ in _SERVICES)
 
 
-def _implemented_servicers(app: App) -> dict[str, Any]:
+def _implemented_servicers(app: App, tls: ServerTls | None) -> dict[str, Any]:
     """Servicers whose issue has landed; the rest answer UNIMPLEMENTED."""
     published = (lambda: app.publishing.latest) if app.publishing else (lambda: None)
     return {"clipstore.v1.AuditService": AuditServicer(app.audit, published),
             "clipstore.v1.ClipService": ClipServicer(app.clips),
             "clipstore.v1.AccountService": AccountServicer(app.accounts),
             "clipstore.v1.ReviewService": ReviewServicer(app.review),
-            "clipstore.v1.ReviewerAdminService": ReviewerAdminServicer(app.review, app.lifecycle),
+            "clipstore.v1.ReviewerAdminService": ReviewerAdminServicer(app.enrolment, app.lifecycle),
             "clipstore.v1.PrincipalAdminService": PrincipalAdminServicer(app.lifecycle),
+            "clipstore.v1.EnrolmentService": EnrolmentServicer(app.enrolment, _presenter(app, tls)),
             "clipstore.v1.SafetyService": SafetyServicer(app.review)}
 
 
@@ -132,6 +138,21 @@ def _add_reflection_v1_descriptor() -> None:
     pool.Add(proto)
 
 
+def _presenter(app: App, tls: ServerTls | None) -> Presenter:
+    """Who the client certificate of a call names, for a public RPC (no certificate: None). A certificate that
+    does not authenticate a principal in good standing names nobody (""): it can redeem nobody's code."""
+    def presented_by(context: grpc.ServicerContext) -> str | None:
+        pem = context.auth_context().get("x509_pem_cert")
+        if not pem or tls is None:
+            return None
+        try:
+            return authenticate_certificate(app.principals, pem[0], trust_domain=app.config.trust_domain,
+                                            revoked=tls.revoked, now=app.clock.now()).id
+        except ClipstoreError:
+            return ""
+    return presented_by
+
+
 def _metrics(app: App) -> Metrics:
     metrics = Metrics()
     app.audit.on_record = metrics.observe_record
@@ -164,7 +185,7 @@ class ClipstoreServer:
                      ("grpc.max_send_message_length", config.max_message_bytes),
                      ("grpc.so_reuseport", 0)],
         )
-        implemented = _implemented_servicers(app)
+        implemented = _implemented_servicers(app, self.tls)
         for name, add, base in _SERVICES:
             add(implemented.get(name) or base(), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

@@ -48,6 +48,7 @@ def test_reasons_are_plain_strings_on_the_wire() -> None:
 
 @pytest.mark.parametrize("module", ["clipstore.errors", "clipstore.grants", "clipstore.envelope",
                                     "clipstore.identity", "clipstore.totp", "clipstore.review", "clipstore.clips",
+                                    "clipstore.principals", "clipstore.enrolment", "clipstore.spiffe",
                                     "clipstore.accounts", "clipstore.audit", "kms", "auditlog"])
 def test_domain_and_crypto_modules_do_not_load_grpc(module: str) -> None:
     code = f"import sys, {module}; sys.exit(1 if any(m == 'grpc' or m.startswith('grpc.') for m in sys.modules) else 0)"

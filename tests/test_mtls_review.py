@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 from collections.abc import Iterator
@@ -21,11 +20,11 @@ from clipstore.v1 import (
     clip_pb2_grpc,
     review_pb2,
     review_pb2_grpc,
-    reviewer_admin_pb2,
-    reviewer_admin_pb2_grpc,
 )
 from tests.clip_helpers import ACCOUNT_ID, metadata, put_requests
 from tests.conftest import FakeClock, make_config
+from tests.enrolment_helpers import create_reviewer, enrol, redeem, totp_secret_bytes
+from tests.grpc_helpers import error_info
 
 AUDIO = bytes(range(256)) * 300
 
@@ -68,11 +67,10 @@ def test_review_flow_runs_end_to_end_over_mtls(srv: ClipstoreServer, certs: Path
         account_pb2_grpc.AccountServiceStub(ingest).SetReviewPreference(account_pb2.SetReviewPreferenceRequest(
             account_id=ACCOUNT_ID, allow_human_review=True), timeout=10)
         clip_pb2_grpc.ClipServiceStub(ingest).PutClip(put_requests(metadata(), AUDIO), timeout=30)
-        created = reviewer_admin_pb2_grpc.ReviewerAdminServiceStub(admin).CreateReviewer(
-            reviewer_admin_pb2.CreateReviewerRequest(name="Alice", locales=["en-US"],
-                                                     spiffe_id="spiffe://clipstore/reviewer/alice"), timeout=10)
-        assert created.api_key == ""  # a certificate reviewer has no bearer key
-        secret = base64.b32decode(created.totp_secret + "=" * (-len(created.totp_secret) % 8))
+        created, factors = enrol(admin, (), "Alice", spiffe_id="spiffe://clipstore/reviewer/alice",
+                                 redeem_on=alice)  # the reviewer redeems the code under her own certificate
+        assert factors.api_key == ""  # a certificate reviewer has no bearer key
+        secret = totp_secret_bytes(factors.totp_secret)
 
         review = review_pb2_grpc.ReviewServiceStub(alice)
         token = review.StartReviewSession(review_pb2.StartReviewSessionRequest(
@@ -86,5 +84,18 @@ def test_review_flow_runs_end_to_end_over_mtls(srv: ClipstoreServer, certs: Path
     entries = [json.loads(e) for e in srv.app.audit.reader.entries(0, 1000)]
     reviewer = {"id": created.reviewer_id, "role": "reviewer"}
     assert [e["action"] for e in entries if e["actor"] == reviewer] == [
-        "session.start", "assignment.issue", "grant.issue", "clip.fetch"]
+        "enrolment.redeem", "session.start", "assignment.issue", "grant.issue", "clip.fetch"]
     assert not [e for e in entries if e["outcome"]["result"] == "denied"]
+
+
+def test_a_code_presented_under_another_reviewers_certificate_is_refused_and_void(srv: ClipstoreServer,
+                                                                                 certs: Path) -> None:
+    with _channel(srv, certs, "client-root") as admin, _channel(srv, certs, "client-alice") as alice:
+        enrol(admin, (), "Alice", spiffe_id="spiffe://clipstore/reviewer/alice", redeem_on=alice)
+        bob = create_reviewer(admin, (), "Bob", spiffe_id="spiffe://clipstore/reviewer/bob")
+        for expected in ("ENROLMENT_CODE_WRONG_REVIEWER", "ENROLMENT_CODE_USED"):  # void once another tried it
+            with pytest.raises(grpc.RpcError) as caught:
+                redeem(alice, bob.reviewer_id, bob.enrolment.code)  # Alice's certificate, Bob's code and id
+            assert error_info(caught.value).reason == expected
+    denials = [e for e in map(json.loads, srv.app.audit.reader.entries(0, 1000)) if e["action"] == "enrolment.deny"]
+    assert denials[0]["actor"]["id"] == srv.app.principals.by_spiffe_id("spiffe://clipstore/reviewer/alice").id

@@ -37,6 +37,7 @@ from clipstore.v1 import (
 from tests.clip_helpers import ACCOUNT_ID, SERIAL, metadata, put_requests
 from tests.conftest import FakeClock, bearer, make_config, new_key
 from tests.db_helpers import database_bytes
+from tests.enrolment_helpers import enrol, totp_secret_bytes
 from tests.grpc_helpers import error_info
 
 AUDIO = bytes(range(256)) * 300  # 75 KiB: two segments
@@ -86,11 +87,10 @@ class World:
         return message
 
     def enroll(self, name: str = "rev") -> Reviewer:
-        resp = self.admin_stub.CreateReviewer(reviewer_admin_pb2.CreateReviewerRequest(name=name, locales=["en-US"]),
-                                              metadata=self.admin, timeout=10)
-        assert resp.provisioning_uri.startswith("otpauth://totp/")
-        secret = base64.b32decode(resp.totp_secret + "=" * (-len(resp.totp_secret) % 8))
-        return Reviewer(resp.reviewer_id, bearer(resp.api_key), secret, review_pb2_grpc.ReviewServiceStub(self.channel))
+        _, factors = enrol(self.channel, self.admin, name)
+        assert factors.provisioning_uri.startswith("otpauth://totp/")
+        return Reviewer(factors.reviewer_id, bearer(factors.api_key), totp_secret_bytes(factors.totp_secret),
+                        review_pb2_grpc.ReviewServiceStub(self.channel))
 
     def opt_in(self, account_id: str = ACCOUNT_ID, allow: bool = True) -> account_pb2.SetReviewPreferenceResponse:
         return self.accounts.SetReviewPreference(account_pb2.SetReviewPreferenceRequest(
@@ -434,9 +434,8 @@ def test_rfc6238_vectors_sha1() -> None:
 def test_no_secret_token_code_or_identity_reaches_any_log_line(w: World, log_stream: io.StringIO) -> None:
     w.opt_in()
     w.put()
-    enrolled = w.admin_stub.CreateReviewer(reviewer_admin_pb2.CreateReviewerRequest(name="Jane Doe"),
-                                           metadata=w.admin, timeout=10)
-    secret = base64.b32decode(enrolled.totp_secret + "=" * (-len(enrolled.totp_secret) % 8))
+    created, enrolled = enrol(w.channel, w.admin, "Jane Doe")
+    secret = totp_secret_bytes(enrolled.totp_secret)
     r = Reviewer(enrolled.reviewer_id, bearer(enrolled.api_key), secret, review_pb2_grpc.ReviewServiceStub(w.channel))
     code = code_at(secret, w.clock.now())
     token = r.stub.StartReviewSession(review_pb2.StartReviewSessionRequest(totp_code=code), metadata=r.md,
@@ -450,7 +449,8 @@ def test_no_secret_token_code_or_identity_reaches_any_log_line(w: World, log_str
     logs = log_stream.getvalue()
     assert logs.count('"event": "rpc"') >= 8
     assert f'"{code}"' not in logs  # quoted: six bare digits can occur by chance in a timestamp
-    for secret_text in (enrolled.api_key, enrolled.totp_secret, token, grant.grant, ACCOUNT_ID, SERIAL,
+    for secret_text in (enrolled.api_key, enrolled.totp_secret, created.enrolment.code, token, grant.grant,
+                        ACCOUNT_ID, SERIAL,
                         w.admin[0][1], w.ingest[0][1], AUDIO[:64].hex(), base64.b64encode(AUDIO[:48]).decode()):
         assert secret_text not in logs, "a secret reached the logs"
     for line in logs.splitlines():

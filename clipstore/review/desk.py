@@ -14,7 +14,6 @@ from clipstore.clips import ClipLibrary
 from clipstore.errors import EnvelopeError
 from clipstore.identity import seal_review_text
 from clipstore.review.assignments import Assignments, assigned_clip
-from clipstore.review.enrolment import Enrolment, Enrolments
 from clipstore.review.escalations import Escalations
 from clipstore.review.policy import ReviewPolicy
 from clipstore.review.ports import ReviewPorts
@@ -28,10 +27,10 @@ LABEL_PURPOSE = "assignment-label"
 
 class ReviewDesk:
     def __init__(self, *, ports: ReviewPorts, sessions: Sessions, assignments: Assignments, grants: Grants,
-                 escalations: Escalations, enrolments: Enrolments, clips: ClipLibrary, audit: AuditLog,
+                 escalations: Escalations, clips: ClipLibrary, audit: AuditLog,
                  policy: ReviewPolicy) -> None:
         self.sessions, self.assignments, self.grants = sessions, assignments, grants
-        self.escalations, self.enrolments = escalations, enrolments
+        self.escalations = escalations
         self._ports, self._clips, self._audit, self.policy = ports, clips, audit, policy
 
     # -- sessions ------------------------------------------------------------
@@ -81,8 +80,3 @@ class ReviewDesk:
 
     def resolve_escalation(self, escalation_id: str, resolution: str, actor: Actor) -> tuple[EscalationRow, str]:
         return self.escalations.resolve(escalation_id, resolution, actor)
-
-    # -- enrolment -----------------------------------------------------------------------
-    def enroll(self, name: str, locales: tuple[str, ...], actor: Actor, *, spiffe_id: str | None = None
-               ) -> Enrolment:
-        return self.enrolments.enroll(name, locales, actor, spiffe_id=spiffe_id)

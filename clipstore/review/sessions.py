@@ -70,9 +70,10 @@ class Sessions:
         """A new session for a right, unused code; returns (token, expires_at)."""
         with self._ports.read() as rows:
             reviewer = rows.reviewer(actor.id)
-        if reviewer is None:
+        if reviewer is None or reviewer.wrapped_totp_secret is None:  # not yet redeemed their enrolment code
             self._ports.deny(actor, "session.deny", PermissionDenied(
-                "this principal is not an enrolled reviewer", reason="NOT_ENROLLED"))
+                "this principal is not an enrolled reviewer (or has not redeemed their enrolment code)",
+                reason="NOT_ENROLLED"))
         locked = _locked(reviewer, self._ports.clock.now())
         if locked is not None:  # refused before the root key is even asked for the secret
             self._ports.deny(actor, "session.deny", locked)

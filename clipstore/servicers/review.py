@@ -1,4 +1,4 @@
-"""ReviewService (reviewer), ReviewerAdminService (admin), SafetyService (safety).
+"""ReviewService (reviewer), SafetyService (safety). (ReviewerAdminService: `clipstore.servicers.enrolment`.)
 
 What a reviewer or safety caller receives is built only from `ReviewClip`
 and `Escalation`: a pseudonymous clip id, locale, duration, content type.
@@ -12,7 +12,6 @@ import grpc
 
 from clipstore.errors import InvalidArgument
 from clipstore.interceptors import current_actor
-from clipstore.principals import PrincipalLifecycle
 from clipstore.review import ReviewDesk
 from clipstore.servicers.common import LOCALE_RE, next_token, page_after, page_limit, text, timestamp
 from clipstore.store.clips import ClipRow
@@ -21,8 +20,6 @@ from clipstore.v1 import (
     common_pb2,
     review_pb2,
     review_pb2_grpc,
-    reviewer_admin_pb2,
-    reviewer_admin_pb2_grpc,
     safety_pb2,
     safety_pb2_grpc,
 )
@@ -105,30 +102,6 @@ class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
                          context: grpc.ServicerContext) -> review_pb2.EndReviewSessionResponse:
         self._desk.end_session(_token(request.session_token), current_actor())
         return review_pb2.EndReviewSessionResponse()
-
-
-class ReviewerAdminServicer(reviewer_admin_pb2_grpc.ReviewerAdminServiceServicer):
-    def __init__(self, desk: ReviewDesk, lifecycle: PrincipalLifecycle) -> None:
-        self._desk, self._lifecycle = desk, lifecycle
-
-    def CreateReviewer(self, request: reviewer_admin_pb2.CreateReviewerRequest,
-                       context: grpc.ServicerContext) -> reviewer_admin_pb2.CreateReviewerResponse:
-        name = text("name", request.name, max_chars=200, required=True)
-        if len(request.locales) > 20 or any(not LOCALE_RE.match(loc) for loc in request.locales):
-            raise InvalidArgument("locales", "up to 20 BCP 47 tags such as en-US")
-        spiffe_id = text("spiffe_id", request.spiffe_id, max_chars=255, required=False)
-        enrolment = self._desk.enroll(name, tuple(request.locales), current_actor(),
-                                      spiffe_id=self._lifecycle.check_spiffe_id(spiffe_id, "reviewer") if spiffe_id
-                                      else None)
-        return reviewer_admin_pb2.CreateReviewerResponse(
-            reviewer_id=enrolment.principal.id, api_key=enrolment.api_key,
-            provisioning_uri=enrolment.provisioning_uri, totp_secret=enrolment.totp_secret)
-
-    def DisableReviewer(self, request: reviewer_admin_pb2.DisableReviewerRequest,
-                        context: grpc.ServicerContext) -> reviewer_admin_pb2.DisableReviewerResponse:
-        _, ended, voided = self._lifecycle.disable(_id("reviewer_id", request.reviewer_id), current_actor(),
-                                                   role="reviewer")
-        return reviewer_admin_pb2.DisableReviewerResponse(ended_sessions=ended, voided_grants=voided)
 
 
 def escalation_message(row: EscalationRow, note: str) -> safety_pb2.Escalation:

@@ -86,6 +86,29 @@ def _seal_review_text(conn: sa.Connection) -> None:
     # (`ReviewRows.forget_clip`); sealing them needs the clip keys, so it is a job, not DDL.
 
 
+def _self_enrolment(conn: sa.Connection) -> None:
+    """Reviewers without a TOTP secret until they redeem a code; the codes themselves."""
+    _rebuild(conn, sa.Table("reviewers", sa.MetaData(),
+                            sa.Column("principal_id", sa.String(40), primary_key=True),
+                            sa.Column("locales", sa.String(400), nullable=False),
+                            sa.Column("wrapped_totp_secret", sa.LargeBinary, nullable=True),
+                            sa.Column("last_totp_step", sa.BigInteger, nullable=False),
+                            sa.Column("failed_attempts", sa.Integer, nullable=False),
+                            sa.Column("locked_until", sa.Float, nullable=False),
+                            sa.Column("created_at", sa.Float, nullable=False),
+                            sa.Column("lockouts", sa.Integer, nullable=False, server_default="0")),
+             "principal_id, locales, wrapped_totp_secret, last_totp_step, failed_attempts, locked_until, "
+             "created_at, lockouts", migration=8)
+    sa.Table("enrolment_codes", sa.MetaData(),
+             sa.Column("code_hash", sa.LargeBinary(32), primary_key=True),
+             sa.Column("principal_id", sa.String(40), nullable=False, index=True),
+             sa.Column("purpose", sa.String(20), nullable=False),
+             sa.Column("created_by", sa.String(40), nullable=False),
+             sa.Column("created_at", sa.Float, nullable=False),
+             sa.Column("expires_at", sa.Float, nullable=False),
+             sa.Column("redeemed_at", sa.Float, nullable=True)).create(conn)
+
+
 MIGRATIONS: list[Migration] = [
     (1, "principals", _principals_v1),
     (2, "audit log", _audit_log),
@@ -95,6 +118,8 @@ MIGRATIONS: list[Migration] = [
                           schema.grants, schema.escalations)),
     (6, "principal lifecycle: keys with rotation, expiry, SPIFFE ids", _principal_lifecycle),
     (7, "sealed review text, escalating lockouts", _seal_review_text),
+    (8, "self-enrolment: enrolment codes; reviewers without a TOTP secret until they redeem one",
+     _self_enrolment),
 ]
 
 

@@ -1,7 +1,14 @@
-"""Principals (services and people), their API-key hashes and their SPIFFE ids."""
+"""Principals (services and people), their API-key hashes and their SPIFFE ids.
+
+`PrincipalRows` works on one connection: a unit of work's transaction
+(`AuditLog.run`) or a read connection. `PrincipalRepository` is the same on a
+`Database`, for authentication (reads) and the local bootstrap.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,23 +52,21 @@ def _principal(row: Any) -> Principal:
                      spiffe_id=row.spiffe_id, created_at=row.created_at)
 
 
-class PrincipalRepository:
-    def __init__(self, db: Database) -> None:
-        self._db = db
+class PrincipalRows:
+    def __init__(self, conn: sa.Connection) -> None:
+        self._conn = conn
 
     def add(self, principal: Principal, *, key_hash: bytes | None, now: float) -> None:
-        """Insert a principal and (unless it authenticates only by certificate) its first key."""
-        with self._db.transaction() as conn:
-            conn.execute(_P.insert().values(
-                id=principal.id, name=principal.name, role=principal.role, created_at=now,
-                disabled=principal.disabled, expires_at=principal.expires_at, spiffe_id=principal.spiffe_id))
-            if key_hash is not None:
-                conn.execute(_K.insert().values(key_hash=key_hash, principal_id=principal.id, created_at=now))
+        """Insert a principal and (unless it authenticates only by certificate, or not yet) its first key."""
+        self._conn.execute(_P.insert().values(
+            id=principal.id, name=principal.name, role=principal.role, created_at=now,
+            disabled=principal.disabled, expires_at=principal.expires_at, spiffe_id=principal.spiffe_id))
+        if key_hash is not None:
+            self._conn.execute(_K.insert().values(key_hash=key_hash, principal_id=principal.id, created_at=now))
 
     def by_key_hash(self, key_hash: bytes) -> KeyMatch | None:
-        with self._db.read() as conn:
-            row = conn.execute(sa.select(*_COLUMNS, _K.c.retires_at).join(_K, _K.c.principal_id == _P.c.id)
-                               .where(_K.c.key_hash == key_hash)).one_or_none()
+        row = self._conn.execute(sa.select(*_COLUMNS, _K.c.retires_at).join(_K, _K.c.principal_id == _P.c.id)
+                                 .where(_K.c.key_hash == key_hash)).one_or_none()
         return None if row is None else KeyMatch(principal=_principal(row), retires_at=row.retires_at)
 
     def by_spiffe_id(self, spiffe_id: str) -> Principal | None:
@@ -71,8 +76,7 @@ class PrincipalRepository:
         return self._one(_P.c.id == principal_id)
 
     def _one(self, where: sa.ColumnElement[bool]) -> Principal | None:
-        with self._db.read() as conn:
-            row = conn.execute(sa.select(*_COLUMNS).where(where)).one_or_none()
+        row = self._conn.execute(sa.select(*_COLUMNS).where(where)).one_or_none()
         return None if row is None else _principal(row)
 
     def page(self, *, role: str | None, after: str, limit: int, now: float) -> list[PrincipalListing]:
@@ -82,8 +86,7 @@ class PrincipalRepository:
         query = sa.select(*_COLUMNS, usable.label("usable_keys")).where(_P.c.id > after)
         if role is not None:
             query = query.where(_P.c.role == role)
-        with self._db.read() as conn:
-            rows = conn.execute(query.order_by(_P.c.id).limit(limit)).all()
+        rows = self._conn.execute(query.order_by(_P.c.id).limit(limit)).all()
         return [PrincipalListing(principal=_principal(r), usable_keys=r.usable_keys) for r in rows]
 
     def set_disabled(self, principal_id: str, disabled: bool) -> bool:
@@ -93,20 +96,54 @@ class PrincipalRepository:
         return self._update(principal_id, expires_at=expires_at)
 
     def _update(self, principal_id: str, **values: object) -> bool:
-        with self._db.transaction() as conn:
-            return conn.execute(_P.update().where(_P.c.id == principal_id).values(**values)).rowcount == 1
+        return self._conn.execute(_P.update().where(_P.c.id == principal_id).values(**values)).rowcount == 1
 
     def rotate_key(self, principal_id: str, key_hash: bytes, *, now: float, retires_at: float) -> bool:
         """Make `key_hash` the principal's one current key; every key still working now retires at
         `retires_at` (or earlier, if it already would). False if there is no such principal.
 
-        One transaction that first locks the principal's row: concurrent rotations run one after
+        The principal's row is locked first: concurrent rotations (on any replica) run one after
         another, so exactly one key is current whatever the interleaving."""
-        with self._db.transaction() as conn:
-            if conn.execute(_P.update().where(_P.c.id == principal_id).values(id=_P.c.id)).rowcount != 1:
-                return False
-            conn.execute(_K.update().where(_K.c.principal_id == principal_id,
-                                           sa.or_(_K.c.retires_at.is_(None), _K.c.retires_at > retires_at))
-                         .values(retires_at=retires_at))
-            conn.execute(_K.insert().values(key_hash=key_hash, principal_id=principal_id, created_at=now))
+        if self._conn.execute(_P.update().where(_P.c.id == principal_id).values(id=_P.c.id)).rowcount != 1:
+            return False
+        self._conn.execute(_K.update().where(_K.c.principal_id == principal_id,
+                                             sa.or_(_K.c.retires_at.is_(None), _K.c.retires_at > retires_at))
+                           .values(retires_at=retires_at))
+        self._conn.execute(_K.insert().values(key_hash=key_hash, principal_id=principal_id, created_at=now))
         return True
+
+
+class PrincipalRepository:
+    """`PrincipalRows` on a database: each call its own read or transaction."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    @contextmanager
+    def read(self) -> Iterator[PrincipalRows]:
+        with self._db.read() as conn:
+            yield PrincipalRows(conn)
+
+    def add(self, principal: Principal, *, key_hash: bytes | None, now: float) -> None:
+        with self._db.transaction() as conn:
+            PrincipalRows(conn).add(principal, key_hash=key_hash, now=now)
+
+    def by_key_hash(self, key_hash: bytes) -> KeyMatch | None:
+        with self.read() as rows:
+            return rows.by_key_hash(key_hash)
+
+    def by_spiffe_id(self, spiffe_id: str) -> Principal | None:
+        with self.read() as rows:
+            return rows.by_spiffe_id(spiffe_id)
+
+    def get(self, principal_id: str) -> Principal | None:
+        with self.read() as rows:
+            return rows.get(principal_id)
+
+    def set_disabled(self, principal_id: str, disabled: bool) -> bool:
+        with self._db.transaction() as conn:
+            return PrincipalRows(conn).set_disabled(principal_id, disabled)
+
+    def set_expiry(self, principal_id: str, expires_at: float | None) -> bool:
+        with self._db.transaction() as conn:
+            return PrincipalRows(conn).set_expiry(principal_id, expires_at)

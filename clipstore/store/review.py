@@ -25,7 +25,7 @@ from clipstore.store.db import Database
 class ReviewerRow:
     principal_id: str
     locales: tuple[str, ...]
-    wrapped_totp_secret: bytes
+    wrapped_totp_secret: bytes | None  # None until the reviewer redeems their enrolment code
     last_totp_step: int
     failed_attempts: int
     locked_until: float
@@ -142,11 +142,6 @@ class ReviewRows:
         return None if row is None else _row(cls, row)
 
     # -- reviewers -----------------------------------------------------------
-    def add_reviewer(self, principal_id: str, locales: tuple[str, ...], wrapped_secret: bytes, now: float) -> None:
-        self._conn.execute(schema.reviewers.insert().values(
-            principal_id=principal_id, locales=",".join(locales), wrapped_totp_secret=wrapped_secret,
-            last_totp_step=-1, failed_attempts=0, locked_until=0.0, lockouts=0, created_at=now))
-
     def reviewer(self, principal_id: str) -> ReviewerRow | None:
         row = self._fetch("SELECT principal_id, locales, wrapped_totp_secret, last_totp_step, failed_attempts, "
                           "locked_until, lockouts FROM reviewers WHERE principal_id = ?", (principal_id,))
@@ -154,8 +149,9 @@ class ReviewRows:
             return None
         pid, locales, secret, step, failures, locked_until, lockouts = row
         return ReviewerRow(principal_id=pid, locales=tuple(filter(None, locales.split(","))),
-                           wrapped_totp_secret=bytes(secret), last_totp_step=step, failed_attempts=failures,
-                           locked_until=locked_until, lockouts=lockouts)
+                           wrapped_totp_secret=None if secret is None else bytes(secret),  # not yet enrolled
+                           last_totp_step=step, failed_attempts=failures, locked_until=locked_until,
+                           lockouts=lockouts)
 
     def accept_step(self, principal_id: str, step: int) -> bool:
         """Record a TOTP step as used; False if it (or a later one) was used before: a replay."""

@@ -147,7 +147,9 @@ reviewers = sa.Table(
     "reviewers", metadata,
     sa.Column("principal_id", sa.String(40), primary_key=True),
     sa.Column("locales", sa.String(400), nullable=False),  # comma-separated; empty = any
-    sa.Column("wrapped_totp_secret", sa.LargeBinary, nullable=False),  # by the KMS root
+    # By the KMS root. NULL until the reviewer redeems their enrolment code (migration 8): the admin who
+    # creates a reviewer never sees a factor.
+    sa.Column("wrapped_totp_secret", sa.LargeBinary, nullable=True),
     sa.Column("last_totp_step", sa.BigInteger, nullable=False),  # a step is accepted once
     sa.Column("failed_attempts", sa.Integer, nullable=False),
     sa.Column("locked_until", sa.Float, nullable=False),
@@ -219,4 +221,18 @@ escalations = sa.Table(
     sa.Column("resolved_at", sa.Float, nullable=True),
     sa.Column("resolution", sa.Text, nullable=True),  # before migration 7; now always NULL
     sa.Column("resolution_ct", sa.LargeBinary, nullable=True),  # migration 7: sealed under the clip's key
+)
+
+# -- self-enrolment (migration 8) ---------------------------------------------
+# One-time codes an admin hands a reviewer, who redeems one for factors only they see. Only the
+# code's SHA-256 is kept (codes are 128-bit random); redeemed_at is set exactly once.
+enrolment_codes = sa.Table(
+    "enrolment_codes", metadata,
+    sa.Column("code_hash", sa.LargeBinary(32), primary_key=True),
+    sa.Column("principal_id", sa.String(40), nullable=False, index=True),
+    sa.Column("purpose", sa.String(20), nullable=False),
+    sa.Column("created_by", sa.String(40), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("redeemed_at", sa.Float, nullable=True),
 )

@@ -22,23 +22,31 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from clipstore.v1 import enrolment_pb2 as clipstore_dot_v1_dot_enrolment__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!clipstore/v1/reviewer_admin.proto\x12\x0c\x63lipstore.v1\"I\n\x15\x43reateReviewerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07locales\x18\x02 \x03(\t\x12\x11\n\tspiffe_id\x18\x03 \x01(\t\"m\n\x16\x43reateReviewerResponse\x12\x13\n\x0breviewer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\x12\x18\n\x10provisioning_uri\x18\x03 \x01(\t\x12\x13\n\x0btotp_secret\x18\x04 \x01(\t\"-\n\x16\x44isableReviewerRequest\x12\x13\n\x0breviewer_id\x18\x01 \x01(\t\"H\n\x17\x44isableReviewerResponse\x12\x16\n\x0e\x65nded_sessions\x18\x01 \x01(\r\x12\x15\n\rvoided_grants\x18\x02 \x01(\r2\xd3\x01\n\x14ReviewerAdminService\x12[\n\x0e\x43reateReviewer\x12#.clipstore.v1.CreateReviewerRequest\x1a$.clipstore.v1.CreateReviewerResponse\x12^\n\x0f\x44isableReviewer\x12$.clipstore.v1.DisableReviewerRequest\x1a%.clipstore.v1.DisableReviewerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!clipstore/v1/reviewer_admin.proto\x12\x0c\x63lipstore.v1\x1a\x1c\x63lipstore/v1/enrolment.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x94\x01\n\x0e\x45nrolmentOffer\x12\x13\n\x0breviewer_id\x18\x01 \x01(\t\x12/\n\x07purpose\x18\x02 \x01(\x0e\x32\x1e.clipstore.v1.EnrolmentPurpose\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"I\n\x15\x43reateReviewerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07locales\x18\x02 \x03(\t\x12\x11\n\tspiffe_id\x18\x03 \x01(\t\"\x98\x01\n\x16\x43reateReviewerResponse\x12\x13\n\x0breviewer_id\x18\x01 \x01(\t\x12/\n\tenrolment\x18\x05 \x01(\x0b\x32\x1c.clipstore.v1.EnrolmentOfferJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05R\x07\x61pi_keyR\x10provisioning_uriR\x0btotp_secret\"-\n\x16\x44isableReviewerRequest\x12\x13\n\x0breviewer_id\x18\x01 \x01(\t\"H\n\x17\x44isableReviewerResponse\x12\x16\n\x0e\x65nded_sessions\x18\x01 \x01(\r\x12\x15\n\rvoided_grants\x18\x02 \x01(\r\"a\n\x19IssueEnrolmentCodeRequest\x12\x13\n\x0breviewer_id\x18\x01 \x01(\t\x12/\n\x07purpose\x18\x02 \x01(\x0e\x32\x1e.clipstore.v1.EnrolmentPurpose\"M\n\x1aIssueEnrolmentCodeResponse\x12/\n\tenrolment\x18\x01 \x01(\x0b\x32\x1c.clipstore.v1.EnrolmentOffer2\xbc\x02\n\x14ReviewerAdminService\x12[\n\x0e\x43reateReviewer\x12#.clipstore.v1.CreateReviewerRequest\x1a$.clipstore.v1.CreateReviewerResponse\x12^\n\x0f\x44isableReviewer\x12$.clipstore.v1.DisableReviewerRequest\x1a%.clipstore.v1.DisableReviewerResponse\x12g\n\x12IssueEnrolmentCode\x12\'.clipstore.v1.IssueEnrolmentCodeRequest\x1a(.clipstore.v1.IssueEnrolmentCodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clipstore.v1.reviewer_admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATEREVIEWERREQUEST']._serialized_start=51
-  _globals['_CREATEREVIEWERREQUEST']._serialized_end=124
-  _globals['_CREATEREVIEWERRESPONSE']._serialized_start=126
-  _globals['_CREATEREVIEWERRESPONSE']._serialized_end=235
-  _globals['_DISABLEREVIEWERREQUEST']._serialized_start=237
-  _globals['_DISABLEREVIEWERREQUEST']._serialized_end=282
-  _globals['_DISABLEREVIEWERRESPONSE']._serialized_start=284
-  _globals['_DISABLEREVIEWERRESPONSE']._serialized_end=356
-  _globals['_REVIEWERADMINSERVICE']._serialized_start=359
-  _globals['_REVIEWERADMINSERVICE']._serialized_end=570
+  _globals['_ENROLMENTOFFER']._serialized_start=115
+  _globals['_ENROLMENTOFFER']._serialized_end=263
+  _globals['_CREATEREVIEWERREQUEST']._serialized_start=265
+  _globals['_CREATEREVIEWERREQUEST']._serialized_end=338
+  _globals['_CREATEREVIEWERRESPONSE']._serialized_start=341
+  _globals['_CREATEREVIEWERRESPONSE']._serialized_end=493
+  _globals['_DISABLEREVIEWERREQUEST']._serialized_start=495
+  _globals['_DISABLEREVIEWERREQUEST']._serialized_end=540
+  _globals['_DISABLEREVIEWERRESPONSE']._serialized_start=542
+  _globals['_DISABLEREVIEWERRESPONSE']._serialized_end=614
+  _globals['_ISSUEENROLMENTCODEREQUEST']._serialized_start=616
+  _globals['_ISSUEENROLMENTCODEREQUEST']._serialized_end=713
+  _globals['_ISSUEENROLMENTCODERESPONSE']._serialized_start=715
+  _globals['_ISSUEENROLMENTCODERESPONSE']._serialized_end=792
+  _globals['_REVIEWERADMINSERVICE']._serialized_start=795
+  _globals['_REVIEWERADMINSERVICE']._serialized_end=1111
 # @@protoc_insertion_point(module_scope)

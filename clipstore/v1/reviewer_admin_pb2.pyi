@@ -3,9 +3,11 @@
 isort:skip_file
 """
 
+from clipstore.v1 import enrolment_pb2 as _enrolment_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
@@ -17,6 +19,37 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+@_typing.final
+class EnrolmentOffer(_message.Message):
+    """A one-time code for the admin to pass to the reviewer out of band."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVIEWER_ID_FIELD_NUMBER: _builtins.int
+    PURPOSE_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    reviewer_id: _builtins.str
+    purpose: _enrolment_pb2.EnrolmentPurpose.ValueType
+    code: _builtins.str
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        reviewer_id: _builtins.str = ...,
+        purpose: _enrolment_pb2.EnrolmentPurpose.ValueType = ...,
+        code: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "expires_at", b"expires_at", "purpose", b"purpose", "reviewer_id", b"reviewer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnrolmentOffer: _TypeAlias = EnrolmentOffer  # noqa: Y015
 
 @_typing.final
 class CreateReviewerRequest(_message.Message):
@@ -52,27 +85,19 @@ class CreateReviewerResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REVIEWER_ID_FIELD_NUMBER: _builtins.int
-    API_KEY_FIELD_NUMBER: _builtins.int
-    PROVISIONING_URI_FIELD_NUMBER: _builtins.int
-    TOTP_SECRET_FIELD_NUMBER: _builtins.int
+    ENROLMENT_FIELD_NUMBER: _builtins.int
     reviewer_id: _builtins.str
-    api_key: _builtins.str
-    """Bearer key for the reviewer's tooling; shown once."""
-    provisioning_uri: _builtins.str
-    """otpauth:// URI for an authenticator app; shown once."""
-    totp_secret: _builtins.str
-    """Base32 TOTP secret; shown once."""
+    @_builtins.property
+    def enrolment(self) -> Global___EnrolmentOffer: ...
     def __init__(
         self,
         *,
         reviewer_id: _builtins.str = ...,
-        api_key: _builtins.str = ...,
-        provisioning_uri: _builtins.str = ...,
-        totp_secret: _builtins.str = ...,
+        enrolment: Global___EnrolmentOffer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["enrolment", b"enrolment"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "provisioning_uri", b"provisioning_uri", "reviewer_id", b"reviewer_id", "totp_secret", b"totp_secret"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enrolment", b"enrolment", "reviewer_id", b"reviewer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -118,3 +143,45 @@ class DisableReviewerResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DisableReviewerResponse: _TypeAlias = DisableReviewerResponse  # noqa: Y015
+
+@_typing.final
+class IssueEnrolmentCodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVIEWER_ID_FIELD_NUMBER: _builtins.int
+    PURPOSE_FIELD_NUMBER: _builtins.int
+    reviewer_id: _builtins.str
+    purpose: _enrolment_pb2.EnrolmentPurpose.ValueType
+    def __init__(
+        self,
+        *,
+        reviewer_id: _builtins.str = ...,
+        purpose: _enrolment_pb2.EnrolmentPurpose.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["purpose", b"purpose", "reviewer_id", b"reviewer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueEnrolmentCodeRequest: _TypeAlias = IssueEnrolmentCodeRequest  # noqa: Y015
+
+@_typing.final
+class IssueEnrolmentCodeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENROLMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def enrolment(self) -> Global___EnrolmentOffer: ...
+    def __init__(
+        self,
+        *,
+        enrolment: Global___EnrolmentOffer | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["enrolment", b"enrolment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enrolment", b"enrolment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueEnrolmentCodeResponse: _TypeAlias = IssueEnrolmentCodeResponse  # noqa: Y015

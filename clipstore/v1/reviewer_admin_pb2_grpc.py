@@ -26,7 +26,10 @@ if _version_not_supported:
 
 
 class ReviewerAdminServiceStub:
-    """ReviewerAdminService (role admin) enrolls and disables human reviewers.
+    """ReviewerAdminService (role admin) creates and disables human reviewers. An
+    admin never receives a reviewer's factors: only one-time enrolment codes,
+    which the reviewer redeems (EnrolmentService) for factors shown to them
+    alone.
     """
 
     def __init__(self, channel):
@@ -45,14 +48,23 @@ class ReviewerAdminServiceStub:
                 request_serializer=clipstore_dot_v1_dot_reviewer__admin__pb2.DisableReviewerRequest.SerializeToString,
                 response_deserializer=clipstore_dot_v1_dot_reviewer__admin__pb2.DisableReviewerResponse.FromString,
                 _registered_method=True)
+        self.IssueEnrolmentCode = channel.unary_unary(
+                '/clipstore.v1.ReviewerAdminService/IssueEnrolmentCode',
+                request_serializer=clipstore_dot_v1_dot_reviewer__admin__pb2.IssueEnrolmentCodeRequest.SerializeToString,
+                response_deserializer=clipstore_dot_v1_dot_reviewer__admin__pb2.IssueEnrolmentCodeResponse.FromString,
+                _registered_method=True)
 
 
 class ReviewerAdminServiceServicer:
-    """ReviewerAdminService (role admin) enrolls and disables human reviewers.
+    """ReviewerAdminService (role admin) creates and disables human reviewers. An
+    admin never receives a reviewer's factors: only one-time enrolment codes,
+    which the reviewer redeems (EnrolmentService) for factors shown to them
+    alone.
     """
 
     def CreateReviewer(self, request, context):
-        """CreateReviewer enrolls a reviewer; the TOTP secret is returned once.
+        """CreateReviewer creates a reviewer without factors and returns an
+        enrolment code (purpose ENROL) for them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -60,6 +72,15 @@ class ReviewerAdminServiceServicer:
 
     def DisableReviewer(self, request, context):
         """DisableReviewer ends the reviewer's sessions and voids their grants.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IssueEnrolmentCode(self, request, context):
+        """IssueEnrolmentCode gives an existing reviewer a new code: to enrol again
+        (a lost authenticator), or to rotate the TOTP secret or the API key. Any
+        earlier unredeemed code of theirs stops working.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -78,6 +99,11 @@ def add_ReviewerAdminServiceServicer_to_server(servicer, server):
                     request_deserializer=clipstore_dot_v1_dot_reviewer__admin__pb2.DisableReviewerRequest.FromString,
                     response_serializer=clipstore_dot_v1_dot_reviewer__admin__pb2.DisableReviewerResponse.SerializeToString,
             ),
+            'IssueEnrolmentCode': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueEnrolmentCode,
+                    request_deserializer=clipstore_dot_v1_dot_reviewer__admin__pb2.IssueEnrolmentCodeRequest.FromString,
+                    response_serializer=clipstore_dot_v1_dot_reviewer__admin__pb2.IssueEnrolmentCodeResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'clipstore.v1.ReviewerAdminService', rpc_method_handlers)
@@ -87,7 +113,10 @@ def add_ReviewerAdminServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ReviewerAdminService:
-    """ReviewerAdminService (role admin) enrolls and disables human reviewers.
+    """ReviewerAdminService (role admin) creates and disables human reviewers. An
+    admin never receives a reviewer's factors: only one-time enrolment codes,
+    which the reviewer redeems (EnrolmentService) for factors shown to them
+    alone.
     """
 
     @staticmethod
@@ -134,6 +163,33 @@ class ReviewerAdminService:
             '/clipstore.v1.ReviewerAdminService/DisableReviewer',
             clipstore_dot_v1_dot_reviewer__admin__pb2.DisableReviewerRequest.SerializeToString,
             clipstore_dot_v1_dot_reviewer__admin__pb2.DisableReviewerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueEnrolmentCode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clipstore.v1.ReviewerAdminService/IssueEnrolmentCode',
+            clipstore_dot_v1_dot_reviewer__admin__pb2.IssueEnrolmentCodeRequest.SerializeToString,
+            clipstore_dot_v1_dot_reviewer__admin__pb2.IssueEnrolmentCodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

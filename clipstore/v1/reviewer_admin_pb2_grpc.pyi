@@ -27,29 +27,55 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ReviewerAdminServiceStub:
-    """ReviewerAdminService (role admin) enrolls and disables human reviewers."""
+    """ReviewerAdminService (role admin) creates and disables human reviewers. An
+    admin never receives a reviewer's factors: only one-time enrolment codes,
+    which the reviewer redeems (EnrolmentService) for factors shown to them
+    alone.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ReviewerAdminServiceAsyncStub: ...
     CreateReviewer: _grpc.UnaryUnaryMultiCallable[_reviewer_admin_pb2.CreateReviewerRequest, _reviewer_admin_pb2.CreateReviewerResponse]
-    """CreateReviewer enrolls a reviewer; the TOTP secret is returned once."""
+    """CreateReviewer creates a reviewer without factors and returns an
+    enrolment code (purpose ENROL) for them.
+    """
     DisableReviewer: _grpc.UnaryUnaryMultiCallable[_reviewer_admin_pb2.DisableReviewerRequest, _reviewer_admin_pb2.DisableReviewerResponse]
     """DisableReviewer ends the reviewer's sessions and voids their grants."""
+    IssueEnrolmentCode: _grpc.UnaryUnaryMultiCallable[_reviewer_admin_pb2.IssueEnrolmentCodeRequest, _reviewer_admin_pb2.IssueEnrolmentCodeResponse]
+    """IssueEnrolmentCode gives an existing reviewer a new code: to enrol again
+    (a lost authenticator), or to rotate the TOTP secret or the API key. Any
+    earlier unredeemed code of theirs stops working.
+    """
 
 @_typing.type_check_only
 class ReviewerAdminServiceAsyncStub(ReviewerAdminServiceStub):
-    """ReviewerAdminService (role admin) enrolls and disables human reviewers."""
+    """ReviewerAdminService (role admin) creates and disables human reviewers. An
+    admin never receives a reviewer's factors: only one-time enrolment codes,
+    which the reviewer redeems (EnrolmentService) for factors shown to them
+    alone.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateReviewer: _aio.UnaryUnaryMultiCallable[_reviewer_admin_pb2.CreateReviewerRequest, _reviewer_admin_pb2.CreateReviewerResponse]  # type: ignore[assignment]
-    """CreateReviewer enrolls a reviewer; the TOTP secret is returned once."""
+    """CreateReviewer creates a reviewer without factors and returns an
+    enrolment code (purpose ENROL) for them.
+    """
     DisableReviewer: _aio.UnaryUnaryMultiCallable[_reviewer_admin_pb2.DisableReviewerRequest, _reviewer_admin_pb2.DisableReviewerResponse]  # type: ignore[assignment]
     """DisableReviewer ends the reviewer's sessions and voids their grants."""
+    IssueEnrolmentCode: _aio.UnaryUnaryMultiCallable[_reviewer_admin_pb2.IssueEnrolmentCodeRequest, _reviewer_admin_pb2.IssueEnrolmentCodeResponse]  # type: ignore[assignment]
+    """IssueEnrolmentCode gives an existing reviewer a new code: to enrol again
+    (a lost authenticator), or to rotate the TOTP secret or the API key. Any
+    earlier unredeemed code of theirs stops working.
+    """
 
 class ReviewerAdminServiceServicer(metaclass=_abc_1.ABCMeta):
-    """ReviewerAdminService (role admin) enrolls and disables human reviewers."""
+    """ReviewerAdminService (role admin) creates and disables human reviewers. An
+    admin never receives a reviewer's factors: only one-time enrolment codes,
+    which the reviewer redeems (EnrolmentService) for factors shown to them
+    alone.
+    """
 
     @_abc_1.abstractmethod
     def CreateReviewer(
@@ -57,7 +83,9 @@ class ReviewerAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _reviewer_admin_pb2.CreateReviewerRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_reviewer_admin_pb2.CreateReviewerResponse, _abc.Awaitable[_reviewer_admin_pb2.CreateReviewerResponse]]:
-        """CreateReviewer enrolls a reviewer; the TOTP secret is returned once."""
+        """CreateReviewer creates a reviewer without factors and returns an
+        enrolment code (purpose ENROL) for them.
+        """
 
     @_abc_1.abstractmethod
     def DisableReviewer(
@@ -66,5 +94,16 @@ class ReviewerAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_reviewer_admin_pb2.DisableReviewerResponse, _abc.Awaitable[_reviewer_admin_pb2.DisableReviewerResponse]]:
         """DisableReviewer ends the reviewer's sessions and voids their grants."""
+
+    @_abc_1.abstractmethod
+    def IssueEnrolmentCode(
+        self,
+        request: _reviewer_admin_pb2.IssueEnrolmentCodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_reviewer_admin_pb2.IssueEnrolmentCodeResponse, _abc.Awaitable[_reviewer_admin_pb2.IssueEnrolmentCodeResponse]]:
+        """IssueEnrolmentCode gives an existing reviewer a new code: to enrol again
+        (a lost authenticator), or to rotate the TOTP secret or the API key. Any
+        earlier unredeemed code of theirs stops working.
+        """
 
 def add_ReviewerAdminServiceServicer_to_server(servicer: ReviewerAdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
