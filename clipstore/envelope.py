@@ -105,8 +105,11 @@ class _Keys:
         return hmac.digest(self._commit_key, b"header\x00" + header_prefix, "sha256")
 
 
+_NONCE = struct.Struct(">7sI?")  # prefix, u32 segment index, last flag (0x01 on the final segment)
+
+
 def _nonce(prefix: bytes, index: int, last: bool) -> bytes:
-    return prefix + struct.pack(">I", index) + (b"\x01" if last else b"\x00")
+    return _NONCE.pack(prefix, index, last)
 
 
 # -- sealing -------------------------------------------------------------------
@@ -151,28 +154,31 @@ def seal_clip(dek: bytes, plaintext: Iterable[bytes], *, clip_id: str, account_r
     """
     header, keys, aad, prefix = _start(dek, clip_id, account_ref, segment_size, random_bytes)
     yield header
-    pending = bytearray()  # plaintext of the segment being filled
+    # A full segment is sealed only once more plaintext shows it is not the last, so the latest one
+    # is held back. Each segment is copied at most once: a whole segment inside an immutable chunk
+    # is held as a view of it; only segments that straddle chunks are assembled in `pending`.
+    held: bytes | bytearray | memoryview | None = None
+    pending = bytearray()
     index = 0
     for chunk in plaintext:
         view, pos = memoryview(chunk), 0
+        zero_copy = type(chunk) is bytes  # a view of a caller's mutable buffer could change under us
         while pos < len(view):
-            if len(pending) == segment_size:
-                # A full segment with more data behind it: surely not the last one.
+            if held is not None:
                 if index + 1 >= MAX_SEGMENTS:
                     raise ValueError("clip exceeds the format's 2**32 segments")
-                yield keys.aead.encrypt(_nonce(prefix, index, False), bytes(pending), aad)
-                pending.clear()
-                index += 1
-            if not pending and len(view) - pos > segment_size:
-                # A whole non-final segment inside this chunk: seal it in place, no copy.
-                yield keys.aead.encrypt(_nonce(prefix, index, False), view[pos:pos + segment_size], aad)
+                yield keys.aead.encrypt(_nonce(prefix, index, False), held, aad)
+                held, index = None, index + 1
+            if not pending and zero_copy and len(view) - pos >= segment_size:
+                held = view[pos:pos + segment_size]
                 pos += segment_size
-                index += 1
                 continue
             take = min(segment_size - len(pending), len(view) - pos)
             pending += view[pos:pos + take]
             pos += take
-    yield keys.aead.encrypt(_nonce(prefix, index, True), bytes(pending), aad)
+            if len(pending) == segment_size:
+                held, pending = pending, bytearray()
+    yield keys.aead.encrypt(_nonce(prefix, index, True), pending if held is None else held, aad)
 
 
 def sealed_size(plaintext_bytes: int, *, clip_id: str, segment_size: int = SEGMENT_SIZE_BYTES) -> int:
@@ -192,6 +198,10 @@ class _Reader:
         self._pos = 0
 
     def read(self, n: int) -> bytes | memoryview:
+        start, end = self._pos, self._pos + n
+        if end <= len(self._cur):  # the common case: inside the current chunk, a slice and no copy
+            self._pos = end
+            return self._cur[start:end]
         parts: list[memoryview] = []
         while n:
             if self._pos >= len(self._cur):

@@ -242,6 +242,31 @@ def test_one_shot_seal_and_open_match_the_streaming_format(size: int) -> None:
     assert open_bytes(DEK, streamed, clip_id=CLIP, account_ref=ACCOUNT) == plaintext
 
 
+@pytest.mark.parametrize("chunk", [SEGMENT_SIZE_BYTES, 2 * SEGMENT_SIZE_BYTES, SEGMENT_SIZE_BYTES + 1])
+@pytest.mark.parametrize("kind", ["bytes", "one reused bytearray"])
+def test_streamed_sealing_of_whole_segment_chunks_matches_one_shot(chunk: int, kind: str) -> None:
+    # Whole segments of immutable chunks are sealed from views held across chunks; a caller that
+    # refills one mutable buffer (a readinto loop) must still get exactly what it sent sealed.
+    plaintext = secrets.token_bytes(3 * chunk)
+    fixed = secrets.token_bytes(39)
+
+    def chunks() -> Any:
+        buffer = bytearray(chunk)
+        for i in range(0, len(plaintext), chunk):
+            if kind == "bytes":
+                yield plaintext[i:i + chunk]
+            else:
+                buffer[:] = plaintext[i:i + chunk]
+                yield buffer
+
+    parts = iter([fixed[:32], fixed[32:]])
+    streamed = b"".join(seal_clip(DEK, chunks(), clip_id=CLIP, account_ref=ACCOUNT, random_bytes=lambda n: next(parts)))
+    parts = iter([fixed[:32], fixed[32:]])
+    assert streamed == bytes(seal_bytes(DEK, plaintext, clip_id=CLIP, account_ref=ACCOUNT,
+                                        random_bytes=lambda n: next(parts)))
+    assert open_(streamed, chunk=SEG_CT) == plaintext
+
+
 def _swap01(ct: bytes) -> bytes:
     h = header_len()
     return ct[:h] + ct[h + SEG_CT:h + 2 * SEG_CT] + ct[h:h + SEG_CT] + ct[h + 2 * SEG_CT:]

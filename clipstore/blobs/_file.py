@@ -10,9 +10,8 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from clipstore.blobs.protocol import BlobNotFound, BlobUnavailable
+from clipstore.blobs.protocol import READ_CHUNK_BYTES, BlobNotFound, BlobUnavailable
 
-READ_CHUNK_BYTES = 64 * 1024 + 16  # one sealed segment per read
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _TMP_SUFFIX = ".partial"
 

@@ -11,11 +11,10 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from clipstore.blobs.protocol import BlobNotFound, BlobUnavailable
+from clipstore.blobs.protocol import READ_CHUNK_BYTES, BlobNotFound, BlobUnavailable
 
 T = TypeVar("T")
 PART_BYTES = 6 * 1024 * 1024  # ≥ the S3 minimum (5 MiB); a 5 MiB clip still goes in one PUT
-READ_CHUNK_BYTES = 64 * 1024 + 16
 _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
 
 

@@ -7,6 +7,11 @@ from typing import Protocol, runtime_checkable
 
 from clipstore.errors import NotFound, Unavailable
 
+# `get_stream` reads 16 sealed segments (64 KiB + tag each) at a time. The header puts segments off
+# the read boundaries, and a segment split across two reads must be copied before it can be opened;
+# with 16 per read that happens to one segment in 16, not to every one. Bounds memory per stream.
+READ_CHUNK_BYTES = 16 * (64 * 1024 + 16)
+
 
 class BlobUnavailable(Unavailable):
     reason = "BLOB_STORE_UNAVAILABLE"
