@@ -5,10 +5,12 @@ Names carry units; labels never carry ids, keys or anything a caller sent.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from clipstore.audit import AuditRecord
 from clipstore.config import ConfigError
@@ -37,6 +39,10 @@ class Metrics:
         """A value read at scrape time (root KMS calls, cache hit ratio, queue depth)."""
         Gauge(name, doc, registry=self.registry).set_function(read)
 
+    def counter(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        """A count kept elsewhere (database commits), read at scrape time; exposed as `<name>_total`."""
+        self.registry.register(_ReadCounter(name, doc, read))
+
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         self.rpcs.labels(method, code).inc()
         self.rpc_seconds.labels(method).observe(seconds)
@@ -62,3 +68,11 @@ class Metrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+class _ReadCounter(Collector):
+    def __init__(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        self._name, self._doc, self._read = name, doc, read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self._name, self._doc, value=self._read())

@@ -163,6 +163,8 @@ def _metrics(app: App) -> Metrics:
                   lambda: app.keyring.cache_hit_ratio)
     metrics.gauge("clipstore_review_queue_depth", "clips waiting for review", app.review.queue_depth)
     metrics.gauge("clipstore_audit_log_entries", "entries in the audit log", app.audit.reader.size)
+    metrics.counter("clipstore_db_commits", "committed read-write database transactions (each a durable write)",
+                    lambda: app.db.commits)
     return metrics
 
 

@@ -33,7 +33,8 @@ def test_metrics_endpoint_reports_rpcs_audit_keys_and_queue(tmp_path: Path, log_
     assert 'clipstore_audit_records_total{action="clip.ingest",outcome="ok",reason=""} 1.0' in text
     for name in ("clipstore_rpc_duration_seconds_bucket", "clipstore_kms_root_calls", "clipstore_key_cache_hit_ratio",
                  "clipstore_review_queue_depth", "clipstore_audit_batch_entries_bucket",
-                 "clipstore_audit_commit_duration_seconds_bucket", "clipstore_audit_log_entries"):
+                 "clipstore_audit_commit_duration_seconds_bucket", "clipstore_audit_log_entries",
+                 "clipstore_db_commits_total"):
         assert name in text
     assert key not in text and ACCOUNT_ID not in text
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import base64
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import pytest
@@ -39,6 +40,8 @@ from tests.conftest import FakeClock, bearer, make_config, new_key
 from tests.db_helpers import database_bytes
 from tests.enrolment_helpers import enrol, totp_secret_bytes
 from tests.grpc_helpers import error_info
+
+T = TypeVar("T")
 
 AUDIO = bytes(range(256)) * 300  # 75 KiB: two segments
 
@@ -420,6 +423,30 @@ def test_complete_assignment_closes_it(w: World) -> None:
     w.denied(err, grpc.StatusCode.FAILED_PRECONDITION, "ASSIGNMENT_COMPLETED")
     w.denied(_fetch_err(w, r, token, grant.grant, grant.review_clip_id), grpc.StatusCode.PERMISSION_DENIED,
              "GRANT_REVOKED")
+
+
+def test_every_review_rpc_is_one_durable_commit(w: World) -> None:
+    # Checks, state change and audit entry commit together: one transaction (one fsync) per RPC.
+    w.opt_in()
+    w.put()
+    r = w.enroll()
+    db, audit = w.server.app.db, w.server.app.audit
+    audit.checkpoint()  # no checkpoint falls due while the clock stands still, so only the RPCs commit
+
+    def commits(call: Callable[[], T]) -> tuple[int, T]:
+        before = db.commits
+        result = call()
+        return db.commits - before, result
+
+    started, resp = commits(lambda: r.stub.StartReviewSession(review_pb2.StartReviewSessionRequest(
+        totp_code=code_at(r.secret, w.clock.now())), metadata=r.md, timeout=10))
+    token = resp.session_token
+    assigned, assignment = commits(lambda: w.next(r, token))
+    granted, grant = commits(lambda: w.grant(r, token, assignment.assignment_id))
+    fetched, _ = commits(lambda: w.fetch(r, token, grant.grant, grant.review_clip_id))
+    completed, _ = commits(lambda: r.stub.CompleteAssignment(review_pb2.CompleteAssignmentRequest(
+        session_token=token, assignment_id=assignment.assignment_id, label="weather"), metadata=r.md, timeout=10))
+    assert (started, assigned, granted, fetched, completed) == (1, 1, 1, 1, 1)
 
 
 def test_rfc6238_vectors_sha1() -> None:

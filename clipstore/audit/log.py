@@ -290,6 +290,7 @@ class AuditLog:
                                 return [], (p, exc)
                             outcomes.append((p, tx, None, exc))
                     size = self._chain(conn, outcomes, size, prev, rfc3339(now), frontier)
+                self._db.count_commit()
             except BaseException:
                 self._conn = None
                 with contextlib.suppress(Exception):

@@ -46,12 +46,20 @@ class Database:
             self.engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1),
                                            pool_size=8, max_overflow=8, pool_pre_ping=True)
         self.schema_version = migrate(self.engine)
+        self.commits = 0  # committed read-write transactions: `transaction()` and the audit writer's
+        self._commits_lock = threading.Lock()
+
+    def count_commit(self) -> None:
+        """Count one committed read-write transaction (each is a durable write, an fsync)."""
+        with self._commits_lock:
+            self.commits += 1
 
     @contextmanager
     def transaction(self) -> Iterator[sa.Connection]:
         """A connection inside one read-write transaction: commit on success, roll back on error."""
         with self.write_lock(), self.engine.begin() as conn:
             yield conn
+        self.count_commit()
 
     @contextmanager
     def read(self) -> Iterator[sa.Connection]:
