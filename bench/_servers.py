@@ -11,6 +11,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,11 +51,22 @@ def moto_server() -> Iterator[str]:
 
 
 class Server:
-    """A running `clipstore serve`: its address, process, API keys, and its JSON log lines."""
+    """A running server subprocess: its address, process, API keys, and its JSON log lines."""
 
-    def __init__(self, address: str, proc: subprocess.Popen[str], keys: dict[str, str]) -> None:
-        self.address, self.proc, self.keys = address, proc, keys
+    def __init__(self, proc: subprocess.Popen[str], keys: dict[str, str]) -> None:
+        self.proc, self.keys = proc, keys
         self.log: list[dict[str, object]] = []
+        assert proc.stderr is not None
+        for line in proc.stderr:  # start-up lines, up to the one that says where it listens
+            with contextlib.suppress(ValueError):
+                self.log.append(json.loads(line))
+            if self.log and self.log[-1].get("event") == "server.started":
+                break
+        else:
+            raise RuntimeError(f"server exited before it started: {self.log[-3:]}")
+        started = self.log[-1]
+        self.address = f"127.0.0.1:{started['port']}"
+        self.metrics_port = started.get("metrics_port")
         self._drain = threading.Thread(target=self._read, daemon=True)  # a full pipe would stall the server
         self._drain.start()
 
@@ -64,9 +76,33 @@ class Server:
             with contextlib.suppress(ValueError):
                 self.log.append(json.loads(line))
 
-    def rpc_ms(self, method_suffix: str) -> list[float]:
-        return [float(e["duration_ms"]) for e in list(self.log)  # type: ignore[arg-type]
+    def mark(self) -> int:
+        """A position in the log, after the lines of calls already answered have arrived."""
+        time.sleep(0.3)
+        return len(self.log)
+
+    def rpc_ms(self, method_suffix: str, start: int = 0, end: int | None = None) -> list[float]:
+        """Server-side durations (access log) of `method_suffix` calls logged between two marks."""
+        return [float(e["duration_ms"]) for e in self.log[start:end]  # type: ignore[arg-type]
                 if e.get("event") == "rpc" and str(e.get("method", "")).endswith(method_suffix)]
+
+    def metric(self, name: str) -> float:
+        """One unlabelled sample from the metrics endpoint (`metrics.listen` must be set)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+        raise KeyError(name)
+
+
+@contextmanager
+def _running(argv: list[str], env: dict[str, str], keys: dict[str, str]) -> Iterator[Server]:
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        yield Server(proc, keys)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 @contextmanager
@@ -83,12 +119,13 @@ def clipstore_server(endpoint: str | None = None, **settings: str) -> Iterator[S
             out = subprocess.run([sys.executable, "-m", "clipstore", "principals", "create", "--role", role,
                                   "--name", f"bench-{role}"], env=env, capture_output=True, text=True, check=True)
             keys[role] = out.stdout.split("api_key=")[1].split()[0]
-        proc = subprocess.Popen([sys.executable, "-m", "clipstore", "serve"], env=env, stderr=subprocess.PIPE,
-                                text=True, cwd=REPO)
-        assert proc.stderr is not None
-        started = json.loads(proc.stderr.readline())
-        try:
-            yield Server(f"127.0.0.1:{started['port']}", proc, keys)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+        with _running([sys.executable, "-m", "clipstore", "serve"], env, keys) as server:
+            yield server
+
+
+@contextmanager
+def floor_server() -> Iterator[Server]:
+    """bench/_floor.py: one group-committed audit append per call, nothing else."""
+    with tempfile.TemporaryDirectory() as data, \
+            _running([sys.executable, str(REPO / "bench" / "_floor.py"), data], dict(os.environ), {}) as server:
+        yield server

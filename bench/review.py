@@ -1,34 +1,48 @@
-"""Review benchmark (not a test): RequestGrant + FetchClip of a 32 KiB clip through the real server.
+"""Review benchmark (not a test): the review workflow through the real server, against a floor, same run.
 
-  python bench/review.py [--clips 400]
+  python bench/review.py [--rate 30] [--open-seconds 20] [--closed-reviews 400] [--database-url …]
 
-`clipstore serve` (subprocess, S3 backend on a moto server subprocess) with
-sampling at 100 %. Reviewers enrol over gRPC and start MFA sessions with real
-TOTP codes; each then loops NextAssignment → RequestGrant → FetchClip →
-CompleteAssignment, first one reviewer alone, then 8 at once. Peer, same run:
-a bare S3 GetObject of a sealed 32 KiB object plus `open_clip` (no checks, no
-audit). Server-side RequestGrant time comes from the server's access log.
+`clipstore serve` (subprocess; S3 on a moto server subprocess; SQLite unless
+--database-url) with sampling at 100 %. Reviewers are created by an admin,
+redeem their enrolment codes and start MFA sessions with real TOTP codes; one review is NextAssignment → RequestGrant
+→ FetchClip (32 KiB) → CompleteAssignment. RequestGrant times are server-side,
+from the server's access log.
+
+0. One reviewer, one RPC at a time: commits per RPC, from
+   `clipstore_db_commits_total` on the metrics endpoint read before and after
+   (1.0: each RPC's checks, change and audit entry are one transaction; under
+   concurrency group commit makes it less, shown for phases 1 and 2).
+1. Open loop: reviews arrive at --rate per second (Poisson arrivals, as from
+   ~1,000 independent reviewers), each taken by one of 16 reviewers whatever
+   the server's pace, for --open-seconds.
+2. Closed loop: 8 reviewers review back to back (saturation: reviews/s).
+3. Floor, same run and concurrency: bench/_floor.py, a gRPC server built like
+   ours whose only method does one group-committed audit append, called back
+   to back by 8 clients. Rounds of 2 and 3 alternate, so both see the same
+   neighbours; `grant_p99_vs_floor` = RequestGrant p99 ÷ the floor's p99.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import queue
+import random
 import secrets
 import statistics
 import sys
+import threading
 import time
-import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import boto3  # noqa: E402
 import grpc  # noqa: E402
 
-from bench._servers import clipstore_server, moto_server  # noqa: E402
-from clipstore.envelope import open_clip, seal_clip  # noqa: E402
+from bench._floor import METHOD as FLOOR_METHOD  # noqa: E402
+from bench._servers import clipstore_server, floor_server, moto_server  # noqa: E402
 from clipstore.totp import code_at  # noqa: E402
 from clipstore.v1 import (  # noqa: E402
     account_pb2,
@@ -44,7 +58,12 @@ from clipstore.v1 import (  # noqa: E402
 )
 
 CLIP_BYTES = 32 * 1024
-REVIEWERS = 8
+OPEN_REVIEWERS = 16
+CLOSED_REVIEWERS = 8
+ROUNDS = 2  # closed-loop rounds of ours and of the floor, alternating
+RPCS_PER_REVIEW = 4
+SEQUENTIAL_REVIEWS = 25
+Reviewer = tuple[review_pb2_grpc.ReviewServiceStub, tuple[tuple[str, str], ...], str]
 
 
 def pct(samples: list[float], p: float) -> float:
@@ -52,100 +71,160 @@ def pct(samples: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
 
+def ingest(channel: grpc.Channel, md: tuple[tuple[str, str], ...], count: int) -> None:
+    account_pb2_grpc.AccountServiceStub(channel).SetReviewPreference(
+        account_pb2.SetReviewPreferenceRequest(account_id="bench-account", allow_human_review=True), metadata=md)
+    clips = clip_pb2_grpc.ClipServiceStub(channel)
+    audio = secrets.token_bytes(CLIP_BYTES)
+    meta = {"identity": clip_pb2.ClipIdentity(account_id="bench-account", device_serial="S1"),
+            "locale": "en-US", "content_type": "audio/opus", "wake_word_detected": True}
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: clips.PutClip(iter([
+            clip_pb2.PutClipRequest(metadata=clip_pb2.ClipMetadata(**meta, idempotency_key=f"k{i}")),
+            clip_pb2.PutClipRequest(audio_chunk=audio)]), metadata=md), range(count)))
+
+
+def enrol(channel: grpc.Channel, md: tuple[tuple[str, str], ...], n: int) -> list[Reviewer]:
+    admin = reviewer_admin_pb2_grpc.ReviewerAdminServiceStub(channel)
+    reviewers = []
+    for i in range(n):
+        created = admin.CreateReviewer(reviewer_admin_pb2.CreateReviewerRequest(name=f"r{i}", locales=["en-US"]),
+                                       metadata=md)
+        enrolled = enrolment_pb2_grpc.EnrolmentServiceStub(channel).RedeemEnrolmentCode(  # the reviewer's own step
+            enrolment_pb2.RedeemEnrolmentCodeRequest(reviewer_id=created.reviewer_id, code=created.enrolment.code))
+        secret = base64.b32decode(enrolled.totp_secret + "=" * (-len(enrolled.totp_secret) % 8))
+        rmd = (("authorization", f"Bearer {enrolled.api_key}"),)
+        stub = review_pb2_grpc.ReviewServiceStub(channel)
+        token = stub.StartReviewSession(review_pb2.StartReviewSessionRequest(
+            totp_code=code_at(secret, time.time())), metadata=rmd).session_token
+        reviewers.append((stub, rmd, token))
+    return reviewers
+
+
+def review_one(reviewer: Reviewer) -> None:
+    stub, md, token = reviewer
+    a = stub.NextAssignment(review_pb2.NextAssignmentRequest(session_token=token), metadata=md)
+    g = stub.RequestGrant(review_pb2.RequestGrantRequest(session_token=token, assignment_id=a.assignment_id),
+                          metadata=md)
+    got = sum(len(m.audio_chunk) for m in stub.FetchClip(review_pb2.FetchClipRequest(
+        session_token=token, grant=g.grant, review_clip_id=g.review_clip_id), metadata=md))
+    assert got == CLIP_BYTES
+    stub.CompleteAssignment(review_pb2.CompleteAssignmentRequest(
+        session_token=token, assignment_id=a.assignment_id, label="ok"), metadata=md)
+
+
+def open_loop(reviewers: list[Reviewer], rate: float, seconds: float) -> tuple[int, float, list[float]]:
+    """Poisson arrivals at `rate`/s for `seconds`; returns reviews, achieved rate, and how long arrivals
+    waited for a free reviewer (s)."""
+    arrivals = random.Random(13)  # the same schedule every run
+    idle: queue.SimpleQueue[Reviewer] = queue.SimpleQueue()
+    for r in reviewers:
+        idle.put(r)
+    waited: list[float] = []
+
+    def one(due: float) -> None:
+        r = idle.get()
+        waited.append(time.perf_counter() - due)
+        try:
+            review_one(r)
+        finally:
+            idle.put(r)
+
+    n, start = 0, time.perf_counter()
+    with ThreadPoolExecutor(len(reviewers)) as pool:
+        due = start
+        while (due := due + arrivals.expovariate(rate)) - start < seconds:
+            time.sleep(max(0.0, due - time.perf_counter()))
+            pool.submit(one, due)
+            n += 1
+    return n, n / (time.perf_counter() - start), waited
+
+
+def closed_loop(n: int, clients: int, call: Callable[[int], object]) -> float:
+    """`clients` threads calling `call(i)` back to back, `n` calls in all; returns calls/s."""
+    counter = iter(range(n))
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        while True:
+            with lock:
+                if next(counter, None) is None:
+                    return
+            call(i)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(worker, range(clients)))
+    return n / (time.perf_counter() - start)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--clips", type=int, default=400)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", type=float, default=30.0, help="open-loop offered load, reviews/s")
+    parser.add_argument("--open-seconds", type=float, default=20.0)
+    parser.add_argument("--closed-reviews", type=int, default=400, help="closed-loop reviews (and floor calls)")
     parser.add_argument("--database-url", help="postgresql://… (an empty database or schema); default SQLite")
     args = parser.parse_args()
     settings = {"CLIPSTORE_REVIEW_SAMPLE_RATE": "1", "CLIPSTORE_REVIEW_DAILY_CAP": "100000",
-                "CLIPSTORE_REVIEW_DEFAULT_ALLOW": "true"}
+                "CLIPSTORE_REVIEW_DEFAULT_ALLOW": "true", "CLIPSTORE_METRICS_LISTEN": "127.0.0.1:0"}
     if args.database_url:
         settings["CLIPSTORE_DATABASE_URL"] = args.database_url
-    with moto_server() as endpoint, clipstore_server(endpoint, **settings) as server:
+    closed_per_round = args.closed_reviews // ROUNDS
+    with moto_server() as endpoint, clipstore_server(endpoint, **settings) as server, floor_server() as floor:
         channel = grpc.insecure_channel(server.address)
-        ingest_md = (("authorization", f"Bearer {server.keys['ingest']}"),)
-        admin_md = (("authorization", f"Bearer {server.keys['admin']}"),)
-        account_pb2_grpc.AccountServiceStub(channel).SetReviewPreference(
-            account_pb2.SetReviewPreferenceRequest(account_id="bench-account", allow_human_review=True),
-            metadata=ingest_md)
-        clips = clip_pb2_grpc.ClipServiceStub(channel)
-        audio = secrets.token_bytes(CLIP_BYTES)
-        meta = {"identity": clip_pb2.ClipIdentity(account_id="bench-account", device_serial="S1"),
-                "locale": "en-US", "content_type": "audio/opus", "wake_word_detected": True}
-        with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda i: clips.PutClip(iter([
-                clip_pb2.PutClipRequest(metadata=clip_pb2.ClipMetadata(**meta, idempotency_key=f"k{i}")),
-                clip_pb2.PutClipRequest(audio_chunk=audio)]), metadata=ingest_md), range(args.clips)))
+        ingest(channel, (("authorization", f"Bearer {server.keys['ingest']}"),),
+               int(args.rate * args.open_seconds * 1.3) + args.closed_reviews + OPEN_REVIEWERS)
+        reviewers = enrol(channel, (("authorization", f"Bearer {server.keys['admin']}"),), OPEN_REVIEWERS)
+        for r in reviewers:  # warm up: each reviewer's first review
+            review_one(r)
 
-        admin = reviewer_admin_pb2_grpc.ReviewerAdminServiceStub(channel)
-        reviewers = []
-        for n in range(REVIEWERS):
-            created = admin.CreateReviewer(reviewer_admin_pb2.CreateReviewerRequest(name=f"r{n}"), metadata=admin_md)
-            enrolled = enrolment_pb2_grpc.EnrolmentServiceStub(channel).RedeemEnrolmentCode(
-                enrolment_pb2.RedeemEnrolmentCodeRequest(reviewer_id=created.reviewer_id,
-                                                         code=created.enrolment.code))
-            secret = base64.b32decode(enrolled.totp_secret + "=" * (-len(enrolled.totp_secret) % 8))
-            md = (("authorization", f"Bearer {enrolled.api_key}"),)
-            stub = review_pb2_grpc.ReviewServiceStub(channel)
-            token = stub.StartReviewSession(review_pb2.StartReviewSessionRequest(
-                totp_code=code_at(secret, time.time())), metadata=md).session_token
-            reviewers.append((stub, md, token))
+        def commits() -> float:
+            server.mark()  # calls that have answered have committed
+            return server.metric("clipstore_db_commits_total")
 
-        def review_one(reviewer: tuple[review_pb2_grpc.ReviewServiceStub, tuple, str]) -> tuple[float, float]:
-            stub, md, token = reviewer
-            a = stub.NextAssignment(review_pb2.NextAssignmentRequest(session_token=token), metadata=md)
-            t0 = time.perf_counter()
-            g = stub.RequestGrant(review_pb2.RequestGrantRequest(session_token=token, assignment_id=a.assignment_id),
-                                  metadata=md)
-            t1 = time.perf_counter()
-            got = sum(len(m.audio_chunk) for m in stub.FetchClip(review_pb2.FetchClipRequest(
-                session_token=token, grant=g.grant, review_clip_id=g.review_clip_id), metadata=md))
-            t2 = time.perf_counter()
-            assert got == CLIP_BYTES
-            stub.CompleteAssignment(review_pb2.CompleteAssignmentRequest(
-                session_token=token, assignment_id=a.assignment_id, label="ok"), metadata=md)
-            return (t1 - t0) * 1000, (t2 - t1) * 1000
+        # 0. one reviewer, one RPC at a time: every RPC is one commit
+        before = commits()
+        for _ in range(SEQUENTIAL_REVIEWS):
+            review_one(reviewers[0])
+        alone = (commits() - before) / (SEQUENTIAL_REVIEWS * RPCS_PER_REVIEW)
 
-        sequential_n = args.clips // 4
-        start = time.perf_counter()
-        sequential = [review_one(reviewers[0]) for _ in range(sequential_n)]
-        seq_rate = sequential_n / (time.perf_counter() - start)
-        concurrent_n = args.clips - sequential_n - 8
-        start = time.perf_counter()
-        with ThreadPoolExecutor(REVIEWERS) as pool:
-            concurrent = list(pool.map(lambda i: review_one(reviewers[i % REVIEWERS]), range(concurrent_n)))
-        conc_rate = concurrent_n / (time.perf_counter() - start)
+        # 1. open loop
+        mark, before = server.mark(), commits()
+        reviews, achieved, waited = open_loop(reviewers, args.rate, args.open_seconds)
+        open_commits = (commits() - before) / (reviews * RPCS_PER_REVIEW)
+        open_grant = server.rpc_ms("/RequestGrant", mark, server.mark())
 
-        # Peer: bare GetObject + decrypt of a sealed 32 KiB clip on the same moto server.
-        s3 = boto3.client("s3", endpoint_url=endpoint)
-        bucket = f"peer-{uuid.uuid4().hex[:8]}"
-        s3.create_bucket(Bucket=bucket)
-        dek = secrets.token_bytes(32)
-        s3.put_object(Bucket=bucket, Key="clip", Body=b"".join(seal_clip(dek, [audio], clip_id="c_peer",
-                                                                         account_ref="acct_peer")))
-        peer = []
-        for _ in range(sequential_n):
-            t0 = time.perf_counter()
-            body = s3.get_object(Bucket=bucket, Key="clip")["Body"].read()
-            assert len(b"".join(open_clip(dek, [body], clip_id="c_peer", account_ref="acct_peer"))) == CLIP_BYTES
-            peer.append((time.perf_counter() - t0) * 1000)
+        # 2 and 3, alternating: 8 reviewers back to back, then the floor under 8 clients
+        floor_stub = grpc.insecure_channel(floor.address).unary_unary(FLOOR_METHOD)
+        closed_grant: list[float] = []
+        floor_ms: list[float] = []
+        rates: list[float] = []
+        closed_commits = 0.0
+        for _ in range(ROUNDS):
+            mark, before = server.mark(), commits()
+            rates.append(closed_loop(closed_per_round, CLOSED_REVIEWERS, lambda i: review_one(reviewers[i])))
+            closed_grant += server.rpc_ms("/RequestGrant", mark, server.mark())
+            closed_commits += commits() - before
+            mark = floor.mark()
+            closed_loop(closed_per_round, CLOSED_REVIEWERS, lambda i: floor_stub(b""))
+            floor_ms += floor.rpc_ms(FLOOR_METHOD, mark, floor.mark())
+        closed_rpcs = ROUNDS * closed_per_round * RPCS_PER_REVIEW
 
-        time.sleep(0.5)  # let the server's last log lines arrive
-        server_grant = server.rpc_ms("/RequestGrant")
-        server_seq, server_conc = server_grant[:sequential_n], server_grant[sequential_n:]
-        print(f"{'measure':<44} {'p50 ms':>8} {'p99 ms':>8}")
-        for name, samples in [("RequestGrant, 1 reviewer (client)", [s[0] for s in sequential]),
-                              ("FetchClip 32 KiB, 1 reviewer (client)", [s[1] for s in sequential]),
-                              ("RequestGrant, 8 reviewers (client)", [c[0] for c in concurrent]),
-                              ("FetchClip 32 KiB, 8 reviewers (client)", [c[1] for c in concurrent]),
-                              ("bare GetObject + decrypt 32 KiB (peer)", peer),
-                              ("RequestGrant server-side, 1 reviewer", server_seq),
-                              ("RequestGrant server-side, 8 reviewers", server_conc)]:
-            print(f"{name:<44} {statistics.median(samples):>8.2f} {pct(samples, 99):>8.2f}")
-        print(f"reviews/s: 1 reviewer {seq_rate:.1f}, 8 reviewers {conc_rate:.1f}")
-        fetch_p50 = statistics.median([s[1] for s in sequential])
-        print(f"FetchClip p50 / bare GetObject+decrypt p50 = {fetch_p50 / statistics.median(peer):.2f}")
-        print(f"grant_p99_ms={pct(server_grant, 99):.2f}")
+    saturation = statistics.median(rates)
+    print(f"{'RequestGrant, server-side':<52} {'n':>5} {'p50 ms':>8} {'p99 ms':>8}")
+    for name, samples in [(f"open loop, {args.rate:g} reviews/s offered", open_grant),
+                          (f"closed loop, {CLOSED_REVIEWERS} reviewers", closed_grant),
+                          (f"floor: one group-committed append, {CLOSED_REVIEWERS} clients", floor_ms)]:
+        print(f"{name:<52} {len(samples):>5} {statistics.median(samples):>8.2f} {pct(samples, 99):>8.2f}")
+    print(f"open loop: {reviews} reviews at {achieved:.1f}/s achieved; arrivals waited for a free reviewer "
+          f"p99 {pct(waited, 99) * 1000:.1f} ms; {open_commits:.2f} commits per RPC")
+    print(f"closed loop, {CLOSED_REVIEWERS} reviewers: {saturation:.1f} reviews/s; "
+          f"{closed_commits / closed_rpcs:.2f} commits per RPC (group commit)")
+    print("goals: open-loop p99 < 5 ms; p99 vs floor ≤ 2.0; commits per RPC 1.0")
+    print(f"grant_p99_open_loop_ms={pct(open_grant, 99):.2f}")
+    print(f"grant_p99_vs_floor={pct(closed_grant, 99) / pct(floor_ms, 99):.2f}")
+    print(f"reviews_per_s_saturation={saturation:.1f}")
+    print(f"commits_per_rpc={alone:.2f}")
 
 
 if __name__ == "__main__":

@@ -219,7 +219,7 @@ class ClipstoreServer:
         self._retention.start()
         for name in ("", *SERVICE_NAMES):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("server.started", listen=self.app.config.listen, port=self.port,
+        log.info("server.started", listen=self.app.config.listen, port=self.port, metrics_port=self.metrics_port,
                  database="sqlite" if self.app.db.is_sqlite else "postgresql",
                  root_kms=type(self.app.root).__name__)
 
