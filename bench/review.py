@@ -173,7 +173,7 @@ def main() -> None:
     with moto_server() as endpoint, clipstore_server(endpoint, **settings) as server, floor_server() as floor:
         channel = grpc.insecure_channel(server.address)
         ingest(channel, (("authorization", f"Bearer {server.keys['ingest']}"),),
-               int(args.rate * args.open_seconds * 1.3) + args.closed_reviews + OPEN_REVIEWERS)
+               int(args.rate * args.open_seconds * 1.3) + args.closed_reviews + OPEN_REVIEWERS + SEQUENTIAL_REVIEWS)
         reviewers = enrol(channel, (("authorization", f"Bearer {server.keys['admin']}"),), OPEN_REVIEWERS)
         for r in reviewers:  # warm up: each reviewer's first review
             review_one(r)
