@@ -1,4 +1,10 @@
-"""`clipstore` command line: serve, principals, audit export."""
+"""`clipstore` command line: serve, principals, reviewers, audit export and verify.
+
+Commands that manage principals or read the log remotely speak to the API
+(`clipstore.remote_cli`, `clipstore.client`); the operator's commands that need
+the database and the KMS (bootstrap, purge, key retirement, WORM export) run
+locally.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,13 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from clipstore.auth import ROLES, create_principal
+from clipstore.client import add_remote_flags
 from clipstore.config import Config, ConfigError, load_config
 from clipstore.logs import configure_logging
+from clipstore.remote_cli import add_principal_commands, add_reviewer_commands
 
 EXIT_CONFIG = 2
 
@@ -49,12 +58,20 @@ def _cmd_dev_certs(args: argparse.Namespace) -> int:
 
 
 def _cmd_principals_create(args: argparse.Namespace) -> int:
+    """With --server: CreatePrincipal as an admin. Without: the local bootstrap (database and KMS access),
+    which is how the first admin comes to exist."""
+    if args.server is not None:
+        from clipstore.remote_cli import principals_create
+        return principals_create(args)
     from clipstore.app import App
     from clipstore.audit import OPERATOR
     from clipstore.errors import ClipstoreError
-    app = App(_config(args))
+    from clipstore.principals import canonical_spiffe_id
+    config = _config(args)
+    app = App(config)
     try:
-        spiffe_id = app.lifecycle.check_spiffe_id(args.spiffe_id, args.role) if args.spiffe_id else None
+        spiffe_id = canonical_spiffe_id(args.spiffe_id, role=args.role, trust_domain=config.trust_domain) \
+            if args.spiffe_id else None
         principal, key = create_principal(app.principals, app.audit, role=args.role, name=args.name,
                                           actor=OPERATOR, spiffe_id=spiffe_id)
     except ClipstoreError as exc:
@@ -80,6 +97,11 @@ def _cmd_audit_export(args: argparse.Namespace) -> int:
     if (args.out is None) == (args.s3_bucket is None):
         print("give exactly one of --out DIR or --s3-bucket BUCKET", file=sys.stderr)
         return EXIT_CONFIG
+    if args.server is not None:
+        if args.s3_bucket is not None:
+            print("a WORM export (--s3-bucket) runs where the database is; drop --server", file=sys.stderr)
+            return EXIT_CONFIG
+        return _fetch(args, args.out, lambda size: print(f"exported {size} entries to {args.out}"))
     app = App(_config(args))
     try:
         if args.out is not None:
@@ -97,27 +119,33 @@ def _cmd_audit_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fetch(args: argparse.Namespace, out: Path, done: Callable[[int], None]) -> int:
+    """Download a running server's log (as an auditor) into `out`; 0, or 2 if the server refused."""
+    import grpc
+
+    from clipstore.audit.export import fetch_export
+    from clipstore.remote_cli import connect, refusal
+    target = connect(args)
+    with target.channel() as channel:
+        try:
+            done(fetch_export(channel, target.metadata, out))
+        except grpc.RpcError as exc:
+            print(f"ERROR server {target.server}: {refusal(exc)}", file=sys.stderr)
+            return 2
+    return 0
+
+
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
     import tempfile
 
-    import grpc
-
     from auditlog.__main__ import verify_dir
-    from clipstore.audit.export import download_export, fetch_export
-    if not args.s3_export and not args.api_key:
-        print("--api-key (an auditor key) is required to verify a running server", file=sys.stderr)
-        return EXIT_CONFIG
+    from clipstore.audit.export import download_export
     with tempfile.TemporaryDirectory() as tmp:
         if args.s3_export:
             bucket, _, base = args.s3_export.removeprefix("s3://").partition("/")
             download_export(_s3_client(args.s3_endpoint_url), bucket, base.rstrip("/") + "/", Path(tmp))
-        else:
-            with grpc.insecure_channel(args.server) as channel:
-                try:
-                    fetch_export(channel, args.api_key, Path(tmp))
-                except grpc.RpcError as exc:
-                    print(f"ERROR server {args.server}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-                    return 2
+        elif _fetch(args, Path(tmp), lambda size: None):
+            return 2
         code, line = verify_dir(Path(tmp), args.key, args.trusted_checkpoint)
     print(line, file=sys.stderr if code == 2 else sys.stdout)
     return code
@@ -152,8 +180,17 @@ def _cmd_keys_retire(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated options: `--api-key csk_…` must not be taken for `--api-key-file` and turn a key into a
+    path in an error message. (Subcommand parsers are of this class too.)"""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clipstore", description="Encrypted voice-clip store")
+    parser = _Parser(prog="clipstore", description="Encrypted voice-clip store")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gRPC server (embedded defaults with no config)")
@@ -170,15 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--trust-domain", default="clipstore", help="of the clients' SPIFFE ids (auth.trust_domain)")
     certs.set_defaults(func=_cmd_dev_certs)
 
-    principals = sub.add_parser("principals", help="manage API-key principals")
+    principals = sub.add_parser("principals", help="principals of every role: create, list, disable, rotate keys")
     psub = principals.add_subparsers(dest="principals_command", required=True)
-    create = psub.add_parser("create", help="create a principal and print its API key once")
+    create = psub.add_parser("create", help="create a principal and print its API key once: over the API with "
+                                            "--server, else locally (the bootstrap of the first admin)")
     _add_config_flags(create)
+    add_remote_flags(create)
     create.add_argument("--role", required=True, choices=ROLES)
     create.add_argument("--name", required=True)
     create.add_argument("--spiffe-id", help="spiffe://<trust domain>/<role>/<name>: named by a client certificate, "
                                             "no API key")
+    create.add_argument("--expires-at", help="ISO 8601 with a time zone (with --server)")
     create.set_defaults(func=_cmd_principals_create)
+    add_principal_commands(psub)
+    add_reviewer_commands(sub)
 
     keys = sub.add_parser("keys", help="account key versions")
     ksub = keys.add_subparsers(dest="keys_command", required=True)
@@ -194,8 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = sub.add_parser("audit", help="export or verify the audit log")
     asub = audit.add_subparsers(dest="audit_command", required=True)
-    export = asub.add_parser("export", help="write entries, a fresh checkpoint and the verifier key to a dir")
+    export = asub.add_parser("export", help="write entries, a fresh checkpoint and the verifier key to a dir "
+                                            "(from a running server with --server)")
     _add_config_flags(export)
+    add_remote_flags(export)
     export.add_argument("--out", type=Path, help="directory to write")
     export.add_argument("--s3-bucket", help="Object Lock bucket for a WORM export (compliance mode)")
     export.add_argument("--s3-prefix", default="audit/")
@@ -203,8 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--retention-days", type=int, default=2555, help="Object Lock retention (default 7 years)")
     export.set_defaults(func=_cmd_audit_export)
     verify = asub.add_parser("verify", help="fetch a running server's log (or an S3 export) and verify it")
-    verify.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of a loopback server")
-    verify.add_argument("--api-key", help="an auditor API key (for --server)")
+    add_remote_flags(verify)
     verify.add_argument("--s3-export", help="s3://BUCKET/PREFIX/SIZE/ written by audit export --s3-bucket")
     verify.add_argument("--s3-endpoint-url", help="S3-compatible endpoint")
     verify.add_argument("--key", required=True, help="verifier key string (obtained independently)")

@@ -173,9 +173,9 @@ def test_failed_append_fails_the_rpc(server: ClipstoreServer, channel: grpc.Chan
     assert error_info(caught.value).reason == "AUDIT_UNAVAILABLE"
 
 
-def _cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, home: Path, **extra: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPSTORE_")}
-    return subprocess.run([sys.executable, "-m", "clipstore", *args], env={**env, "HOME": str(home)},
+    return subprocess.run([sys.executable, "-m", "clipstore", *args], env={**env, "HOME": str(home), **extra},
                           capture_output=True, text=True, timeout=120)
 
 
@@ -200,8 +200,8 @@ def test_export_then_auditlog_verify_ok_and_tamper_detected(tmp_path: Path) -> N
 
 def test_verify_against_a_running_server(server: ClipstoreServer, keys: dict[str, str], tmp_path: Path) -> None:
     vkey = server.app.audit.signer.verifier.key_string()
-    result = _cli("audit", "verify", "--server", f"127.0.0.1:{server.port}", "--api-key", keys["auditor"],
-                  "--key", vkey, home=tmp_path)
+    result = _cli("audit", "verify", "--server", f"127.0.0.1:{server.port}", "--key", vkey, home=tmp_path,
+                  CLIPSTORE_API_KEY=keys["auditor"])  # never in argv
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("OK size=")
 

@@ -70,10 +70,10 @@ def download_export(client: Any, bucket: str, base: str, out: Path, versions: di
         client.download_file(bucket, base + name, str(out / name), ExtraArgs=extra)
 
 
-def fetch_export(channel: grpc.Channel, api_key: str, out: Path) -> int:
-    """Download a live server's log through AuditService into an export directory."""
+def fetch_export(channel: grpc.Channel, metadata: tuple[tuple[str, str], ...], out: Path) -> int:
+    """Download a live server's log through AuditService into an export directory (as an auditor: a bearer
+    key in `metadata`, or the channel's client certificate)."""
     stub = audit_pb2_grpc.AuditServiceStub(channel)
-    metadata = (("authorization", f"Bearer {api_key}"),)
     checkpoint = stub.GetCheckpoint(audit_pb2.GetCheckpointRequest(), metadata=metadata, timeout=30)
 
     def pages() -> Iterable[bytes]:
