@@ -8,46 +8,51 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib
+import pkgutil
 import secrets
 import time
 from collections.abc import Callable, Mapping
 
 from cryptography import x509
 
+import clipstore.v1
 from clipstore.audit import OPERATOR, Actor, AuditLog
 from clipstore.errors import PermissionDenied, PrincipalRefused, Unauthenticated
 from clipstore.spiffe import parse_spiffe_id, spiffe_ids
 from clipstore.store.principals import Principal, PrincipalRepository
+from clipstore.v1 import common_pb2, options_pb2
 
 ROLES = ("ingest", "reviewer", "safety", "auditor", "admin")
 API_KEY_PREFIX = "csk_"
 API_KEY_RANDOM_BYTES = 32
 
-_SVC = "/clipstore.v1."
-# Fail closed: a clipstore method missing here is denied to everyone.
-METHOD_ROLES: Mapping[str, frozenset[str]] = {
-    **{f"{_SVC}ClipService/{m}": frozenset({"ingest", "admin"})
-       for m in ("PutClip", "GetClip", "ListClips", "DeleteClip")},
-    **{f"{_SVC}AccountService/{m}": frozenset({"ingest", "admin"})
-       for m in ("SetReviewPreference", "DeleteAccount", "RotateAccountKey")},
-    **{f"{_SVC}ReviewerAdminService/{m}": frozenset({"admin"})
-       for m in ("CreateReviewer", "DisableReviewer", "IssueEnrolmentCode")},
-    **{f"{_SVC}PrincipalAdminService/{m}": frozenset({"admin"})
-       for m in ("CreatePrincipal", "ListPrincipals", "DisablePrincipal", "EnablePrincipal", "RotatePrincipalKey",
-                 "SetPrincipalExpiry")},
-    **{f"{_SVC}ReviewService/{m}": frozenset({"reviewer"})
-       for m in ("StartReviewSession", "NextAssignment", "RequestGrant", "FetchClip",
-                 "FlagClip", "CompleteAssignment", "EndReviewSession")},
-    **{f"{_SVC}SafetyService/{m}": frozenset({"safety"})
-       for m in ("ListEscalations", "ResolveEscalation")},
-    **{f"{_SVC}AuditService/{m}": frozenset({"auditor"})
-       for m in ("GetCheckpoint", "ListEntries", "GetInclusionProof", "GetConsistencyProof")},
-}
+def _method_rules() -> tuple[dict[str, frozenset[str]], tuple[str, ...]]:
+    """The authorisation table, read from the `(clipstore.v1.roles)` / `(clipstore.v1.public)` options of
+    every RPC in the API definition, so the two cannot drift."""
+    roles_by_number = {v.number: v.name.removeprefix("ROLE_").lower() for v in common_pb2.Role.DESCRIPTOR.values}
+    table: dict[str, frozenset[str]] = {}
+    public: list[str] = []
+    for info in pkgutil.iter_modules(clipstore.v1.__path__):
+        if not info.name.endswith("_pb2"):
+            continue
+        module = importlib.import_module(f"clipstore.v1.{info.name}")
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                path, options = f"/{service.full_name}/{method.name}", method.GetOptions()
+                if options.Extensions[options_pb2.public]:
+                    public.append(path)
+                elif options.Extensions[options_pb2.roles]:
+                    table[path] = frozenset(roles_by_number[r] for r in options.Extensions[options_pb2.roles])
+    return table, tuple(public)
+
+
+# Fail closed: a clipstore method without a roles option is denied to everyone.
+METHOD_ROLES, _PUBLIC_METHODS = _method_rules()
 # Health and reflection answer without credentials, as load balancers expect; a reviewer redeeming an
 # enrolment code has no credential yet but the code (`clipstore.enrolment`).
-PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", f"{_SVC}EnrolmentService/",
-                   "/grpc.reflection.v1alpha.ServerReflection/",
-                   "/grpc.reflection.v1.ServerReflection/")
+PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
+                   "/grpc.reflection.v1.ServerReflection/", *_PUBLIC_METHODS)
 
 
 def hash_api_key(key: str) -> bytes:

@@ -22,31 +22,40 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from clipstore.v1 import options_pb2 as clipstore_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63lipstore/v1/audit.proto\x12\x0c\x63lipstore.v1\"\x16\n\x14GetCheckpointRequest\"h\n\x15GetCheckpointResponse\x12\x13\n\x0bsigned_note\x18\x01 \x01(\t\x12\x11\n\ttree_size\x18\x02 \x01(\x04\x12\x11\n\troot_hash\x18\x03 \x01(\x0c\x12\x14\n\x0cverifier_key\x18\x04 \x01(\t\"<\n\x12ListEntriesRequest\x12\x13\n\x0bstart_index\x18\x01 \x01(\x04\x12\x11\n\tpage_size\x18\x02 \x01(\r\"M\n\x13ListEntriesResponse\x12\x0f\n\x07\x65ntries\x18\x01 \x03(\x0c\x12\x12\n\nnext_index\x18\x02 \x01(\x04\x12\x11\n\ttree_size\x18\x03 \x01(\x04\"<\n\x18GetInclusionProofRequest\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x11\n\ttree_size\x18\x02 \x01(\x04\"P\n\x19GetInclusionProofResponse\x12\r\n\x05proof\x18\x01 \x03(\x0c\x12\x11\n\tleaf_hash\x18\x02 \x01(\x0c\x12\x11\n\ttree_size\x18\x03 \x01(\x04\"@\n\x1aGetConsistencyProofRequest\x12\x10\n\x08old_size\x18\x01 \x01(\x04\x12\x10\n\x08new_size\x18\x02 \x01(\x04\",\n\x1bGetConsistencyProofResponse\x12\r\n\x05proof\x18\x01 \x03(\x0c\x32\x8e\x03\n\x0c\x41uditService\x12X\n\rGetCheckpoint\x12\".clipstore.v1.GetCheckpointRequest\x1a#.clipstore.v1.GetCheckpointResponse\x12R\n\x0bListEntries\x12 .clipstore.v1.ListEntriesRequest\x1a!.clipstore.v1.ListEntriesResponse\x12\x64\n\x11GetInclusionProof\x12&.clipstore.v1.GetInclusionProofRequest\x1a\'.clipstore.v1.GetInclusionProofResponse\x12j\n\x13GetConsistencyProof\x12(.clipstore.v1.GetConsistencyProofRequest\x1a).clipstore.v1.GetConsistencyProofResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63lipstore/v1/audit.proto\x12\x0c\x63lipstore.v1\x1a\x1a\x63lipstore/v1/options.proto\"\x16\n\x14GetCheckpointRequest\"h\n\x15GetCheckpointResponse\x12\x13\n\x0bsigned_note\x18\x01 \x01(\t\x12\x11\n\ttree_size\x18\x02 \x01(\x04\x12\x11\n\troot_hash\x18\x03 \x01(\x0c\x12\x14\n\x0cverifier_key\x18\x04 \x01(\t\"<\n\x12ListEntriesRequest\x12\x13\n\x0bstart_index\x18\x01 \x01(\x04\x12\x11\n\tpage_size\x18\x02 \x01(\r\"M\n\x13ListEntriesResponse\x12\x0f\n\x07\x65ntries\x18\x01 \x03(\x0c\x12\x12\n\nnext_index\x18\x02 \x01(\x04\x12\x11\n\ttree_size\x18\x03 \x01(\x04\"<\n\x18GetInclusionProofRequest\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x11\n\ttree_size\x18\x02 \x01(\x04\"P\n\x19GetInclusionProofResponse\x12\r\n\x05proof\x18\x01 \x03(\x0c\x12\x11\n\tleaf_hash\x18\x02 \x01(\x0c\x12\x11\n\ttree_size\x18\x03 \x01(\x04\"@\n\x1aGetConsistencyProofRequest\x12\x10\n\x08old_size\x18\x01 \x01(\x04\x12\x10\n\x08new_size\x18\x02 \x01(\x04\",\n\x1bGetConsistencyProofResponse\x12\r\n\x05proof\x18\x01 \x03(\x0c\x32\xaa\x03\n\x0c\x41uditService\x12_\n\rGetCheckpoint\x12\".clipstore.v1.GetCheckpointRequest\x1a#.clipstore.v1.GetCheckpointResponse\"\x05\xca\xf3\x18\x01\x04\x12Y\n\x0bListEntries\x12 .clipstore.v1.ListEntriesRequest\x1a!.clipstore.v1.ListEntriesResponse\"\x05\xca\xf3\x18\x01\x04\x12k\n\x11GetInclusionProof\x12&.clipstore.v1.GetInclusionProofRequest\x1a\'.clipstore.v1.GetInclusionProofResponse\"\x05\xca\xf3\x18\x01\x04\x12q\n\x13GetConsistencyProof\x12(.clipstore.v1.GetConsistencyProofRequest\x1a).clipstore.v1.GetConsistencyProofResponse\"\x05\xca\xf3\x18\x01\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clipstore.v1.audit_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETCHECKPOINTREQUEST']._serialized_start=42
-  _globals['_GETCHECKPOINTREQUEST']._serialized_end=64
-  _globals['_GETCHECKPOINTRESPONSE']._serialized_start=66
-  _globals['_GETCHECKPOINTRESPONSE']._serialized_end=170
-  _globals['_LISTENTRIESREQUEST']._serialized_start=172
-  _globals['_LISTENTRIESREQUEST']._serialized_end=232
-  _globals['_LISTENTRIESRESPONSE']._serialized_start=234
-  _globals['_LISTENTRIESRESPONSE']._serialized_end=311
-  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_start=313
-  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_end=373
-  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_start=375
-  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_end=455
-  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_start=457
-  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_end=521
-  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_start=523
-  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_end=567
-  _globals['_AUDITSERVICE']._serialized_start=570
-  _globals['_AUDITSERVICE']._serialized_end=968
+  _globals['_AUDITSERVICE'].methods_by_name['GetCheckpoint']._loaded_options = None
+  _globals['_AUDITSERVICE'].methods_by_name['GetCheckpoint']._serialized_options = b'\312\363\030\001\004'
+  _globals['_AUDITSERVICE'].methods_by_name['ListEntries']._loaded_options = None
+  _globals['_AUDITSERVICE'].methods_by_name['ListEntries']._serialized_options = b'\312\363\030\001\004'
+  _globals['_AUDITSERVICE'].methods_by_name['GetInclusionProof']._loaded_options = None
+  _globals['_AUDITSERVICE'].methods_by_name['GetInclusionProof']._serialized_options = b'\312\363\030\001\004'
+  _globals['_AUDITSERVICE'].methods_by_name['GetConsistencyProof']._loaded_options = None
+  _globals['_AUDITSERVICE'].methods_by_name['GetConsistencyProof']._serialized_options = b'\312\363\030\001\004'
+  _globals['_GETCHECKPOINTREQUEST']._serialized_start=70
+  _globals['_GETCHECKPOINTREQUEST']._serialized_end=92
+  _globals['_GETCHECKPOINTRESPONSE']._serialized_start=94
+  _globals['_GETCHECKPOINTRESPONSE']._serialized_end=198
+  _globals['_LISTENTRIESREQUEST']._serialized_start=200
+  _globals['_LISTENTRIESREQUEST']._serialized_end=260
+  _globals['_LISTENTRIESRESPONSE']._serialized_start=262
+  _globals['_LISTENTRIESRESPONSE']._serialized_end=339
+  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_start=341
+  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_end=401
+  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_start=403
+  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_end=483
+  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_start=485
+  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_end=549
+  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_start=551
+  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_end=595
+  _globals['_AUDITSERVICE']._serialized_start=598
+  _globals['_AUDITSERVICE']._serialized_end=1024
 # @@protoc_insertion_point(module_scope)

@@ -22,21 +22,24 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from clipstore.v1 import options_pb2 as clipstore_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63lipstore/v1/enrolment.proto\x12\x0c\x63lipstore.v1\"?\n\x1aRedeemEnrolmentCodeRequest\x12\x13\n\x0breviewer_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\"\xa3\x01\n\x1bRedeemEnrolmentCodeResponse\x12\x13\n\x0breviewer_id\x18\x01 \x01(\t\x12/\n\x07purpose\x18\x02 \x01(\x0e\x32\x1e.clipstore.v1.EnrolmentPurpose\x12\x0f\n\x07\x61pi_key\x18\x03 \x01(\t\x12\x13\n\x0btotp_secret\x18\x04 \x01(\t\x12\x18\n\x10provisioning_uri\x18\x05 \x01(\t*\x9b\x01\n\x10\x45nrolmentPurpose\x12!\n\x1d\x45NROLMENT_PURPOSE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45NROLMENT_PURPOSE_ENROL\x10\x01\x12!\n\x1d\x45NROLMENT_PURPOSE_ROTATE_TOTP\x10\x02\x12$\n ENROLMENT_PURPOSE_ROTATE_API_KEY\x10\x03\x32~\n\x10\x45nrolmentService\x12j\n\x13RedeemEnrolmentCode\x12(.clipstore.v1.RedeemEnrolmentCodeRequest\x1a).clipstore.v1.RedeemEnrolmentCodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63lipstore/v1/enrolment.proto\x12\x0c\x63lipstore.v1\x1a\x1a\x63lipstore/v1/options.proto\"?\n\x1aRedeemEnrolmentCodeRequest\x12\x13\n\x0breviewer_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\"\xa3\x01\n\x1bRedeemEnrolmentCodeResponse\x12\x13\n\x0breviewer_id\x18\x01 \x01(\t\x12/\n\x07purpose\x18\x02 \x01(\x0e\x32\x1e.clipstore.v1.EnrolmentPurpose\x12\x0f\n\x07\x61pi_key\x18\x03 \x01(\t\x12\x13\n\x0btotp_secret\x18\x04 \x01(\t\x12\x18\n\x10provisioning_uri\x18\x05 \x01(\t*\x9b\x01\n\x10\x45nrolmentPurpose\x12!\n\x1d\x45NROLMENT_PURPOSE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45NROLMENT_PURPOSE_ENROL\x10\x01\x12!\n\x1d\x45NROLMENT_PURPOSE_ROTATE_TOTP\x10\x02\x12$\n ENROLMENT_PURPOSE_ROTATE_API_KEY\x10\x03\x32\x84\x01\n\x10\x45nrolmentService\x12p\n\x13RedeemEnrolmentCode\x12(.clipstore.v1.RedeemEnrolmentCodeRequest\x1a).clipstore.v1.RedeemEnrolmentCodeResponse\"\x04\xd0\xf3\x18\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clipstore.v1.enrolment_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENROLMENTPURPOSE']._serialized_start=278
-  _globals['_ENROLMENTPURPOSE']._serialized_end=433
-  _globals['_REDEEMENROLMENTCODEREQUEST']._serialized_start=46
-  _globals['_REDEEMENROLMENTCODEREQUEST']._serialized_end=109
-  _globals['_REDEEMENROLMENTCODERESPONSE']._serialized_start=112
-  _globals['_REDEEMENROLMENTCODERESPONSE']._serialized_end=275
-  _globals['_ENROLMENTSERVICE']._serialized_start=435
-  _globals['_ENROLMENTSERVICE']._serialized_end=561
+  _globals['_ENROLMENTSERVICE'].methods_by_name['RedeemEnrolmentCode']._loaded_options = None
+  _globals['_ENROLMENTSERVICE'].methods_by_name['RedeemEnrolmentCode']._serialized_options = b'\320\363\030\001'
+  _globals['_ENROLMENTPURPOSE']._serialized_start=306
+  _globals['_ENROLMENTPURPOSE']._serialized_end=461
+  _globals['_REDEEMENROLMENTCODEREQUEST']._serialized_start=74
+  _globals['_REDEEMENROLMENTCODEREQUEST']._serialized_end=137
+  _globals['_REDEEMENROLMENTCODERESPONSE']._serialized_start=140
+  _globals['_REDEEMENROLMENTCODERESPONSE']._serialized_end=303
+  _globals['_ENROLMENTSERVICE']._serialized_start=464
+  _globals['_ENROLMENTSERVICE']._serialized_end=596
 # @@protoc_insertion_point(module_scope)

@@ -23,43 +23,56 @@ _sym_db = _symbol_database.Default()
 
 
 from clipstore.v1 import common_pb2 as clipstore_dot_v1_dot_common__pb2
+from clipstore.v1 import options_pb2 as clipstore_dot_v1_dot_options__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"clipstore/v1/principal_admin.proto\x12\x0c\x63lipstore.v1\x1a\x19\x63lipstore/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xeb\x01\n\tPrincipal\x12\x14\n\x0cprincipal_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12 \n\x04role\x18\x03 \x01(\x0e\x32\x12.clipstore.v1.Role\x12\x11\n\tspiffe_id\x18\x04 \x01(\t\x12\x10\n\x08\x64isabled\x18\x05 \x01(\x08\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0busable_keys\x18\x08 \x01(\r\"\x8b\x01\n\x16\x43reatePrincipalRequest\x12 \n\x04role\x18\x01 \x01(\x0e\x32\x12.clipstore.v1.Role\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tspiffe_id\x18\x03 \x01(\t\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"V\n\x17\x43reatePrincipalResponse\x12*\n\tprincipal\x18\x01 \x01(\x0b\x32\x17.clipstore.v1.Principal\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\"`\n\x15ListPrincipalsRequest\x12 \n\x04role\x18\x01 \x01(\x0e\x32\x12.clipstore.v1.Role\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"^\n\x16ListPrincipalsResponse\x12+\n\nprincipals\x18\x01 \x03(\x0b\x32\x17.clipstore.v1.Principal\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"/\n\x17\x44isablePrincipalRequest\x12\x14\n\x0cprincipal_id\x18\x01 \x01(\t\"u\n\x18\x44isablePrincipalResponse\x12*\n\tprincipal\x18\x01 \x01(\x0b\x32\x17.clipstore.v1.Principal\x12\x16\n\x0e\x65nded_sessions\x18\x02 \x01(\r\x12\x15\n\rvoided_grants\x18\x03 \x01(\r\".\n\x16\x45nablePrincipalRequest\x12\x14\n\x0cprincipal_id\x18\x01 \x01(\t\"E\n\x17\x45nablePrincipalResponse\x12*\n\tprincipal\x18\x01 \x01(\x0b\x32\x17.clipstore.v1.Principal\"]\n\x19RotatePrincipalKeyRequest\x12\x14\n\x0cprincipal_id\x18\x01 \x01(\t\x12*\n\x07overlap\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"j\n\x1aRotatePrincipalKeyResponse\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12;\n\x17previous_keys_retire_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"a\n\x19SetPrincipalExpiryRequest\x12\x14\n\x0cprincipal_id\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"H\n\x1aSetPrincipalExpiryResponse\x12*\n\tprincipal\x18\x01 \x01(\x0b\x32\x17.clipstore.v1.Principal2\xe9\x04\n\x15PrincipalAdminService\x12^\n\x0f\x43reatePrincipal\x12$.clipstore.v1.CreatePrincipalRequest\x1a%.clipstore.v1.CreatePrincipalResponse\x12[\n\x0eListPrincipals\x12#.clipstore.v1.ListPrincipalsRequest\x1a$.clipstore.v1.ListPrincipalsResponse\x12\x61\n\x10\x44isablePrincipal\x12%.clipstore.v1.DisablePrincipalRequest\x1a&.clipstore.v1.DisablePrincipalResponse\x12^\n\x0f\x45nablePrincipal\x12$.clipstore.v1.EnablePrincipalRequest\x1a%.clipstore.v1.EnablePrincipalResponse\x12g\n\x12RotatePrincipalKey\x12\'.clipstore.v1.RotatePrincipalKeyRequest\x1a(.clipstore.v1.RotatePrincipalKeyResponse\x12g\n\x12SetPrincipalExpiry\x12\'.clipstore.v1.SetPrincipalExpiryRequest\x1a(.clipstore.v1.SetPrincipalExpiryResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"clipstore/v1/principal_admin.proto\x12\x0c\x63lipstore.v1\x1a\x19\x63lipstore/v1/common.proto\x1a\x1a\x63lipstore/v1/options.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xeb\x01\n\tPrincipal\x12\x14\n\x0cprincipal_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12 \n\x04role\x18\x03 \x01(\x0e\x32\x12.clipstore.v1.Role\x12\x11\n\tspiffe_id\x18\x04 \x01(\t\x12\x10\n\x08\x64isabled\x18\x05 \x01(\x08\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0busable_keys\x18\x08 \x01(\r\"\x8b\x01\n\x16\x43reatePrincipalRequest\x12 \n\x04role\x18\x01 \x01(\x0e\x32\x12.clipstore.v1.Role\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tspiffe_id\x18\x03 \x01(\t\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"V\n\x17\x43reatePrincipalResponse\x12*\n\tprincipal\x18\x01 \x01(\x0b\x32\x17.clipstore.v1.Principal\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\"`\n\x15ListPrincipalsRequest\x12 \n\x04role\x18\x01 \x01(\x0e\x32\x12.clipstore.v1.Role\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"^\n\x16ListPrincipalsResponse\x12+\n\nprincipals\x18\x01 \x03(\x0b\x32\x17.clipstore.v1.Principal\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"/\n\x17\x44isablePrincipalRequest\x12\x14\n\x0cprincipal_id\x18\x01 \x01(\t\"u\n\x18\x44isablePrincipalResponse\x12*\n\tprincipal\x18\x01 \x01(\x0b\x32\x17.clipstore.v1.Principal\x12\x16\n\x0e\x65nded_sessions\x18\x02 \x01(\r\x12\x15\n\rvoided_grants\x18\x03 \x01(\r\".\n\x16\x45nablePrincipalRequest\x12\x14\n\x0cprincipal_id\x18\x01 \x01(\t\"E\n\x17\x45nablePrincipalResponse\x12*\n\tprincipal\x18\x01 \x01(\x0b\x32\x17.clipstore.v1.Principal\"]\n\x19RotatePrincipalKeyRequest\x12\x14\n\x0cprincipal_id\x18\x01 \x01(\t\x12*\n\x07overlap\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"j\n\x1aRotatePrincipalKeyResponse\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12;\n\x17previous_keys_retire_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"a\n\x19SetPrincipalExpiryRequest\x12\x14\n\x0cprincipal_id\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"H\n\x1aSetPrincipalExpiryResponse\x12*\n\tprincipal\x18\x01 \x01(\x0b\x32\x17.clipstore.v1.Principal2\x93\x05\n\x15PrincipalAdminService\x12\x65\n\x0f\x43reatePrincipal\x12$.clipstore.v1.CreatePrincipalRequest\x1a%.clipstore.v1.CreatePrincipalResponse\"\x05\xca\xf3\x18\x01\x05\x12\x62\n\x0eListPrincipals\x12#.clipstore.v1.ListPrincipalsRequest\x1a$.clipstore.v1.ListPrincipalsResponse\"\x05\xca\xf3\x18\x01\x05\x12h\n\x10\x44isablePrincipal\x12%.clipstore.v1.DisablePrincipalRequest\x1a&.clipstore.v1.DisablePrincipalResponse\"\x05\xca\xf3\x18\x01\x05\x12\x65\n\x0f\x45nablePrincipal\x12$.clipstore.v1.EnablePrincipalRequest\x1a%.clipstore.v1.EnablePrincipalResponse\"\x05\xca\xf3\x18\x01\x05\x12n\n\x12RotatePrincipalKey\x12\'.clipstore.v1.RotatePrincipalKeyRequest\x1a(.clipstore.v1.RotatePrincipalKeyResponse\"\x05\xca\xf3\x18\x01\x05\x12n\n\x12SetPrincipalExpiry\x12\'.clipstore.v1.SetPrincipalExpiryRequest\x1a(.clipstore.v1.SetPrincipalExpiryResponse\"\x05\xca\xf3\x18\x01\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clipstore.v1.principal_admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRINCIPAL']._serialized_start=145
-  _globals['_PRINCIPAL']._serialized_end=380
-  _globals['_CREATEPRINCIPALREQUEST']._serialized_start=383
-  _globals['_CREATEPRINCIPALREQUEST']._serialized_end=522
-  _globals['_CREATEPRINCIPALRESPONSE']._serialized_start=524
-  _globals['_CREATEPRINCIPALRESPONSE']._serialized_end=610
-  _globals['_LISTPRINCIPALSREQUEST']._serialized_start=612
-  _globals['_LISTPRINCIPALSREQUEST']._serialized_end=708
-  _globals['_LISTPRINCIPALSRESPONSE']._serialized_start=710
-  _globals['_LISTPRINCIPALSRESPONSE']._serialized_end=804
-  _globals['_DISABLEPRINCIPALREQUEST']._serialized_start=806
-  _globals['_DISABLEPRINCIPALREQUEST']._serialized_end=853
-  _globals['_DISABLEPRINCIPALRESPONSE']._serialized_start=855
-  _globals['_DISABLEPRINCIPALRESPONSE']._serialized_end=972
-  _globals['_ENABLEPRINCIPALREQUEST']._serialized_start=974
-  _globals['_ENABLEPRINCIPALREQUEST']._serialized_end=1020
-  _globals['_ENABLEPRINCIPALRESPONSE']._serialized_start=1022
-  _globals['_ENABLEPRINCIPALRESPONSE']._serialized_end=1091
-  _globals['_ROTATEPRINCIPALKEYREQUEST']._serialized_start=1093
-  _globals['_ROTATEPRINCIPALKEYREQUEST']._serialized_end=1186
-  _globals['_ROTATEPRINCIPALKEYRESPONSE']._serialized_start=1188
-  _globals['_ROTATEPRINCIPALKEYRESPONSE']._serialized_end=1294
-  _globals['_SETPRINCIPALEXPIRYREQUEST']._serialized_start=1296
-  _globals['_SETPRINCIPALEXPIRYREQUEST']._serialized_end=1393
-  _globals['_SETPRINCIPALEXPIRYRESPONSE']._serialized_start=1395
-  _globals['_SETPRINCIPALEXPIRYRESPONSE']._serialized_end=1467
-  _globals['_PRINCIPALADMINSERVICE']._serialized_start=1470
-  _globals['_PRINCIPALADMINSERVICE']._serialized_end=2087
+  _globals['_PRINCIPALADMINSERVICE'].methods_by_name['CreatePrincipal']._loaded_options = None
+  _globals['_PRINCIPALADMINSERVICE'].methods_by_name['CreatePrincipal']._serialized_options = b'\312\363\030\001\005'
+  _globals['_PRINCIPALADMINSERVICE'].methods_by_name['ListPrincipals']._loaded_options = None
+  _globals['_PRINCIPALADMINSERVICE'].methods_by_name['ListPrincipals']._serialized_options = b'\312\363\030\001\005'
+  _globals['_PRINCIPALADMINSERVICE'].methods_by_name['DisablePrincipal']._loaded_options = None
+  _globals['_PRINCIPALADMINSERVICE'].methods_by_name['DisablePrincipal']._serialized_options = b'\312\363\030\001\005'
+  _globals['_PRINCIPALADMINSERVICE'].methods_by_name['EnablePrincipal']._loaded_options = None
+  _globals['_PRINCIPALADMINSERVICE'].methods_by_name['EnablePrincipal']._serialized_options = b'\312\363\030\001\005'
+  _globals['_PRINCIPALADMINSERVICE'].methods_by_name['RotatePrincipalKey']._loaded_options = None
+  _globals['_PRINCIPALADMINSERVICE'].methods_by_name['RotatePrincipalKey']._serialized_options = b'\312\363\030\001\005'
+  _globals['_PRINCIPALADMINSERVICE'].methods_by_name['SetPrincipalExpiry']._loaded_options = None
+  _globals['_PRINCIPALADMINSERVICE'].methods_by_name['SetPrincipalExpiry']._serialized_options = b'\312\363\030\001\005'
+  _globals['_PRINCIPAL']._serialized_start=173
+  _globals['_PRINCIPAL']._serialized_end=408
+  _globals['_CREATEPRINCIPALREQUEST']._serialized_start=411
+  _globals['_CREATEPRINCIPALREQUEST']._serialized_end=550
+  _globals['_CREATEPRINCIPALRESPONSE']._serialized_start=552
+  _globals['_CREATEPRINCIPALRESPONSE']._serialized_end=638
+  _globals['_LISTPRINCIPALSREQUEST']._serialized_start=640
+  _globals['_LISTPRINCIPALSREQUEST']._serialized_end=736
+  _globals['_LISTPRINCIPALSRESPONSE']._serialized_start=738
+  _globals['_LISTPRINCIPALSRESPONSE']._serialized_end=832
+  _globals['_DISABLEPRINCIPALREQUEST']._serialized_start=834
+  _globals['_DISABLEPRINCIPALREQUEST']._serialized_end=881
+  _globals['_DISABLEPRINCIPALRESPONSE']._serialized_start=883
+  _globals['_DISABLEPRINCIPALRESPONSE']._serialized_end=1000
+  _globals['_ENABLEPRINCIPALREQUEST']._serialized_start=1002
+  _globals['_ENABLEPRINCIPALREQUEST']._serialized_end=1048
+  _globals['_ENABLEPRINCIPALRESPONSE']._serialized_start=1050
+  _globals['_ENABLEPRINCIPALRESPONSE']._serialized_end=1119
+  _globals['_ROTATEPRINCIPALKEYREQUEST']._serialized_start=1121
+  _globals['_ROTATEPRINCIPALKEYREQUEST']._serialized_end=1214
+  _globals['_ROTATEPRINCIPALKEYRESPONSE']._serialized_start=1216
+  _globals['_ROTATEPRINCIPALKEYRESPONSE']._serialized_end=1322
+  _globals['_SETPRINCIPALEXPIRYREQUEST']._serialized_start=1324
+  _globals['_SETPRINCIPALEXPIRYREQUEST']._serialized_end=1421
+  _globals['_SETPRINCIPALEXPIRYRESPONSE']._serialized_start=1423
+  _globals['_SETPRINCIPALEXPIRYRESPONSE']._serialized_end=1495
+  _globals['_PRINCIPALADMINSERVICE']._serialized_start=1498
+  _globals['_PRINCIPALADMINSERVICE']._serialized_end=2157
 # @@protoc_insertion_point(module_scope)

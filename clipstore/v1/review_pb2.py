@@ -23,46 +23,61 @@ _sym_db = _symbol_database.Default()
 
 
 from clipstore.v1 import common_pb2 as clipstore_dot_v1_dot_common__pb2
+from clipstore.v1 import options_pb2 as clipstore_dot_v1_dot_options__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63lipstore/v1/review.proto\x12\x0c\x63lipstore.v1\x1a\x19\x63lipstore/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\".\n\x19StartReviewSessionRequest\x12\x11\n\ttotp_code\x18\x01 \x01(\t\"c\n\x1aStartReviewSessionResponse\x12\x15\n\rsession_token\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\">\n\x15NextAssignmentRequest\x12\x15\n\rsession_token\x18\x01 \x01(\t\x12\x0e\n\x06locale\x18\x02 \x01(\t\"_\n\nReviewClip\x12\x16\n\x0ereview_clip_id\x18\x01 \x01(\t\x12\x0e\n\x06locale\x18\x02 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x03 \x01(\r\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\"\x87\x01\n\x16NextAssignmentResponse\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12&\n\x04\x63lip\x18\x02 \x01(\x0b\x32\x18.clipstore.v1.ReviewClip\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"C\n\x13RequestGrantRequest\x12\x15\n\rsession_token\x18\x01 \x01(\t\x12\x15\n\rassignment_id\x18\x02 \x01(\t\"m\n\x14RequestGrantResponse\x12\r\n\x05grant\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0ereview_clip_id\x18\x03 \x01(\t\"P\n\x10\x46\x65tchClipRequest\x12\x15\n\rsession_token\x18\x01 \x01(\t\x12\r\n\x05grant\x18\x02 \x01(\t\x12\x16\n\x0ereview_clip_id\x18\x03 \x01(\t\"\\\n\x11\x46\x65tchClipResponse\x12(\n\x04\x63lip\x18\x01 \x01(\x0b\x32\x18.clipstore.v1.ReviewClipH\x00\x12\x15\n\x0b\x61udio_chunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"{\n\x0f\x46lagClipRequest\x12\x15\n\rsession_token\x18\x01 \x01(\t\x12\x15\n\rassignment_id\x18\x02 \x01(\t\x12,\n\x08\x63\x61tegory\x18\x03 \x01(\x0e\x32\x1a.clipstore.v1.FlagCategory\x12\x0c\n\x04note\x18\x04 \x01(\t\")\n\x10\x46lagClipResponse\x12\x15\n\rescalation_id\x18\x01 \x01(\t\"X\n\x19\x43ompleteAssignmentRequest\x12\x15\n\rsession_token\x18\x01 \x01(\t\x12\x15\n\rassignment_id\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\"\x1c\n\x1a\x43ompleteAssignmentResponse\"0\n\x17\x45ndReviewSessionRequest\x12\x15\n\rsession_token\x18\x01 \x01(\t\"\x1a\n\x18\x45ndReviewSessionResponse2\x93\x05\n\rReviewService\x12g\n\x12StartReviewSession\x12\'.clipstore.v1.StartReviewSessionRequest\x1a(.clipstore.v1.StartReviewSessionResponse\x12[\n\x0eNextAssignment\x12#.clipstore.v1.NextAssignmentRequest\x1a$.clipstore.v1.NextAssignmentResponse\x12U\n\x0cRequestGrant\x12!.clipstore.v1.RequestGrantRequest\x1a\".clipstore.v1.RequestGrantResponse\x12N\n\tFetchClip\x12\x1e.clipstore.v1.FetchClipRequest\x1a\x1f.clipstore.v1.FetchClipResponse0\x01\x12I\n\x08\x46lagClip\x12\x1d.clipstore.v1.FlagClipRequest\x1a\x1e.clipstore.v1.FlagClipResponse\x12g\n\x12\x43ompleteAssignment\x12\'.clipstore.v1.CompleteAssignmentRequest\x1a(.clipstore.v1.CompleteAssignmentResponse\x12\x61\n\x10\x45ndReviewSession\x12%.clipstore.v1.EndReviewSessionRequest\x1a&.clipstore.v1.EndReviewSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63lipstore/v1/review.proto\x12\x0c\x63lipstore.v1\x1a\x19\x63lipstore/v1/common.proto\x1a\x1a\x63lipstore/v1/options.proto\x1a\x1fgoogle/protobuf/timestamp.proto\".\n\x19StartReviewSessionRequest\x12\x11\n\ttotp_code\x18\x01 \x01(\t\"c\n\x1aStartReviewSessionResponse\x12\x15\n\rsession_token\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\">\n\x15NextAssignmentRequest\x12\x15\n\rsession_token\x18\x01 \x01(\t\x12\x0e\n\x06locale\x18\x02 \x01(\t\"_\n\nReviewClip\x12\x16\n\x0ereview_clip_id\x18\x01 \x01(\t\x12\x0e\n\x06locale\x18\x02 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x03 \x01(\r\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\"\x87\x01\n\x16NextAssignmentResponse\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12&\n\x04\x63lip\x18\x02 \x01(\x0b\x32\x18.clipstore.v1.ReviewClip\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"C\n\x13RequestGrantRequest\x12\x15\n\rsession_token\x18\x01 \x01(\t\x12\x15\n\rassignment_id\x18\x02 \x01(\t\"m\n\x14RequestGrantResponse\x12\r\n\x05grant\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0ereview_clip_id\x18\x03 \x01(\t\"P\n\x10\x46\x65tchClipRequest\x12\x15\n\rsession_token\x18\x01 \x01(\t\x12\r\n\x05grant\x18\x02 \x01(\t\x12\x16\n\x0ereview_clip_id\x18\x03 \x01(\t\"\\\n\x11\x46\x65tchClipResponse\x12(\n\x04\x63lip\x18\x01 \x01(\x0b\x32\x18.clipstore.v1.ReviewClipH\x00\x12\x15\n\x0b\x61udio_chunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"{\n\x0f\x46lagClipRequest\x12\x15\n\rsession_token\x18\x01 \x01(\t\x12\x15\n\rassignment_id\x18\x02 \x01(\t\x12,\n\x08\x63\x61tegory\x18\x03 \x01(\x0e\x32\x1a.clipstore.v1.FlagCategory\x12\x0c\n\x04note\x18\x04 \x01(\t\")\n\x10\x46lagClipResponse\x12\x15\n\rescalation_id\x18\x01 \x01(\t\"X\n\x19\x43ompleteAssignmentRequest\x12\x15\n\rsession_token\x18\x01 \x01(\t\x12\x15\n\rassignment_id\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\"\x1c\n\x1a\x43ompleteAssignmentResponse\"0\n\x17\x45ndReviewSessionRequest\x12\x15\n\rsession_token\x18\x01 \x01(\t\"\x1a\n\x18\x45ndReviewSessionResponse2\xc4\x05\n\rReviewService\x12n\n\x12StartReviewSession\x12\'.clipstore.v1.StartReviewSessionRequest\x1a(.clipstore.v1.StartReviewSessionResponse\"\x05\xca\xf3\x18\x01\x02\x12\x62\n\x0eNextAssignment\x12#.clipstore.v1.NextAssignmentRequest\x1a$.clipstore.v1.NextAssignmentResponse\"\x05\xca\xf3\x18\x01\x02\x12\\\n\x0cRequestGrant\x12!.clipstore.v1.RequestGrantRequest\x1a\".clipstore.v1.RequestGrantResponse\"\x05\xca\xf3\x18\x01\x02\x12U\n\tFetchClip\x12\x1e.clipstore.v1.FetchClipRequest\x1a\x1f.clipstore.v1.FetchClipResponse\"\x05\xca\xf3\x18\x01\x02\x30\x01\x12P\n\x08\x46lagClip\x12\x1d.clipstore.v1.FlagClipRequest\x1a\x1e.clipstore.v1.FlagClipResponse\"\x05\xca\xf3\x18\x01\x02\x12n\n\x12\x43ompleteAssignment\x12\'.clipstore.v1.CompleteAssignmentRequest\x1a(.clipstore.v1.CompleteAssignmentResponse\"\x05\xca\xf3\x18\x01\x02\x12h\n\x10\x45ndReviewSession\x12%.clipstore.v1.EndReviewSessionRequest\x1a&.clipstore.v1.EndReviewSessionResponse\"\x05\xca\xf3\x18\x01\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clipstore.v1.review_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STARTREVIEWSESSIONREQUEST']._serialized_start=103
-  _globals['_STARTREVIEWSESSIONREQUEST']._serialized_end=149
-  _globals['_STARTREVIEWSESSIONRESPONSE']._serialized_start=151
-  _globals['_STARTREVIEWSESSIONRESPONSE']._serialized_end=250
-  _globals['_NEXTASSIGNMENTREQUEST']._serialized_start=252
-  _globals['_NEXTASSIGNMENTREQUEST']._serialized_end=314
-  _globals['_REVIEWCLIP']._serialized_start=316
-  _globals['_REVIEWCLIP']._serialized_end=411
-  _globals['_NEXTASSIGNMENTRESPONSE']._serialized_start=414
-  _globals['_NEXTASSIGNMENTRESPONSE']._serialized_end=549
-  _globals['_REQUESTGRANTREQUEST']._serialized_start=551
-  _globals['_REQUESTGRANTREQUEST']._serialized_end=618
-  _globals['_REQUESTGRANTRESPONSE']._serialized_start=620
-  _globals['_REQUESTGRANTRESPONSE']._serialized_end=729
-  _globals['_FETCHCLIPREQUEST']._serialized_start=731
-  _globals['_FETCHCLIPREQUEST']._serialized_end=811
-  _globals['_FETCHCLIPRESPONSE']._serialized_start=813
-  _globals['_FETCHCLIPRESPONSE']._serialized_end=905
-  _globals['_FLAGCLIPREQUEST']._serialized_start=907
-  _globals['_FLAGCLIPREQUEST']._serialized_end=1030
-  _globals['_FLAGCLIPRESPONSE']._serialized_start=1032
-  _globals['_FLAGCLIPRESPONSE']._serialized_end=1073
-  _globals['_COMPLETEASSIGNMENTREQUEST']._serialized_start=1075
-  _globals['_COMPLETEASSIGNMENTREQUEST']._serialized_end=1163
-  _globals['_COMPLETEASSIGNMENTRESPONSE']._serialized_start=1165
-  _globals['_COMPLETEASSIGNMENTRESPONSE']._serialized_end=1193
-  _globals['_ENDREVIEWSESSIONREQUEST']._serialized_start=1195
-  _globals['_ENDREVIEWSESSIONREQUEST']._serialized_end=1243
-  _globals['_ENDREVIEWSESSIONRESPONSE']._serialized_start=1245
-  _globals['_ENDREVIEWSESSIONRESPONSE']._serialized_end=1271
-  _globals['_REVIEWSERVICE']._serialized_start=1274
-  _globals['_REVIEWSERVICE']._serialized_end=1933
+  _globals['_REVIEWSERVICE'].methods_by_name['StartReviewSession']._loaded_options = None
+  _globals['_REVIEWSERVICE'].methods_by_name['StartReviewSession']._serialized_options = b'\312\363\030\001\002'
+  _globals['_REVIEWSERVICE'].methods_by_name['NextAssignment']._loaded_options = None
+  _globals['_REVIEWSERVICE'].methods_by_name['NextAssignment']._serialized_options = b'\312\363\030\001\002'
+  _globals['_REVIEWSERVICE'].methods_by_name['RequestGrant']._loaded_options = None
+  _globals['_REVIEWSERVICE'].methods_by_name['RequestGrant']._serialized_options = b'\312\363\030\001\002'
+  _globals['_REVIEWSERVICE'].methods_by_name['FetchClip']._loaded_options = None
+  _globals['_REVIEWSERVICE'].methods_by_name['FetchClip']._serialized_options = b'\312\363\030\001\002'
+  _globals['_REVIEWSERVICE'].methods_by_name['FlagClip']._loaded_options = None
+  _globals['_REVIEWSERVICE'].methods_by_name['FlagClip']._serialized_options = b'\312\363\030\001\002'
+  _globals['_REVIEWSERVICE'].methods_by_name['CompleteAssignment']._loaded_options = None
+  _globals['_REVIEWSERVICE'].methods_by_name['CompleteAssignment']._serialized_options = b'\312\363\030\001\002'
+  _globals['_REVIEWSERVICE'].methods_by_name['EndReviewSession']._loaded_options = None
+  _globals['_REVIEWSERVICE'].methods_by_name['EndReviewSession']._serialized_options = b'\312\363\030\001\002'
+  _globals['_STARTREVIEWSESSIONREQUEST']._serialized_start=131
+  _globals['_STARTREVIEWSESSIONREQUEST']._serialized_end=177
+  _globals['_STARTREVIEWSESSIONRESPONSE']._serialized_start=179
+  _globals['_STARTREVIEWSESSIONRESPONSE']._serialized_end=278
+  _globals['_NEXTASSIGNMENTREQUEST']._serialized_start=280
+  _globals['_NEXTASSIGNMENTREQUEST']._serialized_end=342
+  _globals['_REVIEWCLIP']._serialized_start=344
+  _globals['_REVIEWCLIP']._serialized_end=439
+  _globals['_NEXTASSIGNMENTRESPONSE']._serialized_start=442
+  _globals['_NEXTASSIGNMENTRESPONSE']._serialized_end=577
+  _globals['_REQUESTGRANTREQUEST']._serialized_start=579
+  _globals['_REQUESTGRANTREQUEST']._serialized_end=646
+  _globals['_REQUESTGRANTRESPONSE']._serialized_start=648
+  _globals['_REQUESTGRANTRESPONSE']._serialized_end=757
+  _globals['_FETCHCLIPREQUEST']._serialized_start=759
+  _globals['_FETCHCLIPREQUEST']._serialized_end=839
+  _globals['_FETCHCLIPRESPONSE']._serialized_start=841
+  _globals['_FETCHCLIPRESPONSE']._serialized_end=933
+  _globals['_FLAGCLIPREQUEST']._serialized_start=935
+  _globals['_FLAGCLIPREQUEST']._serialized_end=1058
+  _globals['_FLAGCLIPRESPONSE']._serialized_start=1060
+  _globals['_FLAGCLIPRESPONSE']._serialized_end=1101
+  _globals['_COMPLETEASSIGNMENTREQUEST']._serialized_start=1103
+  _globals['_COMPLETEASSIGNMENTREQUEST']._serialized_end=1191
+  _globals['_COMPLETEASSIGNMENTRESPONSE']._serialized_start=1193
+  _globals['_COMPLETEASSIGNMENTRESPONSE']._serialized_end=1221
+  _globals['_ENDREVIEWSESSIONREQUEST']._serialized_start=1223
+  _globals['_ENDREVIEWSESSIONREQUEST']._serialized_end=1271
+  _globals['_ENDREVIEWSESSIONRESPONSE']._serialized_start=1273
+  _globals['_ENDREVIEWSESSIONRESPONSE']._serialized_end=1299
+  _globals['_REVIEWSERVICE']._serialized_start=1302
+  _globals['_REVIEWSERVICE']._serialized_end=2010
 # @@protoc_insertion_point(module_scope)

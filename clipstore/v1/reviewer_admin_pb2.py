@@ -23,30 +23,37 @@ _sym_db = _symbol_database.Default()
 
 
 from clipstore.v1 import enrolment_pb2 as clipstore_dot_v1_dot_enrolment__pb2
+from clipstore.v1 import options_pb2 as clipstore_dot_v1_dot_options__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!clipstore/v1/reviewer_admin.proto\x12\x0c\x63lipstore.v1\x1a\x1c\x63lipstore/v1/enrolment.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x94\x01\n\x0e\x45nrolmentOffer\x12\x13\n\x0breviewer_id\x18\x01 \x01(\t\x12/\n\x07purpose\x18\x02 \x01(\x0e\x32\x1e.clipstore.v1.EnrolmentPurpose\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"I\n\x15\x43reateReviewerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07locales\x18\x02 \x03(\t\x12\x11\n\tspiffe_id\x18\x03 \x01(\t\"\x98\x01\n\x16\x43reateReviewerResponse\x12\x13\n\x0breviewer_id\x18\x01 \x01(\t\x12/\n\tenrolment\x18\x05 \x01(\x0b\x32\x1c.clipstore.v1.EnrolmentOfferJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05R\x07\x61pi_keyR\x10provisioning_uriR\x0btotp_secret\"-\n\x16\x44isableReviewerRequest\x12\x13\n\x0breviewer_id\x18\x01 \x01(\t\"H\n\x17\x44isableReviewerResponse\x12\x16\n\x0e\x65nded_sessions\x18\x01 \x01(\r\x12\x15\n\rvoided_grants\x18\x02 \x01(\r\"a\n\x19IssueEnrolmentCodeRequest\x12\x13\n\x0breviewer_id\x18\x01 \x01(\t\x12/\n\x07purpose\x18\x02 \x01(\x0e\x32\x1e.clipstore.v1.EnrolmentPurpose\"M\n\x1aIssueEnrolmentCodeResponse\x12/\n\tenrolment\x18\x01 \x01(\x0b\x32\x1c.clipstore.v1.EnrolmentOffer2\xbc\x02\n\x14ReviewerAdminService\x12[\n\x0e\x43reateReviewer\x12#.clipstore.v1.CreateReviewerRequest\x1a$.clipstore.v1.CreateReviewerResponse\x12^\n\x0f\x44isableReviewer\x12$.clipstore.v1.DisableReviewerRequest\x1a%.clipstore.v1.DisableReviewerResponse\x12g\n\x12IssueEnrolmentCode\x12\'.clipstore.v1.IssueEnrolmentCodeRequest\x1a(.clipstore.v1.IssueEnrolmentCodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!clipstore/v1/reviewer_admin.proto\x12\x0c\x63lipstore.v1\x1a\x1c\x63lipstore/v1/enrolment.proto\x1a\x1a\x63lipstore/v1/options.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x94\x01\n\x0e\x45nrolmentOffer\x12\x13\n\x0breviewer_id\x18\x01 \x01(\t\x12/\n\x07purpose\x18\x02 \x01(\x0e\x32\x1e.clipstore.v1.EnrolmentPurpose\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"I\n\x15\x43reateReviewerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07locales\x18\x02 \x03(\t\x12\x11\n\tspiffe_id\x18\x03 \x01(\t\"\x98\x01\n\x16\x43reateReviewerResponse\x12\x13\n\x0breviewer_id\x18\x01 \x01(\t\x12/\n\tenrolment\x18\x05 \x01(\x0b\x32\x1c.clipstore.v1.EnrolmentOfferJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05R\x07\x61pi_keyR\x10provisioning_uriR\x0btotp_secret\"-\n\x16\x44isableReviewerRequest\x12\x13\n\x0breviewer_id\x18\x01 \x01(\t\"H\n\x17\x44isableReviewerResponse\x12\x16\n\x0e\x65nded_sessions\x18\x01 \x01(\r\x12\x15\n\rvoided_grants\x18\x02 \x01(\r\"a\n\x19IssueEnrolmentCodeRequest\x12\x13\n\x0breviewer_id\x18\x01 \x01(\t\x12/\n\x07purpose\x18\x02 \x01(\x0e\x32\x1e.clipstore.v1.EnrolmentPurpose\"M\n\x1aIssueEnrolmentCodeResponse\x12/\n\tenrolment\x18\x01 \x01(\x0b\x32\x1c.clipstore.v1.EnrolmentOffer2\xd1\x02\n\x14ReviewerAdminService\x12\x62\n\x0e\x43reateReviewer\x12#.clipstore.v1.CreateReviewerRequest\x1a$.clipstore.v1.CreateReviewerResponse\"\x05\xca\xf3\x18\x01\x05\x12\x65\n\x0f\x44isableReviewer\x12$.clipstore.v1.DisableReviewerRequest\x1a%.clipstore.v1.DisableReviewerResponse\"\x05\xca\xf3\x18\x01\x05\x12n\n\x12IssueEnrolmentCode\x12\'.clipstore.v1.IssueEnrolmentCodeRequest\x1a(.clipstore.v1.IssueEnrolmentCodeResponse\"\x05\xca\xf3\x18\x01\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clipstore.v1.reviewer_admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENROLMENTOFFER']._serialized_start=115
-  _globals['_ENROLMENTOFFER']._serialized_end=263
-  _globals['_CREATEREVIEWERREQUEST']._serialized_start=265
-  _globals['_CREATEREVIEWERREQUEST']._serialized_end=338
-  _globals['_CREATEREVIEWERRESPONSE']._serialized_start=341
-  _globals['_CREATEREVIEWERRESPONSE']._serialized_end=493
-  _globals['_DISABLEREVIEWERREQUEST']._serialized_start=495
-  _globals['_DISABLEREVIEWERREQUEST']._serialized_end=540
-  _globals['_DISABLEREVIEWERRESPONSE']._serialized_start=542
-  _globals['_DISABLEREVIEWERRESPONSE']._serialized_end=614
-  _globals['_ISSUEENROLMENTCODEREQUEST']._serialized_start=616
-  _globals['_ISSUEENROLMENTCODEREQUEST']._serialized_end=713
-  _globals['_ISSUEENROLMENTCODERESPONSE']._serialized_start=715
-  _globals['_ISSUEENROLMENTCODERESPONSE']._serialized_end=792
-  _globals['_REVIEWERADMINSERVICE']._serialized_start=795
-  _globals['_REVIEWERADMINSERVICE']._serialized_end=1111
+  _globals['_REVIEWERADMINSERVICE'].methods_by_name['CreateReviewer']._loaded_options = None
+  _globals['_REVIEWERADMINSERVICE'].methods_by_name['CreateReviewer']._serialized_options = b'\312\363\030\001\005'
+  _globals['_REVIEWERADMINSERVICE'].methods_by_name['DisableReviewer']._loaded_options = None
+  _globals['_REVIEWERADMINSERVICE'].methods_by_name['DisableReviewer']._serialized_options = b'\312\363\030\001\005'
+  _globals['_REVIEWERADMINSERVICE'].methods_by_name['IssueEnrolmentCode']._loaded_options = None
+  _globals['_REVIEWERADMINSERVICE'].methods_by_name['IssueEnrolmentCode']._serialized_options = b'\312\363\030\001\005'
+  _globals['_ENROLMENTOFFER']._serialized_start=143
+  _globals['_ENROLMENTOFFER']._serialized_end=291
+  _globals['_CREATEREVIEWERREQUEST']._serialized_start=293
+  _globals['_CREATEREVIEWERREQUEST']._serialized_end=366
+  _globals['_CREATEREVIEWERRESPONSE']._serialized_start=369
+  _globals['_CREATEREVIEWERRESPONSE']._serialized_end=521
+  _globals['_DISABLEREVIEWERREQUEST']._serialized_start=523
+  _globals['_DISABLEREVIEWERREQUEST']._serialized_end=568
+  _globals['_DISABLEREVIEWERRESPONSE']._serialized_start=570
+  _globals['_DISABLEREVIEWERRESPONSE']._serialized_end=642
+  _globals['_ISSUEENROLMENTCODEREQUEST']._serialized_start=644
+  _globals['_ISSUEENROLMENTCODEREQUEST']._serialized_end=741
+  _globals['_ISSUEENROLMENTCODERESPONSE']._serialized_start=743
+  _globals['_ISSUEENROLMENTCODERESPONSE']._serialized_end=820
+  _globals['_REVIEWERADMINSERVICE']._serialized_start=823
+  _globals['_REVIEWERADMINSERVICE']._serialized_end=1160
 # @@protoc_insertion_point(module_scope)
