@@ -28,7 +28,8 @@ from clipstore.servicers.audit import AuditServicer
 from clipstore.servicers.clips import ClipServicer
 from clipstore.servicers.enrolment import EnrolmentServicer, Presenter, ReviewerAdminServicer
 from clipstore.servicers.principals import PrincipalAdminServicer
-from clipstore.servicers.review import ReviewServicer, SafetyServicer
+from clipstore.servicers.review import ReviewServicer
+from clipstore.servicers.safety import SafetyServicer
 from clipstore.store.principals import Principal
 from clipstore.tls import ServerTls
 from clipstore.v1 import (

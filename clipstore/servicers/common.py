@@ -29,6 +29,11 @@ def text(field: str, value: str, *, max_chars: int, required: bool) -> str:
     return value
 
 
+def required_id(field: str, value: str) -> str:
+    """A server-issued id the caller sends back (assignment, escalation, review clip)."""
+    return text(field, value, max_chars=MAX_SHORT_CHARS, required=True)
+
+
 def timestamp(seconds: float) -> Timestamp:
     ts = Timestamp()
     ts.FromNanoseconds(int(seconds * 1e9))

@@ -1,7 +1,8 @@
-"""ReviewService (reviewer), SafetyService (safety). (ReviewerAdminService: `clipstore.servicers.enrolment`.)
+"""ReviewService (role reviewer): sessions, assignments, grants, fetch, flag, complete.
 
-What a reviewer or safety caller receives is built only from `ReviewClip`
-and `Escalation`: a pseudonymous clip id, locale, duration, content type.
+What a reviewer receives is built only from `ReviewClip`: a pseudonymous clip
+id, locale, duration, content type. (SafetyService: `clipstore.servicers.safety`;
+ReviewerAdminService: `clipstore.servicers.enrolment`.)
 """
 
 from __future__ import annotations
@@ -13,15 +14,13 @@ import grpc
 from clipstore.errors import InvalidArgument
 from clipstore.interceptors import current_actor
 from clipstore.review import ReviewDesk
-from clipstore.servicers.common import LOCALE_RE, next_token, page_after, page_limit, text, timestamp
+from clipstore.servicers.common import LOCALE_RE, required_id, text, timestamp
 from clipstore.store.clips import ClipRow
-from clipstore.store.review import EscalationRow, QueuedClip
+from clipstore.store.review import QueuedClip
 from clipstore.v1 import (
     common_pb2,
     review_pb2,
     review_pb2_grpc,
-    safety_pb2,
-    safety_pb2_grpc,
 )
 
 MAX_NOTE_CHARS = 2000
@@ -37,10 +36,6 @@ def review_clip(review_clip_id: str, clip: ClipRow | QueuedClip) -> review_pb2.R
 
 def _token(value: str) -> str:
     return text("session_token", value, max_chars=128, required=True)
-
-
-def _id(field: str, value: str) -> str:
-    return text(field, value, max_chars=64, required=True)
 
 
 class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
@@ -66,7 +61,7 @@ class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
     def RequestGrant(self, request: review_pb2.RequestGrantRequest,
                      context: grpc.ServicerContext) -> review_pb2.RequestGrantResponse:
         grant, expires, review_clip_id = self._desk.request_grant(
-            _token(request.session_token), _id("assignment_id", request.assignment_id), current_actor())
+            _token(request.session_token), required_id("assignment_id", request.assignment_id), current_actor())
         return review_pb2.RequestGrantResponse(grant=grant, expires_at=timestamp(expires),
                                                review_clip_id=review_clip_id)
 
@@ -74,7 +69,7 @@ class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
                   context: grpc.ServicerContext) -> Iterator[review_pb2.FetchClipResponse]:
         grant = text("grant", request.grant, max_chars=1024, required=True)
         review_clip_id, clip, audio = self._desk.fetch(_token(request.session_token), grant,
-                                                       _id("review_clip_id", request.review_clip_id),
+                                                       required_id("review_clip_id", request.review_clip_id),
                                                        current_actor())
         yield review_pb2.FetchClipResponse(clip=review_clip(review_clip_id, clip))
         for chunk in audio:
@@ -87,14 +82,14 @@ class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
             raise InvalidArgument("category", "choose possible_crime, distress, sensitive or accidental_activation")
         note = text("note", request.note, max_chars=MAX_NOTE_CHARS, required=False)
         escalation_id = self._desk.flag(
-            _token(request.session_token), _id("assignment_id", request.assignment_id), request.category, note,
+            _token(request.session_token), required_id("assignment_id", request.assignment_id), request.category, note,
             current_actor(), accidental=request.category == common_pb2.FLAG_CATEGORY_ACCIDENTAL_ACTIVATION)
         return review_pb2.FlagClipResponse(escalation_id=escalation_id)
 
     def CompleteAssignment(self, request: review_pb2.CompleteAssignmentRequest,
                            context: grpc.ServicerContext) -> review_pb2.CompleteAssignmentResponse:
         label = text("label", request.label, max_chars=MAX_LABEL_CHARS, required=True)
-        self._desk.complete(_token(request.session_token), _id("assignment_id", request.assignment_id), label,
+        self._desk.complete(_token(request.session_token), required_id("assignment_id", request.assignment_id), label,
                             current_actor())
         return review_pb2.CompleteAssignmentResponse()
 
@@ -102,30 +97,3 @@ class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
                          context: grpc.ServicerContext) -> review_pb2.EndReviewSessionResponse:
         self._desk.end_session(_token(request.session_token), current_actor())
         return review_pb2.EndReviewSessionResponse()
-
-
-def escalation_message(row: EscalationRow, note: str) -> safety_pb2.Escalation:
-    return safety_pb2.Escalation(escalation_id=row.escalation_id, review_clip_id=row.review_clip_id,
-                                 category=row.category, note=note,  # type: ignore[arg-type]
-                                 created_at=timestamp(row.created_at), resolved=row.resolved_at is not None)
-
-
-class SafetyServicer(safety_pb2_grpc.SafetyServiceServicer):
-    def __init__(self, desk: ReviewDesk) -> None:
-        self._desk = desk
-
-    def ListEscalations(self, request: safety_pb2.ListEscalationsRequest,
-                        context: grpc.ServicerContext) -> safety_pb2.ListEscalationsResponse:
-        limit = page_limit(request.page_size)
-        rows = self._desk.list_escalations(include_resolved=request.include_resolved,
-                                           after=page_after(request.page_token), limit=limit, actor=current_actor())
-        token = next_token([r.escalation_id for r, _ in rows], limit)
-        return safety_pb2.ListEscalationsResponse(escalations=[escalation_message(r, note) for r, note in rows],
-                                                  next_page_token=token)
-
-    def ResolveEscalation(self, request: safety_pb2.ResolveEscalationRequest,
-                          context: grpc.ServicerContext) -> safety_pb2.ResolveEscalationResponse:
-        resolution = text("resolution", request.resolution, max_chars=MAX_NOTE_CHARS, required=True)
-        row, note = self._desk.resolve_escalation(_id("escalation_id", request.escalation_id), resolution,
-                                                  current_actor())
-        return safety_pb2.ResolveEscalationResponse(escalation=escalation_message(row, note))
