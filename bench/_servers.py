@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -13,16 +14,29 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import boto3
 
+from clipstore.v1 import clip_pb2
+
 REPO = Path(__file__).resolve().parent.parent
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_EC2_METADATA_DISABLED": "true"}
 os.environ.update(AWS_ENV)
+
+
+def put_requests(meta: clip_pb2.ClipMetadata, chunks: Iterable[bytes]) -> Iterator[clip_pb2.PutClipRequest]:
+    """A PutClip stream: metadata, the audio chunks, and the trailer declaring their size and SHA-256."""
+    digest, size = hashlib.sha256(), 0
+    yield clip_pb2.PutClipRequest(metadata=meta)
+    for chunk in chunks:
+        digest.update(chunk)
+        size += len(chunk)
+        yield clip_pb2.PutClipRequest(audio_chunk=chunk)
+    yield clip_pb2.PutClipRequest(trailer=clip_pb2.ClipTrailer(size_bytes=size, sha256=digest.digest()))
 
 
 def free_port() -> int:

@@ -29,7 +29,7 @@ import boto3  # noqa: E402
 import grpc  # noqa: E402
 import psutil  # noqa: E402
 
-from bench._servers import clipstore_server, moto_server  # noqa: E402
+from bench._servers import clipstore_server, moto_server, put_requests  # noqa: E402
 from clipstore.v1 import clip_pb2, clip_pb2_grpc  # noqa: E402
 
 CLIENTS = 8
@@ -37,13 +37,15 @@ CHUNK = 64 * 1024
 ROUNDS = 4
 
 
-def _requests(audio: bytes) -> list[clip_pb2.PutClipRequest]:
-    meta = clip_pb2.ClipMetadata(identity=clip_pb2.ClipIdentity(account_id=f"acct-{secrets.token_hex(2)}",
+def _meta() -> clip_pb2.ClipMetadata:
+    return clip_pb2.ClipMetadata(identity=clip_pb2.ClipIdentity(account_id=f"acct-{secrets.token_hex(2)}",
                                                                 device_serial="SERIAL1"),
                                  locale="en-US", content_type="audio/opus", wake_word_detected=True,
                                  idempotency_key=uuid.uuid4().hex)
-    return [clip_pb2.PutClipRequest(metadata=meta)] + [
-        clip_pb2.PutClipRequest(audio_chunk=audio[i:i + CHUNK]) for i in range(0, len(audio), CHUNK)]
+
+
+def _requests(audio: bytes) -> list[clip_pb2.PutClipRequest]:
+    return list(put_requests(_meta(), (audio[i:i + CHUNK] for i in range(0, len(audio), CHUNK))))
 
 
 def _timed(count: int, one: Callable[[int], None]) -> float:
@@ -102,9 +104,7 @@ def main() -> None:
         sampler = threading.Thread(target=sample)
         sampler.start()
         big = secrets.token_bytes(CHUNK)
-        meta = _requests(b"")[0]
-        stub.PutClip(iter([meta] + [clip_pb2.PutClipRequest(audio_chunk=big)] * (50 * 1024 * 1024 // CHUNK)),
-                     metadata=md, timeout=600)
+        stub.PutClip(put_requests(_meta(), [big] * (50 * 1024 * 1024 // CHUNK)), metadata=md, timeout=600)
         stop.set()
         sampler.join()
         growth = (peak[0] - base) / (1 << 20)

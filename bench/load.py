@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpc  # noqa: E402
 
 from auditlog.__main__ import verify_dir  # noqa: E402
+from bench._servers import put_requests  # noqa: E402
 from clipstore.app import App  # noqa: E402
 from clipstore.audit.export import export_log  # noqa: E402
 from clipstore.config import load_config  # noqa: E402
@@ -132,9 +133,8 @@ def main() -> None:
         meta = clip_pb2.ClipMetadata(identity=clip_pb2.ClipIdentity(account_id="load-account", device_serial="S"),
                                      locale="en-US", content_type="audio/opus", wake_word_detected=True,
                                      idempotency_key=secrets.token_hex(8))
-        reqs = [clip_pb2.PutClipRequest(metadata=meta)] + [
-            clip_pb2.PutClipRequest(audio_chunk=audio[i:i + 32768]) for i in range(0, len(audio), 32768)]
-        clip = timed("PutClip", clip_pb2_grpc.ClipServiceStub(ch).PutClip, iter(reqs), metadata=keys["ingest"],
+        reqs = put_requests(meta, (audio[i:i + 32768] for i in range(0, len(audio), 32768)))
+        clip = timed("PutClip", clip_pb2_grpc.ClipServiceStub(ch).PutClip, reqs, metadata=keys["ingest"],
                      timeout=30).clip
         with lock:
             acked[clip.clip_id] = len(audio)

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpc  # noqa: E402
 
 from bench._floor import METHOD as FLOOR_METHOD  # noqa: E402
-from bench._servers import clipstore_server, floor_server, moto_server  # noqa: E402
+from bench._servers import clipstore_server, floor_server, moto_server, put_requests  # noqa: E402
 from clipstore.totp import code_at  # noqa: E402
 from clipstore.v1 import (  # noqa: E402
     account_pb2,
@@ -79,9 +79,8 @@ def ingest(channel: grpc.Channel, md: tuple[tuple[str, str], ...], count: int) -
     meta = {"identity": clip_pb2.ClipIdentity(account_id="bench-account", device_serial="S1"),
             "locale": "en-US", "content_type": "audio/opus", "wake_word_detected": True}
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda i: clips.PutClip(iter([
-            clip_pb2.PutClipRequest(metadata=clip_pb2.ClipMetadata(**meta, idempotency_key=f"k{i}")),
-            clip_pb2.PutClipRequest(audio_chunk=audio)]), metadata=md), range(count)))
+        list(pool.map(lambda i: clips.PutClip(put_requests(
+            clip_pb2.ClipMetadata(**meta, idempotency_key=f"k{i}"), [audio]), metadata=md), range(count)))
 
 
 def enrol(channel: grpc.Channel, md: tuple[tuple[str, str], ...], n: int) -> list[Reviewer]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from clipstore.accounts import AccountDirectory
@@ -12,7 +12,7 @@ from clipstore.audit import SYSTEM, Actor, AuditLog
 from clipstore.blobs import BlobStore
 from clipstore.clock import Clock
 from clipstore.envelope import open_clip, seal_clip
-from clipstore.errors import ClipstoreError, FailedPrecondition, InvalidArgument, Kind, NotFound
+from clipstore.errors import Cancelled, ClipstoreError, FailedPrecondition, InvalidArgument, Kind, NotFound
 from clipstore.identity import open_identity, seal_identity
 from clipstore.logs import get_logger
 from clipstore.sampling import ReviewSampler
@@ -71,8 +71,13 @@ class ClipLibrary:
         self._accidental_s = accidental_retention_hours * 3600
 
     # -- ingest ------------------------------------------------------------
-    def ingest(self, new: NewClip, audio: Iterable[bytes], actor: Actor) -> ClipRow:
-        """Seal and store the audio, then commit the row: a failure leaves no row and no object."""
+    def ingest(self, new: NewClip, audio: Iterable[bytes], actor: Actor, *,
+               active: Callable[[], bool] = lambda: True) -> ClipRow:
+        """Seal and store the audio, then commit the row: a failure leaves no row and no object.
+
+        `audio` must raise rather than end early when the upload is incomplete; `active` says whether
+        the caller still waits for the answer (a cancelled call never commits).
+        """
         idem = hashlib.sha256(new.idempotency_key.encode()).digest()
         existing = self._clips.by_idempotency(actor.id, idem)
         if existing is not None:
@@ -103,6 +108,8 @@ class ClipLibrary:
                       identity_ct=seal_identity(dek, clip_id, account_id=new.account_id,
                                                 device_serial=new.device_serial))
         try:
+            if not active():  # checked last: the client's retry must find nothing half-done
+                raise Cancelled("the call was cancelled before the clip was committed; nothing was stored")
             self._audit.append(actor.record("clip.ingest", account_ref=ref, clip_id=clip_id))
             owner = self._clips.insert(row, principal_id=actor.id, idempotency_hash=idem)
         except Exception:

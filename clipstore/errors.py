@@ -67,6 +67,12 @@ class Reason(StrEnum):
     INVALID_ARGUMENT = auto(), Kind.BAD_INPUT, "`metadata.field` names the bad field"
     MALFORMED_REQUEST = auto(), Kind.BAD_INPUT, \
         "the request bytes do not parse as the method's message; check the client's generated code"
+    CLIP_TRAILER_MISSING = auto(), Kind.BAD_INPUT, \
+        "PutClip ended without a trailer; nothing was stored; resend the clip ending with ClipTrailer"
+    CLIP_SIZE_MISMATCH = auto(), Kind.BAD_INPUT, \
+        "the trailer's size_bytes differs from the audio that arrived; nothing was stored; resend the whole clip"
+    CLIP_DIGEST_MISMATCH = auto(), Kind.BAD_INPUT, \
+        "the trailer's sha256 differs from the audio that arrived; nothing was stored; resend the whole clip"
     BEYOND_TREE_SIZE = auto(), Kind.OUT_OF_RANGE, \
         "a proof asked for a tree larger than the log; use GetCheckpoint's `tree_size`"
     NOT_IMPLEMENTED = auto(), Kind.NOT_IMPLEMENTED, "the RPC exists in the API but not yet in this release"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Iterator
 
@@ -21,8 +22,15 @@ def metadata(**overrides: object) -> clip_pb2.ClipMetadata:
     return clip_pb2.ClipMetadata(**fields)  # type: ignore[arg-type]
 
 
+def trailer(audio: bytes) -> clip_pb2.PutClipRequest:
+    """The last message of a PutClip stream: what the client sent, so the server can tell a whole clip."""
+    return clip_pb2.PutClipRequest(trailer=clip_pb2.ClipTrailer(size_bytes=len(audio),
+                                                                sha256=hashlib.sha256(audio).digest()))
+
+
 def put_requests(meta: clip_pb2.ClipMetadata, audio: bytes, chunk: int = 64 * 1024
                  ) -> Iterator[clip_pb2.PutClipRequest]:
     yield clip_pb2.PutClipRequest(metadata=meta)
     for i in range(0, len(audio), chunk):
         yield clip_pb2.PutClipRequest(audio_chunk=audio[i:i + chunk])
+    yield trailer(audio)

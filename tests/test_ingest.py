@@ -18,7 +18,7 @@ from clipstore.config import Config
 from clipstore.server import ClipstoreServer, running_server
 from clipstore.v1 import account_pb2, account_pb2_grpc, clip_pb2, clip_pb2_grpc
 from kms import AccountKeysDestroyed, WrappedDek
-from tests.clip_helpers import ACCOUNT_ID, SERIAL, metadata, put_requests
+from tests.clip_helpers import ACCOUNT_ID, SERIAL, metadata, put_requests, trailer
 from tests.conftest import FakeClock, bearer, make_config, new_key
 from tests.db_helpers import database_bytes
 from tests.grpc_helpers import error_info
@@ -202,7 +202,7 @@ def _bad_put(clips: clip_pb2_grpc.ClipServiceStub, md: tuple, requests: list[cli
 @pytest.mark.parametrize(("requests", "field"), [
     ([clip_pb2.PutClipRequest(audio_chunk=b"x")], "metadata"),
     ([], "metadata"),
-    ([clip_pb2.PutClipRequest(metadata=metadata())], "audio_chunk"),
+    ([clip_pb2.PutClipRequest(metadata=metadata()), trailer(b"")], "audio_chunk"),
     ([clip_pb2.PutClipRequest(metadata=metadata(content_type="video/mp4")),
       clip_pb2.PutClipRequest(audio_chunk=b"x")], "metadata.content_type"),
     ([clip_pb2.PutClipRequest(metadata=metadata(locale="not a locale")),

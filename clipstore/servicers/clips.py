@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Iterator
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from clipstore.clips import ClipLibrary, NewClip
-from clipstore.errors import InvalidArgument
+from clipstore.errors import Cancelled, InvalidArgument
 from clipstore.interceptors import current_actor
 from clipstore.servicers.common import (
     LOCALE_RE,
@@ -65,11 +67,43 @@ def clip_message(clip: ClipRow, identity: dict[str, str] | None) -> clip_pb2.Cli
     return msg
 
 
-def _audio(first_rest: Iterator[clip_pb2.PutClipRequest]) -> Iterator[bytes]:
-    for request in first_rest:
-        if request.WhichOneof("part") != "audio_chunk":
-            raise InvalidArgument("metadata", "only the first message may carry metadata; send audio_chunk next")
-        yield request.audio_chunk
+def _audio(rest: Iterator[clip_pb2.PutClipRequest], context: grpc.ServicerContext) -> Iterator[bytes]:
+    """The audio chunks of a PutClip stream, ending only at a trailer that matches them.
+
+    This runs inside the blob store's write, so raising here aborts the upload before the object is
+    finalised: a stream cut short by a cancel (grpcio may end the request iterator normally when the
+    client cancels) or a dropped connection is never stored as a clip.
+    """
+    digest, size = hashlib.sha256(), 0
+    try:
+        for request in rest:
+            part = request.WhichOneof("part")
+            if part == "audio_chunk":
+                digest.update(request.audio_chunk)
+                size += len(request.audio_chunk)
+                yield request.audio_chunk
+            elif part == "trailer":
+                _check_trailer(request.trailer, size=size, sha256=digest.digest())
+                if next(rest, None) is not None:
+                    raise InvalidArgument("trailer", "must be the last message; send nothing after it")
+                return
+            else:
+                raise InvalidArgument("metadata", "only the first message may carry metadata; send audio_chunk next")
+    except grpc.RpcError:  # the request iterator raises this once the call is cancelled
+        raise Cancelled("the call was cancelled; nothing was stored") from None
+    if not context.is_active():
+        raise Cancelled("the call was cancelled; nothing was stored")
+    raise InvalidArgument("trailer", "the stream ended without a trailer; send ClipTrailer(size_bytes, sha256) "
+                          "as the last message", reason="CLIP_TRAILER_MISSING")
+
+
+def _check_trailer(trailer: clip_pb2.ClipTrailer, *, size: int, sha256: bytes) -> None:
+    if trailer.size_bytes != size:
+        raise InvalidArgument("trailer.size_bytes", f"declares {trailer.size_bytes} bytes, {size} arrived; "
+                              "nothing was stored, resend the whole clip", reason="CLIP_SIZE_MISMATCH")
+    if not hmac.compare_digest(trailer.sha256, sha256):
+        raise InvalidArgument("trailer.sha256", "does not match the SHA-256 of the audio that arrived; "
+                              "nothing was stored, resend the whole clip", reason="CLIP_DIGEST_MISMATCH")
 
 
 class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
@@ -78,11 +112,15 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
 
     def PutClip(self, request_iterator: Iterator[clip_pb2.PutClipRequest],
                 context: grpc.ServicerContext) -> clip_pb2.PutClipResponse:
-        first = next(request_iterator, None)
+        try:
+            first = next(request_iterator, None)
+        except grpc.RpcError:
+            raise Cancelled("the call was cancelled; nothing was stored") from None
         if first is None or first.WhichOneof("part") != "metadata":
             raise InvalidArgument("metadata", "the first message must carry the clip metadata")
         new = parse_metadata(first.metadata)
-        clip = self._library.ingest(new, _audio(request_iterator), current_actor())
+        clip = self._library.ingest(new, _audio(request_iterator, context), current_actor(),
+                                    active=context.is_active)
         return clip_pb2.PutClipResponse(clip=clip_message(clip, None))
 
     def GetClip(self, request: clip_pb2.GetClipRequest, context: grpc.ServicerContext) -> clip_pb2.GetClipResponse:

@@ -26,7 +26,7 @@ from clipstore.v1 import options_pb2 as clipstore_dot_v1_dot_options__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63lipstore/v1/clip.proto\x12\x0c\x63lipstore.v1\x1a\x1a\x63lipstore/v1/options.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"9\n\x0c\x43lipIdentity\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x15\n\rdevice_serial\x18\x02 \x01(\t\"\xf2\x01\n\x0c\x43lipMetadata\x12,\n\x08identity\x18\x01 \x01(\x0b\x32\x1a.clipstore.v1.ClipIdentity\x12\x13\n\x0b\x64\x65vice_type\x18\x02 \x01(\t\x12\x0e\n\x06locale\x18\x03 \x01(\t\x12/\n\x0b\x63\x61ptured_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12wake_word_detected\x18\x05 \x01(\x08\x12\x14\n\x0c\x63ontent_type\x18\x06 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x08 \x01(\r\"_\n\x0ePutClipRequest\x12.\n\x08metadata\x18\x01 \x01(\x0b\x32\x1a.clipstore.v1.ClipMetadataH\x00\x12\x15\n\x0b\x61udio_chunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x91\x02\n\x04\x43lip\x12\x0f\n\x07\x63lip_id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12\x0e\n\x06locale\x18\x04 \x01(\t\x12/\n\x0b\x63\x61ptured_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12wake_word_detected\x18\x07 \x01(\x08\x12\x13\n\x0b\x64uration_ms\x18\x08 \x01(\r\x12,\n\x08identity\x18\t \x01(\x0b\x32\x1a.clipstore.v1.ClipIdentity\"3\n\x0fPutClipResponse\x12 \n\x04\x63lip\x18\x01 \x01(\x0b\x32\x12.clipstore.v1.Clip\"!\n\x0eGetClipRequest\x12\x0f\n\x07\x63lip_id\x18\x01 \x01(\t\"3\n\x0fGetClipResponse\x12 \n\x04\x63lip\x18\x01 \x01(\x0b\x32\x12.clipstore.v1.Clip\"M\n\x10ListClipsRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"O\n\x11ListClipsResponse\x12!\n\x05\x63lips\x18\x01 \x03(\x0b\x32\x12.clipstore.v1.Clip\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"$\n\x11\x44\x65leteClipRequest\x12\x0f\n\x07\x63lip_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteClipResponse2\xde\x02\n\x0b\x43lipService\x12P\n\x07PutClip\x12\x1c.clipstore.v1.PutClipRequest\x1a\x1d.clipstore.v1.PutClipResponse\"\x06\xca\xf3\x18\x02\x01\x05(\x01\x12N\n\x07GetClip\x12\x1c.clipstore.v1.GetClipRequest\x1a\x1d.clipstore.v1.GetClipResponse\"\x06\xca\xf3\x18\x02\x01\x05\x12T\n\tListClips\x12\x1e.clipstore.v1.ListClipsRequest\x1a\x1f.clipstore.v1.ListClipsResponse\"\x06\xca\xf3\x18\x02\x01\x05\x12W\n\nDeleteClip\x12\x1f.clipstore.v1.DeleteClipRequest\x1a .clipstore.v1.DeleteClipResponse\"\x06\xca\xf3\x18\x02\x01\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63lipstore/v1/clip.proto\x12\x0c\x63lipstore.v1\x1a\x1a\x63lipstore/v1/options.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"9\n\x0c\x43lipIdentity\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x15\n\rdevice_serial\x18\x02 \x01(\t\"\xf2\x01\n\x0c\x43lipMetadata\x12,\n\x08identity\x18\x01 \x01(\x0b\x32\x1a.clipstore.v1.ClipIdentity\x12\x13\n\x0b\x64\x65vice_type\x18\x02 \x01(\t\x12\x0e\n\x06locale\x18\x03 \x01(\t\x12/\n\x0b\x63\x61ptured_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12wake_word_detected\x18\x05 \x01(\x08\x12\x14\n\x0c\x63ontent_type\x18\x06 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x08 \x01(\r\"1\n\x0b\x43lipTrailer\x12\x12\n\nsize_bytes\x18\x01 \x01(\x04\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\"\x8d\x01\n\x0ePutClipRequest\x12.\n\x08metadata\x18\x01 \x01(\x0b\x32\x1a.clipstore.v1.ClipMetadataH\x00\x12\x15\n\x0b\x61udio_chunk\x18\x02 \x01(\x0cH\x00\x12,\n\x07trailer\x18\x03 \x01(\x0b\x32\x19.clipstore.v1.ClipTrailerH\x00\x42\x06\n\x04part\"\x91\x02\n\x04\x43lip\x12\x0f\n\x07\x63lip_id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12\x0e\n\x06locale\x18\x04 \x01(\t\x12/\n\x0b\x63\x61ptured_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12wake_word_detected\x18\x07 \x01(\x08\x12\x13\n\x0b\x64uration_ms\x18\x08 \x01(\r\x12,\n\x08identity\x18\t \x01(\x0b\x32\x1a.clipstore.v1.ClipIdentity\"3\n\x0fPutClipResponse\x12 \n\x04\x63lip\x18\x01 \x01(\x0b\x32\x12.clipstore.v1.Clip\"!\n\x0eGetClipRequest\x12\x0f\n\x07\x63lip_id\x18\x01 \x01(\t\"3\n\x0fGetClipResponse\x12 \n\x04\x63lip\x18\x01 \x01(\x0b\x32\x12.clipstore.v1.Clip\"g\n\x10ListClipsRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x18\n\x10include_identity\x18\x04 \x01(\x08\"O\n\x11ListClipsResponse\x12!\n\x05\x63lips\x18\x01 \x03(\x0b\x32\x12.clipstore.v1.Clip\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"$\n\x11\x44\x65leteClipRequest\x12\x0f\n\x07\x63lip_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteClipResponse2\xde\x02\n\x0b\x43lipService\x12P\n\x07PutClip\x12\x1c.clipstore.v1.PutClipRequest\x1a\x1d.clipstore.v1.PutClipResponse\"\x06\xca\xf3\x18\x02\x01\x05(\x01\x12N\n\x07GetClip\x12\x1c.clipstore.v1.GetClipRequest\x1a\x1d.clipstore.v1.GetClipResponse\"\x06\xca\xf3\x18\x02\x01\x05\x12T\n\tListClips\x12\x1e.clipstore.v1.ListClipsRequest\x1a\x1f.clipstore.v1.ListClipsResponse\"\x06\xca\xf3\x18\x02\x01\x05\x12W\n\nDeleteClip\x12\x1f.clipstore.v1.DeleteClipRequest\x1a .clipstore.v1.DeleteClipResponse\"\x06\xca\xf3\x18\x02\x01\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,24 +45,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLIPIDENTITY']._serialized_end=159
   _globals['_CLIPMETADATA']._serialized_start=162
   _globals['_CLIPMETADATA']._serialized_end=404
-  _globals['_PUTCLIPREQUEST']._serialized_start=406
-  _globals['_PUTCLIPREQUEST']._serialized_end=501
-  _globals['_CLIP']._serialized_start=504
-  _globals['_CLIP']._serialized_end=777
-  _globals['_PUTCLIPRESPONSE']._serialized_start=779
-  _globals['_PUTCLIPRESPONSE']._serialized_end=830
-  _globals['_GETCLIPREQUEST']._serialized_start=832
-  _globals['_GETCLIPREQUEST']._serialized_end=865
-  _globals['_GETCLIPRESPONSE']._serialized_start=867
-  _globals['_GETCLIPRESPONSE']._serialized_end=918
-  _globals['_LISTCLIPSREQUEST']._serialized_start=920
-  _globals['_LISTCLIPSREQUEST']._serialized_end=997
-  _globals['_LISTCLIPSRESPONSE']._serialized_start=999
-  _globals['_LISTCLIPSRESPONSE']._serialized_end=1078
-  _globals['_DELETECLIPREQUEST']._serialized_start=1080
-  _globals['_DELETECLIPREQUEST']._serialized_end=1116
-  _globals['_DELETECLIPRESPONSE']._serialized_start=1118
-  _globals['_DELETECLIPRESPONSE']._serialized_end=1138
-  _globals['_CLIPSERVICE']._serialized_start=1141
-  _globals['_CLIPSERVICE']._serialized_end=1491
+  _globals['_CLIPTRAILER']._serialized_start=406
+  _globals['_CLIPTRAILER']._serialized_end=455
+  _globals['_PUTCLIPREQUEST']._serialized_start=458
+  _globals['_PUTCLIPREQUEST']._serialized_end=599
+  _globals['_CLIP']._serialized_start=602
+  _globals['_CLIP']._serialized_end=875
+  _globals['_PUTCLIPRESPONSE']._serialized_start=877
+  _globals['_PUTCLIPRESPONSE']._serialized_end=928
+  _globals['_GETCLIPREQUEST']._serialized_start=930
+  _globals['_GETCLIPREQUEST']._serialized_end=963
+  _globals['_GETCLIPRESPONSE']._serialized_start=965
+  _globals['_GETCLIPRESPONSE']._serialized_end=1016
+  _globals['_LISTCLIPSREQUEST']._serialized_start=1018
+  _globals['_LISTCLIPSREQUEST']._serialized_end=1121
+  _globals['_LISTCLIPSRESPONSE']._serialized_start=1123
+  _globals['_LISTCLIPSRESPONSE']._serialized_end=1202
+  _globals['_DELETECLIPREQUEST']._serialized_start=1204
+  _globals['_DELETECLIPREQUEST']._serialized_end=1240
+  _globals['_DELETECLIPRESPONSE']._serialized_start=1242
+  _globals['_DELETECLIPRESPONSE']._serialized_end=1262
+  _globals['_CLIPSERVICE']._serialized_start=1265
+  _globals['_CLIPSERVICE']._serialized_end=1615
 # @@protoc_insertion_point(module_scope)

@@ -88,25 +88,58 @@ class ClipMetadata(_message.Message):
 Global___ClipMetadata: _TypeAlias = ClipMetadata  # noqa: Y015
 
 @_typing.final
+class ClipTrailer(_message.Message):
+    """Sent once, as the last message of PutClip: what the client meant to send.
+    The server commits the clip only when the audio it received matches, so a
+    stream cut short (a cancelled call, a dropped connection) is never a clip.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    size_bytes: _builtins.int
+    """Total bytes of all audio_chunk messages."""
+    sha256: _builtins.bytes
+    """SHA-256 (32 bytes) of the concatenated audio_chunk bytes."""
+    def __init__(
+        self,
+        *,
+        size_bytes: _builtins.int = ...,
+        sha256: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClipTrailer: _TypeAlias = ClipTrailer  # noqa: Y015
+
+@_typing.final
 class PutClipRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     METADATA_FIELD_NUMBER: _builtins.int
     AUDIO_CHUNK_FIELD_NUMBER: _builtins.int
+    TRAILER_FIELD_NUMBER: _builtins.int
     audio_chunk: _builtins.bytes
     @_builtins.property
     def metadata(self) -> Global___ClipMetadata: ...
+    @_builtins.property
+    def trailer(self) -> Global___ClipTrailer: ...
     def __init__(
         self,
         *,
         metadata: Global___ClipMetadata | None = ...,
         audio_chunk: _builtins.bytes = ...,
+        trailer: Global___ClipTrailer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["audio_chunk", b"audio_chunk", "metadata", b"metadata", "part", b"part"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audio_chunk", b"audio_chunk", "metadata", b"metadata", "part", b"part", "trailer", b"trailer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio_chunk", b"audio_chunk", "metadata", b"metadata", "part", b"part"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio_chunk", b"audio_chunk", "metadata", b"metadata", "part", b"part", "trailer", b"trailer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["metadata", "audio_chunk"]  # noqa: Y015
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["metadata", "audio_chunk", "trailer"]  # noqa: Y015
     _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
 
@@ -137,7 +170,9 @@ class Clip(_message.Message):
     def expires_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def identity(self) -> Global___ClipIdentity:
-        """Only for roles ingest and admin."""
+        """Only for roles ingest and admin: always in GetClip, in ListClips only with
+        include_identity. Each one returned is audited (clip.identity_read).
+        """
 
     def __init__(
         self,
@@ -226,19 +261,25 @@ class ListClipsRequest(_message.Message):
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    INCLUDE_IDENTITY_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     page_size: _builtins.int
     page_token: _builtins.str
+    include_identity: _builtins.bool
+    """Return each clip's identity (account id, device serial). Off by default:
+    every identity returned is recorded in the audit log first.
+    """
     def __init__(
         self,
         *,
         account_id: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        include_identity: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "include_identity", b"include_identity", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -62,14 +62,17 @@ class ClipServiceServicer:
     """
 
     def PutClip(self, request_iterator, context):
-        """PutClip streams one clip: the first message carries metadata, the rest audio.
+        """PutClip streams one clip: the first message carries metadata, then audio
+        chunks, and the last message a trailer declaring the audio's size and
+        SHA-256. A stream that ends without a matching trailer stores nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetClip(self, request, context):
-        """GetClip returns a clip's metadata (never audio; reviewers use FetchClip).
+        """GetClip returns a clip's metadata and identity (never audio; reviewers use
+        FetchClip). The identity read is audited before the response is sent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

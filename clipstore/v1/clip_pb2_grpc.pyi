@@ -34,9 +34,14 @@ class ClipServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ClipServiceAsyncStub: ...
     PutClip: _grpc.StreamUnaryMultiCallable[_clip_pb2.PutClipRequest, _clip_pb2.PutClipResponse]
-    """PutClip streams one clip: the first message carries metadata, the rest audio."""
+    """PutClip streams one clip: the first message carries metadata, then audio
+    chunks, and the last message a trailer declaring the audio's size and
+    SHA-256. A stream that ends without a matching trailer stores nothing.
+    """
     GetClip: _grpc.UnaryUnaryMultiCallable[_clip_pb2.GetClipRequest, _clip_pb2.GetClipResponse]
-    """GetClip returns a clip's metadata (never audio; reviewers use FetchClip)."""
+    """GetClip returns a clip's metadata and identity (never audio; reviewers use
+    FetchClip). The identity read is audited before the response is sent.
+    """
     ListClips: _grpc.UnaryUnaryMultiCallable[_clip_pb2.ListClipsRequest, _clip_pb2.ListClipsResponse]
     """ListClips pages through the clips of one account."""
     DeleteClip: _grpc.UnaryUnaryMultiCallable[_clip_pb2.DeleteClipRequest, _clip_pb2.DeleteClipResponse]
@@ -48,9 +53,14 @@ class ClipServiceAsyncStub(ClipServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     PutClip: _aio.StreamUnaryMultiCallable[_clip_pb2.PutClipRequest, _clip_pb2.PutClipResponse]  # type: ignore[assignment]
-    """PutClip streams one clip: the first message carries metadata, the rest audio."""
+    """PutClip streams one clip: the first message carries metadata, then audio
+    chunks, and the last message a trailer declaring the audio's size and
+    SHA-256. A stream that ends without a matching trailer stores nothing.
+    """
     GetClip: _aio.UnaryUnaryMultiCallable[_clip_pb2.GetClipRequest, _clip_pb2.GetClipResponse]  # type: ignore[assignment]
-    """GetClip returns a clip's metadata (never audio; reviewers use FetchClip)."""
+    """GetClip returns a clip's metadata and identity (never audio; reviewers use
+    FetchClip). The identity read is audited before the response is sent.
+    """
     ListClips: _aio.UnaryUnaryMultiCallable[_clip_pb2.ListClipsRequest, _clip_pb2.ListClipsResponse]  # type: ignore[assignment]
     """ListClips pages through the clips of one account."""
     DeleteClip: _aio.UnaryUnaryMultiCallable[_clip_pb2.DeleteClipRequest, _clip_pb2.DeleteClipResponse]  # type: ignore[assignment]
@@ -65,7 +75,10 @@ class ClipServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_clip_pb2.PutClipRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_clip_pb2.PutClipResponse, _abc.Awaitable[_clip_pb2.PutClipResponse]]:
-        """PutClip streams one clip: the first message carries metadata, the rest audio."""
+        """PutClip streams one clip: the first message carries metadata, then audio
+        chunks, and the last message a trailer declaring the audio's size and
+        SHA-256. A stream that ends without a matching trailer stores nothing.
+        """
 
     @_abc_1.abstractmethod
     def GetClip(
@@ -73,7 +86,9 @@ class ClipServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _clip_pb2.GetClipRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_clip_pb2.GetClipResponse, _abc.Awaitable[_clip_pb2.GetClipResponse]]:
-        """GetClip returns a clip's metadata (never audio; reviewers use FetchClip)."""
+        """GetClip returns a clip's metadata and identity (never audio; reviewers use
+        FetchClip). The identity read is audited before the response is sent.
+        """
 
     @_abc_1.abstractmethod
     def ListClips(
