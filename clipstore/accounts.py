@@ -80,6 +80,8 @@ class AccountDirectory:
             except Exception as exc:  # the object is noise now; the orphan sweep retries
                 log.warning("account.object_delete_failed", clip_id=clip_id, exc_type=type(exc).__name__)
         self._accounts.delete(ref)  # the pseudonym mapping goes last
+        if not self._accounts.flush_erasure():  # a reader held it back; the next erasure retries
+            log.warning("account.wal_not_truncated")
         return len(clip_ids)
 
     def retire_key_versions(self, account_id: str, min_version: int, actor: Actor) -> int:

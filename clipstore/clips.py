@@ -123,7 +123,7 @@ class ClipLibrary:
 
     def _existing(self, clip_id: str) -> ClipRow:
         clip = self._clips.get(clip_id)
-        if clip is None:
+        if clip is None or clip.expires_at <= self._clock.now():  # deleted, purged or due for purge
             raise FailedPrecondition("this idempotency key belongs to a clip that was deleted; use a new key",
                                      reason="IDEMPOTENCY_KEY_SPENT")
         return clip

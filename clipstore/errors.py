@@ -93,7 +93,8 @@ class Reason(StrEnum):
     BLOB_NOT_FOUND = auto(), Kind.NOT_FOUND, "the clip's object is missing from the blob store"
     ACCOUNT_NOT_FOUND = auto(), Kind.NOT_FOUND, "the account has no clips or was deleted"
     ACCOUNT_DELETED = auto(), Kind.NOT_FOUND, "the account was crypto-shredded; its clips can never be opened"
-    IDEMPOTENCY_KEY_SPENT = auto(), Kind.WRONG_STATE, "the key's clip was deleted; use a new key"
+    IDEMPOTENCY_KEY_SPENT = auto(), Kind.WRONG_STATE, \
+        "the key's clip was deleted, purged or expired (or its account deleted); it is never stored again"
     KEY_VERSION_UNAVAILABLE = auto(), Kind.WRONG_STATE, "the clip's key version is retired; an operator must rewrap"
     KEY_VERSION_IN_USE = auto(), Kind.WRONG_STATE, "clips still use an older key version; RotateAccountKey first"
     # -- review sessions -------------------------------------------------------------------------------

@@ -80,6 +80,10 @@ class AccountRepository:
         with self._db.transaction() as conn:
             conn.execute(schema.accounts.delete().where(schema.accounts.c.account_ref == account_ref))
 
+    def flush_erasure(self) -> bool:
+        """Make the deletions so far leave the live database files (SQLite's WAL); False if not yet."""
+        return self._db.truncate_wal()
+
 
 class ClipRepository:
     def __init__(self, db: Database) -> None:
@@ -134,8 +138,9 @@ class ClipRepository:
                                                    .order_by(t.c.expires_at).limit(limit))]
 
     def delete(self, clip_id: str) -> bool:
+        """Delete the row and its wrapped DEK. Its idempotency row stays as a tombstone, so a device's
+        retry is told the key is spent instead of storing the recording again."""
         with self._db.transaction() as conn:
-            conn.execute(schema.ingest_idempotency.delete().where(schema.ingest_idempotency.c.clip_id == clip_id))
             return conn.execute(schema.clips.delete().where(schema.clips.c.clip_id == clip_id)).rowcount == 1
 
     def exists(self, clip_id: str) -> bool:

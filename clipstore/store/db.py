@@ -77,5 +77,15 @@ class Database:
         with self._write_lock:
             yield
 
+    def truncate_wal(self) -> bool:
+        """SQLite: copy the write-ahead log into the database file and truncate it to zero bytes, so rows
+        just deleted (with secure_delete, zeroed in the file) no longer survive in old WAL frames.
+        False if a reader kept it from completing. PostgreSQL: nothing to do here (see README)."""
+        if not self.is_sqlite:
+            return True
+        with self.write_lock(), self.engine.connect() as conn:
+            busy, _, _ = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
+        return busy == 0
+
     def close(self) -> None:
         self.engine.dispose()

@@ -133,7 +133,9 @@ clips = sa.Table(
     sa.Column("identity_ct", sa.LargeBinary, nullable=False),
 )
 
-# A retried PutClip with the same key returns the same clip.
+# A retried PutClip with the same key returns the same clip. A row outlives its clip (deletion,
+# purge, account deletion) as a tombstone: the retry is refused and never re-creates the recording.
+# It holds no PII: the ingest principal, SHA-256 of the key, a random clip id, a time.
 ingest_idempotency = sa.Table(
     "ingest_idempotency", metadata,
     sa.Column("principal_id", sa.String(40), primary_key=True),
