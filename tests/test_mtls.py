@@ -25,7 +25,7 @@ from clipstore.config import Config
 from clipstore.server import ClipstoreServer, running_server
 from clipstore.tls import Issuer, cert_pem, client_sans, issue, key_pem, load_issuer, new_ca, revoke, write_dev_certs
 from clipstore.v1 import clip_pb2, clip_pb2_grpc
-from tests.clip_helpers import metadata, put_requests
+from tests.clip_helpers import metadata, put_requests, trailer
 from tests.conftest import FakeClock, make_config
 from tests.grpc_helpers import error_info
 
@@ -268,6 +268,7 @@ def test_reload_swaps_server_certificate_and_crl_without_dropping_a_call(tls_ser
         yield clip_pb2.PutClipRequest(metadata=metadata())
         release.wait(10)
         yield clip_pb2.PutClipRequest(audio_chunk=b"a" * 1000)
+        yield trailer(b"a" * 1000)
 
     with _channel(tls_server, ca1, *client) as long_lived:
         in_flight = clip_pb2_grpc.ClipServiceStub(long_lived).PutClip.future(upload(), timeout=30)
