@@ -4,24 +4,26 @@ from __future__ import annotations
 
 import secrets
 
-from clipstore.audit import Actor, AuditLog
+from clipstore.audit import Actor, AuditLog, Tx
 from clipstore.blobs import BlobStore
 from clipstore.clock import Clock
 from clipstore.errors import FailedPrecondition, NotFound
 from clipstore.identity import AccountLookup
 from clipstore.logs import get_logger
-from clipstore.store.clips import AccountRepository, AccountRow, ClipRepository
-from clipstore.store.review import ReviewRepository
+from clipstore.store.clips import AccountRepository, AccountRow, ClipRepository, ClipRows
+from clipstore.store.keys import destroy_keks
+from clipstore.store.review import ReviewRows
 from kms import KeyRing, WrappedDek
 
 log = get_logger("clipstore.accounts")
+DELETE_PAGE_CLIPS = 500  # clip rows per unit of work when an account is deleted
 
 
 class AccountDirectory:
     def __init__(self, *, accounts: AccountRepository, clips: ClipRepository, keyring: KeyRing,
-                 lookup: AccountLookup, blobs: BlobStore, audit: AuditLog, clock: Clock, review: ReviewRepository,
+                 lookup: AccountLookup, blobs: BlobStore, audit: AuditLog, clock: Clock,
                  default_allow_review: bool) -> None:
-        self._accounts, self._clips, self._keyring, self._review = accounts, clips, keyring, review
+        self._accounts, self._clips, self._keyring = accounts, clips, keyring
         self._lookup, self._blobs, self._audit, self._clock = lookup, blobs, audit, clock
         self._default_allow = default_allow_review
 
@@ -50,39 +52,55 @@ class AccountDirectory:
 
     def set_review_preference(self, account_id: str, allow: bool, actor: Actor) -> tuple[AccountRow, int, int]:
         """Returns the account and, when review is turned off, how many queued clips and
-        unredeemed grants were withdrawn."""
+        unredeemed grants were withdrawn (in the same unit as the change)."""
         account = self.find_or_create(account_id)
         ref = account.account_ref
-        self._audit.append(actor.record("account.review_preference", account_ref=ref,
-                                        reason="allow" if allow else "deny"))
-        self._accounts.set_allow_review(ref, allow)
-        dequeued = revoked = 0
-        if not allow:
-            dequeued = self._review.dequeue(account_ref=ref)
-            revoked = self._review.void_grants(account_ref=ref)
+
+        def unit(tx: Tx) -> tuple[int, int]:
+            ClipRows(tx.conn).set_allow_review(ref, allow)
+            withdrawn = (0, 0) if allow else ReviewRows(tx.conn).withdraw_from_review(account_ref=ref)
+            tx.audit(actor.record("account.review_preference", account_ref=ref, reason="allow" if allow else "deny"))
+            return withdrawn
+
+        dequeued, revoked = self._audit.run(unit)
         return AccountRow(account_ref=ref, allow_review=allow, retention_days=account.retention_days), \
             dequeued, revoked
 
     def delete_account(self, account_id: str, actor: Actor) -> int:
-        """Crypto-shred first (from then on nothing of the account opens), then delete rows and objects."""
-        account = self.require(account_id)
-        ref = account.account_ref
-        self._audit.append(actor.record("account.delete", account_ref=ref))
-        self._keyring.destroy(ref)
-        self._review.dequeue(account_ref=ref)
-        self._review.void_grants(account_ref=ref)
-        clip_ids = [c.clip_id for c in self._clips.all_for_account(ref)]
-        for clip_id in clip_ids:
-            self._review.forget_clip(clip_id)  # no label or escalation text outlives the clip
-            self._clips.delete(clip_id)
-            try:
-                self._blobs.delete(clip_id)
-            except Exception as exc:  # the object is noise now; the orphan sweep retries
-                log.warning("account.object_delete_failed", clip_id=clip_id, exc_type=type(exc).__name__)
-        self._accounts.delete(ref)  # the pseudonym mapping goes last
+        """Crypto-shred first (from then on nothing of the account opens), then delete rows and objects.
+
+        The shred, the withdrawal from review, the pseudonym mapping and the entry are one unit; the clip
+        rows then go a page per unit (no transaction is held for long), and the objects after them. If
+        the process stops half-way, the purge loop removes what is left (`ClipRepository.shredded`)."""
+        ref = self.require(account_id).account_ref
+
+        def shred(tx: Tx) -> None:
+            destroy_keks(tx.conn, ref, tx.now)
+            ReviewRows(tx.conn).withdraw_from_review(account_ref=ref)
+            ClipRows(tx.conn).delete_account(ref)
+            tx.audit(actor.record("account.delete", account_ref=ref))
+
+        def next_page(tx: Tx) -> list[str]:
+            rows, review = ClipRows(tx.conn), ReviewRows(tx.conn)
+            page = [c.clip_id for c in rows.of_account(ref, DELETE_PAGE_CLIPS)]
+            for clip_id in page:
+                review.forget_clip(clip_id)  # no label or escalation text outlives the clip
+                rows.delete(clip_id)  # its idempotency key stays as a tombstone
+            return page
+
+        self._audit.run(shred)
+        self._keyring.forget(ref)
+        deleted = 0
+        while page := self._audit.run(next_page):
+            deleted += len(page)
+            for clip_id in page:
+                try:
+                    self._blobs.delete(clip_id)
+                except Exception as exc:  # the object is noise now; the orphan sweep retries
+                    log.warning("account.object_delete_failed", clip_id=clip_id, exc_type=type(exc).__name__)
         if not self._accounts.flush_erasure():  # a reader held it back; the next erasure retries
             log.warning("account.wal_not_truncated")
-        return len(clip_ids)
+        return deleted
 
     def retire_key_versions(self, account_id: str, min_version: int, actor: Actor) -> int:
         """Set the minimum decryption version, once no clip of the account still needs an older one."""

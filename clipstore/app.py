@@ -32,7 +32,7 @@ from clipstore.store.clips import AccountRepository, ClipRepository
 from clipstore.store.enrolment import EnrolmentRows
 from clipstore.store.keys import SqlKekStore
 from clipstore.store.principals import PrincipalRows
-from clipstore.store.review import ReviewRepository, ReviewRows
+from clipstore.store.review import ReviewRows
 from clipstore.store.service_keys import load_or_create_service_key
 from kms import AwsKms, KeyProvider, KeyRing, LocalKms
 
@@ -119,7 +119,6 @@ class App:
         self.publishing = publish_loop(config, self.audit)
         self.blobs = blob_store(config)
         self.keyring = KeyRing(self.root, SqlKekStore(self.db), now=self.clock.now)
-        review = ReviewRepository(self.db)
         self.lifecycle = PrincipalLifecycle(
             PrincipalPorts(ledger=self.audit, bind=lambda tx: PrincipalRows(tx.conn), read=self.principals.read,
                            sessions=lambda tx: ReviewRows(tx.conn), clock=self.clock),
@@ -132,11 +131,11 @@ class App:
         self.accounts = AccountDirectory(
             accounts=AccountRepository(self.db), clips=ClipRepository(self.db), keyring=self.keyring,
             lookup=AccountLookup(load_or_create_service_key(self.db, self.root, LOOKUP_KEY_NAME)),
-            blobs=self.blobs, audit=self.audit, clock=self.clock, review=review,
+            blobs=self.blobs, audit=self.audit, clock=self.clock,
             default_allow_review=config.review_default_allow)
-        self.sampler = ReviewSampler(review, rate=config.review_sample_rate)
+        self.sampler = ReviewSampler(rate=config.review_sample_rate)
         self.clips = ClipLibrary(clips=ClipRepository(self.db), accounts=self.accounts, keyring=self.keyring,
-                                 blobs=self.blobs, audit=self.audit, clock=self.clock, review=review,
+                                 blobs=self.blobs, audit=self.audit, clock=self.clock,
                                  sampler=self.sampler, retention_days=config.retention_days,
                                  accidental_retention_hours=config.accidental_retention_hours)
         policy = ReviewPolicy(session_lifetime_s=config.review_session_lifetime_s,

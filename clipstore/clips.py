@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from clipstore.accounts import AccountDirectory
-from clipstore.audit import SYSTEM, Actor, AuditLog
+from clipstore.audit import SYSTEM, Actor, AuditLog, Tx
 from clipstore.blobs import BlobStore
 from clipstore.clock import Clock
 from clipstore.envelope import open_clip, seal_clip
@@ -16,8 +16,8 @@ from clipstore.errors import Cancelled, ClipstoreError, FailedPrecondition, Inva
 from clipstore.identity import open_identity, seal_identity
 from clipstore.logs import get_logger
 from clipstore.sampling import ReviewSampler
-from clipstore.store.clips import ClipRepository, ClipRow
-from clipstore.store.review import ReviewRepository
+from clipstore.store.clips import ClipRepository, ClipRow, ClipRows
+from clipstore.store.review import ReviewRows
 from kms import KeyRing, WrappedDek
 
 MAX_CHUNK_BYTES = 1 << 20  # bounds memory per stream message
@@ -62,10 +62,10 @@ class _Counted:
 
 class ClipLibrary:
     def __init__(self, *, clips: ClipRepository, accounts: AccountDirectory, keyring: KeyRing, blobs: BlobStore,
-                 audit: AuditLog, clock: Clock, review: ReviewRepository, sampler: ReviewSampler,
+                 audit: AuditLog, clock: Clock, sampler: ReviewSampler,
                  retention_days: float, accidental_retention_hours: float) -> None:
         self._clips, self._accounts, self._keyring = clips, accounts, keyring
-        self._review, self._sampler = review, sampler
+        self._sampler = sampler
         self._blobs, self._audit, self._clock = blobs, audit, clock
         self._retention_s = retention_days * 86400
         self._accidental_s = accidental_retention_hours * 3600
@@ -107,18 +107,31 @@ class ClipLibrary:
                       wrapped_dek=wrapped.blob,
                       identity_ct=seal_identity(dek, clip_id, account_id=new.account_id,
                                                 device_serial=new.device_serial))
+
+        def commit(tx: Tx) -> str:
+            # Row, idempotency key, entry and queue place: one unit. `active` is checked inside it, right
+            # before anything is written: a client's retry must find nothing half-done.
+            if not active():
+                raise tx.refuse(Cancelled("the call was cancelled before the clip was committed; nothing was "
+                                          "stored"))
+            rows = ClipRows(tx.conn)
+            owner = rows.owner(actor.id, idem)
+            if owner is not None:  # a concurrent retry with the same key committed first
+                return owner
+            rows.insert(row, principal_id=actor.id, idempotency_hash=idem)
+            tx.audit(actor.record("clip.ingest", account_ref=ref, clip_id=clip_id))
+            review = ReviewRows(tx.conn)
+            self._sampler.offer(review, row, allow_review=review.allows_review(ref), now=tx.now)
+            return clip_id
+
         try:
-            if not active():  # checked last: the client's retry must find nothing half-done
-                raise Cancelled("the call was cancelled before the clip was committed; nothing was stored")
-            self._audit.append(actor.record("clip.ingest", account_ref=ref, clip_id=clip_id))
-            owner = self._clips.insert(row, principal_id=actor.id, idempotency_hash=idem)
+            owner = self._audit.run(commit)
         except Exception:
             self._blobs.delete(clip_id)
             raise
-        if owner != clip_id:  # a concurrent retry with the same key committed first
+        if owner != clip_id:
             self._blobs.delete(clip_id)
             return self._existing(owner)
-        self._sampler.offer(row, allow_review=account.allow_review, now=now)
         return row
 
     def _existing(self, clip_id: str) -> ClipRow:
@@ -159,41 +172,62 @@ class ClipLibrary:
                          account_ref=clip.account_ref)
 
     # -- deletion and retention ---------------------------------------------
-    def _remove(self, clip: ClipRow) -> None:
-        self._review.forget_clip(clip.clip_id)  # out of review, and no label or escalation text left
-        self._clips.delete(clip.clip_id)  # row and wrapped DEK together
+    def _remove(self, clip_id: str, actor: Actor, action: str, *, reason: str = "",
+                still: Callable[[ClipRow, float], bool] = lambda clip, now: True) -> ClipRow | None:
+        """One unit: the entry, the row with its wrapped DEK (the idempotency key stays as a tombstone),
+        its place in review and any label or escalation text; then the object. None if the clip is gone
+        (or no longer meets `still`)."""
+        def unit(tx: Tx) -> ClipRow | None:
+            rows = ClipRows(tx.conn)
+            clip = rows.get(clip_id)
+            if clip is None or not still(clip, tx.now):
+                return None
+            ReviewRows(tx.conn).forget_clip(clip_id)
+            rows.delete(clip_id)
+            tx.audit(actor.record(action, account_ref=clip.account_ref, clip_id=clip_id, reason=reason))
+            return clip
+
+        clip = self._audit.run(unit)
+        if clip is not None:
+            self._delete_object(clip_id)
+        return clip
+
+    def _delete_object(self, clip_id: str) -> None:
         try:
-            self._blobs.delete(clip.clip_id)
+            self._blobs.delete(clip_id)
         except Exception as exc:  # unreadable without its DEK; the orphan sweep retries
-            log.warning("clip.object_delete_failed", clip_id=clip.clip_id, exc_type=type(exc).__name__)
+            log.warning("clip.object_delete_failed", clip_id=clip_id, exc_type=type(exc).__name__)
 
     def delete(self, clip_id: str, actor: Actor) -> None:
-        clip = self._clips.get(clip_id)
-        if clip is None:
+        if self._remove(clip_id, actor, "clip.delete") is None:
             raise NotFound(f"no clip {clip_id}", reason="CLIP_NOT_FOUND")
-        self._audit.append(actor.record("clip.delete", account_ref=clip.account_ref, clip_id=clip_id))
-        self._remove(clip)
 
     def expire_now(self, clip_id: str, actor: Actor) -> None:
         """Out of review at once and purged at the next run (an accidental activation)."""
-        clip = self._clips.get(clip_id)
-        if clip is None:
-            return
-        self._audit.append(actor.record("clip.expire", clip_id=clip_id, account_ref=clip.account_ref,
-                                        reason="accidental_activation"))
-        self._review.dequeue(clip_id=clip_id)
-        self._review.void_grants(clip_id=clip_id)
-        self._clips.set_expiry(clip_id, self._clock.now())
+        def unit(tx: Tx) -> None:
+            clip = ClipRows(tx.conn).get(clip_id)
+            if clip is None:
+                return
+            review = ReviewRows(tx.conn)
+            review.withdraw_from_review(clip_id=clip_id)
+            review.expire_clip(clip_id, tx.now)
+            tx.audit(actor.record("clip.expire", clip_id=clip_id, account_ref=clip.account_ref,
+                                  reason="accidental_activation"))
+        self._audit.run(unit)
 
     def purge_expired(self, actor: Actor = SYSTEM) -> int:
-        """Delete object, row and wrapped DEK of every expired clip; each purge is audited."""
+        """Delete object, row and wrapped DEK of every expired clip, and of every clip whose account was
+        crypto-shredded by a deletion that stopped half-way; each purge is audited."""
         purged = 0
-        while batch := self._clips.expired(self._clock.now(), PURGE_BATCH):
-            for clip in batch:
-                self._audit.append(actor.record("clip.purge", account_ref=clip.account_ref, clip_id=clip.clip_id,
-                                                reason="expired"))
-                self._remove(clip)
-                purged += 1
+        for find, reason, still in (
+                (lambda: self._clips.expired(self._clock.now(), PURGE_BATCH), "expired",
+                 lambda clip, now: clip.expires_at <= now),
+                (lambda: self._clips.shredded(PURGE_BATCH), "account_deleted", lambda clip, now: True)):
+            while batch := find():
+                removed = [self._remove(c.clip_id, actor, "clip.purge", reason=reason, still=still) for c in batch]
+                purged += sum(r is not None for r in removed)
+                if not any(removed):
+                    break
         return purged
 
     def sweep_orphans(self, older_than_s: float = ORPHAN_AGE_S) -> int:

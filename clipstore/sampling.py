@@ -6,7 +6,7 @@ import secrets
 from collections.abc import Callable
 
 from clipstore.store.clips import ClipRow
-from clipstore.store.review import ReviewRepository
+from clipstore.store.review import ReviewRows
 
 
 def _uniform() -> float:
@@ -14,16 +14,16 @@ def _uniform() -> float:
 
 
 class ReviewSampler:
-    def __init__(self, repo: ReviewRepository, *, rate: float, random: Callable[[], float] = _uniform) -> None:
+    def __init__(self, *, rate: float, random: Callable[[], float] = _uniform) -> None:
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"sample rate must be within [0, 1], got {rate}")
-        self._repo, self._rate, self._random = repo, rate, random
+        self._rate, self._random = rate, random
 
-    def offer(self, clip: ClipRow, *, allow_review: bool, now: float) -> bool:
+    def offer(self, rows: ReviewRows, clip: ClipRow, *, allow_review: bool, now: float) -> bool:
         """Queue the clip if it is eligible and sampled. Never: opted-out accounts, accidental
         activations (no wake word), expired clips."""
         eligible = allow_review and clip.wake_word and clip.expires_at > now
         if not eligible or self._random() >= self._rate:
             return False
-        self._repo.enqueue(clip.clip_id, "rc_" + secrets.token_hex(10), clip.account_ref, clip.locale, now)
+        rows.enqueue(clip.clip_id, "rc_" + secrets.token_hex(10), clip.account_ref, clip.locale, now)
         return True

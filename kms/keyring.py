@@ -185,6 +185,10 @@ class KeyRing:
         self._forget(account_ref)
         return destroyed
 
+    def forget(self, account_ref: str) -> None:
+        """Drop the account's cached keys (after its KEKs were destroyed in a caller's transaction)."""
+        self._forget(account_ref)
+
     def _forget(self, account_ref: str) -> None:
         with self._lock:
             self._cache.evict(lambda key: key[0] == account_ref)

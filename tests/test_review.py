@@ -20,6 +20,7 @@ from clipstore.audit.export import export_log
 from clipstore.config import Config
 from clipstore.grants import GrantClaims, encode_grant
 from clipstore.server import ClipstoreServer, running_server
+from clipstore.store.clips import ClipRows
 from clipstore.store.review import ReviewRows
 from clipstore.totp import code_at, matching_step
 from clipstore.v1 import (
@@ -231,7 +232,8 @@ def test_opt_out_dequeues_and_a_grant_issued_before_it_is_denied_at_fetch(w: Wor
 def test_opt_out_is_rechecked_at_fetch_even_if_the_grant_survived(w: World) -> None:
     r, token, _, grant = _ready(w)
     ref = w.server.app.accounts.require(ACCOUNT_ID).account_ref
-    w.server.app.accounts._accounts.set_allow_review(ref, False)  # as if revocation had not reached the grant
+    with w.server.app.db.transaction() as conn:  # as if revocation had not reached the grant
+        ClipRows(conn).set_allow_review(ref, False)
     err = _raises(r.stub.FetchClip, review_pb2.FetchClipRequest(session_token=token, grant=grant.grant,
                                                                 review_clip_id=grant.review_clip_id),
                   metadata=r.md, timeout=10)

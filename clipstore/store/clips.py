@@ -71,40 +71,56 @@ class AccountRepository:
             return False
         return True
 
-    def set_allow_review(self, account_ref: str, allow: bool) -> None:
-        with self._db.transaction() as conn:
-            conn.execute(schema.accounts.update().where(schema.accounts.c.account_ref == account_ref)
-                         .values(allow_review=allow))
-
-    def delete(self, account_ref: str) -> None:
-        with self._db.transaction() as conn:
-            conn.execute(schema.accounts.delete().where(schema.accounts.c.account_ref == account_ref))
-
     def flush_erasure(self) -> bool:
         """Make the deletions so far leave the live database files (SQLite's WAL); False if not yet."""
         return self._db.truncate_wal()
 
 
+class ClipRows:
+    """Accounts, clips and idempotency rows on one connection: inside a unit of work."""
+
+    def __init__(self, conn: sa.Connection) -> None:
+        self._conn = conn
+
+    def owner(self, principal_id: str, key_hash: bytes) -> str | None:
+        """The clip an idempotency key belongs to (perhaps deleted since: the key is then a tombstone)."""
+        t = schema.ingest_idempotency
+        return self._conn.scalar(sa.select(t.c.clip_id).where(t.c.principal_id == principal_id,
+                                                              t.c.key_hash == key_hash))
+
+    def insert(self, clip: ClipRow, *, principal_id: str, idempotency_hash: bytes) -> None:
+        # Parameters passed to a plain insert(): the compiled statement is cached.
+        self._conn.execute(schema.ingest_idempotency.insert(), {
+            "principal_id": principal_id, "key_hash": idempotency_hash, "clip_id": clip.clip_id,
+            "created_at": clip.created_at})
+        self._conn.execute(schema.clips.insert(), clip.__dict__)
+
+    def get(self, clip_id: str) -> ClipRow | None:
+        row = self._conn.execute(sa.select(schema.clips).where(schema.clips.c.clip_id == clip_id)).one_or_none()
+        return None if row is None else clip_row(row)
+
+    def delete(self, clip_id: str) -> bool:
+        """Delete the row and its wrapped DEK. Its idempotency row stays as a tombstone, so a device's
+        retry is told the key is spent instead of storing the recording again."""
+        return self._conn.execute(schema.clips.delete().where(schema.clips.c.clip_id == clip_id)).rowcount == 1
+
+    def of_account(self, account_ref: str, limit: int) -> list[ClipRow]:
+        t = schema.clips
+        return [clip_row(r) for r in self._conn.execute(
+            sa.select(t).where(t.c.account_ref == account_ref).order_by(t.c.clip_id).limit(limit))]
+
+    def set_allow_review(self, account_ref: str, allow: bool) -> None:
+        a = schema.accounts
+        self._conn.execute(a.update().where(a.c.account_ref == account_ref).values(allow_review=allow))
+
+    def delete_account(self, account_ref: str) -> None:
+        """The pseudonym mapping: after it, the account id leads nowhere."""
+        self._conn.execute(schema.accounts.delete().where(schema.accounts.c.account_ref == account_ref))
+
+
 class ClipRepository:
     def __init__(self, db: Database) -> None:
         self._db = db
-
-    def insert(self, clip: ClipRow, *, principal_id: str, idempotency_hash: bytes) -> str:
-        """Commit the row and its idempotency key together; returns the clip id that owns the key
-        (another one if a concurrent retry won)."""
-        try:
-            with self._db.transaction() as conn:
-                # Parameters passed to a plain insert(): the compiled statement is cached.
-                conn.execute(schema.ingest_idempotency.insert(), {
-                    "principal_id": principal_id, "key_hash": idempotency_hash, "clip_id": clip.clip_id,
-                    "created_at": clip.created_at})
-                conn.execute(schema.clips.insert(), clip.__dict__)
-        except sa.exc.IntegrityError:
-            existing = self.by_idempotency(principal_id, idempotency_hash)
-            if existing is None:
-                raise
-            return existing
-        return clip.clip_id
 
     def by_idempotency(self, principal_id: str, key_hash: bytes) -> str | None:
         t = schema.ingest_idempotency
@@ -137,20 +153,18 @@ class ClipRepository:
             return [clip_row(r) for r in conn.execute(sa.select(t).where(t.c.expires_at <= now)
                                                    .order_by(t.c.expires_at).limit(limit))]
 
-    def delete(self, clip_id: str) -> bool:
-        """Delete the row and its wrapped DEK. Its idempotency row stays as a tombstone, so a device's
-        retry is told the key is spent instead of storing the recording again."""
-        with self._db.transaction() as conn:
-            return conn.execute(schema.clips.delete().where(schema.clips.c.clip_id == clip_id)).rowcount == 1
+    def shredded(self, limit: int) -> list[ClipRow]:
+        """Clips whose account keys are destroyed but whose rows remain (an account deletion that stopped
+        half-way): noise, to be removed like expired clips."""
+        t, tomb = schema.clips, schema.account_key_tombstones
+        with self._db.read() as conn:
+            return [clip_row(r) for r in conn.execute(
+                sa.select(t).join(tomb, tomb.c.account_ref == t.c.account_ref).limit(limit))]
 
     def exists(self, clip_id: str) -> bool:
         with self._db.read() as conn:
             return conn.scalar(sa.select(schema.clips.c.clip_id).where(schema.clips.c.clip_id == clip_id)) \
                 is not None
-
-    def set_expiry(self, clip_id: str, expires_at: float) -> None:
-        with self._db.transaction() as conn:
-            conn.execute(schema.clips.update().where(schema.clips.c.clip_id == clip_id).values(expires_at=expires_at))
 
     def update_wrapped_dek(self, clip_id: str, key_version: int, wrapped: bytes) -> None:
         with self._db.transaction() as conn:

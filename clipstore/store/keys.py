@@ -35,17 +35,20 @@ class SqlKekStore:
                                                  t.c.retired.is_(False)).values(retired=True)).rowcount
 
     def destroy_keks(self, account_ref: str) -> int:
-        t = schema.account_keys
         with self._db.transaction() as conn:
-            deleted = conn.execute(t.delete().where(t.c.account_ref == account_ref)).rowcount
-            exists = conn.execute(sa.select(schema.account_key_tombstones.c.account_ref).where(
-                schema.account_key_tombstones.c.account_ref == account_ref)).first()
-            if exists is None:
-                conn.execute(schema.account_key_tombstones.insert().values(account_ref=account_ref,
-                                                                           destroyed_at=time.time()))
-        return deleted
+            return destroy_keks(conn, account_ref, time.time())
 
     def is_destroyed(self, account_ref: str) -> bool:
         t = schema.account_key_tombstones
         with self._db.read() as conn:
             return conn.execute(sa.select(t.c.account_ref).where(t.c.account_ref == account_ref)).first() is not None
+
+
+def destroy_keks(conn: sa.Connection, account_ref: str, now: float) -> int:
+    """Crypto-shred in the caller's transaction: every KEK version goes, a tombstone records when."""
+    t, tombstones = schema.account_keys, schema.account_key_tombstones
+    deleted = conn.execute(t.delete().where(t.c.account_ref == account_ref)).rowcount
+    if conn.execute(sa.select(tombstones.c.account_ref).where(tombstones.c.account_ref == account_ref)).first() \
+            is None:
+        conn.execute(tombstones.insert().values(account_ref=account_ref, destroyed_at=now))
+    return int(deleted)

@@ -18,7 +18,6 @@ import sqlalchemy as sa
 
 from clipstore.store import schema
 from clipstore.store.clips import ClipRow
-from clipstore.store.db import Database
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -374,18 +373,3 @@ class ReviewRows:
         t = schema.escalations
         return self._conn.execute(t.update().where(t.c.escalation_id == escalation_id, t.c.resolved_at.is_(None))
                                   .values(resolved_at=now, resolution_ct=resolution_ct)).rowcount == 1
-
-
-class ReviewRepository:
-    """`ReviewRows` each in a transaction of its own, for callers not yet written as units of work."""
-
-    def __init__(self, db: Database) -> None:
-        self._db = db
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(ReviewRows, name)
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            with self._db.transaction() as conn:
-                return method(ReviewRows(conn), *args, **kwargs)
-        return call

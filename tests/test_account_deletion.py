@@ -1,0 +1,59 @@
+"""Deleting an account is a unit of work (shred, withdrawal, mapping, entry), then pages of clip rows:
+no transaction is held for long, and a deletion that stopped half-way is finished by the purge loop.
+
+On SQLite and PostgreSQL, through a real server on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from clipstore import accounts
+from clipstore.audit import OPERATOR, Tx
+from clipstore.store.clips import ClipRows
+from clipstore.store.keys import destroy_keks
+from clipstore.store.review import ReviewRows
+from clipstore.v1 import account_pb2
+from tests.clip_helpers import ACCOUNT_ID
+from tests.test_idempotency import Ingest, ingest  # noqa: F401  # the fixture
+
+
+def _purges(ingest: Ingest, reason: str) -> int:  # noqa: F811
+    reader = ingest.server.app.audit.reader
+    entries = [json.loads(e) for e in reader.entries(0, reader.size())]
+    return sum(e["action"] == "clip.purge" and e["outcome"]["reason"] == reason for e in entries)
+
+
+def test_a_deletion_that_stopped_after_the_shred_is_finished_by_the_purge(ingest: Ingest) -> None:  # noqa: F811
+    for n in range(3):
+        ingest.put(f"k{n}")
+    app = ingest.server.app
+    ref = app.accounts.require(ACCOUNT_ID).account_ref
+
+    def shred_only(tx: Tx) -> None:  # what DeleteAccount's first unit commits before a crash
+        destroy_keks(tx.conn, ref, tx.now)
+        ReviewRows(tx.conn).withdraw_from_review(account_ref=ref)
+        ClipRows(tx.conn).delete_account(ref)
+        tx.audit(OPERATOR.record("account.delete", account_ref=ref))
+
+    app.audit.run(shred_only)
+    app.keyring.forget(ref)
+    assert ingest.stored()["clips"] == 3  # noise now: the keys are gone
+    assert app.clips.purge_expired() == 3
+    assert ingest.stored() == {"clips": 0, "accounts": 0, "review_queue": 0, "objects": 0}
+    assert _purges(ingest, "account_deleted") == 3
+
+
+def test_an_account_with_more_clips_than_a_page_is_deleted_a_page_per_unit(
+        ingest: Ingest, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    monkeypatch.setattr(accounts, "DELETE_PAGE_CLIPS", 2)
+    for n in range(5):
+        ingest.put(f"k{n}")
+    batches_before = ingest.server.app.audit.batches
+    deleted = ingest.accounts.DeleteAccount(account_pb2.DeleteAccountRequest(account_id=ACCOUNT_ID),
+                                            metadata=ingest.md, timeout=30)
+    assert deleted.deleted_clips == 5
+    assert ingest.stored() == {"clips": 0, "accounts": 0, "review_queue": 0, "objects": 0}
+    assert ingest.server.app.audit.batches - batches_before >= 4  # the shred, then 3 pages (+ the empty probe)
