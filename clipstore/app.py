@@ -151,7 +151,7 @@ class App:
             sessions=Sessions(ports, root=self.root, policy=policy),
             assignments=Assignments(ports, policy=policy),
             grants=Grants(ports, key=grant_key, policy=policy),
-            escalations=Escalations(ports, data_key=self.clips.dek, policy=policy))
+            escalations=Escalations(ports, data_key=self.clips.key, policy=policy))
 
     @contextmanager
     def _enrolment_rows(self) -> Iterator[EnrolmentRows]:

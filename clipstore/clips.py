@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from clipstore.accounts import AccountDirectory
 from clipstore.audit import SYSTEM, Actor, AuditLog, Tx
 from clipstore.blobs import BlobStore
+from clipstore.clipkey import MAGIC_V2, ClipKey, Purpose
 from clipstore.clock import Clock
 from clipstore.envelope import open_clip, seal_clip
 from clipstore.errors import Cancelled, ClipstoreError, FailedPrecondition, InvalidArgument, Kind, NotFound
@@ -25,6 +26,8 @@ MAX_CLIP_BYTES = 256 << 20  # ~2.5 h of 16-bit 16 kHz audio; longer is not a voi
 ORPHAN_AGE_S = 3600.0  # an object without a row this old is a crashed or failed ingest
 PURGE_BATCH = 500
 log = get_logger("clipstore.clips")
+_PURPOSE_OF = {"identity_ct": Purpose.IDENTITY, "note_ct": Purpose.NOTE, "label_ct": Purpose.LABEL,
+               "resolution_ct": Purpose.RESOLUTION}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,7 +108,7 @@ class ClipLibrary:
                       duration_ms=new.duration_ms, captured_at=new.captured_at, wake_word=new.wake_word,
                       created_at=now, expires_at=now + keep_s, key_version=wrapped.key_version,
                       wrapped_dek=wrapped.blob,
-                      identity_ct=seal_identity(dek, clip_id, account_id=new.account_id,
+                      identity_ct=seal_identity(ClipKey(dek), clip_id, account_id=new.account_id,
                                                 device_serial=new.device_serial))
 
         def commit(tx: Tx) -> str:
@@ -151,12 +154,13 @@ class ClipLibrary:
             raise NotFound(f"no clip {clip_id}; it never existed, was deleted, or expired", reason="CLIP_NOT_FOUND")
         return clip
 
-    def dek(self, clip: ClipRow) -> bytes:
-        return self._keyring.unwrap(WrappedDek(key_version=clip.key_version, blob=clip.wrapped_dek),
-                                    account_ref=clip.account_ref, clip_id=clip.clip_id)
+    def key(self, clip: ClipRow) -> ClipKey:
+        """The clip's key: its data key unwrapped by the account's key ring."""
+        return ClipKey(self._keyring.unwrap(WrappedDek(key_version=clip.key_version, blob=clip.wrapped_dek),
+                                            account_ref=clip.account_ref, clip_id=clip.clip_id))
 
     def identity(self, clip: ClipRow) -> dict[str, str]:
-        return open_identity(self.dek(clip), clip.clip_id, clip.identity_ct)
+        return open_identity(self.key(clip), clip.clip_id, clip.identity_ct)
 
     def list(self, account_id: str, *, after: str, limit: int) -> list[ClipRow]:
         account = self._accounts.find(account_id)
@@ -168,7 +172,7 @@ class ClipLibrary:
 
     def audio(self, clip: ClipRow) -> Iterator[bytes]:
         """Authenticated plaintext, segment by segment (bounded memory)."""
-        return open_clip(self.dek(clip), self._blobs.get_stream(clip.clip_id), clip_id=clip.clip_id,
+        return open_clip(self.key(clip).stream_dek, self._blobs.get_stream(clip.clip_id), clip_id=clip.clip_id,
                          account_ref=clip.account_ref)
 
     # -- deletion and retention ---------------------------------------------
@@ -229,6 +233,16 @@ class ClipLibrary:
                 if not any(removed):
                     break
         return purged
+
+    def reseal_legacy(self, limit: int = PURGE_BATCH) -> int:
+        """Move identities, notes, labels and resolutions sealed before the current format (`clipkey`)
+        forward, a page per call: a resumable job the retention loop runs until nothing is left."""
+        moved = 0
+        for table, key, column, row_id, blob, clip in self._clips.sealed_blobs_before(MAGIC_V2, limit):
+            purpose = _PURPOSE_OF[column]
+            new = self.key(clip).reseal(purpose, row_id, blob)
+            moved += self._clips.replace_blob(table, key, column, row_id, blob, new)
+        return moved
 
     def sweep_orphans(self, older_than_s: float = ORPHAN_AGE_S) -> int:
         """Remove objects that have no row (an ingest that crashed after upload) and partial uploads."""

@@ -208,6 +208,7 @@ class ClipstoreServer:
         while not self._stopped.wait(self.app.config.purge_interval_s):
             try:
                 purged, swept = self.app.clips.purge_expired(), self.app.clips.sweep_orphans()
+                self.app.clips.reseal_legacy()
                 if purged or swept:
                     log.info("retention.ran", purged=purged, orphans_removed=swept)
             except Exception as exc:  # the next tick retries; the audit log says what was done

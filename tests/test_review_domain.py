@@ -15,6 +15,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from clipstore.audit import Actor
+from clipstore.clipkey import ClipKey
 from clipstore.errors import ClipstoreError
 from clipstore.review.assignments import Assignments
 from clipstore.review.escalations import Escalations
@@ -44,7 +45,7 @@ class Desk:
         self.sessions = Sessions(self.ports, root=self, policy=POLICY)  # type: ignore[arg-type]
         self.assignments = Assignments(self.ports, policy=POLICY)
         self.grants = Grants(self.ports, key=Ed25519PrivateKey.generate(), policy=POLICY)
-        self.escalations = Escalations(self.ports, data_key=lambda clip: DEK, policy=POLICY)
+        self.escalations = Escalations(self.ports, data_key=lambda clip: ClipKey(DEK), policy=POLICY)
         for actor, locales in ((REVIEWER, ("en-US",)), (OTHER, ())):
             self.store.t.reviewers[actor.id] = ReviewerRow(
                 principal_id=actor.id, locales=locales, wrapped_totp_secret=b"wrapped", last_totp_step=-1,

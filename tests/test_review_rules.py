@@ -26,9 +26,7 @@ import sqlalchemy as sa
 import clipstore.v1
 from clipstore.audit import Actor, Tx
 from clipstore.auth import METHOD_ROLES, PUBLIC_PREFIXES, ROLES
-from clipstore.identity import open_review_text
-from clipstore.review.desk import LABEL_PURPOSE
-from clipstore.review.escalations import RESOLUTION_PURPOSE
+from clipstore.clipkey import Purpose
 from clipstore.server import running_server
 from clipstore.store import schema
 from clipstore.totp import code_at
@@ -152,8 +150,8 @@ def _opened(w: World, assignment_id: str, escalation_id: str) -> tuple[str | Non
                                .where(schema.assignments.c.assignment_id == assignment_id))
         resolution_ct = conn.scalar(sa.select(schema.escalations.c.resolution_ct)
                                     .where(schema.escalations.c.escalation_id == escalation_id))
-    return (open_review_text(clips.dek(clip), LABEL_PURPOSE, assignment_id, bytes(label_ct)) if label_ct else None,
-            open_review_text(clips.dek(clip), RESOLUTION_PURPOSE, escalation_id, bytes(resolution_ct))
+    return (clips.key(clip).open(Purpose.LABEL, assignment_id, bytes(label_ct)).decode() if label_ct else None,
+            clips.key(clip).open(Purpose.RESOLUTION, escalation_id, bytes(resolution_ct)).decode()
             if resolution_ct else None)
 
 

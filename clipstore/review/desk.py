@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from clipstore.audit import Actor, AuditLog
+from clipstore.clipkey import Purpose
 from clipstore.clips import ClipLibrary
 from clipstore.errors import EnvelopeError
-from clipstore.identity import seal_review_text
 from clipstore.review.assignments import Assignments, assigned_clip
 from clipstore.review.escalations import Escalations
 from clipstore.review.policy import ReviewPolicy
@@ -21,8 +21,6 @@ from clipstore.review.redeem import Grants
 from clipstore.review.sessions import Sessions
 from clipstore.store.clips import ClipRow
 from clipstore.store.review import AssignmentRow, EscalationRow, QueuedClip
-
-LABEL_PURPOSE = "assignment-label"
 
 
 class ReviewDesk:
@@ -49,7 +47,7 @@ class ReviewDesk:
 
     def complete(self, token: str, assignment_id: str, label: str, actor: Actor) -> None:
         clip = assigned_clip(self._ports, assignment_id, actor)
-        label_ct = seal_review_text(self._clips.dek(clip), LABEL_PURPOSE, assignment_id, label) if clip else b""
+        label_ct = self._clips.key(clip).seal(Purpose.LABEL, assignment_id, label.encode()) if clip else b""
         self.assignments.complete(token, assignment_id, label_ct, actor)
 
     # -- grants and fetch ----------------------------------------------------------

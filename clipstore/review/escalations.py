@@ -11,8 +11,8 @@ import secrets
 from collections.abc import Callable
 
 from clipstore.audit import Actor, Tx
+from clipstore.clipkey import ClipKey, Purpose
 from clipstore.errors import FailedPrecondition, NotFound
-from clipstore.identity import open_note, seal_note, seal_review_text
 from clipstore.review.assignments import assigned_clip, open_assignment
 from clipstore.review.policy import ReviewPolicy
 from clipstore.review.ports import ReviewPorts
@@ -22,9 +22,8 @@ from clipstore.store.review import EscalationRow
 from kms import KmsError
 
 NOTE_ERASED = "[note erased: the clip was deleted]"
-RESOLUTION_PURPOSE = "escalation-resolution"
 
-DataKey = Callable[[ClipRow], bytes]
+DataKey = Callable[[ClipRow], ClipKey]
 
 
 class Escalations:
@@ -37,7 +36,7 @@ class Escalations:
         review at once and is purged at the next run."""
         escalation_id = "esc_" + secrets.token_hex(10)
         sealed_for = assigned_clip(self._ports, assignment_id, actor)
-        note_ct = seal_note(self._data_key(sealed_for), escalation_id, note) if sealed_for else b""
+        note_ct = self._data_key(sealed_for).seal(Purpose.NOTE, escalation_id, note.encode()) if sealed_for else b""
 
         def unit(tx: Tx) -> str:
             rows = self._ports.bind(tx)
@@ -68,7 +67,7 @@ class Escalations:
         if clip is None or not row.note_ct:
             return NOTE_ERASED
         try:
-            return open_note(self._data_key(clip), row.escalation_id, row.note_ct)
+            return self._data_key(clip).open(Purpose.NOTE, row.escalation_id, row.note_ct).decode()
         except KmsError:  # the account was crypto-shredded
             return NOTE_ERASED
 
@@ -96,7 +95,7 @@ class Escalations:
         if row is None:
             self._ports.deny(actor, "escalation.deny", NotFound("no such escalation",
                                                                 reason="ESCALATION_NOT_FOUND"))
-        resolution_ct = seal_review_text(self._data_key(clip), RESOLUTION_PURPOSE, escalation_id, resolution) \
+        resolution_ct = self._data_key(clip).seal(Purpose.RESOLUTION, escalation_id, resolution.encode()) \
             if clip is not None else None
 
         def unit(tx: Tx) -> EscalationRow:

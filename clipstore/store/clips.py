@@ -38,7 +38,7 @@ class ClipRow:
 
 
 def clip_row(row: sa.Row[tuple[object, ...]]) -> ClipRow:
-    values = dict(row._mapping)
+    values = {column.name: row._mapping[column] for column in schema.clips.columns}
     values["wrapped_dek"], values["identity_ct"] = bytes(values["wrapped_dek"]), bytes(values["identity_ct"])
     return ClipRow(**values)
 
@@ -160,6 +160,33 @@ class ClipRepository:
         with self._db.read() as conn:
             return [clip_row(r) for r in conn.execute(
                 sa.select(t).join(tomb, tomb.c.account_ref == t.c.account_ref).limit(limit))]
+
+    def sealed_blobs_before(self, magic: bytes, limit: int) -> list[tuple[str, str, str, str, bytes, ClipRow]]:
+        """Blobs sealed under a clip's key in an older format than `magic` marks: (table, key column, blob
+        column, row id, blob, clip), for the reseal job; a page at a time, oldest format first."""
+        c, e, a = schema.clips, schema.escalations, schema.assignments
+        found: list[tuple[str, str, str, str, bytes, ClipRow]] = []
+        with self._db.read() as conn:
+            for row in conn.execute(sa.select(c).where(sa.func.substr(c.c.identity_ct, 1, len(magic)) != magic)
+                                    .limit(limit)):
+                clip = clip_row(row)
+                found.append(("clips", "clip_id", "identity_ct", clip.clip_id, clip.identity_ct, clip))
+            for table, key, column in ((e, "escalation_id", "note_ct"), (e, "escalation_id", "resolution_ct"),
+                                       (a, "assignment_id", "label_ct")):
+                blob = table.c[column]
+                stmt = (sa.select(c, table.c[key].label("_row_id"), blob.label("_blob"))
+                        .join(c, c.c.clip_id == table.c.clip_id)
+                        .where(blob.is_not(None), sa.func.length(blob) > 0,
+                               sa.func.substr(blob, 1, len(magic)) != magic).limit(limit))
+                found += [(table.name, key, column, r._row_id, bytes(r._blob), clip_row(r)) for r in conn.execute(stmt)]
+        return found[:limit]
+
+    def replace_blob(self, table: str, key: str, column: str, row_id: str, old: bytes, new: bytes) -> bool:
+        """Swap one sealed blob for its resealed twin, unless it changed in the meantime."""
+        t = schema.metadata.tables[table]
+        with self._db.transaction() as conn:
+            return conn.execute(t.update().where(t.c[key] == row_id, t.c[column] == old)
+                                .values({column: new})).rowcount == 1
 
     def exists(self, clip_id: str) -> bool:
         with self._db.read() as conn:
