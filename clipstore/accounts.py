@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import time
 
 from clipstore.audit import Actor, AuditLog, Tx
 from clipstore.blobs import BlobStore
@@ -10,13 +11,16 @@ from clipstore.clock import Clock
 from clipstore.errors import FailedPrecondition, NotFound
 from clipstore.identity import AccountLookup
 from clipstore.logs import get_logger
-from clipstore.store.clips import AccountRepository, AccountRow, ClipRepository, ClipRows
+from clipstore.store.clips import AccountRepository, AccountRow, ClipRepository, ClipRow, ClipRows
 from clipstore.store.keys import destroy_keks
 from clipstore.store.review import ReviewRows
 from kms import KeyRing, WrappedDek
 
 log = get_logger("clipstore.accounts")
 DELETE_PAGE_CLIPS = 500  # clip rows per unit of work when an account is deleted
+REWRAP_PAGE_CLIPS = 200  # data keys rewrapped per unit of work in a rotation
+ROTATE_MARGIN_S = 1.0  # stop this long before the caller's deadline, to answer in time
+REMAINING_COUNT_LIMIT = 1_000_000  # "remaining" is exact up to this; the caller just calls again
 
 
 class AccountDirectory:
@@ -111,17 +115,28 @@ class AccountDirectory:
         self._audit.append(actor.record("account.key_retire", account_ref=ref, reason=f"below {min_version}"))
         return self._keyring.retire_below(ref, min_version)
 
-    def rotate_key(self, account_id: str, actor: Actor) -> tuple[int, int]:
-        """A new active key version; every clip's DEK is rewrapped to it, audio untouched."""
-        account = self.require(account_id)
-        ref = account.account_ref
-        self._audit.append(actor.record("account.key_rotate", account_ref=ref))
-        version = self._keyring.rotate(ref)
+    def rotate_key(self, account_id: str, actor: Actor, *, budget_s: float | None = None) -> tuple[int, int, int]:
+        """A new active key version, and every clip's DEK rewrapped to it (audio untouched), a page per
+        unit of work. Within `budget_s` (the caller's deadline): what is left is returned, and the next
+        call resumes it instead of adding yet another version. Returns (version, rewrapped, remaining)."""
+        ref = self.require(account_id).account_ref
+        version = self._keyring.active_version(ref)
+        resuming = bool(self._clips.below_version(ref, version, 1))
+        if not resuming:
+            version = self._keyring.rotate(ref)
+        self._audit.append(actor.record("account.key_rotate", account_ref=ref,
+                                        reason=f"{'resume' if resuming else 'new'} version {version}"))
+        stop_at = None if budget_s is None else time.monotonic() + budget_s - ROTATE_MARGIN_S
         rewrapped = 0
-        for clip in self._clips.all_for_account(ref):
-            if clip.key_version != version:
-                new = self._keyring.rewrap(WrappedDek(key_version=clip.key_version, blob=clip.wrapped_dek),
-                                           account_ref=ref, clip_id=clip.clip_id)
-                self._clips.update_wrapped_dek(clip.clip_id, new.key_version, new.blob)
-                rewrapped += 1
-        return version, rewrapped
+        while page := self._clips.below_version(ref, version, REWRAP_PAGE_CLIPS):
+            moved = [(clip, self._keyring.rewrap(WrappedDek(key_version=clip.key_version, blob=clip.wrapped_dek),
+                                                 account_ref=ref, clip_id=clip.clip_id)) for clip in page]
+
+            def store(tx: Tx, moved: list[tuple[ClipRow, WrappedDek]] = moved) -> int:
+                rows = ClipRows(tx.conn)
+                return sum(rows.rewrapped(clip, new.key_version, new.blob) for clip, new in moved)
+
+            rewrapped += self._audit.run(store)
+            if stop_at is not None and time.monotonic() >= stop_at:
+                break
+        return version, rewrapped, len(self._clips.below_version(ref, version, REMAINING_COUNT_LIMIT))

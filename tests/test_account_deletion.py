@@ -57,3 +57,21 @@ def test_an_account_with_more_clips_than_a_page_is_deleted_a_page_per_unit(
     assert deleted.deleted_clips == 5
     assert ingest.stored() == {"clips": 0, "accounts": 0, "review_queue": 0, "objects": 0}
     assert ingest.server.app.audit.batches - batches_before >= 4  # the shred, then 3 pages (+ the empty probe)
+
+
+def test_a_rotation_cut_short_by_its_deadline_resumes_without_adding_another_version(
+        ingest: Ingest, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    monkeypatch.setattr(accounts, "REWRAP_PAGE_CLIPS", 2)
+    for n in range(5):
+        ingest.put(f"k{n}")
+    app = ingest.server.app
+    first = app.accounts.rotate_key(ACCOUNT_ID, OPERATOR, budget_s=0)  # the deadline is already near
+    assert first == (2, 2, 3)  # one page done, then it answered
+    resumed = ingest.accounts.RotateAccountKey(account_pb2.RotateAccountKeyRequest(account_id=ACCOUNT_ID),
+                                               metadata=ingest.md, timeout=60)
+    assert (resumed.active_key_version, resumed.rewrapped_clips, resumed.remaining_clips) == (2, 3, 0)
+    ref = app.accounts.require(ACCOUNT_ID).account_ref
+    for clip in app.clips._clips.all_for_account(ref):  # every clip is on the new version and still opens
+        assert clip.key_version == 2 and b"".join(app.clips.audio(clip))
+    again = app.accounts.rotate_key(ACCOUNT_ID, OPERATOR)  # nothing left behind: a new rotation
+    assert again == (3, 5, 0)

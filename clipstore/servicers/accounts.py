@@ -32,5 +32,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
 
     def RotateAccountKey(self, request: account_pb2.RotateAccountKeyRequest,
                          context: grpc.ServicerContext) -> account_pb2.RotateAccountKeyResponse:
-        version, rewrapped = self._accounts.rotate_key(self._account_id(request.account_id), current_actor())
-        return account_pb2.RotateAccountKeyResponse(active_key_version=version, rewrapped_clips=rewrapped)
+        version, rewrapped, remaining = self._accounts.rotate_key(
+            self._account_id(request.account_id), current_actor(), budget_s=context.time_remaining())
+        return account_pb2.RotateAccountKeyResponse(active_key_version=version, rewrapped_clips=rewrapped,
+                                                    remaining_clips=remaining)

@@ -113,6 +113,12 @@ class ClipRows:
         a = schema.accounts
         self._conn.execute(a.update().where(a.c.account_ref == account_ref).values(allow_review=allow))
 
+    def rewrapped(self, clip: ClipRow, key_version: int, wrapped: bytes) -> bool:
+        """Store a DEK rewrapped under `key_version`, unless the row changed since it was read."""
+        t = schema.clips
+        return self._conn.execute(t.update().where(t.c.clip_id == clip.clip_id, t.c.key_version == clip.key_version)
+                                  .values(key_version=key_version, wrapped_dek=wrapped)).rowcount == 1
+
     def delete_account(self, account_ref: str) -> None:
         """The pseudonym mapping: after it, the account id leads nowhere."""
         self._conn.execute(schema.accounts.delete().where(schema.accounts.c.account_ref == account_ref))
@@ -193,7 +199,10 @@ class ClipRepository:
             return conn.scalar(sa.select(schema.clips.c.clip_id).where(schema.clips.c.clip_id == clip_id)) \
                 is not None
 
-    def update_wrapped_dek(self, clip_id: str, key_version: int, wrapped: bytes) -> None:
-        with self._db.transaction() as conn:
-            conn.execute(schema.clips.update().where(schema.clips.c.clip_id == clip_id)
-                         .values(key_version=key_version, wrapped_dek=wrapped))
+    def below_version(self, account_ref: str, version: int, limit: int) -> list[ClipRow]:
+        """Clips of the account whose DEK is still wrapped under an older key version."""
+        t = schema.clips
+        with self._db.read() as conn:
+            return [clip_row(r) for r in conn.execute(
+                sa.select(t).where(t.c.account_ref == account_ref, t.c.key_version < version)
+                .order_by(t.c.clip_id).limit(limit))]

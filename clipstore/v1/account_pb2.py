@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from clipstore.v1 import options_pb2 as clipstore_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63lipstore/v1/account.proto\x12\x0c\x63lipstore.v1\x1a\x1a\x63lipstore/v1/options.proto\"L\n\x1aSetReviewPreferenceRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x1a\n\x12\x61llow_human_review\x18\x02 \x01(\x08\"i\n\x1bSetReviewPreferenceResponse\x12\x1a\n\x12\x61llow_human_review\x18\x01 \x01(\x08\x12\x16\n\x0e\x64\x65queued_clips\x18\x02 \x01(\r\x12\x16\n\x0erevoked_grants\x18\x03 \x01(\r\"*\n\x14\x44\x65leteAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\".\n\x15\x44\x65leteAccountResponse\x12\x15\n\rdeleted_clips\x18\x01 \x01(\r\"-\n\x17RotateAccountKeyRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"O\n\x18RotateAccountKeyResponse\x12\x1a\n\x12\x61\x63tive_key_version\x18\x01 \x01(\r\x12\x17\n\x0frewrapped_clips\x18\x02 \x01(\r2\xd1\x02\n\x0e\x41\x63\x63ountService\x12r\n\x13SetReviewPreference\x12(.clipstore.v1.SetReviewPreferenceRequest\x1a).clipstore.v1.SetReviewPreferenceResponse\"\x06\xca\xf3\x18\x02\x01\x05\x12`\n\rDeleteAccount\x12\".clipstore.v1.DeleteAccountRequest\x1a#.clipstore.v1.DeleteAccountResponse\"\x06\xca\xf3\x18\x02\x01\x05\x12i\n\x10RotateAccountKey\x12%.clipstore.v1.RotateAccountKeyRequest\x1a&.clipstore.v1.RotateAccountKeyResponse\"\x06\xca\xf3\x18\x02\x01\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63lipstore/v1/account.proto\x12\x0c\x63lipstore.v1\x1a\x1a\x63lipstore/v1/options.proto\"L\n\x1aSetReviewPreferenceRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x1a\n\x12\x61llow_human_review\x18\x02 \x01(\x08\"i\n\x1bSetReviewPreferenceResponse\x12\x1a\n\x12\x61llow_human_review\x18\x01 \x01(\x08\x12\x16\n\x0e\x64\x65queued_clips\x18\x02 \x01(\r\x12\x16\n\x0erevoked_grants\x18\x03 \x01(\r\"*\n\x14\x44\x65leteAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\".\n\x15\x44\x65leteAccountResponse\x12\x15\n\rdeleted_clips\x18\x01 \x01(\r\"-\n\x17RotateAccountKeyRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"h\n\x18RotateAccountKeyResponse\x12\x1a\n\x12\x61\x63tive_key_version\x18\x01 \x01(\r\x12\x17\n\x0frewrapped_clips\x18\x02 \x01(\r\x12\x17\n\x0fremaining_clips\x18\x03 \x01(\r2\xd1\x02\n\x0e\x41\x63\x63ountService\x12r\n\x13SetReviewPreference\x12(.clipstore.v1.SetReviewPreferenceRequest\x1a).clipstore.v1.SetReviewPreferenceResponse\"\x06\xca\xf3\x18\x02\x01\x05\x12`\n\rDeleteAccount\x12\".clipstore.v1.DeleteAccountRequest\x1a#.clipstore.v1.DeleteAccountResponse\"\x06\xca\xf3\x18\x02\x01\x05\x12i\n\x10RotateAccountKey\x12%.clipstore.v1.RotateAccountKeyRequest\x1a&.clipstore.v1.RotateAccountKeyResponse\"\x06\xca\xf3\x18\x02\x01\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,7 +49,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROTATEACCOUNTKEYREQUEST']._serialized_start=349
   _globals['_ROTATEACCOUNTKEYREQUEST']._serialized_end=394
   _globals['_ROTATEACCOUNTKEYRESPONSE']._serialized_start=396
-  _globals['_ROTATEACCOUNTKEYRESPONSE']._serialized_end=475
-  _globals['_ACCOUNTSERVICE']._serialized_start=478
-  _globals['_ACCOUNTSERVICE']._serialized_end=815
+  _globals['_ROTATEACCOUNTKEYRESPONSE']._serialized_end=500
+  _globals['_ACCOUNTSERVICE']._serialized_start=503
+  _globals['_ACCOUNTSERVICE']._serialized_end=840
 # @@protoc_insertion_point(module_scope)

@@ -126,17 +126,23 @@ class RotateAccountKeyResponse(_message.Message):
 
     ACTIVE_KEY_VERSION_FIELD_NUMBER: _builtins.int
     REWRAPPED_CLIPS_FIELD_NUMBER: _builtins.int
+    REMAINING_CLIPS_FIELD_NUMBER: _builtins.int
     active_key_version: _builtins.int
     rewrapped_clips: _builtins.int
+    remaining_clips: _builtins.int
+    """Clips still under an older version when the call's deadline came near:
+    call again and the rotation resumes (no further version is added).
+    """
     def __init__(
         self,
         *,
         active_key_version: _builtins.int = ...,
         rewrapped_clips: _builtins.int = ...,
+        remaining_clips: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_key_version", b"active_key_version", "rewrapped_clips", b"rewrapped_clips"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_key_version", b"active_key_version", "remaining_clips", b"remaining_clips", "rewrapped_clips", b"rewrapped_clips"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
