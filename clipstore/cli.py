@@ -164,6 +164,44 @@ def _cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_keys_migrate_root(args: argparse.Namespace) -> int:
+    from clipstore.app import root_provider
+    from clipstore.audit import OPERATOR, AuditLog
+    from clipstore.audit.signing import load_or_create_signer
+    from clipstore.clock import SystemClock
+    from clipstore.root_migration import EitherRoot, RootMigrationError, migrate_root
+    from clipstore.store import Database
+    from kms import AwsKms, KmsError
+    config = _config(args)
+    if config.kms is not None:
+        print("error: kms.key_id is already set; migrate-root moves a local root key to AWS KMS", file=sys.stderr)
+        return 2
+    # Not the whole App: after a run that stopped half-way the service keys may be wrapped by either root.
+    old, new = root_provider(config), AwsKms(args.to_kms_key_id, endpoint_url=args.kms_endpoint_url,
+                                             region=args.kms_region)
+    db = Database(config.effective_database_url)
+    try:
+        audit = AuditLog(db, load_or_create_signer(db, EitherRoot(old, new)), SystemClock(),
+                         checkpoint_every_entries=config.audit_checkpoint_every_entries,
+                         checkpoint_every_s=config.audit_checkpoint_every_s)
+        try:
+            report = migrate_root(db, old, new, audit, OPERATOR, dry_run=args.dry_run,
+                                  progress=lambda line: print(line, file=sys.stderr))
+        finally:
+            audit.close()
+    except (RootMigrationError, KmsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        db.close()
+    for moved in report:
+        print(f"{moved.kind}: {moved.moved} rewrapped, {moved.already} already under the KMS key")
+    if not args.dry_run:
+        print(f"next: set kms.key_id = \"{args.to_kms_key_id}\" (CLIPSTORE_KMS_KEY_ID) and start the service; "
+              "keep root.key offline until it serves, then destroy it")
+    return 0
+
+
 def _cmd_keys_retire(args: argparse.Namespace) -> int:
     from clipstore.app import App
     from clipstore.audit import OPERATOR
@@ -229,6 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
     retire.add_argument("--account-id", required=True)
     retire.add_argument("--below", type=int, required=True, help="retire every version below this one")
     retire.set_defaults(func=_cmd_keys_retire)
+
+    migrate = ksub.add_parser("migrate-root", help="rewrap every root-wrapped key under an AWS KMS key (service "
+                              "stopped); resumable; then set kms.key_id", epilog="example: clipstore keys "
+                              "migrate-root --to-kms-key-id alias/clipstore-root --kms-region eu-west-1")
+    _add_config_flags(migrate)
+    migrate.add_argument("--to-kms-key-id", required=True, help="the AWS KMS key (id, ARN or alias) to move to")
+    migrate.add_argument("--kms-endpoint-url", help="a KMS-compatible endpoint (tests, local stacks)")
+    migrate.add_argument("--kms-region")
+    migrate.add_argument("--dry-run", action="store_true", help="check every key opens; change nothing")
+    migrate.set_defaults(func=_cmd_keys_migrate_root)
 
     purge = sub.add_parser("purge", help="delete expired clips (object, row, wrapped key) and orphan objects")
     _add_config_flags(purge)

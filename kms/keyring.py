@@ -29,6 +29,11 @@ NONCE_BYTES = 12
 DEFAULT_CACHE_TTL_S = 300.0
 DEFAULT_CACHE_MAX_ACCOUNTS = 10_000
 _KEK_PURPOSE = "account-kek"
+
+
+def kek_context(account_ref: str, version: int) -> dict[str, str]:
+    """The encryption context an account key version is wrapped under by the root."""
+    return {"account_ref": account_ref, "key_version": str(version), "purpose": _KEK_PURPOSE}
 K = TypeVar("K")
 V = TypeVar("V")
 
@@ -123,9 +128,7 @@ class KeyRing:
         total = self._cache.hits + self._cache.misses
         return self._cache.hits / total if total else 0.0
 
-    @staticmethod
-    def _context(account_ref: str, version: int) -> dict[str, str]:
-        return {"account_ref": account_ref, "key_version": str(version), "purpose": _KEK_PURPOSE}
+    _context = staticmethod(lambda account_ref, version: kek_context(account_ref, version))
 
     # -- account keys ------------------------------------------------------
     def _records(self, account_ref: str) -> list[KekRecord]:
