@@ -1,0 +1,31 @@
+"""The writer's entries are exactly what the verifier calls canonical."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from auditlog.entry import make_entry, parse_entry
+from clipstore.audit.log import AuditRecord, entry_bytes
+
+# Any text JSON can carry: quotes, backslashes, control characters, non-ASCII; no lone surrogates,
+# which no str from our code can hold and UTF-8 cannot encode.
+TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(action=TEXT, actor_id=TEXT, role=TEXT, outcome=TEXT, reason=TEXT, clip_id=TEXT, account_ref=TEXT,
+       principal_id=TEXT, request_id=TEXT, prev=TEXT, time=TEXT, seq=st.integers(0, 2**63 - 1))
+def test_writer_entries_are_byte_identical_to_make_entry(action: str, actor_id: str, role: str, outcome: str,
+                                                         reason: str, clip_id: str, account_ref: str,
+                                                         principal_id: str, request_id: str, prev: str, time: str,
+                                                         seq: int) -> None:
+    record = AuditRecord(actor_id=actor_id, actor_role=role, action=action, outcome=outcome, reason=reason,
+                         clip_id=clip_id, account_ref=account_ref, principal_id=principal_id, request_id=request_id)
+    written = entry_bytes(record, seq=seq, prev=prev, time=time)
+    assert written == make_entry(seq=seq, prev=prev, time=time, actor={"id": actor_id, "role": role},
+                                 action=action, target={"clip_id": clip_id, "account_ref": account_ref,
+                                                        "principal_id": principal_id},
+                                 outcome={"result": outcome, "reason": reason}, request_id=request_id)
+    if len(prev) == 64:
+        assert parse_entry(written, 0)["seq"] == seq
