@@ -317,7 +317,8 @@ class AuditLog:
 
     def _chain(self, cursor: Any, outcomes: list[tuple[_Pending[Any], Tx, Any, BaseException | None]],
                size: int, prev: str, now: str, frontier: dict[int, bytes]) -> int:
-        """Number, hash and store the batch's entries and tree nodes; returns the new size."""
+        """Number, hash and store the batch's entries and the subtree hashes they complete; returns the
+        new size."""
         entry_rows: list[tuple[int, bytes]] = []
         node_rows: list[tuple[int, bytes]] = []
         for p, tx, _, _ in outcomes:
@@ -326,7 +327,6 @@ class AuditLog:
                 data = entry_bytes(r, seq=size, prev=prev, time=now)
                 leaf = leaf_hash(data)
                 entry_rows.append((size, data))
-                node_rows.append((node_key(0, size), leaf))
                 h, idx, level = leaf, size, 0
                 while idx & 1:  # a right child: fold in the left sibling from the frontier
                     h = node_hash(frontier.pop(level), h)
@@ -344,15 +344,19 @@ class AuditLog:
         if self._frontier is not None and self._frontier[0] == size:
             return dict(self._frontier[1])
         levels = {node_key(level, (size >> level) - 1): level
-                  for level in range(size.bit_length()) if size >> level & 1}
-        if not levels:
-            return {}
-        marks = ", ".join("?" * len(levels))
-        cursor.execute(self._sql(f"SELECT node_key, hash FROM audit_nodes WHERE node_key IN ({marks})"),  # noqa: S608
-                       tuple(levels))
-        rows = cursor.fetchall()
-        frontier = {levels[k]: bytes(h) for k, h in rows}
-        if len(frontier) != len(levels):
+                  for level in range(1, size.bit_length()) if size >> level & 1}
+        frontier: dict[int, bytes] = {}
+        if levels:
+            marks = ", ".join("?" * len(levels))
+            cursor.execute(self._sql(f"SELECT node_key, hash FROM audit_nodes WHERE node_key IN ({marks})"),  # noqa: S608
+                           tuple(levels))
+            frontier = {levels[k]: bytes(h) for k, h in cursor.fetchall()}
+        if size & 1:  # a lone last leaf: its hash is its entry's
+            cursor.execute(self._sql("SELECT entry FROM audit_entries WHERE seq = ?"), (size - 1,))
+            row = cursor.fetchone()
+            if row is not None:
+                frontier[0] = leaf_hash(bytes(row[0]))
+        if len(frontier) != len(levels) + (size & 1):
             raise LookupError("audit tree frontier is incomplete")
         return frontier
 

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import sqlalchemy as sa
 
-from auditlog.merkle import node_hash
+from auditlog.merkle import leaf_hash, node_hash
 from auditlog.tree import Range, consistency_ranges, inclusion_ranges, perfect_subtrees
 from clipstore.store import Database, schema
 
@@ -16,6 +16,8 @@ EXPORT_BATCH_ENTRIES = 10_000
 
 _NODES_BY_KEY = sa.select(schema.audit_nodes.c.node_key, schema.audit_nodes.c.hash).where(
     schema.audit_nodes.c.node_key.in_(sa.bindparam("keys", expanding=True)))
+_ENTRIES_BY_SEQ = sa.select(schema.audit_entries.c.seq, schema.audit_entries.c.entry).where(
+    schema.audit_entries.c.seq.in_(sa.bindparam("seqs", expanding=True)))
 
 
 class AuditReader:
@@ -43,13 +45,19 @@ class AuditReader:
             start += len(batch)
 
     def nodes(self, keys: Iterable[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
-        wanted = {schema.node_key(level, idx): (level, idx) for level, idx in keys}
-        if not wanted:
-            return {}
+        """Subtree hashes by (level, index): stored above the leaves, hashed from the entry for a leaf."""
+        wanted = set(keys)
+        inner = {schema.node_key(level, idx): (level, idx) for level, idx in wanted if level}
+        leaves = [idx for level, idx in wanted if not level]
+        found: dict[tuple[int, int], bytes] = {}
         with self._db.read() as conn:
-            found = {wanted[k]: bytes(h) for k, h in conn.execute(_NODES_BY_KEY, {"keys": list(wanted)})}
+            if inner:
+                found.update((inner[k], bytes(h)) for k, h in conn.execute(_NODES_BY_KEY, {"keys": list(inner)}))
+            if leaves:
+                found.update(((0, int(seq)), leaf_hash(bytes(e)))
+                             for seq, e in conn.execute(_ENTRIES_BY_SEQ, {"seqs": leaves}))
         if len(found) != len(wanted):
-            raise LookupError(f"audit tree is missing {len(wanted) - len(found)} stored subtree hashes")
+            raise LookupError(f"audit tree is missing {len(wanted) - len(found)} subtree hashes")
         return found
 
     def _range_roots(self, ranges: Sequence[Range]) -> list[bytes]:

@@ -109,6 +109,30 @@ def _self_enrolment(conn: sa.Connection) -> None:
              sa.Column("redeemed_at", sa.Float, nullable=True)).create(conn)
 
 
+def _post_order_nodes(conn: sa.Connection) -> None:
+    """Audit subtree hashes under their post-order position (a commit's new nodes share a page or two,
+    where level-major keys put each tree level on its own page); leaf hashes are no longer stored.
+    The key formula is spelled out here, frozen, as migration 9 wrote it."""
+    nodes = sa.table("audit_nodes", sa.column("node_key", sa.BigInteger), sa.column("hash", sa.LargeBinary))
+    staging = sa.Table("audit_nodes_m9", sa.MetaData(),
+                       sa.Column("node_key", sa.BigInteger, primary_key=True, autoincrement=False),
+                       sa.Column("hash", sa.LargeBinary(32), nullable=False))
+    staging.create(conn)
+    level_shift = 56  # the keys before: level << 56 | index
+
+    def post_order(key: int) -> int:
+        level, first = key >> level_shift, (key & ((1 << level_shift) - 1)) << (key >> level_shift)
+        return 2 * first - first.bit_count() + (2 << level) - 2
+
+    after = (1 << level_shift) - 1  # level 0 (the leaves) is dropped
+    while rows := conn.execute(sa.select(nodes.c.node_key, nodes.c.hash).where(nodes.c.node_key > after)
+                               .order_by(nodes.c.node_key).limit(10_000)).all():
+        conn.execute(staging.insert(), [{"node_key": post_order(k), "hash": h} for k, h in rows])
+        after = rows[-1][0]
+    conn.execute(sa.text("DROP TABLE audit_nodes"))
+    conn.execute(sa.text("ALTER TABLE audit_nodes_m9 RENAME TO audit_nodes"))
+
+
 MIGRATIONS: list[Migration] = [
     (1, "principals", _principals_v1),
     (2, "audit log", _audit_log),
@@ -120,6 +144,7 @@ MIGRATIONS: list[Migration] = [
     (7, "sealed review text, escalating lockouts", _seal_review_text),
     (8, "self-enrolment: enrolment codes; reviewers without a TOTP secret until they redeem one",
      _self_enrolment),
+    (9, "audit subtree hashes in post-order, leaves not stored", _post_order_nodes),
 ]
 
 
