@@ -68,6 +68,21 @@ class TlsConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ServingConfig:
+    """How much of the server one caller may hold, and for how long (keys `server.*`)."""
+
+    max_workers: int = 64  # threads serving RPCs; health and reflection have their own few
+    max_calls_per_principal: int = 24  # concurrent calls of one principal; the rest stay for others
+    max_streams_per_connection: int = 100  # HTTP/2 concurrent streams on one connection
+    request_body_timeout_s: float = 10.0  # a caller that opened a call must send its message by then
+    stream_max_s: float = 300.0  # the longest PutClip, FetchClip (or other streaming) call
+    keepalive_s: float = 60.0  # ping an idle connection this often ...
+    keepalive_timeout_s: float = 20.0  # ... and close it if the ping is not answered in this time
+    max_connection_idle_s: float = 300.0  # close a connection without calls after this long
+    max_connection_age_s: float = 3600.0  # then ask the client to reconnect (rebalances, sheds state)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     data_dir: Path
     listen: str = DEFAULT_LISTEN
@@ -99,6 +114,9 @@ class Config:
     trust_domain: str = "clipstore"
     key_overlap_s: float = 3600.0
     enrolment_code_ttl_s: float = 3600.0
+    serving: ServingConfig = ServingConfig()
+    denial_summary_s: float = 60.0  # anonymous denials: one audit entry per peer per this interval
+    denials_per_principal: int = 10  # identified denials appended one by one per interval; the rest counted
 
     @property
     def effective_database_url(self) -> str:
@@ -147,6 +165,10 @@ _SCHEMA: dict[str, tuple[str, type]] = {
     "review.max_failed_codes": ("CLIPSTORE_REVIEW_MAX_FAILED_CODES", int),
     "review.lockout_s": ("CLIPSTORE_REVIEW_LOCKOUT_S", float),
     "metrics.listen": ("CLIPSTORE_METRICS_LISTEN", str),
+    "audit.denial_summary_s": ("CLIPSTORE_AUDIT_DENIAL_SUMMARY_S", float),
+    "audit.denials_per_principal": ("CLIPSTORE_AUDIT_DENIALS_PER_PRINCIPAL", int),
+    **{f"server.{name}": (f"CLIPSTORE_SERVER_{name.upper()}", type(default))
+       for name, default in vars(ServingConfig()).items()},
     "auth.trust_domain": ("CLIPSTORE_AUTH_TRUST_DOMAIN", str),
     "auth.key_overlap_s": ("CLIPSTORE_AUTH_KEY_OVERLAP_S", float),
     "audit.tiles": ("CLIPSTORE_AUDIT_TILES", str),
@@ -292,7 +314,19 @@ def _build(values: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         key_overlap_s=_key_overlap(values.get("auth.key_overlap_s", 3600.0)),
         **_witnessing(values),
         enrolment_code_ttl_s=_code_ttl(values.get("auth.enrolment_code_ttl_s", 3600.0)),
+        serving=_serving(_section(values, "server")),
+        denial_summary_s=values.get("audit.denial_summary_s", 60.0),
+        denials_per_principal=values.get("audit.denials_per_principal", 10),
     )
+
+
+def _serving(section: dict[str, Any]) -> ServingConfig:
+    serving = ServingConfig(**section)
+    if serving.max_calls_per_principal >= serving.max_workers:
+        raise ConfigError("server.max_calls_per_principal", f"must be below server.max_workers "
+                                                            f"({serving.max_workers}) so one principal cannot "
+                                                            f"hold every worker")
+    return serving
 
 
 def _witnessing(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -78,6 +78,10 @@ class Reason(StrEnum):
     NOT_IMPLEMENTED = auto(), Kind.NOT_IMPLEMENTED, "the RPC exists in the API but not yet in this release"
     CANCELLED = auto(), Kind.CANCELLED, "the client cancelled the call or its deadline passed; nothing was committed"
     INTERNAL = auto(), Kind.BUG, "a bug; quote the request id"
+    TOO_MANY_CALLS = auto(), Kind.LIMIT_REACHED, \
+        "the principal has `server.max_calls_per_principal` calls in flight; finish some, then retry"
+    STREAM_TOO_LONG = auto(), Kind.LIMIT_REACHED, \
+        "a streaming call may last `server.stream_max_s`; send or read faster, or split the work"
     # -- dependencies --------------------------------------------------------------------------------
     AUDIT_UNAVAILABLE = auto(), Kind.DEPENDENCY_DOWN, "the action could not be audited, so it was not performed; retry"
     BLOB_STORE_UNAVAILABLE = auto(), Kind.DEPENDENCY_DOWN, "the blob store failed; nothing was stored; retry"

@@ -1,6 +1,7 @@
 """The interceptor chain every RPC passes through:
 
-request id → authentication → role check → handler → error mapping → access log.
+request id → authentication → role check → a slot of the principal's share → the request
+body (read only now, within a time limit) → handler → error mapping → access log.
 
 Servicers raise `ClipstoreError`s; this is the one place that turns them into
 a gRPC status carrying `google.rpc.ErrorInfo`.
@@ -12,6 +13,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from concurrent import futures
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
@@ -21,15 +23,19 @@ import grpc
 import sqlalchemy as sa
 import structlog
 
-from clipstore.audit import Actor, AuditLog, AuditRecord
+from clipstore.admission import PrincipalSlots, Timer, Watchdog
+from clipstore.audit import Actor
 from clipstore.auth import PUBLIC_PREFIXES, authorize
+from clipstore.config import ServingConfig
 from clipstore.errors import (
+    Cancelled,
     ClipstoreError,
     DataLoss,
     FailedPrecondition,
     Internal,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     Unavailable,
     Unimplemented,
 )
@@ -51,6 +57,7 @@ class RequestContext:
     request_id: str
     method: str
     principal: Principal | None
+    peer: str = ""  # gRPC's peer string, e.g. ipv4:10.0.0.7:53122
 
 
 _current: ContextVar[RequestContext | None] = ContextVar("clipstore_request", default=None)
@@ -74,16 +81,56 @@ def current_actor() -> Actor:
 
 Authenticator = Callable[[Mapping[str, str], grpc.ServicerContext], Principal]
 DenialHook = Callable[[RequestContext, ClipstoreError], None]
+STREAM_CUT_GRACE_S = 5.0  # a stream still moving past its limit is refused in-band; a stalled one is cut
+
+
+class _Limits:
+    """The time limits of one call: its stream deadline and the watchdog timers armed for it."""
+
+    def __init__(self, watchdog: Watchdog, context: grpc.ServicerContext) -> None:
+        self._watchdog, self._context = watchdog, context
+        self.timers: list[Timer] = []
+        self.stream_ends_at: float | None = None
+
+    def arm(self, after_s: float, limit: str) -> Timer:
+        timer = self._watchdog.arm(after_s, limit, self._context.cancel)
+        self.timers.append(timer)
+        return timer
+
+    def check_stream(self) -> None:
+        if self.stream_ends_at is not None and time.monotonic() > self.stream_ends_at:
+            raise ResourceExhausted("the stream has run longer than the server allows; send or read faster, "
+                                    "or split the work", reason="STREAM_TOO_LONG")
+
+    def cut_by(self) -> str | None:
+        return next((t.limit for t in self.timers if t.fired), None)
 
 
 class ClipstoreInterceptor(grpc.ServerInterceptor):
-    """Runs the chain around every handler; see the module docstring."""
+    """Runs the chain around every handler; see the module docstring.
 
-    def __init__(self, authenticate: Authenticator, on_denied: DenialHook | None = None,
-                 on_finished: Callable[[str, str, float], None] | None = None) -> None:
+    Every handler is served request-streaming, whatever its declared shape. grpcio's sync server
+    reads a unary request on a worker thread before it calls the handler, so a caller that opens
+    calls and never sends their messages holds every worker before anyone knows who it is (32
+    such calls stopped health and every role). A request-streaming handler starts at once: the
+    chain checks credentials first and reads the body only for a caller who passed, within
+    `request_body_timeout_s`; a refused caller's message is never read.
+    """
+
+    def __init__(self, authenticate: Authenticator, *, serving: ServingConfig,
+                 on_denied: DenialHook | None = None,
+                 on_finished: Callable[[str, str, float], None] | None = None,
+                 public_pool: futures.ThreadPoolExecutor | None = None) -> None:
         self._authenticate = authenticate
+        self._serving = serving
         self._on_denied = on_denied
         self._on_finished = on_finished
+        self._public_pool = public_pool
+        self._slots = PrincipalSlots(serving.max_calls_per_principal)
+        self._watchdog = Watchdog()
+
+    def close(self) -> None:
+        self._watchdog.close()
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = continuation(details)
@@ -92,16 +139,53 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
         method: str = details.method
         metadata = {k: v for k, v in details.invocation_metadata or () if isinstance(v, str)}
         public = method.startswith(PUBLIC_PREFIXES)
-        wrap = self._wrap_stream if handler.response_streaming else self._wrap_unary
-        kind = ("stream" if handler.request_streaming else "unary") + "_" + (
-            "stream" if handler.response_streaming else "unary")
-        behavior = getattr(handler, kind)
-        parse = _parser(handler.request_deserializer, handler.request_streaming)
-        wrapped = wrap(behavior, parse, method, metadata, public)
-        factory = getattr(grpc, f"{kind}_rpc_method_handler")
+        streaming = handler.request_streaming or handler.response_streaming
+        behavior = getattr(handler, ("stream" if handler.request_streaming else "unary") + "_" + (
+            "stream" if handler.response_streaming else "unary"))
+        parse = _parser(handler.request_deserializer)
+        read = self._read_stream if handler.request_streaming else self._read_one
+
+        if handler.response_streaming:
+            def run(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
+                with self._scope(method, metadata, public, streaming, context) as limits:
+                    for response in behavior(read(requests, parse, limits), context):
+                        limits.check_stream()
+                        yield response
+            factory = grpc.stream_stream_rpc_method_handler
+        else:
+            def run(requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:  # type: ignore[misc]
+                with self._scope(method, metadata, public, streaming, context) as limits:
+                    return behavior(read(requests, parse, limits), context)
+            factory = grpc.stream_unary_rpc_method_handler
+        if public and self._public_pool is not None:
+            # Health and reflection answer anyone, so they run on their own few threads: callers
+            # holding those cannot take a worker from authenticated RPCs.
+            run.experimental_thread_pool = self._public_pool  # type: ignore[attr-defined]
         # The request bytes reach us undecoded: grpcio answers a body that does not parse with
         # INTERNAL ("Exception deserializing request!"), which is the caller's error, not ours.
-        return factory(wrapped, request_deserializer=None, response_serializer=handler.response_serializer)
+        return factory(run, request_deserializer=None, response_serializer=handler.response_serializer)
+
+    # -- reading the request -------------------------------------------------
+    def _read_one(self, requests: Iterator[bytes], parse: Callable[[bytes], Any], limits: _Limits) -> Any:
+        timer = limits.arm(self._serving.request_body_timeout_s, "request_body_timeout_s")
+        try:
+            raw = next(requests, None)
+        finally:
+            Watchdog.disarm(timer)
+        if raw is None and timer.fired:  # grpcio ends the iterator as if half-closed when a call is cut
+            raise _ended(limits)
+        if raw is None:
+            raise InvalidArgument("request", "this method takes exactly one request message",
+                                  reason="MALFORMED_REQUEST")
+        return parse(raw)
+
+    @staticmethod
+    def _read_stream(requests: Iterator[bytes], parse: Callable[[bytes], Any], limits: _Limits) -> Iterator[Any]:
+        for raw in requests:
+            limits.check_stream()
+            yield parse(raw)
+        if limits.cut_by():  # the watchdog cut the call: its end is not the client's
+            raise _ended(limits)
 
     # -- the chain -------------------------------------------------------
     def _request_context(self, method: str, metadata: Mapping[str, str],
@@ -110,13 +194,18 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
         request_id = incoming if _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
         context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
         structlog.contextvars.bind_contextvars(request_id=request_id)
-        return RequestContext(request_id=request_id, method=method, principal=None)
+        return RequestContext(request_id=request_id, method=method, principal=None, peer=context.peer())
 
-    def _authenticated(self, ctx: RequestContext, metadata: Mapping[str, str],
-                       context: grpc.ServicerContext) -> RequestContext:
+    def _admitted(self, ctx: RequestContext, metadata: Mapping[str, str],
+                  context: grpc.ServicerContext) -> RequestContext:
+        """Who is calling, may their role call this, and do they have a free slot."""
         try:
             ctx = replace(ctx, principal=self._authenticate(metadata, context))
-            authorize(ctx.principal, ctx.method)  # type: ignore[arg-type]
+            assert ctx.principal is not None
+            authorize(ctx.principal, ctx.method)
+            if not self._slots.acquire(ctx.principal.id):
+                raise ResourceExhausted(f"{self._serving.max_calls_per_principal} calls of this principal are "
+                                        "in flight; finish some, then retry", reason="TOO_MANY_CALLS")
         except ClipstoreError as exc:
             if self._on_denied is not None:
                 self._on_denied(ctx, exc)
@@ -135,17 +224,23 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
         return Internal(f"internal error; retry later and quote request id {ctx.request_id}")
 
     @contextmanager
-    def _scope(self, method: str, metadata: Mapping[str, str], public: bool,
-               context: grpc.ServicerContext) -> Iterator[None]:
+    def _scope(self, method: str, metadata: Mapping[str, str], public: bool, streaming: bool,
+               context: grpc.ServicerContext) -> Iterator[_Limits]:
         started = time.perf_counter()
         ctx = self._request_context(method, metadata, context)
+        limits = _Limits(self._watchdog, context)
         status = "OK"
+        holding: str | None = None  # the principal whose slot this call holds
         try:
             if not public:
-                ctx = self._authenticated(ctx, metadata, context)
+                ctx = self._admitted(ctx, metadata, context)
+                holding = ctx.principal.id if ctx.principal else None
+            if streaming:
+                limits.stream_ends_at = time.monotonic() + self._serving.stream_max_s
+                limits.arm(self._serving.stream_max_s + STREAM_CUT_GRACE_S, "stream_max_s")
             token = _current.set(ctx)
             try:
-                yield
+                yield limits
             finally:
                 _current.reset(token)
             # A handler can finish normally after its client left (grpcio may end a request
@@ -155,41 +250,43 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
             status = "CANCELLED"
             raise
         except Exception as exc:
+            # A call that ended under the handler has nobody to tell; record what happened (aborting
+            # a dead call sends nothing, and keeps grpcio from logging the exception as a crash).
             ended = _ended_early(context)
-            if ended is not None:  # nobody is listening any more: record what happened, send nothing
-                status = ended
-            else:
-                error = self._error_for(exc, ctx)
-                status = status_code(error).name
-                context.abort_with_status(grpc_status(error, ctx.request_id))
+            error = _ended(limits) if ended else self._error_for(exc, ctx)
+            status = ended or status_code(error).name
+            context.abort_with_status(grpc_status(error, ctx.request_id))
         finally:
+            for timer in limits.timers:
+                Watchdog.disarm(timer)
+            if holding is not None:
+                self._slots.release(holding)
             elapsed = time.perf_counter() - started
             log.info("rpc", method=ctx.method, status=status,
                      principal=ctx.principal.id if ctx.principal else None,
                      role=ctx.principal.role if ctx.principal else None,
-                     duration_ms=round(elapsed * 1000, 3))
+                     duration_ms=round(elapsed * 1000, 3), **_cut(limits))
             if self._on_finished is not None:
                 self._on_finished(method, status, elapsed)
             structlog.contextvars.unbind_contextvars("request_id")
 
-    def _wrap_unary(self, behavior: Callable[..., Any], parse: Callable[[Any], Any], method: str,
-                    metadata: Mapping[str, str], public: bool) -> Callable[..., Any]:
-        def run(request: Any, context: grpc.ServicerContext) -> Any:
-            with self._scope(method, metadata, public, context):
-                return behavior(parse(request), context)
-        return run
 
-    def _wrap_stream(self, behavior: Callable[..., Iterator[Any]], parse: Callable[[Any], Any], method: str,
-                     metadata: Mapping[str, str], public: bool) -> Callable[..., Iterator[Any]]:
-        def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            with self._scope(method, metadata, public, context):
-                yield from behavior(parse(request), context)
-        return run
+def _ended(limits: _Limits) -> Cancelled:
+    limit = limits.cut_by()
+    return Cancelled(f"the server ended the call at its limit {limit}" if limit else
+                     "the call ended before the server finished (cancelled, deadline passed, or a message "
+                     "the transport refused)")
 
 
-def _parser(deserialize: Callable[[bytes], Any] | None, streaming: bool) -> Callable[[Any], Any]:
+def _cut(limits: _Limits) -> dict[str, str]:
+    """For the access log: the limit the watchdog cancelled this call for, if it did."""
+    limit = limits.cut_by()
+    return {"cut_by": limit} if limit else {}
+
+
+def _parser(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
     """Decode request bytes inside the chain, so a malformed body is the caller's INVALID_ARGUMENT."""
-    def one(raw: bytes) -> Any:
+    def parse(raw: bytes) -> Any:
         if deserialize is None:
             return raw
         try:
@@ -197,9 +294,7 @@ def _parser(deserialize: Callable[[bytes], Any] | None, streaming: bool) -> Call
         except Exception:  # protobuf's DecodeError, or anything a third-party deserializer raises
             raise InvalidArgument("request", "the message does not parse as this method's request type",
                                   reason="MALFORMED_REQUEST") from None
-    if not streaming:
-        return one
-    return lambda raws: (one(raw) for raw in raws)
+    return parse
 
 
 def _ended_early(context: grpc.ServicerContext) -> str | None:
@@ -230,17 +325,3 @@ def translate(exc: BaseException) -> ClipstoreError | None:
     if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
         return Unavailable("the metadata database is unavailable; retry later", reason="DATABASE_UNAVAILABLE")
     return None
-
-
-def audit_denial(audit: AuditLog, ctx: RequestContext, error: ClipstoreError) -> None:
-    """Record a refused credential or role; if even that fails, the call fails as it would anyway."""
-    principal = ctx.principal
-    record = AuditRecord(actor_id=principal.id if principal else "anonymous",
-                         actor_role=principal.role if principal else "", action="auth.deny",
-                         outcome="denied", reason=error.reason, request_id=ctx.request_id,
-                         # whose disabled, expired, rotated-out or revoked credential was presented
-                         principal_id=getattr(error, "principal_id", ""))
-    try:
-        audit.append(record)
-    except Exception as exc:
-        log.error("audit.denial_not_recorded", exc_type=type(exc).__name__)

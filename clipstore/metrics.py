@@ -5,6 +5,7 @@ Names carry units; labels never carry ids, keys or anything a caller sent.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ from prometheus_client.registry import Collector
 from clipstore.audit import AuditRecord
 from clipstore.config import ConfigError
 
+_REASON_CODE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 _LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -28,6 +30,9 @@ class Metrics:
         self.audit_records = Counter("clipstore_audit_records", "audit entries by action, outcome and reason code "
                                      "(grants issued/denied, fetches, purges, …)", ["action", "outcome", "reason"],
                                      registry=r)
+        self.auth_denials = Counter("clipstore_auth_denials", "refused credentials and roles, by whether the "
+                                    "credential named a principal ('principal') or not ('anonymous'), and reason",
+                                    ["caller", "reason"], registry=r)
         self.audit_append_seconds = Histogram("clipstore_audit_commit_duration_seconds",
                                               "time to commit one group of audit entries",
                                               buckets=_LATENCY_BUCKETS_S, registry=r)
@@ -47,8 +52,12 @@ class Metrics:
         self.rpcs.labels(method, code).inc()
         self.rpc_seconds.labels(method).observe(seconds)
 
+    def observe_denial(self, identified: bool, reason: str) -> None:
+        self.auth_denials.labels("principal" if identified else "anonymous", reason).inc()
+
     def observe_record(self, record: AuditRecord) -> None:
-        reason = record.reason if record.outcome != "ok" else ""
+        # A label carries a reason code, never free text (a denial summary's reason holds counts).
+        reason = record.reason if record.outcome != "ok" and _REASON_CODE.match(record.reason) else ""
         self.audit_records.labels(record.action, record.outcome, reason).inc()
 
     def observe_batch(self, entries: int, seconds: float) -> None:

@@ -19,8 +19,9 @@ from clipstore.app import App
 from clipstore.auth import authenticate, authenticate_certificate
 from clipstore.clock import Clock
 from clipstore.config import Config, ConfigError, is_loopback
+from clipstore.denials import DenialLedger
 from clipstore.errors import ClipstoreError
-from clipstore.interceptors import ClipstoreInterceptor, audit_denial
+from clipstore.interceptors import STREAM_CUT_GRACE_S, ClipstoreInterceptor
 from clipstore.logs import get_logger
 from clipstore.metrics import Metrics
 from clipstore.servicers.accounts import AccountServicer
@@ -43,7 +44,7 @@ from clipstore.v1 import (
     safety_pb2_grpc,
 )
 
-MAX_WORKERS = 32
+PUBLIC_WORKERS = 8  # health and reflection: their own threads, so holding them starves no role RPC
 log = get_logger("clipstore.server")
 
 # (full service name, add_*_to_server, base servicer answering UNIMPLEMENTED)
@@ -169,6 +170,25 @@ def _metrics(app: App) -> Metrics:
     return metrics
 
 
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+def _channel_options(config: Config) -> list[tuple[str, int]]:
+    """Transport limits (gRPC core channel arguments) from `server.*` and `max_message_bytes`."""
+    serving = config.serving
+    return [("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.max_concurrent_streams", serving.max_streams_per_connection),
+            ("grpc.keepalive_time_ms", _ms(serving.keepalive_s)),
+            ("grpc.keepalive_timeout_ms", _ms(serving.keepalive_timeout_s)),
+            ("grpc.max_connection_idle_ms", _ms(serving.max_connection_idle_s)),
+            ("grpc.max_connection_age_ms", _ms(serving.max_connection_age_s)),
+            # a call that began just before the age limit may run as long as any call may
+            ("grpc.max_connection_age_grace_ms", _ms(serving.stream_max_s + STREAM_CUT_GRACE_S)),
+            ("grpc.so_reuseport", 0)]
+
+
 class ClipstoreServer:
     """A bound, not yet started server; `port` is the port actually bound."""
 
@@ -179,15 +199,18 @@ class ClipstoreServer:
         self.metrics = _metrics(app)
         self.metrics_port: int | None = None
         self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.denials = DenialLedger(app.audit, interval_s=config.denial_summary_s,
+                                    per_principal=config.denials_per_principal, on_denial=self.metrics.observe_denial)
+        serving = config.serving
+        self._public_pool = futures.ThreadPoolExecutor(max_workers=PUBLIC_WORKERS, thread_name_prefix="rpc-public")
+        self._interceptor = ClipstoreInterceptor(
+            lambda md, context: _principal(app, self.tls, md, context), serving=serving,
+            on_denied=lambda ctx, exc: self.denials.record(peer=ctx.peer, principal=ctx.principal, error=exc,
+                                                           request_id=ctx.request_id),
+            on_finished=self.metrics.observe_rpc, public_pool=self._public_pool)
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="rpc"),
-            interceptors=[ClipstoreInterceptor(lambda md, context: _principal(app, self.tls, md, context),
-                                               on_denied=lambda ctx, exc: audit_denial(app.audit, ctx, exc),
-                                               on_finished=self.metrics.observe_rpc)],
-            options=[("grpc.max_receive_message_length", config.max_message_bytes),
-                     ("grpc.max_send_message_length", config.max_message_bytes),
-                     ("grpc.so_reuseport", 0)],
-        )
+            futures.ThreadPoolExecutor(max_workers=serving.max_workers, thread_name_prefix="rpc"),
+            interceptors=[self._interceptor], options=_channel_options(config))
         implemented = _implemented_servicers(app, self.tls)
         for name, add, base in _SERVICES:
             add(implemented.get(name) or base(), self._server)
@@ -217,6 +240,7 @@ class ClipstoreServer:
     def start(self) -> None:
         if self.app.config.metrics_listen:
             self.metrics_port = self.metrics.serve(self.app.config.metrics_listen)
+        self.denials.start()
         self._server.start()
         self._retention.start()
         for name in ("", *SERVICE_NAMES):
@@ -241,6 +265,9 @@ class ClipstoreServer:
         self._server.stop(grace).wait()
         if self._retention.is_alive():
             self._retention.join()
+        self.denials.close()  # the last interval's counts reach the audit log before it closes
+        self._interceptor.close()
+        self._public_pool.shutdown(wait=False)
         self.metrics.close()
         self.app.close()
         log.info("server.stopped")

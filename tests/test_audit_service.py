@@ -113,9 +113,9 @@ def test_checkpoints_are_signed_after_t_seconds(tmp_path: Path, database_url: st
 def test_auditor_reads_checkpoint_entries_and_proofs_over_grpc(
         server: ClipstoreServer, channel: grpc.Channel, keys: dict[str, str]) -> None:
     clips = clip_pb2_grpc.ClipServiceStub(channel)
-    for _ in range(5):  # denials are audited: they grow the log
+    for _ in range(5):  # denials naming a principal are audited one by one: they grow the log
         with pytest.raises(grpc.RpcError):
-            clips.GetClip(clip_pb2.GetClipRequest(clip_id="c"), timeout=5)
+            clips.GetClip(clip_pb2.GetClipRequest(clip_id="c"), metadata=bearer(keys["reviewer"]), timeout=5)
     stub = audit_pb2_grpc.AuditServiceStub(channel)
     md = bearer(keys["auditor"])
     first = stub.GetCheckpoint(audit_pb2.GetCheckpointRequest(), metadata=md, timeout=5)
@@ -128,7 +128,7 @@ def test_auditor_reads_checkpoint_entries_and_proofs_over_grpc(
     leaves = check_chain(page.entries)
     assert len(leaves) == cp.size
     denials = [json.loads(e) for e in page.entries if json.loads(e)["action"] == "auth.deny"]
-    assert len(denials) >= 5 and denials[0]["outcome"] == {"result": "denied", "reason": "MISSING_CREDENTIALS"}
+    assert len(denials) >= 5 and denials[0]["outcome"] == {"result": "denied", "reason": "WRONG_ROLE"}
     for index in range(cp.size):
         proof = stub.GetInclusionProof(audit_pb2.GetInclusionProofRequest(index=index, tree_size=cp.size),
                                        metadata=md, timeout=5)

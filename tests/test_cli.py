@@ -171,3 +171,9 @@ def test_serve_refuses_a_data_dir_others_can_reach_with_one_line_and_exit_2(
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"config error: {key}: {says.format(d=data_dir)}")
     assert fix in line
+
+
+def test_one_principal_may_not_be_allowed_every_worker() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(env={"CLIPSTORE_SERVER_MAX_WORKERS": "16", "CLIPSTORE_SERVER_MAX_CALLS_PER_PRINCIPAL": "16"})
+    assert caught.value.key == "server.max_calls_per_principal"
