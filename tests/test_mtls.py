@@ -97,7 +97,15 @@ def _denials(server: ClipstoreServer) -> list[dict]:
 
 
 def _refused_and_audited(server: ClipstoreServer, err: grpc.RpcError, reason: str, principal_id: str = "") -> None:
+    """A refusal naming a principal is its own entry; one naming no principal is counted into the peer's
+    `auth.deny_summary` (written every audit.denial_summary_s; flushed here)."""
     assert (err.code(), error_info(err).reason) == (grpc.StatusCode.UNAUTHENTICATED, reason), err.details()
+    if not principal_id:
+        server.denials.flush()
+        summaries = [e for e in map(json.loads, server.app.audit.reader.entries(0, 10_000))
+                     if e["action"] == "auth.deny_summary"]
+        assert summaries[-1]["outcome"]["reason"] == f"count=1 peer=ipv4:127.0.0.1 {reason}=1"
+        return
     last = _denials(server)[-1]
     assert last["outcome"] == {"result": "denied", "reason": reason}
     assert last["target"]["principal_id"] == principal_id
