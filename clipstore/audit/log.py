@@ -43,6 +43,7 @@ from clipstore.store.schema import node_key
 MAX_BATCH_ENTRIES = 4096  # bounds one transaction's size and memory
 APPEND_TIMEOUT_S = 30.0
 GROUP_COMMIT_WAIT_S = 0.0003  # short against an fsync; lets concurrent appenders share it
+GROUP_COMMIT_POLL_S = 0.00005
 log = get_logger("clipstore.audit")
 
 
@@ -217,8 +218,12 @@ class AuditLog:
                 self._maybe_checkpoint(force_time=True)
                 continue
             if self._last_batch_size > 1:
-                # Concurrent callers are about: let them enqueue so one fsync serves them all.
-                time.sleep(GROUP_COMMIT_WAIT_S)
+                # Concurrent callers are about: give as many as the last batch held the time to enqueue
+                # (at most GROUP_COMMIT_WAIT_S), so one fsync serves them all. A fixed sleep cost each
+                # 16-caller batch more than half an fsync.
+                deadline = time.monotonic() + GROUP_COMMIT_WAIT_S
+                while self._queue.qsize() + 1 < self._last_batch_size and time.monotonic() < deadline:
+                    time.sleep(GROUP_COMMIT_POLL_S)
             batch: list[_Pending[Any]] = []
             item: _Pending[Any] | None = first
             while True:
