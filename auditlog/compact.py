@@ -14,6 +14,20 @@ class CompactRange:
         self.size = 0
         self._stack: list[bytes] = []  # subtree roots, highest level first
 
+    @classmethod
+    def resume(cls, size: int, subtrees: list[bytes]) -> CompactRange:
+        """Continue from the roots of the perfect subtrees that make up [0, size), left to right."""
+        if len(subtrees) != size.bit_count():
+            raise ValueError(f"a range of size {size} has {size.bit_count()} subtrees, got {len(subtrees)}")
+        cr = cls()
+        cr.size, cr._stack = size, list(subtrees)
+        return cr
+
+    @property
+    def subtrees(self) -> list[bytes]:
+        """The roots of the perfect subtrees that make up [0, size), left to right."""
+        return list(self._stack)
+
     def append(self, leaf_hash: bytes) -> None:
         h, idx = leaf_hash, self.size
         while idx & 1:  # a right child: merge with the left sibling on the stack

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from clipstore.accounts import AccountDirectory
 from clipstore.audit import AuditLog
-from clipstore.audit.publish import Publisher, storage_for
+from clipstore.audit.publish import Publisher, TileStorage, storage_for
 from clipstore.audit.signing import load_or_create_signer
 from clipstore.audit.witnessing import Cosigner, PublishLoop, WitnessEndpoint
 from clipstore.blobs import BlobStore, FileBlobStore, S3BlobStore
@@ -88,14 +88,13 @@ def _check_private(key: str, path: Path, mode: int) -> None:
                                f"run: chmod {mode:o} {path}")
 
 
-def publish_loop(config: Config, audit: AuditLog) -> PublishLoop | None:
+def publish_loop(config: Config, audit: AuditLog, tiles: TileStorage | None) -> PublishLoop | None:
     """Witnessing and tile publishing, when configured: a background thread off the append path."""
-    if not config.audit_tiles and not config.audit_witnesses:
+    if tiles is None and not config.audit_witnesses:
         return None
-    publisher = Publisher(audit.reader, storage_for(config.audit_tiles, retain_days=config.audit_tiles_retain_days)) \
-        if config.audit_tiles else None
+    publisher = Publisher(audit.reader, tiles) if tiles is not None else None
     cosigner = Cosigner(audit.signer.verifier, [WitnessEndpoint.parse(w) for w in config.audit_witnesses],
-                        config.audit_witness_quorum, audit.reader.consistency_proof) \
+                        config.audit_witness_quorum, audit.consistency_proof) \
         if config.audit_witnesses else None
     loop = PublishLoop(audit.reader, audit.signer.verifier, publisher, cosigner,
                        interval_s=config.audit_publish_every_s)
@@ -116,7 +115,11 @@ class App:
         self.audit = AuditLog(self.db, load_or_create_signer(self.db, self.root), self.clock,
                               checkpoint_every_entries=config.audit_checkpoint_every_entries,
                               checkpoint_every_s=config.audit_checkpoint_every_s)
-        self.publishing = publish_loop(config, self.audit)
+        tiles = storage_for(config.audit_tiles, retain_days=config.audit_tiles_retain_days) \
+            if config.audit_tiles else None
+        # Before anything is appended: the stored log against the published one (may halt the log).
+        self.audit.open(tiles.read if tiles is not None else None)
+        self.publishing = publish_loop(config, self.audit, tiles)
         self.blobs = blob_store(config)
         self.keyring = KeyRing(self.root, SqlKekStore(self.db), now=self.clock.now)
         self.lifecycle = PrincipalLifecycle(

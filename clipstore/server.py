@@ -67,6 +67,7 @@ _SERVICES: list[tuple[str, Callable[[Any, grpc.Server], None], type]] = [
      audit_pb2_grpc.AuditServiceServicer),
 ]
 SERVICE_NAMES = tuple(name for name, _, _ in _SERVICES)
+AUDIT_SERVICE = "clipstore.v1.AuditService"
 
 
 def _implemented_servicers(app: App, tls: ServerTls | None) -> dict[str, Any]:
@@ -167,6 +168,9 @@ def _metrics(app: App) -> Metrics:
     metrics.gauge("clipstore_audit_log_entries", "entries in the audit log", app.audit.reader.size)
     metrics.counter("clipstore_db_commits", "committed read-write database transactions (each a durable write)",
                     lambda: app.db.commits)
+    metrics.gauge("clipstore_audit_history_alert", "1 when the stored audit log is not an extension of what this "
+                  "process wrote, read and signed: signing and every audited action stop (alert on it)",
+                  lambda: 1 if app.audit.halted is not None else 0)
     return metrics
 
 
@@ -245,9 +249,16 @@ class ClipstoreServer:
         self._retention.start()
         for name in ("", *SERVICE_NAMES):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.app.audit.on_halt = lambda exc: self._audit_not_serving()
+        if self.app.audit.halted is not None:
+            self._audit_not_serving()
         log.info("server.started", listen=self.app.config.listen, port=self.port, metrics_port=self.metrics_port,
                  database="sqlite" if self.app.db.is_sqlite else "postgresql",
                  root_kms=type(self.app.root).__name__)
+
+    def _audit_not_serving(self) -> None:
+        """The log refuses to sign and record (a rewritten history): load balancers and operators see it."""
+        self.health.set(AUDIT_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def reload_tls(self) -> bool:
         """Swap in the certificate, key, client CA and CRL files as they are now (SIGHUP); new connections

@@ -18,6 +18,7 @@ the others are committed without it.
 from __future__ import annotations
 
 import contextlib
+import json
 import queue
 import threading
 import time
@@ -30,9 +31,13 @@ from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
 
-from auditlog.checkpoint import Checkpoint, sign_checkpoint
-from auditlog.merkle import leaf_hash, node_hash, root_hash
+from auditlog.checkpoint import Checkpoint, open_checkpoint, sign_checkpoint
+from auditlog.compact import CompactRange
+from auditlog.errors import ProofError, VerificationError
+from auditlog.merkle import leaf_hash, node_hash, root_hash, verify_consistency
 from auditlog.note import NoteSigner
+from auditlog.tiles import TILE_WIDTH, entries_path, parse_bundle, verify_range
+from clipstore.audit.history import HistoryRewritten, RecomputedTree, recompute
 from clipstore.audit.reader import AuditReader
 from clipstore.clock import Clock, rfc3339
 from clipstore.errors import ClipstoreError, Unavailable
@@ -41,6 +46,8 @@ from clipstore.store import Database, schema
 from clipstore.store.schema import node_key
 
 MAX_BATCH_ENTRIES = 4096  # bounds one transaction's size and memory
+READ_BATCH_ENTRIES = 10_000  # bounds memory while reading the stored log back
+PUBLISHED_CHECKPOINT = "checkpoint"  # in the tiles location (C2SP tlog-tiles)
 APPEND_TIMEOUT_S = 30.0
 GROUP_COMMIT_WAIT_S = 0.0003  # short against an fsync; lets concurrent appenders share it
 GROUP_COMMIT_POLL_S = 0.00005
@@ -49,6 +56,10 @@ log = get_logger("clipstore.audit")
 
 class AuditUnavailable(Unavailable):
     reason = "AUDIT_UNAVAILABLE"
+
+
+HALTED_MESSAGE = ("the audit log's stored history failed verification, so this action cannot be recorded "
+                  "truthfully and was not performed; operators: see the audit.history_rewritten alert")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,6 +92,7 @@ class Actor:
 
 SYSTEM = Actor(id="system", role="retention")
 OPERATOR = Actor(id="cli", role="operator")
+STARTUP = Actor(id="system", role="startup")
 
 
 T = TypeVar("T")
@@ -136,6 +148,21 @@ def entry_bytes(r: AuditRecord, *, seq: int, prev: str, time: str) -> bytes:
             f'"time":{_json_str(time)}}}').encode()
 
 
+@dataclass(frozen=True)
+class _Signed:
+    """The last checkpoint this process signed or, after a start, the newest it verified the stored
+    log against; `subtrees` is the compact range of its tree, to extend without re-reading it."""
+
+    size: int
+    root: bytes
+    note: str  # empty: nothing was signed yet and no checkpoint was there to check against
+    last_leaf: bytes
+    subtrees: tuple[bytes, ...]
+
+
+_NOTHING_SIGNED = _Signed(size=0, root=root_hash([]), note="", last_leaf=b"", subtrees=())
+
+
 class AuditLog:
     def __init__(self, db: Database, signer: NoteSigner, clock: Clock, *, checkpoint_every_entries: int,
                  checkpoint_every_s: float, max_batch_entries: int = MAX_BATCH_ENTRIES) -> None:
@@ -149,12 +176,20 @@ class AuditLog:
         self._queue: queue.SimpleQueue[_Pending[Any] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._frontier: tuple[int, dict[int, bytes]] | None = None  # (size, level -> hash)
+        self._open_lock = threading.Lock()
+        self._opened = False
+        self._tree = RecomputedTree(self.reader.entries)
+        self._frontier: tuple[int, dict[int, bytes]] | None = None  # the tree's frontier at (size), for the writer
+        self._signed = _NOTHING_SIGNED
+        self._sign_lock = threading.Lock()
         self._conn: sa.Connection | None = None  # the writer thread's own connection
         self._last_checkpoint = (-1, 0.0)  # (size, time)
+        self.halted: HistoryRewritten | None = None  # set once; nothing is recorded or signed after it
+        self.deleted_accounts: set[str] = set()  # account refs with an `account.delete` entry (found by open())
         self.batches = 0  # for metrics and the benchmark
         self.on_record: Callable[[AuditRecord], None] = lambda record: None
         self.on_batch: Callable[[int, float], None] = lambda entries, seconds: None
+        self.on_halt: Callable[[HistoryRewritten], None] = lambda exc: None
         self._last_batch_size = 0
 
     # -- units of work and appends -----------------------------------------
@@ -164,6 +199,8 @@ class AuditLog:
 
     def submit(self, unit: Unit[T]) -> _Pending[T]:
         self._ensure_started()
+        if self.halted is not None:
+            raise AuditUnavailable(HALTED_MESSAGE)
         pending: _Pending[T] = _Pending(unit)
         self._queue.put(pending)
         return pending
@@ -193,6 +230,7 @@ class AuditLog:
         return self.submit(lambda tx: tx.audit(record)).done
 
     def _ensure_started(self) -> None:
+        self.open()
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="audit-sequencer", daemon=True)
@@ -215,6 +253,7 @@ class AuditLog:
             try:
                 first = self._queue.get(timeout=self._every_s)
             except queue.Empty:
+                self._watch()
                 self._maybe_checkpoint(force_time=True)
                 continue
             if self._last_batch_size > 1:
@@ -247,8 +286,16 @@ class AuditLog:
         live = [p for p in batch if p.done.set_running_or_notify_cancel()]  # skip units withdrawn on timeout
         outcomes: list[tuple[_Pending[Any], Tx, Any, BaseException | None]] = []
         while live:
+            if self.halted is not None:
+                for p in live:
+                    p.done.set_exception(AuditUnavailable(HALTED_MESSAGE))
+                return
             try:
                 outcomes, failed = self._write(live)
+            except HistoryRewritten as exc:
+                self._frontier = None
+                self._halt(exc)
+                continue  # every unit fails as halted, above
             except Exception as exc:
                 self._frontier = None
                 log.error("audit.commit_failed", units=len(live), exc_type=type(exc).__name__)
@@ -297,7 +344,9 @@ class AuditLog:
                     # Lock the head row first: the one place writers of all replicas serialise.
                     cursor.execute("UPDATE audit_head SET size = size WHERE id = 1 RETURNING size, last_hash")
                     size, prev = cursor.fetchone()
-                    frontier = self._load_frontier(cursor, size)
+                    self._follow(cursor, size, prev)
+                    cached = self._frontier
+                    frontier = dict(cached[1]) if cached and cached[0] == size else self._tree.frontier()
                     now = self._clock.now()
                     outcomes: list[tuple[_Pending[Any], Tx, Any, BaseException | None]] = []
                     for p in live:
@@ -309,7 +358,7 @@ class AuditLog:
                                 trans.rollback()
                                 return [], (p, exc)
                             outcomes.append((p, tx, None, exc))
-                    size = self._chain(cursor, outcomes, size, prev, rfc3339(now), frontier)
+                    leaves = self._chain(cursor, outcomes, size, prev, rfc3339(now), frontier)
                     cursor.close()
                 self._db.count_commit()
             except BaseException:
@@ -317,59 +366,191 @@ class AuditLog:
                 with contextlib.suppress(Exception):
                     conn.invalidate()
                 raise
-        self._frontier = (size, frontier)
+        self._tree.append(leaves)
+        self._frontier = (size + len(leaves), frontier)
         return outcomes, None
 
+    def _follow(self, cursor: Any, size: int, last_hash: str) -> None:
+        """The stored head must extend what this process holds: entries other replicas appended since
+        are read back and recomputed; fewer entries, or another last entry, is a rewritten history."""
+        tree = self._tree
+        if size < tree.size:
+            raise HistoryRewritten("shrink", f"the stored log has {size} entries; this process has seen {tree.size}")
+        while tree.size < size:
+            stop = min(size, tree.size + READ_BATCH_ENTRIES)
+            cursor.execute(self._sql("SELECT entry FROM audit_entries WHERE seq >= ? AND seq < ? ORDER BY seq"),
+                           (tree.size, stop))
+            batch = [bytes(e) for (e,) in cursor.fetchall()]
+            if len(batch) != stop - tree.size:
+                raise HistoryRewritten("mismatch", f"audit_head counts {size} entries; entries below it are missing")
+            tree.append(recompute(batch, tree.size, tree.last_leaf))
+        if size and tree.last_leaf.hex() != last_hash:
+            raise HistoryRewritten("fork", "the stored log's last entry is not the one this process wrote or read")
+
     def _chain(self, cursor: Any, outcomes: list[tuple[_Pending[Any], Tx, Any, BaseException | None]],
-               size: int, prev: str, now: str, frontier: dict[int, bytes]) -> int:
-        """Number, hash and store the batch's entries and the subtree hashes they complete; returns the
-        new size."""
+               size: int, prev: str, now: str, frontier: dict[int, bytes]) -> list[bytes]:
+        """Number, hash and store the batch's entries; returns their leaf hashes."""
+        rows: list[tuple[bytes, bytes]] = []
+        for p, tx, _, _ in outcomes:
+            p.first_seq = size + len(rows)
+            for r in tx.records:
+                data = entry_bytes(r, seq=size + len(rows), prev=prev, time=now)
+                leaf = leaf_hash(data)
+                rows.append((data, leaf))
+                prev = leaf.hex()
+        self._store(cursor, size, rows, frontier)
+        return [leaf for _, leaf in rows]
+
+    def _store(self, cursor: Any, size: int, rows: list[tuple[bytes, bytes]], frontier: dict[int, bytes]) -> None:
+        """Insert entries [size, size + n) (given with their leaf hashes), the subtree hashes they complete
+        (for the proofs served to clients, never for signing) and the new head."""
+        if not rows:
+            return
         entry_rows: list[tuple[int, bytes]] = []
         node_rows: list[tuple[int, bytes]] = []
-        for p, tx, _, _ in outcomes:
-            p.first_seq = size
-            for r in tx.records:
-                data = entry_bytes(r, seq=size, prev=prev, time=now)
-                leaf = leaf_hash(data)
-                entry_rows.append((size, data))
-                h, idx, level = leaf, size, 0
-                while idx & 1:  # a right child: fold in the left sibling from the frontier
-                    h = node_hash(frontier.pop(level), h)
-                    idx, level = idx >> 1, level + 1
-                    node_rows.append((node_key(level, idx), h))
-                frontier[level] = h
-                prev, size = leaf.hex(), size + 1
-        if entry_rows:
-            cursor.executemany(self._sql("INSERT INTO audit_entries (seq, entry) VALUES (?, ?)"), entry_rows)
+        for data, leaf in rows:
+            entry_rows.append((size, data))
+            h, idx, level = leaf, size, 0
+            while idx & 1:  # a right child: fold in the left sibling from the frontier
+                h = node_hash(frontier.pop(level), h)
+                idx, level = idx >> 1, level + 1
+                node_rows.append((node_key(level, idx), h))
+            frontier[level] = h
+            size += 1
+        cursor.executemany(self._sql("INSERT INTO audit_entries (seq, entry) VALUES (?, ?)"), entry_rows)
+        if node_rows:
             cursor.executemany(self._sql("INSERT INTO audit_nodes (node_key, hash) VALUES (?, ?)"), node_rows)
-            cursor.execute(self._sql("UPDATE audit_head SET size = ?, last_hash = ? WHERE id = 1"), (size, prev))
-        return size
+        cursor.execute(self._sql("UPDATE audit_head SET size = ?, last_hash = ? WHERE id = 1"),
+                       (size, rows[-1][1].hex()))
 
-    def _load_frontier(self, cursor: Any, size: int) -> dict[int, bytes]:
-        if self._frontier is not None and self._frontier[0] == size:
-            return dict(self._frontier[1])
-        levels = {node_key(level, (size >> level) - 1): level
-                  for level in range(1, size.bit_length()) if size >> level & 1}
-        frontier: dict[int, bytes] = {}
-        if levels:
-            marks = ", ".join("?" * len(levels))
-            cursor.execute(self._sql(f"SELECT node_key, hash FROM audit_nodes WHERE node_key IN ({marks})"),  # noqa: S608
-                           tuple(levels))
-            frontier = {levels[k]: bytes(h) for k, h in cursor.fetchall()}
-        if size & 1:  # a lone last leaf: its hash is its entry's
-            cursor.execute(self._sql("SELECT entry FROM audit_entries WHERE seq = ?"), (size - 1,))
-            row = cursor.fetchone()
-            if row is not None:
-                frontier[0] = leaf_hash(bytes(row[0]))
-        if len(frontier) != len(levels) + (size & 1):
-            raise LookupError("audit tree frontier is incomplete")
-        return frontier
+    # -- halting -------------------------------------------------------------
+    def _halt(self, exc: HistoryRewritten) -> None:
+        """Stop signing and recording for good: an action recorded on a rewritten history would be
+        recorded in a log nobody can verify. A restart verifies the stored log again."""
+        with self._lock:
+            if self.halted is not None:
+                return
+            self.halted = exc
+        log.critical("audit.history_rewritten", kind=exc.kind, detail=exc.detail)
+        self.on_halt(exc)
+
+    # -- start-up: the stored log against what was published ------------------
+    def open(self, published: Callable[[str], bytes] | None = None) -> None:
+        """Recompute the whole stored log once, before the first append, and check it against the
+        checkpoint last published outside the database (`published` reads the tiles location) and the
+        newest one stored. A database restored from a backup lacks what was published after it: those
+        entries are copied back from the tiles (verified first), so the log never rolls back.
+
+        A failure halts the log rather than raising: the service starts, reports audit NOT_SERVING and
+        refuses every action it would have to record."""
+        with self._open_lock:
+            if self._opened:
+                return
+            try:
+                self._recover(published)
+            except HistoryRewritten as exc:
+                self._halt(exc)
+            self._opened = True
+
+    def _anchor(self, note: str, where: str) -> tuple[str, Checkpoint, str]:
+        try:
+            return where, open_checkpoint(note, self.signer.verifier), note
+        except VerificationError as exc:
+            raise HistoryRewritten("mismatch", f"the {where} checkpoint does not verify under this log's key: "
+                                               f"{exc}") from None
+
+    def _recover(self, published: Callable[[str], bytes] | None) -> None:
+        anchors = []
+        if published is not None:
+            with contextlib.suppress(FileNotFoundError):
+                anchors.append(self._anchor(published(PUBLISHED_CHECKPOINT).decode(errors="replace"), "published"))
+        stored = self.reader.latest_checkpoint()
+        if stored is not None:
+            anchors.append(self._anchor(stored[1], "stored"))
+        size, last_hash = self.reader.head()
+        self._extend(self.reader.entries, size, anchors)
+        if size and self._tree.last_leaf.hex() != last_hash:
+            raise HistoryRewritten("mismatch", "audit_head names a last entry that is not the stored one")
+        beyond = max((cp.size for _, cp, _ in anchors), default=0)
+        if beyond > size:
+            top = next((cp for where, cp, _ in anchors if where == "published"), None)
+            if published is None or top is None or top.size < beyond:
+                raise HistoryRewritten("shrink", f"the stored log has {size} entries; a signed checkpoint covers "
+                                                 f"{beyond}")
+            self._restore(published, top, anchors)
+        if self._signed.size < self._tree.size and not self._signed.note and not anchors:
+            # Nothing signed to check against (a new log, or checkpoints deleted with no tiles
+            # configured): what is stored is the base the next checkpoint must extend.
+            size, root, last = self._tree.head()
+            self._signed = _Signed(size=size, root=root, note="", last_leaf=last,
+                                   subtrees=tuple(self._tree.subtrees(size)))
+
+    def _extend(self, read: Callable[[int, int], list[bytes]], target: int,
+                anchors: list[tuple[str, Checkpoint, str]], *, store: bool = False) -> None:
+        """Recompute entries up to `target` from `read`, in batches; at each anchor's size the root must
+        be the one signed. With `store`, the entries are also written to the database (a restore)."""
+        tree = self._tree
+        stops = sorted({cp.size for _, cp, _ in anchors if tree.size < cp.size < target} | {target})
+        for stop in stops:
+            while tree.size < stop:
+                start = tree.size
+                batch = read(start, min(READ_BATCH_ENTRIES, stop - start))
+                if not batch:
+                    raise HistoryRewritten("shrink", f"the stored log ends at {start} entries; {stop} were expected")
+                leaves = recompute(batch, start, tree.last_leaf)
+                self._note_deletions(batch)
+                if store:
+                    self._store_restored(start, list(zip(batch, leaves, strict=True)))
+                tree.append(leaves)
+            for where, cp, note in anchors:
+                if cp.size != stop:
+                    continue
+                root = tree.root(stop)
+                if root != cp.root:
+                    raise HistoryRewritten("fork", f"the first {stop} stored entries are not those the {where} "
+                                                   "checkpoint signed")
+                if stop >= self._signed.size:
+                    self._signed = _Signed(size=stop, root=root, note=note, last_leaf=tree.last_leaf,
+                                           subtrees=tuple(tree.subtrees(stop)))
+
+    def _restore(self, published: Callable[[str], bytes], top: Checkpoint,
+                 anchors: list[tuple[str, Checkpoint, str]]) -> None:
+        """Copy the published entries the database lacks back into it, after checking them against the
+        published tiles and checkpoint (and that the published tree starts with the stored one)."""
+        size = self._tree.size
+        try:
+            verify_range(published, old_size=size, old_root=self._tree.root(size), old_last_leaf=self._tree.last_leaf,
+                         size=top.size, root=top.root)
+        except VerificationError as exc:
+            raise HistoryRewritten("fork", f"the published log does not extend the stored one: {exc}") from None
+        self._extend(_bundle_reader(published, top.size), top.size, anchors, store=True)
+        self._frontier = None
+        log.warning("audit.restored_from_published", entries=top.size - size, size=top.size)
+
+    def _store_restored(self, start: int, rows: list[tuple[bytes, bytes]]) -> None:
+        with self._db.write_lock(), self._db.engine.begin() as conn:
+            cursor = conn.connection.cursor()
+            cursor.execute("UPDATE audit_head SET size = size WHERE id = 1 RETURNING size, last_hash")
+            size, prev = cursor.fetchone()
+            if size != start or (size and prev != self._tree.last_leaf.hex()):
+                raise HistoryRewritten("mismatch", "the stored log changed while published entries were restored")
+            self._store(cursor, start, rows, self._tree.frontier())
+            cursor.close()
+        self._db.count_commit()
+
+    def _note_deletions(self, batch: list[bytes]) -> None:
+        """Remember the accounts the log says were deleted: a restored database may still hold their keys."""
+        for data in batch:
+            if data.startswith(b'{"action":"account.delete","actor":'):
+                entry = json.loads(data)
+                if entry["outcome"]["result"] == "ok" and entry["target"].get("account_ref"):
+                    self.deleted_accounts.add(entry["target"]["account_ref"])
 
     # -- checkpoints -------------------------------------------------------
     def _maybe_checkpoint(self, *, force_time: bool) -> None:
-        size = self._frontier[0] if self._frontier else None
+        size = self._tree.size
         last_size, last_time = self._last_checkpoint
-        if size is None or size == last_size:
+        if self.halted is not None or size == last_size or size == self._signed.size and self._signed.note:
             return
         due = size - max(last_size, 0) >= self._every_entries or \
             self._clock.now() - last_time >= self._every_s or force_time
@@ -380,22 +561,108 @@ class AuditLog:
                 log.error("audit.checkpoint_failed", exc_type=type(exc).__name__)
 
     def checkpoint(self) -> tuple[int, str]:
-        """Sign and store a checkpoint for the log as it is now; returns (size, note)."""
-        t = schema.audit_checkpoints
-        size = self.reader.size()
-        existing = self.reader.latest_checkpoint()
-        if existing is not None and existing[0] == size:
-            return existing
-        root = self.reader.root(size) if size else root_hash([])
-        note = sign_checkpoint(Checkpoint(origin=self.signer.name, size=size, root=root), self.signer)
-        now = self._clock.now()
-        try:
-            with self._db.transaction() as conn:
-                conn.execute(t.insert().values(size=size, root=root, note=note, created_at=now))
-        except sa.exc.IntegrityError:  # another replica signed this size first: serve its note
-            stored = self.reader.latest_checkpoint()
-            assert stored is not None
-            size, note = stored
-        self._last_checkpoint = (size, now)
-        return size, note
+        """Sign and store a checkpoint for the log as this process holds it now; returns (size, note).
 
+        Signs only a tree proven to extend the last checkpoint this process signed (after a start: the
+        newest it verified, see `open`): the entries after it are read back from the database and
+        hashed again; they must chain onto it and give the root this process computed while writing
+        and reading them, and the consistency proof from the old tree to the new one (what witnesses
+        are sent) must verify. Anything else halts the log: nothing is signed."""
+        self.open()
+        t = schema.audit_checkpoints
+        with self._sign_lock:
+            if self.halted is not None:
+                raise AuditUnavailable(HALTED_MESSAGE)
+            size, root, last_leaf = self._tree.head()
+            signed = self._signed
+            try:
+                self._check_head(size, last_leaf)
+                if size == signed.size and signed.note:
+                    return size, signed.note
+                subtrees = self._prove(signed, size, root)
+            except HistoryRewritten as exc:
+                self._halt(exc)
+                raise AuditUnavailable(HALTED_MESSAGE) from None
+            note = sign_checkpoint(Checkpoint(origin=self.signer.name, size=size, root=root), self.signer)
+            now = self._clock.now()
+            try:
+                with self._db.transaction() as conn:
+                    conn.execute(t.insert().values(size=size, root=root, note=note, created_at=now))
+            except sa.exc.IntegrityError:  # another replica signed this size first: the same tree, or a fork
+                if self.reader.checkpoint_root(size) != root:
+                    self._halt(HistoryRewritten("fork", f"a stored checkpoint of size {size} has another root"))
+                    raise AuditUnavailable(HALTED_MESSAGE) from None
+            self._signed = _Signed(size=size, root=root, note=note, last_leaf=last_leaf, subtrees=tuple(subtrees))
+            self._last_checkpoint = (size, now)
+            return size, note
+
+    def _check_head(self, size: int, last_leaf: bytes) -> None:
+        """The stored head must still extend the tree of `size` this process holds (read before it)."""
+        stored, last_hash = self.reader.head()
+        if stored < size:
+            raise HistoryRewritten("shrink", f"the stored log has {stored} entries; this process has seen {size}")
+        if stored == size and size and last_hash != last_leaf.hex():
+            raise HistoryRewritten("fork", "the stored log's last entry is not the one this process wrote or read")
+
+    def _watch(self) -> None:
+        """While idle: a rewrite of the stored log halts the log now, not at the next action."""
+        if self.halted is not None:
+            return
+        try:
+            self._check_head(self._tree.size, self._tree.last_leaf)
+        except HistoryRewritten as exc:
+            self._halt(exc)
+        except Exception as exc:  # the database is away: the next action finds out and says so
+            log.warning("audit.watch_failed", exc_type=type(exc).__name__)
+
+    def _prove(self, signed: _Signed, size: int, root: bytes) -> list[bytes]:
+        """Read entries [signed.size, size) back, recompute them onto the signed tree; returns the new
+        tree's compact range. Raises `HistoryRewritten` unless it is the tree this process holds."""
+        tree = CompactRange.resume(signed.size, list(signed.subtrees))
+        last = signed.last_leaf
+        while tree.size < size:
+            batch = self.reader.entries(tree.size, min(READ_BATCH_ENTRIES, size - tree.size))
+            if not batch:
+                raise HistoryRewritten("shrink", f"the stored log ends at {tree.size} entries; this process wrote "
+                                                 f"or read {size}")
+            for leaf in recompute(batch, tree.size, last):
+                tree.append(leaf)
+                last = leaf
+        if tree.root() != root:
+            raise HistoryRewritten("fork", f"stored entries {signed.size}..{size - 1} no longer hash to what this "
+                                           "process wrote and read")
+        if 0 < signed.size < size:
+            try:
+                verify_consistency(signed.size, size, signed.root, root,
+                                   self._tree.consistency_proof(signed.size, size))
+            except ProofError as exc:
+                raise HistoryRewritten("fork", f"no consistency proof from {signed.size} to {size}: {exc}") from None
+        return tree.subtrees
+
+    def consistency_proof(self, old_size: int, size: int) -> list[bytes]:
+        """PROOF(old_size, size) from hashes this process recomputed: what witnesses are sent."""
+        if size > self._tree.size:
+            self.run(lambda tx: None)  # an empty unit reads back what other replicas appended
+        try:
+            return self._tree.consistency_proof(old_size, size)
+        except HistoryRewritten as exc:
+            self._halt(exc)
+            raise AuditUnavailable(HALTED_MESSAGE) from None
+
+
+def _bundle_reader(read: Callable[[str], bytes], size: int) -> Callable[[int, int], list[bytes]]:
+    """Entries [start, start + n) of a published log of `size` entries, from its entry bundles."""
+    def entries(start: int, n: int) -> list[bytes]:
+        out: list[bytes] = []
+        while n > len(out) and start + len(out) < size:
+            pos = start + len(out)
+            block, width = pos // TILE_WIDTH, min(TILE_WIDTH, size - pos // TILE_WIDTH * TILE_WIDTH)
+            path = entries_path(block, width)
+            try:
+                data = read(path)
+            except FileNotFoundError:  # the spec's fallback: a partial bundle may be gone once the full one exists
+                data = read(entries_path(block))
+            bundle = parse_bundle(data, path)[:width]
+            out.extend(bundle[pos - block * TILE_WIDTH:][:n - len(out)])
+        return out
+    return entries

@@ -28,6 +28,13 @@ class AuditReader:
         with self._db.read() as conn:
             return int(conn.scalar(sa.select(schema.audit_head.c.size).where(schema.audit_head.c.id == 1)) or 0)
 
+    def head(self) -> tuple[int, str]:
+        """(size, hex leaf hash of the last entry) as `audit_head` says."""
+        t = schema.audit_head
+        with self._db.read() as conn:
+            row = conn.execute(sa.select(t.c.size, t.c.last_hash).where(t.c.id == 1)).one()
+        return int(row.size), row.last_hash
+
     def entries(self, start: int, limit: int) -> list[bytes]:
         t = schema.audit_entries
         with self._db.read() as conn:
@@ -84,6 +91,12 @@ class AuditReader:
 
     def consistency_proof(self, old_size: int, size: int) -> list[bytes]:
         return self._range_roots(consistency_ranges(old_size, size))
+
+    def checkpoint_root(self, size: int) -> bytes | None:
+        t = schema.audit_checkpoints
+        with self._db.read() as conn:
+            root = conn.scalar(sa.select(t.c.root).where(t.c.size == size))
+        return None if root is None else bytes(root)
 
     def latest_checkpoint(self) -> tuple[int, str] | None:
         t = schema.audit_checkpoints

@@ -1,0 +1,151 @@
+"""The log as this process recomputed it from entry bytes: the signer's only source of hashes.
+
+Whoever can write the database can delete an entry, re-chain the rest, rebuild `audit_nodes` and
+reset `audit_head`; a signer that took its hashes from those tables would sign the forgery. So each
+process keeps its own Merkle tree, built from leaf hashes it computed itself: of the entries it
+wrote, and of other replicas' entries read back and checked to chain on (seq and prev, the rule
+`auditlog verify --tiles` applies). It never reads `audit_nodes`.
+
+Memory: the tree above 256-entry blocks (one tlog tile) is kept, 32 bytes per 256 entries (about
+2.5 MiB for 10 million entries with the levels above), plus the leaf hashes of the unfinished
+block. A node inside an earlier block is recomputed from that block's entries, which must still
+hash to the block hash kept here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Sequence
+
+from auditlog.entry import GENESIS_PREV
+from auditlog.merkle import HASH_BYTES, node_hash, root_hash
+from auditlog.tree import consistency_ranges, perfect_subtrees
+
+BLOCK_LEVEL = 8
+BLOCK_ENTRIES = 1 << BLOCK_LEVEL
+_sha256 = hashlib.sha256
+
+
+class HistoryRewritten(Exception):
+    """The stored log is not an extension of what this process wrote, read, signed or published.
+
+    `kind`: "shrink" (fewer entries than already seen), "fork" (entries already seen now hash
+    differently) or "mismatch" (the stored log contradicts itself or a signed checkpoint)."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind, self.detail = kind, detail
+
+
+def recompute(entries: Sequence[bytes], first: int, prev_leaf: bytes) -> list[bytes]:
+    """Leaf hashes of entries [first, first + n), each checked to carry its own index and the hash of
+    the entry before it (`prev_leaf`; empty before entry 0), as the tiles verifier checks them."""
+    prev = prev_leaf.hex().encode() if prev_leaf else GENESIS_PREV.encode()
+    leaves = []
+    for index, data in enumerate(entries, first):
+        if b'"prev":"' + prev + b'","request_id":' not in data or b',"seq":%d,"target":' % index not in data:
+            kind = "fork" if index == first and first else "mismatch"
+            raise HistoryRewritten(kind, f"stored entry {index} does not carry seq {index} and the hash of "
+                                         f"entry {index - 1}")
+        leaf = _sha256(b"\x00" + data).digest()
+        leaves.append(leaf)
+        prev = leaf.hex().encode()
+    return leaves
+
+
+class RecomputedTree:
+    """An append-only Merkle tree of recomputed leaf hashes; `read_entries(start, n)` reaches back
+    into the stored log for nodes inside a finished block."""
+
+    def __init__(self, read_entries: Callable[[int, int], list[bytes]]) -> None:
+        self._read = read_entries
+        self._lock = threading.RLock()  # head() holds it across the nodes it reads
+        self.size = 0
+        self.last_leaf = b""  # leaf hash of entry size - 1: what entry `size` must link to
+        self._tail: list[bytes] = []  # leaf hashes of the unfinished block
+        self._levels: list[bytearray] = []  # [k]: roots of the perfect subtrees of 256 * 2**k leaves
+        self._block_cache: tuple[int, list[bytes]] | None = None
+
+    def append(self, leaves: Sequence[bytes]) -> None:
+        """Add leaf hashes the caller computed from entries [size, size + n)."""
+        if not leaves:
+            return
+        with self._lock:
+            for leaf in leaves:
+                self._tail.append(leaf)
+                if len(self._tail) == BLOCK_ENTRIES:
+                    self._push(root_hash(self._tail))
+                    self._tail = []
+            self.size += len(leaves)
+            self.last_leaf = leaves[-1]
+
+    def _push(self, h: bytes) -> None:
+        k = 0
+        while True:
+            if k == len(self._levels):
+                self._levels.append(bytearray())
+            level = self._levels[k]
+            level += h
+            if len(level) // HASH_BYTES % 2:
+                return
+            h, k = node_hash(bytes(level[-2 * HASH_BYTES:-HASH_BYTES]), bytes(level[-HASH_BYTES:])), k + 1
+
+    def _node(self, level: int, index: int) -> bytes:
+        """The root of the perfect subtree over leaves [index * 2**level, (index + 1) * 2**level)."""
+        lo, width = index << level, 1 << level
+        with self._lock:
+            if lo + width > self.size:
+                raise ValueError(f"leaves [{lo}, {lo + width}) are beyond the {self.size} recomputed")
+            if level >= BLOCK_LEVEL:
+                return bytes(self._levels[level - BLOCK_LEVEL][index * HASH_BYTES:(index + 1) * HASH_BYTES])
+            block, offset = lo >> BLOCK_LEVEL, lo % BLOCK_ENTRIES
+            if block == self.size >> BLOCK_LEVEL:
+                return root_hash(self._tail[offset:offset + width])
+            expected = bytes(self._levels[0][block * HASH_BYTES:(block + 1) * HASH_BYTES])
+        return root_hash(self._block(block, expected)[offset:offset + width])
+
+    def _block(self, block: int, expected: bytes) -> list[bytes]:
+        """Leaf hashes of a finished block, recomputed from its stored entries."""
+        cached = self._block_cache
+        if cached is not None and cached[0] == block:
+            return cached[1]
+        first = block * BLOCK_ENTRIES
+        entries = self._read(first, BLOCK_ENTRIES)
+        if len(entries) != BLOCK_ENTRIES:
+            raise HistoryRewritten("shrink", f"entries {first}..{first + BLOCK_ENTRIES - 1} are no longer all stored")
+        leaves = [_sha256(b"\x00" + e).digest() for e in entries]
+        if root_hash(leaves) != expected:
+            raise HistoryRewritten("fork", f"stored entries {first}..{first + BLOCK_ENTRIES - 1} no longer hash to "
+                                           "what this process recomputed from them")
+        self._block_cache = (block, leaves)
+        return leaves
+
+    def _range_root(self, lo: int, hi: int) -> bytes:
+        hashes = [self._node(level, index) for level, index in perfect_subtrees(lo, hi)]
+        root = hashes[-1]
+        for left in reversed(hashes[:-1]):
+            root = node_hash(left, root)
+        return root
+
+    def head(self) -> tuple[int, bytes, bytes]:
+        """(size, root, last leaf hash), consistent with each other; from memory only."""
+        with self._lock:
+            return self.size, self.root(self.size), self.last_leaf
+
+    def root(self, size: int) -> bytes:
+        return self._range_root(0, size) if size else root_hash([])
+
+    def subtrees(self, size: int) -> list[bytes]:
+        """The perfect subtrees of [0, size), left to right (a compact range)."""
+        return [self._node(level, index) for level, index in perfect_subtrees(0, size)]
+
+    def frontier(self) -> dict[int, bytes]:
+        """level -> root of the right-most perfect subtree of that height: what the next append hashes with."""
+        size = self.size  # only the writer thread appends, and it is the caller
+        return {level: self._node(level, (size >> level) - 1) for level in range(size.bit_length())
+                if size >> level & 1}
+
+    def consistency_proof(self, old_size: int, size: int) -> list[bytes]:
+        """RFC 9162 PROOF(old_size, D[size]) from recomputed hashes."""
+        return [self._range_root(lo, hi) for lo, hi in consistency_ranges(old_size, size)]
