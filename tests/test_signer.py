@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from auditlog.entry import GENESIS_PREV, canonical_json, entry_hash
 from auditlog.merkle import consistency_proof, leaf_hash, node_hash, root_hash
+from auditlog.witness import WitnessServer
 from clipstore.audit import AuditRecord, AuditUnavailable
 from clipstore.audit.history import HistoryRewritten, RecomputedTree
 from clipstore.config import Config
@@ -29,6 +30,9 @@ from tests.clip_helpers import metadata, put_requests
 from tests.conftest import FakeClock, bearer, make_config, new_key
 from tests.grpc_helpers import error_info
 from tests.test_review import World, _ready
+from tests.test_witnessing import _config as witnessed_config
+from tests.test_witnessing import _wait_published as wait_cosigned
+from tests.test_witnessing import log_key, witnesses  # noqa: F401 (fixtures)
 
 
 def forge_without(url: str, action: str, *, pad: bool = False) -> int:
@@ -251,3 +255,23 @@ def test_a_node_inside_a_finished_block_is_recomputed_from_its_entries_and_must_
     with pytest.raises(HistoryRewritten) as caught:
         tree.consistency_proof(300, 600)
     assert caught.value.kind == "fork"
+
+
+def test_witnesses_are_sent_proofs_from_recomputed_hashes_never_from_audit_nodes(
+        tmp_path: Path, database_url: str | None, witnesses: list[WitnessServer]) -> None:  # noqa: F811
+    with running_server(witnessed_config(tmp_path, database_url, witnesses)) as server:  # type: ignore[arg-type]
+        app = server.app
+        for i in range(300):
+            app.audit.append(AuditRecord(actor_id="p", actor_role="ingest", action="clip.ingest", request_id=str(i)))
+        old, _ = app.audit.checkpoint()
+        wait_cosigned(app, old)
+        with app.db.transaction() as conn:  # every stored interior node is garbage now
+            conn.execute(sa.text("UPDATE audit_nodes SET hash = :z"), {"z": bytes(32)})
+        for i in range(300):
+            app.audit.append(AuditRecord(actor_id="p", actor_role="ingest", action="clip.ingest", request_id=str(i)))
+        size, _ = app.audit.checkpoint()
+        wait_cosigned(app, size)
+        assert [w.witness.cosigned_size(app.audit.signer.name) for w in witnesses] == [size] * 3
+        leaves = [leaf_hash(e) for e in app.audit.reader.entries(0, size)]
+        assert app.audit.consistency_proof(old, size) == consistency_proof(leaves, old)
+        assert app.audit.reader.consistency_proof(old, size) != consistency_proof(leaves, old)
