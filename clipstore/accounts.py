@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Iterable
 
-from clipstore.audit import Actor, AuditLog, Tx
+from clipstore.audit import Actor, AuditLog, AuditRecord, Tx
 from clipstore.blobs import BlobStore
 from clipstore.clock import Clock
 from clipstore.errors import FailedPrecondition, NotFound
@@ -77,12 +78,24 @@ class AccountDirectory:
         rows then go a page per unit (no transaction is held for long), and the objects after them. If
         the process stops half-way, the purge loop removes what is left (`ClipRepository.shredded`)."""
         ref = self.require(account_id).account_ref
+        return self._erase(ref, actor.record("account.delete", account_ref=ref))
 
+    def replay_deletions(self, account_refs: Iterable[str], actor: Actor) -> int:
+        """Erase again every account the audit log records as deleted whose keys, pseudonym or clips the
+        database still holds (a restored backup); each erasure audited like a deletion. Returns how many."""
+        held = self._accounts.still_held(account_refs)
+        for ref in sorted(held):
+            self._erase(ref, actor.record("account.delete_replay", account_ref=ref, reason="restored_database"))
+        if held:
+            log.warning("accounts.deletions_replayed", accounts=len(held))
+        return len(held)
+
+    def _erase(self, ref: str, record: AuditRecord) -> int:
         def shred(tx: Tx) -> None:
             destroy_keks(tx.conn, ref, tx.now)
             ReviewRows(tx.conn).withdraw_from_review(account_ref=ref)
             ClipRows(tx.conn).delete_account(ref)
-            tx.audit(actor.record("account.delete", account_ref=ref))
+            tx.audit(record)
 
         def next_page(tx: Tx) -> list[str]:
             rows, review = ClipRows(tx.conn), ReviewRows(tx.conn)

@@ -10,7 +10,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from clipstore.accounts import AccountDirectory
-from clipstore.audit import AuditLog
+from clipstore.audit import STARTUP, AuditLog
 from clipstore.audit.publish import Publisher, TileStorage, storage_for
 from clipstore.audit.signing import load_or_create_signer
 from clipstore.audit.witnessing import Cosigner, PublishLoop, WitnessEndpoint
@@ -136,6 +136,9 @@ class App:
             lookup=AccountLookup(load_or_create_service_key(self.db, self.root, LOOKUP_KEY_NAME)),
             blobs=self.blobs, audit=self.audit, clock=self.clock,
             default_allow_review=config.review_default_allow)
+        if self.audit.halted is None:  # before serving: a restored database must not bring a deleted account back
+            self.accounts.replay_deletions(self.audit.deleted_accounts, STARTUP)
+            self.audit.deleted_accounts.clear()
         self.sampler = ReviewSampler(rate=config.review_sample_rate)
         self.clips = ClipLibrary(clips=ClipRepository(self.db), accounts=self.accounts, keyring=self.keyring,
                                  blobs=self.blobs, audit=self.audit, clock=self.clock,

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import sqlalchemy as sa
 
 from clipstore.store import schema
 from clipstore.store.db import Database
+
+HELD_QUERY_REFS = 500  # account refs per IN (...) list: well inside every driver's parameter limit
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,6 +76,17 @@ class AccountRepository:
     def flush_erasure(self) -> bool:
         """Make the deletions so far leave the live database files (SQLite's WAL); False if not yet."""
         return self._db.truncate_wal()
+
+    def still_held(self, account_refs: Iterable[str]) -> set[str]:
+        """Those of `account_refs` that still have a key, a pseudonym mapping or a clip."""
+        refs, held = sorted(set(account_refs)), set()
+        with self._db.read() as conn:
+            for i in range(0, len(refs), HELD_QUERY_REFS):
+                chunk = refs[i:i + HELD_QUERY_REFS]
+                for column in (schema.account_keys.c.account_ref, schema.accounts.c.account_ref,
+                               schema.clips.c.account_ref):
+                    held.update(conn.scalars(sa.select(column).distinct().where(column.in_(chunk))))
+        return held
 
 
 class ClipRows:
