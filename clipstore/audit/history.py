@@ -27,6 +27,14 @@ BLOCK_ENTRIES = 1 << BLOCK_LEVEL
 _sha256 = hashlib.sha256
 
 
+def _mth(hashes: Sequence[bytes]) -> bytes:
+    """Merkle tree hash of 2**k hashes (a block, or an aligned part of one): pairs are 64-byte slices."""
+    raw = b"".join(hashes)
+    while len(raw) > HASH_BYTES:
+        raw = b"".join([_sha256(b"\x01" + raw[i:i + 64]).digest() for i in range(0, len(raw), 64)])
+    return raw
+
+
 class HistoryRewritten(Exception):
     """The stored log is not an extension of what this process wrote, read, signed or published.
 
@@ -75,7 +83,7 @@ class RecomputedTree:
             for leaf in leaves:
                 self._tail.append(leaf)
                 if len(self._tail) == BLOCK_ENTRIES:
-                    self._push(root_hash(self._tail))
+                    self._push(_mth(self._tail))
                     self._tail = []
             self.size += len(leaves)
             self.last_leaf = leaves[-1]
@@ -101,9 +109,9 @@ class RecomputedTree:
                 return bytes(self._levels[level - BLOCK_LEVEL][index * HASH_BYTES:(index + 1) * HASH_BYTES])
             block, offset = lo >> BLOCK_LEVEL, lo % BLOCK_ENTRIES
             if block == self.size >> BLOCK_LEVEL:
-                return root_hash(self._tail[offset:offset + width])
+                return _mth(self._tail[offset:offset + width])
             expected = bytes(self._levels[0][block * HASH_BYTES:(block + 1) * HASH_BYTES])
-        return root_hash(self._block(block, expected)[offset:offset + width])
+        return _mth(self._block(block, expected)[offset:offset + width])
 
     def _block(self, block: int, expected: bytes) -> list[bytes]:
         """Leaf hashes of a finished block, recomputed from its stored entries."""
@@ -115,7 +123,7 @@ class RecomputedTree:
         if len(entries) != BLOCK_ENTRIES:
             raise HistoryRewritten("shrink", f"entries {first}..{first + BLOCK_ENTRIES - 1} are no longer all stored")
         leaves = [_sha256(b"\x00" + e).digest() for e in entries]
-        if root_hash(leaves) != expected:
+        if _mth(leaves) != expected:
             raise HistoryRewritten("fork", f"stored entries {first}..{first + BLOCK_ENTRIES - 1} no longer hash to "
                                            "what this process recomputed from them")
         self._block_cache = (block, leaves)
