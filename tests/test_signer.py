@@ -60,10 +60,10 @@ def forge_without(url: str, action: str, *, pad: bool = False) -> int:
                              {"s": s, "e": entries[s]})
             conn.execute(sa.text("DELETE FROM audit_nodes"))
             level, hashes = 0, [leaf_hash(e) for e in entries]
-            while hashes:
+            while len(hashes) > 1:  # every perfect subtree above the leaves (leaf hashes are not stored)
+                level, hashes = level + 1, [node_hash(hashes[i], hashes[i + 1]) for i in range(0, len(hashes) - 1, 2)]
                 conn.execute(sa.text("INSERT INTO audit_nodes (node_key, hash) VALUES (:k, :h)"),
                              [{"k": node_key(level, i), "h": h} for i, h in enumerate(hashes)])
-                level, hashes = level + 1, [node_hash(hashes[i], hashes[i + 1]) for i in range(0, len(hashes) - 1, 2)]
             conn.execute(sa.text("UPDATE audit_head SET size = :n, last_hash = :h WHERE id = 1"),
                          {"n": len(entries), "h": prev})
             conn.execute(sa.text("DELETE FROM audit_checkpoints WHERE size > :v"), {"v": victim})
