@@ -2,7 +2,7 @@
 
   python bench/_floor.py DATA_DIR
 
-A gRPC server built like `clipstore serve` (same thread pool size, SQLite with
+A gRPC server built like `clipstore serve` (same default thread pool size, SQLite with
 synchronous=FULL through `Database`, the same `AuditLog` writer) whose one
 method, /bench.Floor/Append, does nothing but one group-committed audit append.
 Like the real server it writes one JSON access-log line per call to stderr
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from clipstore.audit import AuditLog, AuditRecord  # noqa: E402
 from clipstore.audit.signing import load_or_create_signer  # noqa: E402
 from clipstore.clock import SystemClock  # noqa: E402
-from clipstore.server import MAX_WORKERS  # noqa: E402
+from clipstore.config import ServingConfig  # noqa: E402
 from clipstore.store import Database  # noqa: E402
 from kms import LocalKms  # noqa: E402
 
@@ -53,7 +53,7 @@ def main() -> None:
 
     handler = grpc.method_handlers_generic_handler("bench.Floor", {
         "Append": grpc.unary_unary_rpc_method_handler(append)})  # bytes in, bytes out: no (de)serialiser
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_WORKERS), handlers=[handler])
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=ServingConfig().max_workers), handlers=[handler])
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     print(json.dumps({"event": "server.started", "port": port}), file=sys.stderr, flush=True)
