@@ -1,7 +1,7 @@
 """`clipstore` command line: serve, principals, reviewers, audit export and verify.
 
 Commands that manage principals or read the log remotely speak to the API
-(`clipstore.remote_cli`, `clipstore.client`); the operator's commands that need
+(`clipstore.remote_cli`, `clipstore.remote`); the operator's commands that need
 the database and the KMS (bootstrap, purge, key retirement, WORM export) run
 locally.
 """
@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from clipstore.auth import ROLES, create_principal
-from clipstore.client import add_remote_flags
 from clipstore.config import Config, ConfigError, load_config
 from clipstore.logs import configure_logging
+from clipstore.remote import add_remote_flags
 from clipstore.remote_cli import add_principal_commands, add_reviewer_commands
 
 EXIT_CONFIG = 2

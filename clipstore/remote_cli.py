@@ -1,7 +1,7 @@
 """The CLI's admin commands: principals and reviewers, over the API of a (remote) server.
 
 They need neither the database nor the KMS, only `--server`, TLS flags and an
-admin credential (`clipstore.client`). Output is one `key=value` line per
+admin credential (`clipstore.remote`). Output is one `key=value` line per
 record on stdout; a key, secret or code is printed once, there, and nowhere
 else. The local bootstrap of the first admin is `clipstore principals create`
 without `--server` (`clipstore.cli`).
@@ -22,8 +22,8 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from clipstore.auth import ROLES
-from clipstore.client import Remote, add_remote_flags, remote
 from clipstore.config import ConfigError, is_loopback
+from clipstore.remote import Remote, add_remote_flags, remote
 from clipstore.v1 import (
     common_pb2,
     enrolment_pb2,
