@@ -31,10 +31,10 @@ class FileBlobStore:
 
     def put_stream(self, key: str, chunks: Iterable[bytes]) -> int:
         path = self._path(key)
-        path.parent.mkdir(exist_ok=True, mode=0o700)
         tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
         size = 0
         try:
+            path.parent.mkdir(exist_ok=True, mode=0o700)  # inside: a broken store is unavailable, not a bug
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as fh:
                 for chunk in chunks:
