@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib
 import io
 import json
+import pkgutil
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -266,8 +268,8 @@ def test_every_call_carries_a_deadline(server: ClipstoreServer, keys: dict[str, 
 
 
 def test_service_config_sets_a_deadline_for_every_method_and_retries_only_idempotent_ones() -> None:
+    import clipstore.v1
     from clipstore.server import SERVICE_NAMES
-    from clipstore.v1 import account_pb2, audit_pb2, clip_pb2, review_pb2, reviewer_admin_pb2, safety_pb2
     configs = SERVICE_CONFIG["methodConfig"]
     with_timeout = {n["service"] for c in configs if "timeout" in c for n in c["name"] if "method" not in n}
     assert with_timeout == set(SERVICE_NAMES)
@@ -275,12 +277,30 @@ def test_service_config_sets_a_deadline_for_every_method_and_retries_only_idempo
                for n in c["name"]}
     assert retried == {"ClipService/GetClip", "ClipService/ListClips", "AccountService/SetReviewPreference",
                        "SafetyService/ListEscalations", "AuditService/GetCheckpoint", "AuditService/ListEntries",
-                       "AuditService/GetInclusionProof", "AuditService/GetConsistencyProof", "Health/Check"}
-    methods = {f"{s.name}/{m.name}" for module in (account_pb2, audit_pb2, clip_pb2, review_pb2, reviewer_admin_pb2,
-                                                   safety_pb2)
-               for s in module.DESCRIPTOR.services_by_name.values() for m in s.methods}
+                       "AuditService/GetInclusionProof", "AuditService/GetConsistencyProof",
+                       "PrincipalAdminService/ListPrincipals", "Health/Check"}
+    modules = [importlib.import_module(f"clipstore.v1.{m.name}") for m in pkgutil.iter_modules(clipstore.v1.__path__)
+               if m.name.endswith("_pb2")]
+    methods = {f"{s.name}/{m.name}" for module in modules for s in module.DESCRIPTOR.services_by_name.values()
+               for m in s.methods}
     assert retried - {"Health/Check"} <= methods  # no typo: each names a real method
     assert [c["retryPolicy"]["retryableStatusCodes"] for c in configs if "retryPolicy" in c] == [["UNAVAILABLE"]]
+
+
+def test_an_admin_manages_principals(server: ClipstoreServer, keys: dict[str, str]) -> None:
+    with connect(server, keys["admin"]) as admin:
+        created = admin.create_principal("ingest", "asr-backend")
+        assert created.api_key.startswith("csk_")
+        assert created.principal.principal_id in {p.principal_id for p in admin.list_principals("ingest", page_size=1)}
+        rotated = admin.rotate_principal_key(created.principal.principal_id, overlap_s=0)
+        with connect(server, created.api_key) as old_key, pytest.raises(errors.KeyRotatedOutError):
+            list(old_key.list_clips(ACCOUNT))
+        with connect(server, rotated.api_key) as new_key:
+            assert list(new_key.list_clips(ACCOUNT)) == []
+        assert admin.disable_principal(created.principal.principal_id).principal.disabled
+        with connect(server, rotated.api_key) as disabled, pytest.raises(errors.PrincipalDisabledError):
+            list(disabled.list_clips(ACCOUNT))
+        assert not admin.enable_principal(created.principal.principal_id).disabled
 
 
 def test_an_api_key_is_never_sent_in_plaintext_off_loopback() -> None:

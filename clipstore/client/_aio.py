@@ -34,11 +34,14 @@ from clipstore.client._wire import (
     RetryPolicy,
     Trailer,
     clip_metadata,
+    duration,
     flag_category,
     put_requests,
     split,
+    timestamp,
     transport,
 )
+from clipstore.client._wire import role as wire_role
 from clipstore.client.errors import ClipstoreRpcError, from_rpc_error
 from clipstore.v1 import (
     account_pb2,
@@ -47,6 +50,8 @@ from clipstore.v1 import (
     audit_pb2_grpc,
     clip_pb2,
     clip_pb2_grpc,
+    principal_admin_pb2,
+    principal_admin_pb2_grpc,
     review_pb2,
     review_pb2_grpc,
     reviewer_admin_pb2,
@@ -89,6 +94,7 @@ class AsyncClipstoreClient:
         self._sleep = sleep
         self._clips = clip_pb2_grpc.ClipServiceStub(self.channel)
         self._accounts = account_pb2_grpc.AccountServiceStub(self.channel)
+        self._principals = principal_admin_pb2_grpc.PrincipalAdminServiceStub(self.channel)
         self._admin = reviewer_admin_pb2_grpc.ReviewerAdminServiceStub(self.channel)
         self._review = review_pb2_grpc.ReviewServiceStub(self.channel)
         self._safety = safety_pb2_grpc.SafetyServiceStub(self.channel)
@@ -177,6 +183,46 @@ class AsyncClipstoreClient:
                                  timeout_s: float | None = None) -> account_pb2.RotateAccountKeyResponse:
         return await self._call(self._accounts.RotateAccountKey,
                                 account_pb2.RotateAccountKeyRequest(account_id=account_id), timeout_s)
+
+    # -- principals ------------------------------------------------------------------------------------
+    async def create_principal(self, role: str | int, name: str, *, spiffe_id: str = "",
+                               expires_at: datetime | float | None = None,
+                               timeout_s: float | None = None) -> principal_admin_pb2.CreatePrincipalResponse:
+        return await self._call(self._principals.CreatePrincipal, principal_admin_pb2.CreatePrincipalRequest(
+            role=wire_role(role), name=name, spiffe_id=spiffe_id, expires_at=timestamp(expires_at)),  # type: ignore[arg-type]
+            timeout_s)
+
+    async def list_principals(self, role: str | int = 0, *, page_size: int = 100,
+                              timeout_s: float | None = None) -> AsyncIterator[principal_admin_pb2.Principal]:
+        token = ""
+        while True:
+            page = await self._call(self._principals.ListPrincipals, principal_admin_pb2.ListPrincipalsRequest(
+                role=wire_role(role), page_size=page_size, page_token=token), timeout_s)  # type: ignore[arg-type]
+            for principal in page.principals:
+                yield principal
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def disable_principal(self, principal_id: str, *,
+                                timeout_s: float | None = None) -> principal_admin_pb2.DisablePrincipalResponse:
+        return await self._call(self._principals.DisablePrincipal,
+                                principal_admin_pb2.DisablePrincipalRequest(principal_id=principal_id), timeout_s)
+
+    async def enable_principal(self, principal_id: str, *,
+                               timeout_s: float | None = None) -> principal_admin_pb2.Principal:
+        return (await self._call(self._principals.EnablePrincipal, principal_admin_pb2.EnablePrincipalRequest(
+            principal_id=principal_id), timeout_s)).principal
+
+    async def rotate_principal_key(self, principal_id: str, *, overlap_s: float | None = None,
+                                   timeout_s: float | None = None) -> principal_admin_pb2.RotatePrincipalKeyResponse:
+        return await self._call(self._principals.RotatePrincipalKey, principal_admin_pb2.RotatePrincipalKeyRequest(
+            principal_id=principal_id, overlap=duration(overlap_s)), timeout_s)
+
+    async def set_principal_expiry(self, principal_id: str, expires_at: datetime | float | None, *,
+                                   timeout_s: float | None = None) -> principal_admin_pb2.Principal:
+        return (await self._call(self._principals.SetPrincipalExpiry, principal_admin_pb2.SetPrincipalExpiryRequest(
+            principal_id=principal_id, expires_at=timestamp(expires_at)), timeout_s)).principal
 
     # -- reviewer administration -----------------------------------------------------------------------
     async def create_reviewer(self, name: str, locales: Iterable[str], *,

@@ -31,10 +31,13 @@ from clipstore.client._wire import (
     AudioInput,
     RetryPolicy,
     clip_metadata,
+    duration,
     flag_category,
     put_requests,
+    timestamp,
     transport,
 )
+from clipstore.client._wire import role as wire_role
 from clipstore.client.errors import ClipstoreRpcError, from_rpc_error
 from clipstore.v1 import (
     account_pb2,
@@ -43,6 +46,8 @@ from clipstore.v1 import (
     audit_pb2_grpc,
     clip_pb2,
     clip_pb2_grpc,
+    principal_admin_pb2,
+    principal_admin_pb2_grpc,
     review_pb2,
     review_pb2_grpc,
     reviewer_admin_pb2,
@@ -82,6 +87,7 @@ class ClipstoreClient:
         self._sleep = sleep
         self._clips = clip_pb2_grpc.ClipServiceStub(self.channel)
         self._accounts = account_pb2_grpc.AccountServiceStub(self.channel)
+        self._principals = principal_admin_pb2_grpc.PrincipalAdminServiceStub(self.channel)
         self._admin = reviewer_admin_pb2_grpc.ReviewerAdminServiceStub(self.channel)
         self._review = review_pb2_grpc.ReviewServiceStub(self.channel)
         self._safety = safety_pb2_grpc.SafetyServiceStub(self.channel)
@@ -174,6 +180,47 @@ class ClipstoreClient:
                            timeout_s: float | None = None) -> account_pb2.RotateAccountKeyResponse:
         return self._call(self._accounts.RotateAccountKey,
                           account_pb2.RotateAccountKeyRequest(account_id=account_id), timeout_s)
+
+    # -- principals (role admin) -----------------------------------------------------------------------
+    def create_principal(self, role: str | int, name: str, *, spiffe_id: str = "",
+                         expires_at: datetime | float | None = None,
+                         timeout_s: float | None = None) -> principal_admin_pb2.CreatePrincipalResponse:
+        """A non-reviewer principal; its API key (none with `spiffe_id`) is in the response, shown once."""
+        return self._call(self._principals.CreatePrincipal, principal_admin_pb2.CreatePrincipalRequest(
+            role=wire_role(role), name=name, spiffe_id=spiffe_id, expires_at=timestamp(expires_at)),  # type: ignore[arg-type]
+            timeout_s)
+
+    def list_principals(self, role: str | int = 0, *, page_size: int = 100,
+                        timeout_s: float | None = None) -> Iterator[principal_admin_pb2.Principal]:
+        token = ""
+        while True:
+            page = self._call(self._principals.ListPrincipals, principal_admin_pb2.ListPrincipalsRequest(
+                role=wire_role(role), page_size=page_size, page_token=token), timeout_s)  # type: ignore[arg-type]
+            yield from page.principals
+            token = page.next_page_token
+            if not token:
+                return
+
+    def disable_principal(self, principal_id: str, *,
+                          timeout_s: float | None = None) -> principal_admin_pb2.DisablePrincipalResponse:
+        return self._call(self._principals.DisablePrincipal,
+                          principal_admin_pb2.DisablePrincipalRequest(principal_id=principal_id), timeout_s)
+
+    def enable_principal(self, principal_id: str, *, timeout_s: float | None = None) -> principal_admin_pb2.Principal:
+        return self._call(self._principals.EnablePrincipal,
+                          principal_admin_pb2.EnablePrincipalRequest(principal_id=principal_id), timeout_s).principal
+
+    def rotate_principal_key(self, principal_id: str, *, overlap_s: float | None = None,
+                             timeout_s: float | None = None) -> principal_admin_pb2.RotatePrincipalKeyResponse:
+        """A new API key (shown once); the old ones work for `overlap_s` (default: the server's)."""
+        return self._call(self._principals.RotatePrincipalKey, principal_admin_pb2.RotatePrincipalKeyRequest(
+            principal_id=principal_id, overlap=duration(overlap_s)), timeout_s)
+
+    def set_principal_expiry(self, principal_id: str, expires_at: datetime | float | None, *,
+                             timeout_s: float | None = None) -> principal_admin_pb2.Principal:
+        """None clears the expiry."""
+        return self._call(self._principals.SetPrincipalExpiry, principal_admin_pb2.SetPrincipalExpiryRequest(
+            principal_id=principal_id, expires_at=timestamp(expires_at)), timeout_s).principal
 
     # -- reviewer administration (role admin) ----------------------------------------------------------
     def create_reviewer(self, name: str, locales: Iterable[str], *,

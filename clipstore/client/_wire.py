@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from clipstore import __version__
@@ -217,6 +218,24 @@ def put_requests(meta: clip_pb2.ClipMetadata, chunks: Iterator[bytes]) -> Iterat
     for chunk in chunks:
         yield trailer.audio(chunk)
     yield trailer.message()
+
+
+def role(value: str | int) -> int:
+    """`"ingest"`, `"reviewer"`, `"safety"`, `"auditor"`, `"admin"` or the enum value."""
+    if isinstance(value, str):
+        try:
+            return common_pb2.Role.Value(f"ROLE_{value.upper()}")
+        except ValueError:
+            raise ValueError(f"unknown role {value!r}") from None
+    return value
+
+
+def duration(seconds: float | None) -> Duration | None:
+    if seconds is None:
+        return None
+    d = Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
 
 
 def flag_category(category: str | int) -> int:
