@@ -36,9 +36,40 @@ def _config(args: argparse.Namespace, **extra: object) -> Config:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+    # gRPC's C core writes plain-text lines to stderr; a server's stderr is JSON only (set it to debug).
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    from clipstore.logs import get_logger
     from clipstore.server import serve
-    return serve(_config(args, listen=args.listen, **{"tls.cert_file": args.tls_cert, "tls.key_file": args.tls_key,
-                                                      "tls.client_ca_file": args.client_ca}))
+    try:
+        config = _config(args, listen=args.listen, **{"tls.cert_file": args.tls_cert, "tls.key_file": args.tls_key,
+                                                      "tls.client_ca_file": args.client_ca})
+        return serve(config, on_ready=lambda server: _banner(server, args) if config.tls is None else None)
+    except ConfigError as exc:  # one JSON line naming the setting and the fix
+        get_logger("clipstore.server").error("server.start_failed", setting=exc.key, error=str(exc))
+        return EXIT_CONFIG
+
+
+def _banner(server: object, args: argparse.Namespace) -> None:
+    """Development mode (plaintext on loopback): where it listens, where the data is, what to run next."""
+    import shlex
+
+    from clipstore import __version__
+    config: Config = server.app.config  # type: ignore[attr-defined]
+    host = config.listen.rpartition(":")[0]
+    flags = [f"--data-dir {shlex.quote(str(config.data_dir.resolve()))}"]
+    if args.config:
+        flags.insert(0, f"--config {shlex.quote(str(args.config))}")
+    if args.database_url:
+        flags.append(f"--database-url {shlex.quote(args.database_url)}")
+    print(f"clipstore {__version__} serving on {host}:{server.port} "  # type: ignore[attr-defined]
+          "(development mode: plaintext, loopback only)\n"
+          f"  data:      {config.data_dir.resolve()} (root key, database, blobs)\n"
+          f"  database:  {'SQLite in the data dir' if config.database_url is None else 'PostgreSQL'}; "
+          f"root key: {'AWS KMS' if config.kms else 'local file'}; blobs: {'S3' if config.s3 else 'files'}\n"
+          "next: create an API key for your backend, then call the API with it:\n"
+          f"  clipstore principals create --role ingest --name my-backend {' '.join(flags)}\n"
+          "stop with Ctrl-C (drains in-flight calls)", flush=True)
 
 
 def _cmd_dev_certs(args: argparse.Namespace) -> int:

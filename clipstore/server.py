@@ -20,6 +20,13 @@ from clipstore.auth import authenticate, authenticate_certificate
 from clipstore.clock import Clock
 from clipstore.config import Config, ConfigError, is_loopback
 from clipstore.denials import DenialLedger
+from clipstore.dependencies import (
+    DependencyMonitor,
+    audit_log_probe,
+    check_at_start,
+    database_probe,
+    root_key_probe,
+)
 from clipstore.errors import ClipstoreError
 from clipstore.interceptors import STREAM_CUT_GRACE_S, ClipstoreInterceptor
 from clipstore.logs import get_logger
@@ -212,6 +219,10 @@ class ClipstoreServer:
             on_denied=lambda ctx, exc: self.denials.record(peer=ctx.peer, principal=ctx.principal, error=exc,
                                                            request_id=ctx.request_id),
             on_finished=self.metrics.observe_rpc, public_pool=self._public_pool)
+        self.dependencies = DependencyMonitor({"database": database_probe(app.db.engine),
+                                               "root_key": root_key_probe(app.root),
+                                               "blob_store": app.blobs.check,
+                                               "audit_log": audit_log_probe(app.audit)}, self.health, SERVICE_NAMES)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=serving.max_workers, thread_name_prefix="rpc"),
             interceptors=[self._interceptor], options=_channel_options(config))
@@ -247,11 +258,9 @@ class ClipstoreServer:
         self.denials.start()
         self._server.start()
         self._retention.start()
-        for name in ("", *SERVICE_NAMES):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.app.audit.on_halt = lambda exc: self._audit_not_serving()
-        if self.app.audit.halted is not None:
-            self._audit_not_serving()
+        self.dependencies.check()  # SERVING only for what its dependencies allow (a halted log included)
+        self.dependencies.start()
         log.info("server.started", listen=self.app.config.listen, port=self.port, metrics_port=self.metrics_port,
                  database="sqlite" if self.app.db.is_sqlite else "postgresql",
                  root_kms=type(self.app.root).__name__)
@@ -272,6 +281,7 @@ class ClipstoreServer:
         self._stopped.set()
         grace = self.app.config.shutdown_grace_s if grace_s is None else grace_s
         log.info("server.stopping", grace_s=grace)
+        self.dependencies.stop()
         self.health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
         if self._retention.is_alive():
@@ -303,8 +313,10 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
-def serve(config: Config) -> int:
-    """Run until SIGTERM or SIGINT, then drain and exit 0; SIGHUP reloads the TLS files."""
+def serve(config: Config, *, on_ready: Callable[[ClipstoreServer], None] | None = None) -> int:
+    """Check the dependencies, run until SIGTERM or SIGINT, then drain and exit 0; SIGHUP reloads the
+    TLS files. A dependency that does not work as configured raises `DependencyError` before anything starts."""
+    check_at_start(config.effective_database_url, config.kms, config.s3)
     server = ClipstoreServer(App(config))
     stop_requested = threading.Event()
 
@@ -321,6 +333,8 @@ def serve(config: Config) -> int:
     try:
         server.start()
         freeze_heap()
+        if on_ready is not None:
+            on_ready(server)
         stop_requested.wait()
         server.stop()
     finally:

@@ -73,7 +73,9 @@ def test_bad_config_exits_2_with_one_line_naming_the_key(tmp_path: Path, toml: s
     result = _clipstore("serve", "--config", str(config_file), "--data-dir", str(tmp_path / "d"),
                         env=_env(tmp_path))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith(f"config error: {key}: ")
+    [line] = result.stderr.strip().splitlines()  # a server's stderr is JSON lines
+    event = json.loads(line)
+    assert event["setting"] == key and event["error"].startswith(f"config error: {key}: ")
 
 
 def test_env_var_config_errors_name_the_key(tmp_path: Path) -> None:

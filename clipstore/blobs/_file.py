@@ -85,6 +85,10 @@ class FileBlobStore:
         with contextlib.suppress(FileNotFoundError):
             self._path(key).unlink()
 
+    def check(self) -> None:
+        if not self.root.is_dir() or not os.access(self.root, os.W_OK | os.X_OK):
+            raise BlobUnavailable(f"{self.root} is not a writable directory")
+
     def list_keys(self, older_than_s: float) -> Iterator[str]:
         cutoff = time.time() - older_than_s
         for path in self.root.glob("*/*"):

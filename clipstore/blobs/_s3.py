@@ -55,6 +55,9 @@ class S3BlobStore:
                                                           PartNumber=number, Body=body))["ETag"]
         parts.append({"PartNumber": number, "ETag": etag})
 
+    def check(self) -> None:
+        self._call(lambda: self.client.head_bucket(Bucket=self.bucket))
+
     def put_stream(self, key: str, chunks: Iterable[bytes]) -> int:
         buf, size, parts = bytearray(), 0, []  # type: ignore[var-annotated]
         upload_id: str | None = None

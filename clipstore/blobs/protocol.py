@@ -41,6 +41,10 @@ class BlobStore(Protocol):
         """Keys of objects last written more than `older_than_s` ago (for the orphan sweep)."""
         ...
 
+    def check(self) -> None:
+        """Raise unless the store answers (a health probe: cheap, writes nothing)."""
+        ...
+
     def sweep_incomplete(self, older_than_s: float) -> int:
         """Remove abandoned partial writes (temp files, multipart uploads); returns how many."""
         ...
