@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from clipstore.auth import ROLES, create_principal
-from clipstore.config import Config, ConfigError, load_config
+from clipstore.config import LOG_LEVELS, Config, ConfigError, load_config
 from clipstore.logs import configure_logging
 from clipstore.remote import add_remote_flags
 from clipstore.remote_cli import add_principal_commands, add_reviewer_commands
@@ -39,11 +39,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import os
     # gRPC's C core writes plain-text lines to stderr; a server's stderr is JSON only (set it to debug).
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-    from clipstore.logs import get_logger
+    from clipstore.logs import get_logger, route_uncaught_exceptions
     from clipstore.server import serve
+    route_uncaught_exceptions()
     try:
-        config = _config(args, listen=args.listen, **{"tls.cert_file": args.tls_cert, "tls.key_file": args.tls_key,
-                                                      "tls.client_ca_file": args.client_ca})
+        config = _config(args, listen=args.listen, **{
+            "tls.cert_file": args.tls_cert, "tls.key_file": args.tls_key, "tls.client_ca_file": args.client_ca,
+            "log.level": args.log_level})
+        configure_logging(level=config.log_level)
         return serve(config, on_ready=lambda server: _banner(server, args) if config.tls is None else None)
     except ConfigError as exc:  # one JSON line naming the setting and the fix
         get_logger("clipstore.server").error("server.start_failed", setting=exc.key, error=str(exc))
@@ -267,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:50051, or $CLIPSTORE_LISTEN)")
     serve.add_argument("--tls-cert", help="server certificate (PEM); enables TLS")
     serve.add_argument("--tls-key", help="server private key (PEM)")
+    serve.add_argument("--log-level", choices=LOG_LEVELS, help="debug, info (default), warning or error "
+                                                             "(or log.level, $CLIPSTORE_LOG_LEVEL)")
     serve.add_argument("--client-ca", help="CA (PEM) that client certificates must chain to: requires mTLS")
     serve.set_defaults(func=_cmd_serve)
 

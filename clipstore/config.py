@@ -111,6 +111,7 @@ class Config:
     audit_witnesses: tuple[str, ...] = ()  # "URL VERIFIER-KEY" per witness
     audit_witness_quorum: int = 0
     audit_publish_every_s: float = 5.0
+    log_level: str = "info"
     trust_domain: str = "clipstore"
     key_overlap_s: float = 3600.0
     enrolment_code_ttl_s: float = 3600.0
@@ -169,6 +170,7 @@ _SCHEMA: dict[str, tuple[str, type]] = {
     "audit.denials_per_principal": ("CLIPSTORE_AUDIT_DENIALS_PER_PRINCIPAL", int),
     **{f"server.{name}": (f"CLIPSTORE_SERVER_{name.upper()}", type(default))
        for name, default in vars(ServingConfig()).items()},
+    "log.level": ("CLIPSTORE_LOG_LEVEL", str),
     "auth.trust_domain": ("CLIPSTORE_AUTH_TRUST_DOMAIN", str),
     "auth.key_overlap_s": ("CLIPSTORE_AUTH_KEY_OVERLAP_S", float),
     "audit.tiles": ("CLIPSTORE_AUDIT_TILES", str),
@@ -310,6 +312,7 @@ def _build(values: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         review_max_failed_codes=values.get("review.max_failed_codes", 5),
         review_lockout_s=values.get("review.lockout_s", 15 * 60),
         metrics_listen=_metrics_listen(values.get("metrics.listen")),
+        log_level=_log_level(values.get("log.level", "info")),
         trust_domain=_trust_domain(values.get("auth.trust_domain", "clipstore")),
         key_overlap_s=_key_overlap(values.get("auth.key_overlap_s", 3600.0)),
         **_witnessing(values),
@@ -342,6 +345,13 @@ def _witnessing(values: Mapping[str, Any]) -> dict[str, Any]:
     return {"audit_tiles": values.get("audit.tiles"), "audit_tiles_retain_days": values.get("audit.tiles_retain_days"),
             "audit_witnesses": witnesses, "audit_witness_quorum": quorum,
             "audit_publish_every_s": values.get("audit.publish_every_s", 5.0)}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _log_level(level: str) -> str:
+    if level.lower() not in LOG_LEVELS:
+        raise ConfigError("log.level", f"one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    return level.lower()
 
 
 def _trust_domain(name: str) -> str:

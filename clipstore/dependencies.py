@@ -245,6 +245,10 @@ class DependencyMonitor:
                          else health_pb2.HealthCheckResponse.SERVING)
         return down
 
+    def up(self) -> dict[str, float]:
+        """1 or 0 per dependency, as of the last probe (for the `clipstore_dependency_up` gauge)."""
+        return {name: 0.0 if name in self.down else 1.0 for name in self._probes}
+
     def start(self) -> None:
         self._thread.start()
 

@@ -1,22 +1,44 @@
 """Prometheus metrics on their own port (`metrics.listen`), one registry per server.
 
-Names carry units; labels never carry ids, keys or anything a caller sent.
+Shaped for standard dashboards: counters are counters (`_total`; rates and
+ratios are the dashboard's job), names carry units (`_seconds`, `_bytes`,
+`_entries`), the standard `process_*` and `python_*` families and a
+`clipstore_build_info` are included. Labels never carry ids, keys or anything
+a caller sent.
 """
 
 from __future__ import annotations
 
+import platform
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily
+import grpc
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    start_http_server,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from clipstore import __version__
 from clipstore.audit import AuditRecord
 from clipstore.config import ConfigError
 
 _REASON_CODE = re.compile(r"^[A-Z][A-Z0-9_]*$")
+
+# `_created` series double every counter and no standard dashboard reads them.
+disable_created_metrics()
+
 _LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -38,15 +60,28 @@ class Metrics:
                                               buckets=_LATENCY_BUCKETS_S, registry=r)
         self.audit_batch_entries = Histogram("clipstore_audit_batch_entries", "audit entries per durable commit",
                                              buckets=(1, 2, 4, 8, 16, 32, 64, 128, 512, 4096), registry=r)
+        for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):  # process_*, python_*
+            r.register(standard)
+        Info("clipstore_build", "the running build", registry=r).info(
+            {"version": __version__, "python": platform.python_version(), "grpcio": grpc.__version__})
         self._server: Any = None
 
     def gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
-        """A value read at scrape time (root KMS calls, cache hit ratio, queue depth)."""
+        """A value read at scrape time (queue depth, log size)."""
         Gauge(name, doc, registry=self.registry).set_function(read)
 
     def counter(self, name: str, doc: str, read: Callable[[], float]) -> None:
-        """A count kept elsewhere (database commits), read at scrape time; exposed as `<name>_total`."""
-        self.registry.register(_ReadCounter(name, doc, read))
+        """A count another component keeps (the key ring's root calls), exposed as `name_total` at scrape time."""
+        self.registry.register(_Scraped(lambda: [CounterMetricFamily(name, doc, value=read())]))
+
+    def gauges(self, name: str, doc: str, label: str, read: Callable[[], Mapping[str, float]]) -> None:
+        """One gauge per label value, read at scrape time (each dependency up or down)."""
+        def families() -> list[Metric]:
+            family = GaugeMetricFamily(name, doc, labels=[label])
+            for value, reading in read().items():
+                family.add_metric([value], reading)
+            return [family]
+        self.registry.register(_Scraped(families))
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         self.rpcs.labels(method, code).inc()
@@ -79,9 +114,9 @@ class Metrics:
             self._server = None
 
 
-class _ReadCounter(Collector):
-    def __init__(self, name: str, doc: str, read: Callable[[], float]) -> None:
-        self._name, self._doc, self._read = name, doc, read
+class _Scraped(Collector):
+    def __init__(self, families: Callable[[], list[Metric]]) -> None:
+        self._families = families
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        yield CounterMetricFamily(self._name, self._doc, value=self._read())
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families()

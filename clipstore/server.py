@@ -167,11 +167,12 @@ def _metrics(app: App) -> Metrics:
     metrics = Metrics()
     app.audit.on_record = metrics.observe_record
     app.audit.on_batch = metrics.observe_batch
-    metrics.gauge("clipstore_kms_root_calls", "calls to the KMS root for account keys",
-                  lambda: app.keyring.root_calls)
-    metrics.gauge("clipstore_key_cache_hit_ratio", "account-key cache hits / lookups",
-                  lambda: app.keyring.cache_hit_ratio)
-    metrics.gauge("clipstore_review_queue_depth", "clips waiting for review", app.review.queue_depth)
+    metrics.counter("clipstore_kms_root_calls", "calls to the KMS root key for account keys",
+                    lambda: app.keyring.root_calls)
+    metrics.counter("clipstore_key_cache_lookups", "account-key cache lookups", lambda: app.keyring.cache_lookups)
+    metrics.counter("clipstore_key_cache_hits", "account-key cache lookups answered without the root",
+                    lambda: app.keyring.cache_hits)
+    metrics.gauge("clipstore_review_queue_clips", "clips waiting for review", app.review.queue_depth)
     metrics.gauge("clipstore_audit_log_entries", "entries in the audit log", app.audit.reader.size)
     metrics.counter("clipstore_db_commits", "committed read-write database transactions (each a durable write)",
                     lambda: app.db.commits)
@@ -223,6 +224,8 @@ class ClipstoreServer:
                                                "root_key": root_key_probe(app.root),
                                                "blob_store": app.blobs.check,
                                                "audit_log": audit_log_probe(app.audit)}, self.health, SERVICE_NAMES)
+        self.metrics.gauges("clipstore_dependency_up", "1 while the dependency answered its last probe",
+                            "dependency", self.dependencies.up)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=serving.max_workers, thread_name_prefix="rpc"),
             interceptors=[self._interceptor], options=_channel_options(config))

@@ -124,6 +124,14 @@ class KeyRing:
         return f"KeyRing(root={self._root!r})"
 
     @property
+    def cache_lookups(self) -> int:
+        return self._cache.hits + self._cache.misses
+
+    @property
+    def cache_hits(self) -> int:
+        return self._cache.hits
+
+    @property
     def cache_hit_ratio(self) -> float:
         total = self._cache.hits + self._cache.misses
         return self._cache.hits / total if total else 0.0
