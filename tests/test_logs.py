@@ -5,7 +5,8 @@ from __future__ import annotations
 import io
 import json
 import logging
-import warnings
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -25,13 +26,15 @@ def _events(stream: io.StringIO) -> list[dict[str, object]]:
     return [json.loads(line) for line in stream.getvalue().splitlines()]
 
 
-def test_library_log_records_and_warnings_are_json_lines_too(stream: io.StringIO) -> None:
-    configure_logging(stream)
-    logging.getLogger("grpc._server").error("Exception calling application: %s", "GetClip")
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.warn("an old API", DeprecationWarning, stacklevel=1)
-    grpc_line, warning_line = _events(stream)
+def test_library_log_records_and_warnings_are_json_lines_too() -> None:
+    script = ("import logging, warnings\n"
+              "from clipstore.logs import configure_logging\n"
+              "configure_logging()\n"
+              "logging.getLogger('grpc._server').error('Exception calling application: %s', 'GetClip')\n"
+              "warnings.warn('an old API', DeprecationWarning, stacklevel=1)\n")
+    done = subprocess.run([sys.executable, "-W", "always", "-c", script], capture_output=True, text=True,
+                          timeout=60, check=True)
+    grpc_line, warning_line = (json.loads(line) for line in done.stderr.splitlines())
     assert grpc_line["logger"] == "grpc._server" and grpc_line["level"] == "error"
     assert warning_line["logger"] == "py.warnings" and "an old API" in str(warning_line["event"])
 
