@@ -170,9 +170,10 @@ def test_serve_refuses_a_data_dir_others_can_reach_with_one_line_and_exit_2(
     fix = spoil(data_dir)  # type: ignore[operator]
     result = _clipstore("serve", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", env=_env(tmp_path))
     assert result.returncode == 2
-    [line] = result.stderr.strip().splitlines()
-    assert line.startswith(f"config error: {key}: {says.format(d=data_dir)}")
-    assert fix in line
+    [line] = result.stderr.strip().splitlines()  # a server's stderr is JSON lines
+    event = json.loads(line)
+    assert event["setting"] == key and event["error"].startswith(f"config error: {key}: {says.format(d=data_dir)}")
+    assert fix in event["error"]
 
 
 def test_one_principal_may_not_be_allowed_every_worker() -> None:
