@@ -25,6 +25,7 @@ from google.rpc import error_details_pb2, status_pb2
 from auditlog.errors import CheckpointError, EntryError, NoteError, ProofError
 from auditlog.merkle import inclusion_proof, leaf_hash, root_hash
 from auditlog.note import NoteSigner
+from clipstore.auth import create_principal
 from clipstore.client import (
     SERVICE_CONFIG,
     AsyncClipstoreClient,
@@ -319,15 +320,20 @@ def test_a_client_certificate_authenticates_over_mtls(tmp_path: Path) -> None:
     with running_server(config) as server, \
             ClipstoreClient(f"localhost:{server.port}", ca_file=certs / "ca.pem", cert_file=certs / "client-asr.pem",
                             key_file=certs / "client-asr.key") as client:
+        create_principal(server.app.principals, server.app.audit, role="ingest", name="asr",
+                         spiffe_id="spiffe://clipstore/ingest/asr")
         clip = client.put_clip(AUDIO, **CLIP)
         assert client.get_clip(clip.clip_id).identity.account_id == ACCOUNT
 
 
 # -- review -------------------------------------------------------------------------------------------------
 
-def _reviewer(response: reviewer_admin_pb2.CreateReviewerResponse) -> tuple[str, bytes]:
-    """The reviewer's API key and TOTP secret, as their authenticator app would hold it."""
-    return response.api_key, base64.b32decode(response.totp_secret + "=" * (-len(response.totp_secret) % 8))
+def _enrolled(client: ClipstoreClient, admin_response: reviewer_admin_pb2.CreateReviewerResponse
+              ) -> tuple[str, bytes]:
+    """The reviewer redeems the admin's one-time code: their API key and TOTP secret, shown to them alone."""
+    offer = admin_response.enrolment
+    factors = client.redeem_enrolment_code(offer.reviewer_id, offer.code)
+    return factors.api_key, base64.b32decode(factors.totp_secret + "=" * (-len(factors.totp_secret) % 8))
 
 
 def test_a_reviewer_hears_a_clip_once_per_grant_and_escalates_another(server: ClipstoreServer, keys: dict[str, str],
@@ -336,7 +342,8 @@ def test_a_reviewer_hears_a_clip_once_per_grant_and_escalates_another(server: Cl
         ingest.set_review_preference(ACCOUNT, True)
         ingest.put_clip(AUDIO, **CLIP)
         ingest.put_clip(AUDIO[:5000], **CLIP)
-        api_key, secret = _reviewer(admin.create_reviewer("rev-1", ["en-US"]))
+        with connect(server, None) as newcomer:
+            api_key, secret = _enrolled(newcomer, admin.create_reviewer("rev-1", ["en-US"]))
     with connect(server, api_key) as reviewer:
         token = reviewer.start_review_session(code_at(secret, time.time())).session_token
         first = reviewer.next_assignment(token)
@@ -511,7 +518,11 @@ def test_async_client_fetches_a_clip_and_verifies_the_audit_log(server: Clipstor
         async with aconnect(server, keys["ingest"]) as ingest, aconnect(server, keys["admin"]) as admin:
             await ingest.set_review_preference(ACCOUNT, True)
             await ingest.put_clip(io.BytesIO(AUDIO), **CLIP)
-            api_key, secret = _reviewer(await admin.create_reviewer("rev-aio", ["en-US"]))
+            offer = (await admin.create_reviewer("rev-aio", ["en-US"])).enrolment
+        async with aconnect(server, None) as newcomer:
+            factors = await newcomer.redeem_enrolment_code(offer.reviewer_id, offer.code)
+            api_key = factors.api_key
+            secret = base64.b32decode(factors.totp_secret + "=" * (-len(factors.totp_secret) % 8))
         async with aconnect(server, api_key) as reviewer:
             token = (await reviewer.start_review_session(code_at(secret, time.time()))).session_token
             assignment = await reviewer.next_assignment(token)

@@ -35,6 +35,7 @@ from clipstore.client._wire import (
     Trailer,
     clip_metadata,
     duration,
+    enrolment_purpose,
     flag_category,
     put_requests,
     split,
@@ -50,6 +51,8 @@ from clipstore.v1 import (
     audit_pb2_grpc,
     clip_pb2,
     clip_pb2_grpc,
+    enrolment_pb2,
+    enrolment_pb2_grpc,
     principal_admin_pb2,
     principal_admin_pb2_grpc,
     review_pb2,
@@ -95,6 +98,7 @@ class AsyncClipstoreClient:
         self._clips = clip_pb2_grpc.ClipServiceStub(self.channel)
         self._accounts = account_pb2_grpc.AccountServiceStub(self.channel)
         self._principals = principal_admin_pb2_grpc.PrincipalAdminServiceStub(self.channel)
+        self._enrolment = enrolment_pb2_grpc.EnrolmentServiceStub(self.channel)
         self._admin = reviewer_admin_pb2_grpc.ReviewerAdminServiceStub(self.channel)
         self._review = review_pb2_grpc.ReviewServiceStub(self.channel)
         self._safety = safety_pb2_grpc.SafetyServiceStub(self.channel)
@@ -225,10 +229,20 @@ class AsyncClipstoreClient:
             principal_id=principal_id, expires_at=timestamp(expires_at)), timeout_s)).principal
 
     # -- reviewer administration -----------------------------------------------------------------------
-    async def create_reviewer(self, name: str, locales: Iterable[str], *,
+    async def create_reviewer(self, name: str, locales: Iterable[str], *, spiffe_id: str = "",
                               timeout_s: float | None = None) -> reviewer_admin_pb2.CreateReviewerResponse:
         return await self._call(self._admin.CreateReviewer, reviewer_admin_pb2.CreateReviewerRequest(
-            name=name, locales=list(locales)), timeout_s)
+            name=name, locales=list(locales), spiffe_id=spiffe_id), timeout_s)
+
+    async def issue_enrolment_code(self, reviewer_id: str, purpose: str | int = "enrol", *,
+                                   timeout_s: float | None = None) -> reviewer_admin_pb2.EnrolmentOffer:
+        return (await self._call(self._admin.IssueEnrolmentCode, reviewer_admin_pb2.IssueEnrolmentCodeRequest(
+            reviewer_id=reviewer_id, purpose=enrolment_purpose(purpose)), timeout_s)).enrolment  # type: ignore[arg-type]
+
+    async def redeem_enrolment_code(self, reviewer_id: str, code: str, *,
+                                    timeout_s: float | None = None) -> enrolment_pb2.RedeemEnrolmentCodeResponse:
+        return await self._call(self._enrolment.RedeemEnrolmentCode, enrolment_pb2.RedeemEnrolmentCodeRequest(
+            reviewer_id=reviewer_id, code=code), timeout_s)
 
     async def disable_reviewer(self, reviewer_id: str, *,
                                timeout_s: float | None = None) -> reviewer_admin_pb2.DisableReviewerResponse:

@@ -32,6 +32,7 @@ from clipstore.client._wire import (
     RetryPolicy,
     clip_metadata,
     duration,
+    enrolment_purpose,
     flag_category,
     put_requests,
     timestamp,
@@ -46,6 +47,8 @@ from clipstore.v1 import (
     audit_pb2_grpc,
     clip_pb2,
     clip_pb2_grpc,
+    enrolment_pb2,
+    enrolment_pb2_grpc,
     principal_admin_pb2,
     principal_admin_pb2_grpc,
     review_pb2,
@@ -88,6 +91,7 @@ class ClipstoreClient:
         self._clips = clip_pb2_grpc.ClipServiceStub(self.channel)
         self._accounts = account_pb2_grpc.AccountServiceStub(self.channel)
         self._principals = principal_admin_pb2_grpc.PrincipalAdminServiceStub(self.channel)
+        self._enrolment = enrolment_pb2_grpc.EnrolmentServiceStub(self.channel)
         self._admin = reviewer_admin_pb2_grpc.ReviewerAdminServiceStub(self.channel)
         self._review = review_pb2_grpc.ReviewServiceStub(self.channel)
         self._safety = safety_pb2_grpc.SafetyServiceStub(self.channel)
@@ -223,11 +227,23 @@ class ClipstoreClient:
             principal_id=principal_id, expires_at=timestamp(expires_at)), timeout_s).principal
 
     # -- reviewer administration (role admin) ----------------------------------------------------------
-    def create_reviewer(self, name: str, locales: Iterable[str], *,
+    def create_reviewer(self, name: str, locales: Iterable[str], *, spiffe_id: str = "",
                         timeout_s: float | None = None) -> reviewer_admin_pb2.CreateReviewerResponse:
-        """Enroll a reviewer; the API key and TOTP secret in the response are shown once."""
+        """Create a reviewer without factors; pass `response.enrolment.code` to them out of band."""
         return self._call(self._admin.CreateReviewer, reviewer_admin_pb2.CreateReviewerRequest(
-            name=name, locales=list(locales)), timeout_s)
+            name=name, locales=list(locales), spiffe_id=spiffe_id), timeout_s)
+
+    def issue_enrolment_code(self, reviewer_id: str, purpose: str | int = "enrol", *,
+                             timeout_s: float | None = None) -> reviewer_admin_pb2.EnrolmentOffer:
+        """A new one-time code: `"enrol"` again, `"rotate_totp"` or `"rotate_api_key"`."""
+        return self._call(self._admin.IssueEnrolmentCode, reviewer_admin_pb2.IssueEnrolmentCodeRequest(
+            reviewer_id=reviewer_id, purpose=enrolment_purpose(purpose)), timeout_s).enrolment  # type: ignore[arg-type]
+
+    def redeem_enrolment_code(self, reviewer_id: str, code: str, *,
+                              timeout_s: float | None = None) -> enrolment_pb2.RedeemEnrolmentCodeResponse:
+        """The reviewer's side (no credentials needed): the factors the code issues, shown once."""
+        return self._call(self._enrolment.RedeemEnrolmentCode, enrolment_pb2.RedeemEnrolmentCodeRequest(
+            reviewer_id=reviewer_id, code=code), timeout_s)
 
     def disable_reviewer(self, reviewer_id: str, *,
                          timeout_s: float | None = None) -> reviewer_admin_pb2.DisableReviewerResponse:

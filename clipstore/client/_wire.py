@@ -20,7 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from clipstore import __version__
 from clipstore.config import is_loopback
-from clipstore.v1 import clip_pb2, common_pb2
+from clipstore.v1 import clip_pb2, common_pb2, enrolment_pb2
 
 #: The published gRPC service config: a deadline for every method, and retries (on UNAVAILABLE: "nothing
 #: was done") only for methods that are safe to repeat. PutClip is retried by the client, with its key.
@@ -227,6 +227,16 @@ def role(value: str | int) -> int:
             return common_pb2.Role.Value(f"ROLE_{value.upper()}")
         except ValueError:
             raise ValueError(f"unknown role {value!r}") from None
+    return value
+
+
+def enrolment_purpose(value: str | int) -> int:
+    """`"enrol"`, `"rotate_totp"`, `"rotate_api_key"` or the enum value."""
+    if isinstance(value, str):
+        try:
+            return enrolment_pb2.EnrolmentPurpose.Value(f"ENROLMENT_PURPOSE_{value.upper()}")
+        except ValueError:
+            raise ValueError(f"unknown enrolment purpose {value!r}") from None
     return value
 
 
