@@ -19,7 +19,7 @@ import botocore.exceptions
 import sqlalchemy as sa
 from grpc_health.v1 import health, health_pb2
 
-from clipstore.config import ConfigError, KmsConfig, S3Config
+from clipstore.config import Config, ConfigError, KmsConfig, S3Config
 from clipstore.logs import get_logger
 from kms import KeyProvider
 from kms.keyring import kek_context
@@ -43,15 +43,17 @@ class DependencyError(ConfigError):
 
 # -- at start ------------------------------------------------------------------------------------------
 
-def check_at_start(database_url: str, kms: KmsConfig | None, s3: S3Config | None) -> None:
+def check_at_start(config: Config) -> None:
     """Raise `DependencyError` for the first dependency that does not work as configured.
 
     The local root key and the data directory are checked when the app opens them."""
-    check_database(database_url)
-    if kms is not None:
-        check_kms(kms)
-    if s3 is not None:
-        check_bucket(s3)
+    check_database(config.effective_database_url)
+    if config.kms is not None:
+        check_kms(config.kms)
+    if config.s3 is not None:
+        check_bucket(config.s3)
+    if config.audit_tiles and config.audit_tiles.startswith("s3://"):
+        check_tiles_bucket(config.audit_tiles, config.audit_tiles_retain_days)
 
 
 def check_database(url: str) -> None:
@@ -174,6 +176,41 @@ def check_bucket(config: S3Config) -> None:
     _aws("s3", config.endpoint_url, _S3_CODES, facts,
          lambda: client.put_object(Bucket=config.bucket, Key=probe, Body=b"", **sse))
     _aws("s3", config.endpoint_url, _S3_CODES, facts, lambda: client.delete_object(Bucket=config.bucket, Key=probe))
+
+
+def check_tiles_bucket(location: str, retain_days: int | None) -> None:
+    """The bucket the audit log is published to exists and, when objects are to be locked, has
+    versioning and Object Lock. Nothing is written: a probe in a locked bucket could never be removed."""
+    bucket = location.removeprefix("s3://").partition("/")[0]
+    session = _session("s3", None, None)
+    # The publisher's client: endpoint and region from the AWS environment (AWS_ENDPOINT_URL_S3, …).
+    client = _aws("s3", None, {}, {}, lambda: session.client("s3", config=_AWS_CONFIG))
+    facts = {"bucket": bucket}
+    codes = {code: ("audit.tiles", *rest) for code, (_, *rest) in _S3_CODES.items()}
+    codes["404"] = codes["NoSuchBucket"] = (
+        "audit.tiles", "bucket {bucket} does not exist",
+        "create it with Object Lock (aws s3api create-bucket --bucket {bucket} --object-lock-enabled-for-bucket) "
+        "or fix audit.tiles (CLIPSTORE_AUDIT_TILES)")
+    _aws("s3", None, codes, facts, lambda: client.head_bucket(Bucket=bucket))
+    if not retain_days:
+        return
+    versioning = _aws("s3", None, codes, facts, lambda: client.get_bucket_versioning(Bucket=bucket))
+
+    def lock_enabled() -> bool:
+        try:
+            lock = client.get_object_lock_configuration(Bucket=bucket)
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "ObjectLockConfigurationNotFoundError":
+                return False
+            raise
+        return bool(lock.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled")
+
+    locked = _aws("s3", None, codes, facts, lock_enabled)
+    if versioning.get("Status") != "Enabled" or not locked:
+        raise DependencyError("audit.tiles_retain_days", f"bucket {bucket} has no Object Lock (and versioning), so "
+                              "published tiles could not be locked",
+                              "publish to a bucket created with --object-lock-enabled-for-bucket, or unset "
+                              "audit.tiles_retain_days (CLIPSTORE_AUDIT_TILES_RETAIN_DAYS)")
 
 
 # -- while serving -------------------------------------------------------------------------------------

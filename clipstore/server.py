@@ -319,7 +319,7 @@ def freeze_heap() -> None:
 def serve(config: Config, *, on_ready: Callable[[ClipstoreServer], None] | None = None) -> int:
     """Check the dependencies, run until SIGTERM or SIGINT, then drain and exit 0; SIGHUP reloads the
     TLS files. A dependency that does not work as configured raises `DependencyError` before anything starts."""
-    check_at_start(config.effective_database_url, config.kms, config.s3)
+    check_at_start(config)
     server = ClipstoreServer(App(config))
     stop_requested = threading.Event()
 

@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2
 from clipstore.cli import main
 from clipstore.client import ClipstoreClient
 from clipstore.config import Config, load_config
-from clipstore.dependencies import DependencyMonitor, check_at_start, database_probe, root_key_probe
+from clipstore.dependencies import DependencyError, DependencyMonitor, check_at_start, database_probe, root_key_probe
 from clipstore.logs import configure_logging
 from clipstore.server import SERVICE_NAMES, ClipstoreServer, running_server
 from kms import AwsKms, LocalKms
@@ -98,6 +98,26 @@ def test_serve_stops_at_start_with_one_line_naming_the_setting_and_the_fix(
     assert not (tmp_path / "data").exists()  # nothing was created before the dependencies answered
 
 
+def test_a_tiles_bucket_without_object_lock_is_refused_when_tiles_are_to_be_locked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moto_endpoint: str, bucket: str,
+        stderr_lines: Callable[[], list[str]]) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_endpoint)  # how the publisher's S3 client finds moto
+    monkeypatch.setenv("GRPC_VERBOSITY", "NONE")
+    monkeypatch.setenv("CLIPSTORE_AUDIT_TILES", f"s3://{bucket}/log")
+    monkeypatch.setenv("CLIPSTORE_AUDIT_TILES_RETAIN_DAYS", "2555")
+    assert _serve(tmp_path) == 2
+    event = _one_line(stderr_lines())
+    assert event["setting"] == "audit.tiles_retain_days" and "has no Object Lock" in event["error"]
+
+    locked = f"tiles-{secrets.token_hex(4)}"
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket=locked, ObjectLockEnabledForBucket=True)
+    monkeypatch.setenv("CLIPSTORE_AUDIT_TILES", f"s3://{locked}/log")
+    check_at_start(load_config(overrides={"data_dir": str(tmp_path / "data")}))  # versioned and lockable: fine
+    monkeypatch.setenv("CLIPSTORE_AUDIT_TILES", "s3://no-such-tiles/log")
+    with pytest.raises(DependencyError, match="audit.tiles: bucket no-such-tiles does not exist"):
+        check_at_start(load_config(overrides={"data_dir": str(tmp_path / "data")}))
+
+
 def test_serve_answers_with_exactly_one_line_on_its_real_stderr(tmp_path: Path, aws_env: dict[str, str]) -> None:
     env = {**os.environ, "CLIPSTORE_S3_BUCKET": "no-such-bucket"}
     env.pop("GRPC_VERBOSITY")  # serve must quiet gRPC's C core itself
@@ -111,7 +131,7 @@ def test_serve_answers_with_exactly_one_line_on_its_real_stderr(tmp_path: Path, 
 def test_the_stack_on_moto_passes_the_start_checks(aws_env: dict[str, str], tmp_path: Path) -> None:
     config = load_config(overrides={"data_dir": str(tmp_path / "data")})  # the environment names bucket and key
     assert config.s3 is not None and config.kms is not None
-    check_at_start(config.effective_database_url, config.kms, config.s3)
+    check_at_start(config)
 
 
 def test_serve_stderr_is_json_only_even_when_grpc_core_has_something_to_say(tmp_path: Path) -> None:
