@@ -222,6 +222,7 @@ SERVICE_NEEDS: Mapping[str, tuple[str, ...]] = {
     "clipstore.v1.ReviewService": ("database", "root_key", "blob_store"),
     "clipstore.v1.ReviewerAdminService": ("database", "root_key"),
     "clipstore.v1.SafetyService": ("database", "root_key"),
+    "clipstore.v1.EnrolmentService": ("database", "root_key"),  # a new TOTP secret is wrapped by the root
     "clipstore.v1.AuditService": ("database", "audit_log"),
 }
 
