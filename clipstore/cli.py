@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import clipstore._quiet_grpc  # noqa: F401  (first of ours: before anything imports grpc)
 from clipstore.auth import ROLES, create_principal
 from clipstore.config import LOG_LEVELS, Config, ConfigError, load_config
 from clipstore.logs import configure_logging
@@ -36,9 +37,6 @@ def _config(args: argparse.Namespace, **extra: object) -> Config:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import os
-    # gRPC's C core writes plain-text lines to stderr; a server's stderr is JSON only (set it to debug).
-    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     from clipstore.logs import get_logger, route_uncaught_exceptions
     from clipstore.server import serve
     route_uncaught_exceptions()
