@@ -212,12 +212,12 @@ def test_server_errors_arrive_as_their_reason_s_class_with_code_message_and_requ
         anonymous.get_clip("c_0")
     assert missing.value.code is grpc.StatusCode.UNAUTHENTICATED and missing.value.reason == "MISSING_CREDENTIALS"
     assert re.fullmatch(r"[0-9a-f]{32}", missing.value.request_id or "")
-    denial = [e for e in audit_entries(server) if e["action"] == "auth.deny"][-1]
-    assert denial["request_id"] == missing.value.request_id  # the id to quote is the one the audit log holds
 
     with connect(server, keys["auditor"]) as auditor, pytest.raises(errors.WrongRoleError) as wrong_role:
         auditor.put_clip(AUDIO, **CLIP)
     assert wrong_role.value.code is grpc.StatusCode.PERMISSION_DENIED and "ingest" in wrong_role.value.message
+    denial = [e for e in audit_entries(server) if e["action"] == "auth.deny"][-1]
+    assert denial["request_id"] == wrong_role.value.request_id  # the id to quote is the one the audit log holds
 
     with connect(server, keys["ingest"]) as ingest:
         with pytest.raises(errors.InvalidArgumentError) as invalid:
