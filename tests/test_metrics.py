@@ -63,7 +63,7 @@ def test_metrics_fit_standard_dashboards(tmp_path: Path, log_stream: io.StringIO
         if family.type == "counter":
             assert all(s.name == f"{name}_total" for s in family.samples), name
         else:  # a gauge or histogram says what it measures in
-            assert name.endswith(("_seconds", "_bytes", "_entries", "_clips", "_info", "_up")), name
+            assert name.endswith(("_seconds", "_bytes", "_entries", "_clips", "_info", "_up", "_alert")), name
     for name in ("clipstore_kms_root_calls", "clipstore_key_cache_hits", "clipstore_key_cache_lookups"):
         assert families[name].type == "counter", name
     assert not any(name.endswith("_ratio") for name in families) and "_created" not in text
@@ -72,4 +72,4 @@ def test_metrics_fit_standard_dashboards(tmp_path: Path, log_stream: io.StringIO
     [build] = families["clipstore_build_info"].samples
     assert build.value == 1 and build.labels["version"] == clipstore.__version__
     assert {s.labels["dependency"]: s.value for s in families["clipstore_dependency_up"].samples} == \
-        {"database": 1.0, "root_key": 1.0, "blob_store": 1.0}
+        {"database": 1.0, "root_key": 1.0, "blob_store": 1.0, "audit_log": 1.0}
