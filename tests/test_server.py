@@ -216,6 +216,13 @@ def test_message_the_transport_refuses_is_recorded_as_cancelled_not_internal(
         assert _unhandled(log_stream) == []
         assert srv.metrics.registry.get_sample_value(
             "clipstore_rpcs_total", {"method": PUT_CLIP, "code": "INTERNAL"}) is None
+        # a unary request too large: grpcio never called the handler, so nothing was recorded at all
+        with pytest.raises(grpc.RpcError) as caught:
+            clip_pb2_grpc.ClipServiceStub(channel).GetClip(clip_pb2.GetClipRequest(clip_id="c" * (2 << 20)),
+                                                           metadata=bearer(key), timeout=20)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        [line] = _rpc_lines(log_stream, "/clipstore.v1.ClipService/GetClip")
+        assert line["status"] == "CANCELLED"
 
 
 def test_request_body_that_does_not_parse_is_invalid_argument(channel: grpc.Channel, keys: dict[str, str]) -> None:
