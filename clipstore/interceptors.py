@@ -88,12 +88,13 @@ class _Limits:
     """The time limits of one call: its stream deadline and the watchdog timers armed for it."""
 
     def __init__(self, watchdog: Watchdog, context: grpc.ServicerContext) -> None:
-        self._watchdog, self._context = watchdog, context
+        self._watchdog, self.context = watchdog, context
         self.timers: list[Timer] = []
         self.stream_ends_at: float | None = None
+        self.request_ended = False  # the request stream reached its end (as far as grpcio says)
 
     def arm(self, after_s: float, limit: str) -> Timer:
-        timer = self._watchdog.arm(after_s, limit, self._context.cancel)
+        timer = self._watchdog.arm(after_s, limit, self.context.cancel)
         self.timers.append(timer)
         return timer
 
@@ -172,7 +173,7 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
             raw = next(requests, None)
         finally:
             Watchdog.disarm(timer)
-        if raw is None and timer.fired:  # grpcio ends the iterator as if half-closed when a call is cut
+        if raw is None and _ended_after_settling(limits.context):
             raise _ended(limits)
         if raw is None:
             raise InvalidArgument("request", "this method takes exactly one request message",
@@ -184,6 +185,7 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
         for raw in requests:
             limits.check_stream()
             yield parse(raw)
+        limits.request_ended = True
         if limits.cut_by():  # the watchdog cut the call: its end is not the client's
             raise _ended(limits)
 
@@ -253,6 +255,8 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
             # A call that ended under the handler has nobody to tell; record what happened (aborting
             # a dead call sends nothing, and keeps grpcio from logging the exception as a crash).
             ended = _ended_early(context)
+            if not ended and limits.request_ended and isinstance(exc, InvalidArgument):
+                ended = _ended_after_settling(context)  # a "missing part" may be a cancelled upload
             error = _ended(limits) if ended else self._error_for(exc, ctx)
             status = ended or status_code(error).name
             context.abort_with_status(grpc_status(error, ctx.request_id))
@@ -269,6 +273,21 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
             if self._on_finished is not None:
                 self._on_finished(method, status, elapsed)
             structlog.contextvars.unbind_contextvars("request_id")
+
+
+CANCEL_SETTLE_S = 0.05  # how long a cancellation notice may trail the end of the request it caused
+
+
+def _ended_after_settling(context: grpc.ServicerContext) -> str | None:
+    """`_ended_early`, for a request that ended where it should not have. grpcio ends a request
+    iterator as if the client half-closed when the call is cancelled (or a message is refused) and
+    reports the cancellation a moment later, so this gives that notice a moment to arrive. It runs
+    only on that path (no message at all; a request stream that ended and then failed the handler's
+    checks), never for a call that went as it should."""
+    deadline = time.monotonic() + CANCEL_SETTLE_S
+    while context.is_active() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return _ended_early(context)
 
 
 def _ended(limits: _Limits) -> Cancelled:
