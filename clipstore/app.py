@@ -169,6 +169,11 @@ class App:
         with self.db.read() as conn:
             yield ReviewRows(conn)
 
+    def cosign(self, note: str) -> str:
+        """A checkpoint note as it is published: with a quorum of witness cosignatures when witnesses
+        are configured."""
+        return self.publishing.cosign(note) if self.publishing is not None else note
+
     def close(self) -> None:
         if self.publishing is not None:
             self.publishing.close()

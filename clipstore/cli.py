@@ -125,7 +125,8 @@ def _s3_client(endpoint_url: str | None) -> object:
 
 def _cmd_audit_export(args: argparse.Namespace) -> int:
     from clipstore.app import App
-    from clipstore.audit.export import export_log, export_to_s3
+    from clipstore.audit.export import MANIFEST_FILE, ExportError, export_log, export_to_s3, manifest_bytes
+    from clipstore.audit.witnessing import QuorumNotReached
     if (args.out is None) == (args.s3_bucket is None):
         print("give exactly one of --out DIR or --s3-bucket BUCKET", file=sys.stderr)
         return EXIT_CONFIG
@@ -136,18 +137,30 @@ def _cmd_audit_export(args: argparse.Namespace) -> int:
         return _fetch(args, args.out, lambda size: print(f"exported {size} entries to {args.out}"))
     app = App(_config(args))
     try:
-        if args.out is not None:
-            size, where = export_log(app.audit, args.out, actor_id="cli", actor_role="operator"), str(args.out)
-        else:
-            base, size, _ = export_to_s3(app.audit, _s3_client(args.s3_endpoint_url), args.s3_bucket,
-                                      prefix=args.s3_prefix, retention_days=args.retention_days,
-                                      actor_id="cli", actor_role="operator")
-            where = f"s3://{args.s3_bucket}/{base}"
         vkey = app.audit.signer.verifier.key_string()
+        if args.out is not None:
+            size = export_log(app.audit, args.out, actor_id="cli", actor_role="operator", cosign=app.cosign)
+            print(f"exported {size} entries to {args.out}")
+            print(f"verify with: auditlog verify {args.out} --key '{vkey}'")
+            return 0
+        try:
+            manifest, manifest_version = export_to_s3(
+                app.audit, _s3_client(args.s3_endpoint_url), args.s3_bucket, prefix=args.s3_prefix,
+                retention_days=args.retention_days, actor_id="cli", actor_role="operator", cosign=app.cosign)
+        except (ExportError, QuorumNotReached) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     finally:
         app.close()
-    print(f"exported {size} entries to {where}")
-    print(f"verify with: auditlog verify DIR --key '{vkey}'")
+    where = f"s3://{args.s3_bucket}/{manifest['prefix']}"
+    if args.manifest is not None:
+        args.manifest.write_bytes(manifest_bytes(manifest))
+    print(f"exported {manifest['tree_size']} entries to {where} (compliance lock until "
+          f"{manifest['object_lock']['retain_until']})")
+    print(f"manifest: {where}{MANIFEST_FILE} version {manifest_version}"
+          + (f"; auditors' copy: {args.manifest}" if args.manifest is not None else ""))
+    print(f"verify with: clipstore audit verify --s3-export {where}"
+          + (f" --manifest {args.manifest}" if args.manifest is not None else "") + f" --key '{vkey}'")
     return 0
 
 
@@ -168,17 +181,28 @@ def _fetch(args: argparse.Namespace, out: Path, done: Callable[[int], None]) -> 
 
 
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    import json
     import tempfile
 
     from auditlog.__main__ import verify_dir
-    from clipstore.audit.export import download_export
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.s3_export:
-            bucket, _, base = args.s3_export.removeprefix("s3://").partition("/")
-            download_export(_s3_client(args.s3_endpoint_url), bucket, base.rstrip("/") + "/", Path(tmp))
-        elif _fetch(args, Path(tmp), lambda size: None):
+    from clipstore.audit.export import verify_s3_export
+    if args.quorum > len(args.witness) or args.quorum < 0:
+        print(f"--quorum {args.quorum} needs at least that many --witness keys", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.s3_export:
+        try:
+            manifest = json.loads(args.manifest.read_bytes()) if args.manifest is not None else None
+        except (OSError, ValueError) as exc:
+            print(f"ERROR cannot read --manifest {args.manifest}: {exc}", file=sys.stderr)
             return 2
-        code, line = verify_dir(Path(tmp), args.key, args.trusted_checkpoint)
+        code, line = verify_s3_export(_s3_client(args.s3_endpoint_url), args.s3_export, args.key, manifest=manifest,
+                                      trusted=args.trusted_checkpoint, witnesses=args.witness, quorum=args.quorum)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            if _fetch(args, Path(tmp), lambda size: None):
+                return 2
+            code, line = verify_dir(Path(tmp), args.key, args.trusted_checkpoint, witnesses=args.witness,
+                                    quorum=args.quorum)
     print(line, file=sys.stderr if code == 2 else sys.stdout)
     return code
 
@@ -327,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--s3-prefix", default="audit/")
     export.add_argument("--s3-endpoint-url", help="S3-compatible endpoint")
     export.add_argument("--retention-days", type=int, default=2555, help="Object Lock retention (default 7 years)")
+    export.add_argument("--manifest", type=Path, help="with --s3-bucket: write the manifest (every object's version "
+                                                      "id and SHA-256) here, to hand to auditors")
     export.set_defaults(func=_cmd_audit_export)
     verify = asub.add_parser("verify", help="fetch a running server's log (or an S3 export) and verify it")
     add_remote_flags(verify)
@@ -334,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--s3-endpoint-url", help="S3-compatible endpoint")
     verify.add_argument("--key", required=True, help="verifier key string (obtained independently)")
     verify.add_argument("--trusted-checkpoint", type=Path, help="checkpoint saved earlier")
+    verify.add_argument("--manifest", type=Path, help="with --s3-export: the manifest the export printed (else the "
+                                                      "bucket's locked copy is used)")
+    verify.add_argument("--witness", action="append", default=[], help="a witness's verifier key; repeatable")
+    verify.add_argument("--quorum", type=int, default=0, help="valid cosignatures required from the --witness keys")
     verify.set_defaults(func=_cmd_audit_verify)
     return parser
 

@@ -134,6 +134,7 @@ class PublishLoop:
     _stop: threading.Event = field(default_factory=threading.Event)
     _wake: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+    _rounds: threading.Lock = field(default_factory=threading.Lock)  # one witness round at a time
 
     def start(self) -> None:
         if self.publisher is not None:
@@ -150,14 +151,21 @@ class PublishLoop:
         if current is None or (self.latest is not None and current[0] <= self.latest[0]):
             return False
         size, note = current
-        if self.cosigner is not None:
-            note = self.cosigner.cosign(note)
+        note = self.cosign(note)
         if self.publisher is not None:
             keys = [self.log_key, *(w.verifier for w in self.cosigner.witnesses)] if self.cosigner else [self.log_key]
             self.publisher.publish(note, keys)
         self.latest = (size, note)
         log.info("audit.published", size=size)
         return True
+
+    def cosign(self, note: str) -> str:
+        """The note with a quorum of witness cosignatures (unchanged without witnesses); raises
+        `QuorumNotReached`. Exports use it too, so they carry what is published."""
+        if self.cosigner is None:
+            return note
+        with self._rounds:
+            return self.cosigner.cosign(note)
 
     def _run(self) -> None:
         while not self._stop.is_set():
