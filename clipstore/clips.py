@@ -159,8 +159,18 @@ class ClipLibrary:
         return ClipKey(self._keyring.unwrap(WrappedDek(key_version=clip.key_version, blob=clip.wrapped_dek),
                                             account_ref=clip.account_ref, clip_id=clip.clip_id))
 
-    def identity(self, clip: ClipRow) -> dict[str, str]:
-        return open_identity(self.key(clip), clip.clip_id, clip.identity_ct)
+    def identities(self, clips: list[ClipRow], actor: Actor) -> list[dict[str, str]]:
+        """Account id and device serial of each clip, released only after one durable
+        `clip.identity_read` entry per clip (it names the clip and pseudonym, never the identity)."""
+        opened = [open_identity(self.key(c), c.clip_id, c.identity_ct) for c in clips]
+
+        def audit(tx: Tx) -> None:
+            for c in clips:
+                tx.audit(actor.record("clip.identity_read", clip_id=c.clip_id, account_ref=c.account_ref))
+
+        if clips:
+            self._audit.run(audit)  # one transaction for a whole page
+        return opened
 
     def list(self, account_id: str, *, after: str, limit: int) -> list[ClipRow]:
         account = self._accounts.find(account_id)

@@ -14,6 +14,7 @@ import grpc
 import sqlalchemy as sa
 
 from clipstore.app import App
+from clipstore.audit import OPERATOR
 from clipstore.review.sessions import totp_context
 from clipstore.server import running_server
 from clipstore.store import schema
@@ -61,7 +62,7 @@ def test_a_local_installation_moves_to_aws_kms_and_keeps_every_clip_and_secret(
         assert isinstance(app.root, AwsKms)
         clip = app.clips.find(clip_id)
         assert clip is not None and b"".join(app.clips.audio(clip)) == audio
-        assert app.clips.identity(clip)["account_id"] == ACCOUNT_ID
+        assert app.clips.identities([clip], OPERATOR)[0]["account_id"] == ACCOUNT_ID  # an audited read
         with app.db.read() as conn:
             wrapped = conn.scalar(sa.select(schema.reviewers.c.wrapped_totp_secret))
         assert app.root.decrypt(bytes(wrapped), totp_context("p_rev")) == totp

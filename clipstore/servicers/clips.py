@@ -127,7 +127,8 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
         text("clip_id", request.clip_id, max_chars=MAX_SHORT_CHARS, required=True)
         clip = self._library.get(request.clip_id)
         # Only ingest and admin reach this service (see auth.METHOD_ROLES): they may see identity.
-        return clip_pb2.GetClipResponse(clip=clip_message(clip, self._library.identity(clip)))
+        [identity] = self._library.identities([clip], current_actor())
+        return clip_pb2.GetClipResponse(clip=clip_message(clip, identity))
 
     def ListClips(self, request: clip_pb2.ListClipsRequest,
                   context: grpc.ServicerContext) -> clip_pb2.ListClipsResponse:
@@ -135,7 +136,11 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
         limit = page_limit(request.page_size)
         clips = self._library.list(account_id, after=page_after(request.page_token), limit=limit)
         token = next_token([c.clip_id for c in clips], limit)
-        return clip_pb2.ListClipsResponse(clips=[clip_message(c, self._library.identity(c)) for c in clips],
+        # Identity only on request: each one returned costs an audit entry and ties a clip to a person.
+        identities: list[dict[str, str] | None] = [None] * len(clips)
+        if request.include_identity:
+            identities = [*self._library.identities(clips, current_actor())]
+        return clip_pb2.ListClipsResponse(clips=[clip_message(c, i) for c, i in zip(clips, identities, strict=True)],
                                           next_page_token=token)
 
     def DeleteClip(self, request: clip_pb2.DeleteClipRequest,
