@@ -34,6 +34,7 @@ from clipstore.store.keys import SqlKekStore
 from clipstore.store.principals import PrincipalRows
 from clipstore.store.review import ReviewRows
 from clipstore.store.service_keys import load_or_create_service_key
+from clipstore.upgrade import finish_upgrade
 from kms import AwsKms, KeyProvider, KeyRing, LocalKms
 
 
@@ -112,6 +113,8 @@ class App:
         self.db = Database(config.effective_database_url)
         self.principals = PrincipalRepository(self.db)
         self.clock: Clock = clock or SystemClock()
+        self.keyring = KeyRing(self.root, SqlKekStore(self.db), now=self.clock.now)
+        finish_upgrade(self.db, self.root, self.keyring)  # before the signer: it may move the signing seed
         self.audit = AuditLog(self.db, load_or_create_signer(self.db, self.root), self.clock,
                               checkpoint_every_entries=config.audit_checkpoint_every_entries,
                               checkpoint_every_s=config.audit_checkpoint_every_s)
@@ -121,7 +124,6 @@ class App:
         self.audit.open(tiles.read if tiles is not None else None)
         self.publishing = publish_loop(config, self.audit, tiles)
         self.blobs = blob_store(config)
-        self.keyring = KeyRing(self.root, SqlKekStore(self.db), now=self.clock.now)
         self.lifecycle = PrincipalLifecycle(
             PrincipalPorts(ledger=self.audit, bind=lambda tx: PrincipalRows(tx.conn), read=self.principals.read,
                            sessions=lambda tx: ReviewRows(tx.conn), clock=self.clock),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -274,6 +275,57 @@ def _cmd_keys_retire(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from clipstore.app import private_data, root_provider
+    from clipstore.store import Database
+    from clipstore.store.keys import SqlKekStore
+    from clipstore.upgrade import finish_upgrade
+    from kms import KeyRing
+    config = _config(args)
+    private_data(config)
+    root = root_provider(config)
+    db = Database(config.effective_database_url)
+    try:
+        revision = finish_upgrade(db, root, KeyRing(root, SqlKekStore(db), now=time.time))
+    finally:
+        db.close()
+    print(f"database at revision {revision} (head)")
+    return 0
+
+
+def _cmd_db_current(args: argparse.Namespace) -> int:
+    from clipstore.app import private_data
+    from clipstore.store import Database, migrations
+    config = _config(args)
+    private_data(config)
+    db = Database(config.effective_database_url, upgrade=False)
+    try:
+        with db.read() as conn:
+            legacy, revision = migrations.legacy_version(conn), migrations.current(conn)
+    finally:
+        db.close()
+    if legacy is not None:
+        print(f"legacy schema_migrations version {legacy}: adopted at the next upgrade")
+    elif revision is None:
+        print("empty: no revision applied")
+    else:
+        print(f"{revision}{' (head)' if revision == migrations.HEAD else ' (upgrade pending)'}")
+    return 0
+
+
+def _cmd_db_history(args: argparse.Namespace) -> int:
+    from clipstore.store import migrations
+    for revision, description in migrations.history():
+        print(f"{revision}  {description}")
+    return 0
+
+
+def _cmd_db_sql(args: argparse.Namespace) -> int:
+    from clipstore.store import migrations
+    sys.stdout.write(migrations.offline_sql(start=args.start, destination=args.to))
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """No abbreviated options: `--api-key csk_…` must not be taken for `--api-key-file` and turn a key into a
     path in an error message. (Subcommand parsers are of this class too.)"""
@@ -339,6 +391,21 @@ def build_parser() -> argparse.ArgumentParser:
     purge = sub.add_parser("purge", help="delete expired clips (object, row, wrapped key) and orphan objects")
     _add_config_flags(purge)
     purge.set_defaults(func=_cmd_purge)
+
+    db = sub.add_parser("db", help="metadata schema: upgrade, current revision, history, offline SQL")
+    dsub = db.add_subparsers(dest="db_command", required=True)
+    upgrade = dsub.add_parser("upgrade", help="upgrade to head, with the data steps that need the KMS "
+                                              "(serve does this at start)")
+    _add_config_flags(upgrade)
+    upgrade.set_defaults(func=_cmd_db_upgrade)
+    current = dsub.add_parser("current", help="the revision the database is at")
+    _add_config_flags(current)
+    current.set_defaults(func=_cmd_db_current)
+    dsub.add_parser("history", help="every revision, oldest first").set_defaults(func=_cmd_db_history)
+    sql = dsub.add_parser("sql", help="PostgreSQL DDL for a DBA to review and apply (no database needed)")
+    sql.add_argument("--from", dest="start", help="revision the database is at (default: empty database)")
+    sql.add_argument("--to", default="head", help="revision to reach (default: head)")
+    sql.set_defaults(func=_cmd_db_sql)
 
     audit = sub.add_parser("audit", help="export or verify the audit log")
     asub = audit.add_subparsers(dest="audit_command", required=True)

@@ -6,6 +6,7 @@ import io
 import os
 import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -61,12 +62,9 @@ def pg_problem() -> str | None:
     return problem
 
 
-@pytest.fixture
-def pg_url(pg_problem: str | None) -> Iterator[str]:
-    """A fresh schema on the PostgreSQL server, dropped afterwards."""
-    if pg_problem:
-        pytest.skip(f"no PostgreSQL at {PG_ADMIN!r} ({pg_problem}); set CLIPSTORE_TEST_PG to a libpq "
-                    "connection string of a server where this user may create schemas")
+@contextmanager
+def pg_schema() -> Iterator[str]:
+    """A fresh schema on the PostgreSQL server (as a URL whose search_path is that schema), dropped afterwards."""
     import psycopg
     conninfo = psycopg.conninfo.conninfo_to_dict(PG_ADMIN)
     schema = "cs_" + secrets.token_hex(6)
@@ -79,6 +77,16 @@ def pg_url(pg_problem: str | None) -> Iterator[str]:
     finally:
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+def pg_url(pg_problem: str | None) -> Iterator[str]:
+    """A fresh schema on the PostgreSQL server, dropped afterwards."""
+    if pg_problem:
+        pytest.skip(f"no PostgreSQL at {PG_ADMIN!r} ({pg_problem}); set CLIPSTORE_TEST_PG to a libpq "
+                    "connection string of a server where this user may create schemas")
+    with pg_schema() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import sqlalchemy as sa
 
 from auditlog.entry import entry_hash
@@ -12,15 +11,16 @@ from auditlog.merkle import leaf_hash, node_hash, root_hash, verify_consistency,
 from clipstore.audit import AuditLog, AuditRecord
 from clipstore.audit.signing import load_or_create_signer
 from clipstore.clock import SystemClock
-from clipstore.store import Database, migrations, schema
+from clipstore.store import Database, schema
 from kms import LocalKms
 from tests.auditlog_helpers import build_entries
+from tests.legacy import c1e0a265
 
 OLD_SIZE = 37  # odd, so the writer's frontier starts at a lone leaf
 
 
-def _database(tmp_path: Path, database_url: str | None) -> Database:
-    return Database(database_url or f"sqlite:///{tmp_path / 'm.db'}")
+def _database(tmp_path: Path, database_url: str | None, *, upgrade: bool = True) -> Database:
+    return Database(database_url or f"sqlite:///{tmp_path / 'm.db'}", upgrade=upgrade)
 
 
 def _level_major_nodes(entries: list[bytes]) -> list[tuple[int, bytes]]:
@@ -33,11 +33,10 @@ def _level_major_nodes(entries: list[bytes]) -> list[tuple[int, bytes]]:
     return rows
 
 
-def test_a_log_stored_before_migration_9_keeps_its_root_and_proofs_and_grows(
-        tmp_path: Path, database_url: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
-    with monkeypatch.context() as m:  # a database as clipstore left it at schema version 8
-        m.setattr(migrations, "MIGRATIONS", [mig for mig in migrations.MIGRATIONS if mig[0] <= 8])
-        old = _database(tmp_path, database_url)
+def test_a_log_stored_before_revision_0009_keeps_its_root_and_proofs_and_grows(
+        tmp_path: Path, database_url: str | None) -> None:
+    old = _database(tmp_path, database_url, upgrade=False)
+    c1e0a265.migrate(old.engine)  # a database as clipstore left it at schema version 8
     entries = build_entries(OLD_SIZE)
     with old.transaction() as conn:
         conn.execute(schema.audit_entries.insert(), [{"seq": i, "entry": e} for i, e in enumerate(entries)])

@@ -239,17 +239,15 @@ def test_24_concurrent_rotations_leave_exactly_one_current_key(srv: ClipstoreSer
 
 def test_a_database_from_before_key_rotation_keeps_its_keys(tmp_path: Path, database_url: str | None,
                                                            log_stream: io.StringIO) -> None:
-    """Migration 6 moves each principal's key hash to principal_keys; the key keeps working."""
-    from clipstore.store import migrations
+    """Revision 0006 moves each principal's key hash to principal_keys; the key keeps working."""
+    from clipstore.store import Database, migrations
     config = make_config(tmp_path / "data", database_url=database_url)
-    engine = sa.create_engine(config.effective_database_url.replace("postgresql://", "postgresql+psycopg://"))
     (tmp_path / "data").mkdir(mode=0o700)
-    released = migrations.MIGRATIONS
-    try:
-        migrations.MIGRATIONS = [m for m in released if m[0] <= 5]
-        migrations.migrate(engine)
-    finally:
-        migrations.MIGRATIONS = released
+    db = Database(config.effective_database_url, upgrade=False)
+    with db.migration_lock() as conn:
+        migrations.run(conn, "0005")
+    db.close()
+    engine = sa.create_engine(config.effective_database_url.replace("postgresql://", "postgresql+psycopg://"))
     key = "csk_" + "A" * 43
     with engine.begin() as conn:
         conn.exec_driver_sql("INSERT INTO principals (id, name, role, key_hash, created_at, disabled) "
@@ -258,6 +256,8 @@ def test_a_database_from_before_key_rotation_keeps_its_keys(tmp_path: Path, data
                              "INSERT INTO principals (id, name, role, key_hash, created_at, disabled) "
                              "VALUES ('p_old', 'old-auditor', 'auditor', %s, 1.0, %s)", (hash_api_key(key), False))
     engine.dispose()
+    for path in (tmp_path / "data").glob("clipstore.db*"):  # made under the test's umask, not the service's
+        path.chmod(0o600)
     with running_server(config) as srv, grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
         checkpoint = audit_pb2_grpc.AuditServiceStub(channel).GetCheckpoint(
             audit_pb2.GetCheckpointRequest(), metadata=bearer(key), timeout=10)

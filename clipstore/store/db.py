@@ -10,9 +10,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from clipstore.store.migrations import migrate
+from clipstore.store import migrations
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000  # writers wait rather than fail under contention
+MIGRATION_LOCK = 0x636C6970  # "clip": PostgreSQL advisory lock class, per schema
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -25,10 +26,15 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.close()
 
 
-class Database:
-    """One database (SQLite file or PostgreSQL), migrated on open."""
+def _sqlite_autocommit_driver(dbapi_conn: Any, record: Any) -> None:
+    _sqlite_pragmas(dbapi_conn, record)
+    dbapi_conn.isolation_level = None
 
-    def __init__(self, url: str) -> None:
+
+class Database:
+    """One database (SQLite file or PostgreSQL), migrated on open (see `upgrade`)."""
+
+    def __init__(self, url: str, *, upgrade: bool = True) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         self._write_lock = threading.Lock() if self.is_sqlite else None
@@ -45,14 +51,42 @@ class Database:
                 raise RuntimeError("PostgreSQL needs psycopg: pip install 'clipstore[postgres]'") from None
             self.engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1),
                                            pool_size=8, max_overflow=8, pool_pre_ping=True)
-        self.schema_version = migrate(self.engine)
         self.commits = 0  # committed read-write transactions: `transaction()` and the audit writer's
         self._commits_lock = threading.Lock()
+        self.revision: str | None = self.upgrade() if upgrade else None
 
     def count_commit(self) -> None:
         """Count one committed read-write transaction (each is a durable write, an fsync)."""
         with self._commits_lock:
             self.commits += 1
+
+    def upgrade(self) -> str:
+        """Bring the schema to head (or to where the KMS-bound data steps must run first, see
+        clipstore.store.migrations); replicas starting together take turns."""
+        with self.migration_lock() as conn:
+            self.revision = migrations.upgrade(conn)
+        return self.revision
+
+    @contextmanager
+    def migration_lock(self) -> Iterator[sa.Connection]:
+        """One transaction that no other process's migration overlaps: a PostgreSQL advisory lock
+        (per schema, released at commit), or SQLite's own write lock taken up front (BEGIN
+        IMMEDIATE), so the version check and the DDL after it are one atomic step."""
+        if not self.is_sqlite:
+            with self.engine.begin() as conn:
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:lock, hashtext(current_schema()))"),
+                             {"lock": MIGRATION_LOCK})
+                yield conn
+            return
+        engine = sa.create_engine(self.url, poolclass=sa.pool.NullPool)
+        # pysqlite would run DDL outside any transaction; take over BEGIN so DDL is transactional too.
+        sa.event.listen(engine, "connect", _sqlite_autocommit_driver)
+        sa.event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        try:
+            with self.write_lock(), engine.begin() as conn:
+                yield conn
+        finally:
+            engine.dispose()
 
     @contextmanager
     def transaction(self) -> Iterator[sa.Connection]:

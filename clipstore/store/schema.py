@@ -1,18 +1,12 @@
-"""Table definitions. Changes go through `migrations.py`, never edited in place
-once released: a new migration adds what a new feature needs."""
+"""Table definitions at the head revision. A change here ships with a new revision in
+`migrations/versions/` (which spells out its own DDL); tests/test_migrations.py fails
+until the two agree."""
 
 from __future__ import annotations
 
 import sqlalchemy as sa
 
 metadata = sa.MetaData()
-
-schema_migrations = sa.Table(
-    "schema_migrations", metadata,
-    sa.Column("version", sa.Integer, primary_key=True),
-    sa.Column("name", sa.String(200), nullable=False),
-    sa.Column("applied_at", sa.Float, nullable=False),
-)
 
 principals = sa.Table(
     "principals", metadata,
@@ -21,12 +15,12 @@ principals = sa.Table(
     sa.Column("role", sa.String(20), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("disabled", sa.Boolean, nullable=False, default=False),
-    sa.Column("expires_at", sa.Float, nullable=True),  # NULL: never (migration 6)
-    # spiffe://<trust domain>/<role>/<name> of the client certificate naming this principal (migration 6)
+    sa.Column("expires_at", sa.Float, nullable=True),  # NULL: never (revision 0006)
+    # spiffe://<trust domain>/<role>/<name> of the client certificate naming this principal (revision 0006)
     sa.Column("spiffe_id", sa.String(255), nullable=True, unique=True),
 )
 
-# API keys (migration 6; before it, one key_hash column on principals). A principal has at most one
+# API keys (revision 0006; before it, one key_hash column on principals). A principal has at most one
 # current key (retires_at NULL); a rotated key keeps working until retires_at, then is refused with
 # its own reason, so a caller still using it learns why.
 principal_keys = sa.Table(
@@ -38,7 +32,7 @@ principal_keys = sa.Table(
     sa.Column("retires_at", sa.Float, nullable=True),
 )
 
-# -- audit log (migration 2) ---------------------------------------------------
+# -- audit log (revisions 0002, 0009, 0010, 0013) ------------------------------
 audit_head = sa.Table(
     "audit_head", metadata,
     sa.Column("id", sa.Integer, primary_key=True),  # always 1: the row writers lock
@@ -88,7 +82,7 @@ service_keys = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
 )
 
-# -- account keys (migration 3) ------------------------------------------------
+# -- account keys (revision 0003) ----------------------------------------------
 account_keys = sa.Table(
     "account_keys", metadata,
     sa.Column("account_ref", sa.String(64), primary_key=True),
@@ -105,7 +99,7 @@ account_key_tombstones = sa.Table(
     sa.Column("destroyed_at", sa.Float, nullable=False),
 )
 
-# -- accounts and clips (migration 4) ------------------------------------------
+# -- accounts and clips (revision 0004) ----------------------------------------
 # The only link from an account id to its pseudonym: a keyed HMAC, deleted with the account.
 accounts = sa.Table(
     "accounts", metadata,
@@ -147,19 +141,19 @@ ingest_idempotency = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
 )
 
-# -- review (migration 5) ------------------------------------------------------
+# -- review (revisions 0005, 0007, 0008, 0011, 0013) ---------------------------
 reviewers = sa.Table(
     "reviewers", metadata,
     sa.Column("principal_id", sa.String(40), primary_key=True),
     sa.Column("locales", sa.String(400), nullable=False),  # comma-separated; empty = any
-    # By the KMS root. NULL until the reviewer redeems their enrolment code (migration 8): the admin who
+    # By the KMS root. NULL until the reviewer redeems their enrolment code (revision 0008): the admin who
     # creates a reviewer never sees a factor.
     sa.Column("wrapped_totp_secret", sa.LargeBinary, nullable=True),
     sa.Column("last_totp_step", sa.BigInteger, nullable=False),  # a step is accepted once
     sa.Column("failed_attempts", sa.Integer, nullable=False),
     sa.Column("locked_until", sa.Float, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("lockouts", sa.Integer, nullable=False, server_default="0"),  # migration 7: escalating lockouts
+    sa.Column("lockouts", sa.Integer, nullable=False, server_default="0"),  # revision 0007: escalating lockouts
 )
 
 review_sessions = sa.Table(
@@ -194,8 +188,8 @@ assignments = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False),
     sa.Column("completed_at", sa.Float, nullable=True),
-    sa.Column("label", sa.String(64), nullable=True),  # before migration 7; now always NULL
-    sa.Column("label_ct", sa.LargeBinary, nullable=True),  # migration 7: sealed under the clip's key
+    sa.Column("label", sa.String(64), nullable=True),  # before revision 0007; NULL once sealed
+    sa.Column("label_ct", sa.LargeBinary, nullable=True),  # revision 0007: sealed under the clip's key
     sa.Index("ix_assignments_reviewer_created", "reviewer_id", "created_at"),
 )
 
@@ -224,11 +218,11 @@ escalations = sa.Table(
     sa.Column("created_by", sa.String(40), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("resolved_at", sa.Float, nullable=True),
-    sa.Column("resolution", sa.Text, nullable=True),  # before migration 7; now always NULL
-    sa.Column("resolution_ct", sa.LargeBinary, nullable=True),  # migration 7: sealed under the clip's key
+    sa.Column("resolution", sa.Text, nullable=True),  # before revision 0007; NULL once sealed
+    sa.Column("resolution_ct", sa.LargeBinary, nullable=True),  # revision 0007: sealed under the clip's key
 )
 
-# -- self-enrolment (migration 8) ---------------------------------------------
+# -- self-enrolment (revision 0008) --------------------------------------------
 # One-time codes an admin hands a reviewer, who redeems one for factors only they see. Only the
 # code's SHA-256 is kept (codes are 128-bit random); redeemed_at is set exactly once.
 enrolment_codes = sa.Table(
