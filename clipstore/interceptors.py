@@ -17,7 +17,7 @@ from concurrent import futures
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import sqlalchemy as sa
@@ -146,17 +146,32 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
         parse = _parser(handler.request_deserializer)
         read = self._read_stream if handler.request_streaming else self._read_one
 
+        # The request id of a unary request goes out with the first response (headers) or with a failure
+        # (trailers), never before: a failure that is the call's only answer is then "Trailers-Only",
+        # which is what lets a gRPC retry policy (the published service config) retry UNAVAILABLE;
+        # headers sent early commit a call. A client streaming its request (PutClip, which its client
+        # retries itself, with its key) gets them as soon as it is admitted: it knows the server reads.
+        early = handler.request_streaming
         if handler.response_streaming:
             def run(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
                 with self._scope(method, metadata, public, streaming, context) as limits:
+                    headers = _send_headers(context) if early else None
                     for response in behavior(read(requests, parse, limits), context):
                         limits.check_stream()
+                        headers = headers or _send_headers(context)
                         yield response
+                    if headers is None:
+                        _send_headers(context)
             factory = grpc.stream_stream_rpc_method_handler
         else:
             def run(requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:  # type: ignore[misc]
                 with self._scope(method, metadata, public, streaming, context) as limits:
-                    return behavior(read(requests, parse, limits), context)
+                    if early:
+                        _send_headers(context)
+                    response = behavior(read(requests, parse, limits), context)
+                    if not early:
+                        _send_headers(context)
+                    return response
             factory = grpc.stream_unary_rpc_method_handler
         if public and self._public_pool is not None:
             # Health and reflection answer anyone, so they run on their own few threads: callers
@@ -194,7 +209,6 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
                          context: grpc.ServicerContext) -> RequestContext:
         incoming = metadata.get(REQUEST_ID_HEADER, "")
         request_id = incoming if _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
-        context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
         structlog.contextvars.bind_contextvars(request_id=request_id)
         return RequestContext(request_id=request_id, method=method, principal=None, peer=context.peer())
 
@@ -259,7 +273,9 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
                 ended = _ended_after_settling(context)  # a "missing part" may be a cancelled upload
             error = _ended(limits) if ended else self._error_for(exc, ctx)
             status = ended or status_code(error).name
-            context.abort_with_status(grpc_status(error, ctx.request_id))
+            answer = grpc_status(error, ctx.request_id)
+            context.abort_with_status(_Status(answer.code, answer.details, (
+                *answer.trailing_metadata, (REQUEST_ID_HEADER, ctx.request_id))))
         finally:
             for timer in limits.timers:
                 Watchdog.disarm(timer)
@@ -288,6 +304,19 @@ def _ended_after_settling(context: grpc.ServicerContext) -> str | None:
     while context.is_active() and time.monotonic() < deadline:
         time.sleep(0.005)
     return _ended_early(context)
+
+
+def _send_headers(context: grpc.ServicerContext) -> bool:
+    context.send_initial_metadata(((REQUEST_ID_HEADER, current_request().request_id),))
+    return True
+
+
+class _Status(NamedTuple):
+    """A `grpc.Status` (grpc_status builds the same) whose trailers also carry the request id."""
+
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
 
 
 def _ended(limits: _Limits) -> Cancelled:

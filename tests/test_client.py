@@ -12,6 +12,7 @@ import pkgutil
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +36,15 @@ from clipstore.client import (
     errors,
 )
 from clipstore.client._audit import range_root
-from clipstore.config import Config
-from clipstore.errors import Reason
+from clipstore.config import Config, ServingConfig
+from clipstore.errors import Reason, Unavailable
+from clipstore.interceptors import ClipstoreInterceptor
 from clipstore.server import ClipstoreServer, running_server
 from clipstore.store import schema
+from clipstore.store.principals import Principal
 from clipstore.tls import write_dev_certs
 from clipstore.totp import code_at
-from clipstore.v1 import audit_pb2, clip_pb2, reviewer_admin_pb2
+from clipstore.v1 import audit_pb2, clip_pb2, clip_pb2_grpc, reviewer_admin_pb2
 from tests.conftest import make_config
 
 AUDIO = bytes(range(256)) * 600  # 150 KiB: three 64 KiB messages, three envelope segments
@@ -302,6 +305,47 @@ def test_an_admin_manages_principals(server: ClipstoreServer, keys: dict[str, st
         with connect(server, rotated.api_key) as disabled, pytest.raises(errors.PrincipalDisabledError):
             list(disabled.list_clips(ACCOUNT))
         assert not admin.enable_principal(created.principal.principal_id).disabled
+
+
+class FailsOnce(clip_pb2_grpc.ClipServiceServicer):
+    """A ClipService whose database is down for the first call of each method."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+
+    def _once(self, method: str) -> None:
+        self.calls[method] = self.calls.get(method, 0) + 1
+        if self.calls[method] == 1:
+            raise Unavailable("the metadata database is unavailable; retry later", reason="DATABASE_UNAVAILABLE")
+
+    def GetClip(self, request: Any, context: Any) -> clip_pb2.GetClipResponse:
+        self._once("GetClip")
+        return clip_pb2.GetClipResponse(clip=clip_pb2.Clip(clip_id=request.clip_id))
+
+    def DeleteClip(self, request: Any, context: Any) -> clip_pb2.DeleteClipResponse:
+        self._once("DeleteClip")
+        return clip_pb2.DeleteClipResponse()
+
+
+def test_the_published_service_config_retries_an_unavailable_read_and_never_a_delete() -> None:
+    """Through the server's real interceptor chain: a failure is the call's only answer (Trailers-Only),
+    which is what lets gRPC's retry policy retry it."""
+    servicer = FailsOnce()
+    interceptor = ClipstoreInterceptor(lambda metadata, context: Principal(id="p_test", name="test", role="ingest"),
+                                       serving=ServingConfig())
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[interceptor])
+    clip_pb2_grpc.add_ClipServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with ClipstoreClient(f"127.0.0.1:{port}", api_key="csk_test") as client:
+            assert client.get_clip("c_1").clip_id == "c_1"
+            with pytest.raises(errors.DatabaseUnavailableError):
+                client.delete_clip("c_1")
+    finally:
+        server.stop(None)
+        interceptor.close()
+    assert servicer.calls == {"GetClip": 2, "DeleteClip": 1}
 
 
 def test_an_api_key_is_never_sent_in_plaintext_off_loopback() -> None:
