@@ -150,12 +150,12 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
         # (trailers), never before: a failure that is the call's only answer is then "Trailers-Only",
         # which is what lets a gRPC retry policy (the published service config) retry UNAVAILABLE;
         # headers sent early commit a call. A client streaming its request (PutClip, which its client
-        # retries itself, with its key) gets them as soon as it is admitted: it knows the server reads.
+        # retries itself, with its key) gets them at once: it knows the server reads.
         early = handler.request_streaming
         if handler.response_streaming:
             def run(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
-                with self._scope(method, metadata, public, streaming, context) as limits:
-                    headers = _send_headers(context) if early else None
+                with self._scope(method, metadata, public, streaming, context, early) as limits:
+                    headers = early or None
                     for response in behavior(read(requests, parse, limits), context):
                         limits.check_stream()
                         headers = headers or _send_headers(context)
@@ -165,9 +165,7 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
             factory = grpc.stream_stream_rpc_method_handler
         else:
             def run(requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:  # type: ignore[misc]
-                with self._scope(method, metadata, public, streaming, context) as limits:
-                    if early:
-                        _send_headers(context)
+                with self._scope(method, metadata, public, streaming, context, early) as limits:
                     response = behavior(read(requests, parse, limits), context)
                     if not early:
                         _send_headers(context)
@@ -206,9 +204,11 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
 
     # -- the chain -------------------------------------------------------
     def _request_context(self, method: str, metadata: Mapping[str, str],
-                         context: grpc.ServicerContext) -> RequestContext:
+                         context: grpc.ServicerContext, early_headers: bool) -> RequestContext:
         incoming = metadata.get(REQUEST_ID_HEADER, "")
         request_id = incoming if _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+        if early_headers:
+            context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
         structlog.contextvars.bind_contextvars(request_id=request_id)
         return RequestContext(request_id=request_id, method=method, principal=None, peer=context.peer())
 
@@ -241,9 +241,9 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
 
     @contextmanager
     def _scope(self, method: str, metadata: Mapping[str, str], public: bool, streaming: bool,
-               context: grpc.ServicerContext) -> Iterator[_Limits]:
+               context: grpc.ServicerContext, early_headers: bool) -> Iterator[_Limits]:
         started = time.perf_counter()
-        ctx = self._request_context(method, metadata, context)
+        ctx = self._request_context(method, metadata, context, early_headers)
         limits = _Limits(self._watchdog, context)
         status = "OK"
         holding: str | None = None  # the principal whose slot this call holds
