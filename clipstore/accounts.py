@@ -119,12 +119,15 @@ class AccountDirectory:
             log.warning("account.wal_not_truncated")
         return deleted
 
-    def retire_key_versions(self, account_id: str, min_version: int, actor: Actor) -> int:
-        """Set the minimum decryption version, once no clip of the account still needs an older one."""
+    def retire_key_versions(self, account_id: str, min_version: int, actor: Actor, *, dry_run: bool = False) -> int:
+        """Set the minimum decryption version, once no clip of the account still needs an older one.
+        With `dry_run`, only check and count the versions it would retire."""
         ref = self.require(account_id).account_ref
         if any(c.key_version < min_version for c in self._clips.all_for_account(ref)):
             raise FailedPrecondition(f"clips still use a version below {min_version}; "
                                      "run RotateAccountKey (it rewraps) first", reason="KEY_VERSION_IN_USE")
+        if dry_run:
+            return sum(r.version < min_version and not r.retired for r in self._keyring.versions(ref))
         self._audit.append(actor.record("account.key_retire", account_ref=ref, reason=f"below {min_version}"))
         return self._keyring.retire_below(ref, min_version)
 

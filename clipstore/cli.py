@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import clipstore._quiet_grpc  # noqa: F401  (first of ours: before anything imports grpc)
+from clipstore import __version__
 from clipstore.auth import ROLES, create_principal
 from clipstore.config import LOG_LEVELS, Config, ConfigError, load_config
 from clipstore.logs import configure_logging
@@ -213,6 +214,11 @@ def _cmd_purge(args: argparse.Namespace) -> int:
     from clipstore.audit import OPERATOR
     app = App(_config(args))
     try:
+        if args.dry_run:
+            expired, shredded, orphans = app.clips.purge_plan()
+            print(f"would purge {expired} expired clips and {shredded} clips of deleted accounts; would remove "
+                  f"{orphans} orphan objects (dry run: nothing changed)")
+            return 0
         purged = app.clips.purge_expired(OPERATOR)
         swept = app.clips.sweep_orphans()
     finally:
@@ -265,13 +271,14 @@ def _cmd_keys_retire(args: argparse.Namespace) -> int:
     from clipstore.errors import ClipstoreError
     app = App(_config(args))
     try:
-        retired = app.accounts.retire_key_versions(args.account_id, args.below, OPERATOR)
+        retired = app.accounts.retire_key_versions(args.account_id, args.below, OPERATOR, dry_run=args.dry_run)
     except (ClipstoreError, ValueError) as exc:
         print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 1
     finally:
         app.close()
-    print(f"retired {retired} key versions below {args.below}")
+    print(f"{'would retire' if args.dry_run else 'retired'} {retired} key versions below {args.below}"
+          f"{' (dry run: nothing changed)' if args.dry_run else ''}")
     return 0
 
 
@@ -337,6 +344,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="clipstore", description="Encrypted voice-clip store")
+    parser.add_argument("--version", action="version", version=f"clipstore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gRPC server (embedded defaults with no config)")
@@ -376,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(retire)
     retire.add_argument("--account-id", required=True)
     retire.add_argument("--below", type=int, required=True, help="retire every version below this one")
+    retire.add_argument("--dry-run", action="store_true", help="check and count; change nothing")
     retire.set_defaults(func=_cmd_keys_retire)
 
     migrate = ksub.add_parser("migrate-root", help="rewrap every root-wrapped key under an AWS KMS key (service "
@@ -390,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     purge = sub.add_parser("purge", help="delete expired clips (object, row, wrapped key) and orphan objects")
     _add_config_flags(purge)
+    purge.add_argument("--dry-run", action="store_true", help="count what would go; change nothing")
     purge.set_defaults(func=_cmd_purge)
 
     db = sub.add_parser("db", help="metadata schema: upgrade, current revision, history, offline SQL")

@@ -254,6 +254,13 @@ class ClipLibrary:
             moved += self._clips.replace_blob(table, key, column, row_id, blob, new)
         return moved
 
+    def purge_plan(self, older_than_s: float = ORPHAN_AGE_S) -> tuple[int, int, int]:
+        """What `purge_expired` and `sweep_orphans` would remove now, removing nothing:
+        (expired clips, clips of deleted accounts, orphan objects)."""
+        expired, shredded = self._clips.count_purgeable(self._clock.now())
+        orphans = sum(not self._clips.exists(key) for key in self._blobs.list_keys(older_than_s))
+        return expired, shredded, orphans
+
     def sweep_orphans(self, older_than_s: float = ORPHAN_AGE_S) -> int:
         """Remove objects that have no row (an ingest that crashed after upload) and partial uploads."""
         removed = self._blobs.sweep_incomplete(older_than_s)

@@ -169,6 +169,10 @@ class KeyRing:
             self._cache.put((account_ref, version), kek)
         return version
 
+    def versions(self, account_ref: str) -> list[KekRecord]:
+        """The account's key versions (wrapped), oldest first."""
+        return sorted(self._records(account_ref), key=lambda r: r.version)
+
     def active_version(self, account_ref: str) -> int:
         live = [r.version for r in self._records(account_ref) if not r.retired]
         if not live:

@@ -180,3 +180,36 @@ def test_one_principal_may_not_be_allowed_every_worker() -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(env={"CLIPSTORE_SERVER_MAX_WORKERS": "16", "CLIPSTORE_SERVER_MAX_CALLS_PER_PRINCIPAL": "16"})
     assert caught.value.key == "server.max_calls_per_principal"
+
+
+def test_version_prints_the_package_version() -> None:
+    from clipstore import __version__
+    out = subprocess.run([sys.executable, "-m", "clipstore", "--version"], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == f"clipstore {__version__}"
+
+
+def test_purge_and_retire_dry_runs_count_and_change_nothing(tmp_path: Path) -> None:
+    from clipstore.app import App
+    from clipstore.audit import OPERATOR
+    from clipstore.clips import NewClip
+    from tests.conftest import FakeClock, make_config
+    clock = FakeClock()
+    data = tmp_path / "data"
+    app = App(make_config(data), clock=clock)
+    try:
+        new = NewClip(account_id="acct-dry", device_serial="S", device_type="", locale="en-US", captured_at=None,
+                      wake_word=False, content_type="audio/opus", idempotency_key="k1", duration_ms=10)
+        app.clips.ingest(new, [b"audio"], OPERATOR)
+        clock.advance(30 * 86400)  # past the accidental-activation retention
+        assert app.clips.purge_plan(older_than_s=-1) == (1, 0, 0)
+        ref = app.accounts.require("acct-dry").account_ref
+        app.accounts.rotate_key("acct-dry", OPERATOR)  # version 2; the clip is rewrapped to it
+        assert app.accounts.retire_key_versions("acct-dry", 2, OPERATOR, dry_run=True) == 1
+        assert [r.retired for r in app.keyring.versions(ref)] == [False, False]  # nothing changed
+        assert app.clips.purge_plan(older_than_s=-1) == (1, 0, 0)
+    finally:
+        app.close()
+    out = subprocess.run([sys.executable, "-m", "clipstore", "purge", "--dry-run", "--data-dir", str(data)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "dry run: nothing changed" in out

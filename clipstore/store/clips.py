@@ -172,6 +172,15 @@ class ClipRepository:
             return [clip_row(r) for r in conn.execute(sa.select(t).where(t.c.expires_at <= now)
                                                    .order_by(t.c.expires_at).limit(limit))]
 
+    def count_purgeable(self, now: float) -> tuple[int, int]:
+        """How many clips a purge would remove now: (expired, of crypto-shredded accounts)."""
+        t, tomb = schema.clips, schema.account_key_tombstones
+        with self._db.read() as conn:
+            expired = conn.scalar(sa.select(sa.func.count()).select_from(t).where(t.c.expires_at <= now))
+            shredded = conn.scalar(sa.select(sa.func.count()).select_from(
+                t.join(tomb, tomb.c.account_ref == t.c.account_ref)))
+        return int(expired or 0), int(shredded or 0)
+
     def shredded(self, limit: int) -> list[ClipRow]:
         """Clips whose account keys are destroyed but whose rows remain (an account deletion that stopped
         half-way): noise, to be removed like expired clips."""
