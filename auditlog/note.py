@@ -144,8 +144,11 @@ def sign_note(text: str, signer: NoteSigner) -> str:
 class Verifier(Protocol):
     """What `verify_note` needs of a key: note signers and cosigners alike."""
 
-    name: str
-    key_hash: int
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def key_hash(self) -> int: ...
 
     def verify(self, message: bytes, signature: bytes) -> bool: ...
 

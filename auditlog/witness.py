@@ -229,6 +229,7 @@ class WitnessServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
+        assert isinstance(host, str)  # an AF_INET/AF_INET6 address: text, never bytes
         return f"http://{host}:{port}"
 
     def __enter__(self) -> WitnessServer:

@@ -52,7 +52,7 @@ class Timer:
     """One armed limit; `fired` says whether the watchdog acted on it."""
 
     limit: str
-    cancel: Callable[[], None]
+    cancel: Callable[[], object]  # e.g. ServicerContext.cancel, which returns a bool
     armed: bool = True
     fired: bool = field(default=False, init=False)
 
@@ -72,7 +72,7 @@ class Watchdog:
         self._thread = threading.Thread(target=self._run, name="call-watchdog", daemon=True)
         self._thread.start()
 
-    def arm(self, after_s: float, limit: str, cancel: Callable[[], None]) -> Timer:
+    def arm(self, after_s: float, limit: str, cancel: Callable[[], object]) -> Timer:
         timer = Timer(limit, cancel)
         at = self._clock() + after_s
         with self._wake:

@@ -233,10 +233,11 @@ class ClipLibrary:
         """Delete object, row and wrapped DEK of every expired clip, and of every clip whose account was
         crypto-shredded by a deletion that stopped half-way; each purge is audited."""
         purged = 0
-        for find, reason, still in (
-                (lambda: self._clips.expired(self._clock.now(), PURGE_BATCH), "expired",
-                 lambda clip, now: clip.expires_at <= now),
-                (lambda: self._clips.shredded(PURGE_BATCH), "account_deleted", lambda clip, now: True)):
+        sources: list[tuple[Callable[[], list[ClipRow]], str, Callable[[ClipRow, float], bool]]] = [
+            (lambda: self._clips.expired(self._clock.now(), PURGE_BATCH), "expired",
+             lambda clip, now: clip.expires_at <= now),
+            (lambda: self._clips.shredded(PURGE_BATCH), "account_deleted", lambda clip, now: True)]
+        for find, reason, still in sources:
             while batch := find():
                 removed = [self._remove(c.clip_id, actor, "clip.purge", reason=reason, still=still) for c in batch]
                 purged += sum(r is not None for r in removed)

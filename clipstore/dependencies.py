@@ -186,7 +186,7 @@ def check_tiles_bucket(location: str, retain_days: int | None) -> None:
     # The publisher's client: endpoint and region from the AWS environment (AWS_ENDPOINT_URL_S3, …).
     client = _aws("s3", None, {}, {}, lambda: session.client("s3", config=_AWS_CONFIG))
     facts = {"bucket": bucket}
-    codes = {code: ("audit.tiles", *rest) for code, (_, *rest) in _S3_CODES.items()}
+    codes = {code: ("audit.tiles", problem, fix) for code, (_, problem, fix) in _S3_CODES.items()}
     codes["404"] = codes["NoSuchBucket"] = (
         "audit.tiles", "bucket {bucket} does not exist",
         "create it with Object Lock (aws s3api create-bucket --bucket {bucket} --object-lock-enabled-for-bucket) "

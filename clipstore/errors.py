@@ -167,10 +167,9 @@ class ClipstoreError(Exception):
 
 
 def _checked(reason: str, kind: Kind) -> Reason:
-    try:
-        checked = Reason(reason)
-    except ValueError:
-        raise ValueError(f"unknown reason {reason!r}: add it to clipstore.errors.Reason") from None
+    checked = Reason.__members__.get(reason)  # the wire value is the member's name
+    if checked is None:
+        raise ValueError(f"unknown reason {reason!r}: add it to clipstore.errors.Reason")
     if checked.kind is not kind:
         raise ValueError(f"reason {checked} is {checked.kind.name}, not {kind.name}")
     return checked

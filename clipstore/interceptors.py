@@ -17,7 +17,7 @@ from concurrent import futures
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
-from typing import Any, NamedTuple
+from typing import Any
 
 import grpc
 import sqlalchemy as sa
@@ -311,7 +311,8 @@ def _send_headers(context: grpc.ServicerContext) -> bool:
     return True
 
 
-class _Status(NamedTuple):
+@dataclass(frozen=True)
+class _Status(grpc.Status):
     """A `grpc.Status` (grpc_status builds the same) whose trailers also carry the request id."""
 
     code: grpc.StatusCode

@@ -13,15 +13,16 @@ it with the service stopped, then set `kms.key_id` and start the service.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 
 from clipstore.audit import Actor, AuditLog
 from clipstore.review.sessions import totp_context
 from clipstore.store import Database, schema
-from kms import KeyProvider, KmsError
+from kms import DataKey, KeyProvider, KmsError
 from kms.keyring import kek_context
 
 PAGE_ROWS = 200
@@ -58,7 +59,7 @@ class Moved:
     already: int
 
 
-def _pages(db: Database, kind: _Kind) -> Iterator[list[sa.Row[tuple[object, ...]]]]:
+def _pages(db: Database, kind: _Kind) -> Iterator[Sequence[sa.Row[Any]]]:
     t, order = kind.table, [kind.table.c[k] for k in kind.key]
     offset = 0
     while True:
@@ -90,10 +91,13 @@ class EitherRoot:
     def __init__(self, old: KeyProvider, new: KeyProvider) -> None:
         self._old, self._new = old, new
 
-    def encrypt(self, plaintext: bytes, context: dict[str, str]) -> bytes:
+    def encrypt(self, plaintext: bytes, context: Mapping[str, str]) -> bytes:
         return self._new.encrypt(plaintext, context)
 
-    def decrypt(self, blob: bytes, context: dict[str, str]) -> bytes:
+    def generate_data_key(self, context: Mapping[str, str]) -> DataKey:
+        return self._new.generate_data_key(context)
+
+    def decrypt(self, blob: bytes, context: Mapping[str, str]) -> bytes:
         try:
             return self._old.decrypt(blob, context)
         except (KmsError, ValueError):

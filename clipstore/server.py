@@ -5,10 +5,10 @@ from __future__ import annotations
 import gc
 import signal
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -79,7 +79,8 @@ AUDIT_SERVICE = "clipstore.v1.AuditService"
 
 def _implemented_servicers(app: App, tls: ServerTls | None) -> dict[str, Any]:
     """Servicers whose issue has landed; the rest answer UNIMPLEMENTED."""
-    published = (lambda: app.publishing.latest) if app.publishing else (lambda: None)
+    loop = app.publishing
+    published = (lambda: loop.latest) if loop is not None else (lambda: None)
     return {"clipstore.v1.AuditService": AuditServicer(app.audit, published),
             "clipstore.v1.ClipService": ClipServicer(app.clips),
             "clipstore.v1.AccountService": AccountServicer(app.accounts),
@@ -102,7 +103,7 @@ def server_tls(config: Config) -> ServerTls | None:
 def _principal(app: App, tls: ServerTls | None, metadata: Mapping[str, str],
                context: grpc.ServicerContext) -> Principal:
     """A verified client certificate names the principal (mTLS); else the bearer API key does."""
-    pem = context.auth_context().get("x509_pem_cert")
+    pem = _peer_certificates(context)
     if pem and tls is not None:
         return authenticate_certificate(app.principals, pem[0], trust_domain=app.config.trust_domain,
                                         revoked=tls.revoked, now=app.clock.now())
@@ -117,7 +118,7 @@ def _enable_reflection(server: grpc.Server, services: tuple[str, ...]) -> None:
     v1alpha; v1 is the same protocol and messages under a new package, so one servicer answers both
     and the v1 file descriptor is the v1alpha one renamed."""
     servicer = reflection.ReflectionServicer((*services, reflection.SERVICE_NAME, REFLECTION_V1))
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     _add_reflection_v1_descriptor()
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {
         "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
@@ -148,11 +149,16 @@ def _add_reflection_v1_descriptor() -> None:
     pool.Add(proto)
 
 
+def _peer_certificates(context: grpc.ServicerContext) -> Sequence[bytes] | None:
+    """The verified client certificate chain (PEM); gRPC gives a list per key, which its stub calls bytes."""
+    return cast("Sequence[bytes] | None", context.auth_context().get("x509_pem_cert"))
+
+
 def _presenter(app: App, tls: ServerTls | None) -> Presenter:
     """Who the client certificate of a call names, for a public RPC (no certificate: None). A certificate that
     does not authenticate a principal in good standing names nobody (""): it can redeem nobody's code."""
     def presented_by(context: grpc.ServicerContext) -> str | None:
-        pem = context.auth_context().get("x509_pem_cert")
+        pem = _peer_certificates(context)
         if not pem or tls is None:
             return None
         try:

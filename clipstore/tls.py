@@ -192,7 +192,8 @@ class ServerTls:
         return _Material(grpc.ssl_server_certificate_configuration([pair], root_certificates=root_ca), crl)
 
     def credentials(self) -> grpc.ServerCredentials:
-        return grpc.dynamic_ssl_server_credentials(self._material.config, self._next_config,
+        # The fetcher returns None for "keep the current certificates", which gRPC accepts; its stub does not say so.
+        return grpc.dynamic_ssl_server_credentials(self._material.config, self._next_config,  # type: ignore[arg-type]
                                                    require_client_authentication=self.requires_client_certificates)
 
     def _next_config(self) -> grpc.ServerCertificateConfiguration | None:

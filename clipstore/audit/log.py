@@ -40,7 +40,7 @@ from auditlog.tiles import TILE_WIDTH, entries_path, parse_bundle, verify_range
 from clipstore.audit.history import HistoryRewritten, RecomputedTree, recompute
 from clipstore.audit.reader import AuditReader
 from clipstore.clock import Clock, rfc3339
-from clipstore.errors import ClipstoreError, Unavailable
+from clipstore.errors import ClipstoreError, Reason, Unavailable
 from clipstore.logs import get_logger
 from clipstore.store import Database, schema
 from clipstore.store.schema import node_key
@@ -55,7 +55,7 @@ log = get_logger("clipstore.audit")
 
 
 class AuditUnavailable(Unavailable):
-    reason = "AUDIT_UNAVAILABLE"
+    reason = Reason.AUDIT_UNAVAILABLE
 
 
 HALTED_MESSAGE = ("the audit log's stored history failed verification, so this action cannot be recorded "
@@ -307,9 +307,9 @@ class AuditLog:
                 break
             # One unit failed (a bug or a lost connection): everything was rolled back; the others
             # are run again without it, so its partial writes never commit.
-            bad, exc = failed
-            log.warning("unit.failed", exc_type=type(exc).__name__)
-            bad.done.set_exception(exc)
+            bad, failure = failed
+            log.warning("unit.failed", exc_type=type(failure).__name__)
+            bad.done.set_exception(failure)
             live.remove(bad)
         self.batches += 1
         self.on_batch(sum(len(tx.records) for _, tx, _, _ in outcomes), time.perf_counter() - started)
@@ -343,7 +343,9 @@ class AuditLog:
                     cursor = conn.connection.cursor()
                     # Lock the head row first: the one place writers of all replicas serialise.
                     cursor.execute("UPDATE audit_head SET size = size WHERE id = 1 RETURNING size, last_hash")
-                    size, prev = cursor.fetchone()
+                    head = cursor.fetchone()
+                    assert head is not None, "audit_head row 1 is missing"
+                    size, prev = head
                     self._follow(cursor, size, prev)
                     cached = self._frontier
                     frontier = dict(cached[1]) if cached and cached[0] == size else self._tree.frontier()
@@ -531,7 +533,9 @@ class AuditLog:
         with self._db.write_lock(), self._db.engine.begin() as conn:
             cursor = conn.connection.cursor()
             cursor.execute("UPDATE audit_head SET size = size WHERE id = 1 RETURNING size, last_hash")
-            size, prev = cursor.fetchone()
+            head = cursor.fetchone()
+            assert head is not None, "audit_head row 1 is missing"
+            size, prev = head
             if size != start or (size and prev != self._tree.last_leaf.hex()):
                 raise HistoryRewritten("mismatch", "the stored log changed while published entries were restored")
             self._store(cursor, start, rows, self._tree.frontier())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Protocol, runtime_checkable
 
-from clipstore.errors import NotFound, Unavailable
+from clipstore.errors import NotFound, Reason, Unavailable
 
 # `get_stream` reads 16 sealed segments (64 KiB + tag each) at a time. The header puts segments off
 # the read boundaries, and a segment split across two reads must be copied before it can be opened;
@@ -14,11 +14,11 @@ READ_CHUNK_BYTES = 16 * (64 * 1024 + 16)
 
 
 class BlobUnavailable(Unavailable):
-    reason = "BLOB_STORE_UNAVAILABLE"
+    reason = Reason.BLOB_STORE_UNAVAILABLE
 
 
 class BlobNotFound(NotFound):
-    reason = "BLOB_NOT_FOUND"
+    reason = Reason.BLOB_NOT_FOUND
 
 
 @runtime_checkable

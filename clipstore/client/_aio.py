@@ -114,7 +114,7 @@ class AsyncClipstoreClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def _call(self, method: Callable[..., Any], request: Any, timeout_s: float | None) -> Any:
+    async def _call(self, method: Callable[..., Awaitable[T]], request: Any, timeout_s: float | None) -> T:
         try:
             return await method(request, timeout=timeout_s or self.timeout_s, metadata=self._transport.metadata())
         except grpc.RpcError as exc:
@@ -122,7 +122,8 @@ class AsyncClipstoreClient:
 
     # -- health ----------------------------------------------------------------------------------------
     async def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
-        response = await self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout_s)
+        check = self._health.Check  # type: ignore[attr-defined]  # types-grpcio-health-checking's stub lists no methods
+        response = await self._call(check, health_pb2.HealthCheckRequest(service=service), timeout_s)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     # -- clips -----------------------------------------------------------------------------------------

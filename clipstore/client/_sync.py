@@ -116,7 +116,8 @@ class ClipstoreClient:
     # -- health ----------------------------------------------------------------------------------------
     def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
         """`SERVING` or `NOT_SERVING` for a service ("" = the whole server)."""
-        response = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout_s)
+        check = self._health.Check  # type: ignore[attr-defined]  # types-grpcio-health-checking's stub lists no methods
+        response = self._call(check, health_pb2.HealthCheckRequest(service=service), timeout_s)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     # -- clips (roles ingest, admin) -------------------------------------------------------------------

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -155,9 +155,9 @@ class Audio:
             self._bytes = bytes(audio)
             self.replayable = True
         elif hasattr(audio, "read"):
-            self._file = audio  # type: ignore[assignment]
-            self.replayable = audio.seekable()  # type: ignore[union-attr]
-            self._start = audio.tell() if self.replayable else 0  # type: ignore[union-attr]
+            self._file = file = cast(BinaryIO, audio)
+            self.replayable = file.seekable()
+            self._start = file.tell() if self.replayable else 0
             self._lock = threading.Lock()
         elif isinstance(audio, Iterable) and not isinstance(audio, str):
             self._iterable = audio

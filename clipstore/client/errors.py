@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -84,17 +84,17 @@ def _error_info(trailing: Sequence[tuple[str, Any]] | None) -> error_details_pb2
 def from_rpc_error(err: grpc.RpcError, *, trailing_metadata: Sequence[tuple[str, Any]] | None = None,
                    request_id: str | None = None) -> ClipstoreRpcError:
     """The typed error for a failed call (sync `grpc.RpcError` or `grpc.aio.AioRpcError`)."""
-    code: grpc.StatusCode = err.code()  # type: ignore[attr-defined]
-    message: str = err.details() or ""  # type: ignore[attr-defined]
+    code: grpc.StatusCode = err.code()
+    message: str = err.details() or ""
     if trailing_metadata is None:
-        trailing_metadata = err.trailing_metadata()  # type: ignore[attr-defined]
+        trailing_metadata = cast("Sequence[tuple[str, Any]]", err.trailing_metadata())
     info = _error_info(trailing_metadata)
     if info is None:
         return ClipstoreRpcError(code, message, request_id=request_id)
     metadata = dict(info.metadata)
     request_id = metadata.pop("request_id", None) or request_id
-    try:
-        cls = BY_REASON[Reason(info.reason)]
-    except ValueError:  # a reason newer than this client: still typed by code, reason kept
+    known = Reason.__members__.get(info.reason)  # the wire value is the member's name
+    if known is None:  # a reason newer than this client: still typed by code, reason kept
         return ClipstoreRpcError(code, message, reason=info.reason, request_id=request_id, metadata=metadata)
+    cls = BY_REASON[known]
     return cls(code, message, reason=info.reason, request_id=request_id, metadata=metadata)

@@ -26,4 +26,4 @@ class ReviewPolicy:
 
     def lockout_after(self, earlier_lockouts: int) -> float:
         """Each lockout since the last good code doubles the next one, up to a day."""
-        return min(self.lockout_s * 2 ** min(earlier_lockouts, 16), MAX_LOCKOUT_S)
+        return min(self.lockout_s * 2.0 ** min(earlier_lockouts, 16), MAX_LOCKOUT_S)

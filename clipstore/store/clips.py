@@ -79,7 +79,7 @@ class AccountRepository:
 
     def still_held(self, account_refs: Iterable[str]) -> set[str]:
         """Those of `account_refs` that still have a key, a pseudonym mapping or a clip."""
-        refs, held = sorted(set(account_refs)), set()
+        refs, held = sorted(set(account_refs)), set[str]()
         with self._db.read() as conn:
             for i in range(0, len(refs), HELD_QUERY_REFS):
                 chunk = refs[i:i + HELD_QUERY_REFS]

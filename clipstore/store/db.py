@@ -119,7 +119,7 @@ class Database:
             return True
         with self.write_lock(), self.engine.connect() as conn:
             busy, _, _ = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
-        return busy == 0
+        return bool(busy == 0)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -12,12 +12,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
 from clipstore.store import schema
 from clipstore.store.clips import ClipRow
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,7 +138,7 @@ class ReviewRows:
             cursor.close()
         return None if row is None else tuple(row)
 
-    def _first(self, cls: type, statement: sa.Select[Any]) -> Any:
+    def _first(self, cls: type[_T], statement: sa.Select[Any]) -> _T | None:
         row = self._conn.execute(statement).first()
         return None if row is None else _row(cls, row)
 
