@@ -31,7 +31,6 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
 
-HEAD = "0013"
 BEFORE_DATA_STEPS = "0012"  # the last revision the KMS-bound data steps need in place
 # schema_migrations version → the revision that spells out what that migration created
 LEGACY_REVISIONS = {v: f"{v:04d}" for v in range(1, 10)}
@@ -60,6 +59,9 @@ PLAINTEXT = [
 
 def script() -> ScriptDirectory:
     return ScriptDirectory(str(Path(__file__).parent))
+
+
+HEAD = script().get_current_head() or ""  # the newest file in versions/: a new revision needs no other edit
 
 
 def run(conn: sa.Connection, destination: str) -> None:
