@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from auditlog._files import write_durably
 from auditlog.checkpoint import Checkpoint, open_checkpoint
 from auditlog.compact import CompactRange
 from auditlog.cosignature import Cosignature, CosignatureVerifier, open_cosigned_checkpoint
@@ -193,9 +193,4 @@ class TileState:
     def save(self, path: Path) -> None:
         data = json.dumps({"origin": self.origin, "size": self.size, "root": self.root.hex(),
                            "last_leaf": self.last_leaf.hex(), "checkpoint": self.note}, indent=1)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with tmp.open("w") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
+        write_durably(path, data.encode())

@@ -22,7 +22,6 @@ import base64
 import binascii
 import contextlib
 import json
-import os
 import sys
 import threading
 import time
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from auditlog._files import write_durably
 from auditlog.checkpoint import Checkpoint
 from auditlog.cosignature import CosignatureSigner
 from auditlog.errors import CheckpointError, NoteError, ProofError
@@ -97,19 +97,7 @@ class _State:
 
     def persist(self) -> None:
         data = {"logs": {o: {"size": s, "root": base64.b64encode(r).decode()} for o, (s, r) in self.logs.items()}}
-        tmp = self._path.with_name(f".{self._path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, json.dumps(data, sort_keys=True).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self._path)
-        dirfd = os.open(self._path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dirfd)  # the rename itself survives a crash
-        finally:
-            os.close(dirfd)
+        write_durably(self._path, json.dumps(data, sort_keys=True).encode(), mode=0o600)
 
 
 class Witness:

@@ -11,10 +11,10 @@ and it is written last, after every tile it needs. On S3 with
 from __future__ import annotations
 
 import datetime as dt
-import os
 from pathlib import Path
 from typing import Any, Protocol
 
+from auditlog._files import write_durably
 from auditlog.checkpoint import Checkpoint
 from auditlog.note import open_note
 from auditlog.tiles import TileWriter, tree_root
@@ -48,12 +48,7 @@ class DirStorage:
                 raise PublishedLogDiverges(f"published {path} differs from the log")
             return
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        with tmp.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(target)
+        write_durably(target, data)
 
 
 class S3Storage:
