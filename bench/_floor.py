@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from clipstore.audit import AuditLog, AuditRecord  # noqa: E402
 from clipstore.audit.signing import load_or_create_signer  # noqa: E402
 from clipstore.clock import SystemClock  # noqa: E402
-from clipstore.config import ServingConfig  # noqa: E402
+from clipstore.config import default  # noqa: E402
 from clipstore.store import Database  # noqa: E402
 from kms import LocalKms  # noqa: E402
 
@@ -53,7 +53,7 @@ def main() -> None:
 
     handler = grpc.method_handlers_generic_handler("bench.Floor", {
         "Append": grpc.unary_unary_rpc_method_handler(append)})  # bytes in, bytes out: no (de)serialiser
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=ServingConfig().max_workers), handlers=[handler])
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=default("server.max_workers")), handlers=[handler])
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     print(json.dumps({"event": "server.started", "port": port}), file=sys.stderr, flush=True)

@@ -18,7 +18,7 @@ from typing import Any
 import clipstore._quiet_grpc  # noqa: F401  (first of ours: before anything imports grpc)
 from clipstore import __version__
 from clipstore.auth import ROLES, create_principal
-from clipstore.config import LOG_LEVELS, Config, ConfigError, load_config
+from clipstore.config import BY_KEY, LOG_LEVELS, SETTINGS, Config, ConfigError, describe, load, load_config
 from clipstore.logs import configure_logging
 from clipstore.remote import add_remote_flags
 from clipstore.remote_cli import add_principal_commands, add_reviewer_commands
@@ -26,16 +26,30 @@ from clipstore.remote_cli import add_principal_commands, add_reviewer_commands
 EXIT_CONFIG = 2
 
 
+def _setting_flag(parser: argparse.ArgumentParser, key: str, **kwargs: Any) -> None:
+    """The setting's flag, its value stored under the setting's key (see `_overrides`)."""
+    setting = BY_KEY[key]
+    assert setting.flag is not None, key
+    shown = setting.default_text or setting.default
+    parser.add_argument(setting.flag, dest=key, metavar=setting.flag[2:].upper().replace("-", "_"),
+                        help=f"{setting.help} (or {key}, ${setting.env}"
+                             f"{'' if shown is None else f'; default {shown}'})", **kwargs)
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML config file (or $CLIPSTORE_CONFIG)")
-    parser.add_argument("--data-dir", help="data directory (or $CLIPSTORE_DATA_DIR; "
-                                           "default ~/.local/share/clipstore)")
-    parser.add_argument("--database-url", help="sqlite:///PATH or postgresql://… (default: SQLite in data dir)")
+    _setting_flag(parser, "data_dir")
+    _setting_flag(parser, "database_url")
 
 
-def _config(args: argparse.Namespace, **extra: object) -> Config:
-    return load_config(config_file=args.config, overrides={
-        "data_dir": args.data_dir, "database_url": args.database_url, **extra})
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags of this command."""
+    given = vars(args)
+    return {s.key: given[s.key] for s in SETTINGS if s.key in given}
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(config_file=args.config, overrides=_overrides(args))
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -43,9 +57,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from clipstore.server import serve
     route_uncaught_exceptions()
     try:
-        config = _config(args, listen=args.listen, **{
-            "tls.cert_file": args.tls_cert, "tls.key_file": args.tls_key, "tls.client_ca_file": args.client_ca,
-            "log.level": args.log_level})
+        if args.print_config:
+            sys.stdout.write(describe(load(config_file=args.config, overrides=_overrides(args))))
+            return 0
+        config = _config(args)
         configure_logging(level=config.log_level)
         return serve(config, on_ready=lambda server: _banner(server, args) if config.tls is None else None)
     except ConfigError as exc:  # one JSON line naming the setting and the fix
@@ -63,8 +78,8 @@ def _banner(server: object, args: argparse.Namespace) -> None:
     flags = [f"--data-dir {shlex.quote(str(config.data_dir.resolve()))}"]
     if args.config:
         flags.insert(0, f"--config {shlex.quote(str(args.config))}")
-    if args.database_url:
-        flags.append(f"--database-url {shlex.quote(args.database_url)}")
+    if config.database_url:
+        flags.append(f"--database-url {shlex.quote(config.database_url)}")
     print(f"clipstore {__version__} serving on {host}:{server.port} "  # type: ignore[attr-defined]
           "(development mode: plaintext, loopback only)\n"
           f"  data:      {config.data_dir.resolve()} (root key, database, blobs)\n"
@@ -349,18 +364,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the gRPC server (embedded defaults with no config)")
     _add_config_flags(serve)
-    serve.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:50051, or $CLIPSTORE_LISTEN)")
-    serve.add_argument("--tls-cert", help="server certificate (PEM); enables TLS")
-    serve.add_argument("--tls-key", help="server private key (PEM)")
-    serve.add_argument("--log-level", choices=LOG_LEVELS, help="debug, info (default), warning or error "
-                                                             "(or log.level, $CLIPSTORE_LOG_LEVEL)")
-    serve.add_argument("--client-ca", help="CA (PEM) that client certificates must chain to: requires mTLS")
+    for key in ("listen", "tls.cert_file", "tls.key_file", "tls.client_ca_file"):
+        _setting_flag(serve, key)
+    _setting_flag(serve, "log.level", choices=LOG_LEVELS)
+    serve.add_argument("--print-config", action="store_true", help="print every setting, its value and where it "
+                       "came from (default, file, env or flag; secrets redacted), then exit without serving")
     serve.set_defaults(func=_cmd_serve)
 
     certs = sub.add_parser("dev-certs", help="create a development CA, server and client certificates")
     certs.add_argument("--out", type=Path, required=True)
     certs.add_argument("--client", action="append", help="NAME:ROLE (repeatable; default one per role)")
-    certs.add_argument("--trust-domain", default="clipstore", help="of the clients' SPIFFE ids (auth.trust_domain)")
+    certs.add_argument("--trust-domain", default=BY_KEY["auth.trust_domain"].default,
+                       help="of the clients' SPIFFE ids (auth.trust_domain)")
     certs.set_defaults(func=_cmd_dev_certs)
 
     principals = sub.add_parser("principals", help="principals of every role: create, list, disable, rotate keys")

@@ -39,7 +39,6 @@ from clipstore.totp import new_secret, provisioning_uri, secret_base32
 
 CODE_PREFIX = "cse_"
 CODE_RANDOM_BYTES = 16  # 128 bits: guessing is hopeless, typing it is still bearable
-DEFAULT_CODE_TTL_S = 3600.0
 
 
 class Purpose(StrEnum):

@@ -19,8 +19,7 @@ from clipstore.errors import PermissionDenied
 
 GRANT_PREFIX = "v1"
 SIGNING_CONTEXT = b"clipstore/grant/v1\x00"  # domain separation from every other Ed25519 use
-MAX_GRANT_TTL_S = 300
-DEFAULT_GRANT_TTL_S = 120
+MAX_GRANT_TTL_S = 300  # the grant format's limit; review.grant_ttl_s is checked against it
 MAX_TOKEN_CHARS = 1024
 
 

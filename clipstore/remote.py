@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 
 from clipstore.auth import API_KEY_PREFIX
-from clipstore.config import DEFAULT_LISTEN, ConfigError
+from clipstore.config import ConfigError, default
 
 API_KEY_ENV = "CLIPSTORE_API_KEY"
 SERVER_ENV = "CLIPSTORE_SERVER"
@@ -42,7 +42,7 @@ class Remote:
 def add_remote_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server", f"the API key comes from ${API_KEY_ENV} or --api-key-file, "
                                                 "never from the command line")
-    group.add_argument("--server", default=None, help=f"HOST:PORT (or ${SERVER_ENV}; default {DEFAULT_LISTEN})")
+    group.add_argument("--server", default=None, help=f"HOST:PORT (or ${SERVER_ENV}; default {default('listen')})")
     group.add_argument("--ca-file", type=Path, help="CA (PEM) to verify the server with; enables TLS")
     group.add_argument("--tls", action="store_true", help="TLS with the system's root CAs")
     group.add_argument("--client-cert", type=Path, help="client certificate (PEM) for mTLS")
@@ -97,5 +97,6 @@ def remote(args: argparse.Namespace, env: os._Environ[str] | dict[str, str] | No
     if credentials and key is None and args.client_cert is None:
         raise ConfigError("api-key", f"no credentials: set ${API_KEY_ENV}, give --api-key-file, or use "
                                      "--client-cert/--client-key (mTLS)")
-    return Remote(server=args.server or env.get(SERVER_ENV) or DEFAULT_LISTEN, channel_credentials=channel_credentials,
+    return Remote(server=args.server or env.get(SERVER_ENV) or default("listen"),
+                  channel_credentials=channel_credentials,
                   metadata=(("authorization", f"Bearer {key}"),) if key else (), server_name=args.server_name)

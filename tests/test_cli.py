@@ -13,7 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clipstore.config import DEFAULT_LISTEN, ConfigError, load_config
+from clipstore.config import ConfigError, default, load_config
 
 
 def _env(home: Path, **extra: str) -> dict[str, str]:
@@ -28,7 +28,7 @@ def _clipstore(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[s
 
 def test_defaults_are_embedded_on_loopback_under_home(tmp_path: Path) -> None:
     config = load_config(env={"HOME": str(tmp_path)})
-    assert config.listen == DEFAULT_LISTEN == "127.0.0.1:50051"
+    assert config.listen == default("listen") == "127.0.0.1:50051"
     assert config.effective_database_url.startswith("sqlite:///")
     assert config.s3 is None and config.kms is None
 

@@ -36,7 +36,7 @@ from clipstore.client import (
     errors,
 )
 from clipstore.client._audit import range_root
-from clipstore.config import Config, ServingConfig
+from clipstore.config import Config, load_config
 from clipstore.errors import Reason, Unavailable
 from clipstore.interceptors import ClipstoreInterceptor
 from clipstore.server import ClipstoreServer, running_server
@@ -332,7 +332,7 @@ def test_the_published_service_config_retries_an_unavailable_read_and_never_a_de
     which is what lets gRPC's retry policy retry it."""
     servicer = FailsOnce()
     interceptor = ClipstoreInterceptor(lambda metadata, context: Principal(id="p_test", name="test", role="ingest"),
-                                       serving=ServingConfig())
+                                       serving=load_config(env={}).serving)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[interceptor])
     clip_pb2_grpc.add_ClipServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")

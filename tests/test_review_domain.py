@@ -29,7 +29,8 @@ from kms import LocalKms
 from tests.conftest import FakeClock
 from tests.review_fakes import MemoryLedger, MemoryReviewStore, memory_ports
 
-POLICY = ReviewPolicy(daily_cap=2, max_failed_codes=3, lockout_s=60)
+POLICY = ReviewPolicy(session_lifetime_s=8 * 3600, session_idle_s=30 * 60, max_failed_codes=3, lockout_s=60,
+                      daily_cap=2, grant_ttl_s=120)
 REVIEWER = Actor(id="p_rev", role="reviewer")
 OTHER = Actor(id="p_other", role="reviewer")
 DEK = secrets.token_bytes(32)

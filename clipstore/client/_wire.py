@@ -19,7 +19,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from clipstore import __version__
-from clipstore.config import is_loopback
+from clipstore.config import default, is_loopback
 from clipstore.v1 import clip_pb2, common_pb2, enrolment_pb2
 
 #: The published gRPC service config: a deadline for every method, and retries (on UNAVAILABLE: "nothing
@@ -30,7 +30,7 @@ SERVICE_CONFIG: dict[str, Any] = json.loads(SERVICE_CONFIG_JSON)
 AUDIO_CHUNK_BYTES = 64 * 1024  # one envelope segment per message; the server takes at most 1 MiB
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_STREAM_TIMEOUT_S = 600.0
-MAX_MESSAGE_BYTES = 4 << 20  # as the server's default max_message_bytes
+MAX_MESSAGE_BYTES: int = default("max_message_bytes")  # as the server's default
 AudioInput = bytes | bytearray | memoryview | BinaryIO | Iterable[bytes]
 
 

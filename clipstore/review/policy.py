@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clipstore.grants import DEFAULT_GRANT_TTL_S
-
 DAY_S = 86400
 MAX_GRANTS_PER_ASSIGNMENT = 3  # a reviewer may replay a clip a little, not pass it around
 CANDIDATES_PER_CLAIM = 20
@@ -16,13 +14,15 @@ MAX_LOCKOUT_S = 24 * 3600.0
 
 @dataclass(frozen=True, kw_only=True)
 class ReviewPolicy:
-    session_lifetime_s: float = 8 * 3600
-    session_idle_s: float = 30 * 60
-    max_failed_codes: int = 5
-    lockout_s: float = 15 * 60
-    daily_cap: int = 1000
-    assignment_ttl_s: float = 10 * 60
-    grant_ttl_s: int = DEFAULT_GRANT_TTL_S
+    """The configured limits (`review.*` settings: the app passes them in) and the fixed ones."""
+
+    session_lifetime_s: float
+    session_idle_s: float
+    max_failed_codes: int
+    lockout_s: float
+    daily_cap: int
+    grant_ttl_s: int
+    assignment_ttl_s: float = 10 * 60  # not a setting: long enough to listen, short enough to free the clip
 
     def lockout_after(self, earlier_lockouts: int) -> float:
         """Each lockout since the last good code doubles the next one, up to a day."""

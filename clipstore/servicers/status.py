@@ -8,6 +8,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from clipstore.errors import ERROR_DOMAIN, ClipstoreError, Kind, Reason
+from clipstore.readme import rewrite_main
 
 STATUS_BY_KIND: dict[Kind, grpc.StatusCode] = {
     Kind.BAD_INPUT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -46,16 +47,5 @@ def reason_table_markdown() -> str:
     return "\n".join(rows) + "\n"
 
 
-def rewrite_readme_table(readme: str) -> str:
-    """README.md text with its error table replaced by the generated one."""
-    start = readme.index("| code | reason | meaning / what to do |")
-    end = readme.find("\n\n", start)
-    return readme[:start] + reason_table_markdown() + readme[end + 1 if end != -1 else len(readme):]
-
-
 if __name__ == "__main__":  # python -m clipstore.servicers.status README.md: regenerate the table in place
-    import sys
-    from pathlib import Path
-
-    path = Path(sys.argv[1] if len(sys.argv) > 1 else "README.md")
-    path.write_text(rewrite_readme_table(path.read_text()))
+    rewrite_main(reason_table_markdown)
