@@ -129,7 +129,7 @@ class PublishLoop:
     log_key: NoteVerifier
     publisher: Publisher | None
     cosigner: Cosigner | None
-    interval_s: float = 5.0
+    interval_s: float  # audit.publish_every_s
     latest: tuple[int, str] | None = None  # the last published (cosigned) checkpoint
     _stop: threading.Event = field(default_factory=threading.Event)
     _wake: threading.Event = field(default_factory=threading.Event)
