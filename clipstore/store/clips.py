@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -9,6 +10,7 @@ import sqlalchemy as sa
 
 from clipstore.store import schema
 from clipstore.store.db import Database
+from clipstore.store.plain import PlainRows
 
 HELD_QUERY_REFS = 500  # account refs per IN (...) list: well inside every driver's parameter limit
 
@@ -37,6 +39,10 @@ class ClipRow:
     key_version: int
     wrapped_dek: bytes
     identity_ct: bytes
+
+
+CLIP_COLUMNS = ", ".join(f.name for f in dataclasses.fields(ClipRow))
+_INSERT_CLIP = f"INSERT INTO clips ({CLIP_COLUMNS}) VALUES ({', '.join('?' * len(dataclasses.fields(ClipRow)))})"  # noqa: S608
 
 
 def clip_row(row: sa.Row[tuple[object, ...]]) -> ClipRow:
@@ -89,24 +95,19 @@ class AccountRepository:
         return held
 
 
-class ClipRows:
+class ClipRows(PlainRows):
     """Accounts, clips and idempotency rows on one connection: inside a unit of work."""
-
-    def __init__(self, conn: sa.Connection) -> None:
-        self._conn = conn
 
     def owner(self, principal_id: str, key_hash: bytes) -> str | None:
         """The clip an idempotency key belongs to (perhaps deleted since: the key is then a tombstone)."""
-        t = schema.ingest_idempotency
-        return self._conn.scalar(sa.select(t.c.clip_id).where(t.c.principal_id == principal_id,
-                                                              t.c.key_hash == key_hash))
+        row = self._fetch("SELECT clip_id FROM ingest_idempotency WHERE principal_id = ? AND key_hash = ?",
+                          (principal_id, key_hash))
+        return None if row is None else str(row[0])
 
     def insert(self, clip: ClipRow, *, principal_id: str, idempotency_hash: bytes) -> None:
-        # Parameters passed to a plain insert(): the compiled statement is cached.
-        self._conn.execute(schema.ingest_idempotency.insert(), {
-            "principal_id": principal_id, "key_hash": idempotency_hash, "clip_id": clip.clip_id,
-            "created_at": clip.created_at})
-        self._conn.execute(schema.clips.insert(), clip.__dict__)
+        self._exec("INSERT INTO ingest_idempotency (principal_id, key_hash, clip_id, created_at) VALUES (?, ?, ?, ?)",
+                   (principal_id, idempotency_hash, clip.clip_id, clip.created_at))
+        self._exec(_INSERT_CLIP, dataclasses.astuple(clip))
 
     def get(self, clip_id: str) -> ClipRow | None:
         row = self._conn.execute(sa.select(schema.clips).where(schema.clips.c.clip_id == clip_id)).one_or_none()

@@ -10,14 +10,14 @@ it holds even between replicas.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
 from clipstore.store import schema
-from clipstore.store.clips import ClipRow
+from clipstore.store.clips import CLIP_COLUMNS, ClipRow
+from clipstore.store.plain import PlainRows
 
 _T = TypeVar("_T")
 
@@ -109,34 +109,26 @@ def _row(cls: Any, row: Any) -> Any:
     return cls(**{k: v for k, v in row._mapping.items() if k in names})
 
 
-_CLIP_COLUMNS = ", ".join(f.name for f in dataclasses.fields(ClipRow))
+
+# A queue entry joined with its clip's review-relevant fields and its account's preference.
+_QUEUED = ("SELECT q.clip_id, q.review_clip_id, q.account_ref, q.locale, c.clip_id, c.wake_word, c.expires_at, "
+           "c.duration_ms, c.content_type, a.allow_review FROM review_queue q "
+           "LEFT JOIN clips c ON c.clip_id = q.clip_id LEFT JOIN accounts a ON a.account_ref = q.account_ref")
 
 
-@functools.lru_cache(maxsize=256)
-def _pyformat(sql: str) -> str:
-    return sql.replace("?", "%s")
+def _queued(row: tuple[Any, ...]) -> QueuedClip:
+    return QueuedClip(queue=QueueRow(clip_id=row[0], review_clip_id=row[1], account_ref=row[2], locale=row[3]),
+                      clip_exists=row[4] is not None, wake_word=bool(row[5]), expires_at=row[6] or 0.0,
+                      duration_ms=row[7] or 0, content_type=row[8] or "", allow_review=bool(row[9]))
 
 
-class ReviewRows:
+class ReviewRows(PlainRows):
     """The review tables, on one connection (see the module docstring).
 
     The reads every review call makes run as plain SQL on the connection's own
     DBAPI cursor (the database caches their plans): 10–40 µs each, where a
     SQLAlchemy Core select costs 150–300 µs, and they run inside the writer's
     transaction, so each one counts."""
-
-    def __init__(self, conn: sa.Connection) -> None:
-        self._conn = conn
-        self._pg = conn.dialect.name == "postgresql"
-
-    def _fetch(self, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        cursor = self._conn.connection.cursor()
-        try:
-            cursor.execute(_pyformat(sql) if self._pg else sql, params)
-            row = cursor.fetchone()
-        finally:
-            cursor.close()
-        return None if row is None else tuple(row)
 
     def _first(self, cls: type[_T], statement: sa.Select[Any]) -> _T | None:
         row = self._conn.execute(statement).first()
@@ -156,9 +148,8 @@ class ReviewRows:
 
     def accept_step(self, principal_id: str, step: int) -> bool:
         """Record a TOTP step as used; False if it (or a later one) was used before: a replay."""
-        t = schema.reviewers
-        return self._conn.execute(t.update().where(t.c.principal_id == principal_id, t.c.last_totp_step < step)
-                                  .values(last_totp_step=step, failed_attempts=0, lockouts=0)).rowcount == 1
+        return self._exec("UPDATE reviewers SET last_totp_step = ?, failed_attempts = 0, lockouts = 0 "
+                          "WHERE principal_id = ? AND last_totp_step < ?", (step, principal_id, step)) == 1
 
     def count_failure(self, principal_id: str) -> int:
         """One more failed code; returns the count so far."""
@@ -174,9 +165,9 @@ class ReviewRows:
 
     # -- sessions ------------------------------------------------------------
     def add_session(self, session_id: str, token_hash: bytes, reviewer_id: str, now: float, expires_at: float) -> None:
-        self._conn.execute(schema.review_sessions.insert().values(
-            session_id=session_id, token_hash=token_hash, reviewer_id=reviewer_id, created_at=now,
-            expires_at=expires_at, last_seen_at=now, ended=False))
+        self._exec("INSERT INTO review_sessions (session_id, token_hash, reviewer_id, created_at, expires_at, "
+                   "last_seen_at, ended) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   (session_id, token_hash, reviewer_id, now, expires_at, now, False))
 
     def session_by_token(self, token_hash: bytes) -> SessionRow | None:
         row = self._fetch("SELECT session_id, reviewer_id, expires_at, last_seen_at, ended FROM review_sessions "
@@ -187,8 +178,7 @@ class ReviewRows:
                           ended=bool(row[4]))
 
     def touch_session(self, session_id: str, now: float) -> None:
-        t = schema.review_sessions
-        self._conn.execute(t.update().where(t.c.session_id == session_id).values(last_seen_at=now))
+        self._exec("UPDATE review_sessions SET last_seen_at = ? WHERE session_id = ?", (now, session_id))
 
     def end_sessions(self, *, reviewer_id: str | None = None, session_id: str | None = None) -> int:
         t = schema.review_sessions
@@ -197,52 +187,31 @@ class ReviewRows:
 
     # -- queue and assignments ------------------------------------------------
     def enqueue(self, clip_id: str, review_clip_id: str, account_ref: str, locale: str, now: float) -> None:
-        self._conn.execute(schema.review_queue.insert().values(
-            clip_id=clip_id, review_clip_id=review_clip_id, account_ref=account_ref, locale=locale,
-            enqueued_at=now))
-
-    def _queued_clips(self) -> sa.Select[Any]:
-        q, c, a = schema.review_queue, schema.clips, schema.accounts
-        return (sa.select(q, c.c.clip_id.label("clip_exists"), c.c.wake_word, c.c.expires_at, c.c.duration_ms,
-                          c.c.content_type, a.c.allow_review)
-                .select_from(q.outerjoin(c, c.c.clip_id == q.c.clip_id)
-                              .outerjoin(a, a.c.account_ref == q.c.account_ref)))
-
-    @staticmethod
-    def _queued(row: Any) -> QueuedClip:
-        return QueuedClip(queue=_row(QueueRow, row), clip_exists=row.clip_exists is not None,
-                          wake_word=bool(row.wake_word), expires_at=row.expires_at or 0.0,
-                          allow_review=bool(row.allow_review), duration_ms=row.duration_ms or 0,
-                          content_type=row.content_type or "")
+        self._exec("INSERT INTO review_queue (clip_id, review_clip_id, account_ref, locale, enqueued_at) "
+                   "VALUES (?, ?, ?, ?, ?)", (clip_id, review_clip_id, account_ref, locale, now))
 
     def candidates(self, *, now: float, locales: tuple[str, ...], limit: int) -> list[QueuedClip]:
-        q = schema.review_queue
-        stmt = self._queued_clips().where(sa.or_(q.c.assignment_id.is_(None), q.c.assignment_expires_at < now))
-        if locales:
-            stmt = stmt.where(q.c.locale.in_(locales))
-        return [self._queued(r) for r in self._conn.execute(stmt.order_by(q.c.enqueued_at).limit(limit))]
+        """The oldest unclaimed (or lapsed) queue entries in the given locales (any when empty)."""
+        in_locales = f" AND q.locale IN ({', '.join('?' * len(locales))})" if locales else ""
+        sql = (f"{_QUEUED} WHERE (q.assignment_id IS NULL OR q.assignment_expires_at < ?){in_locales} "
+               "ORDER BY q.enqueued_at LIMIT ?")
+        return [_queued(row) for row in self._fetchall(sql, (now, *locales, limit))]
 
     def queued(self, clip_id: str) -> QueuedClip | None:
         """One joined read: the queue entry, the clip's review-relevant fields, the account's preference."""
-        row = self._fetch(
-            "SELECT q.clip_id, q.review_clip_id, q.account_ref, q.locale, c.clip_id, c.wake_word, c.expires_at, "
-            "c.duration_ms, c.content_type, a.allow_review FROM review_queue q "
-            "LEFT JOIN clips c ON c.clip_id = q.clip_id LEFT JOIN accounts a ON a.account_ref = q.account_ref "
-            "WHERE q.clip_id = ?", (clip_id,))
-        if row is None:
-            return None
-        return QueuedClip(queue=QueueRow(clip_id=row[0], review_clip_id=row[1], account_ref=row[2], locale=row[3]),
-                          clip_exists=row[4] is not None, wake_word=bool(row[5]), expires_at=row[6] or 0.0,
-                          duration_ms=row[7] or 0, content_type=row[8] or "", allow_review=bool(row[9]))
+        row = self._fetch(f"{_QUEUED} WHERE q.clip_id = ?", (clip_id,))
+        return None if row is None else _queued(row)
 
     def claim(self, clip_id: str, assignment: AssignmentRow, now: float) -> bool:
-        q = schema.review_queue
-        won = self._conn.execute(q.update().where(
-            q.c.clip_id == clip_id, sa.or_(q.c.assignment_id.is_(None), q.c.assignment_expires_at < now))
-            .values(assignment_id=assignment.assignment_id,
-                    assignment_expires_at=assignment.expires_at)).rowcount == 1
+        won = self._exec("UPDATE review_queue SET assignment_id = ?, assignment_expires_at = ? WHERE clip_id = ? "
+                         "AND (assignment_id IS NULL OR assignment_expires_at < ?)",
+                         (assignment.assignment_id, assignment.expires_at, clip_id, now)) == 1
         if won:
-            self._conn.execute(schema.assignments.insert().values(**assignment.__dict__, label=None))
+            a = assignment
+            self._exec("INSERT INTO assignments (assignment_id, clip_id, review_clip_id, reviewer_id, created_at, "
+                       "expires_at, completed_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (a.assignment_id, a.clip_id, a.review_clip_id, a.reviewer_id, a.created_at, a.expires_at,
+                        a.completed_at))
         return won
 
     def assignments_since(self, reviewer_id: str, since: float) -> int:
@@ -259,12 +228,10 @@ class ReviewRows:
                              created_at=row[4], expires_at=row[5], completed_at=row[6])
 
     def complete(self, assignment_id: str, label_ct: bytes, now: float) -> bool:
-        t = schema.assignments
-        done = self._conn.execute(t.update().where(t.c.assignment_id == assignment_id, t.c.completed_at.is_(None))
-                                  .values(completed_at=now, label_ct=label_ct)).rowcount == 1
+        done = self._exec("UPDATE assignments SET completed_at = ?, label_ct = ? "
+                          "WHERE assignment_id = ? AND completed_at IS NULL", (now, label_ct, assignment_id)) == 1
         if done:
-            self._conn.execute(schema.review_queue.delete().where(
-                schema.review_queue.c.assignment_id == assignment_id))
+            self._exec("DELETE FROM review_queue WHERE assignment_id = ?", (assignment_id,))
         return done
 
     def dequeue(self, *, account_ref: str | None = None, clip_id: str | None = None) -> int:
@@ -277,7 +244,11 @@ class ReviewRows:
 
     # -- grants ----------------------------------------------------------------
     def add_grant(self, grant: GrantRow, now: float) -> None:
-        self._conn.execute(schema.grants.insert().values(**grant.__dict__, issued_at=now))
+        g = grant
+        self._exec("INSERT INTO grants (grant_id, reviewer_id, session_id, assignment_id, clip_id, account_ref, "
+                   "issued_at, expires_at, redeemed_at, voided) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   (g.grant_id, g.reviewer_id, g.session_id, g.assignment_id, g.clip_id, g.account_ref, now,
+                    g.expires_at, g.redeemed_at, g.voided))
 
     def grants_for(self, assignment_id: str) -> int:
         row = self._fetch("SELECT count(*) FROM grants WHERE assignment_id = ?", (assignment_id,))
@@ -294,23 +265,21 @@ class ReviewRows:
 
     def redeem(self, grant_id: str, now: float) -> bool:
         """Single use: exactly one caller ever gets True for a grant."""
-        t = schema.grants
-        return self._conn.execute(t.update().where(t.c.grant_id == grant_id, t.c.redeemed_at.is_(None),
-                                                   t.c.voided.is_(False)).values(redeemed_at=now)).rowcount == 1
+        return self._exec("UPDATE grants SET redeemed_at = ? WHERE grant_id = ? AND redeemed_at IS NULL "
+                          "AND voided = ?", (now, grant_id, False)) == 1
 
     def void_grants(self, *, reviewer_id: str | None = None, session_id: str | None = None,
                     account_ref: str | None = None, clip_id: str | None = None,
                     assignment_id: str | None = None) -> int:
-        t = schema.grants
-        given = [(c, v) for c, v in ((t.c.reviewer_id, reviewer_id), (t.c.session_id, session_id),
-                                     (t.c.account_ref, account_ref), (t.c.clip_id, clip_id),
-                                     (t.c.assignment_id, assignment_id)) if v is not None]
+        given = [(c, v) for c, v in (("reviewer_id", reviewer_id), ("session_id", session_id),
+                                     ("account_ref", account_ref), ("clip_id", clip_id),
+                                     ("assignment_id", assignment_id)) if v is not None]
         if len(given) != 1:
             raise TypeError("void_grants takes exactly one of reviewer_id, session_id, account_ref, clip_id, "
                             "assignment_id")
-        conditions, value = [given[0][0]], given[0][1]
-        return self._conn.execute(t.update().where(conditions[0] == value, t.c.redeemed_at.is_(None),
-                                                   t.c.voided.is_(False)).values(voided=True)).rowcount
+        (column, value), = given
+        return self._exec(f"UPDATE grants SET voided = ? WHERE {column} = ? "  # noqa: S608 (a column name above)
+                          "AND redeemed_at IS NULL AND voided = ?", (True, value, False))
 
     def withdraw_from_review(self, *, clip_id: str | None = None, account_ref: str | None = None) -> tuple[int, int]:
         """The one way a clip (or every clip of an account) leaves review: out of the queue, its unredeemed
@@ -335,10 +304,10 @@ class ReviewRows:
 
     # -- what review needs of other tables ------------------------------------------
     def clip(self, clip_id: str) -> ClipRow | None:
-        row = self._fetch(f"SELECT {_CLIP_COLUMNS} FROM clips WHERE clip_id = ?", (clip_id,))  # noqa: S608
+        row = self._fetch(f"SELECT {CLIP_COLUMNS} FROM clips WHERE clip_id = ?", (clip_id,))  # noqa: S608
         if row is None:
             return None
-        values = dict(zip(_CLIP_COLUMNS.split(", "), row, strict=True))
+        values = dict(zip(CLIP_COLUMNS.split(", "), row, strict=True))
         values["wake_word"] = bool(values["wake_word"])
         values["wrapped_dek"], values["identity_ct"] = bytes(values["wrapped_dek"]), bytes(values["identity_ct"])
         return ClipRow(**values)

@@ -177,6 +177,8 @@ review_queue = sa.Table(
     sa.Column("enqueued_at", sa.Float, nullable=False),
     sa.Column("assignment_id", sa.String(40), nullable=True),
     sa.Column("assignment_expires_at", sa.Float, nullable=True),
+    sa.Index("ix_review_queue_assignment_id", "assignment_id"),  # revision 0014
+    sa.Index("ix_review_queue_enqueued_at", "enqueued_at"),
 )
 
 assignments = sa.Table(
@@ -205,6 +207,7 @@ grants = sa.Table(
     sa.Column("expires_at", sa.Float, nullable=False),
     sa.Column("redeemed_at", sa.Float, nullable=True),
     sa.Column("voided", sa.Boolean, nullable=False),
+    sa.Index("ix_grants_assignment_id", "assignment_id"),  # revision 0014
 )
 
 escalations = sa.Table(
