@@ -16,6 +16,7 @@ import sqlalchemy as sa
 
 from clipstore.store import schema
 from clipstore.store.db import Database
+from clipstore.store.plain import PlainRows
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,9 +53,16 @@ def _principal(row: Any) -> Principal:
                      spiffe_id=row.spiffe_id, created_at=row.created_at)
 
 
-class PrincipalRows:
-    def __init__(self, conn: sa.Connection) -> None:
-        self._conn = conn
+# Every call authenticates: its reads are plain SQL (see clipstore.store.plain).
+_SELECT = "SELECT p.id, p.name, p.role, p.disabled, p.expires_at, p.spiffe_id, p.created_at"
+
+
+def _plain_principal(row: tuple[Any, ...]) -> Principal:
+    return Principal(id=row[0], name=row[1], role=row[2], disabled=bool(row[3]), expires_at=row[4],
+                     spiffe_id=row[5], created_at=row[6])
+
+
+class PrincipalRows(PlainRows):
 
     def add(self, principal: Principal, *, key_hash: bytes | None, now: float) -> None:
         """Insert a principal and (unless it authenticates only by certificate, or not yet) its first key."""
@@ -65,19 +73,17 @@ class PrincipalRows:
             self._conn.execute(_K.insert().values(key_hash=key_hash, principal_id=principal.id, created_at=now))
 
     def by_key_hash(self, key_hash: bytes) -> KeyMatch | None:
-        row = self._conn.execute(sa.select(*_COLUMNS, _K.c.retires_at).join(_K, _K.c.principal_id == _P.c.id)
-                                 .where(_K.c.key_hash == key_hash)).one_or_none()
-        return None if row is None else KeyMatch(principal=_principal(row), retires_at=row.retires_at)
+        row = self._fetch(f"{_SELECT}, k.retires_at FROM principals p "
+                          "JOIN principal_keys k ON k.principal_id = p.id WHERE k.key_hash = ?", (key_hash,))
+        return None if row is None else KeyMatch(principal=_plain_principal(row), retires_at=row[7])
 
     def by_spiffe_id(self, spiffe_id: str) -> Principal | None:
-        return self._one(_P.c.spiffe_id == spiffe_id)
+        row = self._fetch(f"{_SELECT} FROM principals p WHERE p.spiffe_id = ?", (spiffe_id,))  # noqa: S608
+        return None if row is None else _plain_principal(row)
 
     def get(self, principal_id: str) -> Principal | None:
-        return self._one(_P.c.id == principal_id)
-
-    def _one(self, where: sa.ColumnElement[bool]) -> Principal | None:
-        row = self._conn.execute(sa.select(*_COLUMNS).where(where)).one_or_none()
-        return None if row is None else _principal(row)
+        row = self._fetch(f"{_SELECT} FROM principals p WHERE p.id = ?", (principal_id,))  # noqa: S608
+        return None if row is None else _plain_principal(row)
 
     def page(self, *, role: str | None, after: str, limit: int, now: float) -> list[PrincipalListing]:
         usable = (sa.select(sa.func.count()).select_from(_K)
