@@ -54,7 +54,7 @@ def blob_store(config: Config) -> BlobStore:
     if config.s3 is not None:
         return S3BlobStore(config.s3.bucket, prefix=config.s3.prefix, endpoint_url=config.s3.endpoint_url,
                            region=config.s3.region, profile=config.s3.profile,
-                           sse_kms_key_id=config.s3.sse_kms_key_id)
+                           sse_kms_key_id=config.s3.sse_kms_key_id, connections=config.serving.max_workers)
     return FileBlobStore(config.blob_dir)
 
 

@@ -12,7 +12,9 @@ import botocore.exceptions
 import pytest
 from moto import mock_aws
 
+from clipstore.app import blob_store
 from clipstore.blobs import BlobNotFound, BlobStore, BlobUnavailable, FileBlobStore, S3BlobStore
+from clipstore.config import load_config
 
 PART = 5 * 1024 * 1024
 
@@ -118,3 +120,12 @@ def test_file_store_rejects_path_like_keys(tmp_path: Path) -> None:
     for key in ("../etc/passwd", "a/b", "", "x" * 200):
         with pytest.raises(ValueError):
             store.put_stream(key, [b"x"])
+
+
+def test_the_s3_connection_pool_holds_one_connection_per_worker(tmp_path: Path) -> None:
+    """A pool smaller than the calls that may be in S3 at once drops and reopens connections under load."""
+    config = load_config(env={"CLIPSTORE_DATA_DIR": str(tmp_path), "CLIPSTORE_S3_BUCKET": "clips",
+                              "CLIPSTORE_SERVER_MAX_WORKERS": "48", "AWS_DEFAULT_REGION": "us-east-1"})
+    store = blob_store(config)
+    assert isinstance(store, S3BlobStore)
+    assert store.client.meta.config.max_pool_connections == 48

@@ -21,12 +21,15 @@ _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
 class S3BlobStore:
     def __init__(self, bucket: str, *, prefix: str = "clips/", client: Any | None = None,
                  endpoint_url: str | None = None, region: str | None = None, profile: str | None = None,
-                 sse_kms_key_id: str | None = None, part_bytes: int = PART_BYTES) -> None:
+                 sse_kms_key_id: str | None = None, part_bytes: int = PART_BYTES, connections: int = 10) -> None:
         if part_bytes < 5 * 1024 * 1024:
             raise ValueError("part_bytes must be at least 5 MiB (an S3 limit)")
         self.bucket, self.prefix, self.part_bytes = bucket, prefix, part_bytes
         config = botocore.config.Config(retries={"max_attempts": 3, "mode": "standard"},
-                                        connect_timeout=5, read_timeout=30)
+                                        connect_timeout=5, read_timeout=30,
+                                        # One per call that may be in S3 at once: a smaller pool drops and
+                                        # reopens connections under load (a TCP handshake per clip).
+                                        max_pool_connections=connections)
         session = boto3.session.Session(profile_name=profile) if profile else boto3.session.Session()
         self.client = client or session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
         # Defence in depth: the object is already sealed; SSE-KMS adds the bucket's own key.
