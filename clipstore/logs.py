@@ -7,7 +7,7 @@ import logging
 import sys
 import threading
 from collections.abc import MutableMapping
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import structlog
 
@@ -42,6 +42,17 @@ def _exception_summary(_logger: Any, _name: str, event: MutableMapping[str, Any]
     return event
 
 
+class _CurrentStderr:
+    """Whatever `sys.stderr` is when a line is written, not when logging was configured: a process
+    (or a test harness) that replaces stderr later must not leave the logger on a closed stream."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(stream: TextIO | None = None, level: int | str = logging.INFO) -> None:
     """JSON lines to `stream` (stderr by default) at `level` (a name in LEVELS or a logging level).
 
@@ -51,7 +62,7 @@ def configure_logging(stream: TextIO | None = None, level: int | str = logging.I
     at DEBUG."""
     global _handler
     level = LEVELS[level] if isinstance(level, str) else level
-    stream = stream or sys.stderr
+    stream = stream or cast(TextIO, _CurrentStderr())
     stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
