@@ -1,0 +1,191 @@
+"""Voice disguise: shift a speaker's pitch and formants so the voice is not recognisable, keep the words.
+
+A phase vocoder (STFT, 75 % overlap) moves every harmonic by `pitch_ratio`,
+and a cepstral spectral envelope moves the formants (the vocal tract's
+resonances, which carry much of a voice's identity) by `formant_ratio`
+independently: the output spectrum of a frame is the input's fine structure
+read at f / pitch_ratio, divided by its own envelope there and multiplied by the
+envelope read at f / formant_ratio. The words survive because the formant
+pattern keeps its shape (only scaled, as between a tall and a short speaker)
+and timing is untouched.
+
+Why not WORLD (pyworld): its analysis (f0 tracking, CheapTrick, D4C) costs
+about 1 s of CPU per 10 s of speech here, five times the whole fetch budget;
+this vocoder costs a few tens of milliseconds and streams (docs/voice-disguise.md).
+
+Each fetch draws its ratios from the policy's ranges with an injected RNG, so
+two fetches of one clip do not sound the same and the inverse is not a known
+constant (see the limits in docs/voice-disguise.md).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+FRAME_S = 0.032  # analysis frame, about 32 ms (a power of two in samples)
+OVERLAP = 4  # frames per frame length: hop = frame / 4
+LIFTER_S = 0.0016  # cepstral envelope keeps quefrencies below 1.6 ms: formants yes, pitch harmonics (>=2.5 ms) no
+_TWO_PI = 2.0 * np.pi
+
+
+@dataclass(frozen=True, kw_only=True)
+class DisguisePolicy:
+    """A named disguise: pitch ratios are drawn from `pitch_ratios` (a ratio r or its inverse 1/r, either
+    way with equal chance) and formants move in the same direction by r ** `formant_exponent`."""
+
+    name: str
+    pitch_ratios: tuple[float, float]
+    formant_exponent: float
+
+    def __post_init__(self) -> None:
+        low, high = self.pitch_ratios
+        if not 1.0 < low <= high <= 2.0:
+            raise ValueError(f"pitch_ratios must satisfy 1 < low <= high <= 2, got {self.pitch_ratios}")
+        if not 0.0 <= self.formant_exponent <= 1.5:
+            raise ValueError(f"formant_exponent must lie in [0, 1.5], got {self.formant_exponent}")
+
+    def draw(self, rng: random.Random) -> tuple[float, float]:
+        """(pitch_ratio, formant_ratio) for one fetch."""
+        ratio = rng.uniform(*self.pitch_ratios)
+        if rng.random() < 0.5:
+            ratio = 1.0 / ratio
+        return ratio, ratio ** self.formant_exponent
+
+    def transform(self, *, rate: int, channels: int, rng: random.Random) -> PitchFormantShift:
+        pitch, formant = self.draw(rng)
+        return PitchFormantShift(rate=rate, channels=channels, pitch_ratio=pitch, formant_ratio=formant)
+
+
+# The policies a deployment can name in `review.disguise` (`off` is the absence of one).
+POLICIES: dict[str, DisguisePolicy] = {
+    "pitch_formant": DisguisePolicy(name="pitch_formant", pitch_ratios=(1.25, 1.4), formant_exponent=0.75),
+}
+
+
+def _frame_length(rate: int) -> int:
+    return 1 << max(6, int(round(np.log2(rate * FRAME_S))))
+
+
+class PitchFormantShift:
+    """A streaming `BufferingTransform`: holds back one frame length minus one hop, returns it at flush."""
+
+    name = "pitch_formant"
+
+    def __init__(self, *, rate: int, channels: int, pitch_ratio: float, formant_ratio: float) -> None:
+        if rate <= 0 or channels <= 0:
+            raise ValueError(f"rate and channels must be positive, got {rate}, {channels}")
+        if not 0.5 <= pitch_ratio <= 2.0 or not 0.5 <= formant_ratio <= 2.0:
+            raise ValueError(f"ratios must lie in [0.5, 2], got {pitch_ratio}, {formant_ratio}")
+        self.pitch_ratio, self.formant_ratio = pitch_ratio, formant_ratio
+        n = self._n = _frame_length(rate)
+        hop = self._hop = n // OVERLAP
+        self._channels = channels
+        self._window = np.hanning(n + 1)[:n].astype(np.float64)  # periodic Hann: overlap-adds to a constant
+        self._ola_gain = float(np.sum(self._window**2) / hop)
+        bins = n // 2 + 1
+        self._bin_freq = _TWO_PI * np.arange(bins) / n  # rad/sample at each bin centre
+        self._expected = self._bin_freq * hop  # phase advance per hop of a bin-centred sinusoid
+        lifter = np.zeros(n)
+        keep = max(2, int(rate * LIFTER_S))
+        lifter[:keep] = 1.0
+        lifter[n - keep + 1:] = 1.0
+        self._lifter = lifter
+        # where each output bin reads the input: fractional source bins, split into index and weight
+        self._fine = _reader(np.arange(bins) / pitch_ratio, bins)
+        self._env_formant = _reader(np.arange(bins) / formant_ratio, bins)
+        # stream state: padded input not yet consumed, overlap-add tail, phases, frames still owed
+        self._inbuf = np.zeros((n - hop, channels))  # leading zeros: the first frame ends at the clip's hop
+        self._ola = np.zeros((n - hop, channels))
+        self._prev_phase = np.zeros((channels, bins))
+        self._out_phase = np.zeros((channels, bins))
+        self._to_skip = n - hop  # output frames that belong to the leading zeros
+        self._given = 0
+        self._returned = 0
+
+    # -- streaming --------------------------------------------------------------------------------------
+    def process(self, block: np.ndarray, offset: int) -> np.ndarray:
+        self._given += len(block)
+        self._inbuf = np.concatenate([self._inbuf, block.astype(np.float64, copy=False)])
+        return self._emit(self._frames())
+
+    def flush(self) -> np.ndarray:
+        owed = self._given - self._returned
+        self._inbuf = np.concatenate([self._inbuf, np.zeros((self._n, self._channels))])
+        out = self._emit(self._frames())
+        return out[:owed]
+
+    def _emit(self, done: np.ndarray) -> np.ndarray:
+        skip = min(self._to_skip, len(done))
+        self._to_skip -= skip
+        out = done[skip:]
+        self._returned += len(out)
+        return out.astype(np.float32)
+
+    def _frames(self) -> np.ndarray:
+        """Analyse, shift and overlap-add every whole frame in the input buffer; the finished samples."""
+        n, hop = self._n, self._hop
+        count = 0 if len(self._inbuf) < n else 1 + (len(self._inbuf) - n) // hop
+        if not count:
+            return np.zeros((0, self._channels))
+        # (channels, count, n) views of the overlapping frames
+        frames = np.lib.stride_tricks.sliding_window_view(self._inbuf[:(count - 1) * hop + n], n, axis=0)[::hop]
+        frames = np.transpose(frames, (1, 0, 2)) * self._window
+        spectrum = np.fft.rfft(frames, axis=-1)
+        shifted = self._shift(spectrum)
+        synth = np.fft.irfft(shifted, n, axis=-1) * (self._window / self._ola_gain)
+        length = (count - 1) * hop + n
+        out = np.zeros((self._channels, length))
+        for j in range(OVERLAP):  # overlap-add: frames j, j+4, … abut without overlapping, so one add each
+            part = synth[:, j::OVERLAP, :]
+            if part.shape[1]:
+                out[:, j * hop:j * hop + part.shape[1] * n] += part.reshape(self._channels, -1)
+        out[:, :n - hop] += self._ola.T
+        self._ola = out[:, count * hop:].T.copy()
+        self._inbuf = self._inbuf[count * hop:]
+        return out[:, :count * hop].T
+
+    def _shift(self, spectrum: np.ndarray) -> np.ndarray:
+        """Move harmonics by pitch_ratio and the envelope by formant_ratio; phases follow each moved
+        harmonic's instantaneous frequency (the phase vocoder), carried across blocks."""
+        magnitude = np.abs(spectrum) + 1e-9
+        phase = np.angle(spectrum)
+        # instantaneous frequency per bin, from the phase advance since the previous frame
+        previous = np.concatenate([self._prev_phase[:, None, :], phase[:, :-1, :]], axis=1)
+        self._prev_phase = phase[:, -1, :].copy()
+        deviation = phase - previous - self._expected
+        deviation -= _TWO_PI * np.round(deviation / _TWO_PI)
+        inst = self._bin_freq + deviation / self._hop
+        # spectral envelope (log), by cepstral smoothing
+        log_mag = np.log(magnitude)
+        cepstrum = np.fft.irfft(log_mag, self._n, axis=-1)
+        log_env = np.fft.rfft(cepstrum * self._lifter, axis=-1).real
+        fine = self._fine.read(log_mag - log_env)
+        new_log = fine + self._env_formant.read(log_env)
+        new_inst = self._fine.nearest(inst) * self.pitch_ratio
+        new_inst[..., self._fine.outside] = 0.0
+        out_phase = self._out_phase[:, None, :] + np.cumsum(new_inst * self._hop, axis=1)
+        self._out_phase = np.mod(out_phase[:, -1, :], _TWO_PI)
+        new_mag = np.exp(new_log)
+        new_mag[..., self._fine.outside] = 0.0
+        return new_mag * np.exp(1j * out_phase)
+
+
+class _reader:  # noqa: N801  (a small value class used like a function)
+    """Linear interpolation of the last axis at fixed fractional positions."""
+
+    def __init__(self, positions: np.ndarray, bins: int) -> None:
+        self.outside = positions > bins - 1
+        clipped = np.clip(positions, 0, bins - 1)
+        self._low = np.floor(clipped).astype(np.intp)
+        self._high = np.minimum(self._low + 1, bins - 1)
+        self._weight = clipped - self._low
+        self._nearest = np.rint(clipped).astype(np.intp)
+
+    def read(self, values: np.ndarray) -> np.ndarray:
+        return values[..., self._low] * (1.0 - self._weight) + values[..., self._high] * self._weight
+
+    def nearest(self, values: np.ndarray) -> np.ndarray:
+        return values[..., self._nearest]
