@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clipstore.audio.fetch import DISGUISE_NAMES, DISGUISE_OFF, parse_disguise_locales
 from clipstore.grants import MAX_GRANT_TTL_S
 
 MAX_ENROLMENT_CODE_TTL_S = 86400  # a code travels out of band; the shorter it lives, the less it is worth
@@ -95,6 +96,17 @@ def _at_most(limit: float, problem: str) -> Callable[[Any], Any]:
             raise ValueError(problem.format(limit=limit, value=value))
         return value
     return check
+
+
+def _disguise(name: str) -> str:
+    if name not in DISGUISE_NAMES:
+        raise ValueError(f"one of {', '.join(sorted(DISGUISE_NAMES))}, got {name!r}")
+    return name
+
+
+def _disguise_locales(text: str) -> str:
+    parse_disguise_locales(text)  # raises ValueError naming the bad entry
+    return text
 
 
 def _witnesses(text: str) -> tuple[str, ...]:
@@ -202,6 +214,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(key="review.max_failed_codes", type=int, default=5, help="wrong TOTP codes before a lockout"),
     Setting(key="review.lockout_s", type=float, default=15 * 60.0,
             help="the first lockout; each further one doubles, up to a day"),
+    Setting(key="review.disguise", type=str, default=DISGUISE_OFF, check=_disguise,
+            help="voice disguise of what FetchClip streams: `off` or `pitch_formant` (needs the audio extra; "
+                 "docs/voice-disguise.md)"),
+    Setting(key="review.disguise_locales", type=str, default=None, check=_disguise_locales, default_text="none",
+            help="per locale or language, e.g. `en-US=off,de=pitch_formant`; wins over `review.disguise`"),
+    Setting(key="review.require_transform", type=bool, default=False,
+            help="refuse a fetch whose clip cannot be disguised or watermarked (`AUDIO_FORMAT_UNSUPPORTED`) "
+                 "instead of serving it unchanged"),
     Setting(key="retention.default_days", type=float, default=180.0, attr="retention_days",
             help="clip lifetime"),
     Setting(key="retention.accidental_hours", type=float, default=24.0, attr="accidental_retention_hours",
@@ -320,6 +340,9 @@ class Config:
     review_session_idle_s: float
     review_max_failed_codes: int
     review_lockout_s: float
+    review_disguise: str
+    review_disguise_locales: str | None
+    review_require_transform: bool
     metrics_listen: str | None
     audit_tiles: str | None  # a directory or s3://bucket/prefix for the C2SP tlog-tiles
     audit_tiles_retain_days: int | None  # S3 Object Lock (compliance) retention per object
@@ -504,6 +527,13 @@ def _check_together(config: Config) -> None:
         raise ConfigError("server.max_calls_per_principal", f"must be below server.max_workers "
                                                             f"({serving.max_workers}) so one principal cannot "
                                                             f"hold every worker")
+    disguised = {config.review_disguise, *parse_disguise_locales(config.review_disguise_locales or "").values()}
+    if disguised - {DISGUISE_OFF}:
+        try:
+            import numpy  # noqa: F401
+            import soundfile  # noqa: F401
+        except ImportError:
+            raise ConfigError("review.disguise", "needs the audio extra: pip install 'clipstore[audio]'") from None
     if config.audit_witness_quorum > len(config.audit_witnesses):
         raise ConfigError("audit.witness_quorum", f"is {config.audit_witness_quorum} but only "
                                                   f"{len(config.audit_witnesses)} witnesses are configured")

@@ -143,6 +143,8 @@ class Reason(StrEnum):
     GRANT_REPLAYED = auto(), Kind.NOT_ALLOWED, "the grant was already used; request a new one"
     REVIEWER_DISABLED = auto(), Kind.NOT_ALLOWED, "the reviewer was disabled"
     ACCOUNT_OPTED_OUT = auto(), Kind.NOT_ALLOWED, "the account no longer allows human review; stop"
+    AUDIO_FORMAT_UNSUPPORTED = auto(), Kind.WRONG_STATE, \
+        "review.require_transform is on and the clip's audio cannot be disguised or watermarked; skip the clip"
     ESCALATION_NOT_FOUND = auto(), Kind.NOT_FOUND, "no escalation with that id"
     ESCALATION_RESOLVED = auto(), Kind.WRONG_STATE, "the escalation was already resolved"
 

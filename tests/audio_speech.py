@@ -74,8 +74,8 @@ class _Syllable:
     pause_s: float  # silence after the syllable (0 inside a word)
 
 
-def _script(seconds: float, seed: int) -> list[_Syllable]:
-    """The "words": a sequence of syllables filling `seconds`, the same for every speaker."""
+def _script(seconds: float, seed: int, tempo: float = 1.0) -> list[_Syllable]:
+    """The "words": a sequence of syllables filling `seconds`, the same for every speaker and take."""
     rng = np.random.default_rng(seed)
     out: list[_Syllable] = []
     total = 0.15  # a little lead-in silence
@@ -85,8 +85,8 @@ def _script(seconds: float, seed: int) -> list[_Syllable]:
         for i in range(in_word):
             c = consonants[int(rng.integers(len(consonants)))]
             v = vowels[int(rng.integers(len(vowels)))]
-            vowel_s = float(rng.uniform(0.09, 0.22))
-            pause_s = float(rng.uniform(0.08, 0.25)) if i == in_word - 1 else 0.0
+            vowel_s = float(rng.uniform(0.09, 0.22)) * tempo
+            pause_s = float(rng.uniform(0.08, 0.25)) * tempo if i == in_word - 1 else 0.0
             out.append(_Syllable(c, v, vowel_s, pause_s))
             total += (CONSONANTS[c][2] if c else 0.0) + vowel_s + pause_s
     return out
@@ -116,10 +116,10 @@ def _ramp(n: int, ramp: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=32)
-def _mono(speaker: Speaker, seconds: float, rate: int, seed: int) -> np.ndarray:
+def _mono(speaker: Speaker, seconds: float, rate: int, seed: int, take: int) -> np.ndarray:
     n = int(round(seconds * rate))
-    script = _script(seconds, seed)
-    rng = np.random.default_rng(seed * 7919 + 17)
+    script = _script(seconds, seed, tempo=1.0 + 0.06 * np.sin(take))  # another take: a little faster or slower
+    rng = np.random.default_rng(seed * 7919 + 17 + 104729 * take)
     ctl = int(np.ceil(seconds * CONTROL_RATE_HZ)) + 1
     voiced = np.zeros(n)
     noise_parts = np.zeros(n)
@@ -153,7 +153,7 @@ def _mono(speaker: Speaker, seconds: float, rate: int, seed: int) -> np.ndarray:
 
     # pitch: declination over each ~2 s phrase, a slow intonation swing, a little jitter
     time_s = np.arange(n) / rate
-    swing = np.sin(2 * np.pi * 0.7 * time_s + seed) + 0.5 * np.sin(2 * np.pi * 1.9 * time_s)
+    swing = np.sin(2 * np.pi * 0.7 * time_s + seed + take) + 0.5 * np.sin(2 * np.pi * 1.9 * time_s + 2 * take)
     declination = 1.0 - 0.08 * ((time_s % 2.0) / 2.0)
     jitter = np.interp(time_s, grid_s, rng.normal(0.0, 0.01, ctl))
     f0 = speaker.f0_hz * declination * (1.0 + speaker.f0_range * swing / 1.5 + jitter)
@@ -179,12 +179,15 @@ def _mono(speaker: Speaker, seconds: float, rate: int, seed: int) -> np.ndarray:
 
 
 def speech(speaker: Speaker | str, seconds: float, *, rate: int = RATE_HZ, channels: int = 1,
-           seed: int = 0) -> np.ndarray:
+           seed: int = 0, take: int = 0) -> np.ndarray:
     """`seconds` of speech-like audio, float32 shaped (frames, channels), peak 0.5; deterministic.
+
+    `seed` chooses the words; `take` another recording of the same words by the same speaker
+    (tempo, intonation, jitter and noise differ).
 
     Extra channels are the same voice slightly attenuated, so a stereo clip is still one speaker."""
     voice = SPEAKERS[speaker] if isinstance(speaker, str) else speaker
-    mono = _mono(voice, float(seconds), int(rate), int(seed))
+    mono = _mono(voice, float(seconds), int(rate), int(seed), int(take))
     return np.stack([mono * (1.0 - 0.1 * c) for c in range(channels)], axis=1).astype(np.float32)
 
 

@@ -15,17 +15,22 @@ TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)
 
 @settings(max_examples=300, deadline=None)
 @given(action=TEXT, actor_id=TEXT, role=TEXT, outcome=TEXT, reason=TEXT, clip_id=TEXT, account_ref=TEXT,
-       principal_id=TEXT, request_id=TEXT, prev=TEXT, time=TEXT, seq=st.integers(0, 2**63 - 1))
+       principal_id=TEXT, request_id=TEXT, prev=TEXT, time=TEXT, seq=st.integers(0, 2**63 - 1),
+       disguise=st.none() | TEXT, watermark=st.none() | TEXT)
 def test_writer_entries_are_byte_identical_to_make_entry(action: str, actor_id: str, role: str, outcome: str,
                                                          reason: str, clip_id: str, account_ref: str,
                                                          principal_id: str, request_id: str, prev: str, time: str,
-                                                         seq: int) -> None:
+                                                         seq: int, disguise: str | None,
+                                                         watermark: str | None) -> None:
     record = AuditRecord(actor_id=actor_id, actor_role=role, action=action, outcome=outcome, reason=reason,
-                         clip_id=clip_id, account_ref=account_ref, principal_id=principal_id, request_id=request_id)
+                         clip_id=clip_id, account_ref=account_ref, principal_id=principal_id, request_id=request_id,
+                         disguise=disguise, watermark=watermark)
+    # a clip.fetch entry says what was done to the audio; other entries carry neither key
+    audio = {k: v for k, v in (("disguise", disguise), ("watermark", watermark)) if v is not None}
     written = entry_bytes(record, seq=seq, prev=prev, time=time)
     assert written == make_entry(seq=seq, prev=prev, time=time, actor={"id": actor_id, "role": role},
                                  action=action, target={"clip_id": clip_id, "account_ref": account_ref,
                                                         "principal_id": principal_id},
-                                 outcome={"result": outcome, "reason": reason}, request_id=request_id)
+                                 outcome={"result": outcome, "reason": reason, **audio}, request_id=request_id)
     if len(prev) == 64:
         assert parse_entry(written, 0)["seq"] == seq

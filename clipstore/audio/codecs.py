@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import soundfile
 
+from clipstore.audio.errors import UnsupportedAudio
+
 RAW_PCM_RATE_HZ = 16000
 BLOCK_S = 0.5  # frames per decoded block, in seconds: bounds memory and keeps the vocoder's overlap small
 OUT_CHUNK_BYTES = 64 * 1024  # what one FetchClip message carries
@@ -51,10 +53,6 @@ _WAV_SUBTYPES: dict[str, tuple[int, int, str]] = {  # subtype -> (WAVE format ta
     "DOUBLE": (3, 64, "<f8"),
 }
 _FULL_SCALE = {"<i2": 32767.0, ">i2": 32767.0, "<i4": 2147483647.0}
-
-
-class UnsupportedAudio(Exception):
-    """The plaintext is not audio this module can decode (or re-encode) as its content type says."""
 
 
 @dataclass(frozen=True, kw_only=True)

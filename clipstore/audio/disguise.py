@@ -94,8 +94,8 @@ class PitchFormantShift:
         lifter[n - keep + 1:] = 1.0
         self._lifter = lifter
         # where each output bin reads the input: fractional source bins, split into index and weight
-        self._fine = _reader(np.arange(bins) / pitch_ratio, bins)
-        self._env_formant = _reader(np.arange(bins) / formant_ratio, bins)
+        self._fine = _Reader(np.arange(bins) / pitch_ratio, bins)
+        self._env_formant = _Reader(np.arange(bins) / formant_ratio, bins)
         # stream state: padded input not yet consumed, overlap-add tail, phases, frames still owed
         self._inbuf = np.zeros((n - hop, channels))  # leading zeros: the first frame ends at the clip's hop
         self._ola = np.zeros((n - hop, channels))
@@ -170,10 +170,11 @@ class PitchFormantShift:
         self._out_phase = np.mod(out_phase[:, -1, :], _TWO_PI)
         new_mag = np.exp(new_log)
         new_mag[..., self._fine.outside] = 0.0
-        return new_mag * np.exp(1j * out_phase)
+        shifted: np.ndarray = new_mag * np.exp(1j * out_phase)
+        return shifted
 
 
-class _reader:  # noqa: N801  (a small value class used like a function)
+class _Reader:
     """Linear interpolation of the last axis at fixed fractional positions."""
 
     def __init__(self, positions: np.ndarray, bins: int) -> None:
@@ -185,7 +186,8 @@ class _reader:  # noqa: N801  (a small value class used like a function)
         self._nearest = np.rint(clipped).astype(np.intp)
 
     def read(self, values: np.ndarray) -> np.ndarray:
-        return values[..., self._low] * (1.0 - self._weight) + values[..., self._high] * self._weight
+        mixed: np.ndarray = values[..., self._low] * (1.0 - self._weight) + values[..., self._high] * self._weight
+        return mixed
 
     def nearest(self, values: np.ndarray) -> np.ndarray:
         return values[..., self._nearest]

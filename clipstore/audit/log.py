@@ -75,6 +75,10 @@ class AuditRecord:
     account_ref: str = ""
     principal_id: str = ""  # the principal acted upon (enrolment, disabling)
     request_id: str = ""
+    # what a clip.fetch did to the audio (docs/voice-disguise.md): the disguise policy applied and the
+    # forensic watermark's id; None on every other action, whose entries then carry neither key
+    disguise: str | None = None
+    watermark: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,9 +144,12 @@ def entry_bytes(r: AuditRecord, *, seq: int, prev: str, time: str) -> bytes:
     """`auditlog.entry.make_entry` for one record, written straight in canonical form: keys in sorted
     order, each string as `json.dumps(ensure_ascii=False)` writes it. Dumping a dict with sort_keys
     cost 9x more and was the writer's largest cost per entry; a property test holds the two equal."""
+    disguise = f'"disguise":{_json_str(r.disguise)},' if r.disguise is not None else ""
+    watermark = f',"watermark":{_json_str(r.watermark)}' if r.watermark is not None else ""
     return (f'{{"action":{_json_str(r.action)},"actor":{{"id":{_json_str(r.actor_id)},'
-            f'"role":{_json_str(r.actor_role)}}},"outcome":{{"reason":{_json_str(str(r.reason))},'
-            f'"result":{_json_str(r.outcome)}}},"prev":{_json_str(prev)},"request_id":{_json_str(r.request_id)},'
+            f'"role":{_json_str(r.actor_role)}}},"outcome":{{{disguise}"reason":{_json_str(str(r.reason))},'
+            f'"result":{_json_str(r.outcome)}{watermark}}},"prev":{_json_str(prev)},'
+            f'"request_id":{_json_str(r.request_id)},'
             f'"seq":{int(seq)},"target":{{"account_ref":{_json_str(r.account_ref)},'
             f'"clip_id":{_json_str(r.clip_id)},"principal_id":{_json_str(r.principal_id)}}},'
             f'"time":{_json_str(time)}}}').encode()

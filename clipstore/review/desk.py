@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from clipstore.audio.errors import UnsupportedAudio
+from clipstore.audio.fetch import FetchPlan
 from clipstore.audit import Actor, AuditLog
 from clipstore.clipkey import Purpose
 from clipstore.clips import ClipLibrary
-from clipstore.errors import EnvelopeError
+from clipstore.errors import EnvelopeError, FailedPrecondition
 from clipstore.review.assignments import Assignments, assigned_clip
 from clipstore.review.escalations import Escalations
 from clipstore.review.policy import ReviewPolicy
@@ -56,8 +58,21 @@ class ReviewDesk:
 
     def fetch(self, token: str, grant: str, review_clip_id: str, actor: Actor
               ) -> tuple[str, ClipRow, Iterator[bytes]]:
-        review_clip_id, clip = self.grants.redeem(token, grant, review_clip_id, actor)
-        return review_clip_id, clip, self._audio(clip, actor)
+        review_clip_id, clip, plan = self.grants.redeem(token, grant, review_clip_id, actor)
+        return review_clip_id, clip, self._heard(clip, plan, actor)
+
+    def _heard(self, clip: ClipRow, plan: FetchPlan, actor: Actor) -> Iterator[bytes]:
+        """The plaintext as the plan transforms it. A clip that should be transformed but does not decode
+        fails the stream (audited): the reviewer never gets the undisguised audio instead."""
+        try:
+            yield from self.grants.audio.apply(plan, clip.content_type, lambda: self._audio(clip, actor),
+                                               size_bytes=clip.size_bytes)
+        except UnsupportedAudio as exc:
+            self._audit.append(actor.record("clip.audio_failure", clip_id=clip.clip_id,
+                                            account_ref=clip.account_ref, outcome="failed",
+                                            reason="AUDIO_FORMAT_UNSUPPORTED"))
+            raise FailedPrecondition(f"the clip's audio could not be transformed ({exc}); skip the clip",
+                                     reason="AUDIO_FORMAT_UNSUPPORTED") from exc
 
     def _audio(self, clip: ClipRow, actor: Actor) -> Iterator[bytes]:
         try:

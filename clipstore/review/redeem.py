@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from clipstore.audio.fetch import FetchAudio, FetchPlan
 from clipstore.audit import Actor, Tx
 from clipstore.errors import FailedPrecondition, PermissionDenied, ResourceExhausted
 from clipstore.grants import GrantClaims, check_grant_time, decode_grant, encode_grant
@@ -62,8 +63,10 @@ def check_redeem(claims: GrantClaims, state: RedeemState, *, now: float) -> None
 
 
 class Grants:
-    def __init__(self, ports: ReviewPorts, *, key: Ed25519PrivateKey, policy: ReviewPolicy) -> None:
+    def __init__(self, ports: ReviewPorts, *, key: Ed25519PrivateKey, policy: ReviewPolicy,
+                 audio: FetchAudio | None = None) -> None:
         self._ports, self._key, self._policy = ports, key, policy
+        self.audio = audio or FetchAudio()
         self._public = key.public_key()
 
     def issue(self, token: str, assignment_id: str, actor: Actor) -> tuple[str, int, str]:
@@ -97,12 +100,12 @@ class Grants:
 
         return self._ports.ledger.run(unit)
 
-    def redeem(self, token: str, grant: str, review_clip_id: str, actor: Actor) -> tuple[str, ClipRow]:
+    def redeem(self, token: str, grant: str, review_clip_id: str, actor: Actor) -> tuple[str, ClipRow, FetchPlan]:
         """Every check, the single-use redemption and the durable `clip.fetch` entry, in one unit;
-        returns (review_clip_id, clip). Only then may audio flow."""
+        returns (review_clip_id, clip, what the fetch does to the audio). Only then may audio flow."""
         policy = self._policy
 
-        def unit(tx: Tx) -> tuple[str, ClipRow]:
+        def unit(tx: Tx) -> tuple[str, ClipRow, FetchPlan]:
             rows = self._ports.bind(tx)
             # 1. a live session of the caller, the reviewer not locked
             session, _ = live_session(rows, tx, actor, token, "grant.deny", policy)
@@ -122,13 +125,21 @@ class Grants:
                 target = {"clip_id": clip.clip_id, "account_ref": clip.account_ref} if clip is not None else {}
                 raise tx.deny(actor, "grant.deny", refused, **target) from None
             assert clip is not None
+            # what the reviewer will hear: disguise and watermark, or a refusal if a transform is required
+            try:
+                plan = self.audio.plan(locale=clip.locale, content_type=clip.content_type,
+                                       grant_id=claims.grant_id, reviewer_id=actor.id)
+            except FailedPrecondition as refused:
+                raise tx.deny(actor, "grant.deny", refused, clip_id=clip.clip_id,
+                              account_ref=clip.account_ref) from None
             # 7. single use, atomically
             if not rows.redeem(claims.grant_id, tx.now):
                 raise tx.deny(actor, "grant.deny", PermissionDenied(
                     "the grant was already used; request a new one", reason="GRANT_REPLAYED"),
                     clip_id=clip.clip_id, account_ref=clip.account_ref)
             # 8. the fetch is on record, committed with the redemption, before the first byte leaves
-            tx.audit(actor.record("clip.fetch", clip_id=clip.clip_id, account_ref=clip.account_ref))
-            return claims.review_clip_id, clip
+            tx.audit(actor.record("clip.fetch", clip_id=clip.clip_id, account_ref=clip.account_ref,
+                                  **plan.audit_fields()))
+            return claims.review_clip_id, clip, plan
 
         return self._ports.ledger.run(unit)
