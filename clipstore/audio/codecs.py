@@ -180,7 +180,8 @@ class _WindowSource(io.RawIOBase):
             if chunk is None:
                 return
             self._window += chunk
-            excess = len(self._window) - SOURCE_WINDOW_BYTES
+            # keep the window's size, but never drop what the read in progress needs
+            excess = min(len(self._window) - SOURCE_WINDOW_BYTES, self._pos - self._window_start)
             if excess > 0:
                 del self._window[:excess]
                 self._window_start += excess
