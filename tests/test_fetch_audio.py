@@ -57,6 +57,17 @@ def _heard(w: World, r: Reviewer, token: str) -> tuple[str, bytes]:
     return clip.content_type, audio
 
 
+def _refused_fetch(w: World) -> grpc.RpcError:
+    """A new reviewer's fetch of the next assignment, which must fail: its error."""
+    r = w.enroll()
+    token = w.session(r)
+    assignment = w.next(r, token)
+    grant = w.grant(r, token, assignment.assignment_id)
+    with pytest.raises(grpc.RpcError) as failed:
+        w.fetch(r, token, grant.grant, grant.review_clip_id)
+    return failed.value
+
+
 def _samples(content_type: str, data: bytes) -> np.ndarray:
     decoded = decode(content_type, lambda: iter(chunks(data)), size_bytes=len(data))
     return np.concatenate(list(decoded.blocks))
@@ -120,25 +131,14 @@ def test_a_type_that_cannot_be_processed_is_served_unchanged_and_recorded_as_ski
 @pytest.mark.parametrize("overrides", [{"review.disguise": "pitch_formant", "review.require_transform": True}])
 def test_when_a_transform_is_required_an_unprocessable_type_is_refused_and_audited(w: World) -> None:
     _put(w, b"ID3\x04" + bytes(5000), "audio/mpeg")
-    r = w.enroll()
-    token = w.session(r)
-    assignment = w.next(r, token)
-    grant = w.grant(r, token, assignment.assignment_id)
-    with pytest.raises(grpc.RpcError) as refused:
-        w.fetch(r, token, grant.grant, grant.review_clip_id)
-    w.denied(refused.value, grpc.StatusCode.FAILED_PRECONDITION, "AUDIO_FORMAT_UNSUPPORTED")
+    w.denied(_refused_fetch(w), grpc.StatusCode.FAILED_PRECONDITION, "AUDIO_FORMAT_UNSUPPORTED")
     assert not _fetches(w)
 
 
 def test_a_clip_that_does_not_decode_fails_the_stream_and_is_never_heard_undisguised(w: World) -> None:
     _put(w, b"RIFF" + bytes(3000), "audio/wav")  # labelled WAV, not a WAV
-    r = w.enroll()
-    token = w.session(r)
-    assignment = w.next(r, token)
-    grant = w.grant(r, token, assignment.assignment_id)
-    with pytest.raises(grpc.RpcError) as failed:
-        w.fetch(r, token, grant.grant, grant.review_clip_id)
-    assert (failed.value.code(), error_info(failed.value).reason) == \
+    failed = _refused_fetch(w)
+    assert (failed.code(), error_info(failed).reason) == \
         (grpc.StatusCode.FAILED_PRECONDITION, "AUDIO_FORMAT_UNSUPPORTED")
     actions = [e["action"] for e in w.entries()]
     assert actions[-2:] == ["clip.fetch", "clip.audio_failure"]  # the fetch was on record first

@@ -1,0 +1,265 @@
+"""Audio benchmark (not a test): what FetchClip's voice disguise costs, and what it does to voices and words.
+
+  apt-get install espeak-ng                      # real (synthetic) speech to measure on
+  pip install -e '.[audio,audio-bench]'          # pocketsphinx: an offline recogniser with its en-US model
+  python bench/audio.py [--fetches 20] [--voices 10] [--no-recogniser]
+
+1. Server CPU. Two `clipstore serve` subprocesses, one with `review.disguise =
+   "off"`, one with `"pitch_formant"`, each holding the same 10 s clip (WAV,
+   16 kHz mono, espeak-ng speech or the test generator's without espeak-ng).
+   One reviewer fetches it --fetches times from each; the server process's CPU
+   time (psutil, user + system) is read before and after each FetchClip, and
+   the means compared: `fetch_added_cpu_ms_wav` and `fetch_cpu_ratio_wav`
+   (disguised ÷ plain, same run). Then, in-process, decode + disguise + encode
+   of the same 10 s for every content type: `transform_cpu_ms_<type>`.
+2. Speaker similarity (docs/voice-disguise.md): the MFCC-statistics cosine of
+   tests/audio_measures.py over espeak-ng voices (the same three sentences per
+   voice; a second take of a voice is the same text at another rate and pitch).
+   The threshold is the equal-error point between same-voice and
+   different-voice pairs in this run; `disguised_below_threshold` is the share
+   of disguised clips scoring below it against their original.
+3. Intelligibility: word error rate of pocketsphinx (its bundled en-US model)
+   on each sentence, original and disguised. espeak-ng speech is hard for that
+   model, so the original's WER is the floor: what matters is the difference.
+   The first WER_VOICES voices, all ten sentences; also each part of the
+   disguise alone (the vocoder at ratio 1.01, pitch only, formants only), to
+   show which part the recogniser minds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import soundfile  # noqa: E402
+
+from bench._servers import clipstore_server, put_requests  # noqa: E402
+from bench.review import enrol  # noqa: E402
+from clipstore.audio.codecs import CONTENT_TYPES  # noqa: E402
+from clipstore.audio.disguise import POLICIES, PitchFormantShift  # noqa: E402
+from clipstore.audio.fetch import FetchAudio, FetchPlan  # noqa: E402
+from clipstore.audio.transform import Pipeline  # noqa: E402
+from clipstore.v1 import account_pb2, account_pb2_grpc, clip_pb2, clip_pb2_grpc, review_pb2  # noqa: E402
+from tests.audio_measures import SpeakerSpace  # noqa: E402
+from tests.audio_speech import chunks, encoded, speech  # noqa: E402
+
+RATE = 16000
+CLIP_S = 10.0
+# Harvard sentences (IEEE 1969), the usual intelligibility material, plus assistant-style requests.
+SENTENCES = [
+    "the birch canoe slid on the smooth planks",
+    "glue the sheet to the dark blue background",
+    "it is easy to tell the depth of a well",
+    "these days a chicken leg is a rare dish",
+    "rice is often served in round bowls",
+    "the juice of lemons makes fine punch",
+    "what is the weather like in paris tomorrow",
+    "open the window and turn on the lights",
+    "set a timer for ten minutes",
+    "call my sister and tell her i am late",
+]
+VOICES = ["en-us", "en-us+m1", "en-us+m3", "en-us+m5", "en-us+m7", "en-us+f1", "en-us+f2", "en-us+f3",
+          "en-us+f4", "en-us+klatt4", "en-us+klatt2", "en-us+m2"]
+WER_VOICES = 3  # each sentence costs the recogniser about a second, five times
+TAKES = [("150", "50"), ("170", "62")]  # (words per minute, pitch 0-99): one voice, two deliveries
+
+
+def resample(x: np.ndarray, rate: int, to: int) -> np.ndarray:
+    n = int(round(len(x) * to / rate))
+    return (np.fft.irfft(np.fft.rfft(x)[:n // 2 + 1], n) * (n / len(x))).astype(np.float32)
+
+
+def say(text: str, voice: str, take: int = 0) -> np.ndarray:
+    wpm, pitch = TAKES[take]
+    out = subprocess.run(["espeak-ng", "-v", voice, "-s", wpm, "-p", pitch, "--stdout", text],
+                         capture_output=True, check=True).stdout
+    x, rate = soundfile.read(io.BytesIO(out), dtype="float32")
+    return resample(x, rate, RATE)
+
+
+def disguise(x: np.ndarray, rng: random.Random) -> np.ndarray:
+    plan = FetchPlan("pitch_formant", None, rng.getrandbits(63))
+    data = encoded(x.reshape(-1, 1), RATE, "audio/pcm")
+    out = b"".join(FetchAudio.apply(plan, "audio/pcm", lambda: iter(chunks(data)), size_bytes=len(data)))
+    return np.frombuffer(out, "<i2").astype(np.float32) / 32768.0
+
+
+def shifted(x: np.ndarray, pitch: float, formant: float) -> np.ndarray:
+    shift = PitchFormantShift(rate=RATE, channels=1, pitch_ratio=pitch, formant_ratio=formant)
+    block = x.reshape(-1, 1)
+    steps = (block[i:i + RATE // 2] for i in range(0, len(block), RATE // 2))
+    return np.concatenate(list(Pipeline([shift]).run(steps)))[:, 0]
+
+
+def ten_seconds(espeak: bool) -> np.ndarray:
+    if not espeak:
+        return speech("a", CLIP_S)
+    parts, total = [], 0
+    for sentence in SENTENCES * 3:
+        parts.append(np.concatenate([say(sentence, "en-us+m3"), np.zeros(RATE // 5, np.float32)]))
+        total += len(parts[-1])
+        if total >= CLIP_S * RATE:
+            break
+    return np.concatenate(parts)[:int(CLIP_S * RATE)].reshape(-1, 1)
+
+
+# -- 1. CPU ---------------------------------------------------------------------------------------------------
+def fetch_cpu_ms(disguise_policy: str, wav: bytes, fetches: int) -> float:
+    settings = {"CLIPSTORE_REVIEW_SAMPLE_RATE": "1.0", "CLIPSTORE_REVIEW_DISGUISE": disguise_policy}
+    with clipstore_server(**settings) as server, grpc.insecure_channel(server.address) as channel:
+        ingest = (("authorization", f"Bearer {server.keys['ingest']}"),)
+        account_pb2_grpc.AccountServiceStub(channel).SetReviewPreference(account_pb2.SetReviewPreferenceRequest(
+            account_id="bench-account", allow_human_review=True), metadata=ingest)
+        clips = clip_pb2_grpc.ClipServiceStub(channel)
+        for i in range(fetches + 1):
+            meta = clip_pb2.ClipMetadata(identity=clip_pb2.ClipIdentity(account_id="bench-account",
+                                                                        device_serial="S1"),
+                                         locale="en-US", content_type="audio/wav", wake_word_detected=True,
+                                         idempotency_key=f"k{i}", duration_ms=int(CLIP_S * 1000))
+            clips.PutClip(put_requests(meta, chunks(wav)), metadata=ingest)
+        stub, md, token = enrol(channel, (("authorization", f"Bearer {server.keys['admin']}"),), 1)[0]
+        proc = psutil.Process(server.proc.pid)
+        costs = []
+        for i in range(fetches + 1):
+            a = stub.NextAssignment(review_pb2.NextAssignmentRequest(session_token=token), metadata=md)
+            g = stub.RequestGrant(review_pb2.RequestGrantRequest(session_token=token,
+                                                                 assignment_id=a.assignment_id), metadata=md)
+            time.sleep(0.2)  # let the grant's commit and any checkpoint work settle
+            before = sum(proc.cpu_times()[:2])
+            got = sum(len(m.audio_chunk) for m in stub.FetchClip(review_pb2.FetchClipRequest(
+                session_token=token, grant=g.grant, review_clip_id=g.review_clip_id), metadata=md))
+            after = sum(proc.cpu_times()[:2])
+            assert got == len(wav)
+            if i:  # the first fetch warms imports and caches
+                costs.append((after - before) * 1000)
+        return statistics.mean(costs)  # the counters tick every 10 ms: a mean of many fetches, not a median
+
+
+def transform_cpu_ms(clip: np.ndarray, content_type: str, repeats: int = 3) -> float:
+    rate = 48000 if content_type == "audio/opus" else RATE
+    x = resample(clip[:, 0], RATE, rate).reshape(-1, 1) if rate != RATE else clip
+    data = encoded(x, rate, content_type)
+    costs = []
+    for i in range(repeats):
+        plan = FetchPlan("pitch_formant", None, i)
+        start = time.process_time()
+        for _ in FetchAudio.apply(plan, content_type, lambda: iter(chunks(data)), size_bytes=len(data)):
+            pass
+        costs.append((time.process_time() - start) * 1000)
+    return min(costs)
+
+
+# -- 2. and 3. ------------------------------------------------------------------------------------------------
+def equal_error_threshold(same: list[float], different: list[float]) -> float:
+    candidates = sorted(same + different)
+    def gap(t: float) -> float:
+        false_reject = sum(s < t for s in same) / len(same)
+        false_accept = sum(d >= t for d in different) / len(different)
+        return abs(false_reject - false_accept)
+    return min(candidates, key=gap)
+
+
+def words_error_rate(reference: str, hypothesis: str) -> tuple[int, int]:
+    ref, hyp = reference.split(), hypothesis.split()
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1], len(ref)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fetches", type=int, default=20)
+    parser.add_argument("--voices", type=int, default=10)
+    parser.add_argument("--no-recogniser", action="store_true")
+    args = parser.parse_args()
+    espeak = shutil.which("espeak-ng") is not None
+    print(f"speech_source={'espeak-ng' if espeak else 'tests/audio_speech.py'}")
+
+    clip = ten_seconds(espeak)
+    wav = encoded(clip, RATE, "audio/wav")
+    plain = fetch_cpu_ms("off", wav, args.fetches)
+    disguised = fetch_cpu_ms("pitch_formant", wav, args.fetches)
+    print(f"fetch_cpu_ms_plain_wav={plain:.1f}")
+    print(f"fetch_cpu_ms_disguised_wav={disguised:.1f}")
+    print(f"fetch_added_cpu_ms_wav={disguised - plain:.1f}")
+    print(f"fetch_cpu_ratio_wav={disguised / max(plain, 1e-3):.2f}")
+    for content_type in sorted(CONTENT_TYPES):
+        name = content_type.split("/")[1].lower()
+        print(f"transform_cpu_ms_{name}={transform_cpu_ms(clip, content_type):.1f}")
+    if not espeak:
+        print("similarity=skipped (apt-get install espeak-ng)")
+        return
+
+    rng = random.Random(18)
+    voices = VOICES[:args.voices]
+    text = SENTENCES[:3]
+    takes = {(v, t): np.concatenate([say(s, v, t) for s in text]) for v in voices for t in (0, 1)}
+    space = SpeakerSpace(list(takes.values()), RATE)
+    same = [space.similarity(takes[v, 0], takes[v, 1]) for v in voices]
+    different = [space.similarity(takes[v, 0], takes[u, 0]) for v in voices for u in voices if u != v]
+    threshold = equal_error_threshold(same, different)
+    dis = [space.similarity(takes[v, 0], disguise(takes[v, 0], rng)) for v in voices]
+    print(f"similarity_policy={POLICIES['pitch_formant']}")
+    print(f"similarity_same_voice_mean={statistics.mean(same):.3f}")
+    print(f"similarity_different_voice_mean={statistics.mean(different):.3f}")
+    print(f"similarity_threshold_eer={threshold:.3f}")
+    print(f"similarity_eer={sum(s < threshold for s in same) / len(same):.2f}")
+    print(f"similarity_disguised_mean={statistics.mean(dis):.3f}")
+    print(f"similarity_disguised_max={max(dis):.3f}")
+    print(f"disguised_below_threshold={sum(d < threshold for d in dis) / len(dis):.2f}")
+    if args.no_recogniser:
+        return
+    try:
+        from pocketsphinx import Decoder
+    except ImportError:
+        print("wer=skipped (pip install -e '.[audio-bench]')")
+        return
+    decoder = Decoder(samprate=RATE, loglevel="FATAL")
+
+    def recognise(x: np.ndarray) -> str:
+        decoder.start_utt()
+        decoder.process_raw((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes(), full_utt=True)
+        decoder.end_utt()
+        hyp = decoder.hyp()
+        return hyp.hypstr if hyp is not None else ""
+
+    # the disguise, and each of its parts alone: which part costs the recogniser words
+    parts: dict[str, tuple[float, float] | None] = {
+        "original": None, "vocoder_only": (1.01, 1.0), "pitch_only": (1.3, 1.0), "formant_only": (1.0, 1.3 ** 0.75),
+        "disguised": (0.0, 0.0)}  # drawn per sentence from the policy, as FetchClip does
+    errors = {k: [0, 0] for k in parts}
+    for v in voices[:WER_VOICES]:
+        for sentence in SENTENCES:
+            x = say(sentence, v)
+            for kind, ratios in parts.items():
+                if ratios is None:
+                    audio = x
+                elif kind == "disguised":
+                    audio = disguise(x, rng)
+                else:
+                    audio = shifted(x, *ratios)
+                wrong, total = words_error_rate(sentence, recognise(audio))
+                errors[kind][0] += wrong
+                errors[kind][1] += total
+    for kind, (wrong, total) in errors.items():
+        print(f"wer_{kind}={wrong / max(total, 1):.3f}")
+    print(f"wer_added={(errors['disguised'][0] - errors['original'][0]) / max(errors['original'][1], 1):.3f}")
+
+
+if __name__ == "__main__":
+    main()
