@@ -9,9 +9,9 @@ envelope read at f / formant_ratio. The words survive because the formant
 pattern keeps its shape (only scaled, as between a tall and a short speaker)
 and timing is untouched.
 
-Why not WORLD (pyworld): its analysis (f0 tracking, CheapTrick, D4C) costs
-about 1 s of CPU per 10 s of speech here, five times the whole fetch budget;
-this vocoder costs a few tens of milliseconds and streams (docs/voice-disguise.md).
+Why not WORLD (pyworld): analysis and synthesis cost 0.7 s (DIO) to 2.0 s
+(Harvest) of CPU per 10 s of speech here, several times the whole fetch
+budget; this vocoder costs about 60 ms and streams (docs/voice-disguise.md).
 
 Each fetch draws its ratios from the policy's ranges with an injected RNG, so
 two fetches of one clip do not sound the same and the inverse is not a known
