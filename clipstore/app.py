@@ -11,7 +11,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from clipstore.accounts import AccountDirectory
 from clipstore.audio import FetchAudio, FetchAudioPolicy
-from clipstore.audio.fetch import parse_disguise_locales
 from clipstore.audit import STARTUP, AuditLog
 from clipstore.audit.publish import Publisher, TileStorage, storage_for
 from clipstore.audit.signing import load_or_create_signer
@@ -160,9 +159,9 @@ class App:
             ports=ports, policy=policy, clips=self.clips, audit=self.audit,
             sessions=Sessions(ports, root=self.root, policy=policy),
             assignments=Assignments(ports, policy=policy),
-            grants=Grants(ports, key=grant_key, policy=policy, audio=FetchAudio(FetchAudioPolicy(
-                disguise=config.review_disguise, require_transform=config.review_require_transform,
-                disguise_locales=parse_disguise_locales(config.review_disguise_locales or "")))),
+            grants=Grants(ports, key=grant_key, policy=policy, audio=FetchAudio(FetchAudioPolicy.from_settings(
+                disguise=config.review_disguise, locales=config.review_disguise_locales,
+                require_transform=config.review_require_transform))),
             escalations=Escalations(ports, data_key=self.clips.key, policy=policy))
 
     @contextmanager

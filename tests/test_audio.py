@@ -247,10 +247,13 @@ def test_disguise_settings_are_read_from_config_and_checked() -> None:
     config = load_config(env={"CLIPSTORE_REVIEW_DISGUISE": "pitch_formant",
                               "CLIPSTORE_REVIEW_DISGUISE_LOCALES": "en-US=off, de=pitch_formant",
                               "CLIPSTORE_REVIEW_REQUIRE_TRANSFORM": "true"}, overrides={"data_dir": "/tmp/x"})
-    assert config.review_audio == FetchAudioPolicy(disguise="pitch_formant", require_transform=True,
-                                                   disguise_locales={"en-US": "off", "de": "pitch_formant"})
+    policy = FetchAudioPolicy.from_settings(disguise=config.review_disguise, locales=config.review_disguise_locales,
+                                            require_transform=config.review_require_transform)
+    assert policy == FetchAudioPolicy(disguise="pitch_formant", require_transform=True,
+                                      disguise_locales={"en-US": "off", "de": "pitch_formant"})
     for env, key in [({"CLIPSTORE_REVIEW_DISGUISE": "robot"}, "review.disguise"),
-                     ({"CLIPSTORE_REVIEW_DISGUISE_LOCALES": "en-US"}, "review.disguise_locales")]:
+                     ({"CLIPSTORE_REVIEW_DISGUISE_LOCALES": "en-US"}, "review.disguise_locales"),
+                     ({"CLIPSTORE_REVIEW_DISGUISE_LOCALES": "de=robot"}, "review.disguise_locales")]:
         with pytest.raises(ConfigError) as bad:
             load_config(env=env, overrides={"data_dir": "/tmp/x"})
         assert bad.value.key == key

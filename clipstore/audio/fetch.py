@@ -54,6 +54,12 @@ class FetchAudioPolicy:
             if name not in DISGUISE_NAMES:
                 raise ValueError(f"unknown disguise {name!r}; one of {', '.join(sorted(DISGUISE_NAMES))}")
 
+    @classmethod
+    def from_settings(cls, *, disguise: str, locales: str | None, require_transform: bool) -> FetchAudioPolicy:
+        """From `review.disguise`, `review.disguise_locales` (text) and `review.require_transform`."""
+        return cls(disguise=disguise, disguise_locales=parse_disguise_locales(locales or ""),
+                   require_transform=require_transform)
+
     def disguise_for(self, locale: str) -> str:
         """The locale's own setting, else its language's (`en` for `en-GB`), else the deployment's."""
         language = locale.split("-", 1)[0]
