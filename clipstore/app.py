@@ -10,7 +10,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from clipstore.accounts import AccountDirectory
-from clipstore.audio import FetchAudio, FetchAudioPolicy
+from clipstore.audio import FetchAudio, FetchAudioPolicy, WatermarkSource
 from clipstore.audit import STARTUP, AuditLog
 from clipstore.audit.publish import Publisher, TileStorage, storage_for
 from clipstore.audit.signing import load_or_create_signer
@@ -25,6 +25,7 @@ from clipstore.principals import PrincipalLifecycle, PrincipalPorts
 from clipstore.review import ReviewDesk, ReviewPolicy, ReviewPorts
 from clipstore.review.assignments import Assignments
 from clipstore.review.escalations import Escalations
+from clipstore.review.forensics import Forensics, LeakDetector
 from clipstore.review.redeem import Grants
 from clipstore.review.sessions import Sessions, totp_context
 from clipstore.sampling import ReviewSampler
@@ -104,6 +105,22 @@ def publish_loop(config: Config, audit: AuditLog, tiles: TileStorage | None) -> 
     return loop
 
 
+WATERMARK_KEY_NAME = "forensic-watermark"
+
+
+def forensic_watermarks(config: Config, db: Database, root: KeyProvider
+                        ) -> tuple[WatermarkSource | None, LeakDetector | None]:
+    """The per-fetch forensic watermark (review.watermark) and its detector, keyed by a service key wrapped
+    by the root; (None, None) when it is off."""
+    if config.review_watermark != "on":
+        return None, None
+    from clipstore.audio.errors import UnsupportedAudio  # the audio extra, only when it is on
+    from clipstore.audio.watermark import ForensicWatermarks, watermark_id
+
+    marks = ForensicWatermarks(load_or_create_service_key(db, root, WATERMARK_KEY_NAME))
+    return marks, LeakDetector(identify=marks.identify, watermark_id=watermark_id, unreadable=UnsupportedAudio)
+
+
 class App:
     """Stores and key providers shared by the servicers; close() releases them."""
 
@@ -155,13 +172,15 @@ class App:
                             clock=self.clock)
         grant_key = Ed25519PrivateKey.from_private_bytes(load_or_create_service_key(self.db, self.root,
                                                                                     GRANT_KEY_NAME))
+        marks, detector = forensic_watermarks(config, self.db, self.root)
+        self.forensics = Forensics(ports, detector)
         self.review = ReviewDesk(
             ports=ports, policy=policy, clips=self.clips, audit=self.audit,
             sessions=Sessions(ports, root=self.root, policy=policy),
             assignments=Assignments(ports, policy=policy),
             grants=Grants(ports, key=grant_key, policy=policy, audio=FetchAudio(FetchAudioPolicy.from_settings(
                 disguise=config.review_disguise, locales=config.review_disguise_locales,
-                require_transform=config.review_require_transform))),
+                require_transform=config.review_require_transform), watermark=marks)),
             escalations=Escalations(ports, data_key=self.clips.key, policy=policy))
 
     @contextmanager

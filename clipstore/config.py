@@ -104,6 +104,22 @@ def _disguise(name: str) -> str:
     return name
 
 
+def _on_off(value: str) -> str:
+    if value not in ("on", "off"):
+        raise ValueError(f"on or off, got {value!r}")
+    return value
+
+
+def audio_extra_installed() -> bool:
+    try:
+        import numpy  # noqa: F401
+        import scipy  # noqa: F401
+        import soundfile  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _disguise_locales(text: str) -> str:
     parse_disguise_locales(text)  # raises ValueError naming the bad entry
     return text
@@ -222,6 +238,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(key="review.require_transform", type=bool, default=False,
             help="refuse a fetch whose clip cannot be disguised or watermarked (`AUDIO_FORMAT_UNSUPPORTED`) "
                  "instead of serving it unchanged"),
+    Setting(key="review.watermark", type=str, default=None, check=_on_off,
+            default_text="`on` with the audio extra, else `off`",
+            help="`on`: every processable clip a reviewer fetches carries a forensic watermark naming that fetch "
+                 "(docs/watermark.md)"),
     Setting(key="retention.default_days", type=float, default=180.0, attr="retention_days",
             help="clip lifetime"),
     Setting(key="retention.accidental_hours", type=float, default=24.0, attr="accidental_retention_hours",
@@ -343,6 +363,7 @@ class Config:
     review_disguise: str
     review_disguise_locales: str | None
     review_require_transform: bool
+    review_watermark: str  # "on" or "off"; unset means on when the audio extra is installed
     metrics_listen: str | None
     audit_tiles: str | None  # a directory or s3://bucket/prefix for the C2SP tlog-tiles
     audit_tiles_retain_days: int | None  # S3 Object Lock (compliance) retention per object
@@ -511,6 +532,8 @@ def _build(given: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     top.update({attribute(s): values[s.key] for s in SETTINGS if s.section not in SECTIONS})
     if top["data_dir"] is None:
         top["data_dir"] = default_data_dir(env)
+    if top["review_watermark"] is None:
+        top["review_watermark"] = "on" if audio_extra_installed() else "off"
     if top["audit_witness_quorum"] is None:
         top["audit_witness_quorum"] = len(top["audit_witnesses"])
     config = Config(**top)
@@ -534,6 +557,8 @@ def _check_together(config: Config) -> None:
             import soundfile  # noqa: F401
         except ImportError:
             raise ConfigError("review.disguise", "needs the audio extra: pip install 'clipstore[audio]'") from None
+    if config.review_watermark == "on" and not audio_extra_installed():
+        raise ConfigError("review.watermark", "needs the audio extra: pip install 'clipstore[audio]'")
     if config.audit_witness_quorum > len(config.audit_witnesses):
         raise ConfigError("audit.witness_quorum", f"is {config.audit_witness_quorum} but only "
                                                   f"{len(config.audit_witnesses)} witnesses are configured")

@@ -147,6 +147,14 @@ class Reason(StrEnum):
         "review.require_transform is on and the clip's audio cannot be disguised or watermarked; skip the clip"
     ESCALATION_NOT_FOUND = auto(), Kind.NOT_FOUND, "no escalation with that id"
     ESCALATION_RESOLVED = auto(), Kind.WRONG_STATE, "the escalation was already resolved"
+    # -- forensics ----------------------------------------------------------------------------------------
+    LEAK_AUDIO_UNREADABLE = auto(), Kind.BAD_INPUT, "send the copy as WAV, FLAC, Ogg Vorbis or Ogg Opus"
+    WATERMARK_NOT_FOUND = auto(), Kind.NOT_FOUND, \
+        "no watermark under this service's key: the copy is too short, too degraded, or not from this service"
+    WATERMARK_UNKNOWN = auto(), Kind.NOT_FOUND, \
+        "the copy carries a valid watermark this database has no fetch for (another deployment, or restored)"
+    WATERMARK_UNAVAILABLE = auto(), Kind.WRONG_STATE, \
+        "watermarking is off (review.watermark or the audio extra missing); nothing can be identified"
 
 
 class ClipstoreError(Exception):

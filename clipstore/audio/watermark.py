@@ -32,12 +32,18 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
+import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from math import gcd
 
 import numpy as np
 from scipy import signal as sps
+
+from clipstore.audio.errors import UnsupportedAudio
+from clipstore.audio.fetch import WatermarkPlan
 
 ID_BITS = 40
 MAC_BITS = 26
@@ -58,7 +64,7 @@ ALPHA = 0.1  # mark RMS / host RMS: -20 dB, measured in bench/watermark.py
 ENVELOPE_TAU_S = 0.010
 DETECT_RATE_HZ = 16000
 MAX_CANDIDATES = 8  # frame starts decoded per detection; bounds the false-identification rate
-MAX_DETECT_S = 600.0  # detection reads at most this much audio (bounds CPU and memory)
+MAX_DETECT_S = 300.0  # detection reads at most this much audio (bounds CPU and memory: ~115 MB at 48 kHz)
 STFT_BINS = 512
 
 
@@ -220,7 +226,7 @@ def _carrier(chip_values: np.ndarray, rate: int, start: int, length: int) -> np.
     unit0 = start // p.up - margin
     unit1 = -(-(start + length) // p.up) + margin
     chips = np.arange(unit0 * p.down, unit1 * p.down)
-    y = sps.upfirdn(p.taps, chip_values[chips % len(chip_values)], up=p.up, down=p.down)
+    y: np.ndarray = sps.upfirdn(p.taps, chip_values[chips % len(chip_values)], up=p.up, down=p.down)
     first = start - unit0 * p.up + p.delay
     return y[first:first + length]
 
@@ -266,7 +272,8 @@ class WatermarkEmbedder:
         power, self._zi = sps.lfilter(self._env_b, self._env_a, mono * mono, zi=self._zi)
         self._next = offset + n
         mark = ALPHA * np.sqrt(np.maximum(power, 0.0)) * _carrier(self._chips, self.rate, offset, n)
-        return np.clip(block + mark[:, None].astype(np.float32), -1.0, 1.0)
+        out: np.ndarray = np.clip(block + mark[:, None].astype(np.float32), -1.0, 1.0)
+        return out
 
 
 # -- detection ---------------------------------------------------------------------------------
@@ -292,14 +299,16 @@ def _flatten(x: np.ndarray) -> np.ndarray:
     smooth = sps.convolve2d(mag, np.ones((9, 3)) / 27.0, mode="same", boundary="symm")
     floor = 1e-3 * (np.mean(mag) + 1e-12)
     _, y = sps.istft(z / (smooth + floor), nperseg=STFT_BINS, noverlap=STFT_BINS // 2, boundary=True)
-    return y[:len(x)]
+    flat: np.ndarray = y[:len(x)]
+    return flat
 
 
 def _fold(x: np.ndarray, period: int) -> np.ndarray:
     reps = -(-len(x) // period)
     padded = np.zeros(reps * period)
     padded[:len(x)] = x
-    return padded.reshape(reps, period).sum(axis=0)
+    folded: np.ndarray = padded.reshape(reps, period).sum(axis=0)
+    return folded
 
 
 def _peaks(score: np.ndarray, count: int, guard: int) -> list[int]:
@@ -342,3 +351,57 @@ def detect(samples: np.ndarray, rate: int, key: bytes) -> Detection | None:
         confidence = float(np.dot(expected, coded) / (np.linalg.norm(coded) * np.sqrt(len(coded)) + 1e-30))
         return Detection(payload=payload, sync_score=float(corr[tau] / spread), confidence=confidence)
     return None
+
+
+# -- one mark per fetch ------------------------------------------------------------------------
+
+WATERMARK_ID_PREFIX = "wm_"
+
+
+def watermark_id(payload: int) -> str:
+    """The id as recorded in the clip.fetch entry and the watermarks table: "wm_" and 10 hex digits."""
+    return f"{WATERMARK_ID_PREFIX}{payload:0{ID_BITS // 4}x}"
+
+
+def payload_of(watermark_id: str) -> int:
+    if not watermark_id.startswith(WATERMARK_ID_PREFIX) or len(watermark_id) != len(WATERMARK_ID_PREFIX) + ID_BITS // 4:
+        raise ValueError("watermark id must be 'wm_' and 10 hex digits")
+    return int(watermark_id[len(WATERMARK_ID_PREFIX):], 16)
+
+
+class ForensicWatermarks:
+    """The `WatermarkSource` of FetchClip: a fresh random id per fetch, embedded under the service key."""
+
+    def __init__(self, key: bytes, *, randbits: Callable[[int], int] = secrets.randbits) -> None:
+        _keyed(bytes(key))  # fail at start-up, not at the first fetch
+        self._key, self._randbits = bytes(key), randbits
+
+    def __repr__(self) -> str:
+        return "ForensicWatermarks(<key hidden>)"
+
+    def for_fetch(self, *, grant_id: str, reviewer_id: str) -> WatermarkPlan:
+        payload = self._randbits(ID_BITS)
+        key = self._key
+        return WatermarkPlan(watermark_id(payload),
+                             lambda rate, channels: WatermarkEmbedder(key, payload, rate, channels))
+
+    def detect(self, samples: np.ndarray, rate: int) -> Detection | None:
+        return detect(samples, rate, self._key)
+
+    def identify(self, data: bytes) -> Detection | None:
+        """The mark in an audio file (WAV, FLAC, Ogg Vorbis or Opus); `UnsupportedAudio` if it does not decode."""
+        samples, rate = read_audio(data)
+        return self.detect(samples, rate)
+
+
+def read_audio(data: bytes) -> tuple[np.ndarray, int]:
+    """At most MAX_DETECT_S of a whole audio file, as float32 (frames, channels), and its rate."""
+    import soundfile  # the audio extra
+
+    try:
+        with soundfile.SoundFile(io.BytesIO(data)) as sound:
+            frames = min(sound.frames if sound.frames > 0 else 1 << 62, int(MAX_DETECT_S * sound.samplerate))
+            samples = sound.read(frames, dtype="float32", always_2d=True)
+            return samples, int(sound.samplerate)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        raise UnsupportedAudio("the file is not WAV, FLAC, Ogg Vorbis or Ogg Opus audio") from exc

@@ -76,7 +76,8 @@ class AuditRecord:
     principal_id: str = ""  # the principal acted upon (enrolment, disabling)
     request_id: str = ""
     # what a clip.fetch did to the audio (docs/voice-disguise.md): the disguise policy applied and the
-    # forensic watermark's id; None on every other action, whose entries then carry neither key
+    # forensic watermark's id (also on forensics.identify: the mark found); None on every other action,
+    # whose entries then carry neither key
     disguise: str | None = None
     watermark: str | None = None
 

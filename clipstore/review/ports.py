@@ -24,6 +24,7 @@ from clipstore.store.review import (
     QueuedClip,
     ReviewerRow,
     SessionRow,
+    WatermarkRow,
 )
 
 T = TypeVar("T")
@@ -67,6 +68,8 @@ class ReviewStore(Protocol):
     def escalation(self, escalation_id: str) -> EscalationRow | None: ...
     def escalations(self, *, include_resolved: bool, after: str, limit: int) -> list[EscalationRow]: ...
     def resolve(self, escalation_id: str, resolution_ct: bytes | None, now: float) -> bool: ...
+    def add_watermark(self, row: WatermarkRow) -> None: ...
+    def watermark(self, watermark_id: str) -> WatermarkRow | None: ...
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -19,10 +19,12 @@ from clipstore.errors import FailedPrecondition, PermissionDenied, ResourceExhau
 from clipstore.grants import GrantClaims, check_grant_time, decode_grant, encode_grant
 from clipstore.review.assignments import open_assignment
 from clipstore.review.policy import MAX_GRANTS_PER_ASSIGNMENT, ReviewPolicy
-from clipstore.review.ports import ReviewPorts
+from clipstore.review.ports import ReviewPorts, ReviewStore
 from clipstore.review.sessions import live_session
 from clipstore.store.clips import ClipRow
-from clipstore.store.review import GrantRow
+from clipstore.store.review import GrantRow, WatermarkRow
+
+WATERMARK_ID_DRAWS = 4
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,6 +102,16 @@ class Grants:
 
         return self._ports.ledger.run(unit)
 
+    def _plan(self, rows: ReviewStore, clip: ClipRow, grant_id: str, actor: Actor) -> FetchPlan:
+        """The fetch's plan; a watermark id already given to another fetch (random 40 bits: a birthday
+        collision is likely after about a million fetches) is drawn again."""
+        for _ in range(WATERMARK_ID_DRAWS):
+            plan = self.audio.plan(locale=clip.locale, content_type=clip.content_type, grant_id=grant_id,
+                                   reviewer_id=actor.id)
+            if plan.watermark is None or rows.watermark(plan.watermark.watermark_id) is None:
+                return plan
+        raise RuntimeError(f"{WATERMARK_ID_DRAWS} watermark ids in a row were taken: is the id source random?")
+
     def redeem(self, token: str, grant: str, review_clip_id: str, actor: Actor) -> tuple[str, ClipRow, FetchPlan]:
         """Every check, the single-use redemption and the durable `clip.fetch` entry, in one unit;
         returns (review_clip_id, clip, what the fetch does to the audio). Only then may audio flow."""
@@ -127,8 +139,7 @@ class Grants:
             assert clip is not None
             # what the reviewer will hear: disguise and watermark, or a refusal if a transform is required
             try:
-                plan = self.audio.plan(locale=clip.locale, content_type=clip.content_type,
-                                       grant_id=claims.grant_id, reviewer_id=actor.id)
+                plan = self._plan(rows, clip, claims.grant_id, actor)
             except FailedPrecondition as refused:
                 raise tx.deny(actor, "grant.deny", refused, clip_id=clip.clip_id,
                               account_ref=clip.account_ref) from None
@@ -138,6 +149,10 @@ class Grants:
                     "the grant was already used; request a new one", reason="GRANT_REPLAYED"),
                     clip_id=clip.clip_id, account_ref=clip.account_ref)
             # 8. the fetch is on record, committed with the redemption, before the first byte leaves
+            if plan.watermark is not None:  # the mark's id names this fetch (clipstore forensics identify)
+                rows.add_watermark(WatermarkRow(watermark_id=plan.watermark.watermark_id, grant_id=claims.grant_id,
+                                                reviewer_id=actor.id, clip_id=clip.clip_id,
+                                                review_clip_id=claims.review_clip_id, fetched_at=tx.now))
             tx.audit(actor.record("clip.fetch", clip_id=clip.clip_id, account_ref=clip.account_ref,
                                   **plan.audit_fields()))
             return claims.review_clip_id, clip, plan

@@ -1,15 +1,21 @@
-"""SafetyService (role safety): escalations instead of a chat room.
+"""SafetyService (role safety): escalations instead of a chat room, and leak forensics.
 
 What a safety caller receives is an `Escalation`: a pseudonymous clip id, the
 category and the reviewer's note (audited before it leaves), never identity.
+IdentifyLeak (safety or auditor) names the fetch a leaked copy came from by the
+reviewer's pseudonym, never a name.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import grpc
 
+from clipstore.errors import Cancelled, InvalidArgument
 from clipstore.interceptors import current_actor
 from clipstore.review import ReviewDesk
+from clipstore.review.forensics import Forensics
 from clipstore.servicers.common import next_token, page_after, page_limit, required_id, text, timestamp
 from clipstore.servicers.review import MAX_NOTE_CHARS
 from clipstore.store.review import EscalationRow
@@ -22,9 +28,38 @@ def escalation_message(row: EscalationRow, note: str) -> safety_pb2.Escalation:
                                  created_at=timestamp(row.created_at), resolved=row.resolved_at is not None)
 
 
+MAX_LEAK_BYTES = 64 << 20  # bounds memory per IdentifyLeak: minutes of audio, far more than a clip
+
+
+def _leaked_file(requests: Iterator[safety_pb2.IdentifyLeakRequest], context: grpc.ServicerContext) -> bytes:
+    data = bytearray()
+    try:
+        for request in requests:
+            data += request.audio_chunk
+            if len(data) > MAX_LEAK_BYTES:
+                raise InvalidArgument("audio_chunk", f"the file may be at most {MAX_LEAK_BYTES} bytes; "
+                                                     "send the first minutes only")
+    except grpc.RpcError:  # the request iterator raises this once the call is cancelled
+        raise Cancelled("the call was cancelled") from None
+    if not context.is_active():
+        raise Cancelled("the call was cancelled")
+    if not data:
+        raise InvalidArgument("audio_chunk", "send the file's bytes")
+    return bytes(data)
+
+
 class SafetyServicer(safety_pb2_grpc.SafetyServiceServicer):
-    def __init__(self, desk: ReviewDesk) -> None:
-        self._desk = desk
+    def __init__(self, desk: ReviewDesk, forensics: Forensics) -> None:
+        self._desk, self._forensics = desk, forensics
+
+    def IdentifyLeak(self, request_iterator: Iterator[safety_pb2.IdentifyLeakRequest],
+                     context: grpc.ServicerContext) -> safety_pb2.IdentifyLeakResponse:
+        finding = self._forensics.identify(_leaked_file(request_iterator, context), current_actor())
+        fetch = finding.fetch
+        return safety_pb2.IdentifyLeakResponse(
+            watermark_id=fetch.watermark_id, grant_id=fetch.grant_id, reviewer_id=fetch.reviewer_id,
+            fetched_at=timestamp(fetch.fetched_at), clip_id=fetch.clip_id, review_clip_id=fetch.review_clip_id,
+            confidence=finding.confidence)
 
     def ListEscalations(self, request: safety_pb2.ListEscalationsRequest,
                         context: grpc.ServicerContext) -> safety_pb2.ListEscalationsResponse:

@@ -92,6 +92,18 @@ class GrantRow:
 
 
 @dataclass(frozen=True, kw_only=True)
+class WatermarkRow:
+    """A watermarked fetch: the id embedded in the audio, and whose copy it was."""
+
+    watermark_id: str
+    grant_id: str
+    reviewer_id: str  # the principal id: the pseudonym the audit log knows, never a name
+    clip_id: str
+    review_clip_id: str
+    fetched_at: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class EscalationRow:
     escalation_id: str
     review_clip_id: str
@@ -267,6 +279,17 @@ class ReviewRows(PlainRows):
         """Single use: exactly one caller ever gets True for a grant."""
         return self._exec("UPDATE grants SET redeemed_at = ? WHERE grant_id = ? AND redeemed_at IS NULL "
                           "AND voided = ?", (now, grant_id, False)) == 1
+
+    def add_watermark(self, row: WatermarkRow) -> None:
+        self._conn.execute(schema.watermarks.insert().values(**row.__dict__))
+
+    def watermark(self, watermark_id: str) -> WatermarkRow | None:
+        row = self._fetch("SELECT watermark_id, grant_id, reviewer_id, clip_id, review_clip_id, fetched_at "
+                          "FROM watermarks WHERE watermark_id = ?", (watermark_id,))
+        if row is None:
+            return None
+        return WatermarkRow(watermark_id=row[0], grant_id=row[1], reviewer_id=row[2], clip_id=row[3],
+                            review_clip_id=row[4], fetched_at=row[5])
 
     def void_grants(self, *, reviewer_id: str | None = None, session_id: str | None = None,
                     account_ref: str | None = None, clip_id: str | None = None,

@@ -238,3 +238,17 @@ enrolment_codes = sa.Table(
     sa.Column("expires_at", sa.Float, nullable=False),
     sa.Column("redeemed_at", sa.Float, nullable=True),
 )
+
+# -- forensic watermarks (revision 0014) ----------------------------------------
+# One row per watermarked fetch: the random id embedded in the audio a reviewer received, and the
+# fetch it names (also in that fetch's clip.fetch entry). Self-contained, so a leak stays traceable
+# after the grant rows are gone; no account ref, no name: the reviewer is their principal pseudonym.
+watermarks = sa.Table(
+    "watermarks", metadata,
+    sa.Column("watermark_id", sa.String(16), primary_key=True),
+    sa.Column("grant_id", sa.String(40), nullable=False, unique=True),
+    sa.Column("reviewer_id", sa.String(40), nullable=False),
+    sa.Column("clip_id", sa.String(64), nullable=False),
+    sa.Column("review_clip_id", sa.String(40), nullable=False),
+    sa.Column("fetched_at", sa.Float, nullable=False),
+)

@@ -27,7 +27,7 @@ from clipstore.v1 import options_pb2 as clipstore_dot_v1_dot_options__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63lipstore/v1/safety.proto\x12\x0c\x63lipstore.v1\x1a\x19\x63lipstore/v1/common.proto\x1a\x1a\x63lipstore/v1/options.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb9\x01\n\nEscalation\x12\x15\n\rescalation_id\x18\x01 \x01(\t\x12\x16\n\x0ereview_clip_id\x18\x02 \x01(\t\x12,\n\x08\x63\x61tegory\x18\x03 \x01(\x0e\x32\x1a.clipstore.v1.FlagCategory\x12\x0c\n\x04note\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08resolved\x18\x06 \x01(\x08\"Y\n\x16ListEscalationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x18\n\x10include_resolved\x18\x03 \x01(\x08\"a\n\x17ListEscalationsResponse\x12-\n\x0b\x65scalations\x18\x01 \x03(\x0b\x32\x18.clipstore.v1.Escalation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"E\n\x18ResolveEscalationRequest\x12\x15\n\rescalation_id\x18\x01 \x01(\t\x12\x12\n\nresolution\x18\x02 \x01(\t\"I\n\x19ResolveEscalationResponse\x12,\n\nescalation\x18\x01 \x01(\x0b\x32\x18.clipstore.v1.Escalation2\xe3\x01\n\rSafetyService\x12\x65\n\x0fListEscalations\x12$.clipstore.v1.ListEscalationsRequest\x1a%.clipstore.v1.ListEscalationsResponse\"\x05\xca\xf3\x18\x01\x03\x12k\n\x11ResolveEscalation\x12&.clipstore.v1.ResolveEscalationRequest\x1a\'.clipstore.v1.ResolveEscalationResponse\"\x05\xca\xf3\x18\x01\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63lipstore/v1/safety.proto\x12\x0c\x63lipstore.v1\x1a\x19\x63lipstore/v1/common.proto\x1a\x1a\x63lipstore/v1/options.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb9\x01\n\nEscalation\x12\x15\n\rescalation_id\x18\x01 \x01(\t\x12\x16\n\x0ereview_clip_id\x18\x02 \x01(\t\x12,\n\x08\x63\x61tegory\x18\x03 \x01(\x0e\x32\x1a.clipstore.v1.FlagCategory\x12\x0c\n\x04note\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08resolved\x18\x06 \x01(\x08\"Y\n\x16ListEscalationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x18\n\x10include_resolved\x18\x03 \x01(\x08\"a\n\x17ListEscalationsResponse\x12-\n\x0b\x65scalations\x18\x01 \x03(\x0b\x32\x18.clipstore.v1.Escalation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"E\n\x18ResolveEscalationRequest\x12\x15\n\rescalation_id\x18\x01 \x01(\t\x12\x12\n\nresolution\x18\x02 \x01(\t\"I\n\x19ResolveEscalationResponse\x12,\n\nescalation\x18\x01 \x01(\x0b\x32\x18.clipstore.v1.Escalation\"*\n\x13IdentifyLeakRequest\x12\x13\n\x0b\x61udio_chunk\x18\x01 \x01(\x0c\"\xc0\x01\n\x14IdentifyLeakResponse\x12\x14\n\x0cwatermark_id\x18\x01 \x01(\t\x12\x10\n\x08grant_id\x18\x02 \x01(\t\x12\x13\n\x0breviewer_id\x18\x03 \x01(\t\x12.\n\nfetched_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63lip_id\x18\x05 \x01(\t\x12\x16\n\x0ereview_clip_id\x18\x06 \x01(\t\x12\x12\n\nconfidence\x18\x07 \x01(\x01\x32\xc4\x02\n\rSafetyService\x12\x65\n\x0fListEscalations\x12$.clipstore.v1.ListEscalationsRequest\x1a%.clipstore.v1.ListEscalationsResponse\"\x05\xca\xf3\x18\x01\x03\x12k\n\x11ResolveEscalation\x12&.clipstore.v1.ResolveEscalationRequest\x1a\'.clipstore.v1.ResolveEscalationResponse\"\x05\xca\xf3\x18\x01\x03\x12_\n\x0cIdentifyLeak\x12!.clipstore.v1.IdentifyLeakRequest\x1a\".clipstore.v1.IdentifyLeakResponse\"\x06\xca\xf3\x18\x02\x03\x04(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,6 +38,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAFETYSERVICE'].methods_by_name['ListEscalations']._serialized_options = b'\312\363\030\001\003'
   _globals['_SAFETYSERVICE'].methods_by_name['ResolveEscalation']._loaded_options = None
   _globals['_SAFETYSERVICE'].methods_by_name['ResolveEscalation']._serialized_options = b'\312\363\030\001\003'
+  _globals['_SAFETYSERVICE'].methods_by_name['IdentifyLeak']._loaded_options = None
+  _globals['_SAFETYSERVICE'].methods_by_name['IdentifyLeak']._serialized_options = b'\312\363\030\002\003\004'
   _globals['_ESCALATION']._serialized_start=132
   _globals['_ESCALATION']._serialized_end=317
   _globals['_LISTESCALATIONSREQUEST']._serialized_start=319
@@ -48,6 +50,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESOLVEESCALATIONREQUEST']._serialized_end=578
   _globals['_RESOLVEESCALATIONRESPONSE']._serialized_start=580
   _globals['_RESOLVEESCALATIONRESPONSE']._serialized_end=653
-  _globals['_SAFETYSERVICE']._serialized_start=656
-  _globals['_SAFETYSERVICE']._serialized_end=883
+  _globals['_IDENTIFYLEAKREQUEST']._serialized_start=655
+  _globals['_IDENTIFYLEAKREQUEST']._serialized_end=697
+  _globals['_IDENTIFYLEAKRESPONSE']._serialized_start=700
+  _globals['_IDENTIFYLEAKRESPONSE']._serialized_end=892
+  _globals['_SAFETYSERVICE']._serialized_start=895
+  _globals['_SAFETYSERVICE']._serialized_end=1219
 # @@protoc_insertion_point(module_scope)

@@ -144,3 +144,66 @@ class ResolveEscalationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResolveEscalationResponse: _TypeAlias = ResolveEscalationResponse  # noqa: Y015
+
+@_typing.final
+class IdentifyLeakRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUDIO_CHUNK_FIELD_NUMBER: _builtins.int
+    audio_chunk: _builtins.bytes
+    """The file's bytes, in order, in as many messages as needed."""
+    def __init__(
+        self,
+        *,
+        audio_chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio_chunk", b"audio_chunk"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IdentifyLeakRequest: _TypeAlias = IdentifyLeakRequest  # noqa: Y015
+
+@_typing.final
+class IdentifyLeakResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WATERMARK_ID_FIELD_NUMBER: _builtins.int
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    REVIEWER_ID_FIELD_NUMBER: _builtins.int
+    FETCHED_AT_FIELD_NUMBER: _builtins.int
+    CLIP_ID_FIELD_NUMBER: _builtins.int
+    REVIEW_CLIP_ID_FIELD_NUMBER: _builtins.int
+    CONFIDENCE_FIELD_NUMBER: _builtins.int
+    watermark_id: _builtins.str
+    """The watermark id found, as recorded in the clip.fetch audit entry."""
+    grant_id: _builtins.str
+    reviewer_id: _builtins.str
+    """The reviewer's principal id: the pseudonym the audit log uses, never a name."""
+    clip_id: _builtins.str
+    review_clip_id: _builtins.str
+    confidence: _builtins.float
+    """How clearly the mark was there: the correlation of the received symbols
+    with the decoded codeword, 0 to 1.
+    """
+    @_builtins.property
+    def fetched_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        watermark_id: _builtins.str = ...,
+        grant_id: _builtins.str = ...,
+        reviewer_id: _builtins.str = ...,
+        fetched_at: _timestamp_pb2.Timestamp | None = ...,
+        clip_id: _builtins.str = ...,
+        review_clip_id: _builtins.str = ...,
+        confidence: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fetched_at", b"fetched_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clip_id", b"clip_id", "confidence", b"confidence", "fetched_at", b"fetched_at", "grant_id", b"grant_id", "review_clip_id", b"review_clip_id", "reviewer_id", b"reviewer_id", "watermark_id", b"watermark_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IdentifyLeakResponse: _TypeAlias = IdentifyLeakResponse  # noqa: Y015

@@ -45,6 +45,11 @@ class SafetyServiceStub:
                 request_serializer=clipstore_dot_v1_dot_safety__pb2.ResolveEscalationRequest.SerializeToString,
                 response_deserializer=clipstore_dot_v1_dot_safety__pb2.ResolveEscalationResponse.FromString,
                 _registered_method=True)
+        self.IdentifyLeak = channel.stream_unary(
+                '/clipstore.v1.SafetyService/IdentifyLeak',
+                request_serializer=clipstore_dot_v1_dot_safety__pb2.IdentifyLeakRequest.SerializeToString,
+                response_deserializer=clipstore_dot_v1_dot_safety__pb2.IdentifyLeakResponse.FromString,
+                _registered_method=True)
 
 
 class SafetyServiceServicer:
@@ -65,6 +70,16 @@ class SafetyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IdentifyLeak(self, request_iterator, context):
+        """IdentifyLeak streams a leaked copy of a clip (WAV, FLAC, Ogg Vorbis or Opus,
+        at most 64 MiB) and returns the fetch whose forensic watermark it carries:
+        grant, reviewer pseudonym, time and clip. Every request is audited
+        (forensics.identify); the audio is neither logged nor kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SafetyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +92,11 @@ def add_SafetyServiceServicer_to_server(servicer, server):
                     servicer.ResolveEscalation,
                     request_deserializer=clipstore_dot_v1_dot_safety__pb2.ResolveEscalationRequest.FromString,
                     response_serializer=clipstore_dot_v1_dot_safety__pb2.ResolveEscalationResponse.SerializeToString,
+            ),
+            'IdentifyLeak': grpc.stream_unary_rpc_method_handler(
+                    servicer.IdentifyLeak,
+                    request_deserializer=clipstore_dot_v1_dot_safety__pb2.IdentifyLeakRequest.FromString,
+                    response_serializer=clipstore_dot_v1_dot_safety__pb2.IdentifyLeakResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +154,33 @@ class SafetyService:
             '/clipstore.v1.SafetyService/ResolveEscalation',
             clipstore_dot_v1_dot_safety__pb2.ResolveEscalationRequest.SerializeToString,
             clipstore_dot_v1_dot_safety__pb2.ResolveEscalationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IdentifyLeak(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/clipstore.v1.SafetyService/IdentifyLeak',
+            clipstore_dot_v1_dot_safety__pb2.IdentifyLeakRequest.SerializeToString,
+            clipstore_dot_v1_dot_safety__pb2.IdentifyLeakResponse.FromString,
             options,
             channel_credentials,
             insecure,

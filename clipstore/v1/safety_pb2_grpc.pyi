@@ -37,6 +37,12 @@ class SafetyServiceStub:
     """ListEscalations pages through open escalations."""
     ResolveEscalation: _grpc.UnaryUnaryMultiCallable[_safety_pb2.ResolveEscalationRequest, _safety_pb2.ResolveEscalationResponse]
     """ResolveEscalation closes an escalation with a resolution."""
+    IdentifyLeak: _grpc.StreamUnaryMultiCallable[_safety_pb2.IdentifyLeakRequest, _safety_pb2.IdentifyLeakResponse]
+    """IdentifyLeak streams a leaked copy of a clip (WAV, FLAC, Ogg Vorbis or Opus,
+    at most 64 MiB) and returns the fetch whose forensic watermark it carries:
+    grant, reviewer pseudonym, time and clip. Every request is audited
+    (forensics.identify); the audio is neither logged nor kept.
+    """
 
 @_typing.type_check_only
 class SafetyServiceAsyncStub(SafetyServiceStub):
@@ -47,6 +53,12 @@ class SafetyServiceAsyncStub(SafetyServiceStub):
     """ListEscalations pages through open escalations."""
     ResolveEscalation: _aio.UnaryUnaryMultiCallable[_safety_pb2.ResolveEscalationRequest, _safety_pb2.ResolveEscalationResponse]  # type: ignore[assignment]
     """ResolveEscalation closes an escalation with a resolution."""
+    IdentifyLeak: _aio.StreamUnaryMultiCallable[_safety_pb2.IdentifyLeakRequest, _safety_pb2.IdentifyLeakResponse]  # type: ignore[assignment]
+    """IdentifyLeak streams a leaked copy of a clip (WAV, FLAC, Ogg Vorbis or Opus,
+    at most 64 MiB) and returns the fetch whose forensic watermark it carries:
+    grant, reviewer pseudonym, time and clip. Every request is audited
+    (forensics.identify); the audio is neither logged nor kept.
+    """
 
 class SafetyServiceServicer(metaclass=_abc_1.ABCMeta):
     """SafetyService (role safety) handles what reviewers escalate."""
@@ -66,5 +78,17 @@ class SafetyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_safety_pb2.ResolveEscalationResponse, _abc.Awaitable[_safety_pb2.ResolveEscalationResponse]]:
         """ResolveEscalation closes an escalation with a resolution."""
+
+    @_abc_1.abstractmethod
+    def IdentifyLeak(
+        self,
+        request_iterator: _MaybeAsyncIterator[_safety_pb2.IdentifyLeakRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_safety_pb2.IdentifyLeakResponse, _abc.Awaitable[_safety_pb2.IdentifyLeakResponse]]:
+        """IdentifyLeak streams a leaked copy of a clip (WAV, FLAC, Ogg Vorbis or Opus,
+        at most 64 MiB) and returns the fetch whose forensic watermark it carries:
+        grant, reviewer pseudonym, time and clip. Every request is audited
+        (forensics.identify); the audio is neither logged nor kept.
+        """
 
 def add_SafetyServiceServicer_to_server(servicer: SafetyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
