@@ -21,7 +21,7 @@ from clipstore.auth import ROLES, create_principal
 from clipstore.config import BY_KEY, LOG_LEVELS, SETTINGS, Config, ConfigError, describe, load, load_config
 from clipstore.logs import configure_logging
 from clipstore.remote import add_remote_flags
-from clipstore.remote_cli import add_principal_commands, add_reviewer_commands
+from clipstore.remote_cli import add_forensics_commands, add_principal_commands, add_reviewer_commands
 
 EXIT_CONFIG = 2
 
@@ -392,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.set_defaults(func=_cmd_principals_create)
     add_principal_commands(psub)
     add_reviewer_commands(sub)
+    add_forensics_commands(sub)
 
     keys = sub.add_parser("keys", help="account key versions")
     ksub = keys.add_subparsers(dest="keys_command", required=True)

@@ -1,4 +1,4 @@
-"""The CLI's admin commands: principals and reviewers, over the API of a (remote) server.
+"""The CLI's admin commands: principals, reviewers and leak forensics, over the API of a (remote) server.
 
 They need neither the database nor the KMS, only `--server`, TLS flags and an
 admin credential (`clipstore.remote`). Output is one `key=value` line per
@@ -15,6 +15,7 @@ import os
 import shlex
 import sys
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,6 +23,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from clipstore.auth import ROLES
+from clipstore.client._wire import Audio
 from clipstore.config import ConfigError, is_loopback
 from clipstore.remote import Remote, add_remote_flags, remote
 from clipstore.v1 import (
@@ -32,6 +34,8 @@ from clipstore.v1 import (
     principal_admin_pb2_grpc,
     reviewer_admin_pb2,
     reviewer_admin_pb2_grpc,
+    safety_pb2,
+    safety_pb2_grpc,
 )
 
 ENROLMENT_CODE_ENV = "CLIPSTORE_ENROLMENT_CODE"
@@ -39,6 +43,7 @@ EXIT_REFUSED = 1
 PURPOSES = {"enrol": enrolment_pb2.ENROLMENT_PURPOSE_ENROL, "rotate-totp": enrolment_pb2.ENROLMENT_PURPOSE_ROTATE_TOTP,
             "rotate-api-key": enrolment_pb2.ENROLMENT_PURPOSE_ROTATE_API_KEY}
 RPC_TIMEOUT_S = 30.0
+IDENTIFY_TIMEOUT_S = 300.0  # uploading a long file and searching it for a mark
 
 
 def _role(name: str) -> common_pb2.Role.ValueType:
@@ -248,6 +253,24 @@ def _reviewers_redeem(args: argparse.Namespace) -> int:
     return _run(args, call, credentials=False)
 
 
+def _forensics_identify(args: argparse.Namespace) -> int:
+    """(safety or auditor) Which fetch a leaked copy came from; the server audits the request."""
+    try:
+        leaked = args.file.open("rb")
+    except OSError as exc:
+        raise ConfigError("file", f"cannot read {args.file}: {exc.strerror}") from None
+
+    def call(channel: grpc.Channel, md: tuple[tuple[str, str], ...]) -> None:
+        requests = (safety_pb2.IdentifyLeakRequest(audio_chunk=c) for c in Audio(leaked).chunks())
+        resp = safety_pb2_grpc.SafetyServiceStub(channel).IdentifyLeak(requests, metadata=md,
+                                                                       timeout=IDENTIFY_TIMEOUT_S)
+        _line(watermark_id=resp.watermark_id, grant_id=resp.grant_id, reviewer_id=resp.reviewer_id,
+              fetched_at=_when(resp.fetched_at), clip_id=resp.clip_id, review_clip_id=resp.review_clip_id,
+              confidence=f"{resp.confidence:.3f}")
+    with leaked:
+        return _run(args, call)
+
+
 def _add(sub: Any, name: str, help_text: str, func: Callable[[argparse.Namespace], int],
          positional: Iterable[str] = ()) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
@@ -287,3 +310,11 @@ def add_reviewer_commands(sub: Any) -> None:
          ["reviewer_id"])
     redeem = _add(rsub, "redeem", "(the reviewer) redeem a code: prints your factors once", _reviewers_redeem)
     redeem.add_argument("--reviewer-id", required=True)
+
+
+def add_forensics_commands(sub: Any) -> None:
+    forensics = sub.add_parser("forensics", help="trace a leaked copy of a clip to the fetch it came from")
+    fsub = forensics.add_subparsers(dest="forensics_command", required=True)
+    identify = _add(fsub, "identify", "(safety, auditor) the grant, reviewer pseudonym and time a leaked copy's "
+                                      "watermark names; audited", _forensics_identify)
+    identify.add_argument("file", type=Path, help="the leaked audio: WAV, FLAC, Ogg Vorbis or Ogg Opus")

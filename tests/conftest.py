@@ -38,7 +38,9 @@ def moto_endpoint() -> Iterator[str]:
 
 
 def make_config(data_dir: Path, **overrides: object) -> Config:
-    return load_config(env={}, overrides={"data_dir": str(data_dir), "listen": "127.0.0.1:0", **overrides})
+    # Off unless a test turns it on: most tests fetch made-up bytes and compare them with what they stored.
+    return load_config(env={}, overrides={"data_dir": str(data_dir), "listen": "127.0.0.1:0",
+                                          "review.watermark": "off", **overrides})
 
 
 # -- PostgreSQL: the local server when it answers; under CI=true it must --------------

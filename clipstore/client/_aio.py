@@ -330,6 +330,12 @@ class AsyncClipstoreClient:
         return (await self._call(self._safety.ResolveEscalation, safety_pb2.ResolveEscalationRequest(
             escalation_id=escalation_id, resolution=resolution), timeout_s)).escalation
 
+    async def identify_leak(self, audio: AudioInput, *,
+                            timeout_s: float | None = None) -> safety_pb2.IdentifyLeakResponse:
+        """See `ClipstoreClient.identify_leak`."""
+        requests = (safety_pb2.IdentifyLeakRequest(audio_chunk=c) for c in Audio(audio).chunks())
+        return await self._call(self._safety.IdentifyLeak, requests, timeout_s or self.stream_timeout_s)
+
     # -- audit -----------------------------------------------------------------------------------------
     async def get_checkpoint(self, verifier_key: str | NoteVerifier, *, trusted: VerifiedCheckpoint | None = None,
                              timeout_s: float | None = None) -> VerifiedCheckpoint:

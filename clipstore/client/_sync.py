@@ -333,6 +333,13 @@ class ClipstoreClient:
         return self._call(self._safety.ResolveEscalation, safety_pb2.ResolveEscalationRequest(
             escalation_id=escalation_id, resolution=resolution), timeout_s).escalation
 
+    def identify_leak(self, audio: AudioInput, *, timeout_s: float | None = None) -> safety_pb2.IdentifyLeakResponse:
+        """(roles safety, auditor) The fetch whose forensic watermark a leaked copy carries: grant, reviewer
+        pseudonym, time, clip. `audio` is bytes, a binary file or an iterable of byte chunks (WAV, FLAC,
+        Ogg Vorbis or Opus); `errors.WatermarkNotFoundError` when it carries no mark of this service."""
+        requests = (safety_pb2.IdentifyLeakRequest(audio_chunk=c) for c in Audio(audio).chunks())
+        return self._call(self._safety.IdentifyLeak, requests, timeout_s or self.stream_timeout_s)
+
     # -- audit (role auditor): everything verified before it is returned --------------------------------
     def get_checkpoint(self, verifier_key: str | NoteVerifier, *, trusted: VerifiedCheckpoint | None = None,
                        timeout_s: float | None = None) -> VerifiedCheckpoint:
