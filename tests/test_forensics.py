@@ -20,7 +20,7 @@ soundfile = pytest.importorskip("soundfile")
 from clipstore.app import WATERMARK_KEY_NAME  # noqa: E402
 from clipstore.audio import watermark as wm  # noqa: E402
 from clipstore.config import Config, ConfigError  # noqa: E402
-from clipstore.server import ClipstoreServer, running_server  # noqa: E402
+from clipstore.server import running_server  # noqa: E402
 from clipstore.servicers import safety as safety_servicer  # noqa: E402
 from clipstore.store.service_keys import load_or_create_service_key  # noqa: E402
 from clipstore.v1 import safety_pb2  # noqa: E402
