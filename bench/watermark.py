@@ -36,7 +36,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from math import gcd
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -44,35 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import soundfile  # noqa: E402
-from scipy import signal as sps  # noqa: E402
 
 from clipstore.audio import watermark as wm  # noqa: E402
 from clipstore.audio.fetch import FetchAudio, FetchPlan, WatermarkPlan  # noqa: E402
+from tests.audio_attacks import gain, noise, ogg, resample  # noqa: E402
 from tests.audio_speech import encoded, speech  # noqa: E402
 
 SECONDS = 10.0
-
-
-def ogg(samples: np.ndarray, rate: int, subtype: str, level: float | None = None) -> np.ndarray:
-    out = io.BytesIO()
-    soundfile.write(out, samples, rate, format="OGG", subtype=subtype, compression_level=level)
-    out.seek(0)
-    decoded, _ = soundfile.read(out, dtype="float32", always_2d=True)
-    return decoded
-
-
-def resample(samples: np.ndarray, rate: int, to: int) -> np.ndarray:
-    g = gcd(rate, to)
-    return sps.resample_poly(samples, to // g, rate // g, axis=0).astype(np.float32)
-
-
-def noise(samples: np.ndarray, snr_db: float, rng: np.random.Generator) -> np.ndarray:
-    power = float(np.mean(samples.astype(np.float64) ** 2))
-    return (samples + rng.normal(0, np.sqrt(power / 10 ** (snr_db / 10)), samples.shape)).astype(np.float32)
-
-
-def gain(samples: np.ndarray, db: float) -> np.ndarray:
-    return np.clip(samples * 10 ** (db / 20), -1, 1).astype(np.float32)
 
 
 Attack = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, int]]
