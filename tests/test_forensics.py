@@ -169,11 +169,11 @@ def test_review_watermark_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     from clipstore import config as config_module
     from clipstore.config import load_config
     base = {"data_dir": str(tmp_path)}
-    assert load_config(env={}, overrides=base).review_watermark is True  # the audio extra is installed here
-    assert load_config(env={"CLIPSTORE_REVIEW_WATERMARK": "off"}, overrides=base).review_watermark is False
+    assert load_config(env={}, overrides=base).review_watermark == "on"  # the audio extra is installed here
+    assert load_config(env={"CLIPSTORE_REVIEW_WATERMARK": "off"}, overrides=base).review_watermark == "off"
     with pytest.raises(ConfigError, match="on or off"):
         load_config(env={}, overrides={**base, "review.watermark": "maybe"})
-    monkeypatch.setattr(config_module, "_audio_extra_installed", lambda: False)
-    assert load_config(env={}, overrides=base).review_watermark is False
+    monkeypatch.setattr(config_module, "audio_extra_installed", lambda: False)
+    assert load_config(env={}, overrides=base).review_watermark == "off"
     with pytest.raises(ConfigError, match="audio extra"):
         load_config(env={}, overrides={**base, "review.watermark": "on"})

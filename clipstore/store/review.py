@@ -281,7 +281,9 @@ class ReviewRows(PlainRows):
                           "AND voided = ?", (now, grant_id, False)) == 1
 
     def add_watermark(self, row: WatermarkRow) -> None:
-        self._conn.execute(schema.watermarks.insert().values(**row.__dict__))
+        self._exec("INSERT INTO watermarks (watermark_id, grant_id, reviewer_id, clip_id, review_clip_id, fetched_at) "
+                   "VALUES (?, ?, ?, ?, ?, ?)",
+                   (row.watermark_id, row.grant_id, row.reviewer_id, row.clip_id, row.review_clip_id, row.fetched_at))
 
     def watermark(self, watermark_id: str) -> WatermarkRow | None:
         row = self._fetch("SELECT watermark_id, grant_id, reviewer_id, clip_id, review_clip_id, fetched_at "

@@ -239,7 +239,7 @@ enrolment_codes = sa.Table(
     sa.Column("redeemed_at", sa.Float, nullable=True),
 )
 
-# -- forensic watermarks (revision 0014) ----------------------------------------
+# -- forensic watermarks (revision 0015) ----------------------------------------
 # One row per watermarked fetch: the random id embedded in the audio a reviewer received, and the
 # fetch it names (also in that fetch's clip.fetch entry). Self-contained, so a leak stays traceable
 # after the grant rows are gone; no account ref, no name: the reviewer is their principal pseudonym.
