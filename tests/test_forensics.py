@@ -177,3 +177,21 @@ def test_review_watermark_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert load_config(env={}, overrides=base).review_watermark == "off"
     with pytest.raises(ConfigError, match="audio extra"):
         load_config(env={}, overrides={**base, "review.watermark": "on"})
+
+
+def test_the_python_client_identifies_a_leak_blocking_and_async(w: World) -> None:
+    import asyncio
+
+    from clipstore.client import AsyncClipstoreClient, ClipstoreClient, errors
+    r, grant_id, audio = _fetched(w)
+    target, key = f"127.0.0.1:{w.server.port}", new_key(w.server.app, "safety", "client")
+    with ClipstoreClient(target, api_key=key) as client:
+        assert client.identify_leak(io.BytesIO(_leaked(audio))).reviewer_id == r.id
+        with pytest.raises(errors.WatermarkNotFoundError):
+            client.identify_leak(CLIP)
+
+    async def scenario() -> str:
+        async with AsyncClipstoreClient(target, api_key=key) as client:
+            return (await client.identify_leak(audio)).grant_id
+
+    assert asyncio.run(scenario()) == grant_id
