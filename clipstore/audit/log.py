@@ -31,8 +31,10 @@ from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
 
+from auditlog.access import ACCESS_ACTIONS
 from auditlog.checkpoint import Checkpoint, open_checkpoint, sign_checkpoint
 from auditlog.compact import CompactRange
+from auditlog.entry import GENESIS_PREV
 from auditlog.errors import ProofError, VerificationError
 from auditlog.merkle import leaf_hash, node_hash, root_hash, verify_consistency
 from auditlog.note import NoteSigner
@@ -136,14 +138,20 @@ class _Pending(Generic[T]):
     first_seq: int = -1
 
 
-def entry_bytes(r: AuditRecord, *, seq: int, prev: str, time: str) -> bytes:
+def entry_bytes(r: AuditRecord, *, seq: int, prev: str, time: str, account: tuple[int, str] | None = None) -> bytes:
     """`auditlog.entry.make_entry` for one record, written straight in canonical form: keys in sorted
     order, each string as `json.dumps(ensure_ascii=False)` writes it. Dumping a dict with sort_keys
-    cost 9x more and was the writer's largest cost per entry; a property test holds the two equal."""
+    cost 9x more and was the writer's largest cost per entry; a property test holds the two equal.
+    `account`: (account_seq, account_prev) of an entry in its account's access chain (auditlog.access)."""
+    if account is None:
+        ref = f'"account_ref":{_json_str(r.account_ref)}'
+    else:
+        ref = (f'"account_prev":{_json_str(account[1])},"account_ref":{_json_str(r.account_ref)},'
+               f'"account_seq":{int(account[0])}')
     return (f'{{"action":{_json_str(r.action)},"actor":{{"id":{_json_str(r.actor_id)},'
             f'"role":{_json_str(r.actor_role)}}},"outcome":{{"reason":{_json_str(str(r.reason))},'
             f'"result":{_json_str(r.outcome)}}},"prev":{_json_str(prev)},"request_id":{_json_str(r.request_id)},'
-            f'"seq":{int(seq)},"target":{{"account_ref":{_json_str(r.account_ref)},'
+            f'"seq":{int(seq)},"target":{{{ref},'
             f'"clip_id":{_json_str(r.clip_id)},"principal_id":{_json_str(r.principal_id)}}},'
             f'"time":{_json_str(time)}}}').encode()
 
@@ -393,15 +401,30 @@ class AuditLog:
                size: int, prev: str, now: str, frontier: dict[int, bytes]) -> list[bytes]:
         """Number, hash and store the batch's entries; returns their leaf hashes."""
         rows: list[tuple[bytes, bytes]] = []
+        heads: dict[str, tuple[int, str]] = {}  # account_ref -> its access chain's head, as this batch moves it
         for p, tx, _, _ in outcomes:
             p.first_seq = size + len(rows)
             for r in tx.records:
-                data = entry_bytes(r, seq=size + len(rows), prev=prev, time=now)
+                account = None
+                if r.account_ref and r.action in ACCESS_ACTIONS:
+                    seq, head = heads.get(r.account_ref) or self._account_head(cursor, r.account_ref)
+                    account = (seq + 1, head)
+                data = entry_bytes(r, seq=size + len(rows), prev=prev, time=now, account=account)
                 leaf = leaf_hash(data)
                 rows.append((data, leaf))
                 prev = leaf.hex()
+                if account is not None:
+                    heads[r.account_ref] = (account[0], prev)
         self._store(cursor, size, rows, frontier)
         return [leaf for _, leaf in rows]
+
+    def _account_head(self, cursor: Any, account_ref: str) -> tuple[int, str]:
+        """(account_seq, hex hash) of the account's newest chained entry; (0, zeros) before its first. Read
+        under the audit_head lock, so no other writer moves it meanwhile."""
+        cursor.execute(self._sql("SELECT account_seq, leaf FROM audit_account_entries WHERE account_ref = ? "
+                                 "ORDER BY account_seq DESC LIMIT 1"), (account_ref,))
+        row = cursor.fetchone()
+        return (0, GENESIS_PREV) if row is None else (int(row[0]), bytes(row[1]).hex())
 
     def _store(self, cursor: Any, size: int, rows: list[tuple[bytes, bytes]], frontier: dict[int, bytes]) -> None:
         """Insert entries [size, size + n) (given with their leaf hashes), the subtree hashes they complete
@@ -410,8 +433,13 @@ class AuditLog:
             return
         entry_rows: list[tuple[int, bytes]] = []
         node_rows: list[tuple[int, bytes]] = []
+        account_rows: list[tuple[str, int, int, str, bytes]] = []
         for data, leaf in rows:
             entry_rows.append((size, data))
+            if b'"account_seq":' in data:  # an access chain's entry: index it for access reports
+                entry = json.loads(data)
+                account_rows.append((entry["target"]["account_ref"], entry["target"]["account_seq"], size,
+                                     entry["time"], leaf))
             h, idx, level = leaf, size, 0
             while idx & 1:  # a right child: fold in the left sibling from the frontier
                 h = node_hash(frontier.pop(level), h)
@@ -422,6 +450,9 @@ class AuditLog:
         cursor.executemany(self._sql("INSERT INTO audit_entries (seq, entry) VALUES (?, ?)"), entry_rows)
         if node_rows:
             cursor.executemany(self._sql("INSERT INTO audit_nodes (node_key, hash) VALUES (?, ?)"), node_rows)
+        if account_rows:
+            cursor.executemany(self._sql("INSERT INTO audit_account_entries (account_ref, account_seq, seq, time, "
+                                         "leaf) VALUES (?, ?, ?, ?, ?)"), account_rows)
         cursor.execute(self._sql("UPDATE audit_head SET size = ?, last_hash = ? WHERE id = 1"),
                        (size, rows[-1][1].hex()))
 
