@@ -9,6 +9,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from clipstore.access_reports import PSEUDONYM_KEY_NAME, AccessReports
 from clipstore.accounts import AccountDirectory
 from clipstore.audit import STARTUP, AuditLog
 from clipstore.audit.publish import Publisher, TileStorage, storage_for
@@ -141,6 +142,11 @@ class App:
         if self.audit.halted is None:  # before serving: a restored database must not bring a deleted account back
             self.accounts.replay_deletions(self.audit.deleted_accounts, STARTUP)
             self.audit.deleted_accounts.clear()
+        clip_rows = ClipRepository(self.db)
+        self.access_reports = AccessReports(
+            audit=self.audit, account_ref=lambda account_id: self.accounts.require(account_id).account_ref,
+            captured_at=lambda clip_id: row.captured_at if (row := clip_rows.get(clip_id)) is not None else None,
+            pseudonym_key=load_or_create_service_key(self.db, self.root, PSEUDONYM_KEY_NAME), cosign=self.cosign)
         self.sampler = ReviewSampler(rate=config.review_sample_rate)
         self.clips = ClipLibrary(clips=ClipRepository(self.db), accounts=self.accounts, keyring=self.keyring,
                                  blobs=self.blobs, audit=self.audit, clock=self.clock,
