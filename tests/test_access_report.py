@@ -5,6 +5,7 @@ adding or altering any entry, proof, checkpoint or binding fails with a message 
 an omitted access is detected even when the proof is rebuilt for what is left; another account's
 entries never appear; the request itself is audited."""
 
+# ruff: noqa: F811  (the World fixtures of tests/test_review.py, imported by name)
 from __future__ import annotations
 
 import base64
@@ -172,7 +173,7 @@ def test_every_tampering_fails_with_a_message_naming_the_part(w: World) -> None:
     _reviewed(w)
     _ask(w, nonce="older")  # so the chain has a request entry in the middle too
     good: Report = json.loads(_ask(w).report)
-    assert len(good["entries"]) >= 5
+    assert len(good["entries"]) >= 4  # grant, fetch, two requests (and the flag, if this account got it)
     key = w.server.app.audit.signer.verifier
     mine, theirs = _ref(w, ACCOUNT_ID), _ref(w, OTHER_ID)
     stranger = next(i for i, e in enumerate(w.server.app.audit.reader.entries(0, 10_000))
