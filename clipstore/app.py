@@ -145,7 +145,7 @@ class App:
         clip_rows = ClipRepository(self.db)
         self.access_reports = AccessReports(
             audit=self.audit, account_ref=lambda account_id: self.accounts.require(account_id).account_ref,
-            captured_at=lambda clip_id: row.captured_at if (row := clip_rows.get(clip_id)) is not None else None,
+            captured_at=clip_rows.captured_at,
             pseudonym_key=load_or_create_service_key(self.db, self.root, PSEUDONYM_KEY_NAME), cosign=self.cosign)
         self.sampler = ReviewSampler(rate=config.review_sample_rate)
         self.clips = ClipLibrary(clips=ClipRepository(self.db), accounts=self.accounts, keyring=self.keyring,
