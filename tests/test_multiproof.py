@@ -38,7 +38,7 @@ def test_multiproof_verifies_for_any_subset(case: tuple[int, list[int]]) -> None
 
 
 @given(st.integers(1, 300).flatmap(lambda n: st.tuples(st.just(n), st.integers(0, n - 1))))
-def test_one_leaf_multiproof_holds_the_rfc_inclusion_proof_nodes(case: tuple[int, int]) -> None:
+def test_one_leaf_multiproof_holds_exactly_the_rfc_inclusion_proof_nodes(case: tuple[int, int]) -> None:
     size, index = case
     leaves = _leaves(size)
     assert sorted(_proof(leaves, [index])) == sorted(inclusion_proof(leaves, index))
