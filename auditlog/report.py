@@ -253,7 +253,8 @@ def verify_report(data: bytes, log_key: NoteVerifier, *, witnesses: Sequence[Cos
     if last["action"] != REQUEST_ACTION or last["request_id"] != report["request_id"]:
         raise ReportError("completeness", f"the last entry ({last_index}) is not this report's own request, so "
                                           "accesses after it may be left out")
-    if nonce is not None and last["outcome"].get("reason") != f"nonce={nonce}":
+    outcome = last["outcome"] if isinstance(last["outcome"], dict) else {}
+    if nonce is not None and outcome.get("reason") != f"nonce={nonce}":
         raise ReportError("completeness", f"the request entry ({last_index}) does not carry the nonce given")
     # 9
     accesses = []

@@ -402,6 +402,7 @@ class AuditLog:
         """Number, hash and store the batch's entries; returns their leaf hashes."""
         rows: list[tuple[bytes, bytes]] = []
         heads: dict[str, tuple[int, str]] = {}  # account_ref -> its access chain's head, as this batch moves it
+        chained: list[tuple[str, int, int, str, bytes]] = []  # audit_account_entries rows
         for p, tx, _, _ in outcomes:
             p.first_seq = size + len(rows)
             for r in tx.records:
@@ -415,7 +416,8 @@ class AuditLog:
                 prev = leaf.hex()
                 if account is not None:
                     heads[r.account_ref] = (account[0], prev)
-        self._store(cursor, size, rows, frontier)
+                    chained.append((r.account_ref, account[0], size + len(rows) - 1, now, leaf))
+        self._store(cursor, size, rows, frontier, chained)
         return [leaf for _, leaf in rows]
 
     def _account_head(self, cursor: Any, account_ref: str) -> tuple[int, str]:
@@ -426,17 +428,19 @@ class AuditLog:
         row = cursor.fetchone()
         return (0, GENESIS_PREV) if row is None else (int(row[0]), bytes(row[1]).hex())
 
-    def _store(self, cursor: Any, size: int, rows: list[tuple[bytes, bytes]], frontier: dict[int, bytes]) -> None:
+    def _store(self, cursor: Any, size: int, rows: list[tuple[bytes, bytes]], frontier: dict[int, bytes],
+               account_rows: list[tuple[str, int, int, str, bytes]] | None = None) -> None:
         """Insert entries [size, size + n) (given with their leaf hashes), the subtree hashes they complete
-        (for the proofs served to clients, never for signing) and the new head."""
+        (for the proofs served to clients, never for signing), the access-chain index rows (`account_rows`;
+        None: read from the entries, as for entries restored from the tiles) and the new head."""
         if not rows:
             return
         entry_rows: list[tuple[int, bytes]] = []
         node_rows: list[tuple[int, bytes]] = []
-        account_rows: list[tuple[str, int, int, str, bytes]] = []
+        derive, account_rows = account_rows is None, account_rows or []
         for data, leaf in rows:
             entry_rows.append((size, data))
-            if b'"account_seq":' in data:  # an access chain's entry: index it for access reports
+            if derive and b'"account_seq":' in data:  # an access chain's entry: index it for access reports
                 entry = json.loads(data)
                 account_rows.append((entry["target"]["account_ref"], entry["target"]["account_seq"], size,
                                      entry["time"], leaf))
