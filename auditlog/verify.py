@@ -171,8 +171,10 @@ def verify_tiles(read: Callable[[str], bytes], verifier: NoteVerifier, *,
     if state is not None and state.origin != checkpoint.origin:
         raise CheckpointError(f"the state file is for log {state.origin!r}, this is {checkpoint.origin!r}")
     old = state or TileState(origin=checkpoint.origin, size=0, root=b"", last_leaf=b"", note="")
+    # Account chains are checked on a verification from entry 0 (the heads are not in the state file).
     result = verify_range(read, old_size=old.size, old_root=old.root, old_last_leaf=old.last_leaf,
-                          size=checkpoint.size, root=checkpoint.root, progress=progress)
+                          size=checkpoint.size, root=checkpoint.root, progress=progress,
+                          chains=AccountChains() if old.size == 0 else None)
     return VerifiedTiles(size=checkpoint.size, root=checkpoint.root, checkpoint=checkpoint, note=note,
                          old_size=old.size, last_leaf=result.last_leaf, cosignatures=tuple(cosigs))
 

@@ -12,7 +12,7 @@ import pytest
 from auditlog.__main__ import verify_dir
 from auditlog.entry import canonical_json, entry_hash
 from auditlog.note import NoteSigner
-from tests.auditlog_helpers import build_entries, checkpoint_for, write_export
+from tests.auditlog_helpers import build_chained_entries, build_entries, checkpoint_for, write_export
 
 SIGNER = NoteSigner.generate("clipstore-audit/test")
 VKEY = SIGNER.verifier.key_string()
@@ -255,30 +255,14 @@ def test_two_trailing_empty_lines_fail_as_a_malformed_entry(tmp_path: Path, entr
     assert code == 1 and line.startswith(f"FAIL entry {N}: malformed"), line
 
 
-def _chained_log(links: list[tuple[int, str | None]]) -> list[bytes]:
-    """A log of clip.fetch entries for one account; (account_seq, account_prev or None: the real link)."""
-    from auditlog.entry import GENESIS_PREV, make_entry
-    entries: list[bytes] = []
-    prev, account_prev = GENESIS_PREV, GENESIS_PREV
-    for i, (seq, given) in enumerate(links):
-        data = make_entry(seq=i, prev=prev, time=f"2026-11-26T00:00:{i:02d}.000Z",
-                          actor={"id": "p_rev", "role": "reviewer"}, action="clip.fetch",
-                          target={"clip_id": "c_1", "account_ref": "acct_x", "account_seq": seq,  # type: ignore[dict-item]
-                                  "account_prev": given or account_prev},
-                          outcome={"result": "ok", "reason": ""}, request_id=f"r{i}")
-        entries.append(data)
-        prev = account_prev = entry_hash(data)
-    return entries
-
-
 def test_account_chains_are_checked_over_the_whole_log(tmp_path: Path) -> None:
-    assert _verify(tmp_path / "a", _chained_log([(1, None), (2, None), (3, None)]))[0] == 0
-    assert _verify(tmp_path / "b", _chained_log([(1, None), (2, None), (2, None)])) == (
+    assert _verify(tmp_path / "a", build_chained_entries([(1, None), (2, None), (3, None)]))[0] == 0
+    assert _verify(tmp_path / "b", build_chained_entries([(1, None), (2, None), (2, None)])) == (
         1, "FAIL entry 2: account chain: account_seq is 2, expected 3 (the account's chain forks or skips here)")
-    assert _verify(tmp_path / "c", _chained_log([(1, None), (2, "0" * 64)])) == (
+    assert _verify(tmp_path / "c", build_chained_entries([(1, None), (2, "0" * 64)])) == (
         1, "FAIL entry 1: account chain: account_prev is not the hash of the account's previous entry")
-    unchained = build_entries(1, start_prev=entry_hash(_chained_log([(1, None)])[0]), first_seq=1)
+    unchained = build_entries(1, start_prev=entry_hash(build_chained_entries([(1, None)])[0]), first_seq=1)
     unchained = [_edit(unchained[0], action="clip.fetch")]
-    assert _verify(tmp_path / "d", _chained_log([(1, None)]) + unchained) == (
+    assert _verify(tmp_path / "d", build_chained_entries([(1, None)]) + unchained) == (
         1, "FAIL entry 1: account chain: a clip.fetch entry is outside its account's chain, though chaining began "
            "at entry 0")
