@@ -250,3 +250,23 @@ def test_an_omission_the_log_itself_hides_is_caught_by_the_auditors_chain_check(
                             seq=len(entries), prev=entry_hash(entries[-1]), time="2030-01-01T00:00:00.000Z")
     with pytest.raises(EntryError, match="outside its account's chain"):
         chains.check(unchained, len(entries))
+
+
+def test_the_python_clients_fetch_a_report_that_verifies(w: World) -> None:
+    import asyncio
+
+    from clipstore.client import AsyncClipstoreClient, ClipstoreClient
+    w.opt_in()
+    key = next(v for k, v in w.ingest if k == "authorization").removeprefix("Bearer ")
+    target = f"127.0.0.1:{w.server.port}"
+    with ClipstoreClient(target, api_key=key) as client:
+        sync = client.access_report(ACCOUNT_ID, since=w.clock.now() - 60, nonce="sync")
+
+    async def fetch() -> bytes:
+        async with AsyncClipstoreClient(target, api_key=key) as client:
+            return (await client.access_report(ACCOUNT_ID, nonce="async")).report
+
+    verifier = w.server.app.audit.signer.verifier
+    assert verify_report(sync.report, verifier, account_id=ACCOUNT_ID, nonce="sync").chain_start
+    assert [a.action for a in verify_report(asyncio.run(fetch()), verifier, nonce="async").accesses] == [
+        "account.access_report", "account.access_report"]
