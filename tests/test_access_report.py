@@ -270,3 +270,28 @@ def test_the_python_clients_fetch_a_report_that_verifies(w: World) -> None:
     assert verify_report(sync.report, verifier, account_id=ACCOUNT_ID, nonce="sync").chain_start
     assert [a.action for a in verify_report(asyncio.run(fetch()), verifier, nonce="async").accesses] == [
         "account.access_report", "account.access_report"]
+
+
+def test_concurrent_accesses_to_many_accounts_keep_every_chain_linear(w: World) -> None:
+    """Units run on one writer: accesses committed together in a batch, for one account or many, never
+    share an account_seq (the heads are read once per batch, under the writer's lock, and moved in it)."""
+    import threading
+    audit = w.server.app.audit
+
+    def worker(t: int) -> None:
+        for i in range(60):
+            audit.append(AuditRecord(actor_id=f"p_{t}", actor_role="reviewer", action="clip.fetch",
+                                     account_ref=f"acct_{(t * 60 + i) % 7}", clip_id=f"c_{t}_{i}"))
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    chains = AccountChains()
+    entries = audit.reader.entries(0, 100_000)
+    for i, data in enumerate(entries):
+        chains.check(data, i)
+    seqs = [json.loads(e)["target"]["account_seq"] for e in entries if b'"acct_3"' in e]
+    assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) > 60
+    assert audit.batches < len(entries)  # they did share batches

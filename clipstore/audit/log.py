@@ -48,6 +48,11 @@ from clipstore.store import Database, schema
 from clipstore.store.schema import node_key
 
 MAX_BATCH_ENTRIES = 4096  # bounds one transaction's size and memory
+HEAD_QUERY_REFS = 500  # account refs per access-chain head query: inside every driver's parameter limit
+_ACCOUNT_HEADS_SQL = ("SELECT e.account_ref, e.account_seq, e.leaf FROM audit_account_entries e JOIN "
+                      "(SELECT account_ref, max(account_seq) AS head FROM audit_account_entries WHERE account_ref "
+                      "IN ({marks}) GROUP BY account_ref) m "
+                      "ON e.account_ref = m.account_ref AND e.account_seq = m.head")
 READ_BATCH_ENTRIES = 10_000  # bounds memory while reading the stored log back
 PUBLISHED_CHECKPOINT = "checkpoint"  # in the tiles location (C2SP tlog-tiles)
 APPEND_TIMEOUT_S = 30.0
@@ -401,14 +406,16 @@ class AuditLog:
                size: int, prev: str, now: str, frontier: dict[int, bytes]) -> list[bytes]:
         """Number, hash and store the batch's entries; returns their leaf hashes."""
         rows: list[tuple[bytes, bytes]] = []
-        heads: dict[str, tuple[int, str]] = {}  # account_ref -> its access chain's head, as this batch moves it
+        # account_ref -> its access chain's head (account_seq, hex hash), as this batch moves it
+        heads = self._account_heads(cursor, {r.account_ref for _, tx, _, _ in outcomes for r in tx.records
+                                             if r.account_ref and r.action in ACCESS_ACTIONS})
         chained: list[tuple[str, int, int, str, bytes]] = []  # audit_account_entries rows
         for p, tx, _, _ in outcomes:
             p.first_seq = size + len(rows)
             for r in tx.records:
                 account = None
                 if r.account_ref and r.action in ACCESS_ACTIONS:
-                    seq, head = heads.get(r.account_ref) or self._account_head(cursor, r.account_ref)
+                    seq, head = heads[r.account_ref]
                     account = (seq + 1, head)
                 data = entry_bytes(r, seq=size + len(rows), prev=prev, time=now, account=account)
                 leaf = leaf_hash(data)
@@ -420,13 +427,17 @@ class AuditLog:
         self._store(cursor, size, rows, frontier, chained)
         return [leaf for _, leaf in rows]
 
-    def _account_head(self, cursor: Any, account_ref: str) -> tuple[int, str]:
-        """(account_seq, hex hash) of the account's newest chained entry; (0, zeros) before its first. Read
-        under the audit_head lock, so no other writer moves it meanwhile."""
-        cursor.execute(self._sql("SELECT account_seq, leaf FROM audit_account_entries WHERE account_ref = ? "
-                                 "ORDER BY account_seq DESC LIMIT 1"), (account_ref,))
-        row = cursor.fetchone()
-        return (0, GENESIS_PREV) if row is None else (int(row[0]), bytes(row[1]).hex())
+    def _account_heads(self, cursor: Any, refs: set[str]) -> dict[str, tuple[int, str]]:
+        """(account_seq, hex hash) of each account's newest chained entry; (0, zeros) before its first. Read
+        under the audit_head lock, so no other writer moves them meanwhile; one query per HEAD_QUERY_REFS."""
+        heads = dict.fromkeys(refs, (0, GENESIS_PREV))
+        ordered = sorted(refs)
+        for start in range(0, len(ordered), HEAD_QUERY_REFS):
+            chunk = ordered[start:start + HEAD_QUERY_REFS]
+            marks = ", ".join("?" * len(chunk))  # placeholders only: the refs are bound values
+            cursor.execute(self._sql(_ACCOUNT_HEADS_SQL.replace("{marks}", marks)), chunk)
+            heads.update((ref, (int(seq), bytes(leaf).hex())) for ref, seq, leaf in cursor.fetchall())
+        return heads
 
     def _store(self, cursor: Any, size: int, rows: list[tuple[bytes, bytes]], frontier: dict[int, bytes],
                account_rows: list[tuple[str, int, int, str, bytes]] | None = None) -> None:
