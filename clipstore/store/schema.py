@@ -65,7 +65,7 @@ def node_key(level: int, idx: int) -> int:
     return 2 * first - first.bit_count() + (2 << level) - 2
 
 
-# Each account's access chain (auditlog.access, revision 0014): one row per chained entry, written with
+# Each account's access chain (auditlog.access, revision 0015): one row per chained entry, written with
 # the entry by the audit writer, so an access report finds an account's entries without scanning the
 # log. `leaf` is the entry's leaf hash: the next chained entry's account_prev. An index, not a source
 # of truth: the report's verifier checks every entry against the signed tree.

@@ -3,8 +3,8 @@
 Entries appended before this revision carry no account chain (docs/access-report.md says how
 reports treat them), so the table starts empty.
 
-Revision ID: 0014
-Revises: 0013
+Revision ID: 0015
+Revises: 0014
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from alembic import op
 
 from clipstore.store.migrations._shape import has_table
 
-revision = "0014"
-down_revision = "0013"
+revision = "0015"
+down_revision = "0014"
 
 
 def upgrade() -> None:
