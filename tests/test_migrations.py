@@ -396,6 +396,7 @@ def test_db_commands_adopt_a_legacy_database_and_report_its_revision(
     history = run("db", "history").splitlines()
     assert [line.split()[0] for line in history] == [r for r, _ in migrations.history()]
     contract = run("db", "sql", "--from", migrations.BEFORE_DATA_STEPS)
+    contract = contract.split("-- Running upgrade 0013 ->")[0]  # later revisions may add tables
     assert "ALTER TABLE escalations DROP COLUMN note;" in contract and "CREATE TABLE" not in contract
 
 
