@@ -16,6 +16,12 @@ log published as C2SP tlog-tiles. With --state, the last verified checkpoint
 is remembered and the next run checks only the new entries and that the old
 tree is a prefix of the new one (`FAIL checkpoint: rolled back…`/`forked…`).
 Also `FAIL tile <path>: <reason>`. Progress goes to stderr on long runs.
+
+`auditlog verify-report FILE --key VKEY [--witness WKEY … --quorum N]
+[--account-id ID] [--nonce N] [--format json]` verifies an account's access
+report (docs/access-report.md): exit 0, `OK account=… accesses=…` and a table
+(when, what, which clip and its capture time, who as a per-account pseudonym);
+exit 1 and `FAIL <part>: <reason>`.
 """
 
 from __future__ import annotations
@@ -154,6 +160,51 @@ def _text(code: int, result: dict[str, object]) -> str:
     return f"ERROR {result['reason']}"
 
 
+_ACTIONS = {"grant.issue": "granted a listen", "clip.fetch": "listened", "clip.flag": "flagged to safety team",
+            "escalation.read": "safety team read flag", "escalation.resolve": "safety team resolved flag",
+            "clip.identity_read": "read who recorded it", "account.access_report": "report requested"}
+
+
+def verify_report_file(path: Path, vkey: str, *, witnesses: Sequence[str] = (), quorum: int = 0,
+                       account_id: str | None = None, nonce: str | None = None) -> tuple[int, dict[str, object]]:
+    """Verify an access report; returns (exit code, the result as a JSON-able dict)."""
+    from auditlog.report import ReportError, verify_report
+    try:
+        verifier = NoteVerifier.from_key_string(_read_key(vkey))
+        wkeys = [CosignatureVerifier.from_key_string(_read_key(w)) for w in witnesses]
+        data = path.read_bytes()
+    except OSError as exc:
+        return 2, {"result": "ERROR", "reason": f"cannot read {exc.filename}: {exc.strerror}"}
+    except VerificationError as exc:
+        return 2, {"result": "ERROR", "reason": f"bad --key or --witness: {exc}"}
+    try:
+        report = verify_report(data, verifier, witnesses=wkeys, quorum=quorum, account_id=account_id, nonce=nonce)
+    except ReportError as exc:
+        return 1, {"result": "FAIL", "where": exc.where, "reason": exc.reason}
+    return 0, {"result": "OK", "account_ref": report.account_ref, "tree_size": report.checkpoint.size,
+               "root": report.checkpoint.root.hex(), "complete_through": report.complete_through,
+               "from_first_access": report.chain_start, "since": report.since, "until": report.until,
+               "cosignatures": [{"witness": c.witness, "time": c.timestamp} for c in report.cosignatures],
+               "accesses": [{"index": a.index, "time": a.time, "action": a.action, "result": a.result,
+                             "reason": a.reason, "clip_id": a.clip_id, "captured_at": a.captured_at,
+                             "who": a.who, "role": a.role} for a in report.accesses]}
+
+
+def _report_text(result: dict[str, object]) -> str:
+    if result["result"] != "OK":
+        return _text(1, result) if result["result"] == "FAIL" else f"ERROR {result['reason']}"
+    accesses: list[dict[str, str]] = result["accesses"]  # type: ignore[assignment]
+    cosigs = [Cosignature(c["witness"], c["time"]) for c in result["cosignatures"]]  # type: ignore[attr-defined]
+    lines = [f"OK account={result['account_ref']} accesses={len(accesses)} tree_size={result['tree_size']} "
+             f"complete_through={result['complete_through']}" + (f" witnesses={_times(cosigs)}" if cosigs else "")]
+    rows = [("when", "what", "clip", "captured", "who")] + [
+        (a["time"], _ACTIONS.get(a["action"], a["action"]) + ("" if a["result"] == "ok" else f" ({a['result']})"),
+         a["clip_id"] or "-", a["captured_at"] or "-", f"{a['who']} ({a['role']})") for a in accesses]
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
 def _witness_keygen(args: argparse.Namespace) -> int:
     from auditlog.cosignature import CosignatureSigner
     signer = CosignatureSigner.generate(args.name)
@@ -207,6 +258,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a checkpoint saved earlier; fails on rollback or fork relative to it")
     verify.add_argument("--strict", action="store_true",
                         help="fail when entries follow the checkpoint (no signature covers them)")
+    report = sub.add_parser("verify-report", help="verify an account's access report (docs/access-report.md)")
+    report.add_argument("report", type=Path, help="the report file (JSON) GetAccessReport returned")
+    report.add_argument("--key", required=True, help="the log's verifier key string, or a file holding it")
+    report.add_argument("--witness", action="append", default=[], help="a witness's verifier key; repeatable")
+    report.add_argument("--quorum", type=int, default=0, help="valid cosignatures required from the --witness keys")
+    report.add_argument("--account-id", help="fail unless the report is bound to this account id")
+    report.add_argument("--nonce", help="fail unless the report's request carries this nonce (freshness)")
+    report.add_argument("--format", choices=("text", "json"), default="text")
     witness = sub.add_parser("witness", help="run a C2SP tlog-witness for clipstore logs")
     wsub = witness.add_subparsers(dest="witness_command", required=True)
     keygen = wsub.add_parser("keygen", help="create a witness key file (0600); prints the verifier key")
@@ -224,10 +283,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "witness":
         code: int = args.func(args)
         return code
-    if (args.export is None) == (args.tiles is None):
-        parser.error("give an export DIR or --tiles LOCATION")
     if args.quorum > len(args.witness) or args.quorum < 0:
         parser.error(f"--quorum {args.quorum} needs at least that many --witness keys")
+    if args.command == "verify-report":
+        code, result = verify_report_file(args.report, args.key, witnesses=args.witness, quorum=args.quorum,
+                                          account_id=args.account_id, nonce=args.nonce)
+        out = json.dumps(result, sort_keys=True) if args.format == "json" else _report_text(result)
+        print(out, file=sys.stderr if code == 2 else sys.stdout)
+        return code
+    if (args.export is None) == (args.tiles is None):
+        parser.error("give an export DIR or --tiles LOCATION")
     if args.tiles is not None:
         code, result = verify_tiles_at(args.tiles, args.key, witnesses=args.witness, quorum=args.quorum,
                                        state=args.state)

@@ -22,6 +22,7 @@ import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from auditlog.access import AccountChains
 from auditlog.entry import GENESIS_PREV, parse_entry
 from auditlog.errors import CheckpointError, EntryError, VerificationError
 from auditlog.merkle import HASH_BYTES, root_hash
@@ -246,8 +247,11 @@ class RangeResult:
 
 
 def verify_range(read: Callable[[str], bytes], *, old_size: int, old_root: bytes, old_last_leaf: bytes,
-                 size: int, root: bytes, progress: Callable[[int], None] = lambda done: None) -> RangeResult:
-    """Steps 2-6 of the module plan; raises `EntryError`, `TileError` or `CheckpointError`."""
+                 size: int, root: bytes, progress: Callable[[int], None] = lambda done: None,
+                 chains: AccountChains | None = None) -> RangeResult:
+    """Steps 2-6 of the module plan; raises `EntryError`, `TileError` or `CheckpointError`. With `chains`,
+    every new entry also goes through the account-chain check (`auditlog.access`), which needs the log
+    from entry 0 on."""
     # (2)
     if size < old_size:
         raise CheckpointError(f"rolled back: the log was verified at size {old_size}, its checkpoint now says {size}")
@@ -287,6 +291,9 @@ def verify_range(read: Callable[[str], bytes], *, old_size: int, old_root: bytes
         if b"".join(leaves) != level0[start * HASH_BYTES:]:
             k = next(k for k, h in enumerate(leaves) if h != level0[(start + k) * HASH_BYTES:][:HASH_BYTES])
             raise EntryError(first + k, f"its hash differs from the one in {tile_path(0, b, width)}")
+        if chains is not None:
+            for k, data in enumerate(todo):
+                chains.check(data, first + k)
         if leaves:
             leaf = leaves[-1]
             prev = leaf.hex().encode()

@@ -7,7 +7,8 @@ Plan (each step raises on its first failure, naming the entry index):
      log signed; if not (or entries are missing), re-read the entries and
      find the first defect: form, seq == i, prev == hash of entry i-1;
      failing that, truncation, or an edit the chain was rewritten to hide;
-  3. seq and prev of every entry; entries past the checkpoint are parsed in
+  3. seq and prev of every entry, and every account's access chain
+     (`auditlog.access`: linear, none left out); entries past the checkpoint are parsed in
      full and counted (`unsigned_trailing`): no signature covers them, so a
      caller decides whether to accept them (`--strict` refuses);
   4. against a trusted checkpoint saved earlier: not smaller (rollback) and
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from auditlog._files import write_durably
+from auditlog.access import AccountChains
 from auditlog.checkpoint import Checkpoint, open_checkpoint
 from auditlog.compact import CompactRange
 from auditlog.cosignature import Cosignature, CosignatureVerifier, open_cosigned_checkpoint
@@ -92,6 +94,7 @@ def verify_log(entries: Callable[[], Iterable[bytes]], checkpoint_note: str | by
     tree = CompactRange()
     signed_root = trusted_root = None
     prev, linked = GENESIS_PREV.encode(), True
+    chains = AccountChains()
     for data in entries():
         if tree.size == checkpoint.size:
             signed_root = tree.root()
@@ -109,6 +112,8 @@ def verify_log(entries: Callable[[], Iterable[bytes]], checkpoint_note: str | by
             except EntryError:
                 seq, entry_prev = -1, b""  # check_chain below reports the first defect
         linked = linked and seq == tree.size and entry_prev == prev
+        if linked:  # a broken hash chain is reported first, below, by check_chain
+            chains.check(data, tree.size)
         prev = leaf.hex().encode()
         tree.append(leaf)
     if tree.size == checkpoint.size:
@@ -166,8 +171,10 @@ def verify_tiles(read: Callable[[str], bytes], verifier: NoteVerifier, *,
     if state is not None and state.origin != checkpoint.origin:
         raise CheckpointError(f"the state file is for log {state.origin!r}, this is {checkpoint.origin!r}")
     old = state or TileState(origin=checkpoint.origin, size=0, root=b"", last_leaf=b"", note="")
+    # Account chains are checked on a verification from entry 0 (the heads are not in the state file).
     result = verify_range(read, old_size=old.size, old_root=old.root, old_last_leaf=old.last_leaf,
-                          size=checkpoint.size, root=checkpoint.root, progress=progress)
+                          size=checkpoint.size, root=checkpoint.root, progress=progress,
+                          chains=AccountChains() if old.size == 0 else None)
     return VerifiedTiles(size=checkpoint.size, root=checkpoint.root, checkpoint=checkpoint, note=note,
                          old_size=old.size, last_leaf=result.last_leaf, cosignatures=tuple(cosigs))
 

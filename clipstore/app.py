@@ -9,6 +9,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from clipstore.access_reports import PSEUDONYM_KEY_NAME, AccessReports
 from clipstore.accounts import AccountDirectory
 from clipstore.audio import FetchAudio, FetchAudioPolicy, WatermarkSource
 from clipstore.audit import STARTUP, AuditLog
@@ -159,6 +160,11 @@ class App:
         if self.audit.halted is None:  # before serving: a restored database must not bring a deleted account back
             self.accounts.replay_deletions(self.audit.deleted_accounts, STARTUP)
             self.audit.deleted_accounts.clear()
+        clip_rows = ClipRepository(self.db)
+        self.access_reports = AccessReports(
+            audit=self.audit, account_ref=lambda account_id: self.accounts.require(account_id).account_ref,
+            captured_at=clip_rows.captured_at,
+            pseudonym_key=load_or_create_service_key(self.db, self.root, PSEUDONYM_KEY_NAME), cosign=self.cosign)
         self.sampler = ReviewSampler(rate=config.review_sample_rate)
         self.clips = ClipLibrary(clips=ClipRepository(self.db), accounts=self.accounts, keyring=self.keyring,
                                  blobs=self.blobs, audit=self.audit, clock=self.clock,

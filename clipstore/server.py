@@ -83,7 +83,7 @@ def _implemented_servicers(app: App, tls: ServerTls | None) -> dict[str, Any]:
     published = (lambda: loop.latest) if loop is not None else (lambda: None)
     return {"clipstore.v1.AuditService": AuditServicer(app.audit, published),
             "clipstore.v1.ClipService": ClipServicer(app.clips),
-            "clipstore.v1.AccountService": AccountServicer(app.accounts),
+            "clipstore.v1.AccountService": AccountServicer(app.accounts, app.access_reports),
             "clipstore.v1.ReviewService": ReviewServicer(app.review),
             "clipstore.v1.ReviewerAdminService": ReviewerAdminServicer(app.enrolment, app.lifecycle),
             "clipstore.v1.PrincipalAdminService": PrincipalAdminServicer(app.lifecycle),

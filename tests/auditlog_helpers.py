@@ -23,6 +23,21 @@ def build_entries(n: int, *, start_prev: str = GENESIS_PREV, first_seq: int = 0)
     return entries
 
 
+def build_chained_entries(links: list[tuple[int, str | None]]) -> list[bytes]:
+    """clip.fetch entries of one account's access chain: (account_seq, account_prev, None for the real link)."""
+    entries: list[bytes] = []
+    prev = GENESIS_PREV
+    for i, (seq, given) in enumerate(links):
+        data = make_entry(seq=i, prev=prev, time=f"2026-11-26T00:00:{i % 60:02d}.000Z",
+                          actor={"id": "p_rev", "role": "reviewer"}, action="clip.fetch",
+                          target={"clip_id": "c_1", "account_ref": "acct_x", "account_seq": seq,  # type: ignore[dict-item]
+                                  "account_prev": given or prev},
+                          outcome={"result": "ok", "reason": ""}, request_id=f"r{i}")
+        entries.append(data)
+        prev = entry_hash(data)  # every entry is the account's: its hash is both links
+    return entries
+
+
 def checkpoint_for(entries: list[bytes], signer: NoteSigner) -> str:
     cp = Checkpoint(origin=signer.name, size=len(entries), root=root_hash([leaf_hash(e) for e in entries]))
     return sign_checkpoint(cp, signer)

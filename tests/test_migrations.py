@@ -396,8 +396,8 @@ def test_db_commands_adopt_a_legacy_database_and_report_its_revision(
     history = run("db", "history").splitlines()
     assert [line.split()[0] for line in history] == [r for r, _ in migrations.history()]
     contract = run("db", "sql", "--from", migrations.BEFORE_DATA_STEPS)
-    contraction = contract.split("-- Running upgrade 0013 -> ")[0]  # later revisions may create tables
-    assert "ALTER TABLE escalations DROP COLUMN note;" in contraction and "CREATE TABLE" not in contraction
+    contract = contract.split("-- Running upgrade 0013 ->")[0]  # later revisions may add tables
+    assert "ALTER TABLE escalations DROP COLUMN note;" in contract and "CREATE TABLE" not in contract
 
 
 def test_note_resealing_interrupted_by_a_kms_outage_resumes_at_the_next_start(tmp_path: Path) -> None:

@@ -17,6 +17,8 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
+from auditlog.report import verify_report
+from clipstore.audit import Actor
 from clipstore.config import Config
 from clipstore.server import ClipstoreServer, running_server
 from clipstore.store.schema import metadata as tables
@@ -98,6 +100,7 @@ def test_a_restored_backup_cannot_bring_a_deleted_account_back(tmp_path: Path, d
         deleted = account_pb2_grpc.AccountServiceStub(channel).DeleteAccount(
             account_pb2.DeleteAccountRequest(account_id=GONE), metadata=ingest, timeout=30)
         assert deleted.deleted_clips == 2
+        server.app.access_reports.build(KEPT, Actor(id="p_app", role="ingest", request_id="before-restore"))
         _published(server)
 
     restore()  # the backup still holds the account's keys, its pseudonym mapping and its clip rows
@@ -127,6 +130,12 @@ def test_a_restored_backup_cannot_bring_a_deleted_account_back(tmp_path: Path, d
         replays = [e for e in entries if e["action"] == "account.delete_replay"]
         assert [(e["actor"], e["target"]["account_ref"]) for e in replays] == [
             ({"id": "system", "role": "startup"}, ref)]
+        # The access chain's index is restored with the entries: the next report still runs from the
+        # account's first chained entry (the request made after the backup).
+        report = server.app.access_reports.build(KEPT, Actor(id="p_app", role="ingest", request_id="after"))
+        verified = verify_report(report.report, server.app.audit.signer.verifier, account_id=KEPT)
+        assert verified.chain_start and [a.action for a in verified.accesses] == [
+            "account.access_report", "clip.identity_read", "account.access_report"]  # GetClip above read it
         size = _published(server)
     assert '"audit.restored_from_published"' in log_stream.getvalue()
 

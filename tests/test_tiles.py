@@ -16,7 +16,7 @@ import pytest
 
 from auditlog.note import NoteSigner
 from auditlog.tiles import TileWriter, entries_path, tile_path
-from tests.auditlog_helpers import build_entries, checkpoint_for, publish_tiles
+from tests.auditlog_helpers import build_chained_entries, build_entries, checkpoint_for, publish_tiles
 
 SIGNER = NoteSigner.generate("clipstore-audit/tiles-test")
 VKEY = SIGNER.verifier.key_string()
@@ -141,6 +141,15 @@ def test_verify_tiles_ok_and_json(tmp_path: Path) -> None:
     code, out, _ = _verify("--tiles", str(tmp_path), "--format", "json")
     result = json.loads(out)
     assert code == 0 and result["result"] == "OK" and result["size"] == 700 and result["entries_verified"] == 700
+
+
+def test_verify_tiles_from_the_start_checks_account_chains(tmp_path: Path) -> None:
+    publish_tiles(tmp_path / "ok", build_chained_entries([(1, None), (2, None), (3, None)]), SIGNER)
+    assert _verify("--tiles", str(tmp_path / "ok"))[0] == 0
+    publish_tiles(tmp_path / "forked", build_chained_entries([(1, None), (2, None), (2, None)]), SIGNER)
+    code, out, _ = _verify("--tiles", str(tmp_path / "forked"))
+    assert (code, out) == (1, "FAIL entry 2: account chain: account_seq is 2, expected 3 (the account's chain "
+                              "forks or skips here)")
 
 
 def test_incremental_verify_with_state_checks_only_new_entries(tmp_path: Path) -> None:

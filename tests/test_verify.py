@@ -12,7 +12,7 @@ import pytest
 from auditlog.__main__ import verify_dir
 from auditlog.entry import canonical_json, entry_hash
 from auditlog.note import NoteSigner
-from tests.auditlog_helpers import build_entries, checkpoint_for, write_export
+from tests.auditlog_helpers import build_chained_entries, build_entries, checkpoint_for, write_export
 
 SIGNER = NoteSigner.generate("clipstore-audit/test")
 VKEY = SIGNER.verifier.key_string()
@@ -253,3 +253,16 @@ def test_two_trailing_empty_lines_fail_as_a_malformed_entry(tmp_path: Path, entr
         fh.write(b"\n\n")
     code, line = verify_dir(export, VKEY, None)
     assert code == 1 and line.startswith(f"FAIL entry {N}: malformed"), line
+
+
+def test_account_chains_are_checked_over_the_whole_log(tmp_path: Path) -> None:
+    assert _verify(tmp_path / "a", build_chained_entries([(1, None), (2, None), (3, None)]))[0] == 0
+    assert _verify(tmp_path / "b", build_chained_entries([(1, None), (2, None), (2, None)])) == (
+        1, "FAIL entry 2: account chain: account_seq is 2, expected 3 (the account's chain forks or skips here)")
+    assert _verify(tmp_path / "c", build_chained_entries([(1, None), (2, "0" * 64)])) == (
+        1, "FAIL entry 1: account chain: account_prev is not the hash of the account's previous entry")
+    unchained = build_entries(1, start_prev=entry_hash(build_chained_entries([(1, None)])[0]), first_seq=1)
+    unchained = [_edit(unchained[0], action="clip.fetch")]
+    assert _verify(tmp_path / "d", build_chained_entries([(1, None)]) + unchained) == (
+        1, "FAIL entry 1: account chain: a clip.fetch entry is outside its account's chain, though chaining began "
+           "at entry 0")

@@ -108,3 +108,26 @@ def test_a_restarted_service_learns_each_witness_size_from_409_and_continues(
             size, _ = app.audit.checkpoint()
             _wait_published(app, size)
             assert [w.witness.cosigned_size(app.audit.signer.name) for w in witnesses] == [size] * 3
+
+
+def test_an_access_report_carries_the_witness_quorum_and_fails_without_it(
+        tmp_path: Path, database_url: str | None, witnesses: list[WitnessServer], log_key: str) -> None:
+    from clipstore.audit import Actor, AuditUnavailable
+    wkeys = [arg for w in witnesses for arg in ("--witness", w.witness.signer.verifier.key_string())]
+    with running_server(_config(tmp_path, database_url, witnesses)) as server:  # type: ignore[arg-type]
+        app = server.app
+        ref = app.accounts.find_or_create("acct-1").account_ref
+        app.audit.append(AuditRecord(actor_id="p_rev", actor_role="reviewer", action="clip.fetch", account_ref=ref,
+                                     clip_id="c_1"))
+        report = app.access_reports.build("acct-1", Actor(id="p_app", role="ingest", request_id="req-1"),
+                                          nonce="fresh")
+        (tmp_path / "report.json").write_bytes(report.report)
+        for w in witnesses[1:]:
+            w.shutdown()
+        with pytest.raises(AuditUnavailable, match="witnesses did not cosign"):
+            app.access_reports.build("acct-1", Actor(id="p_app", role="ingest", request_id="req-2"))
+    result = subprocess.run([sys.executable, "-m", "auditlog", "verify-report", str(tmp_path / "report.json"),
+                             "--key", log_key, *wkeys, "--quorum", "2", "--nonce", "fresh", "--account-id", "acct-1"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith(f"OK account={ref} accesses=2 "), result
+    assert "witnesses=w0.test@" in result.stdout and "listened" in result.stdout

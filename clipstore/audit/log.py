@@ -31,8 +31,10 @@ from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
 
+from auditlog.access import ACCESS_ACTIONS
 from auditlog.checkpoint import Checkpoint, open_checkpoint, sign_checkpoint
 from auditlog.compact import CompactRange
+from auditlog.entry import GENESIS_PREV
 from auditlog.errors import ProofError, VerificationError
 from auditlog.merkle import leaf_hash, node_hash, root_hash, verify_consistency
 from auditlog.note import NoteSigner
@@ -46,6 +48,11 @@ from clipstore.store import Database, schema
 from clipstore.store.schema import node_key
 
 MAX_BATCH_ENTRIES = 4096  # bounds one transaction's size and memory
+HEAD_QUERY_REFS = 500  # account refs per access-chain head query: inside every driver's parameter limit
+_ACCOUNT_HEADS_SQL = ("SELECT e.account_ref, e.account_seq, e.leaf FROM audit_account_entries e JOIN "
+                      "(SELECT account_ref, max(account_seq) AS head FROM audit_account_entries WHERE account_ref "
+                      "IN ({marks}) GROUP BY account_ref) m "
+                      "ON e.account_ref = m.account_ref AND e.account_seq = m.head")
 READ_BATCH_ENTRIES = 10_000  # bounds memory while reading the stored log back
 PUBLISHED_CHECKPOINT = "checkpoint"  # in the tiles location (C2SP tlog-tiles)
 APPEND_TIMEOUT_S = 30.0
@@ -141,17 +148,23 @@ class _Pending(Generic[T]):
     first_seq: int = -1
 
 
-def entry_bytes(r: AuditRecord, *, seq: int, prev: str, time: str) -> bytes:
+def entry_bytes(r: AuditRecord, *, seq: int, prev: str, time: str, account: tuple[int, str] | None = None) -> bytes:
     """`auditlog.entry.make_entry` for one record, written straight in canonical form: keys in sorted
     order, each string as `json.dumps(ensure_ascii=False)` writes it. Dumping a dict with sort_keys
-    cost 9x more and was the writer's largest cost per entry; a property test holds the two equal."""
+    cost 9x more and was the writer's largest cost per entry; a property test holds the two equal.
+    `account`: (account_seq, account_prev) of an entry in its account's access chain (auditlog.access)."""
+    if account is None:
+        ref = f'"account_ref":{_json_str(r.account_ref)}'
+    else:
+        ref = (f'"account_prev":{_json_str(account[1])},"account_ref":{_json_str(r.account_ref)},'
+               f'"account_seq":{int(account[0])}')
     disguise = f'"disguise":{_json_str(r.disguise)},' if r.disguise is not None else ""
     watermark = f',"watermark":{_json_str(r.watermark)}' if r.watermark is not None else ""
     return (f'{{"action":{_json_str(r.action)},"actor":{{"id":{_json_str(r.actor_id)},'
             f'"role":{_json_str(r.actor_role)}}},"outcome":{{{disguise}"reason":{_json_str(str(r.reason))},'
             f'"result":{_json_str(r.outcome)}{watermark}}},"prev":{_json_str(prev)},'
             f'"request_id":{_json_str(r.request_id)},'
-            f'"seq":{int(seq)},"target":{{"account_ref":{_json_str(r.account_ref)},'
+            f'"seq":{int(seq)},"target":{{{ref},'
             f'"clip_id":{_json_str(r.clip_id)},"principal_id":{_json_str(r.principal_id)}}},'
             f'"time":{_json_str(time)}}}').encode()
 
@@ -401,25 +414,55 @@ class AuditLog:
                size: int, prev: str, now: str, frontier: dict[int, bytes]) -> list[bytes]:
         """Number, hash and store the batch's entries; returns their leaf hashes."""
         rows: list[tuple[bytes, bytes]] = []
+        # account_ref -> its access chain's head (account_seq, hex hash), as this batch moves it
+        heads = self._account_heads(cursor, {r.account_ref for _, tx, _, _ in outcomes for r in tx.records
+                                             if r.account_ref and r.action in ACCESS_ACTIONS})
+        chained: list[tuple[str, int, int, str, bytes]] = []  # audit_account_entries rows
         for p, tx, _, _ in outcomes:
             p.first_seq = size + len(rows)
             for r in tx.records:
-                data = entry_bytes(r, seq=size + len(rows), prev=prev, time=now)
+                account = None
+                if r.account_ref and r.action in ACCESS_ACTIONS:
+                    seq, head = heads[r.account_ref]
+                    account = (seq + 1, head)
+                data = entry_bytes(r, seq=size + len(rows), prev=prev, time=now, account=account)
                 leaf = leaf_hash(data)
                 rows.append((data, leaf))
                 prev = leaf.hex()
-        self._store(cursor, size, rows, frontier)
+                if account is not None:
+                    heads[r.account_ref] = (account[0], prev)
+                    chained.append((r.account_ref, account[0], size + len(rows) - 1, now, leaf))
+        self._store(cursor, size, rows, frontier, chained)
         return [leaf for _, leaf in rows]
 
-    def _store(self, cursor: Any, size: int, rows: list[tuple[bytes, bytes]], frontier: dict[int, bytes]) -> None:
+    def _account_heads(self, cursor: Any, refs: set[str]) -> dict[str, tuple[int, str]]:
+        """(account_seq, hex hash) of each account's newest chained entry; (0, zeros) before its first. Read
+        under the audit_head lock, so no other writer moves them meanwhile; one query per HEAD_QUERY_REFS."""
+        heads = dict.fromkeys(refs, (0, GENESIS_PREV))
+        ordered = sorted(refs)
+        for start in range(0, len(ordered), HEAD_QUERY_REFS):
+            chunk = ordered[start:start + HEAD_QUERY_REFS]
+            marks = ", ".join("?" * len(chunk))  # placeholders only: the refs are bound values
+            cursor.execute(self._sql(_ACCOUNT_HEADS_SQL.replace("{marks}", marks)), chunk)
+            heads.update((ref, (int(seq), bytes(leaf).hex())) for ref, seq, leaf in cursor.fetchall())
+        return heads
+
+    def _store(self, cursor: Any, size: int, rows: list[tuple[bytes, bytes]], frontier: dict[int, bytes],
+               account_rows: list[tuple[str, int, int, str, bytes]] | None = None) -> None:
         """Insert entries [size, size + n) (given with their leaf hashes), the subtree hashes they complete
-        (for the proofs served to clients, never for signing) and the new head."""
+        (for the proofs served to clients, never for signing), the access-chain index rows (`account_rows`;
+        None: read from the entries, as for entries restored from the tiles) and the new head."""
         if not rows:
             return
         entry_rows: list[tuple[int, bytes]] = []
         node_rows: list[tuple[int, bytes]] = []
+        derive, account_rows = account_rows is None, account_rows or []
         for data, leaf in rows:
             entry_rows.append((size, data))
+            if derive and b'"account_seq":' in data:  # an access chain's entry: index it for access reports
+                entry = json.loads(data)
+                account_rows.append((entry["target"]["account_ref"], entry["target"]["account_seq"], size,
+                                     entry["time"], leaf))
             h, idx, level = leaf, size, 0
             while idx & 1:  # a right child: fold in the left sibling from the frontier
                 h = node_hash(frontier.pop(level), h)
@@ -430,6 +473,9 @@ class AuditLog:
         cursor.executemany(self._sql("INSERT INTO audit_entries (seq, entry) VALUES (?, ?)"), entry_rows)
         if node_rows:
             cursor.executemany(self._sql("INSERT INTO audit_nodes (node_key, hash) VALUES (?, ?)"), node_rows)
+        if account_rows:
+            cursor.executemany(self._sql("INSERT INTO audit_account_entries (account_ref, account_seq, seq, time, "
+                                         "leaf) VALUES (?, ?, ?, ?, ?)"), account_rows)
         cursor.execute(self._sql("UPDATE audit_head SET size = ?, last_hash = ? WHERE id = 1"),
                        (size, rows[-1][1].hex()))
 

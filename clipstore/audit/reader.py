@@ -12,6 +12,7 @@ from clipstore.store import Database, schema
 
 MAX_PAGE_ENTRIES = 1000
 EXPORT_BATCH_ENTRIES = 10_000
+MAX_QUERY_KEYS = 10_000  # bound parameters per IN query (SQLite allows 32766)
 
 
 _NODES_BY_KEY = sa.select(schema.audit_nodes.c.node_key, schema.audit_nodes.c.hash).where(
@@ -57,17 +58,48 @@ class AuditReader:
         inner = {schema.node_key(level, idx): (level, idx) for level, idx in wanted if level}
         leaves = [idx for level, idx in wanted if not level]
         found: dict[tuple[int, int], bytes] = {}
+        node_keys = list(inner)
         with self._db.read() as conn:
-            if inner:
-                found.update((inner[k], bytes(h)) for k, h in conn.execute(_NODES_BY_KEY, {"keys": list(inner)}))
-            if leaves:
-                found.update(((0, int(seq)), leaf_hash(bytes(e)))
-                             for seq, e in conn.execute(_ENTRIES_BY_SEQ, {"seqs": leaves}))
+            for start in range(0, len(node_keys), MAX_QUERY_KEYS):
+                found.update((inner[k], bytes(h)) for k, h in
+                             conn.execute(_NODES_BY_KEY, {"keys": node_keys[start:start + MAX_QUERY_KEYS]}))
+            for start in range(0, len(leaves), MAX_QUERY_KEYS):
+                found.update(((0, int(seq)), leaf_hash(bytes(e))) for seq, e in
+                             conn.execute(_ENTRIES_BY_SEQ, {"seqs": leaves[start:start + MAX_QUERY_KEYS]}))
         if len(found) != len(wanted):
             raise LookupError(f"audit tree is missing {len(wanted) - len(found)} subtree hashes")
         return found
 
-    def _range_roots(self, ranges: Sequence[Range]) -> list[bytes]:
+    def entries_at(self, indices: Sequence[int]) -> list[bytes]:
+        """The entries at `indices`, in that order; LookupError if one is missing."""
+        found: dict[int, bytes] = {}
+        with self._db.read() as conn:
+            for start in range(0, len(indices), MAX_QUERY_KEYS):
+                found.update((int(seq), bytes(e)) for seq, e in
+                             conn.execute(_ENTRIES_BY_SEQ, {"seqs": list(indices[start:start + MAX_QUERY_KEYS])}))
+        if len(found) != len(set(indices)):
+            raise LookupError(f"audit log is missing {len(set(indices)) - len(found)} entries")
+        return [found[i] for i in indices]
+
+    def account_entries(self, account_ref: str, *, through: int, before: str | None) -> list[tuple[int, int]]:
+        """(account_seq, index) of the account's chained entries up to the one at index `through`,
+        starting at its first, or at its last one whose time is before `before` (the report's fence)."""
+        t = schema.audit_account_entries
+        with self._db.read() as conn:
+            head = conn.scalar(sa.select(t.c.account_seq).where(t.c.account_ref == account_ref, t.c.seq == through))
+            if head is None:
+                raise LookupError(f"entry {through} is not in the account's chain")
+            first = 1
+            if before is not None:
+                fence = conn.scalar(sa.select(sa.func.max(t.c.account_seq)).where(
+                    t.c.account_ref == account_ref, t.c.time < before, t.c.account_seq <= head))
+                first = int(fence or 1)
+            rows = conn.execute(sa.select(t.c.account_seq, t.c.seq).where(
+                t.c.account_ref == account_ref, t.c.account_seq >= first, t.c.account_seq <= head
+            ).order_by(t.c.account_seq)).all()
+        return [(int(a), int(i)) for a, i in rows]
+
+    def range_roots(self, ranges: Sequence[Range]) -> list[bytes]:
         """One query for every stored subtree the ranges need, then O(log n) hashing."""
         parts = [perfect_subtrees(lo, hi) for lo, hi in ranges]
         stored = self.nodes(key for part in parts for key in part)
@@ -84,13 +116,13 @@ class AuditReader:
         return self.nodes([(0, index)])[(0, index)]
 
     def root(self, size: int) -> bytes:
-        return self._range_roots([(0, size)])[0]
+        return self.range_roots([(0, size)])[0]
 
     def inclusion_proof(self, index: int, size: int) -> list[bytes]:
-        return self._range_roots(inclusion_ranges(index, size))
+        return self.range_roots(inclusion_ranges(index, size))
 
     def consistency_proof(self, old_size: int, size: int) -> list[bytes]:
-        return self._range_roots(consistency_ranges(old_size, size))
+        return self.range_roots(consistency_ranges(old_size, size))
 
     def checkpoint_root(self, size: int) -> bytes | None:
         t = schema.audit_checkpoints

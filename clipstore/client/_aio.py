@@ -189,6 +189,13 @@ class AsyncClipstoreClient:
         return await self._call(self._accounts.RotateAccountKey,
                                 account_pb2.RotateAccountKeyRequest(account_id=account_id), timeout_s)
 
+    async def access_report(self, account_id: str, *, since: datetime | float | None = None,
+                            until: datetime | float | None = None, nonce: str = "",
+                            timeout_s: float | None = None) -> account_pb2.GetAccessReportResponse:
+        """The account's verifiable access report (role ingest); check it with `auditlog verify-report`."""
+        return await self._call(self._accounts.GetAccessReport, account_pb2.GetAccessReportRequest(
+            account_id=account_id, since=timestamp(since), until=timestamp(until), nonce=nonce), timeout_s)
+
     # -- principals ------------------------------------------------------------------------------------
     async def create_principal(self, role: str | int, name: str, *, spiffe_id: str = "",
                                expires_at: datetime | float | None = None,

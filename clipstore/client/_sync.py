@@ -186,6 +186,13 @@ class ClipstoreClient:
         return self._call(self._accounts.RotateAccountKey,
                           account_pb2.RotateAccountKeyRequest(account_id=account_id), timeout_s)
 
+    def access_report(self, account_id: str, *, since: datetime | float | None = None,
+                      until: datetime | float | None = None, nonce: str = "",
+                      timeout_s: float | None = None) -> account_pb2.GetAccessReportResponse:
+        """The account's verifiable access report (role ingest); check it with `auditlog verify-report`."""
+        return self._call(self._accounts.GetAccessReport, account_pb2.GetAccessReportRequest(
+            account_id=account_id, since=timestamp(since), until=timestamp(until), nonce=nonce), timeout_s)
+
     # -- principals (role admin) -----------------------------------------------------------------------
     def create_principal(self, role: str | int, name: str, *, spiffe_id: str = "",
                          expires_at: datetime | float | None = None,

@@ -1,18 +1,21 @@
-"""AccountService (roles ingest, admin): review preference, deletion, key rotation."""
+"""AccountService (roles ingest, admin): review preference, deletion, key rotation; access reports (ingest:
+the account-facing backend asks on the account holder's behalf)."""
 
 from __future__ import annotations
 
 import grpc
 
+from clipstore.access_reports import AccessReports
 from clipstore.accounts import AccountDirectory
 from clipstore.interceptors import current_actor
-from clipstore.servicers.common import MAX_ID_CHARS, text
+from clipstore.servicers.common import MAX_ID_CHARS, MAX_SHORT_CHARS, text
 from clipstore.v1 import account_pb2, account_pb2_grpc
 
 
 class AccountServicer(account_pb2_grpc.AccountServiceServicer):
-    def __init__(self, accounts: AccountDirectory) -> None:
+    def __init__(self, accounts: AccountDirectory, reports: AccessReports) -> None:
         self._accounts = accounts
+        self._reports = reports
 
     @staticmethod
     def _account_id(value: str) -> str:
@@ -36,3 +39,12 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             self._account_id(request.account_id), current_actor(), budget_s=context.time_remaining())
         return account_pb2.RotateAccountKeyResponse(active_key_version=version, rewrapped_clips=rewrapped,
                                                     remaining_clips=remaining)
+
+    def GetAccessReport(self, request: account_pb2.GetAccessReportRequest,
+                        context: grpc.ServicerContext) -> account_pb2.GetAccessReportResponse:
+        since = request.since.ToNanoseconds() / 1e9 if request.HasField("since") else None
+        until = request.until.ToNanoseconds() / 1e9 if request.HasField("until") else None
+        report = self._reports.build(self._account_id(request.account_id), current_actor(), since=since, until=until,
+                                     nonce=text("nonce", request.nonce, max_chars=MAX_SHORT_CHARS, required=False))
+        return account_pb2.GetAccessReportResponse(report=report.report, tree_size=report.tree_size,
+                                                   entries=report.entries)

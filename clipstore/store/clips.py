@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -152,6 +152,15 @@ class ClipRepository:
         with self._db.transaction() as conn:
             row = conn.execute(sa.select(schema.clips).where(schema.clips.c.clip_id == clip_id)).one_or_none()
         return None if row is None else clip_row(row)
+
+    def captured_at(self, clip_ids: Collection[str]) -> dict[str, float]:
+        """Capture time of each clip still stored that has one (an access report's table)."""
+        t, ids, found = schema.clips, sorted(clip_ids), dict[str, float]()
+        with self._db.read() as conn:
+            for start in range(0, len(ids), HELD_QUERY_REFS):
+                found.update((c, float(at)) for c, at in conn.execute(sa.select(t.c.clip_id, t.c.captured_at).where(
+                    t.c.clip_id.in_(ids[start:start + HELD_QUERY_REFS]), t.c.captured_at.is_not(None))))
+        return found
 
     def list_by_account(self, account_ref: str, *, after: str, limit: int) -> list[ClipRow]:
         t = schema.clips

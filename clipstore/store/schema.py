@@ -65,6 +65,19 @@ def node_key(level: int, idx: int) -> int:
     return 2 * first - first.bit_count() + (2 << level) - 2
 
 
+# Each account's access chain (auditlog.access, revision 0015): one row per chained entry, written with
+# the entry by the audit writer, so an access report finds an account's entries without scanning the
+# log. `leaf` is the entry's leaf hash: the next chained entry's account_prev. An index, not a source
+# of truth: the report's verifier checks every entry against the signed tree.
+audit_account_entries = sa.Table(
+    "audit_account_entries", metadata,
+    sa.Column("account_ref", sa.String(40), primary_key=True),
+    sa.Column("account_seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("seq", sa.BigInteger, nullable=False, unique=True),
+    sa.Column("time", sa.String(32), nullable=False),  # the entry's RFC 3339 time
+    sa.Column("leaf", sa.LargeBinary(32), nullable=False),
+)
+
 audit_checkpoints = sa.Table(
     "audit_checkpoints", metadata,
     sa.Column("size", sa.BigInteger, primary_key=True, autoincrement=False),
@@ -239,7 +252,7 @@ enrolment_codes = sa.Table(
     sa.Column("redeemed_at", sa.Float, nullable=True),
 )
 
-# -- forensic watermarks (revision 0015) ----------------------------------------
+# -- forensic watermarks (revision 0016) ----------------------------------------
 # One row per watermarked fetch: the random id embedded in the audio a reviewer received, and the
 # fetch it names (also in that fetch's clip.fetch entry). Self-contained, so a leak stays traceable
 # after the grant rows are gone; no account ref, no name: the reviewer is their principal pseudonym.

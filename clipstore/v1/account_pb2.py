@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from clipstore.v1 import options_pb2 as clipstore_dot_v1_dot_options__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63lipstore/v1/account.proto\x12\x0c\x63lipstore.v1\x1a\x1a\x63lipstore/v1/options.proto\"L\n\x1aSetReviewPreferenceRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x1a\n\x12\x61llow_human_review\x18\x02 \x01(\x08\"i\n\x1bSetReviewPreferenceResponse\x12\x1a\n\x12\x61llow_human_review\x18\x01 \x01(\x08\x12\x16\n\x0e\x64\x65queued_clips\x18\x02 \x01(\r\x12\x16\n\x0erevoked_grants\x18\x03 \x01(\r\"*\n\x14\x44\x65leteAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\".\n\x15\x44\x65leteAccountResponse\x12\x15\n\rdeleted_clips\x18\x01 \x01(\r\"-\n\x17RotateAccountKeyRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"h\n\x18RotateAccountKeyResponse\x12\x1a\n\x12\x61\x63tive_key_version\x18\x01 \x01(\r\x12\x17\n\x0frewrapped_clips\x18\x02 \x01(\r\x12\x17\n\x0fremaining_clips\x18\x03 \x01(\r2\xd1\x02\n\x0e\x41\x63\x63ountService\x12r\n\x13SetReviewPreference\x12(.clipstore.v1.SetReviewPreferenceRequest\x1a).clipstore.v1.SetReviewPreferenceResponse\"\x06\xca\xf3\x18\x02\x01\x05\x12`\n\rDeleteAccount\x12\".clipstore.v1.DeleteAccountRequest\x1a#.clipstore.v1.DeleteAccountResponse\"\x06\xca\xf3\x18\x02\x01\x05\x12i\n\x10RotateAccountKey\x12%.clipstore.v1.RotateAccountKeyRequest\x1a&.clipstore.v1.RotateAccountKeyResponse\"\x06\xca\xf3\x18\x02\x01\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63lipstore/v1/account.proto\x12\x0c\x63lipstore.v1\x1a\x1a\x63lipstore/v1/options.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"L\n\x1aSetReviewPreferenceRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x1a\n\x12\x61llow_human_review\x18\x02 \x01(\x08\"i\n\x1bSetReviewPreferenceResponse\x12\x1a\n\x12\x61llow_human_review\x18\x01 \x01(\x08\x12\x16\n\x0e\x64\x65queued_clips\x18\x02 \x01(\r\x12\x16\n\x0erevoked_grants\x18\x03 \x01(\r\"*\n\x14\x44\x65leteAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\".\n\x15\x44\x65leteAccountResponse\x12\x15\n\rdeleted_clips\x18\x01 \x01(\r\"-\n\x17RotateAccountKeyRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"h\n\x18RotateAccountKeyResponse\x12\x1a\n\x12\x61\x63tive_key_version\x18\x01 \x01(\r\x12\x17\n\x0frewrapped_clips\x18\x02 \x01(\r\x12\x17\n\x0fremaining_clips\x18\x03 \x01(\r\"\x91\x01\n\x16GetAccessReportRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05nonce\x18\x04 \x01(\t\"M\n\x17GetAccessReportResponse\x12\x0e\n\x06report\x18\x01 \x01(\x0c\x12\x11\n\ttree_size\x18\x02 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x03 \x01(\r2\xb8\x03\n\x0e\x41\x63\x63ountService\x12r\n\x13SetReviewPreference\x12(.clipstore.v1.SetReviewPreferenceRequest\x1a).clipstore.v1.SetReviewPreferenceResponse\"\x06\xca\xf3\x18\x02\x01\x05\x12`\n\rDeleteAccount\x12\".clipstore.v1.DeleteAccountRequest\x1a#.clipstore.v1.DeleteAccountResponse\"\x06\xca\xf3\x18\x02\x01\x05\x12i\n\x10RotateAccountKey\x12%.clipstore.v1.RotateAccountKeyRequest\x1a&.clipstore.v1.RotateAccountKeyResponse\"\x06\xca\xf3\x18\x02\x01\x05\x12\x65\n\x0fGetAccessReport\x12$.clipstore.v1.GetAccessReportRequest\x1a%.clipstore.v1.GetAccessReportResponse\"\x05\xca\xf3\x18\x01\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,18 +39,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ACCOUNTSERVICE'].methods_by_name['DeleteAccount']._serialized_options = b'\312\363\030\002\001\005'
   _globals['_ACCOUNTSERVICE'].methods_by_name['RotateAccountKey']._loaded_options = None
   _globals['_ACCOUNTSERVICE'].methods_by_name['RotateAccountKey']._serialized_options = b'\312\363\030\002\001\005'
-  _globals['_SETREVIEWPREFERENCEREQUEST']._serialized_start=72
-  _globals['_SETREVIEWPREFERENCEREQUEST']._serialized_end=148
-  _globals['_SETREVIEWPREFERENCERESPONSE']._serialized_start=150
-  _globals['_SETREVIEWPREFERENCERESPONSE']._serialized_end=255
-  _globals['_DELETEACCOUNTREQUEST']._serialized_start=257
-  _globals['_DELETEACCOUNTREQUEST']._serialized_end=299
-  _globals['_DELETEACCOUNTRESPONSE']._serialized_start=301
-  _globals['_DELETEACCOUNTRESPONSE']._serialized_end=347
-  _globals['_ROTATEACCOUNTKEYREQUEST']._serialized_start=349
-  _globals['_ROTATEACCOUNTKEYREQUEST']._serialized_end=394
-  _globals['_ROTATEACCOUNTKEYRESPONSE']._serialized_start=396
-  _globals['_ROTATEACCOUNTKEYRESPONSE']._serialized_end=500
-  _globals['_ACCOUNTSERVICE']._serialized_start=503
-  _globals['_ACCOUNTSERVICE']._serialized_end=840
+  _globals['_ACCOUNTSERVICE'].methods_by_name['GetAccessReport']._loaded_options = None
+  _globals['_ACCOUNTSERVICE'].methods_by_name['GetAccessReport']._serialized_options = b'\312\363\030\001\001'
+  _globals['_SETREVIEWPREFERENCEREQUEST']._serialized_start=105
+  _globals['_SETREVIEWPREFERENCEREQUEST']._serialized_end=181
+  _globals['_SETREVIEWPREFERENCERESPONSE']._serialized_start=183
+  _globals['_SETREVIEWPREFERENCERESPONSE']._serialized_end=288
+  _globals['_DELETEACCOUNTREQUEST']._serialized_start=290
+  _globals['_DELETEACCOUNTREQUEST']._serialized_end=332
+  _globals['_DELETEACCOUNTRESPONSE']._serialized_start=334
+  _globals['_DELETEACCOUNTRESPONSE']._serialized_end=380
+  _globals['_ROTATEACCOUNTKEYREQUEST']._serialized_start=382
+  _globals['_ROTATEACCOUNTKEYREQUEST']._serialized_end=427
+  _globals['_ROTATEACCOUNTKEYRESPONSE']._serialized_start=429
+  _globals['_ROTATEACCOUNTKEYRESPONSE']._serialized_end=533
+  _globals['_GETACCESSREPORTREQUEST']._serialized_start=536
+  _globals['_GETACCESSREPORTREQUEST']._serialized_end=681
+  _globals['_GETACCESSREPORTRESPONSE']._serialized_start=683
+  _globals['_GETACCESSREPORTRESPONSE']._serialized_end=760
+  _globals['_ACCOUNTSERVICE']._serialized_start=763
+  _globals['_ACCOUNTSERVICE']._serialized_end=1203
 # @@protoc_insertion_point(module_scope)

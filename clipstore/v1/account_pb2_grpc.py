@@ -50,6 +50,11 @@ class AccountServiceStub:
                 request_serializer=clipstore_dot_v1_dot_account__pb2.RotateAccountKeyRequest.SerializeToString,
                 response_deserializer=clipstore_dot_v1_dot_account__pb2.RotateAccountKeyResponse.FromString,
                 _registered_method=True)
+        self.GetAccessReport = channel.unary_unary(
+                '/clipstore.v1.AccountService/GetAccessReport',
+                request_serializer=clipstore_dot_v1_dot_account__pb2.GetAccessReportRequest.SerializeToString,
+                response_deserializer=clipstore_dot_v1_dot_account__pb2.GetAccessReportResponse.FromString,
+                _registered_method=True)
 
 
 class AccountServiceServicer:
@@ -77,6 +82,18 @@ class AccountServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAccessReport(self, request, context):
+        """GetAccessReport returns a signed, self-contained report of every human
+        access to the account's clips (grants, fetches, flags, escalation reads
+        and resolutions, identity reads) that `auditlog verify-report` checks
+        offline: entries, one multiproof into a (cosigned) checkpoint, and a
+        binding of the account's pseudonym to the account id. Complete up to the
+        request, which is itself recorded. Format: docs/access-report.md.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AccountServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +111,11 @@ def add_AccountServiceServicer_to_server(servicer, server):
                     servicer.RotateAccountKey,
                     request_deserializer=clipstore_dot_v1_dot_account__pb2.RotateAccountKeyRequest.FromString,
                     response_serializer=clipstore_dot_v1_dot_account__pb2.RotateAccountKeyResponse.SerializeToString,
+            ),
+            'GetAccessReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAccessReport,
+                    request_deserializer=clipstore_dot_v1_dot_account__pb2.GetAccessReportRequest.FromString,
+                    response_serializer=clipstore_dot_v1_dot_account__pb2.GetAccessReportResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +200,33 @@ class AccountService:
             '/clipstore.v1.AccountService/RotateAccountKey',
             clipstore_dot_v1_dot_account__pb2.RotateAccountKeyRequest.SerializeToString,
             clipstore_dot_v1_dot_account__pb2.RotateAccountKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAccessReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clipstore.v1.AccountService/GetAccessReport',
+            clipstore_dot_v1_dot_account__pb2.GetAccessReportRequest.SerializeToString,
+            clipstore_dot_v1_dot_account__pb2.GetAccessReportResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,14 @@ class AccountServiceStub:
     """DeleteAccount crypto-shreds every key version and deletes every clip."""
     RotateAccountKey: _grpc.UnaryUnaryMultiCallable[_account_pb2.RotateAccountKeyRequest, _account_pb2.RotateAccountKeyResponse]
     """RotateAccountKey makes a new key version active and rewraps data keys."""
+    GetAccessReport: _grpc.UnaryUnaryMultiCallable[_account_pb2.GetAccessReportRequest, _account_pb2.GetAccessReportResponse]
+    """GetAccessReport returns a signed, self-contained report of every human
+    access to the account's clips (grants, fetches, flags, escalation reads
+    and resolutions, identity reads) that `auditlog verify-report` checks
+    offline: entries, one multiproof into a (cosigned) checkpoint, and a
+    binding of the account's pseudonym to the account id. Complete up to the
+    request, which is itself recorded. Format: docs/access-report.md.
+    """
 
 @_typing.type_check_only
 class AccountServiceAsyncStub(AccountServiceStub):
@@ -51,6 +59,14 @@ class AccountServiceAsyncStub(AccountServiceStub):
     """DeleteAccount crypto-shreds every key version and deletes every clip."""
     RotateAccountKey: _aio.UnaryUnaryMultiCallable[_account_pb2.RotateAccountKeyRequest, _account_pb2.RotateAccountKeyResponse]  # type: ignore[assignment]
     """RotateAccountKey makes a new key version active and rewraps data keys."""
+    GetAccessReport: _aio.UnaryUnaryMultiCallable[_account_pb2.GetAccessReportRequest, _account_pb2.GetAccessReportResponse]  # type: ignore[assignment]
+    """GetAccessReport returns a signed, self-contained report of every human
+    access to the account's clips (grants, fetches, flags, escalation reads
+    and resolutions, identity reads) that `auditlog verify-report` checks
+    offline: entries, one multiproof into a (cosigned) checkpoint, and a
+    binding of the account's pseudonym to the account id. Complete up to the
+    request, which is itself recorded. Format: docs/access-report.md.
+    """
 
 class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
     """AccountService holds per-account choices and the account's key lifecycle."""
@@ -78,5 +94,19 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_account_pb2.RotateAccountKeyResponse, _abc.Awaitable[_account_pb2.RotateAccountKeyResponse]]:
         """RotateAccountKey makes a new key version active and rewraps data keys."""
+
+    @_abc_1.abstractmethod
+    def GetAccessReport(
+        self,
+        request: _account_pb2.GetAccessReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_account_pb2.GetAccessReportResponse, _abc.Awaitable[_account_pb2.GetAccessReportResponse]]:
+        """GetAccessReport returns a signed, self-contained report of every human
+        access to the account's clips (grants, fetches, flags, escalation reads
+        and resolutions, identity reads) that `auditlog verify-report` checks
+        offline: entries, one multiproof into a (cosigned) checkpoint, and a
+        binding of the account's pseudonym to the account id. Complete up to the
+        request, which is itself recorded. Format: docs/access-report.md.
+        """
 
 def add_AccountServiceServicer_to_server(servicer: AccountServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
