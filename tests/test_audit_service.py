@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from auditlog.access import AccountChains
 from auditlog.checkpoint import open_checkpoint
 from auditlog.merkle import (
     consistency_proof,
@@ -253,8 +254,10 @@ from tests.conftest import make_config
 app = App(make_config(sys.argv[1], database_url=sys.argv[2]))
 time.sleep(max(0.0, float(sys.argv[5]) - time.time()))  # both replicas start appending together
 for i in range(0, int(sys.argv[4]), 4):
-    batch = [app.audit.append_async(AuditRecord(actor_id=sys.argv[3], actor_role="ingest", action="clip.ingest",
-                                                request_id=str(i + j))) for j in range(4)]
+    # every entry an access to one shared account: both replicas move its access chain
+    batch = [app.audit.append_async(AuditRecord(actor_id=sys.argv[3], actor_role="reviewer", action="clip.fetch",
+                                                account_ref="acct_shared", request_id=str(i + j)))
+             for j in range(4)]
     for f in batch:
         f.result()
 app.close()
@@ -277,6 +280,11 @@ def test_two_processes_on_one_postgresql_keep_a_single_chain(tmp_path: Path, pg_
         actors = [json.loads(e)["actor"]["id"] for e in entries]
         assert actors.count("replica-0") == actors.count("replica-1") == per_process
         assert app.audit.reader.root(size) == root_hash(leaves)
+        chains = AccountChains()  # one account chain across both writers: neither reused a stale head
+        for i, data in enumerate(entries):
+            chains.check(data, i)
+        assert [json.loads(e)["target"]["account_seq"] for e in entries if b"acct_shared" in e] == \
+            list(range(1, 2 * per_process + 1))
         interleaved = sum(1 for a, b in zip(actors, actors[1:], strict=False) if a != b)
         assert interleaved > 1, "the two writers never overlapped; the test proved nothing"
     finally:

@@ -49,6 +49,7 @@ from clipstore.store.schema import node_key
 
 MAX_BATCH_ENTRIES = 4096  # bounds one transaction's size and memory
 HEAD_QUERY_REFS = 500  # account refs per access-chain head query: inside every driver's parameter limit
+MAX_CACHED_HEADS = 65_536  # access-chain heads the writer remembers between batches (then it reads them again)
 _ACCOUNT_HEADS_SQL = ("SELECT e.account_ref, e.account_seq, e.leaf FROM audit_account_entries e JOIN "
                       "(SELECT account_ref, max(account_seq) AS head FROM audit_account_entries WHERE account_ref "
                       "IN ({marks}) GROUP BY account_ref) m "
@@ -201,6 +202,7 @@ class AuditLog:
         self._opened = False
         self._tree = RecomputedTree(self.reader.entries)
         self._frontier: tuple[int, dict[int, bytes]] | None = None  # the tree's frontier at (size), for the writer
+        self._heads: tuple[int, dict[str, tuple[int, str]]] | None = None  # access-chain heads at (size)
         self._signed = _NOTHING_SIGNED
         self._sign_lock = threading.Lock()
         self._conn: sa.Connection | None = None  # the writer thread's own connection
@@ -370,6 +372,9 @@ class AuditLog:
                     self._follow(cursor, size, prev)
                     cached = self._frontier
                     frontier = dict(cached[1]) if cached and cached[0] == size else self._tree.frontier()
+                    # The access chains' heads this process moved last; only while no other replica appended.
+                    heads = self._heads[1] if self._heads and self._heads[0] == size else {}
+                    self._heads = None  # until this batch commits
                     now = self._clock.now()
                     outcomes: list[tuple[_Pending[Any], Tx, Any, BaseException | None]] = []
                     for p in live:
@@ -381,7 +386,7 @@ class AuditLog:
                                 trans.rollback()
                                 return [], (p, exc)
                             outcomes.append((p, tx, None, exc))
-                    leaves = self._chain(cursor, outcomes, size, prev, rfc3339(now), frontier)
+                    leaves = self._chain(cursor, outcomes, size, prev, rfc3339(now), frontier, heads)
                     cursor.close()
                 self._db.count_commit()
             except BaseException:
@@ -391,6 +396,7 @@ class AuditLog:
                 raise
         self._tree.append(leaves)
         self._frontier = (size + len(leaves), frontier)
+        self._heads = (size + len(leaves), heads if len(heads) <= MAX_CACHED_HEADS else {})
         return outcomes, None
 
     def _follow(self, cursor: Any, size: int, last_hash: str) -> None:
@@ -411,12 +417,15 @@ class AuditLog:
             raise HistoryRewritten("fork", "the stored log's last entry is not the one this process wrote or read")
 
     def _chain(self, cursor: Any, outcomes: list[tuple[_Pending[Any], Tx, Any, BaseException | None]],
-               size: int, prev: str, now: str, frontier: dict[int, bytes]) -> list[bytes]:
-        """Number, hash and store the batch's entries; returns their leaf hashes."""
+               size: int, prev: str, now: str, frontier: dict[int, bytes],
+               heads: dict[str, tuple[int, str]]) -> list[bytes]:
+        """Number, hash and store the batch's entries; returns their leaf hashes. `heads`: account_ref ->
+        its access chain's head (account_seq, hex hash) as far as known, moved as the batch chains entries;
+        the heads of the batch's other accounts are read here."""
         rows: list[tuple[bytes, bytes]] = []
-        # account_ref -> its access chain's head (account_seq, hex hash), as this batch moves it
-        heads = self._account_heads(cursor, {r.account_ref for _, tx, _, _ in outcomes for r in tx.records
-                                             if r.account_ref and r.action in ACCESS_ACTIONS})
+        heads.update(self._account_heads(cursor, {r.account_ref for _, tx, _, _ in outcomes for r in tx.records
+                                                  if r.account_ref and r.action in ACCESS_ACTIONS
+                                                  and r.account_ref not in heads}))
         chained: list[tuple[str, int, int, str, bytes]] = []  # audit_account_entries rows
         for p, tx, _, _ in outcomes:
             p.first_seq = size + len(rows)
@@ -580,7 +589,7 @@ class AuditLog:
         except VerificationError as exc:
             raise HistoryRewritten("fork", f"the published log does not extend the stored one: {exc}") from None
         self._extend(_bundle_reader(published, top.size), top.size, anchors, store=True)
-        self._frontier = None
+        self._frontier = self._heads = None
         log.warning("audit.restored_from_published", entries=top.size - size, size=top.size)
 
     def _store_restored(self, start: int, rows: list[tuple[bytes, bytes]]) -> None:
