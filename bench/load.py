@@ -92,7 +92,8 @@ def main() -> None:
     args = parser.parse_args()
     data = tempfile.mkdtemp(prefix="clipstore-load-")
     env = {**os.environ, "CLIPSTORE_DATA_DIR": data, "CLIPSTORE_LISTEN": "127.0.0.1:0",
-           "CLIPSTORE_REVIEW_SAMPLE_RATE": "0.5", "CLIPSTORE_REVIEW_DAILY_CAP": "100000"}
+           "CLIPSTORE_REVIEW_SAMPLE_RATE": "0.5", "CLIPSTORE_REVIEW_DAILY_CAP": "100000",
+           "CLIPSTORE_REVIEW_WATERMARK": "off"}  # the clips are random bytes, not audio
     keys = {}
     for role in ("ingest", "admin", "auditor"):
         out = subprocess.run([sys.executable, "-m", "clipstore", "principals", "create", "--role", role, "--name",
