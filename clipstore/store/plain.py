@@ -17,6 +17,16 @@ def _pyformat(sql: str) -> str:
     return sql.replace("?", "%s")
 
 
+def fetch_all(conn: sa.Connection, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """Every row of a plain-SQL read on `conn`."""
+    cursor = conn.connection.cursor()
+    try:
+        cursor.execute(_pyformat(sql) if conn.dialect.name == "postgresql" else sql, params)
+        return [tuple(row) for row in cursor.fetchall()]
+    finally:
+        cursor.close()
+
+
 class PlainRows:
     """Rows read and written with plain SQL on one connection (in a unit of work, or a read connection)."""
 
@@ -39,11 +49,7 @@ class PlainRows:
         return None if row is None else tuple(row)
 
     def _fetchall(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        cursor = self._cursor_execute(sql, params)
-        try:
-            return [tuple(row) for row in cursor.fetchall()]
-        finally:
-            cursor.close()
+        return fetch_all(self._conn, sql, params)
 
     def _exec(self, sql: str, params: tuple[Any, ...]) -> int:
         """A write; returns its row count."""
