@@ -12,7 +12,8 @@ from clipstore.clock import Clock
 from clipstore.errors import FailedPrecondition, NotFound
 from clipstore.identity import AccountLookup
 from clipstore.logs import get_logger
-from clipstore.store.clips import AccountRepository, AccountRow, ClipRepository, ClipRow, ClipRows
+from clipstore.rows import AccountRow, ClipRow
+from clipstore.store.clips import AccountRepository, ClipRepository, ClipRows
 from clipstore.store.keys import destroy_keks
 from clipstore.store.review import ReviewRows
 from kms import KeyRing, WrappedDek

@@ -16,8 +16,9 @@ from clipstore.envelope import open_clip, seal_clip
 from clipstore.errors import Cancelled, ClipstoreError, FailedPrecondition, InvalidArgument, Kind, NotFound
 from clipstore.identity import open_identity, seal_identity
 from clipstore.logs import get_logger
+from clipstore.rows import ClipRow
 from clipstore.sampling import ReviewSampler
-from clipstore.store.clips import ClipRepository, ClipRow, ClipRows
+from clipstore.store.clips import ClipRepository, ClipRows
 from clipstore.store.review import ReviewRows
 from kms import KeyRing, WrappedDek
 

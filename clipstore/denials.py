@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from clipstore.audit import AuditLog, AuditRecord
 from clipstore.errors import ClipstoreError
 from clipstore.logs import get_logger
-from clipstore.store.principals import Principal
+from clipstore.rows import Principal
 
 MAX_PEERS_PER_INTERVAL = 1024  # bounds memory and entries per interval; more peers share one entry
 OTHER_PEERS = "other"

@@ -33,8 +33,7 @@ from clipstore.auth import check_standing, hash_api_key, new_api_key, new_princi
 from clipstore.clock import Clock
 from clipstore.errors import ClipstoreError, InvalidArgument, PermissionDenied, Unauthenticated
 from clipstore.principals import Ledger, PrincipalStore, principal_not_found, require_free_spiffe_id
-from clipstore.store.enrolment import CodeRow
-from clipstore.store.principals import Principal
+from clipstore.rows import CodeRow, Principal
 from clipstore.totp import new_secret, provisioning_uri, secret_base32
 
 CODE_PREFIX = "cse_"

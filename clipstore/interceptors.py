@@ -40,8 +40,8 @@ from clipstore.errors import (
     Unimplemented,
 )
 from clipstore.logs import get_logger
+from clipstore.rows import Principal
 from clipstore.servicers.status import grpc_status, status_code
-from clipstore.store.principals import Principal
 from kms import AccountKeysDestroyed, DekUnwrapError, KeyVersionError, KmsAccessDenied, KmsError
 
 REQUEST_ID_HEADER = "x-request-id"

@@ -20,8 +20,8 @@ from clipstore.auth import ROLES, hash_api_key, new_api_key, new_principal
 from clipstore.clock import Clock, rfc3339
 from clipstore.config import MAX_KEY_OVERLAP_S
 from clipstore.errors import FailedPrecondition, InvalidArgument, NotFound
+from clipstore.rows import Principal, PrincipalListing
 from clipstore.spiffe import parse_spiffe_id
-from clipstore.store.principals import Principal, PrincipalListing
 
 T = TypeVar("T")
 

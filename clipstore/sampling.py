@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 
-from clipstore.store.clips import ClipRow
+from clipstore.rows import ClipRow
 from clipstore.store.review import ReviewRows
 
 

@@ -31,6 +31,7 @@ from clipstore.errors import ClipstoreError
 from clipstore.interceptors import STREAM_CUT_GRACE_S, ClipstoreInterceptor
 from clipstore.logs import get_logger
 from clipstore.metrics import Metrics
+from clipstore.rows import Principal
 from clipstore.servicers.accounts import AccountServicer
 from clipstore.servicers.audit import AuditServicer
 from clipstore.servicers.clips import ClipServicer
@@ -38,7 +39,6 @@ from clipstore.servicers.enrolment import EnrolmentServicer, Presenter, Reviewer
 from clipstore.servicers.principals import PrincipalAdminServicer
 from clipstore.servicers.review import ReviewServicer
 from clipstore.servicers.safety import SafetyServicer
-from clipstore.store.principals import Principal
 from clipstore.tls import ServerTls
 from clipstore.v1 import (
     account_pb2_grpc,

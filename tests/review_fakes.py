@@ -15,9 +15,9 @@ from typing import TypeVar
 
 from clipstore.audit import AuditRecord, Tx
 from clipstore.review.ports import ReviewPorts
-from clipstore.store.clips import ClipRow
-from clipstore.store.review import (
+from clipstore.rows import (
     AssignmentRow,
+    ClipRow,
     EscalationRow,
     GrantRow,
     QueuedClip,

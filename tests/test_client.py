@@ -39,9 +39,9 @@ from clipstore.client._audit import range_root
 from clipstore.config import Config, load_config
 from clipstore.errors import Reason, Unavailable
 from clipstore.interceptors import ClipstoreInterceptor
+from clipstore.rows import Principal
 from clipstore.server import ClipstoreServer, running_server
 from clipstore.store import schema
-from clipstore.store.principals import Principal
 from clipstore.tls import write_dev_certs
 from clipstore.totp import code_at
 from clipstore.v1 import audit_pb2, clip_pb2, clip_pb2_grpc, reviewer_admin_pb2

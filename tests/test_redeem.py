@@ -19,8 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from clipstore.errors import ClipstoreError, Reason
 from clipstore.grants import SIGNING_CONTEXT, GrantClaims, _invalid, check_grant_time, decode_grant, encode_grant
 from clipstore.review.redeem import RedeemState, check_redeem
-from clipstore.store.clips import ClipRow
-from clipstore.store.review import GrantRow
+from clipstore.rows import ClipRow, GrantRow
 
 NOW = 1_800_000_000
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))

@@ -22,8 +22,7 @@ from clipstore.review.escalations import Escalations
 from clipstore.review.policy import ReviewPolicy
 from clipstore.review.redeem import Grants
 from clipstore.review.sessions import Sessions
-from clipstore.store.clips import ClipRow
-from clipstore.store.review import ReviewerRow
+from clipstore.rows import ClipRow, ReviewerRow
 from clipstore.totp import code_at
 from kms import LocalKms
 from tests.conftest import FakeClock

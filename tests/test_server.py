@@ -16,8 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from clipstore.config import Config
+from clipstore.rows import KeyMatch
 from clipstore.server import SERVICE_NAMES, ClipstoreServer, running_server
-from clipstore.store.principals import KeyMatch
 from clipstore.v1 import audit_pb2, audit_pb2_grpc, clip_pb2, clip_pb2_grpc, review_pb2, review_pb2_grpc
 from tests.conftest import bearer, make_config, new_key
 from tests.grpc_helpers import error_info

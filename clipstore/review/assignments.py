@@ -14,8 +14,7 @@ from clipstore.errors import FailedPrecondition, NotFound, PermissionDenied, Res
 from clipstore.review.policy import CANDIDATES_PER_CLAIM, CLAIM_ROUNDS, DAY_S, ReviewPolicy
 from clipstore.review.ports import ReviewPorts, ReviewStore
 from clipstore.review.sessions import live_session
-from clipstore.store.clips import ClipRow
-from clipstore.store.review import AssignmentRow, QueuedClip
+from clipstore.rows import AssignmentRow, ClipRow, QueuedClip
 
 
 def open_assignment(rows: ReviewStore, tx: Tx, actor: Actor, assignment_id: str, action: str) -> AssignmentRow:

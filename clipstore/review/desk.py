@@ -21,8 +21,7 @@ from clipstore.review.policy import ReviewPolicy
 from clipstore.review.ports import ReviewPorts
 from clipstore.review.redeem import Grants
 from clipstore.review.sessions import Sessions
-from clipstore.store.clips import ClipRow
-from clipstore.store.review import AssignmentRow, EscalationRow, QueuedClip
+from clipstore.rows import AssignmentRow, ClipRow, EscalationRow, QueuedClip
 
 
 class ReviewDesk:

@@ -17,8 +17,7 @@ from clipstore.review.assignments import assigned_clip, open_assignment
 from clipstore.review.policy import ReviewPolicy
 from clipstore.review.ports import ReviewPorts
 from clipstore.review.sessions import live_session
-from clipstore.store.clips import ClipRow
-from clipstore.store.review import EscalationRow
+from clipstore.rows import ClipRow, EscalationRow
 from kms import KmsError
 
 NOTE_ERASED = "[note erased: the clip was deleted]"

@@ -16,7 +16,7 @@ from typing import Protocol
 from clipstore.audit import Actor, Tx
 from clipstore.errors import FailedPrecondition, InvalidArgument, NotFound
 from clipstore.review.ports import ReviewPorts
-from clipstore.store.review import WatermarkRow
+from clipstore.rows import WatermarkRow
 
 ACTION = "forensics.identify"
 

@@ -16,9 +16,9 @@ from typing import NoReturn, Protocol, TypeVar
 from clipstore.audit.log import Actor, Tx
 from clipstore.clock import Clock
 from clipstore.errors import ClipstoreError
-from clipstore.store.clips import ClipRow
-from clipstore.store.review import (
+from clipstore.rows import (
     AssignmentRow,
+    ClipRow,
     EscalationRow,
     GrantRow,
     QueuedClip,

@@ -21,8 +21,7 @@ from clipstore.review.assignments import open_assignment
 from clipstore.review.policy import MAX_GRANTS_PER_ASSIGNMENT, ReviewPolicy
 from clipstore.review.ports import ReviewPorts, ReviewStore
 from clipstore.review.sessions import live_session
-from clipstore.store.clips import ClipRow
-from clipstore.store.review import GrantRow, WatermarkRow
+from clipstore.rows import ClipRow, GrantRow, WatermarkRow
 
 WATERMARK_ID_DRAWS = 4
 

@@ -14,7 +14,7 @@ from clipstore.audit import Actor, Tx
 from clipstore.errors import PermissionDenied, Unauthenticated
 from clipstore.review.policy import SESSION_TOUCH_S, ReviewPolicy
 from clipstore.review.ports import ReviewPorts, ReviewStore
-from clipstore.store.review import ReviewerRow, SessionRow
+from clipstore.rows import ReviewerRow, SessionRow
 from clipstore.totp import matching_step
 from kms import KeyProvider
 

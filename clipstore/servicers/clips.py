@@ -12,6 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from clipstore.clips import ClipLibrary, NewClip
 from clipstore.errors import Cancelled, InvalidArgument
 from clipstore.interceptors import current_actor
+from clipstore.rows import ClipRow
 from clipstore.servicers.common import (
     LOCALE_RE,
     MAX_ID_CHARS,
@@ -22,7 +23,6 @@ from clipstore.servicers.common import (
     text,
     timestamp,
 )
-from clipstore.store.clips import ClipRow
 from clipstore.v1 import clip_pb2, clip_pb2_grpc
 
 CONTENT_TYPES = frozenset({"audio/ogg", "audio/opus", "audio/wav", "audio/flac", "audio/mpeg", "audio/webm",

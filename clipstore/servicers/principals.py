@@ -9,8 +9,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from clipstore.errors import InvalidArgument
 from clipstore.interceptors import current_actor
 from clipstore.principals import PrincipalLifecycle
+from clipstore.rows import Principal, PrincipalListing
 from clipstore.servicers.common import MAX_ID_CHARS, next_token, page_after, page_limit, text, timestamp
-from clipstore.store.principals import Principal, PrincipalListing
 from clipstore.v1 import common_pb2, principal_admin_pb2, principal_admin_pb2_grpc
 
 _ROLE_PREFIX = "ROLE_"

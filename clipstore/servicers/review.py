@@ -14,9 +14,8 @@ import grpc
 from clipstore.errors import InvalidArgument
 from clipstore.interceptors import current_actor
 from clipstore.review import ReviewDesk
+from clipstore.rows import ClipRow, QueuedClip
 from clipstore.servicers.common import LOCALE_RE, required_id, text, timestamp
-from clipstore.store.clips import ClipRow
-from clipstore.store.review import QueuedClip
 from clipstore.v1 import (
     common_pb2,
     review_pb2,

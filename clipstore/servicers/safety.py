@@ -16,9 +16,9 @@ from clipstore.errors import Cancelled, InvalidArgument
 from clipstore.interceptors import current_actor
 from clipstore.review import ReviewDesk
 from clipstore.review.forensics import Forensics
+from clipstore.rows import EscalationRow
 from clipstore.servicers.common import next_token, page_after, page_limit, required_id, text, timestamp
 from clipstore.servicers.review import MAX_NOTE_CHARS
-from clipstore.store.review import EscalationRow
 from clipstore.v1 import safety_pb2, safety_pb2_grpc
 
 

@@ -1,6 +1,6 @@
 """The metadata store: owns the database; other modules get repositories."""
 
 from clipstore.store.db import Database
-from clipstore.store.principals import Principal, PrincipalRepository
+from clipstore.store.principals import PrincipalRepository
 
-__all__ = ["Database", "Principal", "PrincipalRepository"]
+__all__ = ["Database", "PrincipalRepository"]

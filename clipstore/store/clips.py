@@ -4,41 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Collection, Iterable, Iterator
-from dataclasses import dataclass
 
 import sqlalchemy as sa
 
+from clipstore.rows import AccountRow, ClipRow
 from clipstore.store import schema
 from clipstore.store.db import Database
 from clipstore.store.plain import PlainRows
 
 HELD_QUERY_REFS = 500  # account refs per IN (...) list: well inside every driver's parameter limit
-
-
-@dataclass(frozen=True, kw_only=True)
-class AccountRow:
-    account_ref: str
-    allow_review: bool
-    retention_days: int | None
-
-
-@dataclass(frozen=True, kw_only=True)
-class ClipRow:
-    clip_id: str
-    account_ref: str
-    size_bytes: int
-    sealed_bytes: int
-    content_type: str
-    locale: str
-    device_type: str
-    duration_ms: int
-    captured_at: float | None
-    wake_word: bool
-    created_at: float
-    expires_at: float
-    key_version: int
-    wrapped_dek: bytes
-    identity_ct: bytes
 
 
 CLIP_COLUMNS = ", ".join(f.name for f in dataclasses.fields(ClipRow))

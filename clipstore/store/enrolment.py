@@ -6,22 +6,13 @@ which it extends: a redemption creates no principal but rotates its key.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import sqlalchemy as sa
 
+from clipstore.rows import CodeRow
 from clipstore.store import schema
 from clipstore.store.principals import PrincipalRows
 
 _C, _R = schema.enrolment_codes, schema.reviewers
-
-
-@dataclass(frozen=True, kw_only=True)
-class CodeRow:
-    principal_id: str
-    purpose: str
-    expires_at: float
-    redeemed_at: float | None
 
 
 class EnrolmentRows(PrincipalRows):

@@ -9,40 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 
+from clipstore.rows import KeyMatch, Principal, PrincipalListing
 from clipstore.store import schema
 from clipstore.store.db import Database
 from clipstore.store.plain import PlainRows
-
-
-@dataclass(frozen=True, kw_only=True)
-class Principal:
-    id: str
-    name: str
-    role: str
-    disabled: bool = False
-    expires_at: float | None = None  # None: never
-    spiffe_id: str | None = None  # the certificate identity that names this principal, if any
-    created_at: float = 0.0
-
-
-@dataclass(frozen=True, kw_only=True)
-class KeyMatch:
-    """The principal an API key belongs to, and until when the key works (None: it is the current key)."""
-
-    principal: Principal
-    retires_at: float | None
-
-
-@dataclass(frozen=True, kw_only=True)
-class PrincipalListing:
-    principal: Principal
-    usable_keys: int  # keys that still authenticate now (the current one and any in their overlap)
-
 
 _P, _K = schema.principals, schema.principal_keys
 _COLUMNS = (_P.c.id, _P.c.name, _P.c.role, _P.c.disabled, _P.c.expires_at, _P.c.spiffe_id, _P.c.created_at)

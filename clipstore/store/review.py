@@ -10,109 +10,26 @@ it holds even between replicas.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
+from clipstore.rows import (
+    AssignmentRow,
+    ClipRow,
+    EscalationRow,
+    GrantRow,
+    QueuedClip,
+    QueueRow,
+    ReviewerRow,
+    SessionRow,
+    WatermarkRow,
+)
 from clipstore.store import schema
-from clipstore.store.clips import CLIP_COLUMNS, ClipRow
+from clipstore.store.clips import CLIP_COLUMNS
 from clipstore.store.plain import PlainRows
 
 _T = TypeVar("_T")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ReviewerRow:
-    principal_id: str
-    locales: tuple[str, ...]
-    wrapped_totp_secret: bytes | None  # None until the reviewer redeems their enrolment code
-    last_totp_step: int
-    failed_attempts: int
-    locked_until: float
-    lockouts: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class SessionRow:
-    session_id: str
-    reviewer_id: str
-    expires_at: float
-    last_seen_at: float
-    ended: bool
-
-
-@dataclass(frozen=True, kw_only=True)
-class QueueRow:
-    clip_id: str
-    review_clip_id: str
-    account_ref: str
-    locale: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class AssignmentRow:
-    assignment_id: str
-    clip_id: str
-    review_clip_id: str
-    reviewer_id: str
-    created_at: float
-    expires_at: float
-    completed_at: float | None
-
-
-@dataclass(frozen=True, kw_only=True)
-class QueuedClip:
-    """One joined read: a queue entry, its clip's review-relevant fields and its account's preference."""
-
-    queue: QueueRow
-    clip_exists: bool
-    wake_word: bool
-    expires_at: float
-    allow_review: bool
-    duration_ms: int
-    content_type: str
-
-    def eligible(self, now: float) -> bool:
-        """Never reviewable: deleted, expired, no wake word (accidental activation), opted out."""
-        return self.clip_exists and self.wake_word and self.expires_at > now and self.allow_review
-
-
-@dataclass(frozen=True, kw_only=True)
-class GrantRow:
-    grant_id: str
-    reviewer_id: str
-    session_id: str
-    assignment_id: str
-    clip_id: str
-    account_ref: str
-    expires_at: float
-    redeemed_at: float | None
-    voided: bool
-
-
-@dataclass(frozen=True, kw_only=True)
-class WatermarkRow:
-    """A watermarked fetch: the id embedded in the audio, and whose copy it was."""
-
-    watermark_id: str
-    grant_id: str
-    reviewer_id: str  # the principal id: the pseudonym the audit log knows, never a name
-    clip_id: str
-    review_clip_id: str
-    fetched_at: float
-
-
-@dataclass(frozen=True, kw_only=True)
-class EscalationRow:
-    escalation_id: str
-    review_clip_id: str
-    clip_id: str
-    category: int
-    note_ct: bytes
-    created_at: float
-    resolved_at: float | None
-    resolution_ct: bytes | None
 
 
 def _row(cls: Any, row: Any) -> Any:
