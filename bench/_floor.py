@@ -23,11 +23,12 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clipstore.audit import AuditLog, AuditRecord  # noqa: E402
+from clipstore.audit import AuditLog
 from clipstore.audit.signing import load_or_create_signer  # noqa: E402
 from clipstore.clock import SystemClock  # noqa: E402
 from clipstore.config import default  # noqa: E402
 from clipstore.store import Database  # noqa: E402
+from clipstore.unit import AuditRecord
 from kms import LocalKms  # noqa: E402
 
 METHOD = "/bench.Floor/Append"

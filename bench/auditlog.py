@@ -40,13 +40,14 @@ from auditlog.note import NoteSigner  # noqa: E402
 from auditlog.sources import open_source  # noqa: E402
 from auditlog.tiles import TileWriter, tree_root  # noqa: E402
 from auditlog.verify import TileState, verify_log, verify_tiles  # noqa: E402
-from clipstore.audit import AuditLog, AuditRecord  # noqa: E402
+from clipstore.audit import AuditLog
 from clipstore.audit.log import MAX_BATCH_ENTRIES  # noqa: E402
 from clipstore.audit.signing import load_or_create_signer  # noqa: E402
 from clipstore.clock import SystemClock  # noqa: E402
 from clipstore.config import default  # noqa: E402
 from clipstore.server import freeze_heap  # noqa: E402
 from clipstore.store import Database  # noqa: E402
+from clipstore.unit import AuditRecord
 from kms import LocalKms  # noqa: E402
 
 APPENDERS = 16

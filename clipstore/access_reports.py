@@ -25,11 +25,12 @@ from auditlog.merkle import leaf_hash
 from auditlog.multiproof import multiproof_ranges, verify_multiproof
 from auditlog.note import NoteSigner, open_note, sign_note
 from auditlog.report import REPORT_FORMAT, binding_text
-from clipstore.audit import Actor, AuditLog, AuditUnavailable
+from clipstore.audit import AuditLog, AuditUnavailable
 from clipstore.audit.reader import AuditReader
 from clipstore.clock import rfc3339
 from clipstore.errors import InvalidArgument
 from clipstore.logs import get_logger
+from clipstore.unit import Actor
 
 PSEUDONYM_KEY_NAME = "access-report-pseudonym-hmac"
 PSEUDONYM_CHARS = 20  # 80 bits of the HMAC: unique among an account's reviewers, unlinkable across accounts

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-from clipstore.audit import Actor, AuditLog, AuditRecord, Tx
 from clipstore.blobs import BlobStore
 from clipstore.clock import Clock
 from clipstore.errors import FailedPrecondition, NotFound
 from clipstore.identity import AccountLookup
 from clipstore.logs import get_logger
+from clipstore.ports import Accounts, ClipCatalog, ClipWrites, ReviewQueue
 from clipstore.rows import AccountRow, ClipRow
-from clipstore.store.clips import AccountRepository, ClipRepository, ClipRows
-from clipstore.store.keys import destroy_keks
-from clipstore.store.review import ReviewRows
+from clipstore.unit import Actor, AuditRecord, Ledger, Tx
 from kms import KeyRing, WrappedDek
 
 log = get_logger("clipstore.accounts")
@@ -26,10 +24,14 @@ REMAINING_COUNT_LIMIT = 1_000_000  # "remaining" is exact up to this; the caller
 
 
 class AccountDirectory:
-    def __init__(self, *, accounts: AccountRepository, clips: ClipRepository, keyring: KeyRing,
-                 lookup: AccountLookup, blobs: BlobStore, audit: AuditLog, clock: Clock,
+    def __init__(self, *, accounts: Accounts, clips: ClipCatalog, rows: Callable[[Tx], ClipWrites],
+                 review: Callable[[Tx], ReviewQueue], shred_keys: Callable[[Tx, str], object], keyring: KeyRing,
+                 lookup: AccountLookup, blobs: BlobStore, audit: Ledger, clock: Clock,
                  default_allow_review: bool) -> None:
+        """`rows`, `review`: the store bound to a unit's transaction; `shred_keys(tx, account_ref)` destroys
+        every KEK version of the account in it (the crypto-shred)."""
         self._accounts, self._clips, self._keyring = accounts, clips, keyring
+        self._rows, self._review, self._shred_keys = rows, review, shred_keys
         self._lookup, self._blobs, self._audit, self._clock = lookup, blobs, audit, clock
         self._default_allow = default_allow_review
 
@@ -63,8 +65,8 @@ class AccountDirectory:
         ref = account.account_ref
 
         def unit(tx: Tx) -> tuple[int, int]:
-            ClipRows(tx.conn).set_allow_review(ref, allow)
-            withdrawn = (0, 0) if allow else ReviewRows(tx.conn).withdraw_from_review(account_ref=ref)
+            self._rows(tx).set_allow_review(ref, allow)
+            withdrawn = (0, 0) if allow else self._review(tx).withdraw_from_review(account_ref=ref)
             tx.audit(actor.record("account.review_preference", account_ref=ref, reason="allow" if allow else "deny"))
             return withdrawn
 
@@ -93,13 +95,13 @@ class AccountDirectory:
 
     def _erase(self, ref: str, record: AuditRecord) -> int:
         def shred(tx: Tx) -> None:
-            destroy_keks(tx.conn, ref, tx.now)
-            ReviewRows(tx.conn).withdraw_from_review(account_ref=ref)
-            ClipRows(tx.conn).delete_account(ref)
+            self._shred_keys(tx, ref)
+            self._review(tx).withdraw_from_review(account_ref=ref)
+            self._rows(tx).delete_account(ref)
             tx.audit(record)
 
         def next_page(tx: Tx) -> list[str]:
-            rows, review = ClipRows(tx.conn), ReviewRows(tx.conn)
+            rows, review = self._rows(tx), self._review(tx)
             page = [c.clip_id for c in rows.of_account(ref, DELETE_PAGE_CLIPS)]
             for clip_id in page:
                 review.forget_clip(clip_id)  # no label or escalation text outlives the clip
@@ -150,7 +152,7 @@ class AccountDirectory:
                                                  account_ref=ref, clip_id=clip.clip_id)) for clip in page]
 
             def store(tx: Tx, moved: list[tuple[ClipRow, WrappedDek]] = moved) -> int:
-                rows = ClipRows(tx.conn)
+                rows = self._rows(tx)
                 return sum(rows.rewrapped(clip, new.key_version, new.blob) for clip, new in moved)
 
             rewrapped += self._audit.run(store)

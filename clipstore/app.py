@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from clipstore.access_reports import PSEUDONYM_KEY_NAME, AccessReports
 from clipstore.accounts import AccountDirectory
 from clipstore.audio import FetchAudio, FetchAudioPolicy, WatermarkSource
-from clipstore.audit import STARTUP, AuditLog
+from clipstore.audit import AuditLog
 from clipstore.audit.publish import Publisher, TileStorage, storage_for
 from clipstore.audit.signing import load_or_create_signer
 from clipstore.audit.witnessing import Cosigner, PublishLoop, WitnessEndpoint
@@ -31,12 +31,14 @@ from clipstore.review.redeem import Grants
 from clipstore.review.sessions import Sessions, totp_context
 from clipstore.sampling import ReviewSampler
 from clipstore.store import Database, PrincipalRepository
-from clipstore.store.clips import AccountRepository, ClipRepository
+from clipstore.store.clips import AccountRepository, ClipRepository, ClipRows
+from clipstore.store.db import connection
 from clipstore.store.enrolment import EnrolmentRows
-from clipstore.store.keys import SqlKekStore
+from clipstore.store.keys import SqlKekStore, destroy_keks
 from clipstore.store.principals import PrincipalRows
 from clipstore.store.review import ReviewRows
 from clipstore.store.service_keys import load_or_create_service_key
+from clipstore.unit import STARTUP, Tx
 from clipstore.upgrade import finish_upgrade
 from kms import AwsKms, KeyProvider, KeyRing, LocalKms
 
@@ -122,6 +124,14 @@ def forensic_watermarks(config: Config, db: Database, root: KeyProvider
     return marks, LeakDetector(identify=marks.identify, watermark_id=watermark_id, unreadable=UnsupportedAudio)
 
 
+def _clip_rows(tx: Tx) -> ClipRows:
+    return ClipRows(connection(tx))
+
+
+def _review_rows(tx: Tx) -> ReviewRows:
+    return ReviewRows(connection(tx))
+
+
 class App:
     """Stores and key providers shared by the servicers; close() releases them."""
 
@@ -144,16 +154,17 @@ class App:
         self.publishing = publish_loop(config, self.audit, tiles)
         self.blobs = blob_store(config)
         self.lifecycle = PrincipalLifecycle(
-            PrincipalPorts(ledger=self.audit, bind=lambda tx: PrincipalRows(tx.conn), read=self.principals.read,
-                           sessions=lambda tx: ReviewRows(tx.conn), clock=self.clock),
+            PrincipalPorts(ledger=self.audit, bind=lambda tx: PrincipalRows(connection(tx)), read=self.principals.read,
+                           sessions=_review_rows, clock=self.clock),
             trust_domain=config.trust_domain, default_overlap_s=config.key_overlap_s)
         self.enrolment = SelfEnrolment(
-            EnrolmentPorts(ledger=self.audit, bind=lambda tx: EnrolmentRows(tx.conn), read=self._enrolment_rows,
+            EnrolmentPorts(ledger=self.audit, bind=lambda tx: EnrolmentRows(connection(tx)), read=self._enrolment_rows,
                            seal_totp=lambda pid, secret: self.root.encrypt(secret, totp_context(pid)),
                            clock=self.clock),
             code_ttl_s=config.enrolment_code_ttl_s, key_overlap_s=config.key_overlap_s)
         self.accounts = AccountDirectory(
-            accounts=AccountRepository(self.db), clips=ClipRepository(self.db), keyring=self.keyring,
+            accounts=AccountRepository(self.db), clips=ClipRepository(self.db), rows=_clip_rows, review=_review_rows,
+            shred_keys=lambda tx, ref: destroy_keks(connection(tx), ref, tx.now), keyring=self.keyring,
             lookup=AccountLookup(load_or_create_service_key(self.db, self.root, LOOKUP_KEY_NAME)),
             blobs=self.blobs, audit=self.audit, clock=self.clock,
             default_allow_review=config.review_default_allow)
@@ -166,7 +177,8 @@ class App:
             captured_at=clip_rows.captured_at,
             pseudonym_key=load_or_create_service_key(self.db, self.root, PSEUDONYM_KEY_NAME), cosign=self.cosign)
         self.sampler = ReviewSampler(rate=config.review_sample_rate)
-        self.clips = ClipLibrary(clips=ClipRepository(self.db), accounts=self.accounts, keyring=self.keyring,
+        self.clips = ClipLibrary(clips=ClipRepository(self.db), rows=_clip_rows, review=_review_rows,
+                                 accounts=self.accounts, keyring=self.keyring,
                                  blobs=self.blobs, audit=self.audit, clock=self.clock,
                                  sampler=self.sampler, retention_days=config.retention_days,
                                  accidental_retention_hours=config.accidental_retention_hours)
@@ -174,7 +186,7 @@ class App:
                               session_idle_s=config.review_session_idle_s,
                               max_failed_codes=config.review_max_failed_codes, lockout_s=config.review_lockout_s,
                               daily_cap=config.review_daily_cap, grant_ttl_s=config.review_grant_ttl_s)
-        ports = ReviewPorts(ledger=self.audit, bind=lambda tx: ReviewRows(tx.conn), read=self._read_rows,
+        ports = ReviewPorts(ledger=self.audit, bind=_review_rows, read=self._read_rows,
                             clock=self.clock)
         grant_key = Ed25519PrivateKey.from_private_bytes(load_or_create_service_key(self.db, self.root,
                                                                                     GRANT_KEY_NAME))

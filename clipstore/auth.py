@@ -17,11 +17,12 @@ from collections.abc import Callable, Mapping
 from cryptography import x509
 
 import clipstore.v1
-from clipstore.audit import OPERATOR, Actor, AuditLog
+from clipstore.audit import AuditLog
 from clipstore.errors import PermissionDenied, PrincipalRefused, Unauthenticated
 from clipstore.rows import Principal
 from clipstore.spiffe import parse_spiffe_id, spiffe_ids
 from clipstore.store.principals import PrincipalRepository
+from clipstore.unit import OPERATOR, Actor
 from clipstore.v1 import common_pb2, options_pb2
 
 ROLES = ("ingest", "reviewer", "safety", "auditor", "admin")

@@ -113,9 +113,9 @@ def _cmd_principals_create(args: argparse.Namespace) -> int:
         from clipstore.remote_cli import principals_create
         return principals_create(args)
     from clipstore.app import App
-    from clipstore.audit import OPERATOR
     from clipstore.errors import ClipstoreError
     from clipstore.principals import canonical_spiffe_id
+    from clipstore.unit import OPERATOR
     config = _config(args)
     app = App(config)
     try:
@@ -226,7 +226,7 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
 
 def _cmd_purge(args: argparse.Namespace) -> int:
     from clipstore.app import App
-    from clipstore.audit import OPERATOR
+    from clipstore.unit import OPERATOR
     app = App(_config(args))
     try:
         if args.dry_run:
@@ -244,11 +244,12 @@ def _cmd_purge(args: argparse.Namespace) -> int:
 
 def _cmd_keys_migrate_root(args: argparse.Namespace) -> int:
     from clipstore.app import root_provider
-    from clipstore.audit import OPERATOR, AuditLog
+    from clipstore.audit import AuditLog
     from clipstore.audit.signing import load_or_create_signer
     from clipstore.clock import SystemClock
     from clipstore.root_migration import EitherRoot, RootMigrationError, migrate_root
     from clipstore.store import Database
+    from clipstore.unit import OPERATOR
     from kms import AwsKms, KmsError
     config = _config(args)
     if config.kms is not None:
@@ -282,8 +283,8 @@ def _cmd_keys_migrate_root(args: argparse.Namespace) -> int:
 
 def _cmd_keys_retire(args: argparse.Namespace) -> int:
     from clipstore.app import App
-    from clipstore.audit import OPERATOR
     from clipstore.errors import ClipstoreError
+    from clipstore.unit import OPERATOR
     app = App(_config(args))
     try:
         retired = app.accounts.retire_key_versions(args.account_id, args.below, OPERATOR, dry_run=args.dry_run)

@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from clipstore.accounts import AccountDirectory
-from clipstore.audit import SYSTEM, Actor, AuditLog, Tx
 from clipstore.blobs import BlobStore
 from clipstore.clipkey import MAGIC_V2, ClipKey, Purpose
 from clipstore.clock import Clock
@@ -16,10 +15,10 @@ from clipstore.envelope import open_clip, seal_clip
 from clipstore.errors import Cancelled, ClipstoreError, FailedPrecondition, InvalidArgument, Kind, NotFound
 from clipstore.identity import open_identity, seal_identity
 from clipstore.logs import get_logger
+from clipstore.ports import ClipCatalog, ClipWrites, ReviewQueue
 from clipstore.rows import ClipRow
 from clipstore.sampling import ReviewSampler
-from clipstore.store.clips import ClipRepository, ClipRows
-from clipstore.store.review import ReviewRows
+from clipstore.unit import SYSTEM, Actor, Ledger, Tx
 from kms import KeyRing, WrappedDek
 
 MAX_CHUNK_BYTES = 1 << 20  # bounds memory per stream message
@@ -65,10 +64,12 @@ class _Counted:
 
 
 class ClipLibrary:
-    def __init__(self, *, clips: ClipRepository, accounts: AccountDirectory, keyring: KeyRing, blobs: BlobStore,
-                 audit: AuditLog, clock: Clock, sampler: ReviewSampler,
-                 retention_days: float, accidental_retention_hours: float) -> None:
+    def __init__(self, *, clips: ClipCatalog, rows: Callable[[Tx], ClipWrites], review: Callable[[Tx], ReviewQueue],
+                 accounts: AccountDirectory, keyring: KeyRing, blobs: BlobStore, audit: Ledger, clock: Clock,
+                 sampler: ReviewSampler, retention_days: float, accidental_retention_hours: float) -> None:
+        """`rows`, `review`: the store bound to a unit's transaction."""
         self._clips, self._accounts, self._keyring = clips, accounts, keyring
+        self._rows, self._review = rows, review
         self._sampler = sampler
         self._blobs, self._audit, self._clock = blobs, audit, clock
         self._retention_s = retention_days * 86400
@@ -118,13 +119,13 @@ class ClipLibrary:
             if not active():
                 raise tx.refuse(Cancelled("the call was cancelled before the clip was committed; nothing was "
                                           "stored"))
-            rows = ClipRows(tx.conn)
+            rows = self._rows(tx)
             owner = rows.owner(actor.id, idem)
             if owner is not None:  # a concurrent retry with the same key committed first
                 return owner
             rows.insert(row, principal_id=actor.id, idempotency_hash=idem)
             tx.audit(actor.record("clip.ingest", account_ref=ref, clip_id=clip_id))
-            review = ReviewRows(tx.conn)
+            review = self._review(tx)
             self._sampler.offer(review, row, allow_review=review.allows_review(ref), now=tx.now)
             return clip_id
 
@@ -193,11 +194,11 @@ class ClipLibrary:
         its place in review and any label or escalation text; then the object. None if the clip is gone
         (or no longer meets `still`)."""
         def unit(tx: Tx) -> ClipRow | None:
-            rows = ClipRows(tx.conn)
+            rows = self._rows(tx)
             clip = rows.get(clip_id)
             if clip is None or not still(clip, tx.now):
                 return None
-            ReviewRows(tx.conn).forget_clip(clip_id)
+            self._review(tx).forget_clip(clip_id)
             rows.delete(clip_id)
             tx.audit(actor.record(action, account_ref=clip.account_ref, clip_id=clip_id, reason=reason))
             return clip
@@ -220,10 +221,10 @@ class ClipLibrary:
     def expire_now(self, clip_id: str, actor: Actor) -> None:
         """Out of review at once and purged at the next run (an accidental activation)."""
         def unit(tx: Tx) -> None:
-            clip = ClipRows(tx.conn).get(clip_id)
+            clip = self._rows(tx).get(clip_id)
             if clip is None:
                 return
-            review = ReviewRows(tx.conn)
+            review = self._review(tx)
             review.withdraw_from_review(clip_id=clip_id)
             review.expire_clip(clip_id, tx.now)
             tx.audit(actor.record("clip.expire", clip_id=clip_id, account_ref=clip.account_ref,

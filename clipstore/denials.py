@@ -22,10 +22,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from clipstore.audit import AuditLog, AuditRecord
+from clipstore.audit import AuditLog
 from clipstore.errors import ClipstoreError
 from clipstore.logs import get_logger
 from clipstore.rows import Principal
+from clipstore.unit import AuditRecord
 
 MAX_PEERS_PER_INTERVAL = 1024  # bounds memory and entries per interval; more peers share one entry
 OTHER_PEERS = "other"

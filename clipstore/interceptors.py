@@ -24,7 +24,6 @@ import sqlalchemy as sa
 import structlog
 
 from clipstore.admission import PrincipalSlots, Timer, Watchdog
-from clipstore.audit import Actor
 from clipstore.auth import PUBLIC_PREFIXES, authorize
 from clipstore.config import ServingConfig
 from clipstore.errors import (
@@ -42,6 +41,7 @@ from clipstore.errors import (
 from clipstore.logs import get_logger
 from clipstore.rows import Principal
 from clipstore.servicers.status import grpc_status, status_code
+from clipstore.unit import Actor
 from kms import AccountKeysDestroyed, DekUnwrapError, KeyVersionError, KmsAccessDenied, KmsError
 
 REQUEST_ID_HEADER = "x-request-id"

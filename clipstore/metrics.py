@@ -31,8 +31,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from clipstore import __version__
-from clipstore.audit import AuditRecord
 from clipstore.config import ConfigError
+from clipstore.unit import AuditRecord
 
 _REASON_CODE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 

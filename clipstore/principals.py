@@ -15,13 +15,13 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from clipstore.audit import Actor, Tx
 from clipstore.auth import ROLES, hash_api_key, new_api_key, new_principal
 from clipstore.clock import Clock, rfc3339
 from clipstore.config import MAX_KEY_OVERLAP_S
 from clipstore.errors import FailedPrecondition, InvalidArgument, NotFound
 from clipstore.rows import Principal, PrincipalListing
 from clipstore.spiffe import parse_spiffe_id
+from clipstore.unit import Actor, Tx
 
 T = TypeVar("T")
 

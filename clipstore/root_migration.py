@@ -19,9 +19,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from clipstore.audit import Actor, AuditLog
+from clipstore.audit import AuditLog
 from clipstore.review.sessions import totp_context
 from clipstore.store import Database, schema
+from clipstore.unit import Actor
 from kms import DataKey, KeyProvider, KmsError
 from kms.keyring import kek_context
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 
+from clipstore.ports import ReviewQueue
 from clipstore.rows import ClipRow
-from clipstore.store.review import ReviewRows
 
 
 def _uniform() -> float:
@@ -19,7 +19,7 @@ class ReviewSampler:
             raise ValueError(f"sample rate must be within [0, 1], got {rate}")
         self._rate, self._random = rate, random
 
-    def offer(self, rows: ReviewRows, clip: ClipRow, *, allow_review: bool, now: float) -> bool:
+    def offer(self, rows: ReviewQueue, clip: ClipRow, *, allow_review: bool, now: float) -> bool:
         """Queue the clip if it is eligible and sampled. Never: opted-out accounts, accidental
         activations (no wake word), expired clips."""
         eligible = allow_review and clip.wake_word and clip.expires_at > now

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
-from clipstore.audit import AuditRecord, Tx
 from clipstore.review.ports import ReviewPorts
 from clipstore.rows import (
     AssignmentRow,
@@ -25,6 +24,7 @@ from clipstore.rows import (
     ReviewerRow,
     SessionRow,
 )
+from clipstore.unit import AuditRecord, Tx
 from tests.conftest import FakeClock
 
 T = TypeVar("T")

@@ -25,7 +25,7 @@ from auditlog.errors import EntryError
 from auditlog.multiproof import multiproof_ranges
 from auditlog.note import NoteSigner, sign_note
 from auditlog.report import ReportError, verify_report
-from clipstore.audit.log import AuditRecord
+from clipstore.unit import AuditRecord
 from clipstore.v1 import account_pb2, clip_pb2, common_pb2, review_pb2, safety_pb2
 from tests.clip_helpers import ACCOUNT_ID, SERIAL
 from tests.grpc_helpers import error_info

@@ -11,10 +11,11 @@ import json
 import pytest
 
 from clipstore import accounts
-from clipstore.audit import OPERATOR, Tx
 from clipstore.store.clips import ClipRows
+from clipstore.store.db import connection
 from clipstore.store.keys import destroy_keks
 from clipstore.store.review import ReviewRows
+from clipstore.unit import OPERATOR, Tx
 from clipstore.v1 import account_pb2
 from tests.clip_helpers import ACCOUNT_ID
 from tests.test_idempotency import Ingest, ingest  # noqa: F401  # the fixture
@@ -33,9 +34,9 @@ def test_a_deletion_that_stopped_after_the_shred_is_finished_by_the_purge(ingest
     ref = app.accounts.require(ACCOUNT_ID).account_ref
 
     def shred_only(tx: Tx) -> None:  # what DeleteAccount's first unit commits before a crash
-        destroy_keks(tx.conn, ref, tx.now)
-        ReviewRows(tx.conn).withdraw_from_review(account_ref=ref)
-        ClipRows(tx.conn).delete_account(ref)
+        destroy_keks(connection(tx), ref, tx.now)
+        ReviewRows(connection(tx)).withdraw_from_review(account_ref=ref)
+        ClipRows(connection(tx)).delete_account(ref)
         tx.audit(OPERATOR.record("account.delete", account_ref=ref))
 
     app.audit.run(shred_only)

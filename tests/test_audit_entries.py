@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from auditlog.entry import make_entry, parse_entry
-from clipstore.audit.log import AuditRecord, entry_bytes
+from clipstore.audit.log import entry_bytes
+from clipstore.unit import AuditRecord
 
 # Any text JSON can carry: quotes, backslashes, control characters, non-ASCII; no lone surrogates,
 # which no str from our code can hold and UTF-8 cannot encode.

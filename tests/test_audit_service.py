@@ -28,9 +28,9 @@ from auditlog.merkle import (
 from auditlog.note import NoteVerifier
 from auditlog.verify import check_chain
 from clipstore.app import App
-from clipstore.audit import AuditRecord
 from clipstore.config import Config
 from clipstore.server import ClipstoreServer
+from clipstore.unit import AuditRecord
 from clipstore.v1 import audit_pb2, audit_pb2_grpc, clip_pb2, clip_pb2_grpc
 from tests.conftest import bearer, make_config
 from tests.grpc_helpers import error_info

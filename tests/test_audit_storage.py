@@ -8,10 +8,11 @@ import sqlalchemy as sa
 
 from auditlog.entry import entry_hash
 from auditlog.merkle import leaf_hash, node_hash, root_hash, verify_consistency, verify_inclusion
-from clipstore.audit import AuditLog, AuditRecord
+from clipstore.audit import AuditLog
 from clipstore.audit.signing import load_or_create_signer
 from clipstore.clock import SystemClock
 from clipstore.store import Database, schema
+from clipstore.unit import AuditRecord
 from kms import LocalKms
 from tests.auditlog_helpers import build_entries
 from tests.legacy import c1e0a265

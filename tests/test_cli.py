@@ -191,8 +191,8 @@ def test_version_prints_the_package_version() -> None:
 
 def test_purge_and_retire_dry_runs_count_and_change_nothing(tmp_path: Path) -> None:
     from clipstore.app import App
-    from clipstore.audit import OPERATOR
     from clipstore.clips import NewClip
+    from clipstore.unit import OPERATOR
     from tests.conftest import FakeClock, make_config
     clock = FakeClock()
     data = tmp_path / "data"

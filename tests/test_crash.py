@@ -122,7 +122,8 @@ def test_sigkill_mid_workload_loses_no_acknowledged_clip_and_the_chain_verifies(
 _UNIT_WORKLOAD = """
 import sys, threading
 from clipstore.app import App
-from clipstore.audit.log import Actor
+from clipstore.store.db import connection
+from clipstore.unit import Actor
 from clipstore.config import load_config
 from clipstore.store import schema
 
@@ -132,7 +133,7 @@ actor, printing = Actor(id="crash-test", role="admin"), threading.Lock()
 
 def unit_for(pid):
     def unit(tx):
-        tx.conn.execute(schema.principals.insert().values(id=pid, name="crash", role="admin", created_at=tx.now,
+        connection(tx).execute(schema.principals.insert().values(id=pid, name="crash", role="admin", created_at=tx.now,
                                                           disabled=False))
         tx.audit(actor.record("crash.unit", principal_id=pid))
     return unit

@@ -17,9 +17,9 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
-from clipstore.audit import SYSTEM
 from clipstore.server import ClipstoreServer, running_server
 from clipstore.store import schema
+from clipstore.unit import SYSTEM
 from clipstore.v1 import account_pb2, account_pb2_grpc, clip_pb2, clip_pb2_grpc
 from tests.clip_helpers import ACCOUNT_ID, metadata, put_requests
 from tests.conftest import FakeClock, bearer, make_config, new_key

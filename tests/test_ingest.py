@@ -292,8 +292,8 @@ def _bad_get(clips: clip_pb2_grpc.ClipServiceStub, md: tuple, clip_id: str) -> g
 
 
 def test_old_key_versions_retire_only_after_the_rewrap(stubs: tuple, s3_server: ClipstoreServer) -> None:
-    from clipstore.audit import OPERATOR
     from clipstore.errors import FailedPrecondition
+    from clipstore.unit import OPERATOR
     clips, accounts, md = stubs
     clip = _put(clips, md)
     app = s3_server.app

@@ -18,10 +18,10 @@ import pytest
 import sqlalchemy as sa
 
 from auditlog.report import verify_report
-from clipstore.audit import Actor
 from clipstore.config import Config
 from clipstore.server import ClipstoreServer, running_server
 from clipstore.store.schema import metadata as tables
+from clipstore.unit import Actor
 from clipstore.v1 import account_pb2, account_pb2_grpc, clip_pb2, clip_pb2_grpc
 from kms import WrappedDek
 from kms.errors import AccountKeysDestroyed

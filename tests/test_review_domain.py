@@ -14,7 +14,6 @@ import secrets
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from clipstore.audit import Actor
 from clipstore.clipkey import ClipKey
 from clipstore.errors import ClipstoreError
 from clipstore.review.assignments import Assignments
@@ -24,6 +23,7 @@ from clipstore.review.redeem import Grants
 from clipstore.review.sessions import Sessions
 from clipstore.rows import ClipRow, ReviewerRow
 from clipstore.totp import code_at
+from clipstore.unit import Actor
 from kms import LocalKms
 from tests.conftest import FakeClock
 from tests.review_fakes import MemoryLedger, MemoryReviewStore, memory_ports

@@ -24,12 +24,13 @@ import pytest
 import sqlalchemy as sa
 
 import clipstore.v1
-from clipstore.audit import Actor, Tx
 from clipstore.auth import METHOD_ROLES, PUBLIC_PREFIXES, ROLES
 from clipstore.clipkey import Purpose
 from clipstore.server import running_server
 from clipstore.store import schema
+from clipstore.store.db import connection
 from clipstore.totp import code_at
+from clipstore.unit import Actor, Tx
 from clipstore.v1 import account_pb2, clip_pb2, common_pb2, review_pb2, review_pb2_grpc, safety_pb2
 from tests.clip_helpers import ACCOUNT_ID
 from tests.conftest import FakeClock, bearer, make_config, new_key
@@ -465,7 +466,7 @@ def test_a_reviewer_disabled_while_their_fetch_waits_is_refused_reviewer_disable
     def admin_disables(tx: Tx) -> None:  # the admin's unit runs just before the fetch's
         holding.set()
         assert release.wait(10)
-        tx.conn.execute(schema.principals.update().where(schema.principals.c.id == r.id).values(disabled=True))
+        connection(tx).execute(schema.principals.update().where(schema.principals.c.id == r.id).values(disabled=True))
         tx.audit(Actor(id="p_admin", role="admin").record("principal.disable", principal_id=r.id))
 
     disabling = app.audit.submit(admin_disables)

@@ -14,10 +14,10 @@ import grpc
 import sqlalchemy as sa
 
 from clipstore.app import App
-from clipstore.audit import OPERATOR
 from clipstore.review.sessions import totp_context
 from clipstore.server import running_server
 from clipstore.store import schema
+from clipstore.unit import OPERATOR
 from clipstore.v1 import clip_pb2_grpc
 from kms import AwsKms
 from tests.clip_helpers import ACCOUNT_ID, metadata, put_requests

@@ -19,11 +19,12 @@ from hypothesis import strategies as st
 from auditlog.entry import GENESIS_PREV, canonical_json, entry_hash
 from auditlog.merkle import consistency_proof, leaf_hash, node_hash, root_hash
 from auditlog.witness import WitnessServer
-from clipstore.audit import AuditRecord, AuditUnavailable
+from clipstore.audit import AuditUnavailable
 from clipstore.audit.history import HistoryRewritten, RecomputedTree
 from clipstore.config import Config
 from clipstore.server import AUDIT_SERVICE, ClipstoreServer, running_server
 from clipstore.store.schema import node_key
+from clipstore.unit import AuditRecord
 from clipstore.v1 import clip_pb2_grpc
 from tests.auditlog_helpers import build_entries
 from tests.clip_helpers import metadata, put_requests

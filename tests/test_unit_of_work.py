@@ -10,10 +10,11 @@ import pytest
 import sqlalchemy as sa
 
 from clipstore.app import App
-from clipstore.audit import AuditUnavailable, Tx
-from clipstore.audit.log import Actor
+from clipstore.audit import AuditUnavailable
 from clipstore.errors import PermissionDenied
 from clipstore.store import schema
+from clipstore.store.db import connection
+from clipstore.unit import Actor, Tx
 from tests.conftest import make_config
 
 ACTOR = Actor(id="p_test", role="admin")
@@ -27,7 +28,7 @@ def app(tmp_path: Path, database_url: str | None) -> Iterator[App]:
 
 
 def _add_principal(tx: Tx, pid: str) -> None:
-    tx.conn.execute(schema.principals.insert().values(id=pid, name="n", role="admin", created_at=tx.now,
+    connection(tx).execute(schema.principals.insert().values(id=pid, name="n", role="admin", created_at=tx.now,
                                                       disabled=False))
 
 

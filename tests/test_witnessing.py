@@ -16,8 +16,8 @@ import pytest
 from auditlog.cosignature import CosignatureSigner, open_cosigned_checkpoint
 from auditlog.witness import Witness, WitnessServer
 from clipstore.app import App
-from clipstore.audit import AuditRecord
 from clipstore.server import running_server
+from clipstore.unit import AuditRecord
 from clipstore.v1 import audit_pb2, audit_pb2_grpc
 from tests.conftest import make_config, new_key
 
@@ -112,7 +112,8 @@ def test_a_restarted_service_learns_each_witness_size_from_409_and_continues(
 
 def test_an_access_report_carries_the_witness_quorum_and_fails_without_it(
         tmp_path: Path, database_url: str | None, witnesses: list[WitnessServer], log_key: str) -> None:
-    from clipstore.audit import Actor, AuditUnavailable
+    from clipstore.audit import AuditUnavailable
+    from clipstore.unit import Actor
     wkeys = [arg for w in witnesses for arg in ("--witness", w.witness.signer.verifier.key_string())]
     with running_server(_config(tmp_path, database_url, witnesses)) as server:  # type: ignore[arg-type]
         app = server.app

@@ -21,7 +21,6 @@ from auditlog.cosignature import open_cosigned_checkpoint
 from auditlog.merkle import leaf_hash, root_hash
 from auditlog.witness import WitnessServer
 from clipstore.app import App
-from clipstore.audit import AuditRecord
 from clipstore.audit.export import (
     ENTRIES_FILE,
     EXPORT_FILES,
@@ -32,6 +31,7 @@ from clipstore.audit.export import (
     verify_s3_export,
 )
 from clipstore.config import Config
+from clipstore.unit import AuditRecord
 from tests.test_witnessing import _config as witnessed_config
 from tests.test_witnessing import log_key, witnesses  # noqa: F401 (fixtures)
 

@@ -1,5 +1,9 @@
-"""The service side of the audit log: durable appends, proofs, checkpoints, export."""
+"""The service side of the audit log: durable appends, proofs, checkpoints, export.
 
-from clipstore.audit.log import OPERATOR, STARTUP, SYSTEM, Actor, AuditLog, AuditRecord, AuditUnavailable, Tx
+The unit-of-work types a request hands it (`Actor`, `AuditRecord`, `Tx`) are in
+`clipstore.unit`, which loads no database driver, so the domain can use them.
+"""
 
-__all__ = ["OPERATOR", "STARTUP", "SYSTEM", "Actor", "AuditLog", "AuditRecord", "AuditUnavailable", "Tx"]
+from clipstore.audit.log import AuditLog, AuditUnavailable
+
+__all__ = ["AuditLog", "AuditUnavailable"]

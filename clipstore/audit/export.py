@@ -16,8 +16,9 @@ import grpc
 
 from auditlog.__main__ import verify_dir
 from auditlog.checkpoint import open_checkpoint
-from clipstore.audit.log import AuditLog, AuditRecord
+from clipstore.audit.log import AuditLog
 from clipstore.audit.reader import MAX_PAGE_ENTRIES
+from clipstore.unit import AuditRecord
 from clipstore.v1 import audit_pb2, audit_pb2_grpc
 
 ENTRIES_FILE, CHECKPOINT_FILE, VERIFIER_KEY_FILE = "entries.jsonl", "checkpoint", "verifier.key"

@@ -42,10 +42,11 @@ from auditlog.tiles import TILE_WIDTH, entries_path, parse_bundle, verify_range
 from clipstore.audit.history import HistoryRewritten, RecomputedTree, recompute
 from clipstore.audit.reader import AuditReader
 from clipstore.clock import Clock, rfc3339
-from clipstore.errors import ClipstoreError, Reason, Unavailable
+from clipstore.errors import Reason, Unavailable
 from clipstore.logs import get_logger
 from clipstore.store import Database, schema
 from clipstore.store.schema import node_key
+from clipstore.unit import AuditRecord, Tx, Unit
 
 MAX_BATCH_ENTRIES = 4096  # bounds one transaction's size and memory
 HEAD_QUERY_REFS = 500  # account refs per access-chain head query: inside every driver's parameter limit
@@ -70,76 +71,7 @@ HALTED_MESSAGE = ("the audit log's stored history failed verification, so this a
                   "truthfully and was not performed; operators: see the audit.history_rewritten alert")
 
 
-@dataclass(frozen=True, kw_only=True)
-class AuditRecord:
-    """One security-relevant action. Never account ids, names, serials, keys or codes."""
-
-    actor_id: str
-    actor_role: str
-    action: str
-    outcome: str = "ok"
-    reason: str = ""
-    clip_id: str = ""
-    account_ref: str = ""
-    principal_id: str = ""  # the principal acted upon (enrolment, disabling)
-    request_id: str = ""
-    # what a clip.fetch did to the audio (docs/voice-disguise.md): the disguise policy applied and the
-    # forensic watermark's id (also on forensics.identify: the mark found); None on every other action,
-    # whose entries then carry neither key
-    disguise: str | None = None
-    watermark: str | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class Actor:
-    """Who acts: a principal (id and role) within one request."""
-
-    id: str
-    role: str
-    request_id: str = ""
-
-    def record(self, action: str, **fields: str) -> AuditRecord:
-        return AuditRecord(actor_id=self.id, actor_role=self.role, action=action, request_id=self.request_id,
-                           **fields)
-
-
-SYSTEM = Actor(id="system", role="retention")
-OPERATOR = Actor(id="cli", role="operator")
-STARTUP = Actor(id="system", role="startup")
-
-
 T = TypeVar("T")
-
-
-class Tx:
-    """What a unit of work sees: the batch's connection, the batch's clock reading, and its audit trail."""
-
-    def __init__(self, conn: sa.Connection, now: float) -> None:
-        self.conn = conn
-        self.now = now
-        self.records: list[AuditRecord] = []
-        self._denials: list[ClipstoreError] = []
-
-    def audit(self, record: AuditRecord) -> None:
-        """Record an action; it commits together with the unit's state change."""
-        self.records.append(record)
-
-    def deny(self, actor: Actor, action: str, error: ClipstoreError, **target: str) -> ClipstoreError:
-        """Record a refusal and return the error to raise; what the unit wrote so far still commits."""
-        self.audit(actor.record(action, outcome="denied", reason=error.reason, **target))
-        self._denials.append(error)
-        return error
-
-    def refuse(self, error: ClipstoreError) -> ClipstoreError:
-        """An expected outcome that is not worth an entry (an empty queue): keep the unit's writes."""
-        self._denials.append(error)
-        return error
-
-    def is_denial(self, exc: BaseException) -> bool:
-        return any(exc is d for d in self._denials)
-
-
-Unit = Callable[[Tx], T]
 
 
 @dataclass

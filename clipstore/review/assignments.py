@@ -9,12 +9,12 @@ from __future__ import annotations
 import random
 import secrets
 
-from clipstore.audit import Actor, Tx
 from clipstore.errors import FailedPrecondition, NotFound, PermissionDenied, ResourceExhausted
 from clipstore.review.policy import CANDIDATES_PER_CLAIM, CLAIM_ROUNDS, DAY_S, ReviewPolicy
 from clipstore.review.ports import ReviewPorts, ReviewStore
 from clipstore.review.sessions import live_session
 from clipstore.rows import AssignmentRow, ClipRow, QueuedClip
+from clipstore.unit import Actor, Tx
 
 
 def open_assignment(rows: ReviewStore, tx: Tx, actor: Actor, assignment_id: str, action: str) -> AssignmentRow:

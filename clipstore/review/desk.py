@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 from clipstore.audio.errors import UnsupportedAudio
 from clipstore.audio.fetch import FetchPlan
-from clipstore.audit import Actor, AuditLog
+from clipstore.audit import AuditLog
 from clipstore.clipkey import Purpose
 from clipstore.clips import ClipLibrary
 from clipstore.errors import EnvelopeError, FailedPrecondition
@@ -22,6 +22,7 @@ from clipstore.review.ports import ReviewPorts
 from clipstore.review.redeem import Grants
 from clipstore.review.sessions import Sessions
 from clipstore.rows import AssignmentRow, ClipRow, EscalationRow, QueuedClip
+from clipstore.unit import Actor
 
 
 class ReviewDesk:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 
-from clipstore.audit import Actor, Tx
 from clipstore.clipkey import ClipKey, Purpose
 from clipstore.errors import FailedPrecondition, NotFound
 from clipstore.review.assignments import assigned_clip, open_assignment
@@ -18,6 +17,7 @@ from clipstore.review.policy import ReviewPolicy
 from clipstore.review.ports import ReviewPorts
 from clipstore.review.sessions import live_session
 from clipstore.rows import ClipRow, EscalationRow
+from clipstore.unit import Actor, Tx
 from kms import KmsError
 
 NOTE_ERASED = "[note erased: the clip was deleted]"

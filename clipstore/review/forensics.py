@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from clipstore.audit import Actor, Tx
 from clipstore.errors import FailedPrecondition, InvalidArgument, NotFound
 from clipstore.review.ports import ReviewPorts
 from clipstore.rows import WatermarkRow
+from clipstore.unit import Actor, Tx
 
 ACTION = "forensics.identify"
 

@@ -13,7 +13,6 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import NoReturn, Protocol, TypeVar
 
-from clipstore.audit.log import Actor, Tx
 from clipstore.clock import Clock
 from clipstore.errors import ClipstoreError
 from clipstore.rows import (
@@ -26,6 +25,7 @@ from clipstore.rows import (
     SessionRow,
     WatermarkRow,
 )
+from clipstore.unit import Actor, Tx
 
 T = TypeVar("T")
 

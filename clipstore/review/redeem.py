@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from clipstore.audio.fetch import FetchAudio, FetchPlan
-from clipstore.audit import Actor, Tx
 from clipstore.errors import FailedPrecondition, PermissionDenied, ResourceExhausted
 from clipstore.grants import GrantClaims, check_grant_time, decode_grant, encode_grant
 from clipstore.review.assignments import open_assignment
@@ -22,6 +21,7 @@ from clipstore.review.policy import MAX_GRANTS_PER_ASSIGNMENT, ReviewPolicy
 from clipstore.review.ports import ReviewPorts, ReviewStore
 from clipstore.review.sessions import live_session
 from clipstore.rows import ClipRow, GrantRow, WatermarkRow
+from clipstore.unit import Actor, Tx
 
 WATERMARK_ID_DRAWS = 4
 

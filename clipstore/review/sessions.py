@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-from clipstore.audit import Actor, Tx
 from clipstore.errors import PermissionDenied, Unauthenticated
 from clipstore.review.policy import SESSION_TOUCH_S, ReviewPolicy
 from clipstore.review.ports import ReviewPorts, ReviewStore
 from clipstore.rows import ReviewerRow, SessionRow
 from clipstore.totp import matching_step
+from clipstore.unit import Actor, Tx
 from kms import KeyProvider
 
 

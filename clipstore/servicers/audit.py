@@ -8,10 +8,11 @@ import grpc
 
 from auditlog.checkpoint import Checkpoint
 from auditlog.note import open_note
-from clipstore.audit import AuditLog, AuditRecord
+from clipstore.audit import AuditLog
 from clipstore.audit.reader import MAX_PAGE_ENTRIES
 from clipstore.errors import InvalidArgument, OutOfRange
 from clipstore.interceptors import current_request
+from clipstore.unit import AuditRecord
 from clipstore.v1 import audit_pb2, audit_pb2_grpc
 
 DEFAULT_PAGE_ENTRIES = 100

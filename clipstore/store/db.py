@@ -11,6 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from clipstore.store import migrations
+from clipstore.unit import Tx
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000  # writers wait rather than fail under contention
 MIGRATION_LOCK = 0x636C6970  # "clip": PostgreSQL advisory lock class, per schema
@@ -29,6 +30,14 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 def _sqlite_autocommit_driver(dbapi_conn: Any, record: Any) -> None:
     _sqlite_pragmas(dbapi_conn, record)
     dbapi_conn.isolation_level = None
+
+
+def connection(tx: Tx) -> sa.Connection:
+    """The transaction a unit of work runs in: `AuditLog` opened it, the domain only carried it (as `Tx.conn`,
+    typed opaque so that the domain loads no database driver)."""
+    if not isinstance(tx.conn, sa.Connection):
+        raise TypeError(f"Tx.conn must be the AuditLog's sa.Connection, got {type(tx.conn).__name__}")
+    return tx.conn
 
 
 class Database:

@@ -1,0 +1,95 @@
+"""A unit of work as the domain sees it: who acts, what it records, and the transaction it runs in.
+
+`clipstore.audit.log.AuditLog.run(unit)` opens the transaction, hands the unit a
+`Tx` and commits its state change together with its audit entries. The domain
+only records (`tx.audit`), refuses (`tx.deny`, `tx.refuse`) and passes `tx` on to
+the ports that bind the store to it; it never sees the connection's type, so this
+module and the domain load no database driver.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from clipstore.errors import ClipstoreError
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditRecord:
+    """One security-relevant action. Never account ids, names, serials, keys or codes."""
+
+    actor_id: str
+    actor_role: str
+    action: str
+    outcome: str = "ok"
+    reason: str = ""
+    clip_id: str = ""
+    account_ref: str = ""
+    principal_id: str = ""  # the principal acted upon (enrolment, disabling)
+    request_id: str = ""
+    # what a clip.fetch did to the audio (docs/voice-disguise.md): the disguise policy applied and the
+    # forensic watermark's id (also on forensics.identify: the mark found); None on every other action,
+    # whose entries then carry neither key
+    disguise: str | None = None
+    watermark: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Actor:
+    """Who acts: a principal (id and role) within one request."""
+
+    id: str
+    role: str
+    request_id: str = ""
+
+    def record(self, action: str, **fields: str) -> AuditRecord:
+        return AuditRecord(actor_id=self.id, actor_role=self.role, action=action, request_id=self.request_id,
+                           **fields)
+
+
+SYSTEM = Actor(id="system", role="retention")
+OPERATOR = Actor(id="cli", role="operator")
+STARTUP = Actor(id="system", role="startup")
+
+
+T = TypeVar("T")
+
+
+class Tx:
+    """What a unit of work sees: the batch's connection, the batch's clock reading, and its audit trail."""
+
+    def __init__(self, conn: object, now: float) -> None:
+        self.conn = conn  # opaque here: the store's transaction, which only the store side opens (store.db.connection)
+        self.now = now
+        self.records: list[AuditRecord] = []
+        self._denials: list[ClipstoreError] = []
+
+    def audit(self, record: AuditRecord) -> None:
+        """Record an action; it commits together with the unit's state change."""
+        self.records.append(record)
+
+    def deny(self, actor: Actor, action: str, error: ClipstoreError, **target: str) -> ClipstoreError:
+        """Record a refusal and return the error to raise; what the unit wrote so far still commits."""
+        self.audit(actor.record(action, outcome="denied", reason=error.reason, **target))
+        self._denials.append(error)
+        return error
+
+    def refuse(self, error: ClipstoreError) -> ClipstoreError:
+        """An expected outcome that is not worth an entry (an empty queue): keep the unit's writes."""
+        self._denials.append(error)
+        return error
+
+    def is_denial(self, exc: BaseException) -> bool:
+        return any(exc is d for d in self._denials)
+
+
+Unit = Callable[[Tx], T]
+
+
+class Ledger(Protocol):
+    """Where units of work run and entries are appended: `clipstore.audit.AuditLog`."""
+
+    def run(self, unit: Callable[[Tx], T]) -> T: ...
+    def append(self, record: AuditRecord) -> int: ...
