@@ -13,16 +13,15 @@ import pkgutil
 import secrets
 import time
 from collections.abc import Callable, Mapping
+from typing import Protocol
 
 from cryptography import x509
 
 import clipstore.v1
-from clipstore.audit import AuditLog
 from clipstore.errors import PermissionDenied, PrincipalRefused, Unauthenticated
-from clipstore.rows import Principal
+from clipstore.rows import KeyMatch, Principal
 from clipstore.spiffe import parse_spiffe_id, spiffe_ids
-from clipstore.store.principals import PrincipalRepository
-from clipstore.unit import OPERATOR, Actor
+from clipstore.unit import OPERATOR, Actor, Ledger
 from clipstore.v1 import common_pb2, options_pb2
 
 ROLES = ("ingest", "reviewer", "safety", "auditor", "admin")
@@ -79,7 +78,16 @@ def new_principal(*, role: str, name: str, spiffe_id: str | None = None, expires
     return principal, new_api_key() if with_key and spiffe_id is None else None
 
 
-def create_principal(repo: PrincipalRepository, audit: AuditLog, *, role: str, name: str,
+class PrincipalRecords(Protocol):
+    """The principals as authentication reads them and the operator's bootstrap adds one
+    (`clipstore.store.PrincipalRepository`)."""
+
+    def add(self, principal: Principal, *, key_hash: bytes | None, now: float) -> None: ...
+    def by_key_hash(self, key_hash: bytes) -> KeyMatch | None: ...
+    def by_spiffe_id(self, spiffe_id: str) -> Principal | None: ...
+
+
+def create_principal(repo: PrincipalRecords, audit: Ledger, *, role: str, name: str,
                      actor: Actor = OPERATOR, spiffe_id: str | None = None) -> tuple[Principal, str | None]:
     """Create a principal on the local database (the operator's bootstrap; audited first). It gets a fresh
     API key, returned once, unless a certificate names it (`spiffe_id`): then None is returned."""
@@ -99,7 +107,7 @@ def check_standing(principal: Principal, *, now: float) -> Principal:
     return principal
 
 
-def authenticate(repo: PrincipalRepository, metadata: Mapping[str, str], *, now: float) -> Principal:
+def authenticate(repo: PrincipalRecords, metadata: Mapping[str, str], *, now: float) -> Principal:
     """Resolve the bearer key in `authorization` metadata to a principal in good standing."""
     header = metadata.get("authorization")
     if header is None:
@@ -118,7 +126,7 @@ def authenticate(repo: PrincipalRepository, metadata: Mapping[str, str], *, now:
     return check_standing(match.principal, now=now)
 
 
-def authenticate_certificate(repo: PrincipalRepository, pem: bytes, *, trust_domain: str,
+def authenticate_certificate(repo: PrincipalRecords, pem: bytes, *, trust_domain: str,
                              revoked: Callable[[x509.Certificate], bool], now: float) -> Principal:
     """Resolve a client certificate gRPC has verified against the client CA to a principal in good
     standing: by its one SPIFFE id, in our trust domain, enrolled, not on the CRL."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import pkgutil
 import shutil
 import subprocess
 import sys
@@ -46,6 +48,38 @@ def test_each_import_contract_is_kept_and_one_injected_violation_breaks_each(tmp
     for injected in ("auditlog.merkle imports boto3", "clipstore.sampling -> grpc", "clipstore.grants -> sqlalchemy",
                      "clipstore.store.keys -> clipstore.servicers.common"):
         assert injected in broken.stdout, injected
+
+
+def _domain_modules() -> list[str]:
+    """Every module under the domain-without-sql contract's sources, packages expanded."""
+    contract = next(c for c in CONFIG["tool"]["importlinter"]["contracts"] if c["id"] == "domain-without-sql")
+    names = []
+    for name in contract["source_modules"]:
+        names.append(name)
+        spec = importlib.util.find_spec(name)
+        assert spec is not None, name
+        if spec.submodule_search_locations:
+            names += [m.name for m in pkgutil.walk_packages(spec.submodule_search_locations, prefix=name + ".")]
+    return names
+
+
+def test_each_domain_module_loads_neither_sql_nor_grpc_at_runtime() -> None:
+    """What lint-imports sees statically, in a fresh interpreter: importing a submodule also runs its
+    packages' __init__, and a lazy import inside a module body counts too."""
+    probe = ("import importlib, sys; importlib.import_module(sys.argv[1]); "
+             "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('sqlalchemy', 'grpc') "
+             "or m.startswith(('clipstore.store', 'clipstore.audit', 'clipstore.servicers')))))")
+    modules = _domain_modules()
+    assert "clipstore.review.sessions" in modules and "clipstore.unit" in modules
+    runs = {name: subprocess.Popen([sys.executable, "-c", probe, name], cwd=REPO, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True) for name in modules}
+    loaded = {}
+    for name, run in runs.items():
+        out, err = run.communicate(timeout=120)
+        assert run.returncode == 0, (name, err[-2000:])
+        if out.strip():
+            loaded[name] = out.split()
+    assert loaded == {}
 
 
 def test_mypy_strict_config_rejects_an_injected_type_error(tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 
 from clipstore.audio.errors import UnsupportedAudio
 from clipstore.audio.fetch import FetchPlan
-from clipstore.audit import AuditLog
 from clipstore.clipkey import Purpose
 from clipstore.clips import ClipLibrary
 from clipstore.errors import EnvelopeError, FailedPrecondition
@@ -22,12 +21,12 @@ from clipstore.review.ports import ReviewPorts
 from clipstore.review.redeem import Grants
 from clipstore.review.sessions import Sessions
 from clipstore.rows import AssignmentRow, ClipRow, EscalationRow, QueuedClip
-from clipstore.unit import Actor
+from clipstore.unit import Actor, Ledger
 
 
 class ReviewDesk:
     def __init__(self, *, ports: ReviewPorts, sessions: Sessions, assignments: Assignments, grants: Grants,
-                 escalations: Escalations, clips: ClipLibrary, audit: AuditLog,
+                 escalations: Escalations, clips: ClipLibrary, audit: Ledger,
                  policy: ReviewPolicy) -> None:
         self.sessions, self.assignments, self.grants = sessions, assignments, grants
         self.escalations = escalations
