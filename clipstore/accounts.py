@@ -13,7 +13,7 @@ from clipstore.identity import AccountLookup
 from clipstore.logs import get_logger
 from clipstore.ports import Accounts, ClipCatalog, ClipWrites, ReviewQueue
 from clipstore.rows import AccountRow, ClipRow
-from clipstore.unit import Actor, AuditRecord, Ledger, Tx
+from clipstore.unit import Actor, AuditRecord, AuditTrail, Tx
 from kms import KeyRing, WrappedDek
 
 log = get_logger("clipstore.accounts")
@@ -26,7 +26,7 @@ REMAINING_COUNT_LIMIT = 1_000_000  # "remaining" is exact up to this; the caller
 class AccountDirectory:
     def __init__(self, *, accounts: Accounts, clips: ClipCatalog, rows: Callable[[Tx], ClipWrites],
                  review: Callable[[Tx], ReviewQueue], shred_keys: Callable[[Tx, str], object], keyring: KeyRing,
-                 lookup: AccountLookup, blobs: BlobStore, audit: Ledger, clock: Clock,
+                 lookup: AccountLookup, blobs: BlobStore, audit: AuditTrail, clock: Clock,
                  default_allow_review: bool) -> None:
         """`rows`, `review`: the store bound to a unit's transaction; `shred_keys(tx, account_ref)` destroys
         every KEK version of the account in it (the crypto-shred)."""

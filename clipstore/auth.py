@@ -21,7 +21,7 @@ import clipstore.v1
 from clipstore.errors import PermissionDenied, PrincipalRefused, Unauthenticated
 from clipstore.rows import KeyMatch, Principal
 from clipstore.spiffe import parse_spiffe_id, spiffe_ids
-from clipstore.unit import OPERATOR, Actor, Ledger
+from clipstore.unit import OPERATOR, Actor, AuditTrail
 from clipstore.v1 import common_pb2, options_pb2
 
 ROLES = ("ingest", "reviewer", "safety", "auditor", "admin")
@@ -87,7 +87,7 @@ class PrincipalRecords(Protocol):
     def by_spiffe_id(self, spiffe_id: str) -> Principal | None: ...
 
 
-def create_principal(repo: PrincipalRecords, audit: Ledger, *, role: str, name: str,
+def create_principal(repo: PrincipalRecords, audit: AuditTrail, *, role: str, name: str,
                      actor: Actor = OPERATOR, spiffe_id: str | None = None) -> tuple[Principal, str | None]:
     """Create a principal on the local database (the operator's bootstrap; audited first). It gets a fresh
     API key, returned once, unless a certificate names it (`spiffe_id`): then None is returned."""

@@ -18,7 +18,7 @@ from clipstore.logs import get_logger
 from clipstore.ports import ClipCatalog, ClipWrites, ReviewQueue
 from clipstore.rows import ClipRow
 from clipstore.sampling import ReviewSampler
-from clipstore.unit import SYSTEM, Actor, Ledger, Tx
+from clipstore.unit import SYSTEM, Actor, AuditTrail, Tx
 from kms import KeyRing, WrappedDek
 
 MAX_CHUNK_BYTES = 1 << 20  # bounds memory per stream message
@@ -65,7 +65,7 @@ class _Counted:
 
 class ClipLibrary:
     def __init__(self, *, clips: ClipCatalog, rows: Callable[[Tx], ClipWrites], review: Callable[[Tx], ReviewQueue],
-                 accounts: AccountDirectory, keyring: KeyRing, blobs: BlobStore, audit: Ledger, clock: Clock,
+                 accounts: AccountDirectory, keyring: KeyRing, blobs: BlobStore, audit: AuditTrail, clock: Clock,
                  sampler: ReviewSampler, retention_days: float, accidental_retention_hours: float) -> None:
         """`rows`, `review`: the store bound to a unit's transaction."""
         self._clips, self._accounts, self._keyring = clips, accounts, keyring

@@ -31,10 +31,10 @@ from typing import NoReturn, Protocol
 from clipstore.auth import check_standing, hash_api_key, new_api_key, new_principal
 from clipstore.clock import Clock
 from clipstore.errors import ClipstoreError, InvalidArgument, PermissionDenied, Unauthenticated
-from clipstore.principals import Ledger, PrincipalStore, principal_not_found, require_free_spiffe_id
+from clipstore.principals import PrincipalStore, principal_not_found, require_free_spiffe_id
 from clipstore.rows import CodeRow, Principal
 from clipstore.totp import new_secret, provisioning_uri, secret_base32
-from clipstore.unit import Actor, Tx
+from clipstore.unit import Actor, Ledger, Tx
 
 CODE_PREFIX = "cse_"
 CODE_RANDOM_BYTES = 16  # 128 bits: guessing is hopeless, typing it is still bearable

@@ -21,15 +21,9 @@ from clipstore.config import MAX_KEY_OVERLAP_S
 from clipstore.errors import FailedPrecondition, InvalidArgument, NotFound
 from clipstore.rows import Principal, PrincipalListing
 from clipstore.spiffe import parse_spiffe_id
-from clipstore.unit import Actor, Tx
+from clipstore.unit import Actor, Ledger, Tx
 
 T = TypeVar("T")
-
-
-class Ledger(Protocol):
-    """Runs a unit of work in one transaction with its audit entries (`clipstore.audit.AuditLog`)."""
-
-    def run(self, unit: Callable[[Tx], T]) -> T: ...
 
 
 class PrincipalStore(Protocol):

@@ -89,7 +89,12 @@ Unit = Callable[[Tx], T]
 
 
 class Ledger(Protocol):
-    """Where units of work run and entries are appended: `clipstore.audit.AuditLog`."""
+    """Runs a unit of work in one transaction with its audit entries (`clipstore.audit.AuditLog`)."""
 
     def run(self, unit: Callable[[Tx], T]) -> T: ...
+
+
+class AuditTrail(Ledger, Protocol):
+    """A `Ledger` that also appends one entry on its own (an action with no state change of ours)."""
+
     def append(self, record: AuditRecord) -> int: ...

@@ -21,12 +21,12 @@ from clipstore.review.ports import ReviewPorts
 from clipstore.review.redeem import Grants
 from clipstore.review.sessions import Sessions
 from clipstore.rows import AssignmentRow, ClipRow, EscalationRow, QueuedClip
-from clipstore.unit import Actor, Ledger
+from clipstore.unit import Actor, AuditTrail
 
 
 class ReviewDesk:
     def __init__(self, *, ports: ReviewPorts, sessions: Sessions, assignments: Assignments, grants: Grants,
-                 escalations: Escalations, clips: ClipLibrary, audit: Ledger,
+                 escalations: Escalations, clips: ClipLibrary, audit: AuditTrail,
                  policy: ReviewPolicy) -> None:
         self.sessions, self.assignments, self.grants = sessions, assignments, grants
         self.escalations = escalations

@@ -25,13 +25,9 @@ from clipstore.rows import (
     SessionRow,
     WatermarkRow,
 )
-from clipstore.unit import Actor, Tx
+from clipstore.unit import Actor, Ledger, Tx
 
 T = TypeVar("T")
-
-
-class Ledger(Protocol):
-    def run(self, unit: Callable[[Tx], T]) -> T: ...
 
 
 class ReviewStore(Protocol):
