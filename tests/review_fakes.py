@@ -217,7 +217,7 @@ class MemoryLedger:
 
     def run(self, unit: Callable[[Tx], T]) -> T:
         before = copy.deepcopy(self.store.t)
-        tx = Tx(None, self.clock.now())  # type: ignore[arg-type]  # the fakes never touch a connection
+        tx = Tx(None, self.clock.now())  # the fakes never touch a connection
         try:
             value = unit(tx)
         except BaseException as exc:

@@ -134,7 +134,7 @@ actor, printing = Actor(id="crash-test", role="admin"), threading.Lock()
 def unit_for(pid):
     def unit(tx):
         connection(tx).execute(schema.principals.insert().values(id=pid, name="crash", role="admin", created_at=tx.now,
-                                                          disabled=False))
+                                                             disabled=False))
         tx.audit(actor.record("crash.unit", principal_id=pid))
     return unit
 

@@ -29,7 +29,7 @@ def app(tmp_path: Path, database_url: str | None) -> Iterator[App]:
 
 def _add_principal(tx: Tx, pid: str) -> None:
     connection(tx).execute(schema.principals.insert().values(id=pid, name="n", role="admin", created_at=tx.now,
-                                                      disabled=False))
+                                                         disabled=False))
 
 
 def _principal_ids(app: App) -> set[str]:
@@ -108,3 +108,8 @@ def test_a_unit_whose_caller_gave_up_waiting_never_runs(app: App) -> None:
     first.done.result(10)
     app.audit.append(ACTOR.record("probe"))  # the writer has moved past the withdrawn unit
     assert not ran.is_set() and "p_late" not in _principal_ids(app)  # ... and it never is
+
+
+def test_a_unit_of_work_hands_the_store_only_the_audit_logs_own_connection() -> None:
+    with pytest.raises(TypeError, match="Tx.conn must be the AuditLog's sa.Connection, got NoneType"):
+        connection(Tx(None, 0.0))
