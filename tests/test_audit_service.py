@@ -210,7 +210,7 @@ def test_verify_against_a_running_server(server: ClipstoreServer, keys: dict[str
 _APPENDER = """
 import sys
 from clipstore.app import App
-from clipstore.audit import AuditRecord
+from clipstore.unit import AuditRecord
 from tests.conftest import make_config
 app = App(make_config(sys.argv[1], database_url=sys.argv[2] if len(sys.argv) > 2 else None))
 i = 0
@@ -249,7 +249,7 @@ def test_sigkill_between_appends_loses_no_acknowledged_entry(tmp_path: Path, dat
 _BOUNDED_APPENDER = """
 import sys, time
 from clipstore.app import App
-from clipstore.audit import AuditRecord
+from clipstore.unit import AuditRecord
 from tests.conftest import make_config
 app = App(make_config(sys.argv[1], database_url=sys.argv[2]))
 time.sleep(max(0.0, float(sys.argv[5]) - time.time()))  # both replicas start appending together
