@@ -39,6 +39,7 @@ OUT_CHUNK_BYTES = 64 * 1024  # what one FetchClip message carries
 SOURCE_WINDOW_BYTES = 1 << 20  # how far back libsndfile may seek without re-opening the plaintext
 MAX_REOPENS = 2  # an Ogg clip needs one (its last page); more means a pathological seek pattern
 MAX_CHANNELS = 8
+MAX_RATE_HZ = 384_000  # a header's claimed rate sizes every block (BLOCK_S of it): 2**31 Hz would ask for gigabytes
 
 RAW_TYPES: dict[str, str] = {"audio/L16": ">i2", "audio/pcm": "<i2"}
 SNDFILE_TYPES: dict[str, str] = {"audio/wav": "WAV", "audio/flac": "FLAC", "audio/ogg": "OGG", "audio/opus": "OGG"}
@@ -94,6 +95,10 @@ def decode(content_type: str, open_plaintext: Callable[[], Iterator[bytes]], *, 
         sound.close()
         source.close()
         raise UnsupportedAudio(f"the clip holds {sound.format}/{sound.subtype}, not {content_type}")
+    if not 0 < sound.samplerate <= MAX_RATE_HZ:
+        sound.close()
+        source.close()
+        raise UnsupportedAudio(f"the clip's header claims {sound.samplerate} Hz; at most {MAX_RATE_HZ} Hz is decoded")
     fmt = AudioFormat(rate=sound.samplerate, channels=sound.channels, subtype=sound.subtype, container=sound.format)
     frames = sound.frames if 0 < sound.frames < (1 << 62) else None
     return Decoded(format=fmt, frames=frames, blocks=_sndfile_blocks(sound, source))

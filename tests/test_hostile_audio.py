@@ -1,0 +1,57 @@
+"""Hostile audio headers at the fetch boundary and in IdentifyLeak: a stored clip or a leaked file whose
+header claims an absurd sample rate, length or channel count is refused (audited), never decoded into
+memory or CPU the header asks for.
+
+Before these tests, a stored WAV claiming 2**31 - 1 Hz made FetchClip's decoder ask libsndfile for
+BLOCK_S of that rate per block (about a billion frames): the server process grew past 20 GB of RSS, and
+the same header sent to IdentifyLeak failed with an unaudited MemoryError (resample_poly's filter)."""
+
+# ruff: noqa: F811  (fixtures imported by name)
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from clipstore.audio import codecs
+from clipstore.audio.codecs import decode
+from clipstore.audio.errors import UnsupportedAudio
+from tests.grpc_helpers import error_info
+from tests.test_fetch_audio import _put, _refused_fetch, overrides, w  # noqa: F401 (fixtures)
+from tests.test_review import World
+
+
+def hostile_wav(*, rate: int, channels: int = 1, bits: int = 16, body: bytes = bytes(4000)) -> bytes:
+    """A PCM WAV whose header claims `rate`, `channels` and an unknown (0xFFFFFFFF) data length."""
+    align = channels * bits // 8
+    return (b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVEfmt "
+            + struct.pack("<IHHIIHH", 16, 1, channels, rate, (rate * align) & 0xFFFFFFFF, align, bits)
+            + b"data" + struct.pack("<I", 0xFFFFFFFF) + body)
+
+
+def _once(data: bytes) -> Iterator[bytes]:
+    return iter([data])
+
+
+@pytest.mark.parametrize("rate", [2**31 - 1, codecs.MAX_RATE_HZ + 1])
+def test_a_header_claiming_an_absurd_rate_is_refused_when_the_clip_is_opened(rate: int) -> None:
+    # Refused at decode(), before any block is read: the block size is BLOCK_S of the claimed rate.
+    data = hostile_wav(rate=rate)
+    with pytest.raises(UnsupportedAudio, match="Hz"):
+        decode("audio/wav", lambda: _once(data), size_bytes=len(data))
+
+
+def test_the_highest_rate_allowed_still_decodes() -> None:
+    data = hostile_wav(rate=codecs.MAX_RATE_HZ)
+    blocks = list(decode("audio/wav", lambda: _once(data), size_bytes=len(data)).blocks)
+    assert sum(len(b) for b in blocks) == 2000
+
+
+def test_a_stored_clip_claiming_two_billion_hz_fails_the_fetch_audited_and_is_never_heard(w: World) -> None:
+    _put(w, hostile_wav(rate=2**31 - 1, channels=8, bits=8), "audio/wav")
+    failed = _refused_fetch(w)
+    assert (failed.code(), error_info(failed).reason) == \
+        (grpc.StatusCode.FAILED_PRECONDITION, "AUDIO_FORMAT_UNSUPPORTED")
+    assert [e["action"] for e in w.entries()][-2:] == ["clip.fetch", "clip.audio_failure"]
