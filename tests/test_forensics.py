@@ -195,3 +195,9 @@ def test_the_python_client_identifies_a_leak_blocking_and_async(w: World) -> Non
             return (await client.identify_leak(audio)).grant_id
 
     assert asyncio.run(scenario()) == grant_id
+
+
+def test_a_leaked_file_claiming_two_billion_hz_is_refused_and_audited(w: World) -> None:
+    # The resampler's filter for 2**31 - 1 Hz -> 16 kHz would be hundreds of GB: a MemoryError, unaudited.
+    from tests.test_hostile_audio import hostile_wav
+    _denied(w, hostile_wav(rate=2**31 - 1), grpc.StatusCode.INVALID_ARGUMENT, "LEAK_AUDIO_UNREADABLE")

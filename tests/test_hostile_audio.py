@@ -13,11 +13,13 @@ import struct
 from collections.abc import Iterator
 
 import grpc
+import numpy as np
 import pytest
 
 from clipstore.audio import codecs
 from clipstore.audio.codecs import decode
 from clipstore.audio.errors import UnsupportedAudio
+from clipstore.audio.watermark import read_audio
 from tests.grpc_helpers import error_info
 from tests.test_fetch_audio import _put, _refused_fetch, overrides, w  # noqa: F401 (fixtures)
 from tests.test_review import World
@@ -55,3 +57,19 @@ def test_a_stored_clip_claiming_two_billion_hz_fails_the_fetch_audited_and_is_ne
     assert (failed.code(), error_info(failed).reason) == \
         (grpc.StatusCode.FAILED_PRECONDITION, "AUDIO_FORMAT_UNSUPPORTED")
     assert [e["action"] for e in w.entries()][-2:] == ["clip.fetch", "clip.audio_failure"]
+
+
+@pytest.mark.parametrize("rate", [2**31 - 1, codecs.MAX_RATE_HZ + 1])
+def test_a_leaked_file_claiming_an_absurd_rate_is_unsupported(rate: int) -> None:
+    with pytest.raises(UnsupportedAudio, match="Hz"):
+        read_audio(hostile_wav(rate=rate))
+
+
+def test_a_leaked_file_claiming_1024_channels_is_read_as_mono_in_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 1024 channels x 300 s at 16 kHz would be 20 GB of float32 if read at once; mixed down, it is its frames.
+    values = np.arange(1024 * 40) % 1000
+    body = values.astype("<i2").tobytes()
+    samples, rate = read_audio(hostile_wav(rate=16000, channels=1024, body=body))
+    assert (samples.shape, rate) == ((40, 1), 16000)
+    expected = values.reshape(40, 1024).mean(axis=1) / 32768
+    assert np.allclose(samples[:, 0], expected, atol=1e-6)

@@ -66,6 +66,7 @@ DETECT_RATE_HZ = 16000
 MAX_CANDIDATES = 8  # frame starts decoded per detection; bounds the false-identification rate
 MAX_DETECT_S = 300.0  # detection reads at most this much audio (bounds CPU and memory: ~115 MB at 48 kHz)
 STFT_BINS = 512
+READ_SLICE_SAMPLES = 1 << 20  # samples (frames x channels) per read of a leaked file: 4 MB of float32
 
 
 @dataclass(frozen=True)
@@ -395,13 +396,29 @@ class ForensicWatermarks:
 
 
 def read_audio(data: bytes) -> tuple[np.ndarray, int]:
-    """At most MAX_DETECT_S of a whole audio file, as float32 (frames, channels), and its rate."""
+    """At most MAX_DETECT_S of a whole audio file, mixed down to mono, as float32 (frames, 1), and its rate.
+
+    Read in slices of at most `READ_SLICE_SAMPLES` and mixed down as it goes: a hostile header's claimed
+    length, rate or channel count (up to 1024 in a WAV) sizes nothing; a rate above the decoder's
+    `MAX_RATE_HZ` is refused (2**31 Hz would size the resampler's filter in hundreds of GB)."""
     import soundfile  # the audio extra
+
+    from clipstore.audio.codecs import MAX_RATE_HZ
 
     try:
         with soundfile.SoundFile(io.BytesIO(data)) as sound:
-            frames = min(sound.frames if sound.frames > 0 else 1 << 62, int(MAX_DETECT_S * sound.samplerate))
-            samples = sound.read(frames, dtype="float32", always_2d=True)
-            return samples, int(sound.samplerate)
+            rate, channels = int(sound.samplerate), int(sound.channels)
+            if not 0 < rate <= MAX_RATE_HZ or channels <= 0:
+                raise UnsupportedAudio(f"the file's header claims {rate} Hz; at most {MAX_RATE_HZ} Hz is read")
+            left, mono = int(MAX_DETECT_S * rate), []
+            while left > 0:
+                block = sound.read(min(left, max(1, READ_SLICE_SAMPLES // channels)), dtype="float32",
+                                   always_2d=True)
+                if not len(block):
+                    break
+                mono.append(block.mean(axis=1, dtype=np.float32))
+                left -= len(block)
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         raise UnsupportedAudio("the file is not WAV, FLAC, Ogg Vorbis or Ogg Opus audio") from exc
+    samples = np.concatenate(mono) if mono else np.zeros(0, dtype=np.float32)
+    return samples.reshape(-1, 1), rate
