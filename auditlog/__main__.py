@@ -196,7 +196,9 @@ def _report_text(result: dict[str, object]) -> str:
     accesses: list[dict[str, str]] = result["accesses"]  # type: ignore[assignment]
     cosigs = [Cosignature(c["witness"], c["time"]) for c in result["cosignatures"]]  # type: ignore[attr-defined]
     lines = [f"OK account={result['account_ref']} accesses={len(accesses)} tree_size={result['tree_size']} "
-             f"complete_through={result['complete_through']}" + (f" witnesses={_times(cosigs)}" if cosigs else "")]
+             f"complete_through={result['complete_through']}"
+             + "".join(f" {k}={result[k]}" for k in ("since", "until") if result[k])  # a window hides accesses
+             + (f" witnesses={_times(cosigs)}" if cosigs else "")]
     rows = [("when", "what", "clip", "captured", "who")] + [
         (a["time"], _ACTIONS.get(a["action"], a["action"]) + ("" if a["result"] == "ok" else f" ({a['result']})"),
          a["clip_id"] or "-", a["captured_at"] or "-", f"{a['who']} ({a['role']})") for a in accesses]

@@ -10,7 +10,7 @@ reviewers' per-account pseudonyms and the clips' capture times.
 Plan of `verify_report` (each step raises `ReportError` naming where it failed):
   1. form: the JSON, its fields and their bounds;
   2. the checkpoint: the log's signature, and `quorum` witness cosignatures;
-  3. the binding: the log's signature, its header, log and request lines, the account id;
+  3. the binding: the log's signature, its header, log, request and window lines, the account id;
   4. every entry: canonical form, its seq equals its index, inside the checkpoint;
   5. the multiproof: all entries are leaves of the checkpoint's tree;
   6. ownership: every entry is chained and names the bound account pseudonym;
@@ -46,6 +46,7 @@ REPORT_FORMAT = "clipstore-access-report/1"
 BINDING_HEADER = "clipstore-access-binding/v1"
 MAX_REPORT_BYTES = 64 << 20  # ~100k entries with their proof; bounds memory on hostile files
 MAX_REPORT_ENTRIES = 100_000
+_SINGLE = frozenset({"log", "account-ref", "account-id-sha256", "request", "window"})  # binding lines, once each
 _FIELDS = frozenset({"format", "request_id", "since", "until", "checkpoint", "binding", "entries", "proof"})
 
 
@@ -83,10 +84,11 @@ class VerifiedReport:
 
 
 def binding_text(*, origin: str, account_ref: str, account_id_sha256: str, request_id: str,
-                 reviewers: dict[str, str], clips: dict[str, str]) -> str:
-    """The binding note's text (the service signs it with the log key)."""
+                 reviewers: dict[str, str], clips: dict[str, str], since: str, until: str) -> str:
+    """The binding note's text (the service signs it with the log key). `since`/`until` are the report's
+    window ("" unbounded, written `-`): signed, so nobody relaying a report can narrow it to hide accesses."""
     lines = [BINDING_HEADER, f"log {origin}", f"account-ref {account_ref}", f"account-id-sha256 {account_id_sha256}",
-             f"request {request_id}"]
+             f"request {request_id}", f"window {since or '-'} {until or '-'}"]
     lines += [f"reviewer {p} {pseudonym}" for p, pseudonym in sorted(reviewers.items())]
     lines += [f"clip {c} {captured}" for c, captured in sorted(clips.items())]
     return "".join(f"{line}\n" for line in lines)
@@ -98,6 +100,7 @@ class _Binding:
     account_ref: str
     account_id_sha256: str
     request_id: str
+    window: str
     reviewers: dict[str, str]
     clips: dict[str, str]
 
@@ -111,7 +114,7 @@ def _parse_binding(text: str) -> _Binding:
     clips: dict[str, str] = {}
     for number, line in enumerate(lines[1:], start=2):
         key, _, value = line.partition(" ")
-        if key in ("log", "account-ref", "account-id-sha256", "request") and key not in single and value:
+        if key in _SINGLE and key not in single and value and (key != "window" or value.count(" ") == 1):
             single[key] = value
         elif key in ("reviewer", "clip") and value.count(" ") == 1:
             name, other = value.split(" ")
@@ -121,12 +124,12 @@ def _parse_binding(text: str) -> _Binding:
             table[name] = other
         else:
             raise ReportError("binding", f"line {number} is not a known binding line")
-    missing = {"log", "account-ref", "account-id-sha256", "request"} - set(single)
+    missing = _SINGLE - set(single)
     if missing:
         raise ReportError("binding", f"missing line(s): {', '.join(sorted(missing))}")
     return _Binding(origin=single["log"], account_ref=single["account-ref"],
                     account_id_sha256=single["account-id-sha256"], request_id=single["request"],
-                    reviewers=reviewers, clips=clips)
+                    window=single["window"], reviewers=reviewers, clips=clips)
 
 
 def _time(value: object, where: str) -> dt.datetime:
@@ -190,6 +193,9 @@ def verify_report(data: bytes, log_key: NoteVerifier, *, witnesses: Sequence[Cos
         raise ReportError("binding", f"is for log {binding.origin!r}, the checkpoint for {checkpoint.origin!r}")
     if binding.request_id != report["request_id"]:
         raise ReportError("binding", "names another request than the report")
+    if binding.window != f"{report['since'] or '-'} {report['until'] or '-'}":
+        raise ReportError("binding", "was signed for another since/until window than the report states "
+                                     "(a narrowed window would hide accesses)")
     if account_id is not None and binding.account_id_sha256 != hashlib.sha256(account_id.encode()).hexdigest():
         raise ReportError("binding", "binds the report to another account id than the one given")
     # 4

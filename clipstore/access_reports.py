@@ -107,14 +107,14 @@ def assemble_report(reader: AuditReader, signer: NoteSigner, *, note: str, accou
     actors = {p["actor"]["id"] for p in parsed}
     captured = {c: rfc3339(t) for c, t in captured_at({p["target"]["clip_id"] for p in parsed} - {""}).items()}
     request_id = parsed[-1]["request_id"]
+    window = {"since": rfc3339(since) if since is not None else "",
+              "until": rfc3339(until) if until is not None else ""}
     binding = sign_note(binding_text(
         origin=checkpoint.origin, account_ref=account_ref,
         account_id_sha256=hashlib.sha256(account_id.encode()).hexdigest(), request_id=request_id,
-        reviewers={a: reviewer_pseudonym(pseudonym_key, account_ref, a) for a in actors}, clips=captured), signer)
-    report = {"format": REPORT_FORMAT, "request_id": request_id,
-              "since": rfc3339(since) if since is not None else "",
-              "until": rfc3339(until) if until is not None else "",
-              "checkpoint": note, "binding": binding,
+        reviewers={a: reviewer_pseudonym(pseudonym_key, account_ref, a) for a in actors}, clips=captured, **window),
+        signer)
+    report = {"format": REPORT_FORMAT, "request_id": request_id, **window, "checkpoint": note, "binding": binding,
               "entries": [{"index": i, "entry": e.decode()} for i, e in zip(indices, entries, strict=True)],
               "proof": [base64.b64encode(h).decode() for h in proof]}
     return AccessReport(report=json.dumps(report, ensure_ascii=False, separators=(",", ":")).encode(),

@@ -295,3 +295,23 @@ def test_concurrent_accesses_to_many_accounts_keep_every_chain_linear(w: World) 
     seqs = [json.loads(e)["target"]["account_seq"] for e in entries if b'"acct_3"' in e]
     assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) > 60
     assert audit.batches < len(entries)  # they did share batches
+
+
+def test_a_window_narrowed_after_signing_fails_and_a_window_is_always_printed(
+        w: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # since/until sat outside every signature: whoever relayed a report could set until before the accesses
+    # (or since after them, dropping the entries before the new fence) and it still printed OK with
+    # complete_through=<request time>, the window nowhere in the text.
+    _reviewed(w)
+    good: Report = json.loads(_ask(w).report)
+    key = w.server.app.audit.signer.verifier
+    first = _entry(good, 0)["time"]
+    for narrowed in ({**good, "until": "2000-01-01T00:00:00.000Z"}, {**good, "since": first}):
+        with pytest.raises(ReportError) as failed:
+            verify_report(json.dumps(narrowed).encode(), key, account_id=ACCOUNT_ID)
+        assert failed.value.where == "binding" and "window" in failed.value.reason
+    until = Timestamp(seconds=int(w.clock.now()))
+    path = tmp_path / "report.json"
+    path.write_bytes(_ask(w, until=until).report)
+    assert auditlog_main(["verify-report", str(path), "--key", key.key_string(), "--account-id", ACCOUNT_ID]) == 0
+    assert " until=" in capsys.readouterr().out.splitlines()[0]
