@@ -315,3 +315,27 @@ def test_a_window_narrowed_after_signing_fails_and_a_window_is_always_printed(
     path.write_bytes(_ask(w, until=until).report)
     assert auditlog_main(["verify-report", str(path), "--key", key.key_string(), "--account-id", ACCOUNT_ID]) == 0
     assert " until=" in capsys.readouterr().out.splitlines()[0]
+
+
+@pytest.mark.parametrize("field", ["since", "until"])
+@pytest.mark.parametrize("bad", [Timestamp(seconds=10**15), Timestamp(seconds=-10**12), Timestamp(nanos=-1)])
+def test_a_time_outside_the_timestamp_range_is_invalid_and_appends_nothing(w: World, field: str,
+                                                                           bad: Timestamp) -> None:
+    # Was INTERNAL (datetime's year range, in rfc3339) after the request entry was already appended.
+    w.opt_in()
+    before = len(w.entries())
+    with pytest.raises(grpc.RpcError) as caught:
+        _ask(w, **{field: bad})
+    assert (caught.value.code(), error_info(caught.value).reason) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                                                      "INVALID_ARGUMENT")
+    assert field in caught.value.details() and len(w.entries()) == before
+
+
+def test_a_clip_captured_in_year_30000000_is_refused_so_it_cannot_break_the_accounts_reports(w: World) -> None:
+    # Stored as given, its capture time made every later report of the account fail (INTERNAL) in rfc3339.
+    from tests.clip_helpers import metadata, put_requests
+    meta = metadata(content_type="audio/wav", locale="en-US")
+    meta.captured_at.CopyFrom(Timestamp(seconds=10**15))
+    with pytest.raises(grpc.RpcError) as caught:
+        w.clips.PutClip(put_requests(meta, b"RIFF" + bytes(100)), metadata=w.ingest, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "captured_at" in caught.value.details()

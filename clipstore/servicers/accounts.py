@@ -8,7 +8,7 @@ import grpc
 from clipstore.access_reports import AccessReports
 from clipstore.accounts import AccountDirectory
 from clipstore.interceptors import current_actor
-from clipstore.servicers.common import MAX_ID_CHARS, MAX_SHORT_CHARS, text
+from clipstore.servicers.common import MAX_ID_CHARS, MAX_SHORT_CHARS, optional_instant, text
 from clipstore.v1 import account_pb2, account_pb2_grpc
 
 
@@ -42,8 +42,8 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
 
     def GetAccessReport(self, request: account_pb2.GetAccessReportRequest,
                         context: grpc.ServicerContext) -> account_pb2.GetAccessReportResponse:
-        since = request.since.ToNanoseconds() / 1e9 if request.HasField("since") else None
-        until = request.until.ToNanoseconds() / 1e9 if request.HasField("until") else None
+        since = optional_instant("since", request.HasField("since"), request.since)
+        until = optional_instant("until", request.HasField("until"), request.until)
         report = self._reports.build(self._account_id(request.account_id), current_actor(), since=since, until=until,
                                      nonce=text("nonce", request.nonce, max_chars=MAX_SHORT_CHARS, required=False))
         return account_pb2.GetAccessReportResponse(report=report.report, tree_size=report.tree_size,

@@ -14,6 +14,7 @@ from clipstore.errors import InvalidArgument
 LOCALE_RE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8}){0,3}$")
 MAX_ID_CHARS = 256
 MAX_SHORT_CHARS = 64
+MAX_TIMESTAMP_S = 253_402_300_799  # 9999-12-31T23:59:59Z, the end of google.protobuf.Timestamp's range
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
 
@@ -32,6 +33,16 @@ def text(field: str, value: str, *, max_chars: int, required: bool) -> str:
 def required_id(field: str, value: str) -> str:
     """A server-issued id the caller sends back (assignment, escalation, review clip)."""
     return text(field, value, max_chars=MAX_SHORT_CHARS, required=True)
+
+
+def optional_instant(field: str, has: bool, value: Timestamp) -> float | None:
+    """A Timestamp field as seconds, or None when unset. The wire does not enforce Timestamp's range:
+    past year 9999 (or nanos outside [0, 1e9)) the value would fail later, in rfc3339, as INTERNAL."""
+    if not has:
+        return None
+    if not 0 <= value.seconds <= MAX_TIMESTAMP_S or not 0 <= value.nanos < 1_000_000_000:
+        raise InvalidArgument(field, "must be a time from 1970 to 9999 (nanos in [0, 999999999])")
+    return value.ToNanoseconds() / 1e9
 
 
 def timestamp(seconds: float) -> Timestamp:
