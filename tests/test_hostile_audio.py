@@ -73,3 +73,30 @@ def test_a_leaked_file_claiming_1024_channels_is_read_as_mono_in_slices(monkeypa
     assert (samples.shape, rate) == ((40, 1), 16000)
     expected = values.reshape(40, 1024).mean(axis=1) / 32768
     assert np.allclose(samples[:, 0], expected, atol=1e-6)
+
+
+def flac_claiming(rate: int) -> bytes:
+    """A real FLAC whose STREAMINFO states `rate` (20 bits at byte 18) instead of the 16 kHz it was made at."""
+    from tests.audio_speech import encoded, speech
+    data = bytearray(encoded(speech("a", 1.0), 16000, "audio/flac"))
+    data[18:21] = ((rate << 4) | (data[20] & 0xF)).to_bytes(3, "big")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("rate", [65536, 376448])
+def test_a_flac_rate_the_encoder_cannot_write_is_unsupported_not_an_internal_error(rate: int) -> None:
+    # libsndfile decodes it, then refuses to write FLAC at that rate at the first block: a LibsndfileError
+    # reached the servicer as INTERNAL, without the clip.audio_failure entry.
+    from clipstore.audio.fetch import FetchAudio, FetchPlan
+    data = flac_claiming(rate)
+    with pytest.raises(UnsupportedAudio, match=f"{rate} Hz"):
+        list(FetchAudio.apply(FetchPlan("pitch_formant", None, 1), "audio/flac", lambda: _once(data),
+                              size_bytes=len(data)))
+
+
+def test_a_stored_flac_the_encoder_refuses_fails_the_fetch_audited(w: World) -> None:
+    _put(w, flac_claiming(65536), "audio/flac")
+    failed = _refused_fetch(w)
+    assert (failed.code(), error_info(failed).reason) == \
+        (grpc.StatusCode.FAILED_PRECONDITION, "AUDIO_FORMAT_UNSUPPORTED")
+    assert [e["action"] for e in w.entries()][-2:] == ["clip.fetch", "clip.audio_failure"]

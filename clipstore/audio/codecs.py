@@ -346,15 +346,18 @@ def _encode_sndfile(fmt: AudioFormat, blocks: Iterable[np.ndarray], frames: int 
                                     format=fmt.container)
     except (soundfile.LibsndfileError, RuntimeError, ValueError) as exc:
         raise UnsupportedAudio(f"cannot write {fmt.container}/{fmt.subtype}") from exc
-    with sound:
-        for block in blocks:
-            sound.write(block)
-            if first and frames is not None and fmt.container == "FLAC" and len(sink.pending) >= 26:
-                _flac_total_samples(sink.pending, frames)
-            data = sink.take(OUT_CHUNK_BYTES)
-            if data:
-                first = False
-                yield data
+    try:  # libsndfile refuses some formats only at the first write (FLAC at 65536 Hz: not in a frame header)
+        with sound:
+            for block in blocks:
+                sound.write(block)
+                if first and frames is not None and fmt.container == "FLAC" and len(sink.pending) >= 26:
+                    _flac_total_samples(sink.pending, frames)
+                data = sink.take(OUT_CHUNK_BYTES)
+                if data:
+                    first = False
+                    yield data
+    except (soundfile.LibsndfileError, RuntimeError) as exc:
+        raise UnsupportedAudio(f"cannot write {fmt.container}/{fmt.subtype} at {fmt.rate} Hz") from exc
     if first and frames is not None and fmt.container == "FLAC":
         _flac_total_samples(sink.pending, frames)
     yield from _chunked([bytes(sink.pending)])
