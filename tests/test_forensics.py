@@ -138,6 +138,12 @@ def test_an_upload_over_the_limit_is_refused(w: World, monkeypatch: pytest.Monke
     with pytest.raises(grpc.RpcError) as caught:
         _identify(w, bytes(100_001), w.safety_md)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 100000 bytes" in caught.value.details()
+    # audited like every other outcome (it was not: the refusal came before the domain call)
+    assert [e for e in w.entries() if e["action"] == "forensics.identify"][-1]["outcome"]["result"] == "denied"
+
+
+def test_an_empty_upload_is_refused_and_audited(w: World) -> None:
+    _denied(w, b"", grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
 
 
 def test_without_watermarking_nothing_is_marked_and_identify_says_why(tmp_path: Path, database_url: str | None,

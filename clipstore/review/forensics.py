@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NoReturn, Protocol
 
-from clipstore.errors import FailedPrecondition, InvalidArgument, NotFound
+from clipstore.errors import ClipstoreError, FailedPrecondition, InvalidArgument, NotFound
 from clipstore.review.ports import ReviewPorts
 from clipstore.rows import WatermarkRow
 from clipstore.unit import Actor, Tx
@@ -48,6 +48,10 @@ class Finding:
 class Forensics:
     def __init__(self, ports: ReviewPorts, detector: LeakDetector | None) -> None:
         self._ports, self._detector = ports, detector
+
+    def refuse_upload(self, actor: Actor, error: ClipstoreError) -> NoReturn:
+        """An upload refused before it could be read (empty, over the size limit): audited like every outcome."""
+        self._ports.deny(actor, ACTION, error)
 
     def identify(self, data: bytes, actor: Actor) -> Finding:
         """The fetch whose copy `data` is; each outcome is one `forensics.identify` entry."""

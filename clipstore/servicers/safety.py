@@ -54,7 +54,11 @@ class SafetyServicer(safety_pb2_grpc.SafetyServiceServicer):
 
     def IdentifyLeak(self, request_iterator: Iterator[safety_pb2.IdentifyLeakRequest],
                      context: grpc.ServicerContext) -> safety_pb2.IdentifyLeakResponse:
-        finding = self._forensics.identify(_leaked_file(request_iterator, context), current_actor())
+        try:
+            data = _leaked_file(request_iterator, context)
+        except InvalidArgument as refused:  # empty or too large: still one forensics.identify entry
+            self._forensics.refuse_upload(current_actor(), refused)
+        finding = self._forensics.identify(data, current_actor())
         fetch = finding.fetch
         return safety_pb2.IdentifyLeakResponse(
             watermark_id=fetch.watermark_id, grant_id=fetch.grant_id, reviewer_id=fetch.reviewer_id,
