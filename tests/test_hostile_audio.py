@@ -100,3 +100,14 @@ def test_a_stored_flac_the_encoder_refuses_fails_the_fetch_audited(w: World) -> 
     assert (failed.code(), error_info(failed).reason) == \
         (grpc.StatusCode.FAILED_PRECONDITION, "AUDIO_FORMAT_UNSUPPORTED")
     assert [e["action"] for e in w.entries()][-2:] == ["clip.fetch", "clip.audio_failure"]
+
+
+def test_a_leaked_file_is_decoded_up_to_a_sample_budget_whatever_its_rate_and_channels(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A FLAC of 300 s of a constant at 384 kHz x 8 channels is about 1 MB: reading MAX_DETECT_S of it decoded
+    # 921M samples (19 s of CPU, 2.2 GB) per IdentifyLeak. The budget counts samples, not seconds.
+    from clipstore.audio import watermark
+    monkeypatch.setattr(watermark, "MAX_DETECT_SAMPLES", 8000)
+    body = bytes(2 * 8 * 4000)  # 4000 frames of 8 channels
+    samples, _ = read_audio(hostile_wav(rate=16000, channels=8, body=body))
+    assert samples.shape == (1000, 1)

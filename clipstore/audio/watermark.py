@@ -67,6 +67,9 @@ MAX_CANDIDATES = 8  # frame starts decoded per detection; bounds the false-ident
 MAX_DETECT_S = 300.0  # detection reads at most this much audio (bounds CPU and memory: ~115 MB at 48 kHz)
 STFT_BINS = 512
 READ_SLICE_SAMPLES = 1 << 20  # samples (frames x channels) per read of a leaked file: 4 MB of float32
+# samples (frames x channels) decoded from a leaked file at most: 300 s of 48 kHz stereo fits; a 1 MB FLAC
+# of 300 s at 384 kHz x 8 channels (921M samples) cost 19 s of CPU and 2.2 GB before this bound
+MAX_DETECT_SAMPLES = 1 << 25
 
 
 @dataclass(frozen=True)
@@ -396,7 +399,8 @@ class ForensicWatermarks:
 
 
 def read_audio(data: bytes) -> tuple[np.ndarray, int]:
-    """At most MAX_DETECT_S of a whole audio file, mixed down to mono, as float32 (frames, 1), and its rate.
+    """At most MAX_DETECT_S (and MAX_DETECT_SAMPLES) of an audio file, mixed to mono, as float32 (frames, 1), and
+    its rate.
 
     Read in slices of at most `READ_SLICE_SAMPLES` and mixed down as it goes: a hostile header's claimed
     length, rate or channel count (up to 1024 in a WAV) sizes nothing; a rate above the decoder's
@@ -410,7 +414,7 @@ def read_audio(data: bytes) -> tuple[np.ndarray, int]:
             rate, channels = int(sound.samplerate), int(sound.channels)
             if not 0 < rate <= MAX_RATE_HZ or channels <= 0:
                 raise UnsupportedAudio(f"the file's header claims {rate} Hz; at most {MAX_RATE_HZ} Hz is read")
-            left, mono = int(MAX_DETECT_S * rate), []
+            left, mono = min(int(MAX_DETECT_S * rate), MAX_DETECT_SAMPLES // channels), []
             while left > 0:
                 block = sound.read(min(left, max(1, READ_SLICE_SAMPLES // channels)), dtype="float32",
                                    always_2d=True)
