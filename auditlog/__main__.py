@@ -181,7 +181,8 @@ def verify_report_file(path: Path, vkey: str, *, witnesses: Sequence[str] = (), 
         report = verify_report(data, verifier, witnesses=wkeys, quorum=quorum, account_id=account_id, nonce=nonce)
     except ReportError as exc:
         return 1, {"result": "FAIL", "where": exc.where, "reason": exc.reason}
-    return 0, {"result": "OK", "account_ref": report.account_ref, "tree_size": report.checkpoint.size,
+    return 0, {"result": "OK", "account_ref": report.account_ref, "account_id_checked": account_id is not None,
+               "tree_size": report.checkpoint.size,
                "root": report.checkpoint.root.hex(), "complete_through": report.complete_through,
                "from_first_access": report.chain_start, "since": report.since, "until": report.until,
                "cosignatures": [{"witness": c.witness, "time": c.timestamp} for c in report.cosignatures],
@@ -198,6 +199,8 @@ def _report_text(result: dict[str, object]) -> str:
     lines = [f"OK account={result['account_ref']} accesses={len(accesses)} tree_size={result['tree_size']} "
              f"complete_through={result['complete_through']}"
              + "".join(f" {k}={result[k]}" for k in ("since", "until") if result[k])  # a window hides accesses
+             + ("" if result["account_id_checked"] else " account_id=UNCHECKED(any account's report verifies; "
+                                                         "pass --account-id)")
              + (f" witnesses={_times(cosigs)}" if cosigs else "")]
     rows = [("when", "what", "clip", "captured", "who")] + [
         (a["time"], _ACTIONS.get(a["action"], a["action"]) + ("" if a["result"] == "ok" else f" ({a['result']})"),

@@ -339,3 +339,17 @@ def test_a_clip_captured_in_year_30000000_is_refused_so_it_cannot_break_the_acco
     with pytest.raises(grpc.RpcError) as caught:
         w.clips.PutClip(put_requests(meta, b"RIFF" + bytes(100)), metadata=w.ingest, timeout=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "captured_at" in caught.value.details()
+
+
+def test_without_account_id_the_ok_line_says_the_account_was_not_checked(
+        w: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The backend asks on the holder's behalf and may ask for any account: with the holder's nonce, another
+    # account's (clean) report verified OK, its acct_ pseudonym meaning nothing to the holder.
+    _reviewed(w)
+    path = tmp_path / "other.json"
+    path.write_bytes(_ask(w, account_id=OTHER_ID, nonce="mine").report)
+    argv = ["verify-report", str(path), "--key", w.server.app.audit.signer.verifier.key_string(), "--nonce", "mine"]
+    assert auditlog_main(argv) == 0
+    assert "account_id=UNCHECKED" in capsys.readouterr().out.splitlines()[0]
+    assert auditlog_main([*argv, "--account-id", ACCOUNT_ID]) == 1
+    assert "another account id" in capsys.readouterr().out
