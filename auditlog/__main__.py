@@ -168,11 +168,12 @@ _ACTIONS = {"grant.issue": "granted a listen", "clip.fetch": "listened", "clip.f
 def verify_report_file(path: Path, vkey: str, *, witnesses: Sequence[str] = (), quorum: int = 0,
                        account_id: str | None = None, nonce: str | None = None) -> tuple[int, dict[str, object]]:
     """Verify an access report; returns (exit code, the result as a JSON-able dict)."""
-    from auditlog.report import ReportError, verify_report
+    from auditlog.report import MAX_REPORT_BYTES, ReportError, verify_report
     try:
         verifier = NoteVerifier.from_key_string(_read_key(vkey))
         wkeys = [CosignatureVerifier.from_key_string(_read_key(w)) for w in witnesses]
-        data = path.read_bytes()
+        with path.open("rb") as fh:  # one byte past the limit is enough to refuse it: never read a huge file whole
+            data = fh.read(MAX_REPORT_BYTES + 1)
     except OSError as exc:
         return 2, {"result": "ERROR", "reason": f"cannot read {exc.filename}: {exc.strerror}"}
     except VerificationError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,13 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from auditlog.__main__ import main as auditlog_main
+from auditlog.__main__ import verify_report_file
 from auditlog.access import AccountChains
 from auditlog.entry import entry_hash
 from auditlog.errors import EntryError
 from auditlog.multiproof import multiproof_ranges
 from auditlog.note import NoteSigner, sign_note
-from auditlog.report import ReportError, verify_report
+from auditlog.report import MAX_REPORT_BYTES, ReportError, verify_report
 from clipstore.unit import AuditRecord
 from clipstore.v1 import account_pb2, clip_pb2, common_pb2, review_pb2, safety_pb2
 from tests.clip_helpers import ACCOUNT_ID, SERIAL
@@ -353,3 +355,20 @@ def test_without_account_id_the_ok_line_says_the_account_was_not_checked(
     assert "account_id=UNCHECKED" in capsys.readouterr().out.splitlines()[0]
     assert auditlog_main([*argv, "--account-id", ACCOUNT_ID]) == 1
     assert "another account id" in capsys.readouterr().out
+
+
+def test_a_report_file_past_the_size_limit_is_refused_without_reading_it_whole(tmp_path: Path) -> None:
+    """A hostile 'report' of 1 GiB (sparse here) is refused after reading one byte past the limit."""
+    huge = tmp_path / "report.json"
+    with huge.open("wb") as fh:
+        fh.truncate(1 << 30)
+    signer = NoteSigner.generate("clipstore-audit/test")
+    tracemalloc.start()
+    try:
+        code, result = verify_report_file(huge, signer.verifier.key_string())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert code == 1 and result["where"] == "report"
+    assert f"at most {MAX_REPORT_BYTES} allowed" in str(result["reason"])
+    assert peak < 2 * MAX_REPORT_BYTES  # the 1 GiB was never read
