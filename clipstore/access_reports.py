@@ -28,7 +28,7 @@ from auditlog.report import REPORT_FORMAT, binding_text
 from clipstore.audit import AuditLog, AuditUnavailable
 from clipstore.audit.reader import AuditReader
 from clipstore.clock import rfc3339
-from clipstore.errors import InvalidArgument
+from clipstore.errors import InvalidArgument, ResourceExhausted
 from clipstore.logs import get_logger
 from clipstore.unit import Actor
 
@@ -56,8 +56,9 @@ class AccessReport:
 class AccessReports:
     def __init__(self, *, audit: AuditLog, account_ref: Callable[[str], str],
                  captured_at: Callable[[Collection[str]], dict[str, float]], pseudonym_key: bytes,
-                 cosign: Callable[[str], str]) -> None:
+                 cosign: Callable[[str], str], max_bytes: int) -> None:
         self._audit = audit
+        self._max_bytes = max_bytes  # one gRPC message: the server could not send a larger report
         self._account_ref, self._captured_at = account_ref, captured_at
         self._key, self._cosign = pseudonym_key, cosign
 
@@ -79,9 +80,14 @@ class AccessReports:
             log.warning("access_report.cosign_failed", exc_type=type(exc).__name__)
             raise AuditUnavailable("the witnesses did not cosign a checkpoint covering this report; retry later") \
                 from None
-        return assemble_report(self._audit.reader, self._audit.signer, note=note, account_id=account_id,
-                               account_ref=ref, head=head, since=since, until=until, pseudonym_key=self._key,
-                               captured_at=self._captured_at)
+        report = assemble_report(self._audit.reader, self._audit.signer, note=note, account_id=account_id,
+                                 account_ref=ref, head=head, since=since, until=until, pseudonym_key=self._key,
+                                 captured_at=self._captured_at)
+        if len(report.report) > self._max_bytes:  # the request stays recorded: it was made
+            raise ResourceExhausted(f"the report holds {report.entries} accesses ({len(report.report)} bytes), more "
+                                    f"than one message of {self._max_bytes} bytes carries; ask with since (the report "
+                                    "then starts at the last access before it)", reason="REPORT_TOO_LARGE")
+        return report
 
 
 def assemble_report(reader: AuditReader, signer: NoteSigner, *, note: str, account_id: str, account_ref: str,

@@ -53,6 +53,7 @@ def root_provider(config: Config) -> KeyProvider:
 
 
 GRANT_KEY_NAME = "grant-signing"
+REPORT_RESPONSE_HEADROOM = 1024  # the response's other fields and framing, next to the report
 
 
 def blob_store(config: Config) -> BlobStore:
@@ -175,7 +176,8 @@ class App:
         self.access_reports = AccessReports(
             audit=self.audit, account_ref=lambda account_id: self.accounts.require(account_id).account_ref,
             captured_at=clip_rows.captured_at,
-            pseudonym_key=load_or_create_service_key(self.db, self.root, PSEUDONYM_KEY_NAME), cosign=self.cosign)
+            pseudonym_key=load_or_create_service_key(self.db, self.root, PSEUDONYM_KEY_NAME), cosign=self.cosign,
+            max_bytes=config.max_message_bytes - REPORT_RESPONSE_HEADROOM)
         self.sampler = ReviewSampler(rate=config.review_sample_rate)
         self.clips = ClipLibrary(clips=ClipRepository(self.db), rows=_clip_rows, review=_review_rows,
                                  accounts=self.accounts, keyring=self.keyring,

@@ -97,6 +97,8 @@ class Reason(StrEnum):
     BLOB_NOT_FOUND = auto(), Kind.NOT_FOUND, "the clip's object is missing from the blob store"
     ACCOUNT_NOT_FOUND = auto(), Kind.NOT_FOUND, "the account has no clips or was deleted"
     ACCOUNT_DELETED = auto(), Kind.NOT_FOUND, "the account was crypto-shredded; its clips can never be opened"
+    REPORT_TOO_LARGE = auto(), Kind.LIMIT_REACHED, \
+        "the access report exceeds one message (server.max_message_bytes): ask with since, a window starting later"
     IDEMPOTENCY_KEY_SPENT = auto(), Kind.WRONG_STATE, \
         "the key's clip was deleted, purged or expired (or its account deleted); it is never stored again"
     KEY_VERSION_UNAVAILABLE = auto(), Kind.WRONG_STATE, "the clip's key version is retired; an operator must rewrap"

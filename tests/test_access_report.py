@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -27,9 +28,11 @@ from auditlog.errors import EntryError
 from auditlog.multiproof import multiproof_ranges
 from auditlog.note import NoteSigner, sign_note
 from auditlog.report import MAX_REPORT_BYTES, ReportError, verify_report
+from clipstore.server import running_server
 from clipstore.unit import AuditRecord
-from clipstore.v1 import account_pb2, clip_pb2, common_pb2, review_pb2, safety_pb2
-from tests.clip_helpers import ACCOUNT_ID, SERIAL
+from clipstore.v1 import account_pb2, account_pb2_grpc, clip_pb2, clip_pb2_grpc, common_pb2, review_pb2, safety_pb2
+from tests.clip_helpers import ACCOUNT_ID, SERIAL, metadata, put_requests
+from tests.conftest import bearer, make_config, new_key
 from tests.grpc_helpers import error_info
 from tests.test_review import World, clock, review_config, srv, w  # noqa: F401 (fixtures)
 
@@ -372,3 +375,34 @@ def test_a_report_file_past_the_size_limit_is_refused_without_reading_it_whole(t
     assert code == 1 and result["where"] == "report"
     assert f"at most {MAX_REPORT_BYTES} allowed" in str(result["reason"])
     assert peak < 2 * MAX_REPORT_BYTES  # the 1 GiB was never read
+
+
+def test_a_report_larger_than_one_message_is_refused_with_advice_and_a_window_still_works(tmp_path: Path) -> None:
+    """The server cannot send more than max_message_bytes: instead of a transport error after the request was
+    recorded, REPORT_TOO_LARGE says to ask for a window; one starting after the accesses then verifies."""
+    with running_server(make_config(tmp_path / "d", max_message_bytes=256 << 10)) as srv, \
+            grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        md = bearer(new_key(srv.app, "ingest"))
+        clip_pb2_grpc.ClipServiceStub(channel).PutClip(iter(put_requests(metadata(), b"a" * 1000)), metadata=md,
+                                                       timeout=20)
+        ref = srv.app.accounts.require(ACCOUNT_ID).account_ref
+        futures = [srv.app.audit.append_async(AuditRecord(actor_id="p_0123456789abcdef", actor_role="reviewer",
+                                                          action="clip.fetch", account_ref=ref, clip_id=f"c_{i}"))
+                   for i in range(600)]
+        futures[-1].result(timeout=60)
+        accounts = account_pb2_grpc.AccountServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            accounts.GetAccessReport(account_pb2.GetAccessReportRequest(account_id=ACCOUNT_ID), metadata=md,
+                                     timeout=60)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error_info(caught.value).reason == "REPORT_TOO_LARGE"
+        assert "since" in (caught.value.details() or "")
+        since = Timestamp(seconds=int(time.time()) + 1)
+        time.sleep(1.1)  # the window starts after every access above; its fence is the refused request
+        report = accounts.GetAccessReport(account_pb2.GetAccessReportRequest(account_id=ACCOUNT_ID, since=since),
+                                          metadata=md, timeout=60)
+        assert report.entries <= 3
+        path = tmp_path / "report.json"
+        path.write_bytes(report.report)
+        assert auditlog_main(["verify-report", str(path), "--key", srv.app.audit.signer.verifier.key_string(),
+                              "--account-id", ACCOUNT_ID]) == 0
