@@ -45,6 +45,7 @@ from clipstore.clock import Clock, rfc3339
 from clipstore.errors import Reason, Unavailable
 from clipstore.logs import get_logger
 from clipstore.store import Database, schema
+from clipstore.store.plain import dialect_sql
 from clipstore.store.schema import node_key
 from clipstore.unit import AuditRecord, Tx, Unit
 
@@ -277,7 +278,7 @@ class AuditLog:
                 p.done.set_exception(error)
 
     def _sql(self, statement: str) -> str:
-        return statement if self._db.is_sqlite else statement.replace("?", "%s")
+        return dialect_sql(statement, postgresql=not self._db.is_sqlite)
 
     def _connection(self) -> sa.Connection:
         if self._conn is None:

@@ -17,11 +17,26 @@ def _pyformat(sql: str) -> str:
     return sql.replace("?", "%s")
 
 
-def fetch_all(conn: sa.Connection, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-    """Every row of a plain-SQL read on `conn`."""
+def dialect_sql(sql: str, *, postgresql: bool) -> str:
+    """A `?`-placeholder statement as the driver wants it (psycopg: `%s`)."""
+    return _pyformat(sql) if postgresql else sql
+
+
+def _execute(conn: sa.Connection, sql: str, params: tuple[Any, ...]) -> Any:
+    """The DBAPI cursor that ran `sql`; the caller closes it."""
     cursor = conn.connection.cursor()
     try:
-        cursor.execute(_pyformat(sql) if conn.dialect.name == "postgresql" else sql, params)
+        cursor.execute(dialect_sql(sql, postgresql=conn.dialect.name == "postgresql"), params)
+    except BaseException:
+        cursor.close()
+        raise
+    return cursor
+
+
+def fetch_all(conn: sa.Connection, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """Every row of a plain-SQL read on `conn`."""
+    cursor = _execute(conn, sql, params)
+    try:
         return [tuple(row) for row in cursor.fetchall()]
     finally:
         cursor.close()
@@ -32,16 +47,10 @@ class PlainRows:
 
     def __init__(self, conn: sa.Connection) -> None:
         self._conn = conn
-        self._pg = conn.dialect.name == "postgresql"
-
-    def _cursor_execute(self, sql: str, params: tuple[Any, ...]) -> Any:
-        cursor = self._conn.connection.cursor()
-        cursor.execute(_pyformat(sql) if self._pg else sql, params)
-        return cursor
 
     def _fetch(self, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
         """The first row, or None."""
-        cursor = self._cursor_execute(sql, params)
+        cursor = _execute(self._conn, sql, params)
         try:
             row = cursor.fetchone()
         finally:
@@ -53,7 +62,7 @@ class PlainRows:
 
     def _exec(self, sql: str, params: tuple[Any, ...]) -> int:
         """A write; returns its row count."""
-        cursor = self._cursor_execute(sql, params)
+        cursor = _execute(self._conn, sql, params)
         try:
             return int(cursor.rowcount)
         finally:
