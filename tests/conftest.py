@@ -150,3 +150,17 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.t += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """The injected clock of a test's server (`srv`); modules override `srv` for their own config."""
+    return FakeClock()
+
+
+@pytest.fixture
+def srv(tmp_path: Path, database_url: str | None, clock: FakeClock, log_stream: io.StringIO
+        ) -> Iterator[ClipstoreServer]:
+    """A server on loopback driven by `clock`, on SQLite and PostgreSQL."""
+    with running_server(make_config(tmp_path / "data", database_url=database_url), clock=clock) as server:
+        yield server

@@ -34,7 +34,7 @@ from clipstore.v1 import account_pb2, account_pb2_grpc, clip_pb2, clip_pb2_grpc,
 from tests.clip_helpers import ACCOUNT_ID, SERIAL, metadata, put_requests
 from tests.conftest import bearer, make_config, new_key
 from tests.grpc_helpers import error_info
-from tests.test_review import World, clock, review_config, srv, w  # noqa: F401 (fixtures)
+from tests.test_review import World, review_config, srv, w  # noqa: F401 (fixtures)
 
 OTHER_ID = "amzn1.account.OTHEREXAMPLE7"
 Report = dict[str, Any]

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import json
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import pytest
@@ -16,7 +14,7 @@ from google.protobuf.message import Message
 
 from clipstore.auth import hash_api_key
 from clipstore.enrolment import code_hash
-from clipstore.server import ClipstoreServer, running_server
+from clipstore.server import ClipstoreServer
 from clipstore.store import schema
 from clipstore.store.enrolment import EnrolmentRows
 from clipstore.totp import code_at
@@ -30,7 +28,7 @@ from clipstore.v1 import (
     reviewer_admin_pb2,
     reviewer_admin_pb2_grpc,
 )
-from tests.conftest import FakeClock, bearer, make_config, new_key
+from tests.conftest import FakeClock, bearer, new_key
 from tests.db_helpers import database_bytes
 from tests.enrolment_helpers import create_reviewer, enrol, redeem, totp_secret_bytes
 from tests.grpc_helpers import error_info
@@ -38,18 +36,6 @@ from tests.grpc_helpers import error_info
 RACERS = 24
 ROTATE_TOTP = enrolment_pb2.ENROLMENT_PURPOSE_ROTATE_TOTP
 ROTATE_API_KEY = enrolment_pb2.ENROLMENT_PURPOSE_ROTATE_API_KEY
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def srv(tmp_path: Path, database_url: str | None, clock: FakeClock, log_stream: io.StringIO
-        ) -> Iterator[ClipstoreServer]:
-    with running_server(make_config(tmp_path / "data", database_url=database_url), clock=clock) as server:
-        yield server
 
 
 @pytest.fixture

@@ -34,11 +34,6 @@ def bucket(moto_endpoint: str) -> str:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
 def s3_config(tmp_path: Path, moto_endpoint: str, bucket: str, database_url: str | None) -> Config:
     return make_config(tmp_path / "data", database_url=database_url,
                        **{"s3.bucket": bucket, "s3.endpoint_url": moto_endpoint})

@@ -106,11 +106,6 @@ def test_aws_unreachable_endpoint_is_unavailable() -> None:
 
 # -- the key ring ---------------------------------------------------------------------
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
 def ring(tmp_path: Path, clock: FakeClock) -> KeyRing:
     db = Database(f"sqlite:///{tmp_path / 'meta.db'}")
     return KeyRing(LocalKms.from_file(tmp_path / "root.key"), SqlKekStore(db), now=clock.now)

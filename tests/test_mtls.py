@@ -54,11 +54,6 @@ def _enrol(server: ClipstoreServer, role: str, name: str, trust_domain: str = "c
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
 def tls_server(tmp_path: Path, certs: Path, clock: FakeClock, log_stream: io.StringIO
                ) -> Iterator[ClipstoreServer]:
     with running_server(_tls_config(tmp_path, certs), clock=clock) as srv:

@@ -37,11 +37,6 @@ def certs(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
 def srv(tmp_path: Path, certs: Path, database_url: str | None, clock: FakeClock, log_stream: io.StringIO
         ) -> Iterator[ClipstoreServer]:
     config = make_config(tmp_path / "data", database_url=database_url, **{

@@ -33,18 +33,6 @@ RACERS = 24
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def srv(tmp_path: Path, database_url: str | None, clock: FakeClock, log_stream: io.StringIO
-        ) -> Iterator[ClipstoreServer]:
-    with running_server(make_config(tmp_path / "data", database_url=database_url), clock=clock) as server:
-        yield server
-
-
-@pytest.fixture
 def channel(srv: ClipstoreServer) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
         yield ch

@@ -48,11 +48,6 @@ AUDIO = bytes(range(256)) * 300  # 75 KiB: two segments
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
 def review_config(tmp_path: Path, database_url: str | None) -> Config:
     return make_config(tmp_path / "data", database_url=database_url,
                        **{"review.sample_rate": 1.0, "review.daily_cap": 3})

@@ -104,11 +104,6 @@ def _assert_refuses_everything(server: ClipstoreServer, log_stream: io.StringIO,
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
 def srv(tmp_path: Path, database_url: str | None, clock: FakeClock, log_stream: io.StringIO
         ) -> Iterator[ClipstoreServer]:
     config = make_config(tmp_path / "data", database_url=database_url, **{"review.sample_rate": 1.0})
