@@ -13,8 +13,10 @@ for unusable arguments.
 `auditlog verify --tiles DIR|https://…|s3://bucket/prefix --key VKEY
 [--witness WKEY … --quorum N] [--state FILE] [--format json]` verifies the
 log published as C2SP tlog-tiles. With --state, the last verified checkpoint
-is remembered and the next run checks only the new entries and that the old
-tree is a prefix of the new one (`FAIL checkpoint: rolled back…`/`forked…`).
+is remembered, with each account's access-chain head, and the next run checks
+only the new entries (their account chains continuing from those heads) and
+that the old tree is a prefix of the new one (`FAIL checkpoint: rolled
+back…`/`forked…`).
 Also `FAIL tile <path>: <reason>`. Progress goes to stderr on long runs.
 
 `auditlog verify-report FILE --key VKEY [--witness WKEY … --quorum N]
@@ -126,7 +128,7 @@ def verify_tiles_at(location: str, vkey: str, *, witnesses: Sequence[str] = (), 
         wkeys = [CosignatureVerifier.from_key_string(_read_key(w)) for w in witnesses]
         read = open_source(location)
         old = TileState.load(state) if state else None
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         return 2, {"result": "ERROR", "reason": f"cannot read arguments: {exc}"}
     except VerificationError as exc:
         return 2, {"result": "ERROR", "reason": f"bad --key or --witness: {exc}"}
@@ -143,9 +145,10 @@ def verify_tiles_at(location: str, vkey: str, *, witnesses: Sequence[str] = (), 
         return 2, {"result": "ERROR", "reason": f"cannot read {location}: {exc}"}
     if state is not None:
         TileState(origin=result.checkpoint.origin, size=result.size, root=result.root,
-                  last_leaf=result.last_leaf, note=result.note).save(state)
+                  last_leaf=result.last_leaf, note=result.note, chains=result.chains).save(state)
     return 0, {"result": "OK", "size": result.size, "root": result.root.hex(), "unsigned_trailing": 0,
                "verified_from": result.old_size, "entries_verified": result.size - result.old_size,
+               "account_chains": "checked" if result.chains is not None else "unchecked",
                "cosignatures": [{"witness": c.witness, "time": c.timestamp} for c in result.cosignatures]}
 
 
@@ -154,6 +157,8 @@ def _text(code: int, result: dict[str, object]) -> str:
         cosigs = [Cosignature(c["witness"], c["time"]) for c in result["cosignatures"]]  # type: ignore[attr-defined]
         line = (f"OK size={result['size']} root={result['root']} unsigned_trailing=0 "
                 f"verified_from={result['verified_from']}")
+        if result.get("account_chains") == "unchecked":  # a --state file from before it held the chains' heads
+            line += " account_chains=unchecked"
         return line + (f" witnesses={_times(cosigs)}" if cosigs else "")
     if result["result"] == "FAIL":
         return f"FAIL {result['where']}: {result['reason']}"

@@ -68,9 +68,16 @@ class AccountChains:
     """Feed every entry of a log in order to `check`; it raises `EntryError` at the first entry
     that breaks an account's chain. Memory: one (seq, hash) per account seen."""
 
-    def __init__(self) -> None:
-        self._heads: dict[str, tuple[int, str]] = {}
-        self.first_chained: int | None = None  # the index where chaining began
+    def __init__(self, heads: Mapping[str, tuple[int, str]] | None = None, first_chained: int | None = None) -> None:
+        """Empty for a log read from entry 0; or resumed from what `heads` and `first_chained` said
+        after an earlier pass over the log's first entries (an incremental verification's state)."""
+        self._heads: dict[str, tuple[int, str]] = dict(heads or {})
+        self.first_chained = first_chained  # the index where chaining began
+
+    @property
+    def heads(self) -> dict[str, tuple[int, str]]:
+        """account_ref -> (account_seq, hex hash) of each account's newest entry seen."""
+        return dict(self._heads)
 
     def check(self, data: bytes, index: int) -> None:
         if b'"account_seq":' not in data and (self.first_chained is None or not data.startswith(_PREFIXES)):

@@ -150,6 +150,7 @@ class VerifiedTiles:
     old_size: int  # verified before (from --state); only [old_size, size) was hashed this time
     last_leaf: bytes
     cosignatures: tuple[Cosignature, ...]
+    chains: AccountChains | None  # None: the account chains of the new entries were not checked (see TileState)
 
 
 def verify_tiles(read: Callable[[str], bytes], verifier: NoteVerifier, *,
@@ -170,34 +171,49 @@ def verify_tiles(read: Callable[[str], bytes], verifier: NoteVerifier, *,
     checkpoint, cosigs = open_cosigned_checkpoint(note, verifier, witnesses, quorum)
     if state is not None and state.origin != checkpoint.origin:
         raise CheckpointError(f"the state file is for log {state.origin!r}, this is {checkpoint.origin!r}")
-    old = state or TileState(origin=checkpoint.origin, size=0, root=b"", last_leaf=b"", note="")
-    # Account chains are checked on a verification from entry 0 (the heads are not in the state file).
+    old = state or TileState(origin=checkpoint.origin, size=0, root=b"", last_leaf=b"", note="",
+                             chains=AccountChains())
+    # The account chains continue from the heads the state file remembers (a state file written
+    # before it remembered them cannot vouch for them: the new entries' chains go unchecked).
+    chains = AccountChains() if old.size == 0 else \
+        old.chains and AccountChains(old.chains.heads, old.chains.first_chained)  # a copy: `state` stays as it was
     result = verify_range(read, old_size=old.size, old_root=old.root, old_last_leaf=old.last_leaf,
-                          size=checkpoint.size, root=checkpoint.root, progress=progress,
-                          chains=AccountChains() if old.size == 0 else None)
+                          size=checkpoint.size, root=checkpoint.root, progress=progress, chains=chains)
     return VerifiedTiles(size=checkpoint.size, root=checkpoint.root, checkpoint=checkpoint, note=note,
-                         old_size=old.size, last_leaf=result.last_leaf, cosignatures=tuple(cosigs))
+                         old_size=old.size, last_leaf=result.last_leaf, cosignatures=tuple(cosigs), chains=chains)
 
 
 @dataclass(frozen=True)
 class TileState:
-    """What `--state` remembers: the last checkpoint verified, its root and last leaf hash."""
+    """What `--state` remembers: the last checkpoint verified, its root and last leaf hash, and
+    each account's access-chain head there (one line per account), so that the next run checks the
+    new entries' account chains too. `chains` is None for a state file written without them."""
 
     origin: str
     size: int
     root: bytes
     last_leaf: bytes
     note: str
+    chains: AccountChains | None
 
     @classmethod
     def load(cls, path: Path) -> TileState | None:
         if not path.exists():
             return None
         raw = json.loads(path.read_text())
+        chains = None
+        if "account_chains" in raw:
+            saved = raw["account_chains"]
+            first = saved["first_chained"]
+            chains = AccountChains({str(ref): (int(seq), str(h)) for ref, (seq, h) in saved["heads"].items()},
+                                   None if first is None else int(first))
         return cls(origin=raw["origin"], size=int(raw["size"]), root=bytes.fromhex(raw["root"]),
-                   last_leaf=bytes.fromhex(raw["last_leaf"]), note=raw["checkpoint"])
+                   last_leaf=bytes.fromhex(raw["last_leaf"]), note=raw["checkpoint"], chains=chains)
 
     def save(self, path: Path) -> None:
-        data = json.dumps({"origin": self.origin, "size": self.size, "root": self.root.hex(),
-                           "last_leaf": self.last_leaf.hex(), "checkpoint": self.note}, indent=1)
-        write_durably(path, data.encode())
+        value: dict[str, object] = {"origin": self.origin, "size": self.size, "root": self.root.hex(),
+                                    "last_leaf": self.last_leaf.hex(), "checkpoint": self.note}
+        if self.chains is not None:
+            value["account_chains"] = {"first_chained": self.chains.first_chained,
+                                       "heads": {ref: [seq, h] for ref, (seq, h) in sorted(self.chains.heads.items())}}
+        write_durably(path, json.dumps(value, indent=1).encode())

@@ -163,7 +163,8 @@ def tiles_rates(entries: list[bytes], new: int = 1000) -> tuple[float, float]:
         start = time.perf_counter()
         full = verify_tiles(read, signer.verifier)
         rate = full.size / (time.perf_counter() - start)
-        state = TileState(origin=signer.name, size=full.size, root=full.root, last_leaf=full.last_leaf, note=full.note)
+        state = TileState(origin=signer.name, size=full.size, root=full.root, last_leaf=full.last_leaf, note=full.note,
+                          chains=full.chains)
         _publish(directory, writer, entries, signer)
         samples = []
         for _ in range(5):

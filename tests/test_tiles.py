@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from auditlog.entry import entry_hash
 from auditlog.note import NoteSigner
 from auditlog.tiles import TileWriter, entries_path, tile_path
 from tests.auditlog_helpers import build_chained_entries, build_entries, checkpoint_for, publish_tiles
@@ -150,6 +151,41 @@ def test_verify_tiles_from_the_start_checks_account_chains(tmp_path: Path) -> No
     code, out, _ = _verify("--tiles", str(tmp_path / "forked"))
     assert (code, out) == (1, "FAIL entry 2: account chain: account_seq is 2, expected 3 (the account's chain "
                               "forks or skips here)")
+
+
+def test_incremental_verify_continues_the_account_chains_from_the_state(tmp_path: Path) -> None:
+    """An account's chain forked after the remembered size is found by the incremental run too."""
+    state = tmp_path / "state.json"
+    good = build_chained_entries([(1, None), (2, None), (3, None)])
+    publish_tiles(tmp_path / "log", good, SIGNER)
+    assert _verify("--tiles", str(tmp_path / "log"), "--state", str(state))[0] == 0
+    assert json.loads(state.read_text())["account_chains"]["heads"] == {"acct_x": [3, entry_hash(good[2])]}
+    # The log goes on with a fourth entry that reuses account_seq 3: a fork of acct_x's chain.
+    forked = build_chained_entries([(1, None), (2, None), (3, None), (3, None)])
+    publish_tiles(tmp_path / "log", forked, SIGNER)
+    code, out, _ = _verify("--tiles", str(tmp_path / "log"), "--state", str(state))
+    assert (code, out) == (1, "FAIL entry 3: account chain: account_seq is 3, expected 4 (the account's chain "
+                              "forks or skips here)")
+    assert json.loads(state.read_text())["size"] == 3  # a failed run never moves the state
+    publish_tiles(tmp_path / "log", build_chained_entries([(1, None), (2, None), (3, None), (4, None)]), SIGNER)
+    code, out, _ = _verify("--tiles", str(tmp_path / "log"), "--state", str(state))
+    assert code == 0 and "verified_from=3" in out and "account_chains" not in out, out
+    assert json.loads(state.read_text())["account_chains"]["heads"]["acct_x"][0] == 4
+
+
+def test_a_state_file_without_chain_heads_says_the_chains_went_unchecked(tmp_path: Path) -> None:
+    state = tmp_path / "state.json"
+    entries = build_chained_entries([(1, None), (2, None), (2, None)])
+    publish_tiles(tmp_path / "log", entries, SIGNER, sizes=[2])
+    assert _verify("--tiles", str(tmp_path / "log"), "--state", str(state))[0] == 0
+    older = json.loads(state.read_text())
+    del older["account_chains"]  # as an auditlog from before they were kept wrote it
+    state.write_text(json.dumps(older))
+    publish_tiles(tmp_path / "log", entries, SIGNER, sizes=[2, 3])
+    code, out, _ = _verify("--tiles", str(tmp_path / "log"), "--state", str(state))
+    assert code == 0 and out.endswith("verified_from=2 account_chains=unchecked"), out
+    code, out, _ = _verify("--tiles", str(tmp_path / "log"), "--format", "json")  # from entry 0: found
+    assert code == 1 and json.loads(out)["where"] == "entry 2", out
 
 
 def test_incremental_verify_with_state_checks_only_new_entries(tmp_path: Path) -> None:
