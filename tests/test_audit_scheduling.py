@@ -1,15 +1,22 @@
-"""Where the audit log's background work runs: SQLite's WAL is checkpointed off every commit, and stays short."""
+"""Where the audit log's background work runs: checkpoints are signed off the writer thread and stored in
+its transactions; SQLite's WAL is checkpointed off every commit, and stays short."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
+from auditlog.checkpoint import open_checkpoint
 from clipstore.audit import AuditLog
+from clipstore.audit import log as audit_log
 from clipstore.audit.signing import load_or_create_signer
 from clipstore.clock import SystemClock
+from clipstore.errors import Unavailable
 from clipstore.store import Database
 from clipstore.store import db as db_module
 from clipstore.unit import AuditRecord
@@ -20,9 +27,82 @@ def _record(i: int) -> AuditRecord:
     return AuditRecord(actor_id="p_test", actor_role="admin", action="probe", request_id=f"r{i}")
 
 
+@pytest.fixture
+def db(tmp_path: Path, database_url: str | None) -> Iterator[Database]:
+    db = Database(database_url or f"sqlite:///{tmp_path / 'a.db'}")
+    yield db
+    db.close()
+
+
 def _log(db: Database, tmp_path: Path, **kw: Any) -> AuditLog:
     return AuditLog(db, load_or_create_signer(db, LocalKms.from_file(tmp_path / "root.key")), SystemClock(),
                     **{"checkpoint_every_entries": 5, "checkpoint_every_s": 3600, **kw})
+
+
+def test_checkpoints_are_signed_off_the_writer_thread_ride_in_its_commits_and_verify(
+        db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(audit_log, "CHECKPOINT_RIDE_S", 60.0)  # no checkpoint may commit on its own here
+    provers: set[str] = set()
+    prove = AuditLog._prove
+
+    def spy(self: AuditLog, *args: Any) -> Any:
+        provers.add(threading.current_thread().name)
+        return prove(self, *args)
+
+    monkeypatch.setattr(AuditLog, "_prove", spy)
+    audit = _log(db, tmp_path)
+    try:
+        audit.append(_record(0))  # starts the threads; its checkpoint is due at once (none yet)
+        before, appends = db.commits, 0
+        while (latest := audit.reader.latest_checkpoint()) is None or latest[0] < 20:
+            assert appends < 2000, "no checkpoint of 20 entries was stored"
+            audit.append(_record(appends + 1))
+            appends += 1
+        assert db.commits - before == appends  # one commit per append: each checkpoint rode in one
+        assert provers == {"audit-signer"}
+        cp = open_checkpoint(latest[1], audit.signer.verifier)
+        assert cp.size == latest[0] and cp.root == audit.reader.root(cp.size)
+    finally:
+        audit.close()  # a checkpoint still waiting for a ride commits alone, and the final one is stored
+    last = audit.reader.latest_checkpoint()
+    assert last is not None and last[0] == audit.reader.size()
+
+
+def test_a_checkpoint_falls_due_by_time_with_no_appends(db: Database, tmp_path: Path) -> None:
+    audit = _log(db, tmp_path, checkpoint_every_entries=10**9, checkpoint_every_s=0.2)
+    try:
+        audit.append(_record(0))
+        audit.append(_record(1))
+        for _ in range(100):
+            latest = audit.reader.latest_checkpoint()
+            if latest is not None and latest[0] == 2:
+                break
+            threading.Event().wait(0.05)
+        assert latest is not None and latest[0] == 2
+    finally:
+        audit.close()
+
+
+def test_a_checkpoint_another_replica_stored_first_is_kept_and_one_with_another_root_halts(
+        db: Database, tmp_path: Path) -> None:
+    one = _log(db, tmp_path, checkpoint_every_entries=10**9)
+    two = _log(db, tmp_path, checkpoint_every_entries=10**9)
+    try:
+        for i in range(3):
+            one.append(_record(i))
+        two.run(lambda tx: None)  # the second replica reads what the first appended
+        assert two.checkpoint() == one.checkpoint()  # the same size and tree: stored once, both fine
+        one.append(_record(3))
+        size = one.reader.size()
+        with db.transaction() as conn:  # a checkpoint of this size with another root is already there
+            conn.execute(sa.text("INSERT INTO audit_checkpoints (size, root, note, created_at) "
+                                 "VALUES (:s, :r, 'forged', 0)"), {"s": size, "r": b"\x01" * 32})
+        with pytest.raises(Unavailable):
+            one.checkpoint()
+        assert one.halted is not None and one.halted.kind == "fork" and str(size) in one.halted.detail
+    finally:
+        one.close()
+        two.close()
 
 
 def test_the_wal_is_checkpointed_off_the_writer_and_stays_short(tmp_path: Path,
