@@ -13,6 +13,10 @@ A crash leaves a unit's effect and its entries both committed or both absent.
 A unit that refuses (`raise tx.deny(...)`) keeps what it wrote (the denial's
 entry, a failure counter); a unit that fails any other way is rolled back and
 the others are committed without it.
+
+Nothing else runs on the writer thread: checkpoints are proven and signed on
+a thread of their own (`audit-signer`), and the signed row rides in the
+writer's next transaction.
 """
 
 from __future__ import annotations
