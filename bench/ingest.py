@@ -1,15 +1,22 @@
 """Ingest benchmark (not a test): PutClip through our server vs raw boto3 put_object.
 
-  python bench/ingest.py [--small-count 400] [--large-count 32]
+  python bench/ingest.py [--rounds 15] [--small-per-round 64] [--large-per-round 16]
 
 One moto server (subprocess, loopback) serves both in the same run. Ours:
 `clipstore serve` as a subprocess with the S3 backend; 8 client threads send
-PutClip streams (64 KiB messages). Peer: 8 threads of boto3 put_object of the
-same bytes to the same moto server. Clips go to 64 accounts that already hold
-clips (steady state: an account's first clip also creates its key and its row,
-two more commits, outside the measured rounds). Rounds of ours and the peer alternate; a
-ratio is ours ÷ peer wall time within a round, the figure the median over
-rounds. Then RSS growth of the server process while it ingests one 50 MiB clip.
+PutClip streams (messages of the client library's size). Peer: 8 threads of
+boto3 put_object of the same bytes to the same moto server, with boto3's
+default configuration (a backend without clipstore). Clips go to 64 accounts
+that already hold clips (steady state: an account's first clip also creates
+its key and its row, two more commits, outside the measured rounds).
+
+Measurement: per size, one discarded warm-up round of each (connection pools,
+worker threads, caches), then `--rounds` rounds in which ours and the peer run
+back to back, the order alternating (ABBA), so drift in the machine's load hits
+both alike. A round's ratio is ours ÷ peer wall time; the figure is the median
+over rounds, printed with its quartiles and extremes (the spread says how far to
+trust it on a shared machine). Then RSS growth of the server process while it
+ingests one 50 MiB clip.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -37,7 +45,6 @@ from clipstore.v1 import clip_pb2, clip_pb2_grpc  # noqa: E402
 
 CLIENTS = 8
 CHUNK = 64 * 1024
-ROUNDS = 4
 ACCOUNTS = 64
 
 
@@ -60,14 +67,56 @@ def _timed(count: int, one: Callable[[int], None]) -> float:
     return time.perf_counter() - start
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """Wall times of ours and the peer, round by round (each round runs both, back to back)."""
+
+    ours_s: list[float]
+    peer_s: list[float]
+
+    @property
+    def ratios(self) -> list[float]:
+        return [o / p for o, p in zip(self.ours_s, self.peer_s, strict=True)]
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ratios)
+
+    def spread(self) -> tuple[float, float, float, float]:
+        """Minimum, first quartile, third quartile and maximum of the per-round ratios."""
+        ratios = sorted(self.ratios)
+        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+        return ratios[0], q1, q3, ratios[-1]
+
+
+def compare(ours: Callable[[int], None], peer: Callable[[int], None], *, per_round: int,
+            rounds: int) -> Comparison:
+    """One discarded warm-up round of each, then `rounds` rounds in ABBA order."""
+    _timed(per_round, ours)
+    _timed(per_round, peer)
+    ours_s, peer_s = [], []
+    for r in range(rounds):
+        if r % 2 == 0:
+            ours_s.append(_timed(per_round, ours))
+            peer_s.append(_timed(per_round, peer))
+        else:
+            peer_s.append(_timed(per_round, peer))
+            ours_s.append(_timed(per_round, ours))
+    return Comparison(ours_s, peer_s)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--small-count", type=int, default=400)
-    parser.add_argument("--large-count", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=15, help="measured rounds per size (after one warm-up)")
+    parser.add_argument("--small-per-round", type=int, default=64, help="32 KiB clips per round and side")
+    parser.add_argument("--large-per-round", type=int, default=16, help="5 MiB clips per round and side")
+    parser.add_argument("--only", choices=("32k", "5m"), help="measure one size (profiling)")
     args = parser.parse_args()
-    cases = [("32k", 32 * 1024, args.small_count), ("5m", 5 * 1024 * 1024, args.large_count)]
+    cases = [("32k", 32 * 1024, args.small_per_round), ("5m", 5 * 1024 * 1024, args.large_per_round)]
+    cases = [c for c in cases if args.only in (None, c[0])]
     with moto_server() as endpoint, clipstore_server(endpoint) as server:
         address, proc, keys = server.address, server.proc, server.keys
+        print(f"server pid {proc.pid}", flush=True)
         s3 = boto3.client("s3", endpoint_url=endpoint)
         raw_bucket = f"raw-{uuid.uuid4().hex[:8]}"
         s3.create_bucket(Bucket=raw_bucket)
@@ -76,9 +125,10 @@ def main() -> None:
         md = (("authorization", f"Bearer {keys['ingest']}"),)
         for account in range(ACCOUNTS):  # each account's first clip, with its key and row
             stub.PutClip(iter(_requests(b"warm", account)), metadata=md, timeout=120)
-        ratios: dict[str, float] = {}
-        print(f"{'clip':>7} {'count':>6} {'ours s':>8} {'boto3 s':>8} {'ours/boto3':>10}  (medians of {ROUNDS} rounds)")
-        for name, size, count in cases:
+        results: dict[str, Comparison] = {}
+        print(f"{'clip':>5} {'per round':>9} {'ours s':>7} {'boto3 s':>7} {'ours/boto3':>10} "
+              f"{'min':>5} {'q1':>5} {'q3':>5} {'max':>5}  (medians of {args.rounds} ABBA rounds)")
+        for name, size, per_round in cases:
             audio = secrets.token_bytes(size)
 
             def ours(i: int, audio: bytes = audio) -> None:
@@ -87,19 +137,13 @@ def main() -> None:
             def raw(i: int, audio: bytes = audio) -> None:
                 s3.put_object(Bucket=raw_bucket, Key=uuid.uuid4().hex, Body=audio)
 
-            ours(-1)  # warm up both
-            raw(-1)
-            rounds = []
-            for r in range(ROUNDS):
-                pair = [(ours, 0), (raw, 1)] if r % 2 == 0 else [(raw, 1), (ours, 0)]
-                times = [0.0, 0.0]
-                for fn, slot in pair:
-                    times[slot] = _timed(count // ROUNDS, fn)
-                rounds.append(times)
-            ours_s = statistics.median(t[0] for t in rounds)
-            raw_s = statistics.median(t[1] for t in rounds)
-            ratios[name] = statistics.median(t[0] / t[1] for t in rounds)
-            print(f"{name:>7} {count:>6} {ours_s:>8.2f} {raw_s:>8.2f} {ratios[name]:>10.2f}")
+            result = results[name] = compare(ours, raw, per_round=per_round, rounds=args.rounds)
+            low, q1, q3, high = result.spread()
+            print(f"{name:>5} {per_round:>9} {statistics.median(result.ours_s):>7.2f} "
+                  f"{statistics.median(result.peer_s):>7.2f} {result.ratio:>10.2f} "
+                  f"{low:>5.2f} {q1:>5.2f} {q3:>5.2f} {high:>5.2f}", flush=True)
+        if args.only:
+            return
         server = psutil.Process(proc.pid)
         base, peak, stop = server.memory_info().rss, [0], threading.Event()
 
@@ -118,8 +162,10 @@ def main() -> None:
         print(f"server RSS growth while ingesting one 50 MiB clip: {growth:.1f} MiB (goal < 32)")
         print(f"putclip_rss_growth_mib={growth:.1f}")
         print("goals: ours/boto3 ≤ 1.10 at 32 KiB, ≤ 1.30 at 5 MiB; RSS growth < 32 MiB")
-        print(f"putclip_overhead_ratio_32k={ratios['32k']:.2f}")
-        print(f"putclip_overhead_ratio_5m={ratios['5m']:.2f}")
+        for name, result in results.items():
+            _, q1, q3, _ = result.spread()
+            print(f"putclip_overhead_ratio_{name}={result.ratio:.2f}")
+            print(f"putclip_overhead_ratio_{name}_iqr={q1:.2f}-{q3:.2f}")
 
 
 if __name__ == "__main__":
