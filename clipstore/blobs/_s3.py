@@ -52,7 +52,7 @@ class S3BlobStore:
         except botocore.exceptions.BotoCoreError as exc:
             raise BlobUnavailable(f"blob store unreachable ({type(exc).__name__}); retry later") from None
 
-    def _upload_part(self, key: str, upload_id: str, parts: list[dict[str, Any]], body: bytes) -> None:
+    def _upload_part(self, key: str, upload_id: str, parts: list[dict[str, Any]], body: bytearray) -> None:
         number = len(parts) + 1
         etag = self._call(lambda: self.client.upload_part(Bucket=self.bucket, Key=self._key(key), UploadId=upload_id,
                                                           PartNumber=number, Body=body))["ETag"]
@@ -62,24 +62,29 @@ class S3BlobStore:
         self._call(lambda: self.client.head_bucket(Bucket=self.bucket))
 
     def put_stream(self, key: str, chunks: Iterable[bytes]) -> int:
+        # The object (or a part) is assembled in one bytearray and handed to botocore as it is, never
+        # copied again: botocore wraps a `bytes` body in a BytesIO and reads it back in 1 MiB copies for
+        # the CRC32, again for the SigV4 payload hash and again to send it, but a bytearray it hashes and
+        # sends in place. A part goes as soon as it holds part_bytes, whole (S3 parts need not be equal;
+        # all but the last must be >= 5 MiB), and the next part starts in a fresh buffer.
         buf, size, parts = bytearray(), 0, []  # type: ignore[var-annotated]
         upload_id: str | None = None
         try:
             for chunk in chunks:
                 buf += chunk
                 size += len(chunk)
-                while len(buf) >= self.part_bytes:
+                if len(buf) >= self.part_bytes:
                     if upload_id is None:
                         upload_id = self._call(lambda: self.client.create_multipart_upload(
                             Bucket=self.bucket, Key=self._key(key), **self._sse))["UploadId"]
-                    self._upload_part(key, upload_id, parts, bytes(buf[:self.part_bytes]))
-                    del buf[:self.part_bytes]
+                    self._upload_part(key, upload_id, parts, buf)
+                    buf = bytearray()
             if upload_id is None:
-                self._call(lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=bytes(buf),
+                self._call(lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=buf,
                                                           **self._sse))
                 return size
             if buf:
-                self._upload_part(key, upload_id, parts, bytes(buf))
+                self._upload_part(key, upload_id, parts, buf)
             self._call(lambda: self.client.complete_multipart_upload(
                 Bucket=self.bucket, Key=self._key(key), UploadId=upload_id, MultipartUpload={"Parts": parts}))
             return size
