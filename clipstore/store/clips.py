@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Collection, Iterable, Iterator
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -29,19 +30,13 @@ class AccountRepository:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    def _one(self, where: sa.ColumnElement[bool]) -> AccountRow | None:
-        t = schema.accounts
-        with self._db.read() as conn:
-            row = conn.execute(sa.select(t.c.account_ref, t.c.allow_review, t.c.retention_days)
-                               .where(where)).one_or_none()
-        return None if row is None else AccountRow(account_ref=row.account_ref, allow_review=row.allow_review,
-                                                   retention_days=row.retention_days)
-
     def by_lookup(self, lookup_hmac: bytes) -> AccountRow | None:
-        return self._one(schema.accounts.c.lookup_hmac == lookup_hmac)
+        with self._db.read() as conn:
+            return ClipRows(conn).account_by_lookup(lookup_hmac)
 
     def get(self, account_ref: str) -> AccountRow | None:
-        return self._one(schema.accounts.c.account_ref == account_ref)
+        with self._db.read() as conn:
+            return ClipRows(conn).account(account_ref)
 
     def insert(self, account_ref: str, lookup_hmac: bytes, *, allow_review: bool, now: float) -> bool:
         """False when another request created the account first."""
@@ -69,8 +64,22 @@ class AccountRepository:
         return held
 
 
+# Every PutClip reads its account and its idempotency key: plain SQL (see clipstore.store.plain).
+_SELECT_ACCOUNT = "SELECT account_ref, allow_review, retention_days FROM accounts WHERE "
+
+
+def _account(row: tuple[Any, ...] | None) -> AccountRow | None:
+    return None if row is None else AccountRow(account_ref=row[0], allow_review=bool(row[1]), retention_days=row[2])
+
+
 class ClipRows(PlainRows):
-    """Accounts, clips and idempotency rows on one connection: inside a unit of work."""
+    """Accounts, clips and idempotency rows on one connection: inside a unit of work, or a read."""
+
+    def account_by_lookup(self, lookup_hmac: bytes) -> AccountRow | None:
+        return _account(self._fetch(_SELECT_ACCOUNT + "lookup_hmac = ?", (lookup_hmac,)))
+
+    def account(self, account_ref: str) -> AccountRow | None:
+        return _account(self._fetch(_SELECT_ACCOUNT + "account_ref = ?", (account_ref,)))
 
     def owner(self, principal_id: str, key_hash: bytes) -> str | None:
         """The clip an idempotency key belongs to (perhaps deleted since: the key is then a tombstone)."""
@@ -117,10 +126,8 @@ class ClipRepository:
         self._db = db
 
     def by_idempotency(self, principal_id: str, key_hash: bytes) -> str | None:
-        t = schema.ingest_idempotency
         with self._db.read() as conn:
-            return conn.scalar(sa.select(t.c.clip_id).where(t.c.principal_id == principal_id,
-                                                            t.c.key_hash == key_hash))
+            return ClipRows(conn).owner(principal_id, key_hash)
 
     def get(self, clip_id: str) -> ClipRow | None:
         with self._db.transaction() as conn:
