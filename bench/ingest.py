@@ -41,10 +41,11 @@ import grpc  # noqa: E402
 import psutil  # noqa: E402
 
 from bench._servers import clipstore_server, moto_server, put_requests  # noqa: E402
+from clipstore.client._wire import AUDIO_CHUNK_BYTES  # noqa: E402
 from clipstore.v1 import clip_pb2, clip_pb2_grpc  # noqa: E402
 
 CLIENTS = 8
-CHUNK = 64 * 1024
+CHUNK = AUDIO_CHUNK_BYTES  # what the client library sends per message
 ACCOUNTS = 64
 
 

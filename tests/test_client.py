@@ -10,6 +10,7 @@ import io
 import json
 import pkgutil
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
@@ -36,7 +37,9 @@ from clipstore.client import (
     errors,
 )
 from clipstore.client._audit import range_root
-from clipstore.config import Config, load_config
+from clipstore.client._wire import AUDIO_CHUNK_BYTES
+from clipstore.clips import MAX_CHUNK_BYTES
+from clipstore.config import Config, default, load_config
 from clipstore.errors import Reason, Unavailable
 from clipstore.interceptors import ClipstoreInterceptor
 from clipstore.rows import Principal
@@ -47,7 +50,7 @@ from clipstore.totp import code_at
 from clipstore.v1 import audit_pb2, clip_pb2, clip_pb2_grpc, reviewer_admin_pb2
 from tests.conftest import make_config
 
-AUDIO = bytes(range(256)) * 600  # 150 KiB: three 64 KiB messages, three envelope segments
+AUDIO = bytes(range(256)) * 600  # 150 KiB: three envelope segments
 ACCOUNT = "acct-client-test"
 CLIP = {"account_id": ACCOUNT, "locale": "en-US", "content_type": "audio/opus", "wake_word_detected": True}
 CLIENT_SOURCES = sorted((Path(__file__).parent.parent / "clipstore" / "client").glob("*.py"))
@@ -101,6 +104,36 @@ def test_the_same_idempotency_key_stores_one_clip(server: ClipstoreServer, keys:
         again = client.put_clip(AUDIO, **CLIP, idempotency_key="upload-42")
         assert again.clip_id == first.clip_id
         assert [c.clip_id for c in client.list_clips(ACCOUNT)] == [first.clip_id]
+
+
+class _MessageSizes(grpc.StreamUnaryClientInterceptor):
+    """Records the audio bytes of each PutClip message the client sends."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def _seen(self, requests: Iterator[clip_pb2.PutClipRequest]) -> Iterator[clip_pb2.PutClipRequest]:
+        for request in requests:
+            if request.WhichOneof("part") == "audio_chunk":
+                self.sizes.append(len(request.audio_chunk))
+            yield request
+
+    def intercept_stream_unary(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
+        return continuation(details, self._seen(requests))
+
+
+def test_audio_goes_in_messages_of_the_most_the_server_takes_and_is_stored_whole(
+        server: ClipstoreServer, keys: dict[str, str]) -> None:
+    """Fewer, larger messages cost both processes less per byte; the server seals across their edges."""
+    audio = secrets.token_bytes(2 * AUDIO_CHUNK_BYTES + 12_345)
+    assert AUDIO_CHUNK_BYTES == MAX_CHUNK_BYTES
+    assert clip_pb2.PutClipRequest(audio_chunk=audio[:AUDIO_CHUNK_BYTES]).ByteSize() < default("max_message_bytes")
+    sent = _MessageSizes()
+    with connect(server, keys["ingest"], interceptors=[sent]) as client:
+        clips = [client.put_clip(audio, **CLIP), client.put_clip(io.BytesIO(audio), **CLIP)]
+    assert sent.sizes == [AUDIO_CHUNK_BYTES, AUDIO_CHUNK_BYTES, 12_345] * 2
+    for clip in clips:
+        assert b"".join(server.app.clips.audio(server.app.clips.get(clip.clip_id))) == audio
 
 
 class _LostResponse(grpc.RpcError):
