@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import secrets
 import uuid
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import boto3
 import botocore.exceptions
@@ -113,6 +117,31 @@ def test_s3_failure_mid_multipart_upload_aborts_it(moto_endpoint: str) -> None:
     s3 = boto3.client("s3", endpoint_url=moto_endpoint)
     assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
     assert s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
+
+
+def test_s3_uploads_carry_a_crc32_and_a_signed_payload_hash_and_parts_go_whole(moto_endpoint: str) -> None:
+    """The buffer goes to botocore as assembled (no copy): S3 still checks every body it receives, and
+    each part but the last holds at least part_bytes."""
+    bucket = f"clips-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket=bucket)
+    store = S3BlobStore(bucket, endpoint_url=moto_endpoint, part_bytes=PART)
+    sent: list[tuple[str, int]] = []
+
+    def check(request: Any, **kwargs: object) -> None:
+        body = bytes(request.body)
+        assert request.headers["x-amz-checksum-crc32"] == base64.b64encode(zlib.crc32(body).to_bytes(4, "big"))
+        assert request.headers["X-Amz-Content-SHA256"] == hashlib.sha256(body).hexdigest().encode()
+        sent.append((str(kwargs["event_name"]).rsplit(".", 1)[1], len(body)))
+
+    for operation in ("PutObject", "UploadPart"):
+        store.client.meta.events.register(f"before-send.s3.{operation}", check)
+    small, large = secrets.token_bytes(70_000), secrets.token_bytes(2 * PART + 123)
+    store.put_stream("c_small", _chunks(small))
+    store.put_stream("c_large", _chunks(large))
+    assert b"".join(store.get_stream("c_small")) == small and b"".join(store.get_stream("c_large")) == large
+    parts = [size for operation, size in sent if operation == "UploadPart"]
+    assert sent[0] == ("PutObject", 70_000) and len(parts) == 2 and sum(parts) == len(large)
+    assert all(size >= PART for size in parts[:-1])
 
 
 def test_file_store_rejects_path_like_keys(tmp_path: Path) -> None:
