@@ -68,16 +68,44 @@ def _timed(count: int, one: Callable[[int], None]) -> float:
     return time.perf_counter() - start
 
 
+def _cpu_s(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+@dataclass(frozen=True)
+class Round:
+    """One side's part of a round: its wall time, and the CPU time each process spent in it."""
+
+    wall_s: float
+    cpu_s: dict[str, float]
+
+
+class Meter:
+    """Runs a side's round and reads the CPU clocks of the processes doing the work. On a machine whose
+    cores are busy (other jobs, or the two sides' own processes) wall time follows the CPU spent, so
+    the CPU per clip says where a ratio comes from, and moves less between runs than wall time does."""
+
+    def __init__(self, processes: dict[str, psutil.Process]) -> None:
+        self.processes = processes
+
+    def run(self, count: int, one: Callable[[int], None]) -> Round:
+        before = {name: _cpu_s(p) for name, p in self.processes.items()}
+        wall = _timed(count, one)
+        return Round(wall, {name: _cpu_s(p) - before[name] for name, p in self.processes.items()})
+
+
 @dataclass(frozen=True)
 class Comparison:
-    """Wall times of ours and the peer, round by round (each round runs both, back to back)."""
+    """Ours and the peer, round by round (each round runs both, back to back)."""
 
-    ours_s: list[float]
-    peer_s: list[float]
+    ours: list[Round]
+    peer: list[Round]
+    per_round: int
 
     @property
     def ratios(self) -> list[float]:
-        return [o / p for o, p in zip(self.ours_s, self.peer_s, strict=True)]
+        return [o.wall_s / p.wall_s for o, p in zip(self.ours, self.peer, strict=True)]
 
     @property
     def ratio(self) -> float:
@@ -89,21 +117,32 @@ class Comparison:
         q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
         return ratios[0], q1, q3, ratios[-1]
 
+    @property
+    def cpu_ratio(self) -> float:
+        """Median over rounds of all CPU spent for ours ÷ for the peer."""
+        return statistics.median(sum(o.cpu_s.values()) / sum(p.cpu_s.values())
+                                 for o, p in zip(self.ours, self.peer, strict=True))
 
-def compare(ours: Callable[[int], None], peer: Callable[[int], None], *, per_round: int,
+    def cpu_ms_per_clip(self, side: list[Round]) -> dict[str, float]:
+        """Median CPU milliseconds per clip, by process."""
+        return {name: statistics.median(r.cpu_s[name] for r in side) * 1000 / self.per_round
+                for name in side[0].cpu_s}
+
+
+def compare(meter: Meter, ours: Callable[[int], None], peer: Callable[[int], None], *, per_round: int,
             rounds: int) -> Comparison:
     """One discarded warm-up round of each, then `rounds` rounds in ABBA order."""
-    _timed(per_round, ours)
-    _timed(per_round, peer)
-    ours_s, peer_s = [], []
+    meter.run(per_round, ours)
+    meter.run(per_round, peer)
+    ours_r, peer_r = [], []
     for r in range(rounds):
         if r % 2 == 0:
-            ours_s.append(_timed(per_round, ours))
-            peer_s.append(_timed(per_round, peer))
+            ours_r.append(meter.run(per_round, ours))
+            peer_r.append(meter.run(per_round, peer))
         else:
-            peer_s.append(_timed(per_round, peer))
-            ours_s.append(_timed(per_round, ours))
-    return Comparison(ours_s, peer_s)
+            peer_r.append(meter.run(per_round, peer))
+            ours_r.append(meter.run(per_round, ours))
+    return Comparison(ours_r, peer_r, per_round)
 
 
 def main() -> None:
@@ -118,6 +157,9 @@ def main() -> None:
     with moto_server() as endpoint, clipstore_server(endpoint) as server:
         address, proc, keys = server.address, server.proc, server.keys
         print(f"server pid {proc.pid}", flush=True)
+        bench = psutil.Process()
+        moto = next(c for c in bench.children() if "moto.server" in c.cmdline())
+        meter = Meter({"client": bench, "server": psutil.Process(proc.pid), "moto": moto})
         s3 = boto3.client("s3", endpoint_url=endpoint)
         raw_bucket = f"raw-{uuid.uuid4().hex[:8]}"
         s3.create_bucket(Bucket=raw_bucket)
@@ -138,11 +180,19 @@ def main() -> None:
             def raw(i: int, audio: bytes = audio) -> None:
                 s3.put_object(Bucket=raw_bucket, Key=uuid.uuid4().hex, Body=audio)
 
-            result = results[name] = compare(ours, raw, per_round=per_round, rounds=args.rounds)
+            result = results[name] = compare(meter, ours, raw, per_round=per_round, rounds=args.rounds)
             low, q1, q3, high = result.spread()
-            print(f"{name:>5} {per_round:>9} {statistics.median(result.ours_s):>7.2f} "
-                  f"{statistics.median(result.peer_s):>7.2f} {result.ratio:>10.2f} "
+            print(f"{name:>5} {per_round:>9} {statistics.median(r.wall_s for r in result.ours):>7.2f} "
+                  f"{statistics.median(r.wall_s for r in result.peer):>7.2f} {result.ratio:>10.2f} "
                   f"{low:>5.2f} {q1:>5.2f} {q3:>5.2f} {high:>5.2f}", flush=True)
+        print(f"\nCPU ms per clip (medians over rounds)  {'client':>7} {'server':>7} {'moto':>7} {'total':>7} "
+              f"{'ours/boto3':>10}")
+        for name, result in results.items():
+            for side, rounds in (("ours", result.ours), ("boto3", result.peer)):
+                ms = result.cpu_ms_per_clip(rounds)
+                ratio = f"{result.cpu_ratio:>10.2f}" if side == "ours" else ""
+                print(f"{name:>5} {side:<32} {ms['client']:>7.2f} {ms['server']:>7.2f} {ms['moto']:>7.2f} "
+                      f"{sum(ms.values()):>7.2f} {ratio}")
         if args.only:
             return
         server = psutil.Process(proc.pid)
@@ -167,6 +217,7 @@ def main() -> None:
             _, q1, q3, _ = result.spread()
             print(f"putclip_overhead_ratio_{name}={result.ratio:.2f}")
             print(f"putclip_overhead_ratio_{name}_iqr={q1:.2f}-{q3:.2f}")
+            print(f"putclip_cpu_ratio_{name}={result.cpu_ratio:.2f}")
 
 
 if __name__ == "__main__":
