@@ -11,10 +11,15 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
+from clipstore.blobs._buffers import BufferPool
 from clipstore.blobs.protocol import READ_CHUNK_BYTES, BlobNotFound, BlobUnavailable
 
 T = TypeVar("T")
 PART_BYTES = 6 * 1024 * 1024  # ≥ the S3 minimum (5 MiB); a 5 MiB clip still goes in one PUT
+# Upload buffers (clipstore.blobs._buffers) hold a part and the chunk that completes it (the envelope's are
+# 64 KiB + a tag); 8 are kept for reuse, made only when bodies over 1 MiB are in flight: 56 MiB at most.
+BUFFER_SLACK_BYTES = 1 << 20
+UPLOAD_BUFFERS = 8
 _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
 
 
@@ -25,6 +30,7 @@ class S3BlobStore:
         if part_bytes < 5 * 1024 * 1024:
             raise ValueError("part_bytes must be at least 5 MiB (an S3 limit)")
         self.bucket, self.prefix, self.part_bytes = bucket, prefix, part_bytes
+        self._buffers = BufferPool(capacity=part_bytes + BUFFER_SLACK_BYTES, count=UPLOAD_BUFFERS)
         config = botocore.config.Config(retries={"max_attempts": 3, "mode": "standard"},
                                         connect_timeout=5, read_timeout=30,
                                         # One per call that may be in S3 at once: a smaller pool drops and
@@ -62,37 +68,40 @@ class S3BlobStore:
         self._call(lambda: self.client.head_bucket(Bucket=self.bucket))
 
     def put_stream(self, key: str, chunks: Iterable[bytes]) -> int:
-        # The object (or a part) is assembled in one bytearray and handed to botocore as it is, never
-        # copied again: botocore wraps a `bytes` body in a BytesIO and reads it back in 1 MiB copies for
-        # the CRC32, again for the SigV4 payload hash and again to send it, but a bytearray it hashes and
-        # sends in place. A part goes as soon as it holds part_bytes, whole (S3 parts need not be equal;
-        # all but the last must be >= 5 MiB), and the next part starts in a fresh buffer.
-        buf, size, parts = bytearray(), 0, []  # type: ignore[var-annotated]
+        # The object, or a part, is written into a buffer used again by later uploads and handed to
+        # botocore as a bytearray of exactly its length, which it hashes and sends in place (see _buffers).
+        # A part goes as soon as it holds part_bytes, whole (S3 parts need not be equal; all but the last
+        # must be >= 5 MiB).
+        size, parts = 0, []  # type: ignore[var-annotated]
         upload_id: str | None = None
-        try:
-            for chunk in chunks:
-                buf += chunk
-                size += len(chunk)
-                if len(buf) >= self.part_bytes:
-                    if upload_id is None:
-                        upload_id = self._call(lambda: self.client.create_multipart_upload(
-                            Bucket=self.bucket, Key=self._key(key), **self._sse))["UploadId"]
-                    self._upload_part(key, upload_id, parts, buf)
-                    buf = bytearray()
-            if upload_id is None:
-                self._call(lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=buf,
-                                                          **self._sse))
+        with self._buffers.assembly() as buf:
+            try:
+                for chunk in chunks:
+                    buf.write(chunk)
+                    if buf.size >= self.part_bytes:
+                        if upload_id is None:
+                            upload_id = self._call(lambda: self.client.create_multipart_upload(
+                                Bucket=self.bucket, Key=self._key(key), **self._sse))["UploadId"]
+                        self._upload_part(key, upload_id, parts, buf.body())
+                        size += buf.size
+                        buf.reset()
+                size += buf.size
+                if upload_id is None:
+                    body = buf.body()
+                    self._call(lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=body,
+                                                              **self._sse))
+                    return size
+                if buf.size:
+                    self._upload_part(key, upload_id, parts, buf.body())
+                self._call(lambda: self.client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=self._key(key), UploadId=upload_id, MultipartUpload={"Parts": parts}))
                 return size
-            if buf:
-                self._upload_part(key, upload_id, parts, buf)
-            self._call(lambda: self.client.complete_multipart_upload(
-                Bucket=self.bucket, Key=self._key(key), UploadId=upload_id, MultipartUpload={"Parts": parts}))
-            return size
-        except BaseException:
-            if upload_id is not None:  # leave no multipart upload behind
-                with contextlib.suppress(Exception):
-                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=self._key(key), UploadId=upload_id)
-            raise
+            except BaseException:
+                if upload_id is not None:  # leave no multipart upload behind
+                    with contextlib.suppress(Exception):
+                        self.client.abort_multipart_upload(Bucket=self.bucket, Key=self._key(key),
+                                                           UploadId=upload_id)
+                raise
 
     def get_stream(self, key: str) -> Iterator[bytes]:
         body = self._call(lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key)))["Body"]
