@@ -80,9 +80,10 @@ def _audio(rest: Iterator[clip_pb2.PutClipRequest], context: grpc.ServicerContex
         for request in rest:
             part = request.WhichOneof("part")
             if part == "audio_chunk":
-                digest.update(request.audio_chunk)
-                size += len(request.audio_chunk)
-                yield request.audio_chunk
+                chunk = request.audio_chunk  # each read of a bytes field copies it (upb): read it once
+                digest.update(chunk)
+                size += len(chunk)
+                yield chunk
             elif part == "trailer":
                 _check_trailer(request.trailer, size=size, sha256=digest.digest())
                 if next(rest, None) is not None:
