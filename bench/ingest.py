@@ -15,8 +15,13 @@ worker threads, caches), then `--rounds` rounds in which ours and the peer run
 back to back, the order alternating (ABBA), so drift in the machine's load hits
 both alike. A round's ratio is ours ÷ peer wall time; the figure is the median
 over rounds, printed with its quartiles and extremes (the spread says how far to
-trust it on a shared machine). Then RSS growth of the server process while it
-ingests one 50 MiB clip.
+trust it on a shared machine). The CPU time each process (client, server, moto)
+spent per clip is printed for both sides, with `putclip_cpu_ratio_*`: when the
+cores are saturated (2 here, shared) wall time follows it, and it moves less
+between runs; when other jobs compete, ours, with more runnable threads, gets a
+larger share of the machine than the peer, which flatters its wall ratio. Then
+RSS growth of the server process while it ingests one 50 MiB clip (upload
+buffers kept for reuse are already there after the rounds).
 """
 
 from __future__ import annotations
