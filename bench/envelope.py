@@ -3,13 +3,13 @@
   python bench/envelope.py [--rounds 9] [--round-s 0.06]
 
 Ours is the path the server really uses: ingest takes a fresh DEK from the key
-ring (cached account KEK, LocalKms root) and drains `seal_clip` over 64 KiB
-plaintext chunks (one gRPC message each); fetch unwraps the DEK and drains
+ring (cached account KEK, LocalKms root) and drains `seal_clip` over 1 MiB
+plaintext chunks (one gRPC message each, as the client library sends them); fetch unwraps the DEK and drains
 `open_clip` over the sealed object in the chunks the blob stores read it in. One op = ingest + fetch of one clip.
 
 Against, over the same plaintext chunks:
   raw   AES-256-GCM (`cryptography`'s AESGCM) under one fixed key and nonce: each
-        64 KiB chunk encrypted, and a stored clip's 64 KiB segments decrypted (as
+        64 KiB of plaintext (our format's segment) encrypted, and a stored clip's 64 KiB segments decrypted (as
         ours opens a stored clip): the floor, no format at all;
   esdk  aws-encryption-sdk with its raw AES master key provider (no KMS call),
         its fastest configuration per size: each suite × frame length below is
@@ -54,13 +54,15 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 from tink import streaming_aead  # noqa: E402
 
 from clipstore.blobs.protocol import READ_CHUNK_BYTES  # noqa: E402
+from clipstore.client._wire import AUDIO_CHUNK_BYTES  # noqa: E402
 from clipstore.envelope import open_clip, seal_clip  # noqa: E402
 from clipstore.store import Database  # noqa: E402
 from clipstore.store.keys import SqlKekStore  # noqa: E402
 from kms import KeyRing, LocalKms  # noqa: E402
 
 SIZES = {"32k": 32 * 1024, "320k": 320 * 1024, "5m": 5 * 1024 * 1024}
-CHUNK_BYTES = 64 * 1024  # what a gRPC stream delivers per message
+CHUNK_BYTES = 64 * 1024  # our format's segment: the raw floor's unit and the peers' stream writes
+MESSAGE_BYTES = AUDIO_CHUNK_BYTES  # what the client library puts in one PutClip message
 STREAM_BYTES = 50 * 1024 * 1024
 ACCOUNT = "acct_bench"
 # (suite, commitment policy) × frame length; frame 0 = ESDK's non-framed format.
@@ -80,7 +82,7 @@ def _chunks(data: bytes, size: int) -> list[bytes]:
 
 # -- contenders -----------------------------------------------------------------
 def ours(ring: KeyRing, plaintext: bytes) -> Op:
-    chunks = _chunks(plaintext, CHUNK_BYTES)
+    chunks = _chunks(plaintext, MESSAGE_BYTES)
     dek, stored = ring.data_key_for(ACCOUNT, "c_stored")  # a stored clip, fetched every op
     sealed = _chunks(b"".join(seal_clip(dek, chunks, clip_id="c_stored", account_ref=ACCOUNT)), READ_CHUNK_BYTES)
     counter = iter(range(10**12))
