@@ -112,6 +112,7 @@ def _on_off(value: str) -> str:
 
 def audio_extra_installed() -> bool:
     try:
+        import av  # noqa: F401
         import numpy  # noqa: F401
         import scipy  # noqa: F401
         import soundfile  # noqa: F401
@@ -551,12 +552,8 @@ def _check_together(config: Config) -> None:
                                                             f"({serving.max_workers}) so one principal cannot "
                                                             f"hold every worker")
     disguised = {config.review_disguise, *parse_disguise_locales(config.review_disguise_locales or "").values()}
-    if disguised - {DISGUISE_OFF}:
-        try:
-            import numpy  # noqa: F401
-            import soundfile  # noqa: F401
-        except ImportError:
-            raise ConfigError("review.disguise", "needs the audio extra: pip install 'clipstore[audio]'") from None
+    if disguised - {DISGUISE_OFF} and not audio_extra_installed():
+        raise ConfigError("review.disguise", "needs the audio extra: pip install 'clipstore[audio]'")
     if config.review_watermark == "on" and not audio_extra_installed():
         raise ConfigError("review.watermark", "needs the audio extra: pip install 'clipstore[audio]'")
     if config.audit_witness_quorum > len(config.audit_witnesses):

@@ -117,6 +117,54 @@ def test_flac_written_block_by_block_announces_its_length_before_the_first_byte_
         assert np.max(np.abs(f.read(dtype="float32", always_2d=True) - samples)) < 1e-4
 
 
+@pytest.mark.parametrize(("rate", "channels"), [(16000, 1), (48000, 2), (24000, 6)])
+def test_opus_is_written_by_libopus_as_a_standard_ogg_opus_stream_of_the_same_length(rate: int, channels: int
+                                                                                       ) -> None:
+    """RFC 7845: an OpusHead page (version 1, the channel count, a pre-skip, the input rate, mapping family 0
+    for one or two channels and 1 beyond), then OpusTags; libsndfile and FFmpeg both read back every frame."""
+    import av
+
+    original = speech("b", 3.0, rate=rate, channels=channels)
+    decoded, samples = _decode_all("audio/opus", encoded(original, rate, "audio/opus"))
+    out = b"".join(encode(decoded.format, (samples[i:i + rate // 2] for i in range(0, len(samples), rate // 2)),
+                          frames=decoded.frames))
+    head = out[28:28 + 19]  # the first page's one segment: a 27-byte header and one lacing byte
+    assert out[:4] == b"OggS" and head[:8] == b"OpusHead" and head[8] == 1 and head[9] == channels
+    assert int.from_bytes(head[10:12], "little") > 0 and int.from_bytes(head[12:16], "little") == rate
+    assert head[18] == (0 if channels <= 2 else 1)  # the channel mapping family
+    assert b"OpusTags" in out[:4096]
+    with soundfile.SoundFile(io.BytesIO(out)) as f:
+        assert (f.samplerate, f.channels, f.frames, f.subtype) == (rate, channels, len(original), "OPUS")
+        again = f.read(dtype="float32", always_2d=True)
+    assert np.corrcoef(again[:, 0], original[:, 0])[0, 1] > 0.8
+    with av.open(io.BytesIO(out)) as container:  # FFmpeg decodes Opus at 48 kHz, whatever the input rate
+        stream = container.streams.audio[0]
+        assert stream.codec_context.name == "opus" and stream.codec_context.channels == channels
+        assert sum(frame.samples for frame in container.decode(stream)) == len(original) * 48000 // rate
+
+
+@pytest.mark.parametrize(("source_kbps", "written_kbps"), [(8, 24), (40, 40), (400, 128)])
+def test_opus_is_written_at_the_stored_clips_own_bitrate_within_bounds_and_streams(source_kbps: int,
+                                                                                    written_kbps: int) -> None:
+    fmt = codecs.AudioFormat(rate=48000, channels=1, subtype="OPUS", container="OGG", bitrate=source_kbps * 1000)
+    block = speech("a", 10.0, rate=48000)
+    given: list[int] = []
+
+    def blocks() -> Iterator[np.ndarray]:
+        for i in range(0, len(block), 24000):
+            given.append(i)
+            yield block[i:i + 24000]
+    parts, given_at_first = [], 0
+    for part in encode(fmt, blocks(), frames=len(block)):
+        given_at_first = given_at_first or len(given)
+        parts.append(part)
+    assert all(len(p) <= codecs.OUT_CHUNK_BYTES for p in parts)
+    kbps = sum(map(len, parts)) * 8 / 10 / 1000
+    assert 0.75 * written_kbps < kbps < 1.75 * written_kbps  # a VBR target: this generated speech runs over it
+    if len(parts) > 2:  # well over one message: the first left before the clip was all read
+        assert given_at_first < len(given)
+
+
 # -- the pipeline ---------------------------------------------------------------------------------------------
 class _Recorder:
     def __init__(self) -> None:
@@ -257,3 +305,13 @@ def test_disguise_settings_are_read_from_config_and_checked() -> None:
         with pytest.raises(ConfigError) as bad:
             load_config(env=env, overrides={"data_dir": "/tmp/x"})
         assert bad.value.key == key
+
+
+def test_a_disguise_without_the_audio_extra_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from clipstore import config as config_module
+
+    monkeypatch.setattr(config_module, "audio_extra_installed", lambda: False)  # e.g. PyAV (Opus) missing
+    with pytest.raises(ConfigError, match="audio extra") as bad:
+        load_config(env={"CLIPSTORE_REVIEW_DISGUISE": "pitch_formant", "CLIPSTORE_REVIEW_WATERMARK": "off"},
+                    overrides={"data_dir": "/tmp/x"})
+    assert bad.value.key == "review.disguise"

@@ -40,6 +40,13 @@ SOURCE_WINDOW_BYTES = 1 << 20  # how far back libsndfile may seek without re-ope
 MAX_REOPENS = 2  # an Ogg clip needs one (its last page); more means a pathological seek pattern
 MAX_CHANNELS = 8
 MAX_RATE_HZ = 384_000  # a header's claimed rate sizes every block (BLOCK_S of it): 2**31 Hz would ask for gigabytes
+# Opus is written by libopus through PyAV (its wheels bundle FFmpeg with libopus), not libsndfile: libsndfile
+# sets no encoder complexity and its Opus writer cost 150-250 ms per 10 s here, libopus at complexity 5 about
+# 20-35 ms (docs/voice-disguise.md, bench/audio.py). Complexity 0-10 trades CPU for quality at a bitrate.
+OPUS_COMPLEXITY = 5
+OPUS_RATES = frozenset({8000, 12000, 16000, 24000, 48000})  # what libopus takes, and all libsndfile decodes to
+OPUS_BITRATE_PER_CHANNEL = (24_000, 128_000)  # the source's own bitrate, held within this range (bits/s)
+_OPUS_LAYOUTS = ("mono", "stereo", "3.0", "quad", "5.0", "5.1", "6.1", "7.1")  # Vorbis channel order, RFC 7845
 
 RAW_TYPES: dict[str, str] = {"audio/L16": ">i2", "audio/pcm": "<i2"}
 SNDFILE_TYPES: dict[str, str] = {"audio/wav": "WAV", "audio/flac": "FLAC", "audio/ogg": "OGG", "audio/opus": "OGG"}
@@ -62,6 +69,7 @@ class AudioFormat:
     channels: int
     subtype: str  # libsndfile's name: PCM_16, VORBIS, OPUS…; RAW for headerless PCM
     container: str  # WAV, FLAC, OGG, or the numpy dtype of headerless PCM (">i2", "<i2")
+    bitrate: int | None = None  # bits/s of the stored clip, container included, when its length is known
 
 
 @dataclass
@@ -99,8 +107,10 @@ def decode(content_type: str, open_plaintext: Callable[[], Iterator[bytes]], *, 
         sound.close()
         source.close()
         raise UnsupportedAudio(f"the clip's header claims {sound.samplerate} Hz; at most {MAX_RATE_HZ} Hz is decoded")
-    fmt = AudioFormat(rate=sound.samplerate, channels=sound.channels, subtype=sound.subtype, container=sound.format)
     frames = sound.frames if 0 < sound.frames < (1 << 62) else None
+    bitrate = size_bytes * 8 * sound.samplerate // frames if frames else None
+    fmt = AudioFormat(rate=sound.samplerate, channels=sound.channels, subtype=sound.subtype, container=sound.format,
+                      bitrate=bitrate)
     return Decoded(format=fmt, frames=frames, blocks=_sndfile_blocks(sound, source))
 
 
@@ -225,8 +235,10 @@ def encode(fmt: AudioFormat, blocks: Iterable[np.ndarray], *, frames: int | None
         return _chunked(_pcm_bytes(b, fmt.container) for b in blocks)
     if fmt.container == "WAV":
         return _encode_wav(fmt, blocks, frames)
+    if fmt.container == "OGG" and fmt.subtype == "OPUS":
+        return _chunked(_encode_opus(fmt, blocks))
     if fmt.container in ("FLAC", "OGG"):
-        return _encode_sndfile(fmt, blocks, frames)
+        return _chunked(_encode_sndfile(fmt, blocks, frames))
     raise UnsupportedAudio(f"cannot write {fmt.container}")
 
 
@@ -360,4 +372,39 @@ def _encode_sndfile(fmt: AudioFormat, blocks: Iterable[np.ndarray], frames: int 
         raise UnsupportedAudio(f"cannot write {fmt.container}/{fmt.subtype} at {fmt.rate} Hz") from exc
     if first and frames is not None and fmt.container == "FLAC":
         _flac_total_samples(sink.pending, frames)
-    yield from _chunked([bytes(sink.pending)])
+    yield bytes(sink.pending)
+
+
+def _encode_opus(fmt: AudioFormat, blocks: Iterable[np.ndarray]) -> Iterator[bytes]:
+    """Ogg Opus (RFC 7845) by libopus at `OPUS_COMPLEXITY`, through PyAV, streamed out of a forward-only sink.
+    The stream's pre-skip and final granule position make a decoder return exactly the frames given."""
+    import av  # the audio extra; only Opus needs it
+
+    if fmt.rate not in OPUS_RATES or not 0 < fmt.channels <= len(_OPUS_LAYOUTS):
+        raise UnsupportedAudio(f"cannot write Opus at {fmt.rate} Hz with {fmt.channels} channels")
+    low, high = OPUS_BITRATE_PER_CHANNEL
+    bitrate = min(max(fmt.bitrate or high, low * fmt.channels), high * fmt.channels)
+    sink = _ForwardSink()
+    try:
+        container = av.open(sink, mode="w", format="ogg")
+        stream = container.add_stream("libopus", rate=fmt.rate, layout=_OPUS_LAYOUTS[fmt.channels - 1])
+    except av.FFmpegError as exc:
+        raise UnsupportedAudio("cannot write Opus") from exc
+    context = stream.codec_context
+    context.format = "flt"
+    context.bit_rate = bitrate
+    context.options = {"compression_level": str(OPUS_COMPLEXITY)}  # FFmpeg's name for OPUS_SET_COMPLEXITY
+    layout, offset = stream.layout, 0
+    try:
+        with container:
+            for block in blocks:
+                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(block, np.float32).reshape(1, -1),
+                                                   format="flt", layout=layout)
+                frame.sample_rate, frame.pts = fmt.rate, offset
+                offset += len(block)
+                container.mux(stream.encode(frame))
+                yield sink.take(1)
+            container.mux(stream.encode(None))
+    except av.FFmpegError as exc:
+        raise UnsupportedAudio("cannot write Opus") from exc
+    yield bytes(sink.pending)
