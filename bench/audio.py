@@ -4,14 +4,19 @@
   pip install -e '.[audio,audio-bench]'          # pocketsphinx: an offline recogniser with its en-US model
   python bench/audio.py [--fetches 20] [--voices 10] [--no-recogniser]
 
-1. Server CPU. Two `clipstore serve` subprocesses, one with `review.disguise =
-   "off"`, one with `"pitch_formant"`, each holding the same 10 s clip (WAV,
-   16 kHz mono, espeak-ng speech or the test generator's without espeak-ng).
-   One reviewer fetches it --fetches times from each; the server process's CPU
-   time (psutil, user + system) is read before and after each FetchClip, and
-   the means compared: `fetch_added_cpu_ms_wav` and `fetch_cpu_ratio_wav`
-   (disguised ÷ plain, same run). Then, in-process, decode + disguise + encode
-   of the same 10 s for every content type: `transform_cpu_ms_<type>`.
+1. Server CPU (issue 18's budget: both transforms add < 200 ms per 10 s clip).
+   Two `clipstore serve` subprocesses, one with no transform (`review.disguise
+   = off`, `review.watermark = off`), one with both (`pitch_formant`, `on`),
+   each holding --fetches + 1 copies of the same 10 s of speech (espeak-ng, or
+   the test generator's without it) in every content type: 16 kHz mono, Opus at
+   48 kHz. One reviewer fetches them all; the server process's CPU time
+   (psutil, user + system) is read before and after each FetchClip (the first
+   of each type is a warm-up), and the means compared per type:
+   `fetch_added_cpu_ms_<type>_<rate>` (decode + disguise + watermark + encode),
+   `fetch_added_cpu_ms_worst` against `fetch_added_cpu_budget_ms`. Then the
+   same path in-process, stage by stage (best of 3): codec alone (decode +
+   encode), disguise, watermark, both: `fetch_audio_cpu_ms_<stage>_<type>_<rate>_<ch>`,
+   also at 48 kHz and in stereo.
 2. Speaker similarity (docs/voice-disguise.md): the MFCC-statistics cosine of
    tests/audio_measures.py over espeak-ng voices (the same three sentences per
    voice; a second take of a voice is the same text at another rate and pitch).
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import random
 import shutil
 import statistics
@@ -47,16 +53,21 @@ import soundfile  # noqa: E402
 
 from bench._servers import clipstore_server, put_requests  # noqa: E402
 from bench.review import enrol  # noqa: E402
-from clipstore.audio.codecs import CONTENT_TYPES  # noqa: E402
+from clipstore.audio.codecs import CONTENT_TYPES, decode, encode  # noqa: E402
 from clipstore.audio.disguise import POLICIES, PitchFormantShift  # noqa: E402
 from clipstore.audio.fetch import FetchAudio, FetchPlan  # noqa: E402
 from clipstore.audio.transform import Pipeline  # noqa: E402
+from clipstore.audio.watermark import ForensicWatermarks  # noqa: E402
 from clipstore.v1 import account_pb2, account_pb2_grpc, clip_pb2, clip_pb2_grpc, review_pb2  # noqa: E402
 from tests.audio_measures import SpeakerSpace  # noqa: E402
 from tests.audio_speech import chunks, encoded, speech  # noqa: E402
 
 RATE = 16000
 CLIP_S = 10.0
+BUDGET_MS = 200  # issue 18: both transforms on a 10 s clip add less than this much server CPU
+SERVER_RATES = {"audio/opus": 48000}  # Opus at its native rate (the costliest); the others at 16 kHz
+IN_PROCESS = [(t, RATE, 1) for t in sorted(CONTENT_TYPES)] + [
+    ("audio/opus", 48000, 1), ("audio/wav", 48000, 1), ("audio/opus", 48000, 2), ("audio/ogg", 48000, 2)]
 # Harvard sentences (IEEE 1969), the usual intelligibility material, plus assistant-style requests.
 SENTENCES = [
     "the birch canoe slid on the smooth planks",
@@ -116,23 +127,32 @@ def ten_seconds(espeak: bool) -> np.ndarray:
 
 
 # -- 1. CPU ---------------------------------------------------------------------------------------------------
-def fetch_cpu_ms(disguise_policy: str, wav: bytes, fetches: int) -> float:
-    settings = {"CLIPSTORE_REVIEW_SAMPLE_RATE": "1.0", "CLIPSTORE_REVIEW_DISGUISE": disguise_policy}
-    with clipstore_server(**settings) as server, grpc.insecure_channel(server.address) as channel:
+def clip_for(content_type: str, clip: np.ndarray, rate: int) -> bytes:
+    """`clip` (16 kHz, (frames, channels)) at `rate`, as a device would upload it."""
+    x = np.stack([resample(c, RATE, rate) for c in clip.T], axis=1) if rate != RATE else clip
+    return encoded(x, rate, content_type)
+
+
+def fetch_cpu_ms(settings: dict[str, str], clips: dict[str, bytes], fetches: int) -> dict[str, float]:
+    """Mean server CPU per FetchClip, per content type: `fetches` clips of each type in one server."""
+    env = {"CLIPSTORE_REVIEW_SAMPLE_RATE": "1.0", **settings}
+    with clipstore_server(**env) as server, grpc.insecure_channel(server.address) as channel:
         ingest = (("authorization", f"Bearer {server.keys['ingest']}"),)
         account_pb2_grpc.AccountServiceStub(channel).SetReviewPreference(account_pb2.SetReviewPreferenceRequest(
             account_id="bench-account", allow_human_review=True), metadata=ingest)
-        clips = clip_pb2_grpc.ClipServiceStub(channel)
-        for i in range(fetches + 1):
-            meta = clip_pb2.ClipMetadata(identity=clip_pb2.ClipIdentity(account_id="bench-account",
-                                                                        device_serial="S1"),
-                                         locale="en-US", content_type="audio/wav", wake_word_detected=True,
-                                         idempotency_key=f"k{i}", duration_ms=int(CLIP_S * 1000))
-            clips.PutClip(put_requests(meta, chunks(wav)), metadata=ingest)
+        put = clip_pb2_grpc.ClipServiceStub(channel)
+        for content_type, data in clips.items():
+            for i in range(fetches + 1):  # the first fetch of each type warms imports and caches
+                meta = clip_pb2.ClipMetadata(identity=clip_pb2.ClipIdentity(account_id="bench-account",
+                                                                            device_serial="S1"),
+                                             locale="en-US", content_type=content_type, wake_word_detected=True,
+                                             idempotency_key=f"{content_type}-{i}", duration_ms=int(CLIP_S * 1000))
+                put.PutClip(put_requests(meta, chunks(data)), metadata=ingest)
         stub, md, token = enrol(channel, (("authorization", f"Bearer {server.keys['admin']}"),), 1)[0]
         proc = psutil.Process(server.proc.pid)
-        costs = []
-        for i in range(fetches + 1):
+        costs: dict[str, list[float]] = {t: [] for t in clips}
+        warm: set[str] = set()
+        for _ in range(len(clips) * (fetches + 1)):
             a = stub.NextAssignment(review_pb2.NextAssignmentRequest(session_token=token), metadata=md)
             g = stub.RequestGrant(review_pb2.RequestGrantRequest(session_token=token,
                                                                  assignment_id=a.assignment_id), metadata=md)
@@ -141,21 +161,68 @@ def fetch_cpu_ms(disguise_policy: str, wav: bytes, fetches: int) -> float:
             got = sum(len(m.audio_chunk) for m in stub.FetchClip(review_pb2.FetchClipRequest(
                 session_token=token, grant=g.grant, review_clip_id=g.review_clip_id), metadata=md))
             after = sum(proc.cpu_times()[:2])
-            assert got == len(wav)
-            if i:  # the first fetch warms imports and caches
-                costs.append((after - before) * 1000)
-        return statistics.mean(costs)  # the counters tick every 10 ms: a mean of many fetches, not a median
+            assert got > 0
+            if a.clip.content_type in warm:
+                costs[a.clip.content_type].append((after - before) * 1000)
+            warm.add(a.clip.content_type)
+        # the counters tick every 10 ms: a mean of many fetches, not a median
+        return {t: statistics.mean(c) for t, c in costs.items() if c}
 
 
-def transform_cpu_ms(clip: np.ndarray, content_type: str, repeats: int = 3) -> float:
-    rate = 48000 if content_type == "audio/opus" else RATE
-    x = resample(clip[:, 0], RATE, rate).reshape(-1, 1) if rate != RATE else clip
-    data = encoded(x, rate, content_type)
+def fetch_audio_cpu_ms(data: bytes, content_type: str, plan: FetchPlan, repeats: int = 3) -> float:
+    """Decode, transforms and encode of one clip in this process (what FetchClip adds), best of `repeats`."""
     costs = []
-    for i in range(repeats):
-        plan = FetchPlan("pitch_formant", None, i)
+    for _ in range(repeats):
         start = time.process_time()
         for _ in FetchAudio.apply(plan, content_type, lambda: iter(chunks(data)), size_bytes=len(data)):
+            pass
+        costs.append((time.process_time() - start) * 1000)
+    return min(costs)
+
+
+def cpu(clip: np.ndarray, fetches: int) -> None:
+    """Server CPU added by disguise + watermark per FetchClip of each content type, then the same path
+    in-process, stage by stage."""
+    server_clips = {t: clip_for(t, clip, SERVER_RATES.get(t, RATE)) for t in sorted(CONTENT_TYPES)}
+    plain = fetch_cpu_ms({"CLIPSTORE_REVIEW_DISGUISE": "off", "CLIPSTORE_REVIEW_WATERMARK": "off"},
+                         server_clips, fetches)
+    both = fetch_cpu_ms({"CLIPSTORE_REVIEW_DISGUISE": "pitch_formant", "CLIPSTORE_REVIEW_WATERMARK": "on"},
+                        server_clips, fetches)
+    worst = 0.0
+    for content_type in sorted(server_clips):
+        name = f"{content_type.split('/')[1].lower()}_{SERVER_RATES.get(content_type, RATE) // 1000}k"
+        added = both[content_type] - plain[content_type]
+        worst = max(worst, added)
+        print(f"fetch_cpu_ms_plain_{name}={plain[content_type]:.1f}")
+        print(f"fetch_cpu_ms_disguise_watermark_{name}={both[content_type]:.1f}")
+        print(f"fetch_added_cpu_ms_{name}={added:.1f}")
+    print(f"fetch_added_cpu_ms_worst={worst:.1f}")
+    print(f"fetch_added_cpu_budget_ms={BUDGET_MS}")
+    print(f"fetch_added_cpu_within_budget={'yes' if worst < BUDGET_MS else 'no'}")
+    sys.stdout.flush()
+
+    marks = ForensicWatermarks(bytes(range(32)))
+    for content_type, rate, channels in IN_PROCESS:
+        name = f"{content_type.split('/')[1].lower()}_{rate // 1000}k_{channels}ch"
+        x = np.repeat(clip, channels, axis=1) * np.linspace(1.0, 0.8, channels, dtype=np.float32)
+        data = clip_for(content_type, x, rate)
+        print(f"fetch_audio_cpu_ms_codec_{name}={codec_cpu_ms(data, content_type):.1f}")
+        stages = {
+            "disguise": FetchPlan("pitch_formant", None, 1),
+            "watermark": FetchPlan("off", marks.for_fetch(grant_id="g", reviewer_id="r"), 1),
+            "both": FetchPlan("pitch_formant", marks.for_fetch(grant_id="g", reviewer_id="r"), 1),
+        }
+        for stage, plan in stages.items():
+            print(f"fetch_audio_cpu_ms_{stage}_{name}={fetch_audio_cpu_ms(data, content_type, plan):.1f}")
+        sys.stdout.flush()
+
+
+def codec_cpu_ms(data: bytes, content_type: str, repeats: int = 3) -> float:
+    costs = []
+    for _ in range(repeats):
+        start = time.process_time()
+        decoded = decode(content_type, lambda: iter(chunks(data)), size_bytes=len(data))
+        for _ in encode(decoded.format, decoded.blocks, frames=decoded.frames):
             pass
         costs.append((time.process_time() - start) * 1000)
     return min(costs)
@@ -186,21 +253,15 @@ def main() -> None:
     parser.add_argument("--fetches", type=int, default=20)
     parser.add_argument("--voices", type=int, default=10)
     parser.add_argument("--no-recogniser", action="store_true")
+    parser.add_argument("--no-cpu", action="store_true", help="skip the CPU figures (section 1)")
     args = parser.parse_args()
     espeak = shutil.which("espeak-ng") is not None
     print(f"speech_source={'espeak-ng' if espeak else 'tests/audio_speech.py'}")
 
     clip = ten_seconds(espeak)
-    wav = encoded(clip, RATE, "audio/wav")
-    plain = fetch_cpu_ms("off", wav, args.fetches)
-    disguised = fetch_cpu_ms("pitch_formant", wav, args.fetches)
-    print(f"fetch_cpu_ms_plain_wav={plain:.1f}")
-    print(f"fetch_cpu_ms_disguised_wav={disguised:.1f}")
-    print(f"fetch_added_cpu_ms_wav={disguised - plain:.1f}")
-    print(f"fetch_cpu_ratio_wav={disguised / max(plain, 1e-3):.2f}")
-    for content_type in sorted(CONTENT_TYPES):
-        name = content_type.split("/")[1].lower()
-        print(f"transform_cpu_ms_{name}={transform_cpu_ms(clip, content_type):.1f}")
+    print(f"load_average_1min={os.getloadavg()[0]:.2f}")
+    if not args.no_cpu:
+        cpu(clip, args.fetches)
     if not espeak:
         print("similarity=skipped (apt-get install espeak-ng)")
         return
