@@ -147,6 +147,9 @@ class Reason(StrEnum):
     ACCOUNT_OPTED_OUT = auto(), Kind.NOT_ALLOWED, "the account no longer allows human review; stop"
     AUDIO_FORMAT_UNSUPPORTED = auto(), Kind.WRONG_STATE, \
         "review.require_transform is on and the clip's audio cannot be disguised or watermarked; skip the clip"
+    AUDIO_LONGER_THAN_STORED = auto(), Kind.WRONG_STATE, \
+        "the clip decodes to more audio than its duration_ms or its size allows (a decode bomb, or a wrong " \
+        "duration_ms at ingest); skip the clip"
     ESCALATION_NOT_FOUND = auto(), Kind.NOT_FOUND, "no escalation with that id"
     ESCALATION_RESOLVED = auto(), Kind.WRONG_STATE, "the escalation was already resolved"
     # -- forensics ----------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import soundfile
 
-from clipstore.audio.errors import UnsupportedAudio
+from clipstore.audio.errors import AudioTooLong, UnsupportedAudio
 
 RAW_PCM_RATE_HZ = 16000
 BLOCK_S = 0.5  # frames per decoded block, in seconds: bounds memory and keeps the vocoder's overlap small
@@ -47,6 +47,17 @@ OPUS_COMPLEXITY = 5
 OPUS_RATES = frozenset({8000, 12000, 16000, 24000, 48000})  # what libopus takes, and all libsndfile decodes to
 OPUS_BITRATE_PER_CHANNEL = (24_000, 128_000)  # the source's own bitrate, held within this range (bits/s)
 _OPUS_LAYOUTS = ("mono", "stereo", "3.0", "quad", "5.0", "5.1", "6.1", "7.1")  # Vorbis channel order, RFC 7845
+
+# Decode bombs: a few KB of FLAC or Ogg can decode to hours of audio (FLAC's constant subframes, up to 65535
+# frames each; Ogg pages of tiny packets) and the fetch pays CPU per decoded sample. A clip may decode to at
+# most its declared duration x DURATION_SLACK + DURATION_GRACE_S (when it declared one: duration_ms > 0), and
+# never to more frames, nor samples (frames x channels), per stored byte than below. The ratios sit above what
+# libsndfile writes for pure digital silence, the most compressible real clip (30-60 s, 8-48 kHz, 1-8
+# channels): FLAC 346 frames and 995 samples per byte, Vorbis 217 and 1434, Opus 187 and 375, WAV GSM 6.10 4.9.
+DURATION_SLACK = 1.25
+DURATION_GRACE_S = 1.0
+MAX_FRAMES_PER_BYTE: dict[str, int] = {"WAV": 8, "FLAC": 512, "OGG": 512}
+MAX_SAMPLES_PER_BYTE: dict[str, int] = {"WAV": 8, "FLAC": 1536, "OGG": 2048}
 
 RAW_TYPES: dict[str, str] = {"audio/L16": ">i2", "audio/pcm": "<i2"}
 SNDFILE_TYPES: dict[str, str] = {"audio/wav": "WAV", "audio/flac": "FLAC", "audio/ogg": "OGG", "audio/opus": "OGG"}
@@ -86,9 +97,21 @@ def block_frames(rate: int) -> int:
 
 
 # -- decode ------------------------------------------------------------------------------------------------
-def decode(content_type: str, open_plaintext: Callable[[], Iterator[bytes]], *, size_bytes: int) -> Decoded:
+def frame_limit(container: str, rate: int, channels: int, *, size_bytes: int, declared_ms: int) -> int:
+    """The most frames a stored clip may decode to: by its size, and by its declared duration if it has one."""
+    size = max(0, size_bytes)
+    limit = min(size * MAX_FRAMES_PER_BYTE[container], size * MAX_SAMPLES_PER_BYTE[container] // channels)
+    if declared_ms > 0:
+        limit = min(limit, int((declared_ms / 1000 * DURATION_SLACK + DURATION_GRACE_S) * rate))
+    return limit
+
+
+def decode(content_type: str, open_plaintext: Callable[[], Iterator[bytes]], *, size_bytes: int,
+           declared_ms: int = 0) -> Decoded:
     """Open a clip's plaintext as `content_type`; `UnsupportedAudio` if it is none of `CONTENT_TYPES` or
-    does not decode. `open_plaintext` returns the plaintext stream from its start, each time it is called."""
+    does not decode, `AudioTooLong` (when opened, or as its blocks are read) if it decodes to more than
+    `frame_limit` allows. `open_plaintext` returns the plaintext stream from its start, each time it is called.
+    Headerless PCM is one frame per two stored bytes: no limit needed."""
     if content_type in RAW_TYPES:
         return _decode_raw(RAW_TYPES[content_type], open_plaintext())
     if content_type not in SNDFILE_TYPES:
@@ -107,23 +130,41 @@ def decode(content_type: str, open_plaintext: Callable[[], Iterator[bytes]], *, 
         sound.close()
         source.close()
         raise UnsupportedAudio(f"the clip's header claims {sound.samplerate} Hz; at most {MAX_RATE_HZ} Hz is decoded")
+    limit = frame_limit(sound.format, sound.samplerate, sound.channels, size_bytes=size_bytes,
+                        declared_ms=declared_ms)
     frames = sound.frames if 0 < sound.frames < (1 << 62) else None
+    if frames is not None and frames > limit:
+        sound.close()
+        source.close()
+        raise AudioTooLong(_too_long(frames, limit, sound.samplerate, size_bytes, declared_ms))
     bitrate = size_bytes * 8 * sound.samplerate // frames if frames else None
     fmt = AudioFormat(rate=sound.samplerate, channels=sound.channels, subtype=sound.subtype, container=sound.format,
                       bitrate=bitrate)
-    return Decoded(format=fmt, frames=frames, blocks=_sndfile_blocks(sound, source))
+    return Decoded(format=fmt, frames=frames, blocks=_sndfile_blocks(sound, source, limit, size_bytes, declared_ms))
 
 
-def _sndfile_blocks(sound: soundfile.SoundFile, source: _WindowSource) -> Iterator[np.ndarray]:
+def _too_long(frames: int | None, limit: int, rate: int, size_bytes: int, declared_ms: int) -> str:
+    """Why: what the header states (`frames`) or that decoding passed the limit (`frames` None); formats only."""
+    told = f"duration_ms={declared_ms} and " if declared_ms > 0 else ""
+    what = f"states {frames / rate:.1f} s" if frames is not None else f"decodes to more than {limit / rate:.1f} s"
+    return f"the clip {what} at {rate} Hz; its {told}{size_bytes} stored bytes allow at most {limit / rate:.1f} s"
+
+
+def _sndfile_blocks(sound: soundfile.SoundFile, source: _WindowSource, limit: int, size_bytes: int,
+                    declared_ms: int) -> Iterator[np.ndarray]:
     size = block_frames(sound.samplerate)
+    read = 0
     try:
         while True:
             try:
-                block = sound.read(size, dtype="float32", always_2d=True)
+                block = sound.read(min(size, limit - read + 1), dtype="float32", always_2d=True)
             except (soundfile.LibsndfileError, RuntimeError) as exc:
                 raise UnsupportedAudio("the clip's audio data is damaged") from exc
             if not len(block):
                 return
+            read += len(block)
+            if read > limit:
+                raise AudioTooLong(_too_long(None, limit, sound.samplerate, size_bytes, declared_ms))
             yield block
     finally:
         sound.close()

@@ -133,16 +133,17 @@ class FetchAudio:
 
     @staticmethod
     def apply(plan: FetchPlan, content_type: str, open_plaintext: Callable[[], Iterator[bytes]], *,
-              size_bytes: int) -> Iterator[bytes]:
-        """The bytes the reviewer receives. `UnsupportedAudio` (clipstore.audio.codecs) if a clip that
-        should be transformed does not decode: never the untransformed audio instead."""
+              size_bytes: int, declared_ms: int = 0) -> Iterator[bytes]:
+        """The bytes the reviewer receives. `UnsupportedAudio` (clipstore.audio.errors) if a clip that
+        should be transformed does not decode: never the untransformed audio instead; `AudioTooLong` if it
+        decodes to more than its declared duration (`declared_ms`, 0 for none) or its size allows."""
         if not plan.transforms_audio:
             yield from open_plaintext()
             return
         from clipstore.audio.codecs import decode, encode
         from clipstore.audio.transform import Pipeline
 
-        decoded = decode(content_type, open_plaintext, size_bytes=size_bytes)
+        decoded = decode(content_type, open_plaintext, size_bytes=size_bytes, declared_ms=declared_ms)
         fmt = decoded.format
         pipeline = Pipeline(plan.transforms(fmt.rate, fmt.channels))
         yield from encode(fmt, pipeline.run(decoded.blocks), frames=decoded.frames)

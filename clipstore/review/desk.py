@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from clipstore.audio.errors import UnsupportedAudio
+from clipstore.audio.errors import AudioTooLong, UnsupportedAudio
 from clipstore.audio.fetch import FetchPlan
 from clipstore.clipkey import Purpose
 from clipstore.clips import ClipLibrary
@@ -65,13 +65,13 @@ class ReviewDesk:
         fails the stream (audited): the reviewer never gets the undisguised audio instead."""
         try:
             yield from self.grants.audio.apply(plan, clip.content_type, lambda: self._audio(clip, actor),
-                                               size_bytes=clip.size_bytes)
+                                               size_bytes=clip.size_bytes, declared_ms=clip.duration_ms)
         except UnsupportedAudio as exc:
+            reason = "AUDIO_LONGER_THAN_STORED" if isinstance(exc, AudioTooLong) else "AUDIO_FORMAT_UNSUPPORTED"
             self._audit.append(actor.record("clip.audio_failure", clip_id=clip.clip_id,
-                                            account_ref=clip.account_ref, outcome="failed",
-                                            reason="AUDIO_FORMAT_UNSUPPORTED"))
+                                            account_ref=clip.account_ref, outcome="failed", reason=reason))
             raise FailedPrecondition(f"the clip's audio could not be transformed ({exc}); skip the clip",
-                                     reason="AUDIO_FORMAT_UNSUPPORTED") from exc
+                                     reason=reason) from exc
 
     def _audio(self, clip: ClipRow, actor: Actor) -> Iterator[bytes]:
         try:
