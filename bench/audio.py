@@ -1,8 +1,6 @@
 """Audio benchmark (not a test): what FetchClip's voice disguise costs, and what it does to voices and words.
 
-  apt-get install espeak-ng                      # real (synthetic) speech to measure on
-  pip install -e '.[audio,audio-bench]'          # pocketsphinx: an offline recogniser with its en-US model
-  python bench/audio.py [--fetches 20] [--voices 10] [--no-recogniser]
+  python bench/audio.py [--fetches 20] [--voices 10] [--no-cpu] [--no-recogniser] [--rhyme-sets 28]
 
 1. Server CPU (issue 18's budget: both transforms add < 200 ms per 10 s clip).
    Two `clipstore serve` subprocesses, one with no transform (`review.disguise
@@ -23,12 +21,20 @@
    The threshold is the equal-error point between same-voice and
    different-voice pairs in this run; `disguised_below_threshold` is the share
    of disguised clips scoring below it against their original.
-3. Intelligibility: word error rate of pocketsphinx (its bundled en-US model)
-   on each sentence, original and disguised. espeak-ng speech is hard for that
-   model, so the original's WER is the floor: what matters is the difference.
-   The first WER_VOICES voices, all ten sentences; also each part of the
-   disguise alone (the vocoder at ratio 1.01, pitch only, formants only), to
-   show which part the recogniser minds.
+3. Intelligibility, with pocketsphinx (its bundled en-US model), closed
+   vocabulary, so that clean speech scores well above chance and the figure
+   can move: a rhyme test in the manner of the Modified Rhyme Test (28 sets of
+   six words differing in one consonant, "would you write ___ now", one JSGF
+   grammar per set: a six-way forced choice, chance 1/6), and the word error
+   rate over the ten sentences with a uniform unigram model of their 60 words.
+   Four espeak-ng voices (INTELLIGIBILITY_VOICES); original, disguised, and
+   each part of the disguise alone (the vocoder at ratio 1.01, pitch only,
+   formants only). `intelligible_by_rhyme_test` says whether the disguised
+   accuracy keeps RHYME_KEPT_THRESHOLD (80 %) of the original's.
+
+Setup (outside CI; no network beyond the package registries):
+  apt-get install espeak-ng                      # Debian: the voices
+  pip install -e '.[audio,audio-bench]'          # pocketsphinx and its en-US model
 """
 
 from __future__ import annotations
@@ -83,7 +89,6 @@ SENTENCES = [
 ]
 VOICES = ["en-us", "en-us+m1", "en-us+m3", "en-us+m5", "en-us+m7", "en-us+f1", "en-us+f2", "en-us+f3",
           "en-us+f4", "en-us+klatt4", "en-us+klatt2", "en-us+m2"]
-WER_VOICES = 3  # each sentence costs the recogniser about a second, five times
 TAKES = [("150", "50"), ("170", "62")]  # (words per minute, pitch 0-99): one voice, two deliveries
 
 
@@ -248,12 +253,126 @@ def words_error_rate(reference: str, hypothesis: str) -> tuple[int, int]:
     return row[-1], len(ref)
 
 
+# -- 3. intelligibility ----------------------------------------------------------------------------------------
+# Rhyme sets in the manner of the Modified Rhyme Test (House et al., 1965; ANSI S3.2): six words differing in
+# their first or last consonant, said in a carrier phrase; the listener picks one of the six (chance 1/6). These
+# 28 sets are made here from words in the recogniser's dictionary, after the MRT's pattern, not the MRT lists.
+RHYME_SETS = [
+    "bat bad back bass ban bath", "bean beach beat beam bead beak", "bust bus but bug buck buff",
+    "dun dub dug duck dud dung", "cane case cape cake came cave", "pig pill pin pip pit pick",
+    "sad sass sat sack sag sap", "pup puck pun pus puff pub", "suds sum sun sung sup sub",
+    "peat peak peal peas peach peace", "map mat math man mass mad", "heat heap heal hear heath heave",
+    "kit kid kin kill kiss king", "tab tan tam tap tack tang",
+    "went sent bent dent tent rent", "hold cold told fold sold gold", "pat sat mat bat fat that",
+    "sick lick tick kick pick wick", "hip tip lip dip sip rip", "game came same name fame tame",
+    "fit hit wit kit bit sit", "top hop pop cop mop shop", "rang fang gang bang hang sang",
+    "feel heel reel keel peel seal", "bill fill hill kill mill will", "led red bed wed fed shed",
+    "wig dig big fig pig rig", "ray way day say pay may",
+]
+CARRIER = "would you write {} now"
+INTELLIGIBILITY_VOICES = ["en-us", "en-us+m3", "en-us+f2", "en-us+f4"]  # two male, two female variants
+# The disguise keeps speech intelligible, by this measure, when the rhyme test's accuracy on disguised speech
+# is at least this share of the accuracy on the same speech undisguised.
+RHYME_KEPT_THRESHOLD = 0.8
+
+
+class Recogniser:
+    """pocketsphinx (its bundled en-US acoustic model), closed-vocabulary: a JSGF grammar per rhyme set
+    (the carrier phrase around one of the six words), and a uniform unigram model over the test
+    sentences' words for the word error rate."""
+
+    def __init__(self, sentences: list[str]) -> None:
+        import math
+        import tempfile
+
+        from pocketsphinx import Decoder
+
+        self._decoder = Decoder(samprate=RATE, loglevel="FATAL")
+        for i, words in enumerate(RHYME_SETS):
+            choice = " | ".join(words.split())
+            self._decoder.add_jsgf_string(f"rhyme{i}", f"#JSGF V1.0;\ngrammar rhyme{i};\npublic <s> = "
+                                                       f"{CARRIER.format('( ' + choice + ' )')} ;\n")
+        vocabulary = sorted({w for s in sentences for w in s.split()})
+        logp = math.log10(1 / (len(vocabulary) + 1))
+        with tempfile.NamedTemporaryFile("w", suffix=".arpa", delete=False) as arpa:
+            arpa.write(f"\\data\\\nngram 1={len(vocabulary) + 2}\n\n\\1-grams:\n"
+                       + "".join(f"{logp:.4f} {w}\n" for w in [*vocabulary, "</s>"]) + "-99 <s>\n\n\\end\\\n")
+        self._decoder.add_lm_file("sentences", arpa.name)
+        Path(arpa.name).unlink()
+
+    def _decode(self, x: np.ndarray, search: str) -> str:
+        self._decoder.activate_search(search)
+        self._decoder.start_utt()
+        self._decoder.process_raw((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes(), full_utt=True)
+        self._decoder.end_utt()
+        hyp = self._decoder.hyp()
+        return hyp.hypstr if hyp is not None else ""
+
+    def rhyme(self, x: np.ndarray, set_index: int) -> str:
+        """The word picked from the set; "" when the recogniser does not get through the carrier phrase."""
+        words = self._decode(x, f"rhyme{set_index}").split()
+        return words[3] if len(words) == 5 else ""
+
+    def words(self, x: np.ndarray) -> str:
+        return self._decode(x, "sentences")
+
+
+def intelligibility(rng: random.Random, rhyme_sets: int) -> None:
+    """Rhyme-test accuracy and closed-vocabulary WER, original against disguised, and for each part of the
+    disguise alone (the vocoder at ratio 1.01, pitch only, formants only)."""
+    recogniser = Recogniser(SENTENCES)
+    parts: dict[str, tuple[float, float] | None] = {
+        "original": None, "vocoder_only": (1.01, 1.0), "pitch_only": (1.3, 1.0), "formant_only": (1.0, 1.3 ** 0.75),
+        "disguised": (0.0, 0.0)}  # drawn per utterance from the policy, as FetchClip does
+
+    def version(x: np.ndarray, kind: str) -> np.ndarray:
+        ratios = parts[kind]
+        if ratios is None:
+            return x
+        return disguise(x, rng) if kind == "disguised" else shifted(x, *ratios)
+
+    right = {k: 0 for k in parts}
+    errors = {k: [0, 0] for k in parts}
+    asked = 0
+    for voice in INTELLIGIBILITY_VOICES:
+        per_voice = {k: 0 for k in parts}
+        for i, words in enumerate(RHYME_SETS[:rhyme_sets]):
+            for word in words.split():
+                x = say(CARRIER.format(word), voice)
+                asked += 1
+                for kind in parts:
+                    hit = recogniser.rhyme(version(x, kind), i) == word
+                    right[kind] += hit
+                    per_voice[kind] += hit
+        n = 6 * min(rhyme_sets, len(RHYME_SETS))
+        print(f"rhyme_accuracy_{voice.replace('+', '_').replace('-', '_')}_original={per_voice['original'] / n:.3f}")
+        print(f"rhyme_accuracy_{voice.replace('+', '_').replace('-', '_')}_disguised={per_voice['disguised'] / n:.3f}")
+        for sentence in SENTENCES:
+            x = say(sentence, voice)
+            for kind in parts:
+                wrong, total = words_error_rate(sentence, recogniser.words(version(x, kind)))
+                errors[kind][0] += wrong
+                errors[kind][1] += total
+        sys.stdout.flush()
+    print(f"rhyme_words_per_condition={asked}")
+    print(f"rhyme_chance={1 / 6:.3f}")
+    for kind in parts:
+        print(f"rhyme_accuracy_{kind}={right[kind] / asked:.3f}")
+    kept = right["disguised"] / max(right["original"], 1)
+    print(f"rhyme_accuracy_kept={kept:.2f}")
+    print(f"rhyme_accuracy_kept_threshold={RHYME_KEPT_THRESHOLD}")
+    print(f"intelligible_by_rhyme_test={'yes' if kept >= RHYME_KEPT_THRESHOLD else 'no'}")
+    for kind, (wrong, total) in errors.items():
+        print(f"wer_closed_vocabulary_{kind}={wrong / max(total, 1):.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fetches", type=int, default=20)
     parser.add_argument("--voices", type=int, default=10)
     parser.add_argument("--no-recogniser", action="store_true")
     parser.add_argument("--no-cpu", action="store_true", help="skip the CPU figures (section 1)")
+    parser.add_argument("--rhyme-sets", type=int, default=len(RHYME_SETS), help="rhyme sets per voice (6 words each)")
     args = parser.parse_args()
     espeak = shutil.which("espeak-ng") is not None
     print(f"speech_source={'espeak-ng' if espeak else 'tests/audio_speech.py'}")
@@ -286,41 +405,11 @@ def main() -> None:
     if args.no_recogniser:
         return
     try:
-        from pocketsphinx import Decoder
+        import pocketsphinx  # noqa: F401
     except ImportError:
-        print("wer=skipped (pip install -e '.[audio-bench]')")
+        print("intelligibility=skipped (pip install -e '.[audio-bench]')")
         return
-    decoder = Decoder(samprate=RATE, loglevel="FATAL")
-
-    def recognise(x: np.ndarray) -> str:
-        decoder.start_utt()
-        decoder.process_raw((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes(), full_utt=True)
-        decoder.end_utt()
-        hyp = decoder.hyp()
-        return hyp.hypstr if hyp is not None else ""
-
-    # the disguise, and each of its parts alone: which part costs the recogniser words
-    parts: dict[str, tuple[float, float] | None] = {
-        "original": None, "vocoder_only": (1.01, 1.0), "pitch_only": (1.3, 1.0), "formant_only": (1.0, 1.3 ** 0.75),
-        "disguised": (0.0, 0.0)}  # drawn per sentence from the policy, as FetchClip does
-    errors = {k: [0, 0] for k in parts}
-    for v in voices[:WER_VOICES]:
-        for sentence in SENTENCES:
-            x = say(sentence, v)
-            for kind, ratios in parts.items():
-                if ratios is None:
-                    audio = x
-                elif kind == "disguised":
-                    audio = disguise(x, rng)
-                else:
-                    audio = shifted(x, *ratios)
-                wrong, total = words_error_rate(sentence, recognise(audio))
-                errors[kind][0] += wrong
-                errors[kind][1] += total
-    for kind, (wrong, total) in errors.items():
-        print(f"wer_{kind}={wrong / max(total, 1):.3f}")
-    print(f"wer_added={(errors['disguised'][0] - errors['original'][0]) / max(errors['original'][1], 1):.3f}")
-
+    intelligibility(rng, args.rhyme_sets)
 
 if __name__ == "__main__":
     main()
