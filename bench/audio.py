@@ -14,7 +14,8 @@
    `fetch_added_cpu_ms_worst` against `fetch_added_cpu_budget_ms`. Then the
    same path in-process, stage by stage (best of 3): codec alone (decode +
    encode), disguise, watermark, both: `fetch_audio_cpu_ms_<stage>_<type>_<rate>_<ch>`,
-   also at 48 kHz and in stereo.
+   also at 48 kHz and in stereo. With --big-opus-mib 50: a 50 MiB Ogg Opus
+   clip streamed through all of it, peak RSS growth and CPU.
 2. Speaker similarity (docs/voice-disguise.md): the MFCC-statistics cosine of
    tests/audio_measures.py over espeak-ng voices (the same three sentences per
    voice; a second take of a voice is the same text at another rate and pitch).
@@ -253,6 +254,52 @@ def words_error_rate(reference: str, hypothesis: str) -> tuple[int, int]:
     return row[-1], len(ref)
 
 
+def big_opus_memory(mib: int) -> None:
+    """A `mib` MiB Ogg Opus clip (48 kHz mono at 256 kbit/s, written by the service's own encoder) streamed
+    through decode, disguise, watermark and encode: peak RSS growth (sampled every 10 ms) and CPU."""
+    import threading
+
+    from clipstore.audio import codecs
+
+    one = speech("a", 10.0, rate=48000)
+    fmt = codecs.AudioFormat(rate=48000, channels=1, subtype="OPUS", container="OGG", bitrate=256_000)
+    saved = codecs.OPUS_BITRATE_PER_CHANNEL
+    codecs.OPUS_BITRATE_PER_CHANNEL = (24_000, 256_000)  # libopus's ceiling, to make the clip big
+    parts, size = [], 0
+    endless = (one[i:i + 24000] for _ in iter(int, 1) for i in range(0, len(one), 24000))
+    writer = encode(fmt, endless, frames=None)
+    for chunk in writer:  # cut at the size: no end-of-stream page, which libsndfile tolerates
+        parts.append(chunk)
+        size += len(chunk)
+        if size >= mib << 20:
+            break
+    writer.close()
+    codecs.OPUS_BITRATE_PER_CHANNEL = saved
+    data = b"".join(parts)
+    plan = FetchPlan("pitch_formant", ForensicWatermarks(bytes(range(32))).for_fetch(grant_id="g", reviewer_id="r"), 1)
+    proc = psutil.Process()
+    base, peak, done = proc.memory_info().rss, [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    start, out = time.process_time(), 0
+    pieces = lambda: (data[i:i + 65536] for i in range(0, len(data), 65536))  # noqa: E731  one at a time
+    for chunk in FetchAudio.apply(plan, "audio/opus", pieces, size_bytes=len(data)):
+        out += len(chunk)
+    cpu_s = time.process_time() - start
+    done.set()
+    watcher.join()
+    print(f"big_opus_clip_mib={len(data) / 2**20:.1f}")
+    print(f"big_opus_out_mib={out / 2**20:.1f}")
+    print(f"big_opus_cpu_s={cpu_s:.1f}")
+    print(f"big_opus_peak_rss_growth_mib={(peak[0] - base) / 2**20:.1f}  # the input itself is held by the bench")
+
+
 # -- 3. intelligibility ----------------------------------------------------------------------------------------
 # Rhyme sets in the manner of the Modified Rhyme Test (House et al., 1965; ANSI S3.2): six words differing in
 # their first or last consonant, said in a carrier phrase; the listener picks one of the six (chance 1/6). These
@@ -372,6 +419,7 @@ def main() -> None:
     parser.add_argument("--voices", type=int, default=10)
     parser.add_argument("--no-recogniser", action="store_true")
     parser.add_argument("--no-cpu", action="store_true", help="skip the CPU figures (section 1)")
+    parser.add_argument("--big-opus-mib", type=int, default=0, help="stream an Opus clip this big (e.g. 50)")
     parser.add_argument("--rhyme-sets", type=int, default=len(RHYME_SETS), help="rhyme sets per voice (6 words each)")
     args = parser.parse_args()
     espeak = shutil.which("espeak-ng") is not None
@@ -381,6 +429,8 @@ def main() -> None:
     print(f"load_average_1min={os.getloadavg()[0]:.2f}")
     if not args.no_cpu:
         cpu(clip, args.fetches)
+    if args.big_opus_mib:
+        big_opus_memory(args.big_opus_mib)
     if not espeak:
         print("similarity=skipped (apt-get install espeak-ng)")
         return
