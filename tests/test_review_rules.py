@@ -479,7 +479,7 @@ def test_a_reviewer_disabled_while_their_fetch_waits_is_refused_reviewer_disable
             time.sleep(0.005)
         release.set()
         err = fetching.result(10)
-    disabling.done.result(10)
+    disabling.result(10)
     w.denied(err, grpc.StatusCode.PERMISSION_DENIED, "REVIEWER_DISABLED")
     assert _count(w, schema.grants, schema.grants.c.redeemed_at.is_not(None)) == 0
     assert not _actions(w, "clip.fetch")

@@ -74,10 +74,10 @@ def test_a_failing_unit_is_rolled_back_and_its_batch_neighbours_still_commit(app
     assert started.wait(10)
     pending = [app.audit.submit(u) for u in (good("p_a"), bad, good("p_b"))]  # queue up as one batch
     hold.set()
-    first.done.result(10)
-    pending[0].done.result(10), pending[2].done.result(10)
+    first.result(10)
+    pending[0].result(10), pending[2].result(10)
     with pytest.raises(RuntimeError):
-        pending[1].done.result(10)
+        pending[1].result(10)
     assert {"p_a", "p_b"} <= _principal_ids(app) and "p_bad" not in _principal_ids(app)
     assert not any("p_bad" in e for e in _actions(app))
 
@@ -105,7 +105,7 @@ def test_a_unit_whose_caller_gave_up_waiting_never_runs(app: App) -> None:
     with pytest.raises(AuditUnavailable):
         app.audit.run(late, timeout_s=0.05)  # the caller is told "not performed" ...
     hold.set()
-    first.done.result(10)
+    first.result(10)
     app.audit.append(ACTOR.record("probe"))  # the writer has moved past the withdrawn unit
     assert not ran.is_set() and "p_late" not in _principal_ids(app)  # ... and it never is
 

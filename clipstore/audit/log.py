@@ -26,10 +26,8 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import CancelledError, Future
-from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from json.encoder import encode_basestring as _json_str  # what json.dumps writes for a str
 from typing import Any, Generic, TypeVar
 
@@ -81,11 +79,59 @@ HALTED_MESSAGE = ("the audit log's stored history failed verification, so this a
 T = TypeVar("T")
 
 
-@dataclass
-class _Pending(Generic[T]):
-    unit: Unit[T]
-    done: Future[T] = field(default_factory=Future)
-    first_seq: int = -1
+_CLAIMS = threading.Lock()  # the writer taking a batch, against a waiter withdrawing its unit on timeout
+_QUEUED, _TAKEN, _WITHDRAWN = 0, 1, 2
+
+
+class Pending(Generic[T]):
+    """A unit of work (or only `records`: `unit` None) queued for the writer; `result()` waits until it is
+    durable. The writer settles it by releasing one lock, which the waiter holds blocked: a Future's
+    condition, waiter list and notify_all cost the writer a tenth of its time per entry."""
+
+    __slots__ = ("_done", "_error", "_state", "_value", "first_seq", "records", "unit")
+
+    def __init__(self, unit: Unit[T] | None, records: tuple[AuditRecord, ...] = ()) -> None:
+        self.unit, self.records = unit, records
+        self.first_seq = -1  # the index of its first entry, once written
+        self._state = _QUEUED
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._done = threading.Lock()
+        self._done.acquire()  # released by `_settle`
+
+    def result(self, timeout: float | None = None) -> T:
+        """The unit's return value once committed (or its exception). The outcome is never ambiguous: if
+        `timeout` passes before the writer took the unit, the unit is withdrawn and never runs; once
+        the writer has it, this waits for its commit or rollback."""
+        if not self._done.acquire(timeout=-1 if timeout is None else timeout):
+            with _CLAIMS:
+                if self._state == _QUEUED:
+                    self._state = _WITHDRAWN
+                    raise AuditUnavailable("the audit log is too busy to record this action, so it was not "
+                                           "performed; retry later")
+            self._done.acquire()
+        self._done.release()  # a later call returns at once
+        if self._error is not None:
+            raise self._error
+        value: T = self._value
+        return value
+
+    def _settle(self, value: Any, error: BaseException | None) -> None:
+        self._value, self._error = value, error
+        self._done.release()
+
+
+def _take(batch: list[Pending[Any]]) -> list[Pending[Any]]:
+    """The units of `batch` not withdrawn on timeout, now the writer's: none can be withdrawn any more."""
+    with _CLAIMS:
+        live = [p for p in batch if p._state == _QUEUED]
+        for p in live:
+            p._state = _TAKEN
+    return live
+
+
+# A unit's outcome in a batch: the unit, the records it audits, its return value, the denial it raised
+_Outcome = tuple[Pending[Any], "Sequence[AuditRecord]", Any, BaseException | None]
 
 
 def entry_bytes(r: AuditRecord, *, seq: int, prev: str, time: str, account: tuple[int, str] | None = None) -> bytes:
@@ -134,7 +180,7 @@ class AuditLog:
         self._every_entries = checkpoint_every_entries
         self._every_s = checkpoint_every_s
         self._max_batch = max_batch_entries
-        self._queue: queue.SimpleQueue[_Pending[Any] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Pending[Any] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         # Checkpoints are proven and signed on a thread of their own (`_sign_loop`), never on the writer's:
         # signing one took 9-15 ms, and every unit queued meanwhile waited for it.
@@ -164,39 +210,27 @@ class AuditLog:
     # -- units of work and appends -----------------------------------------
     def run(self, unit: Unit[T], *, timeout_s: float = APPEND_TIMEOUT_S) -> T:
         """Run a unit of work in the writer's next transaction and wait until it is durable."""
-        return self._wait(self.submit(unit), timeout_s)
+        return self.submit(unit).result(timeout_s)
 
-    def submit(self, unit: Unit[T]) -> _Pending[T]:
+    def submit(self, unit: Unit[T]) -> Pending[T]:
+        return self._queued(Pending(unit))
+
+    def _queued(self, pending: Pending[T]) -> Pending[T]:
         self._ensure_started()
         if self.halted is not None:
             raise AuditUnavailable(HALTED_MESSAGE)
-        pending: _Pending[T] = _Pending(unit)
         self._queue.put(pending)
         return pending
 
-    @staticmethod
-    def _wait(pending: _Pending[T], timeout_s: float) -> T:
-        """The outcome is never ambiguous: if the wait times out before the writer took the unit, the
-        unit is withdrawn and never runs; once the writer has it, wait for its commit or rollback."""
-        try:
-            return pending.done.result(timeout=timeout_s)
-        except FutureTimeout:
-            if pending.done.cancel():
-                raise AuditUnavailable("the audit log is too busy to record this action, so it was not "
-                                       "performed; retry later") from None
-            return pending.done.result()
-        except CancelledError:
-            raise AuditUnavailable("the audit log stopped before recording this action; retry") from None
-
     def append(self, record: AuditRecord, *, timeout_s: float = APPEND_TIMEOUT_S) -> int:
         """Append one entry on its own and wait until durable; returns the entry's index."""
-        pending = self.submit(lambda tx: tx.audit(record))
-        self._wait(pending, timeout_s)
+        pending = self.append_async(record)
+        pending.result(timeout_s)
         return pending.first_seq
 
-    def append_async(self, record: AuditRecord) -> Future[None]:
-        """Queue one entry without waiting (benchmarks and bulk writers); the future ends when durable."""
-        return self.submit(lambda tx: tx.audit(record)).done
+    def append_async(self, record: AuditRecord) -> Pending[None]:
+        """Queue one entry without waiting (benchmarks and bulk writers); `result()` returns once durable."""
+        return self._queued(Pending(None, (record,)))
 
     def _ensure_started(self) -> None:
         self.open()
@@ -240,8 +274,8 @@ class AuditLog:
                 deadline = time.monotonic() + GROUP_COMMIT_WAIT_S
                 while self._queue.qsize() + 1 < self._last_batch_size and time.monotonic() < deadline:
                     time.sleep(GROUP_COMMIT_POLL_S)
-            batch: list[_Pending[Any]] = []
-            item: _Pending[Any] | None = first
+            batch: list[Pending[Any]] = []
+            item: Pending[Any] | None = first
             while True:
                 if item is None:
                     stopping = True
@@ -263,14 +297,14 @@ class AuditLog:
             if self._checkpoint_due(force_time=False):
                 self._sign_due.set()
 
-    def _commit(self, batch: list[_Pending[Any]]) -> None:
+    def _commit(self, batch: list[Pending[Any]]) -> None:
         started = time.perf_counter()
-        live = [p for p in batch if p.done.set_running_or_notify_cancel()]  # skip units withdrawn on timeout
-        outcomes: list[tuple[_Pending[Any], Tx, Any, BaseException | None]] = []
+        live = _take(batch)
+        outcomes: list[_Outcome] = []
         while live:
             if self.halted is not None:
                 for p in live:
-                    p.done.set_exception(AuditUnavailable(HALTED_MESSAGE))
+                    p._settle(None, AuditUnavailable(HALTED_MESSAGE))
                 return
             try:
                 outcomes, failed = self._write(live)
@@ -282,7 +316,7 @@ class AuditLog:
                 self._frontier = None
                 log.error("audit.commit_failed", units=len(live), exc_type=type(exc).__name__)
                 for p in live:
-                    p.done.set_exception(AuditUnavailable(
+                    p._settle(None, AuditUnavailable(
                         "the audit log could not record this action, so it was not performed; retry later"))
                 return
             if failed is None:
@@ -291,17 +325,14 @@ class AuditLog:
             # are run again without it, so its partial writes never commit.
             bad, failure = failed
             log.warning("unit.failed", exc_type=type(failure).__name__)
-            bad.done.set_exception(failure)
+            bad._settle(None, failure)
             live.remove(bad)
         self.batches += 1
-        self.on_batch(sum(len(tx.records) for _, tx, _, _ in outcomes), time.perf_counter() - started)
-        for p, tx, value, error in outcomes:
-            for record in tx.records:
+        self.on_batch(sum(len(records) for _, records, _, _ in outcomes), time.perf_counter() - started)
+        for p, records, value, error in outcomes:
+            for record in records:
                 self.on_record(record)
-            if error is None:
-                p.done.set_result(value)
-            else:
-                p.done.set_exception(error)
+            p._settle(value, error)
 
     def _sql(self, statement: str) -> str:
         return dialect_sql(statement, postgresql=not self._db.is_sqlite)
@@ -311,9 +342,8 @@ class AuditLog:
             self._conn = self._db.engine.connect()
         return self._conn
 
-    def _write(self, live: list[_Pending[Any]]
-               ) -> tuple[list[tuple[_Pending[Any], Tx, Any, BaseException | None]],
-                          tuple[_Pending[Any], BaseException] | None]:
+    def _write(self, live: list[Pending[Any]]
+               ) -> tuple[list[_Outcome], tuple[Pending[Any], BaseException] | None]:
         """Run the units and chain their entries in one transaction; returns their outcomes, or the
         unit that failed (then nothing was committed)."""
         with self._db.write_lock():
@@ -335,16 +365,19 @@ class AuditLog:
                     heads = self._heads[1] if self._heads and self._heads[0] == size else {}
                     self._heads = None  # until this batch commits
                     now = self._clock.now()
-                    outcomes: list[tuple[_Pending[Any], Tx, Any, BaseException | None]] = []
+                    outcomes: list[_Outcome] = []
                     for p in live:
+                        if p.unit is None:  # one record: no unit to run
+                            outcomes.append((p, p.records, None, None))
+                            continue
                         tx = Tx(conn, now)
                         try:
-                            outcomes.append((p, tx, p.unit(tx), None))
+                            outcomes.append((p, tx.records, p.unit(tx), None))
                         except BaseException as exc:
                             if not tx.is_denial(exc):
                                 trans.rollback()
                                 return [], (p, exc)
-                            outcomes.append((p, tx, None, exc))
+                            outcomes.append((p, tx.records, None, exc))
                     leaves = self._chain(cursor, outcomes, size, prev, rfc3339(now), frontier, heads)
                     cursor.close()
                 self._db.count_commit()
@@ -375,20 +408,20 @@ class AuditLog:
         if size and tree.last_leaf.hex() != last_hash:
             raise HistoryRewritten("fork", "the stored log's last entry is not the one this process wrote or read")
 
-    def _chain(self, cursor: Any, outcomes: list[tuple[_Pending[Any], Tx, Any, BaseException | None]],
+    def _chain(self, cursor: Any, outcomes: list[_Outcome],
                size: int, prev: str, now: str, frontier: dict[int, bytes],
                heads: dict[str, tuple[int, str]]) -> list[bytes]:
         """Number, hash and store the batch's entries; returns their leaf hashes. `heads`: account_ref ->
         its access chain's head (account_seq, hex hash) as far as known, moved as the batch chains entries;
         the heads of the batch's other accounts are read here."""
         rows: list[tuple[bytes, bytes]] = []
-        heads.update(self._account_heads(cursor, {r.account_ref for _, tx, _, _ in outcomes for r in tx.records
+        heads.update(self._account_heads(cursor, {r.account_ref for _, records, _, _ in outcomes for r in records
                                                   if r.account_ref and r.action in ACCESS_ACTIONS
                                                   and r.account_ref not in heads}))
         chained: list[tuple[str, int, int, str, bytes]] = []  # audit_account_entries rows
-        for p, tx, _, _ in outcomes:
+        for p, records, _, _ in outcomes:
             p.first_seq = size + len(rows)
-            for r in tx.records:
+            for r in records:
                 account = None
                 if r.account_ref and r.action in ACCESS_ACTIONS:
                     seq, head = heads[r.account_ref]
