@@ -17,7 +17,7 @@ from auditlog.tree import consistency_ranges, inclusion_ranges
 HASH_BYTES = 32
 MAX_PROOF_HASHES = 128  # a 2**64-leaf tree needs at most 2*64 hashes; bounds work on hostile input
 
-__all__ = ["consistency_proof", "inclusion_proof", "leaf_hash", "node_hash", "root_hash",
+__all__ = ["consistency_proof", "inclusion_proof", "leaf_hash", "node_hash", "perfect_root", "root_hash",
            "verify_consistency", "verify_inclusion"]
 
 _EMPTY_ROOT = hashlib.sha256(b"").digest()
@@ -31,6 +31,15 @@ def leaf_hash(data: bytes) -> bytes:
 def node_hash(left: bytes, right: bytes) -> bytes:
     """SHA-256(0x01 ‖ left ‖ right)."""
     return hashlib.sha256(b"\x01" + left + right).digest()
+
+
+def perfect_root(hashes: bytes) -> bytes:
+    """MTH of 2**k hashes given concatenated (a tile, or an aligned slice of one): each pair is one
+    64-byte slice, so a level costs one join, not a list of 32-byte objects per node."""
+    while len(hashes) > HASH_BYTES:
+        hashes = b"".join([hashlib.sha256(b"\x01" + hashes[i:i + 2 * HASH_BYTES]).digest()
+                           for i in range(0, len(hashes), 2 * HASH_BYTES)])
+    return hashes
 
 
 def root_hash(leaf_hashes: Sequence[bytes]) -> bytes:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from auditlog.access import AccountChains
 from auditlog.entry import GENESIS_PREV, parse_entry
 from auditlog.errors import CheckpointError, EntryError, VerificationError
-from auditlog.merkle import HASH_BYTES, root_hash
+from auditlog.merkle import HASH_BYTES, perfect_root, root_hash
 
 __all__ = ["TILE_WIDTH", "TileError", "TileWriter", "bundle_entries", "entries_path", "parse_bundle",
            "tile_path", "tree_root", "verify_range"]
@@ -87,13 +87,6 @@ def parse_bundle(data: bytes, path: str) -> list[bytes]:
     except IndexError:
         raise TileError(path, "truncated length prefix") from None
     return out
-
-
-def _mth_raw(raw: bytes) -> bytes:
-    """Merkle tree hash of 2**k concatenated hashes: each pair is one contiguous 64-byte slice."""
-    while len(raw) > HASH_BYTES:
-        raw = b"".join([_sha256(b"\x01" + raw[i:i + 64]).digest() for i in range(0, len(raw), 64)])
-    return raw
 
 
 def _mth(hashes: Sequence[bytes]) -> bytes:
@@ -299,7 +292,7 @@ def verify_range(read: Callable[[str], bytes], *, old_size: int, old_root: bytes
             prev = leaf.hex().encode()
         if width == TILE_WIDTH:  # (4) for level 0, while the tile is at hand; then let it go
             parent = tiles.get(1, b // TILE_WIDTH)
-            if _mth_raw(level0) != parent[b % TILE_WIDTH]:
+            if perfect_root(level0) != parent[b % TILE_WIDTH]:
                 raise TileError(tile_path(0, b), f"does not hash to entry {b % TILE_WIDTH} of "
                                                  f"{tile_path(1, b // TILE_WIDTH, len(parent))}")
         tiles.forget(0, b)
@@ -309,7 +302,7 @@ def verify_range(read: Callable[[str], bytes], *, old_size: int, old_root: bytes
     while size >> (8 * (level + 1)):
         for n in range(old_size >> (8 * (level + 1)), size >> (8 * (level + 1))):  # full tiles touched
             parent = tiles.get(level + 1, n // TILE_WIDTH)
-            if _mth_raw(tiles.raw(level, n)) != parent[n % TILE_WIDTH]:
+            if perfect_root(tiles.raw(level, n)) != parent[n % TILE_WIDTH]:
                 raise TileError(tile_path(level, n), f"does not hash to entry {n % TILE_WIDTH} of "
                                                      f"{tile_path(level + 1, n // TILE_WIDTH, len(parent))}")
         level += 1

@@ -6,9 +6,11 @@ Goal (issue 17): for an account with 1,000 accesses on a 10,000,000-entry log, a
 < 1 s and verified in < 200 ms. Appending 10 million entries through the service is not what is
 measured, so the log is synthetic and stored sparsely: a SQLite database (the service's schema, via
 `Database`) holding the account's 1,000 chained entries (spread at random over the log, the last one
-its request entry), their account-chain index rows, and every subtree hash a proof needs, with
-stand-in hashes for subtrees holding none of the account's entries (a proof cannot tell them from
-real ones). The tree's root is computed from those, and a checkpoint signed over it.
+its request entry), their account-chain index rows, and the tiles a proof reads: the leaf tile of
+each 256 entries holding one of the account's (the others' leaves stand for other entries), the
+entries of the unfinished last 256, and every tile above, with stand-in hashes for the 256-entry
+subtrees holding none of the account's entries (a proof cannot tell them from real ones). The tree's
+root is computed from those, and a checkpoint signed over it.
 
 Measured in the same run (medians of --rounds):
   build: `assemble_report` (index query, entries, multiproof nodes in one query per 10,000, the
@@ -40,9 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from auditlog.checkpoint import Checkpoint, sign_checkpoint  # noqa: E402
 from auditlog.entry import make_entry  # noqa: E402
 from auditlog.merkle import leaf_hash, node_hash, verify_inclusion  # noqa: E402
-from auditlog.multiproof import multiproof_ranges, verify_multiproof  # noqa: E402
+from auditlog.multiproof import verify_multiproof  # noqa: E402
 from auditlog.note import NoteSigner  # noqa: E402
 from auditlog.report import verify_report  # noqa: E402
+from auditlog.tiles import TILE_WIDTH  # noqa: E402
 from auditlog.tree import inclusion_ranges, perfect_subtrees  # noqa: E402
 from clipstore.access_reports import assemble_report  # noqa: E402
 from clipstore.audit.reader import AuditReader  # noqa: E402
@@ -52,12 +55,13 @@ from clipstore.store import Database, schema  # noqa: E402
 REF, ACCOUNT_ID = "acct_0123456789abcdef01234567", "amzn1.account.BENCH"
 REVIEWERS = [f"p_{i:016x}" for i in range(20)]
 START_S = 1_800_000_000.0
+TILE_LEVEL = 8  # tree levels per tile level
 
 
 class SyntheticTree:
     """Subtree hashes of a `size`-leaf tree whose only known leaves are `leaves` (index -> leaf hash);
-    every other leaf i stands for the entry b"other %d" % i, and a subtree holding no known leaf gets
-    a stand-in hash (what a stored node would hold)."""
+    every other leaf i stands for the entry b"other %d" % i, and a 256-leaf subtree (a leaf tile's)
+    holding no known leaf gets a stand-in hash (what a level-1 tile would hold)."""
 
     def __init__(self, size: int, leaves: dict[int, bytes]) -> None:
         self.size, self.leaves, self._known = size, leaves, sorted(leaves)
@@ -74,7 +78,7 @@ class SyntheticTree:
             lo = index << level
             if level == 0:
                 value = self.leaves.get(lo) or leaf_hash(b"other %d" % lo)
-            elif not self._holds_known(lo, lo + (1 << level)):
+            elif level == TILE_LEVEL and not self._holds_known(lo, lo + (1 << level)):
                 value = hashlib.sha256(b"stand-in %d %d" % key).digest()
             else:
                 value = node_hash(self.node(level - 1, 2 * index), self.node(level - 1, 2 * index + 1))
@@ -108,15 +112,23 @@ def _entries(size: int, accesses: int, rng: random.Random) -> dict[int, bytes]:
 
 
 def _store(db: Database, tree: SyntheticTree, entries: dict[int, bytes]) -> None:
-    """Entries and index rows of the account, and every node a multiproof or per-entry proof reads."""
-    indices = sorted(entries)
-    ranges = multiproof_ranges(indices, tree.size) + [r for i in indices for r in inclusion_ranges(i, tree.size)]
-    keys = {key for lo, hi in ranges for key in perfect_subtrees(lo, hi)}
+    """Entries and index rows of the account, and the tiles a proof reads (see the module's docstring)."""
+    size, tail = tree.size, tree.size // TILE_WIDTH * TILE_WIDTH
+    blocks = sorted({i // TILE_WIDTH for i in entries if i < tail})
+    tiles = [{"level": 0, "idx": b, "hashes": b"".join(tree.node(0, i) for i in range(b * TILE_WIDTH,
+                                                                                    (b + 1) * TILE_WIDTH))}
+             for b in blocks]
+    tile_level = 1
+    while count := size >> (TILE_LEVEL * tile_level):
+        level = TILE_LEVEL * tile_level
+        tiles += [{"level": tile_level, "idx": t, "hashes": b"".join(
+            tree.node(level, j) for j in range(t * TILE_WIDTH, min(count, (t + 1) * TILE_WIDTH)))}
+            for t in range(-(-count // TILE_WIDTH))]
+        tile_level += 1
     with db.transaction() as conn:
         conn.execute(schema.audit_entries.insert(), [{"seq": i, "entry": e} for i, e in entries.items()] + [
-            {"seq": i, "entry": b"other %d" % i} for level, i in keys if level == 0 and i not in entries])
-        conn.execute(schema.audit_nodes.insert(), [{"node_key": schema.node_key(level, i), "hash": tree.node(level, i)}
-                                                   for level, i in keys if level])
+            {"seq": i, "entry": b"other %d" % i} for i in range(tail, size) if i not in entries])
+        conn.execute(schema.audit_tiles.insert(), tiles)
         conn.execute(schema.audit_account_entries.insert(), [
             {"account_ref": REF, "account_seq": json.loads(e)["target"]["account_seq"], "seq": i,
              "time": json.loads(e)["time"], "leaf": leaf_hash(e)} for i, e in entries.items()])

@@ -23,6 +23,26 @@ def build_entries(n: int, *, start_prev: str = GENESIS_PREV, first_seq: int = 0)
     return entries
 
 
+def post_order_key(level: int, idx: int) -> int:
+    """Where audit_nodes kept the node (level, idx), revisions 0009 to 0016: its post-order position."""
+    first = idx << level
+    return 2 * first - first.bit_count() + (2 << level) - 2
+
+
+def stored_tiles(leaves: list[bytes]) -> list[tuple[int, int, bytes]]:
+    """(level, idx, hashes) rows of schema.audit_tiles for a log of these leaf hashes, computed from scratch:
+    full level-0 tiles; above them every tile as far as it goes (tlog-tiles: level L + 1 holds the Merkle
+    tree hash of each full level-L tile)."""
+    rows, level, hashes = [], 0, list(leaves)
+    while hashes:
+        for i in range(0, len(hashes), 256):
+            if level or len(hashes) - i >= 256:
+                rows.append((level, i // 256, b"".join(hashes[i:i + 256])))
+        hashes = [root_hash(hashes[i:i + 256]) for i in range(0, len(hashes) - 255, 256)]
+        level += 1
+    return rows
+
+
 def build_chained_entries(links: list[tuple[int, str | None]]) -> list[bytes]:
     """clip.fetch entries of one account's access chain: (account_seq, account_prev, None for the real link)."""
     entries: list[bytes] = []

@@ -17,16 +17,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from auditlog.entry import GENESIS_PREV, canonical_json, entry_hash
-from auditlog.merkle import consistency_proof, leaf_hash, node_hash, root_hash
+from auditlog.merkle import consistency_proof, leaf_hash, root_hash
 from auditlog.witness import WitnessServer
 from clipstore.audit import AuditUnavailable
 from clipstore.audit.history import HistoryRewritten, RecomputedTree
 from clipstore.config import Config
 from clipstore.server import AUDIT_SERVICE, ClipstoreServer, running_server
-from clipstore.store.schema import node_key
 from clipstore.unit import AuditRecord
 from clipstore.v1 import clip_pb2_grpc
-from tests.auditlog_helpers import build_entries
+from tests.auditlog_helpers import build_entries, stored_tiles
 from tests.clip_helpers import metadata, put_requests
 from tests.conftest import FakeClock, bearer, make_config, new_key
 from tests.grpc_helpers import error_info
@@ -39,7 +38,7 @@ from tests.test_witnessing import log_key, witnesses  # noqa: F401 (fixtures)
 def forge_without(url: str, action: str, *, pad: bool = False) -> int:
     """The insider's rewrite, in plain SQL on the live database: delete the last `action` entry, re-chain
     every later one (with `pad`, add a harmless-looking entry so the size is unchanged), rebuild
-    audit_nodes, reset audit_head, and drop the checkpoints that covered the deleted entry. Returns the
+    audit_tiles, reset audit_head, and drop the checkpoints that covered the deleted entry. Returns the
     deleted entry's index."""
     engine = sa.create_engine(url)
     try:
@@ -59,12 +58,11 @@ def forge_without(url: str, action: str, *, pad: bool = False) -> int:
             for s in range(victim, len(entries)):
                 conn.execute(sa.text("INSERT INTO audit_entries (seq, entry) VALUES (:s, :e)"),
                              {"s": s, "e": entries[s]})
-            conn.execute(sa.text("DELETE FROM audit_nodes"))
-            level, hashes = 0, [leaf_hash(e) for e in entries]
-            while len(hashes) > 1:  # every perfect subtree above the leaves (leaf hashes are not stored)
-                level, hashes = level + 1, [node_hash(hashes[i], hashes[i + 1]) for i in range(0, len(hashes) - 1, 2)]
-                conn.execute(sa.text("INSERT INTO audit_nodes (node_key, hash) VALUES (:k, :h)"),
-                             [{"k": node_key(level, i), "h": h} for i, h in enumerate(hashes)])
+            conn.execute(sa.text("DELETE FROM audit_tiles"))
+            tiles = stored_tiles([leaf_hash(e) for e in entries])
+            if tiles:
+                conn.execute(sa.text("INSERT INTO audit_tiles (level, idx, hashes) VALUES (:l, :i, :h)"),
+                             [{"l": level, "i": i, "h": h} for level, i, h in tiles])
             conn.execute(sa.text("UPDATE audit_head SET size = :n, last_hash = :h WHERE id = 1"),
                          {"n": len(entries), "h": prev})
             conn.execute(sa.text("DELETE FROM audit_checkpoints WHERE size > :v"), {"v": victim})
@@ -240,20 +238,23 @@ def test_the_recomputed_tree_gives_the_rfc9162_roots_and_proofs(size: int, data:
 
 
 def test_a_node_inside_a_finished_block_is_recomputed_from_its_entries_and_must_match() -> None:
+    # (The block finished last keeps its leaf hashes in memory, for the next checkpoint's proof: the
+    # forged entry is in an earlier one, 0..255.)
     entries = build_entries(600)
     tree = RecomputedTree(lambda start, n: entries[start:start + n])
     tree.append([leaf_hash(e) for e in entries])
-    assert tree.consistency_proof(300, 600) == consistency_proof([leaf_hash(e) for e in entries], 300)
+    assert tree.consistency_proof(100, 600) == consistency_proof([leaf_hash(e) for e in entries], 100)
     forged = list(entries)
-    forged[270] = forged[270].replace(b"clip.ingest", b"clip.ingesT")
+    forged[70] = forged[70].replace(b"clip.ingest", b"clip.ingesT")
     tree = RecomputedTree(lambda start, n: forged[start:start + n])
     tree.append([leaf_hash(e) for e in entries])
+    assert tree.consistency_proof(300, 600) == consistency_proof([leaf_hash(e) for e in entries], 300)
     with pytest.raises(HistoryRewritten) as caught:
-        tree.consistency_proof(300, 600)
+        tree.consistency_proof(100, 600)
     assert caught.value.kind == "fork"
 
 
-def test_witnesses_are_sent_proofs_from_recomputed_hashes_never_from_audit_nodes(
+def test_witnesses_are_sent_proofs_from_recomputed_hashes_never_from_audit_tiles(
         tmp_path: Path, database_url: str | None, witnesses: list[WitnessServer]) -> None:  # noqa: F811
     with running_server(witnessed_config(tmp_path, database_url, witnesses)) as server:  # type: ignore[arg-type]
         app = server.app
@@ -261,10 +262,12 @@ def test_witnesses_are_sent_proofs_from_recomputed_hashes_never_from_audit_nodes
             app.audit.append(AuditRecord(actor_id="p", actor_role="ingest", action="clip.ingest", request_id=str(i)))
         old, _ = app.audit.checkpoint()
         wait_cosigned(app, old)
-        with app.db.transaction() as conn:  # every stored interior node is garbage now
-            conn.execute(sa.text("UPDATE audit_nodes SET hash = :z"), {"z": bytes(32)})
         for i in range(300):
             app.audit.append(AuditRecord(actor_id="p", actor_role="ingest", action="clip.ingest", request_id=str(i)))
+        with app.db.transaction() as conn:  # every stored hash is garbage now
+            for level, idx, hashes in conn.execute(sa.text("SELECT level, idx, hashes FROM audit_tiles")).all():
+                conn.execute(sa.text("UPDATE audit_tiles SET hashes = :z WHERE level = :l AND idx = :i"),
+                             {"z": bytes(len(hashes)), "l": level, "i": idx})
         size, _ = app.audit.checkpoint()
         wait_cosigned(app, size)
         assert [w.witness.cosigned_size(app.audit.signer.name) for w in witnesses] == [size] * 3

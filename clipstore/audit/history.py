@@ -1,15 +1,17 @@
 """The log as this process recomputed it from entry bytes: the signer's only source of hashes.
 
-Whoever can write the database can delete an entry, re-chain the rest, rebuild `audit_nodes` and
+Whoever can write the database can delete an entry, re-chain the rest, rebuild `audit_tiles` and
 reset `audit_head`; a signer that took its hashes from those tables would sign the forgery. So each
 process keeps its own Merkle tree, built from leaf hashes it computed itself: of the entries it
 wrote, and of other replicas' entries read back and checked to chain on (seq and prev, the rule
-`auditlog verify --tiles` applies). It never reads `audit_nodes`.
+`auditlog verify --tiles` applies). It never reads `audit_tiles`.
 
 Memory: the tree above 256-entry blocks (one tlog tile) is kept, 32 bytes per 256 entries (about
 2.5 MiB for 10 million entries with the levels above), plus the leaf hashes of the unfinished
-block. A node inside an earlier block is recomputed from that block's entries, which must still
-hash to the block hash kept here.
+block and of the block finished last (the next checkpoint's consistency proof starts in it, mostly).
+A node inside an earlier block is recomputed from that block's entries, which must still hash to
+the block hash kept here. The writer stores the tiles the proofs served to clients read
+(schema.audit_tiles) from this tree (`tiles`), never the other way round.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from auditlog.entry import GENESIS_PREV
-from auditlog.merkle import HASH_BYTES, node_hash, root_hash
+from auditlog.merkle import HASH_BYTES, node_hash, perfect_root, root_hash
 from auditlog.tree import consistency_ranges, perfect_subtrees
 
 BLOCK_LEVEL = 8
@@ -28,11 +30,8 @@ _sha256 = hashlib.sha256
 
 
 def _mth(hashes: Sequence[bytes]) -> bytes:
-    """Merkle tree hash of 2**k hashes (a block, or an aligned part of one): pairs are 64-byte slices."""
-    raw = b"".join(hashes)
-    while len(raw) > HASH_BYTES:
-        raw = b"".join([_sha256(b"\x01" + raw[i:i + 64]).digest() for i in range(0, len(raw), 64)])
-    return raw
+    """Merkle tree hash of 2**k hashes (a block, or an aligned part of one)."""
+    return perfect_root(b"".join(hashes))
 
 
 class HistoryRewritten(Exception):
@@ -84,9 +83,44 @@ class RecomputedTree:
                 self._tail.append(leaf)
                 if len(self._tail) == BLOCK_ENTRIES:
                     self._push(_mth(self._tail))
+                    # the next checkpoint's consistency proof starts inside this block, mostly
+                    self._block_cache = (len(self._levels[0]) // HASH_BYTES - 1, self._tail)
                     self._tail = []
             self.size += len(leaves)
             self.last_leaf = leaves[-1]
+
+    def tiles(self, leaves: Sequence[bytes]) -> list[tuple[int, int, bytes]]:
+        """The stored tiles (level, idx, hashes) that appending `leaves` fills or grows, in the shape of
+        schema.audit_tiles: each level-0 tile it fills, and each tile above that gains a hash, whole as far
+        as it goes. Computed from this tree, which is not changed (the caller appends once they commit)."""
+        rows: list[tuple[int, int, bytes]] = []
+        with self._lock:
+            tile, tail = self.size >> BLOCK_LEVEL, list(self._tail)
+            tops: list[bytes] = []  # the level-8 hashes of the level-0 tiles filled
+            first = tile  # index of tops[0] on its level
+            for leaf in leaves:
+                tail.append(leaf)
+                if len(tail) == BLOCK_ENTRIES:
+                    raw = b"".join(tail)
+                    rows.append((0, tile, raw))
+                    tops.append(perfect_root(raw))
+                    tile, tail = tile + 1, []
+            tile_level = 1
+            while tops:
+                k = BLOCK_LEVEL * (tile_level - 1)  # self._levels[k]: every node of tree level 8 * tile_level
+                below = self._levels[k] if k < len(self._levels) else bytearray()
+                tile = first >> BLOCK_LEVEL
+                hashes, filled = bytes(below[tile * BLOCK_ENTRIES * HASH_BYTES:first * HASH_BYTES]), []
+                for h in tops:
+                    hashes += h
+                    if len(hashes) == BLOCK_ENTRIES * HASH_BYTES:
+                        rows.append((tile_level, tile, hashes))
+                        filled.append(perfect_root(hashes))
+                        tile, hashes = tile + 1, b""
+                if hashes:
+                    rows.append((tile_level, tile, hashes))
+                tops, first, tile_level = filled, first >> BLOCK_LEVEL, tile_level + 1
+        return rows
 
     def _push(self, h: bytes) -> None:
         k = 0
@@ -147,12 +181,6 @@ class RecomputedTree:
     def subtrees(self, size: int) -> list[bytes]:
         """The perfect subtrees of [0, size), left to right (a compact range)."""
         return [self._node(level, index) for level, index in perfect_subtrees(0, size)]
-
-    def frontier(self) -> dict[int, bytes]:
-        """level -> root of the right-most perfect subtree of that height: what the next append hashes with."""
-        size = self.size  # only the writer thread appends, and it is the caller
-        return {level: self._node(level, (size >> level) - 1) for level in range(size.bit_length())
-                if size >> level & 1}
 
     def consistency_proof(self, old_size: int, size: int) -> list[bytes]:
         """RFC 9162 PROOF(old_size, D[size]) from recomputed hashes."""

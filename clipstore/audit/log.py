@@ -38,7 +38,7 @@ from auditlog.checkpoint import Checkpoint, open_checkpoint, sign_checkpoint
 from auditlog.compact import CompactRange
 from auditlog.entry import GENESIS_PREV
 from auditlog.errors import ProofError, VerificationError
-from auditlog.merkle import leaf_hash, node_hash, root_hash, verify_consistency
+from auditlog.merkle import leaf_hash, root_hash, verify_consistency
 from auditlog.note import NoteSigner
 from auditlog.tiles import TILE_WIDTH, entries_path, parse_bundle, verify_range
 from clipstore.audit.history import HistoryRewritten, RecomputedTree, recompute
@@ -49,7 +49,6 @@ from clipstore.logs import get_logger
 from clipstore.store import Database
 from clipstore.store.db import connection
 from clipstore.store.plain import dialect_sql
-from clipstore.store.schema import node_key
 from clipstore.unit import AuditRecord, Tx, Unit
 
 MAX_BATCH_ENTRIES = 4096  # bounds one transaction's size and memory
@@ -193,7 +192,6 @@ class AuditLog:
         self._open_lock = threading.Lock()
         self._opened = False
         self._tree = RecomputedTree(self.reader.entries)
-        self._frontier: tuple[int, dict[int, bytes]] | None = None  # the tree's frontier at (size), for the writer
         self._heads: tuple[int, dict[str, tuple[int, str]]] | None = None  # access-chain heads at (size)
         self._signed = _NOTHING_SIGNED
         self._sign_lock = threading.Lock()
@@ -309,11 +307,9 @@ class AuditLog:
             try:
                 outcomes, failed = self._write(live)
             except HistoryRewritten as exc:
-                self._frontier = None
                 self._halt(exc)
                 continue  # every unit fails as halted, above
             except Exception as exc:
-                self._frontier = None
                 log.error("audit.commit_failed", units=len(live), exc_type=type(exc).__name__)
                 for p in live:
                     p._settle(None, AuditUnavailable(
@@ -359,8 +355,6 @@ class AuditLog:
                     assert head is not None, "audit_head row 1 is missing"
                     size, prev = head
                     self._follow(cursor, size, prev)
-                    cached = self._frontier
-                    frontier = dict(cached[1]) if cached and cached[0] == size else self._tree.frontier()
                     # The access chains' heads this process moved last; only while no other replica appended.
                     heads = self._heads[1] if self._heads and self._heads[0] == size else {}
                     self._heads = None  # until this batch commits
@@ -378,7 +372,7 @@ class AuditLog:
                                 trans.rollback()
                                 return [], (p, exc)
                             outcomes.append((p, tx.records, None, exc))
-                    leaves = self._chain(cursor, outcomes, size, prev, rfc3339(now), frontier, heads)
+                    leaves = self._chain(cursor, outcomes, size, prev, rfc3339(now), heads)
                     cursor.close()
                 self._db.count_commit()
             except BaseException:
@@ -387,7 +381,6 @@ class AuditLog:
                     conn.invalidate()
                 raise
         self._tree.append(leaves)
-        self._frontier = (size + len(leaves), frontier)
         self._heads = (size + len(leaves), heads if len(heads) <= MAX_CACHED_HEADS else {})
         return outcomes, None
 
@@ -409,8 +402,7 @@ class AuditLog:
             raise HistoryRewritten("fork", "the stored log's last entry is not the one this process wrote or read")
 
     def _chain(self, cursor: Any, outcomes: list[_Outcome],
-               size: int, prev: str, now: str, frontier: dict[int, bytes],
-               heads: dict[str, tuple[int, str]]) -> list[bytes]:
+               size: int, prev: str, now: str, heads: dict[str, tuple[int, str]]) -> list[bytes]:
         """Number, hash and store the batch's entries; returns their leaf hashes. `heads`: account_ref ->
         its access chain's head (account_seq, hex hash) as far as known, moved as the batch chains entries;
         the heads of the batch's other accounts are read here."""
@@ -433,7 +425,7 @@ class AuditLog:
                 if account is not None:
                     heads[r.account_ref] = (account[0], prev)
                     chained.append((r.account_ref, account[0], size + len(rows) - 1, now, leaf))
-        self._store(cursor, size, rows, frontier, chained)
+        self._store(cursor, size, rows, chained)
         return [leaf for _, leaf in rows]
 
     def _account_heads(self, cursor: Any, refs: set[str]) -> dict[str, tuple[int, str]]:
@@ -448,37 +440,30 @@ class AuditLog:
             heads.update((ref, (int(seq), bytes(leaf).hex())) for ref, seq, leaf in cursor.fetchall())
         return heads
 
-    def _store(self, cursor: Any, size: int, rows: list[tuple[bytes, bytes]], frontier: dict[int, bytes],
+    def _store(self, cursor: Any, size: int, rows: list[tuple[bytes, bytes]],
                account_rows: list[tuple[str, int, int, str, bytes]] | None = None) -> None:
-        """Insert entries [size, size + n) (given with their leaf hashes), the subtree hashes they complete
-        (for the proofs served to clients, never for signing), the access-chain index rows (`account_rows`;
+        """Insert entries [size, size + n) (given with their leaf hashes), the tiles they fill or grow (for
+        the proofs served to clients, never for signing), the access-chain index rows (`account_rows`;
         None: read from the entries, as for entries restored from the tiles) and the new head."""
         if not rows:
             return
-        entry_rows: list[tuple[int, bytes]] = []
-        node_rows: list[tuple[int, bytes]] = []
-        derive, account_rows = account_rows is None, account_rows or []
-        for data, leaf in rows:
-            entry_rows.append((size, data))
-            if derive and b'"account_seq":' in data:  # an access chain's entry: index it for access reports
-                entry = json.loads(data)
-                account_rows.append((entry["target"]["account_ref"], entry["target"]["account_seq"], size,
-                                     entry["time"], leaf))
-            h, idx, level = leaf, size, 0
-            while idx & 1:  # a right child: fold in the left sibling from the frontier
-                h = node_hash(frontier.pop(level), h)
-                idx, level = idx >> 1, level + 1
-                node_rows.append((node_key(level, idx), h))
-            frontier[level] = h
-            size += 1
+        entry_rows = list(enumerate([data for data, _ in rows], size))
+        if account_rows is None:  # an access chain's entries: index them for access reports
+            account_rows = []
+            for seq, (data, leaf) in enumerate(rows, size):
+                if b'"account_seq":' in data:
+                    entry = json.loads(data)
+                    account_rows.append((entry["target"]["account_ref"], entry["target"]["account_seq"], seq,
+                                         entry["time"], leaf))
         cursor.executemany(self._sql("INSERT INTO audit_entries (seq, entry) VALUES (?, ?)"), entry_rows)
-        if node_rows:
-            cursor.executemany(self._sql("INSERT INTO audit_nodes (node_key, hash) VALUES (?, ?)"), node_rows)
+        if tiles := self._tree.tiles([leaf for _, leaf in rows]):
+            cursor.executemany(self._sql("INSERT INTO audit_tiles (level, idx, hashes) VALUES (?, ?, ?) "
+                                         "ON CONFLICT (level, idx) DO UPDATE SET hashes = excluded.hashes"), tiles)
         if account_rows:
             cursor.executemany(self._sql("INSERT INTO audit_account_entries (account_ref, account_seq, seq, time, "
                                          "leaf) VALUES (?, ?, ?, ?, ?)"), account_rows)
         cursor.execute(self._sql("UPDATE audit_head SET size = ?, last_hash = ? WHERE id = 1"),
-                       (size, rows[-1][1].hex()))
+                       (size + len(rows), rows[-1][1].hex()))
 
     # -- halting -------------------------------------------------------------
     def _halt(self, exc: HistoryRewritten) -> None:
@@ -581,7 +566,7 @@ class AuditLog:
         except VerificationError as exc:
             raise HistoryRewritten("fork", f"the published log does not extend the stored one: {exc}") from None
         self._extend(_bundle_reader(published, top.size), top.size, anchors, store=True)
-        self._frontier = self._heads = None
+        self._heads = None
         log.warning("audit.restored_from_published", entries=top.size - size, size=top.size)
 
     def _store_restored(self, start: int, rows: list[tuple[bytes, bytes]]) -> None:
@@ -593,7 +578,7 @@ class AuditLog:
             size, prev = head
             if size != start or (size and prev != self._tree.last_leaf.hex()):
                 raise HistoryRewritten("mismatch", "the stored log changed while published entries were restored")
-            self._store(cursor, start, rows, self._tree.frontier())
+            self._store(cursor, start, rows)
             cursor.close()
         self._db.count_commit()
 

@@ -6,7 +6,8 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import sqlalchemy as sa
 
-from auditlog.merkle import leaf_hash, node_hash
+from auditlog.merkle import HASH_BYTES, leaf_hash, node_hash, perfect_root
+from auditlog.tiles import TILE_WIDTH
 from auditlog.tree import Range, consistency_ranges, inclusion_ranges, perfect_subtrees
 from clipstore.store import Database, schema
 from clipstore.store.plain import fetch_all
@@ -14,10 +15,12 @@ from clipstore.store.plain import fetch_all
 MAX_PAGE_ENTRIES = 1000
 EXPORT_BATCH_ENTRIES = 10_000
 MAX_QUERY_KEYS = 10_000  # bound parameters per IN query (SQLite allows 32766)
+TILE_LEVELS = 8  # tree levels per tile level: a tile holds 256 = 2**8 hashes
 
 
-_NODES_BY_KEY = sa.select(schema.audit_nodes.c.node_key, schema.audit_nodes.c.hash).where(
-    schema.audit_nodes.c.node_key.in_(sa.bindparam("keys", expanding=True)))
+_TILES = sa.select(schema.audit_tiles.c.idx, schema.audit_tiles.c.hashes).where(
+    schema.audit_tiles.c.level == sa.bindparam("level"),
+    schema.audit_tiles.c.idx.in_(sa.bindparam("idx", expanding=True)))
 _ENTRIES_BY_SEQ = sa.select(schema.audit_entries.c.seq, schema.audit_entries.c.entry).where(
     schema.audit_entries.c.seq.in_(sa.bindparam("seqs", expanding=True)))
 
@@ -56,19 +59,40 @@ class AuditReader:
             start += len(batch)
 
     def nodes(self, keys: Iterable[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
-        """Subtree hashes by (level, index): stored above the leaves, hashed from the entry for a leaf."""
+        """Subtree hashes by (level, index), from the stored tiles (schema.audit_tiles): the node's hashes
+        at the tile level below it, hashed up; leaves of the unfinished level-0 tile from their entries."""
         wanted = set(keys)
-        inner = {schema.node_key(level, idx): (level, idx) for level, idx in wanted if level}
-        leaves = [idx for level, idx in wanted if not level]
-        found: dict[tuple[int, int], bytes] = {}
-        node_keys = list(inner)
+        spans = {}  # (level, idx) -> (tile level, tile idx, first hash in the tile, hashes)
+        for level, idx in wanted:
+            tile_level, rest = divmod(level, TILE_LEVELS)
+            first = idx << rest
+            spans[(level, idx)] = (tile_level, first // TILE_WIDTH, first % TILE_WIDTH, 1 << rest)
+        tiles: dict[tuple[int, int], bytes] = {}
+        by_level: dict[int, set[int]] = {}
+        for tile_level, tile, _, _ in spans.values():
+            by_level.setdefault(tile_level, set()).add(tile)
         with self._db.read() as conn:
-            for start in range(0, len(node_keys), MAX_QUERY_KEYS):
-                found.update((inner[k], bytes(h)) for k, h in
-                             conn.execute(_NODES_BY_KEY, {"keys": node_keys[start:start + MAX_QUERY_KEYS]}))
-            for start in range(0, len(leaves), MAX_QUERY_KEYS):
-                found.update(((0, int(seq)), leaf_hash(bytes(e))) for seq, e in
-                             conn.execute(_ENTRIES_BY_SEQ, {"seqs": leaves[start:start + MAX_QUERY_KEYS]}))
+            for tile_level, wanted_tiles in sorted(by_level.items()):
+                ordered = sorted(wanted_tiles)
+                for start in range(0, len(ordered), MAX_QUERY_KEYS):
+                    tiles.update(((tile_level, int(i)), bytes(h)) for i, h in conn.execute(
+                        _TILES, {"level": tile_level, "idx": ordered[start:start + MAX_QUERY_KEYS]}))
+            # The unfinished level-0 tile is not stored: its leaves are their entries' hashes.
+            seqs = sorted({tile * TILE_WIDTH + offset + k for tile_level, tile, offset, n in spans.values()
+                           if not tile_level and (0, tile) not in tiles for k in range(n)})
+            leaves: dict[int, bytes] = {}
+            for start in range(0, len(seqs), MAX_QUERY_KEYS):
+                leaves.update((int(seq), leaf_hash(bytes(e))) for seq, e in
+                              conn.execute(_ENTRIES_BY_SEQ, {"seqs": seqs[start:start + MAX_QUERY_KEYS]}))
+        found: dict[tuple[int, int], bytes] = {}
+        for key, (tile_level, tile, offset, n) in spans.items():
+            if (tile_level, tile) in tiles:
+                raw = tiles[tile_level, tile][offset * HASH_BYTES:(offset + n) * HASH_BYTES]
+            else:
+                first = tile * TILE_WIDTH + offset
+                raw = b"".join(leaves.get(seq, b"") for seq in range(first, first + n)) if not tile_level else b""
+            if len(raw) == n * HASH_BYTES:
+                found[key] = perfect_root(raw)
         if len(found) != len(wanted):
             raise LookupError(f"audit tree is missing {len(wanted) - len(found)} subtree hashes")
         return found
@@ -138,3 +162,4 @@ class AuditReader:
         with self._db.read() as conn:
             row = conn.execute(sa.select(t.c.size, t.c.note).order_by(t.c.size.desc()).limit(1)).one_or_none()
         return None if row is None else (int(row.size), row.note)
+

@@ -32,7 +32,12 @@ principal_keys = sa.Table(
     sa.Column("retires_at", sa.Float, nullable=True),
 )
 
-# -- audit log (revisions 0002, 0009, 0010, 0013) ------------------------------
+# -- audit log (revisions 0002, 0009, 0010, 0013, 0015, 0017) ---------------------
+# SQLite: each audit table is one b-tree per row written, where it can be (revision 0017). An
+# INTEGER (not BIGINT) primary key is the rowid itself, and WITHOUT ROWID keeps a table in its
+# primary key's b-tree: with BIGINT keys every entry and index row went into two.
+_SQLITE_ROWID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
 audit_head = sa.Table(
     "audit_head", metadata,
     sa.Column("id", sa.Integer, primary_key=True),  # always 1: the row writers lock
@@ -42,28 +47,22 @@ audit_head = sa.Table(
 
 audit_entries = sa.Table(
     "audit_entries", metadata,
-    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("seq", _SQLITE_ROWID, primary_key=True, autoincrement=False),
     sa.Column("entry", sa.LargeBinary, nullable=False),  # canonical JSON bytes
 )
 
-# Perfect subtree hashes above the leaves: (level ≥ 1, idx) covers leaves
-# [idx * 2**level, (idx + 1) * 2**level) and is stored under node_key(level, idx), its
-# post-order position. Leaf hashes are not stored: leaf i is SHA-256(0x00 ‖ entry i).
-# Proofs read O(log n) of these.
-audit_nodes = sa.Table(
-    "audit_nodes", metadata,
-    sa.Column("node_key", sa.BigInteger, primary_key=True, autoincrement=False),
-    sa.Column("hash", sa.LargeBinary(32), nullable=False),
+# The tree's hashes for the proofs served to clients (never for signing: clipstore.audit.history), as
+# C2SP tlog-tiles (auditlog.tiles): tile (level, idx) holds the hashes of tree level 8 * level, nodes
+# idx * 256 onwards, 32 bytes each, in order; the nodes between are hashed from them when read. A
+# level-0 tile (leaf hashes) is stored once full; the reader hashes the entries of the unfinished one.
+# A tile above is stored as far as it goes and rewritten as it grows (once per 256**level entries), so
+# a commit inserts one row per 256 entries instead of one per entry.
+audit_tiles = sa.Table(
+    "audit_tiles", metadata,
+    sa.Column("level", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("idx", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("hashes", sa.LargeBinary, nullable=False),
 )
-
-
-def node_key(level: int, idx: int) -> int:
-    """The node's post-order position: the nodes an append completes come right after each other,
-    so a commit writes them to one or two pages, not to one page per tree level (a 16-entry commit
-    wrote 19 pages, now 6)."""
-    first = idx << level
-    return 2 * first - first.bit_count() + (2 << level) - 2
-
 
 # Each account's access chain (auditlog.access, revision 0015): one row per chained entry, written with
 # the entry by the audit writer, so an access report finds an account's entries without scanning the
@@ -76,6 +75,7 @@ audit_account_entries = sa.Table(
     sa.Column("seq", sa.BigInteger, nullable=False, unique=True),
     sa.Column("time", sa.String(32), nullable=False),  # the entry's RFC 3339 time
     sa.Column("leaf", sa.LargeBinary(32), nullable=False),
+    sqlite_with_rowid=False,
 )
 
 audit_checkpoints = sa.Table(
