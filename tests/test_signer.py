@@ -20,7 +20,7 @@ from auditlog.entry import GENESIS_PREV, canonical_json, entry_hash
 from auditlog.merkle import consistency_proof, leaf_hash, root_hash
 from auditlog.witness import WitnessServer
 from clipstore.audit import AuditUnavailable
-from clipstore.audit.history import HistoryRewritten, RecomputedTree
+from clipstore.audit.history import CACHED_BLOCKS, HistoryRewritten, RecomputedTree
 from clipstore.config import Config
 from clipstore.server import AUDIT_SERVICE, ClipstoreServer, running_server
 from clipstore.unit import AuditRecord
@@ -238,19 +238,21 @@ def test_the_recomputed_tree_gives_the_rfc9162_roots_and_proofs(size: int, data:
 
 
 def test_a_node_inside_a_finished_block_is_recomputed_from_its_entries_and_must_match() -> None:
-    # (The block finished last keeps its leaf hashes in memory, for the next checkpoint's proof: the
-    # forged entry is in an earlier one, 0..255.)
-    entries = build_entries(600)
+    # The last CACHED_BLOCKS blocks keep their leaf hashes in memory (the next checkpoint's proofs start in
+    # them): the forged entry is in block 0, which has left the cache.
+    size = (CACHED_BLOCKS + 2) * 256 + 44
+    entries = build_entries(size)
+    leaves = [leaf_hash(e) for e in entries]
     tree = RecomputedTree(lambda start, n: entries[start:start + n])
-    tree.append([leaf_hash(e) for e in entries])
-    assert tree.consistency_proof(100, 600) == consistency_proof([leaf_hash(e) for e in entries], 100)
+    tree.append(leaves)
+    assert tree.consistency_proof(100, size) == consistency_proof(leaves, 100)
     forged = list(entries)
     forged[70] = forged[70].replace(b"clip.ingest", b"clip.ingesT")
     tree = RecomputedTree(lambda start, n: forged[start:start + n])
-    tree.append([leaf_hash(e) for e in entries])
-    assert tree.consistency_proof(300, 600) == consistency_proof([leaf_hash(e) for e in entries], 300)
+    tree.append(leaves)
+    assert tree.consistency_proof(size - 300, size) == consistency_proof(leaves, size - 300)
     with pytest.raises(HistoryRewritten) as caught:
-        tree.consistency_proof(100, 600)
+        tree.consistency_proof(100, size)
     assert caught.value.kind == "fork"
 
 

@@ -26,6 +26,7 @@ from auditlog.tree import consistency_ranges, perfect_subtrees
 
 BLOCK_LEVEL = 8
 BLOCK_ENTRIES = 1 << BLOCK_LEVEL
+CACHED_BLOCKS = 8  # 64 KiB: a checkpoint every 1,000 entries proves from within the last four blocks
 _sha256 = hashlib.sha256
 
 
@@ -72,7 +73,10 @@ class RecomputedTree:
         self.last_leaf = b""  # leaf hash of entry size - 1: what entry `size` must link to
         self._tail: list[bytes] = []  # leaf hashes of the unfinished block
         self._levels: list[bytearray] = []  # [k]: roots of the perfect subtrees of 256 * 2**k leaves
-        self._block_cache: tuple[int, list[bytes]] | None = None
+        self._blocks: dict[int, list[bytes]] = {}  # leaf hashes of recent blocks (at most CACHED_BLOCKS)
+        # block -> (its leaf hashes, their block hash) as `tiles` computed them, for append to take when
+        # it fills that block with the same leaves (the batch committed), not to hash them again
+        self._tops: dict[int, tuple[bytes, bytes]] = {}
 
     def append(self, leaves: Sequence[bytes]) -> None:
         """Add leaf hashes the caller computed from entries [size, size + n)."""
@@ -82,10 +86,13 @@ class RecomputedTree:
             for leaf in leaves:
                 self._tail.append(leaf)
                 if len(self._tail) == BLOCK_ENTRIES:
-                    self._push(_mth(self._tail))
-                    # the next checkpoint's consistency proof starts inside this block, mostly
-                    self._block_cache = (len(self._levels[0]) // HASH_BYTES - 1, self._tail)
+                    block = len(self._levels[0]) // HASH_BYTES if self._levels else 0
+                    raw = b"".join(self._tail)
+                    known = self._tops.get(block)
+                    self._push(known[1] if known is not None and known[0] == raw else perfect_root(raw))
+                    self._remember(block, self._tail)  # the next checkpoint's proofs start in a recent block
                     self._tail = []
+            self._tops.clear()
             self.size += len(leaves)
             self.last_leaf = leaves[-1]
 
@@ -104,6 +111,7 @@ class RecomputedTree:
                     raw = b"".join(tail)
                     rows.append((0, tile, raw))
                     tops.append(perfect_root(raw))
+                    self._tops[tile] = (raw, tops[-1])
                     tile, tail = tile + 1, []
             tile_level = 1
             while tops:
@@ -149,9 +157,9 @@ class RecomputedTree:
 
     def _block(self, block: int, expected: bytes) -> list[bytes]:
         """Leaf hashes of a finished block, recomputed from its stored entries."""
-        cached = self._block_cache
-        if cached is not None and cached[0] == block:
-            return cached[1]
+        cached = self._blocks.get(block)
+        if cached is not None:
+            return cached
         first = block * BLOCK_ENTRIES
         entries = self._read(first, BLOCK_ENTRIES)
         if len(entries) != BLOCK_ENTRIES:
@@ -160,8 +168,13 @@ class RecomputedTree:
         if _mth(leaves) != expected:
             raise HistoryRewritten("fork", f"stored entries {first}..{first + BLOCK_ENTRIES - 1} no longer hash to "
                                            "what this process recomputed from them")
-        self._block_cache = (block, leaves)
+        self._remember(block, leaves)
         return leaves
+
+    def _remember(self, block: int, leaves: list[bytes]) -> None:
+        self._blocks[block] = leaves
+        while len(self._blocks) > CACHED_BLOCKS:
+            del self._blocks[min(self._blocks)]
 
     def _range_root(self, lo: int, hi: int) -> bytes:
         hashes = [self._node(level, index) for level, index in perfect_subtrees(lo, hi)]

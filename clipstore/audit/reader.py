@@ -30,15 +30,14 @@ class AuditReader:
         self._db = db
 
     def size(self) -> int:
-        with self._db.read() as conn:
-            return int(conn.scalar(sa.select(schema.audit_head.c.size).where(schema.audit_head.c.id == 1)) or 0)
+        return self.head()[0]
 
     def head(self) -> tuple[int, str]:
-        """(size, hex leaf hash of the last entry) as `audit_head` says."""
-        t = schema.audit_head
+        """(size, hex leaf hash of the last entry) as `audit_head` says. Plain SQL: the signer asks at
+        every checkpoint, and the idle writer every tick."""
         with self._db.read() as conn:
-            row = conn.execute(sa.select(t.c.size, t.c.last_hash).where(t.c.id == 1)).one()
-        return int(row.size), row.last_hash
+            (size, last_hash), = fetch_all(conn, "SELECT size, last_hash FROM audit_head WHERE id = 1", ())
+        return int(size), str(last_hash)
 
     def entries(self, start: int, limit: int) -> list[bytes]:
         """Entries [start, start + limit), as stored. Plain SQL: the signer reads back every entry it
