@@ -62,7 +62,6 @@ READ_BATCH_ENTRIES = 10_000  # bounds memory while reading the stored log back
 PUBLISHED_CHECKPOINT = "checkpoint"  # in the tiles location (C2SP tlog-tiles)
 APPEND_TIMEOUT_S = 30.0
 GROUP_COMMIT_WAIT_S = 0.0003  # short against an fsync; lets concurrent appenders share it
-GROUP_COMMIT_POLL_S = 0.00005
 CHECKPOINT_RIDE_S = 0.1  # how long a signed checkpoint waits to ride in a batch of units before it commits alone
 log = get_logger("clipstore.audit")
 
@@ -114,6 +113,13 @@ class Pending(Generic[T]):
             raise self._error
         value: T = self._value
         return value
+
+    def wait(self, timeout: float) -> bool:
+        """Whether the unit was settled within `timeout`; unlike `result`, never withdraws it."""
+        if not self._done.acquire(timeout=timeout):
+            return False
+        self._done.release()
+        return True
 
     def _settle(self, value: Any, error: BaseException | None) -> None:
         self._value, self._error = value, error
@@ -186,7 +192,7 @@ class AuditLog:
         self._signer_thread: threading.Thread | None = None
         self._sign_due = threading.Event()
         self._signer_stopping = False
-        self._rider: _Pending[Any] | None = None  # a checkpoint's row, for the writer's next transaction
+        self._rider: Pending[Any] | None = None  # a checkpoint's row, for the writer's next transaction
         self._rider_lock = threading.Lock()
         self._lock = threading.Lock()
         self._open_lock = threading.Lock()
@@ -204,6 +210,8 @@ class AuditLog:
         self.on_batch: Callable[[int, float], None] = lambda entries, seconds: None
         self.on_halt: Callable[[HistoryRewritten], None] = lambda exc: None
         self._last_batch_size = 0
+        self._gather = 0  # while the writer gathers a batch: the queue length at which to wake it
+        self._gathered = threading.Event()
 
     # -- units of work and appends -----------------------------------------
     def run(self, unit: Unit[T], *, timeout_s: float = APPEND_TIMEOUT_S) -> T:
@@ -214,10 +222,13 @@ class AuditLog:
         return self._queued(Pending(unit))
 
     def _queued(self, pending: Pending[T]) -> Pending[T]:
-        self._ensure_started()
+        if self._thread is None:  # after the first unit, no lock on the way in
+            self._ensure_started()
         if self.halted is not None:
             raise AuditUnavailable(HALTED_MESSAGE)
         self._queue.put(pending)
+        if self._gather and self._queue.qsize() >= self._gather:
+            self._gathered.set()
         return pending
 
     def append(self, record: AuditRecord, *, timeout_s: float = APPEND_TIMEOUT_S) -> int:
@@ -266,12 +277,7 @@ class AuditLog:
         while not stopping:
             first = self._queue.get()
             if self._last_batch_size > 1:
-                # Concurrent callers are about: give as many as the last batch held the time to enqueue
-                # (at most GROUP_COMMIT_WAIT_S), so one fsync serves them all. A fixed sleep cost each
-                # 16-caller batch more than half an fsync.
-                deadline = time.monotonic() + GROUP_COMMIT_WAIT_S
-                while self._queue.qsize() + 1 < self._last_batch_size and time.monotonic() < deadline:
-                    time.sleep(GROUP_COMMIT_POLL_S)
+                self._gather_batch(self._last_batch_size - 1)
             batch: list[Pending[Any]] = []
             item: Pending[Any] | None = first
             while True:
@@ -294,6 +300,18 @@ class AuditLog:
                 self._commit(batch)
             if self._checkpoint_due(force_time=False):
                 self._sign_due.set()
+
+    def _gather_batch(self, more: int) -> None:
+        """Concurrent callers are about: give as many as the last batch held the time to enqueue (at most
+        GROUP_COMMIT_WAIT_S), so one fsync serves them all. The caller that completes the count wakes the
+        writer (`_queued`): polling with sleeps woke it up to a poll interval late, each time."""
+        if self._queue.qsize() >= more:
+            return
+        self._gather = more
+        self._gathered.clear()
+        if self._queue.qsize() < more:  # a unit queued before `_gather` was set woke nobody
+            self._gathered.wait(GROUP_COMMIT_WAIT_S)
+        self._gather = 0
 
     def _commit(self, batch: list[Pending[Any]]) -> None:
         started = time.perf_counter()
@@ -670,23 +688,21 @@ class AuditLog:
             with self._db.transaction() as conn:
                 insert(conn)
             return
-        pending: _Pending[None] = _Pending(lambda tx: insert(connection(tx)))
+        pending: Pending[None] = Pending(lambda tx: insert(connection(tx)))
         if threading.current_thread() is self._signer_thread:
             with self._rider_lock:
                 if self._signer_stopping:
                     self._queue.put(pending)
                 else:
                     self._rider = pending
-            with contextlib.suppress(FutureTimeout):
-                pending.done.result(timeout=CHECKPOINT_RIDE_S)
-                return
-            with self._rider_lock:  # no batch came: commit alone
-                if self._rider is pending:
-                    self._rider = None
-                    self._queue.put(pending)
+            if not pending.wait(CHECKPOINT_RIDE_S):
+                with self._rider_lock:  # no batch came: commit alone
+                    if self._rider is pending:
+                        self._rider = None
+                        self._queue.put(pending)
         else:
             self._queue.put(pending)
-        self._wait(pending, APPEND_TIMEOUT_S)
+        pending.result(APPEND_TIMEOUT_S)
 
     def _check_head(self, size: int, last_leaf: bytes) -> None:
         """The stored head must still extend the tree of `size` this process holds (read before it)."""
