@@ -171,6 +171,21 @@ class RecomputedTree:
         self._remember(block, leaves)
         return leaves
 
+    def leaves(self, start: int, end: int) -> bytes | None:
+        """Leaf hashes [start, end), concatenated, if all are still in memory (the unfinished block and the
+        blocks remembered); else None."""
+        with self._lock:
+            if not 0 <= start <= end <= self.size:
+                return None
+            parts = []
+            for block in range(start >> BLOCK_LEVEL, -(-end >> BLOCK_LEVEL)):
+                leaves = self._tail if block == self.size >> BLOCK_LEVEL else self._blocks.get(block)
+                if leaves is None:
+                    return None
+                first = block << BLOCK_LEVEL
+                parts.append(b"".join(leaves[max(start - first, 0):end - first]))
+            return b"".join(parts)
+
     def _remember(self, block: int, leaves: list[bytes]) -> None:
         self._blocks[block] = leaves
         while len(self._blocks) > CACHED_BLOCKS:

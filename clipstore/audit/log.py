@@ -38,7 +38,7 @@ from auditlog.checkpoint import Checkpoint, open_checkpoint, sign_checkpoint
 from auditlog.compact import CompactRange
 from auditlog.entry import GENESIS_PREV
 from auditlog.errors import ProofError, VerificationError
-from auditlog.merkle import leaf_hash, root_hash, verify_consistency
+from auditlog.merkle import HASH_BYTES, leaf_hash, root_hash, verify_consistency
 from auditlog.note import NoteSigner
 from auditlog.tiles import TILE_WIDTH, entries_path, parse_bundle, verify_range
 from clipstore.audit.history import HistoryRewritten, RecomputedTree, recompute
@@ -724,19 +724,28 @@ class AuditLog:
             log.warning("audit.watch_failed", exc_type=type(exc).__name__)
 
     def _prove(self, signed: _Signed, size: int, root: bytes) -> list[bytes]:
-        """Read entries [signed.size, size) back, recompute them onto the signed tree; returns the new
-        tree's compact range. Raises `HistoryRewritten` unless it is the tree this process holds."""
-        tree = CompactRange.resume(signed.size, list(signed.subtrees))
-        last = signed.last_leaf
-        while tree.size < size:
-            batch = self.reader.entries(tree.size, min(READ_BATCH_ENTRIES, size - tree.size))
+        """Read entries [signed.size, size) back and recompute them: while their leaf hashes are still in
+        this process's memory, they must be those; else they must give the signed tree extended to `root`.
+        Returns the new tree's compact range. Raises `HistoryRewritten` unless it is the tree this process
+        holds, and that tree extends the signed one (the consistency proof witnesses are sent)."""
+        held = self._tree.leaves(signed.size, size)
+        tree = CompactRange.resume(signed.size, list(signed.subtrees)) if held is None else None
+        at, last = signed.size, signed.last_leaf
+        while at < size:
+            batch = self.reader.entries(at, min(READ_BATCH_ENTRIES, size - at))
             if not batch:
-                raise HistoryRewritten("shrink", f"the stored log ends at {tree.size} entries; this process wrote "
+                raise HistoryRewritten("shrink", f"the stored log ends at {at} entries; this process wrote "
                                                  f"or read {size}")
-            for leaf in recompute(batch, tree.size, last):
-                tree.append(leaf)
-                last = leaf
-        if tree.root() != root:
+            leaves = recompute(batch, at, last)
+            if tree is not None:
+                for leaf in leaves:
+                    tree.append(leaf)
+            elif held is not None and b"".join(leaves) != held[(at - signed.size) * HASH_BYTES:
+                                                              (at - signed.size + len(leaves)) * HASH_BYTES]:
+                raise HistoryRewritten("fork", f"stored entries {at}..{at + len(leaves) - 1} no longer hash to "
+                                               "what this process wrote and read")
+            at, last = at + len(leaves), leaves[-1]
+        if tree is not None and tree.root() != root:
             raise HistoryRewritten("fork", f"stored entries {signed.size}..{size - 1} no longer hash to what this "
                                            "process wrote and read")
         if 0 < signed.size < size:
@@ -745,7 +754,7 @@ class AuditLog:
                                    self._tree.consistency_proof(signed.size, size))
             except ProofError as exc:
                 raise HistoryRewritten("fork", f"no consistency proof from {signed.size} to {size}: {exc}") from None
-        return tree.subtrees
+        return tree.subtrees if tree is not None else self._tree.subtrees(size)
 
     def consistency_proof(self, old_size: int, size: int) -> list[bytes]:
         """PROOF(old_size, size) from hashes this process recomputed: what witnesses are sent."""
