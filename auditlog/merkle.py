@@ -18,7 +18,7 @@ HASH_BYTES = 32
 MAX_PROOF_HASHES = 128  # a 2**64-leaf tree needs at most 2*64 hashes; bounds work on hostile input
 
 __all__ = ["consistency_proof", "inclusion_proof", "leaf_hash", "node_hash", "perfect_root", "root_hash",
-           "verify_consistency", "verify_inclusion"]
+           "subtree_levels", "verify_consistency", "verify_inclusion"]
 
 _EMPTY_ROOT = hashlib.sha256(b"").digest()
 
@@ -40,6 +40,17 @@ def perfect_root(hashes: bytes) -> bytes:
         hashes = b"".join([hashlib.sha256(b"\x01" + hashes[i:i + 2 * HASH_BYTES]).digest()
                            for i in range(0, len(hashes), 2 * HASH_BYTES)])
     return hashes
+
+
+def subtree_levels(hashes: bytes, levels: int) -> list[bytes]:
+    """`hashes` (concatenated) and the `levels` levels of nodes above them, each level holding the
+    nodes over complete pairs only (a tile's, as far as it goes)."""
+    out = [hashes]
+    for _ in range(levels):
+        below = out[-1]
+        out.append(b"".join([hashlib.sha256(b"\x01" + below[i:i + 2 * HASH_BYTES]).digest()
+                             for i in range(0, len(below) - 2 * HASH_BYTES + 1, 2 * HASH_BYTES)]))
+    return out
 
 
 def root_hash(leaf_hashes: Sequence[bytes]) -> bytes:

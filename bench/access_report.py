@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from auditlog.checkpoint import Checkpoint, sign_checkpoint  # noqa: E402
 from auditlog.entry import make_entry  # noqa: E402
-from auditlog.merkle import leaf_hash, node_hash, verify_inclusion  # noqa: E402
+from auditlog.merkle import leaf_hash, node_hash, subtree_levels, verify_inclusion  # noqa: E402
 from auditlog.multiproof import verify_multiproof  # noqa: E402
 from auditlog.note import NoteSigner  # noqa: E402
 from auditlog.report import verify_report  # noqa: E402
@@ -111,19 +111,24 @@ def _entries(size: int, accesses: int, rng: random.Random) -> dict[int, bytes]:
     return out
 
 
+def _tile(level: int, idx: int, hashes: bytes) -> dict[str, object]:
+    """An audit_tiles row as the service writes it: the hashes and the 7 levels of nodes above them."""
+    return {"level": level, "idx": idx, "hashes": hashes,
+            "nodes": b"".join(subtree_levels(hashes, TILE_LEVEL)[1:TILE_LEVEL])}
+
+
 def _store(db: Database, tree: SyntheticTree, entries: dict[int, bytes]) -> None:
     """Entries and index rows of the account, and the tiles a proof reads (see the module's docstring)."""
     size, tail = tree.size, tree.size // TILE_WIDTH * TILE_WIDTH
     blocks = sorted({i // TILE_WIDTH for i in entries if i < tail})
-    tiles = [{"level": 0, "idx": b, "hashes": b"".join(tree.node(0, i) for i in range(b * TILE_WIDTH,
-                                                                                    (b + 1) * TILE_WIDTH))}
+    tiles = [_tile(0, b, b"".join(tree.node(0, i) for i in range(b * TILE_WIDTH, (b + 1) * TILE_WIDTH)))
              for b in blocks]
     tile_level = 1
     while count := size >> (TILE_LEVEL * tile_level):
         level = TILE_LEVEL * tile_level
-        tiles += [{"level": tile_level, "idx": t, "hashes": b"".join(
-            tree.node(level, j) for j in range(t * TILE_WIDTH, min(count, (t + 1) * TILE_WIDTH)))}
-            for t in range(-(-count // TILE_WIDTH))]
+        tiles += [_tile(tile_level, t, b"".join(tree.node(level, j) for j in range(t * TILE_WIDTH,
+                                                                                   min(count, (t + 1) * TILE_WIDTH))))
+                  for t in range(-(-count // TILE_WIDTH))]
         tile_level += 1
     with db.transaction() as conn:
         conn.execute(schema.audit_entries.insert(), [{"seq": i, "entry": e} for i, e in entries.items()] + [

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from auditlog.checkpoint import Checkpoint, sign_checkpoint
 from auditlog.entry import GENESIS_PREV, entry_hash, make_entry
-from auditlog.merkle import leaf_hash, root_hash
+from auditlog.merkle import leaf_hash, node_hash, root_hash
 from auditlog.note import NoteSigner
 
 
@@ -29,15 +29,19 @@ def post_order_key(level: int, idx: int) -> int:
     return 2 * first - first.bit_count() + (2 << level) - 2
 
 
-def stored_tiles(leaves: list[bytes]) -> list[tuple[int, int, bytes]]:
-    """(level, idx, hashes) rows of schema.audit_tiles for a log of these leaf hashes, computed from scratch:
-    full level-0 tiles; above them every tile as far as it goes (tlog-tiles: level L + 1 holds the Merkle
-    tree hash of each full level-L tile)."""
+def stored_tiles(leaves: list[bytes]) -> list[tuple[int, int, bytes, bytes]]:
+    """(level, idx, hashes, nodes) rows of schema.audit_tiles for a log of these leaf hashes, computed from
+    scratch: full level-0 tiles; above them every tile as far as it goes (tlog-tiles: level L + 1 holds the
+    Merkle tree hash of each full level-L tile); `nodes` the 7 levels above a tile's hashes, complete pairs."""
     rows, level, hashes = [], 0, list(leaves)
     while hashes:
         for i in range(0, len(hashes), 256):
             if level or len(hashes) - i >= 256:
-                rows.append((level, i // 256, b"".join(hashes[i:i + 256])))
+                tile, nodes = hashes[i:i + 256], b""
+                for _ in range(7):
+                    tile = [node_hash(tile[j], tile[j + 1]) for j in range(0, len(tile) - 1, 2)]
+                    nodes += b"".join(tile)
+                rows.append((level, i // 256, b"".join(hashes[i:i + 256]), nodes))
         hashes = [root_hash(hashes[i:i + 256]) for i in range(0, len(hashes) - 255, 256)]
         level += 1
     return rows

@@ -61,8 +61,8 @@ def forge_without(url: str, action: str, *, pad: bool = False) -> int:
             conn.execute(sa.text("DELETE FROM audit_tiles"))
             tiles = stored_tiles([leaf_hash(e) for e in entries])
             if tiles:
-                conn.execute(sa.text("INSERT INTO audit_tiles (level, idx, hashes) VALUES (:l, :i, :h)"),
-                             [{"l": level, "i": i, "h": h} for level, i, h in tiles])
+                conn.execute(sa.text("INSERT INTO audit_tiles (level, idx, hashes, nodes) VALUES (:l, :i, :h, :n)"),
+                             [{"l": level, "i": i, "h": h, "n": n} for level, i, h, n in tiles])
             conn.execute(sa.text("UPDATE audit_head SET size = :n, last_hash = :h WHERE id = 1"),
                          {"n": len(entries), "h": prev})
             conn.execute(sa.text("DELETE FROM audit_checkpoints WHERE size > :v"), {"v": victim})
@@ -267,9 +267,10 @@ def test_witnesses_are_sent_proofs_from_recomputed_hashes_never_from_audit_tiles
         for i in range(300):
             app.audit.append(AuditRecord(actor_id="p", actor_role="ingest", action="clip.ingest", request_id=str(i)))
         with app.db.transaction() as conn:  # every stored hash is garbage now
-            for level, idx, hashes in conn.execute(sa.text("SELECT level, idx, hashes FROM audit_tiles")).all():
-                conn.execute(sa.text("UPDATE audit_tiles SET hashes = :z WHERE level = :l AND idx = :i"),
-                             {"z": bytes(len(hashes)), "l": level, "i": idx})
+            for level, idx, hashes, nodes in conn.execute(sa.text("SELECT level, idx, hashes, nodes "
+                                                                      "FROM audit_tiles")).all():
+                conn.execute(sa.text("UPDATE audit_tiles SET hashes = :z, nodes = :y WHERE level = :l AND idx = :i"),
+                             {"z": bytes(len(hashes)), "y": bytes(len(nodes)), "l": level, "i": idx})
         size, _ = app.audit.checkpoint()
         wait_cosigned(app, size)
         assert [w.witness.cosigned_size(app.audit.signer.name) for w in witnesses] == [size] * 3

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from auditlog.entry import GENESIS_PREV
-from auditlog.merkle import HASH_BYTES, node_hash, perfect_root, root_hash
+from auditlog.merkle import HASH_BYTES, node_hash, perfect_root, root_hash, subtree_levels
 from auditlog.tree import consistency_ranges, perfect_subtrees
 
 BLOCK_LEVEL = 8
@@ -96,11 +96,11 @@ class RecomputedTree:
             self.size += len(leaves)
             self.last_leaf = leaves[-1]
 
-    def tiles(self, leaves: Sequence[bytes]) -> list[tuple[int, int, bytes]]:
-        """The stored tiles (level, idx, hashes) that appending `leaves` fills or grows, in the shape of
-        schema.audit_tiles: each level-0 tile it fills, and each tile above that gains a hash, whole as far
-        as it goes. Computed from this tree, which is not changed (the caller appends once they commit)."""
-        rows: list[tuple[int, int, bytes]] = []
+    def tiles(self, leaves: Sequence[bytes]) -> list[tuple[int, int, bytes, bytes]]:
+        """The stored tiles (level, idx, hashes, nodes) that appending `leaves` fills or grows, in the shape
+        of schema.audit_tiles: each level-0 tile it fills, and each tile above that gains a hash, whole as
+        far as it goes. Computed from this tree, which is not changed (the caller appends once they commit)."""
+        rows: list[tuple[int, int, bytes, bytes]] = []
         with self._lock:
             tile, tail = self.size >> BLOCK_LEVEL, list(self._tail)
             tops: list[bytes] = []  # the level-8 hashes of the level-0 tiles filled
@@ -109,8 +109,7 @@ class RecomputedTree:
                 tail.append(leaf)
                 if len(tail) == BLOCK_ENTRIES:
                     raw = b"".join(tail)
-                    rows.append((0, tile, raw))
-                    tops.append(perfect_root(raw))
+                    tops.append(_stored_tile(rows, 0, tile, raw))
                     self._tops[tile] = (raw, tops[-1])
                     tile, tail = tile + 1, []
             tile_level = 1
@@ -122,11 +121,10 @@ class RecomputedTree:
                 for h in tops:
                     hashes += h
                     if len(hashes) == BLOCK_ENTRIES * HASH_BYTES:
-                        rows.append((tile_level, tile, hashes))
-                        filled.append(perfect_root(hashes))
+                        filled.append(_stored_tile(rows, tile_level, tile, hashes))
                         tile, hashes = tile + 1, b""
                 if hashes:
-                    rows.append((tile_level, tile, hashes))
+                    _stored_tile(rows, tile_level, tile, hashes)
                 tops, first, tile_level = filled, first >> BLOCK_LEVEL, tile_level + 1
         return rows
 
@@ -213,3 +211,11 @@ class RecomputedTree:
     def consistency_proof(self, old_size: int, size: int) -> list[bytes]:
         """RFC 9162 PROOF(old_size, D[size]) from recomputed hashes."""
         return [self._range_root(lo, hi) for lo, hi in consistency_ranges(old_size, size)]
+
+
+def _stored_tile(rows: list[tuple[int, int, bytes, bytes]], level: int, idx: int, hashes: bytes) -> bytes:
+    """Add the tile's row (its hashes, and the 7 levels of nodes above them within it: schema.audit_tiles);
+    returns the node over all of it (the tile's hash one level up; meaningful once the tile is full)."""
+    levels = subtree_levels(hashes, BLOCK_LEVEL)
+    rows.append((level, idx, hashes, b"".join(levels[1:BLOCK_LEVEL])))
+    return levels[BLOCK_LEVEL]

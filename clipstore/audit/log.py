@@ -475,8 +475,9 @@ class AuditLog:
                                          entry["time"], leaf))
         cursor.executemany(self._sql("INSERT INTO audit_entries (seq, entry) VALUES (?, ?)"), entry_rows)
         if tiles := self._tree.tiles([leaf for _, leaf in rows]):
-            cursor.executemany(self._sql("INSERT INTO audit_tiles (level, idx, hashes) VALUES (?, ?, ?) "
-                                         "ON CONFLICT (level, idx) DO UPDATE SET hashes = excluded.hashes"), tiles)
+            cursor.executemany(self._sql("INSERT INTO audit_tiles (level, idx, hashes, nodes) VALUES (?, ?, ?, ?) "
+                                         "ON CONFLICT (level, idx) DO UPDATE SET hashes = excluded.hashes, "
+                                         "nodes = excluded.nodes"), tiles)
         if account_rows:
             cursor.executemany(self._sql("INSERT INTO audit_account_entries (account_ref, account_seq, seq, time, "
                                          "leaf) VALUES (?, ?, ?, ?, ?)"), account_rows)

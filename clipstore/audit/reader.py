@@ -6,7 +6,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import sqlalchemy as sa
 
-from auditlog.merkle import HASH_BYTES, leaf_hash, node_hash, perfect_root
+from auditlog.merkle import HASH_BYTES, leaf_hash, node_hash, subtree_levels
 from auditlog.tiles import TILE_WIDTH
 from auditlog.tree import Range, consistency_ranges, inclusion_ranges, perfect_subtrees
 from clipstore.store import Database, schema
@@ -16,11 +16,9 @@ MAX_PAGE_ENTRIES = 1000
 EXPORT_BATCH_ENTRIES = 10_000
 MAX_QUERY_KEYS = 10_000  # bound parameters per IN query (SQLite allows 32766)
 TILE_LEVELS = 8  # tree levels per tile level: a tile holds 256 = 2**8 hashes
+_TILES_SQL = "SELECT idx, hashes, nodes FROM audit_tiles WHERE level = ? AND idx IN ({marks})"
 
 
-_TILES = sa.select(schema.audit_tiles.c.idx, schema.audit_tiles.c.hashes).where(
-    schema.audit_tiles.c.level == sa.bindparam("level"),
-    schema.audit_tiles.c.idx.in_(sa.bindparam("idx", expanding=True)))
 _ENTRIES_BY_SEQ = sa.select(schema.audit_entries.c.seq, schema.audit_entries.c.entry).where(
     schema.audit_entries.c.seq.in_(sa.bindparam("seqs", expanding=True)))
 
@@ -58,42 +56,39 @@ class AuditReader:
             start += len(batch)
 
     def nodes(self, keys: Iterable[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
-        """Subtree hashes by (level, index), from the stored tiles (schema.audit_tiles): the node's hashes
-        at the tile level below it, hashed up; leaves of the unfinished level-0 tile from their entries."""
-        wanted = set(keys)
-        spans = {}  # (level, idx) -> (tile level, tile idx, first hash in the tile, hashes)
-        for level, idx in wanted:
+        """Subtree hashes by (level, index), from the stored tiles (schema.audit_tiles): each tile read once
+        and hashed up once, as far as its nodes asked for need; the unfinished level-0 tile is its entries'
+        leaf hashes. Plain SQL: a proof's two or three reads through SQLAlchemy cost as much as its hashing."""
+        spans: dict[tuple[int, int], tuple[int, int, int, int]] = {}  # key -> (tile level, tile, rest, offset)
+        reach: dict[tuple[int, int], int] = {}  # tile -> the highest level within it asked for
+        for level, idx in set(keys):
             tile_level, rest = divmod(level, TILE_LEVELS)
             first = idx << rest
-            spans[(level, idx)] = (tile_level, first // TILE_WIDTH, first % TILE_WIDTH, 1 << rest)
-        tiles: dict[tuple[int, int], bytes] = {}
-        by_level: dict[int, set[int]] = {}
-        for tile_level, tile, _, _ in spans.values():
-            by_level.setdefault(tile_level, set()).add(tile)
+            at = (tile_level, first // TILE_WIDTH)
+            spans[(level, idx)] = (*at, rest, first % TILE_WIDTH >> rest)
+            reach[at] = max(reach.get(at, 0), rest)
+        rows: dict[tuple[int, int], tuple[bytes, bytes | None]] = {}
         with self._db.read() as conn:
-            for tile_level, wanted_tiles in sorted(by_level.items()):
-                ordered = sorted(wanted_tiles)
-                for start in range(0, len(ordered), MAX_QUERY_KEYS):
-                    tiles.update(((tile_level, int(i)), bytes(h)) for i, h in conn.execute(
-                        _TILES, {"level": tile_level, "idx": ordered[start:start + MAX_QUERY_KEYS]}))
-            # The unfinished level-0 tile is not stored: its leaves are their entries' hashes.
-            seqs = sorted({tile * TILE_WIDTH + offset + k for tile_level, tile, offset, n in spans.values()
-                           if not tile_level and (0, tile) not in tiles for k in range(n)})
-            leaves: dict[int, bytes] = {}
-            for start in range(0, len(seqs), MAX_QUERY_KEYS):
-                leaves.update((int(seq), leaf_hash(bytes(e))) for seq, e in
-                              conn.execute(_ENTRIES_BY_SEQ, {"seqs": seqs[start:start + MAX_QUERY_KEYS]}))
+            for tile_level in sorted({t for t, _ in reach}):
+                wanted = sorted(i for t, i in reach if t == tile_level)
+                for start in range(0, len(wanted), MAX_QUERY_KEYS):
+                    chunk = wanted[start:start + MAX_QUERY_KEYS]
+                    marks = ", ".join("?" * len(chunk))  # placeholders only: the indices are bound values
+                    rows.update(((tile_level, int(i)), (bytes(h), None if n is None else bytes(n))) for i, h, n in
+                                fetch_all(conn, _TILES_SQL.replace("{marks}", marks), (tile_level, *chunk)))
+            for tile_level, tile in reach:
+                if not tile_level and (0, tile) not in rows:  # the unfinished leaf tile: hashed from its entries
+                    rows[0, tile] = (b"".join(leaf_hash(bytes(e)) for (e,) in fetch_all(
+                        conn, "SELECT entry FROM audit_entries WHERE seq >= ? AND seq < ? ORDER BY seq",
+                        (tile * TILE_WIDTH, (tile + 1) * TILE_WIDTH))), None)
+        levels = {at: _tile_levels(*rows.get(at, (b"", None)), top) for at, top in reach.items()}
         found: dict[tuple[int, int], bytes] = {}
-        for key, (tile_level, tile, offset, n) in spans.items():
-            if (tile_level, tile) in tiles:
-                raw = tiles[tile_level, tile][offset * HASH_BYTES:(offset + n) * HASH_BYTES]
-            else:
-                first = tile * TILE_WIDTH + offset
-                raw = b"".join(leaves.get(seq, b"") for seq in range(first, first + n)) if not tile_level else b""
-            if len(raw) == n * HASH_BYTES:
-                found[key] = perfect_root(raw)
-        if len(found) != len(wanted):
-            raise LookupError(f"audit tree is missing {len(wanted) - len(found)} subtree hashes")
+        for key, (tile_level, tile, rest, offset) in spans.items():
+            hashes = levels[tile_level, tile][rest]
+            if (offset + 1) * HASH_BYTES <= len(hashes):
+                found[key] = hashes[offset * HASH_BYTES:(offset + 1) * HASH_BYTES]
+        if len(found) != len(spans):
+            raise LookupError(f"audit tree is missing {len(spans) - len(found)} subtree hashes")
         return found
 
     def entries_at(self, indices: Sequence[int]) -> list[bytes]:
@@ -162,3 +157,15 @@ class AuditReader:
             row = conn.execute(sa.select(t.c.size, t.c.note).order_by(t.c.size.desc()).limit(1)).one_or_none()
         return None if row is None else (int(row.size), row.note)
 
+
+def _tile_levels(hashes: bytes, nodes: bytes | None, top: int) -> list[bytes]:
+    """The tile's hashes and the `top` levels of nodes above them (each level its complete pairs only):
+    as stored in `nodes`, else hashed."""
+    if nodes is None:
+        return subtree_levels(hashes, top)
+    levels, at, width = [hashes], 0, len(hashes) // HASH_BYTES
+    for level in range(1, top + 1):
+        n = (width >> level) * HASH_BYTES
+        levels.append(nodes[at:at + n])
+        at += n
+    return levels

@@ -52,16 +52,19 @@ audit_entries = sa.Table(
 )
 
 # The tree's hashes for the proofs served to clients (never for signing: clipstore.audit.history), as
-# C2SP tlog-tiles (auditlog.tiles): tile (level, idx) holds the hashes of tree level 8 * level, nodes
-# idx * 256 onwards, 32 bytes each, in order; the nodes between are hashed from them when read. A
-# level-0 tile (leaf hashes) is stored once full; the reader hashes the entries of the unfinished one.
-# A tile above is stored as far as it goes and rewritten as it grows (once per 256**level entries), so
-# a commit inserts one row per 256 entries instead of one per entry.
+# C2SP tlog-tiles (auditlog.tiles): `hashes` of tile (level, idx) are those of tree level 8 * level,
+# nodes idx * 256 onwards, 32 bytes each, in order; `nodes` the 7 levels above them within the tile,
+# level by level, each over complete pairs only (128, 64, ... 2 hashes for a full tile), so a proof
+# reads its nodes instead of hashing up to 255 (NULL: hashed when read, as for tiles migrated on
+# PostgreSQL). A level-0 tile (leaf hashes) is stored once full; the reader hashes the entries of the
+# unfinished one. A tile above is stored as far as it goes and rewritten as it grows (once per
+# 256**level entries), so a commit inserts one row per 256 entries instead of one per entry.
 audit_tiles = sa.Table(
     "audit_tiles", metadata,
     sa.Column("level", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("idx", sa.BigInteger, primary_key=True, autoincrement=False),
     sa.Column("hashes", sa.LargeBinary, nullable=False),
+    sa.Column("nodes", sa.LargeBinary, nullable=True),
 )
 
 # Each account's access chain (auditlog.access, revision 0015): one row per chained entry, written with

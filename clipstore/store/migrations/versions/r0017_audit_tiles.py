@@ -4,7 +4,9 @@ Tile (level, idx) holds the hashes of tree level 8 * level, nodes idx * 256 onwa
 leaf hashes (full tiles only; they were not stored before, so they are hashed here from the
 entries), the levels above the nodes audit_nodes held under their post-order keys (revision 0009),
 as far as the log goes. A node audit_nodes lacks is written as 32 zero bytes, so a proof through it
-fails to verify rather than every hash after it shifting. audit_nodes is dropped.
+fails to verify rather than every hash after it shifting. On SQLite each tile also gets the nodes
+above its hashes within it (`nodes`); on PostgreSQL they stay NULL and are hashed when read.
+audit_nodes is dropped.
 
 On SQLite, audit_entries is rebuilt with an INTEGER primary key (the rowid: one b-tree, not a table
 and an index) and audit_account_entries WITHOUT ROWID (its primary key's b-tree holds the rows).
@@ -35,6 +37,7 @@ def upgrade() -> None:
         sa.Column("level", sa.Integer, primary_key=True, autoincrement=False),
         sa.Column("idx", sa.BigInteger, primary_key=True, autoincrement=False),
         sa.Column("hashes", sa.LargeBinary, nullable=False),
+        sa.Column("nodes", sa.LargeBinary, nullable=True),
     )
     if op.get_context().dialect.name == "postgresql":
         _tiles_postgresql()
@@ -70,14 +73,13 @@ def _tiles_sqlite() -> None:
     conn = op.get_bind()
     size = int(conn.scalar(sa.text("SELECT COALESCE(max(size), 0) FROM audit_head WHERE id = 1")) or 0)
     tiles = sa.table("audit_tiles", sa.column("level", sa.Integer), sa.column("idx", sa.BigInteger),
-                     sa.column("hashes", sa.LargeBinary))
+                     sa.column("hashes", sa.LargeBinary), sa.column("nodes", sa.LargeBinary))
     full = size // TILE_HASHES * TILE_HASHES
     for start in range(0, full, READ_BATCH):
         rows = conn.execute(sa.text("SELECT entry FROM audit_entries WHERE seq >= :a AND seq < :b ORDER BY seq"),
                             {"a": start, "b": min(start + READ_BATCH, full)}).all()
         leaves = [hashlib.sha256(b"\x00" + bytes(e)).digest() for (e,) in rows]
-        conn.execute(tiles.insert(), [{"level": 0, "idx": (start + i) // TILE_HASHES,
-                                       "hashes": b"".join(leaves[i:i + TILE_HASHES])}
+        conn.execute(tiles.insert(), [_tile(0, (start + i) // TILE_HASHES, b"".join(leaves[i:i + TILE_HASHES]))
                                       for i in range(0, len(leaves), TILE_HASHES)])
     for tile_level in range(1, LEVELS):
         level = 8 * tile_level
@@ -91,9 +93,18 @@ def _tiles_sqlite() -> None:
                     sa.text("SELECT node_key, hash FROM audit_nodes WHERE node_key IN :keys")
                     .bindparams(sa.bindparam("keys", expanding=True)), {"keys": chunk}))
             nodes = [found.get(j, MISSING) for j in sorted(keys.values())]
-            conn.execute(tiles.insert(), [{"level": tile_level, "idx": (start + i) // TILE_HASHES,
-                                           "hashes": b"".join(nodes[i:i + TILE_HASHES])}
+            conn.execute(tiles.insert(), [_tile(tile_level, (start + i) // TILE_HASHES,
+                                                b"".join(nodes[i:i + TILE_HASHES]))
                                           for i in range(0, len(nodes), TILE_HASHES)])
+
+
+def _tile(level: int, idx: int, hashes: bytes) -> dict[str, object]:
+    """The row: the hashes, and the 7 levels of nodes above them within the tile (complete pairs only)."""
+    levels, below = [], hashes
+    for _ in range(7):
+        below = b"".join([hashlib.sha256(b"\x01" + below[i:i + 64]).digest() for i in range(0, len(below) - 63, 64)])
+        levels.append(below)
+    return {"level": level, "idx": idx, "hashes": hashes, "nodes": b"".join(levels)}
 
 
 def _rebuild_sqlite() -> None:
