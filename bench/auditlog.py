@@ -14,7 +14,7 @@ the heap frozen after start-up as `clipstore serve` freezes it:
      Rounds of 1 and 2 alternate, each on a fresh log; figures are medians.
   3. `auditlog` verify rate over an export of --entries entries, and from C2SP tiles
      (all of it; then 1,000 new entries with --state)
-  4. inclusion-proof time from stored subtree hashes at --entries entries
+  4. inclusion-proof time from the stored tiles (audit_tiles) at --entries entries
   5. the signer's own checks on that stored log: start-up (every entry read back and hashed once),
      and one checkpoint over 1,000 new entries (read back, hashed, consistency proof, signed)
 """
