@@ -20,6 +20,10 @@ from the server's access log.
    ours whose only method does one group-committed audit append, called back
    to back by 8 clients. Rounds of 2 and 3 alternate, so both see the same
    neighbours; `grant_p99_vs_floor` = RequestGrant p99 ÷ the floor's p99.
+
+`server_cpu_ms_per_review`: the server process's CPU time (user + system) in
+phase 2 per review; on this shared machine it moves less between runs than
+the latencies do. bench/review_units.py says where a review's database work goes.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import grpc  # noqa: E402
+import psutil  # noqa: E402
 
 from bench._floor import METHOD as FLOOR_METHOD  # noqa: E402
 from bench._servers import clipstore_server, floor_server, moto_server, put_requests  # noqa: E402
@@ -199,9 +204,13 @@ def main() -> None:
         floor_ms: list[float] = []
         rates: list[float] = []
         closed_commits = 0.0
+        server_cpu_s = 0.0
+        server_process = psutil.Process(server.proc.pid)
         for _ in range(ROUNDS):
             mark, before = server.mark(), commits()
+            cpu_before = sum(server_process.cpu_times()[:2])
             rates.append(closed_loop(closed_per_round, CLOSED_REVIEWERS, lambda i: review_one(reviewers[i])))
+            server_cpu_s += sum(server_process.cpu_times()[:2]) - cpu_before
             closed_grant += server.rpc_ms("/RequestGrant", mark, server.mark())
             closed_commits += commits() - before
             mark = floor.mark()
@@ -210,6 +219,7 @@ def main() -> None:
         closed_rpcs = ROUNDS * closed_per_round * RPCS_PER_REVIEW
 
     saturation = statistics.median(rates)
+    server_cpu_ms = server_cpu_s * 1000 / (ROUNDS * closed_per_round)
     print(f"{'RequestGrant, server-side':<52} {'n':>5} {'p50 ms':>8} {'p99 ms':>8}")
     for name, samples in [(f"open loop, {args.rate:g} reviews/s offered", open_grant),
                           (f"closed loop, {CLOSED_REVIEWERS} reviewers", closed_grant),
@@ -218,12 +228,14 @@ def main() -> None:
     print(f"open loop: {reviews} reviews at {achieved:.1f}/s achieved; arrivals waited for a free reviewer "
           f"p99 {pct(waited, 99) * 1000:.1f} ms; {open_commits:.2f} commits per RPC")
     print(f"closed loop, {CLOSED_REVIEWERS} reviewers: {saturation:.1f} reviews/s; "
-          f"{closed_commits / closed_rpcs:.2f} commits per RPC (group commit)")
+          f"{closed_commits / closed_rpcs:.2f} commits per RPC (group commit); "
+          f"server CPU {server_cpu_ms:.1f} ms per review")
     print("goals: open-loop p99 < 5 ms; p99 vs floor ≤ 2.0; commits per RPC 1.0")
     print(f"grant_p99_open_loop_ms={pct(open_grant, 99):.2f}")
     print(f"grant_p99_vs_floor={pct(closed_grant, 99) / pct(floor_ms, 99):.2f}")
     print(f"reviews_per_s_saturation={saturation:.1f}")
     print(f"commits_per_rpc={alone:.2f}")
+    print(f"server_cpu_ms_per_review={server_cpu_ms:.2f}")
 
 
 if __name__ == "__main__":
