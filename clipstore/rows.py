@@ -109,6 +109,28 @@ class GrantRow:
 
 
 @dataclass(frozen=True, kw_only=True)
+class GrantTarget:
+    """One joined read for RequestGrant: the assignment, the grants issued for it so far, and its clip in
+    the queue (None once it left the queue)."""
+
+    assignment: AssignmentRow
+    grants: int
+    queued: QueuedClip | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RedeemRows:
+    """One joined read for a redemption: the grant, its clip, whether the grant's assignment still
+    exists, whether the clip's account allows review, and whether the caller is enabled."""
+
+    reviewer_enabled: bool
+    grant: GrantRow | None
+    clip: ClipRow | None
+    assignment_exists: bool
+    account_allows_review: bool
+
+
+@dataclass(frozen=True, kw_only=True)
 class WatermarkRow:
     """A watermarked fetch: the id embedded in the audio, and whose copy it was."""
 

@@ -19,8 +19,10 @@ from clipstore.rows import (
     ClipRow,
     EscalationRow,
     GrantRow,
+    GrantTarget,
     QueuedClip,
     QueueRow,
+    RedeemRows,
     ReviewerRow,
     SessionRow,
 )
@@ -75,8 +77,9 @@ class MemoryReviewStore:
         self.t.sessions[token_hash] = SessionRow(session_id=session_id, reviewer_id=reviewer_id,
                                                  expires_at=expires_at, last_seen_at=now, ended=False)
 
-    def session_by_token(self, token_hash: bytes) -> SessionRow | None:
-        return self.t.sessions.get(token_hash)
+    def session_with_reviewer(self, token_hash: bytes) -> tuple[SessionRow, ReviewerRow | None] | None:
+        session = self.t.sessions.get(token_hash)
+        return None if session is None else (session, self.t.reviewers.get(session.reviewer_id))
 
     def touch_session(self, session_id: str, now: float) -> None:
         for k, s in self.t.sessions.items():
@@ -112,9 +115,6 @@ class MemoryReviewStore:
                 if (holder is None or (until or 0) < now) and (not locales or row.locale in locales)]
         return [q for q in (self._queued(cid) for cid in free[:limit]) if q is not None]
 
-    def queued(self, clip_id: str) -> QueuedClip | None:
-        return self._queued(clip_id)
-
     def claim(self, clip_id: str, assignment: AssignmentRow, now: float) -> bool:
         row, holder, until = self.t.queue[clip_id]
         if holder is not None and (until or 0) >= now:
@@ -128,6 +128,13 @@ class MemoryReviewStore:
 
     def assignment(self, assignment_id: str) -> AssignmentRow | None:
         return self.t.assignments.get(assignment_id)
+
+    def grant_target(self, assignment_id: str) -> GrantTarget | None:
+        a = self.t.assignments.get(assignment_id)
+        if a is None:
+            return None
+        return GrantTarget(assignment=a, grants=sum(g.assignment_id == assignment_id for g in self.t.grants.values()),
+                           queued=self._queued(a.clip_id))
 
     def complete(self, assignment_id: str, label_ct: bytes, now: float) -> bool:
         a = self.t.assignments[assignment_id]
@@ -145,11 +152,12 @@ class MemoryReviewStore:
     def add_grant(self, grant: GrantRow, now: float) -> None:
         self.t.grants[grant.grant_id] = grant
 
-    def grants_for(self, assignment_id: str) -> int:
-        return sum(g.assignment_id == assignment_id for g in self.t.grants.values())
-
-    def grant(self, grant_id: str) -> GrantRow | None:
-        return self.t.grants.get(grant_id)
+    def redeem_rows(self, grant_id: str, assignment_id: str, principal_id: str) -> RedeemRows:
+        grant = self.t.grants.get(grant_id)
+        clip = self.t.clips.get(grant.clip_id) if grant is not None else None
+        return RedeemRows(reviewer_enabled=principal_id in self.t.disabled and not self.t.disabled[principal_id],
+                          grant=grant, clip=clip, assignment_exists=assignment_id in self.t.assignments,
+                          account_allows_review=clip is not None and self.t.allow_review.get(clip.account_ref, False))
 
     def redeem(self, grant_id: str, now: float) -> bool:
         g = self.t.grants.get(grant_id)
@@ -183,9 +191,6 @@ class MemoryReviewStore:
 
     def allows_review(self, account_ref: str) -> bool:
         return self.t.allow_review.get(account_ref, False)
-
-    def principal_enabled(self, principal_id: str) -> bool:
-        return principal_id in self.t.disabled and not self.t.disabled[principal_id]
 
     # -- escalations
     def add_escalation(self, row: EscalationRow, created_by: str) -> None:

@@ -18,9 +18,13 @@ from clipstore.unit import Actor, Tx
 
 
 def open_assignment(rows: ReviewStore, tx: Tx, actor: Actor, assignment_id: str, action: str) -> AssignmentRow:
-    """Inside a unit: the caller's own assignment, still open and not expired, or a recorded refusal.
-    An expired assignment belongs to nobody: its former holder can neither complete nor flag it."""
-    assignment = rows.assignment(assignment_id) if assignment_id else None
+    """Inside a unit: the caller's own assignment, still open and not expired, or a recorded refusal."""
+    return check_open(tx, actor, rows.assignment(assignment_id) if assignment_id else None, action)
+
+
+def check_open(tx: Tx, actor: Actor, assignment: AssignmentRow | None, action: str) -> AssignmentRow:
+    """Inside a unit, on the assignment it read: the caller's own, still open and not expired, or a recorded
+    refusal. An expired assignment belongs to nobody: its former holder can neither complete nor flag it."""
     if assignment is None or assignment.reviewer_id != actor.id:
         raise tx.deny(actor, action, NotFound("no such assignment for you", reason="ASSIGNMENT_NOT_FOUND"))
     if assignment.completed_at is not None:

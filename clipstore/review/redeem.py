@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from clipstore.audio.fetch import FetchAudio, FetchPlan
 from clipstore.errors import FailedPrecondition, PermissionDenied, ResourceExhausted
 from clipstore.grants import GrantClaims, check_grant_time, decode_grant, encode_grant
-from clipstore.review.assignments import open_assignment
+from clipstore.review.assignments import check_open
 from clipstore.review.policy import MAX_GRANTS_PER_ASSIGNMENT, ReviewPolicy
 from clipstore.review.ports import ReviewPorts, ReviewStore
 from clipstore.review.sessions import live_session
@@ -71,18 +71,22 @@ class Grants:
         self._public = key.public_key()
 
     def issue(self, token: str, assignment_id: str, actor: Actor) -> tuple[str, int, str]:
-        """A signed single-use grant for the caller's open assignment: (grant, expires_at, review_clip_id)."""
+        """A signed single-use grant for the caller's open assignment: (grant, expires_at, review_clip_id).
+        The unit records the grant; it is signed after, off the writer thread (it is usable only once its
+        row is committed anyway)."""
         policy = self._policy
 
-        def unit(tx: Tx) -> tuple[str, int, str]:
+        def unit(tx: Tx) -> GrantClaims:
             rows = self._ports.bind(tx)
             session, _ = live_session(rows, tx, actor, token, "grant.deny", policy)
-            assignment = open_assignment(rows, tx, actor, assignment_id, "grant.deny")
-            if rows.grants_for(assignment_id) >= MAX_GRANTS_PER_ASSIGNMENT:
+            target = rows.grant_target(assignment_id) if assignment_id else None
+            assignment = check_open(tx, actor, target.assignment if target is not None else None, "grant.deny")
+            assert target is not None
+            if target.grants >= MAX_GRANTS_PER_ASSIGNMENT:
                 raise tx.deny(actor, "grant.deny", ResourceExhausted(
                     f"this assignment already had {MAX_GRANTS_PER_ASSIGNMENT} grants; complete or flag it",
                     reason="GRANT_LIMIT"), clip_id=assignment.clip_id)
-            queued = rows.queued(assignment.clip_id)
+            queued = target.queued
             if queued is None or not queued.eligible(tx.now):
                 raise tx.deny(actor, "grant.deny", FailedPrecondition(
                     "the clip is no longer available for review", reason="CLIP_UNAVAILABLE"),
@@ -97,9 +101,10 @@ class Grants:
                                     account_ref=queued.queue.account_ref, expires_at=claims.expires_at,
                                     redeemed_at=None, voided=False), tx.now)
             tx.audit(actor.record("grant.issue", clip_id=assignment.clip_id, account_ref=queued.queue.account_ref))
-            return encode_grant(claims, self._key), claims.expires_at, assignment.review_clip_id
+            return claims
 
-        return self._ports.ledger.run(unit)
+        claims = self._ports.ledger.run(unit)
+        return encode_grant(claims, self._key), claims.expires_at, claims.review_clip_id
 
     def _plan(self, rows: ReviewStore, clip: ClipRow, grant_id: str, actor: Actor) -> FetchPlan:
         """The fetch's plan; a watermark id already given to another fetch (random 40 bits: a birthday
@@ -115,23 +120,31 @@ class Grants:
         """Every check, the single-use redemption and the durable `clip.fetch` entry, in one unit;
         returns (review_clip_id, clip, what the fetch does to the audio). Only then may audio flow."""
         policy = self._policy
+        # 2. form and signature: a pure check, made before the unit (off the writer thread); its outcome is
+        # acted on in the unit, in its place after step 1
+        claims: GrantClaims | None = None
+        malformed: PermissionDenied | FailedPrecondition | None = None
+        try:
+            claims = decode_grant(grant, self._public)
+        except (PermissionDenied, FailedPrecondition) as refused:
+            malformed = refused
 
         def unit(tx: Tx) -> tuple[str, ClipRow, FetchPlan]:
             rows = self._ports.bind(tx)
             # 1. a live session of the caller, the reviewer not locked
             session, _ = live_session(rows, tx, actor, token, "grant.deny", policy)
-            clip: ClipRow | None = None
+            if claims is None:  # 2.
+                assert malformed is not None
+                raise tx.deny(actor, "grant.deny", malformed)
+            # 3.–6., on one joined read
+            read = rows.redeem_rows(claims.grant_id, claims.assignment_id, actor.id)
+            clip = read.clip
             try:
-                # 2. form and signature
-                claims = decode_grant(grant, self._public)
-                row = rows.grant(claims.grant_id)
-                clip = rows.clip(row.clip_id) if row is not None else None
-                # 3.–6.
                 check_redeem(claims, RedeemState(
                     caller_id=actor.id, session_id=session.session_id, review_clip_id=review_clip_id,
-                    reviewer_enabled=rows.principal_enabled(actor.id), grant=row, clip=clip,
-                    assignment_exists=rows.assignment(claims.assignment_id) is not None,
-                    account_allows_review=clip is not None and rows.allows_review(clip.account_ref)), now=tx.now)
+                    reviewer_enabled=read.reviewer_enabled, grant=read.grant, clip=clip,
+                    assignment_exists=read.assignment_exists, account_allows_review=read.account_allows_review),
+                    now=tx.now)
             except (PermissionDenied, FailedPrecondition) as refused:
                 target = {"clip_id": clip.clip_id, "account_ref": clip.account_ref} if clip is not None else {}
                 raise tx.deny(actor, "grant.deny", refused, **target) from None

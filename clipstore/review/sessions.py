@@ -37,7 +37,8 @@ def _locked(reviewer: ReviewerRow, now: float) -> PermissionDenied | None:
 def live_session(rows: ReviewStore, tx: Tx, actor: Actor, token: str, action: str,
                  policy: ReviewPolicy) -> tuple[SessionRow, ReviewerRow]:
     """Inside a unit: the caller's live session and reviewer row, or a recorded refusal."""
-    session = rows.session_by_token(token_hash(token)) if token else None
+    found = rows.session_with_reviewer(token_hash(token)) if token else None
+    session, reviewer = found if found is not None else (None, None)
     problem = None
     if session is None or session.reviewer_id != actor.id:
         problem = ("SESSION_UNKNOWN", "no such session; start one with a TOTP code")
@@ -50,8 +51,7 @@ def live_session(rows: ReviewStore, tx: Tx, actor: Actor, token: str, action: st
     if problem is not None:
         raise tx.deny(actor, action, Unauthenticated(problem[1], reason=problem[0]))
     assert session is not None
-    reviewer = rows.reviewer(actor.id)
-    if reviewer is None:
+    if reviewer is None:  # the session's reviewer, who is the caller
         raise tx.deny(actor, action, PermissionDenied("this principal is not an enrolled reviewer",
                                                       reason="NOT_ENROLLED"))
     locked = _locked(reviewer, tx.now)

@@ -19,8 +19,10 @@ from clipstore.rows import (
     ClipRow,
     EscalationRow,
     GrantRow,
+    GrantTarget,
     QueuedClip,
     QueueRow,
+    RedeemRows,
     ReviewerRow,
     SessionRow,
     WatermarkRow,
@@ -45,6 +47,52 @@ _QUEUED = ("SELECT q.clip_id, q.review_clip_id, q.account_ref, q.locale, c.clip_
            "LEFT JOIN clips c ON c.clip_id = q.clip_id LEFT JOIN accounts a ON a.account_ref = q.account_ref")
 
 
+_REVIEWER = ("r.principal_id, r.locales, r.wrapped_totp_secret, r.last_totp_step, r.failed_attempts, "
+             "r.locked_until, r.lockouts")
+_ASSIGNMENT = "a.assignment_id, a.clip_id, a.review_clip_id, a.reviewer_id, a.created_at, a.expires_at, a.completed_at"
+_GRANT = ("g.grant_id, g.reviewer_id, g.session_id, g.assignment_id, g.clip_id, g.account_ref, g.expires_at, "
+          "g.redeemed_at, g.voided")
+_CLIP = ", ".join(f"c.{name}" for name in CLIP_COLUMNS.split(", "))
+# Every review call: the caller's session and its reviewer, in one read.
+_SESSION = (f"SELECT s.session_id, s.reviewer_id, s.expires_at, s.last_seen_at, s.ended, {_REVIEWER} "  # noqa: S608
+            "FROM review_sessions s LEFT JOIN reviewers r ON r.principal_id = s.reviewer_id WHERE s.token_hash = ?")
+# RequestGrant: the assignment, how many grants it had, and its queue entry with clip and account, in one read.
+_GRANT_TARGET = (f"SELECT {_ASSIGNMENT}, (SELECT count(*) FROM grants g WHERE g.assignment_id = a.assignment_id), "  # noqa: S608
+                 "q.clip_id, q.review_clip_id, q.account_ref, q.locale, c.clip_id, c.wake_word, c.expires_at, "
+                 "c.duration_ms, c.content_type, acc.allow_review FROM assignments a "
+                 "LEFT JOIN review_queue q ON q.clip_id = a.clip_id LEFT JOIN clips c ON c.clip_id = q.clip_id "
+                 "LEFT JOIN accounts acc ON acc.account_ref = q.account_ref WHERE a.assignment_id = ?")
+# FetchClip: everything its redemption checks, in one read (one row even when the grant is unknown).
+_REDEEM = (f"SELECT (SELECT disabled FROM principals WHERE id = ?), "  # noqa: S608
+           f"(SELECT count(*) FROM assignments WHERE assignment_id = ?), acc.allow_review, {_GRANT}, {_CLIP} "
+           "FROM (SELECT 1 AS one) AS one LEFT JOIN grants g ON g.grant_id = ? "
+           "LEFT JOIN clips c ON c.clip_id = g.clip_id LEFT JOIN accounts acc ON acc.account_ref = c.account_ref")
+
+
+def _reviewer(row: tuple[Any, ...]) -> ReviewerRow:
+    pid, locales, secret, step, failures, locked_until, lockouts = row
+    return ReviewerRow(principal_id=pid, locales=tuple(filter(None, locales.split(","))),
+                       wrapped_totp_secret=None if secret is None else bytes(secret),  # not yet enrolled
+                       last_totp_step=step, failed_attempts=failures, locked_until=locked_until, lockouts=lockouts)
+
+
+def _assignment(row: tuple[Any, ...]) -> AssignmentRow:
+    return AssignmentRow(assignment_id=row[0], clip_id=row[1], review_clip_id=row[2], reviewer_id=row[3],
+                         created_at=row[4], expires_at=row[5], completed_at=row[6])
+
+
+def _grant(row: tuple[Any, ...]) -> GrantRow:
+    return GrantRow(grant_id=row[0], reviewer_id=row[1], session_id=row[2], assignment_id=row[3], clip_id=row[4],
+                    account_ref=row[5], expires_at=row[6], redeemed_at=row[7], voided=bool(row[8]))
+
+
+def _clip(row: tuple[Any, ...]) -> ClipRow:
+    values = dict(zip(CLIP_COLUMNS.split(", "), row, strict=True))
+    values["wake_word"] = bool(values["wake_word"])
+    values["wrapped_dek"], values["identity_ct"] = bytes(values["wrapped_dek"]), bytes(values["identity_ct"])
+    return ClipRow(**values)
+
+
 def _queued(row: tuple[Any, ...]) -> QueuedClip:
     return QueuedClip(queue=QueueRow(clip_id=row[0], review_clip_id=row[1], account_ref=row[2], locale=row[3]),
                       clip_exists=row[4] is not None, wake_word=bool(row[5]), expires_at=row[6] or 0.0,
@@ -67,13 +115,7 @@ class ReviewRows(PlainRows):
     def reviewer(self, principal_id: str) -> ReviewerRow | None:
         row = self._fetch("SELECT principal_id, locales, wrapped_totp_secret, last_totp_step, failed_attempts, "
                           "locked_until, lockouts FROM reviewers WHERE principal_id = ?", (principal_id,))
-        if row is None:
-            return None
-        pid, locales, secret, step, failures, locked_until, lockouts = row
-        return ReviewerRow(principal_id=pid, locales=tuple(filter(None, locales.split(","))),
-                           wrapped_totp_secret=None if secret is None else bytes(secret),  # not yet enrolled
-                           last_totp_step=step, failed_attempts=failures, locked_until=locked_until,
-                           lockouts=lockouts)
+        return None if row is None else _reviewer(row)
 
     def accept_step(self, principal_id: str, step: int) -> bool:
         """Record a TOTP step as used; False if it (or a later one) was used before: a replay."""
@@ -98,13 +140,14 @@ class ReviewRows(PlainRows):
                    "last_seen_at, ended) VALUES (?, ?, ?, ?, ?, ?, ?)",
                    (session_id, token_hash, reviewer_id, now, expires_at, now, False))
 
-    def session_by_token(self, token_hash: bytes) -> SessionRow | None:
-        row = self._fetch("SELECT session_id, reviewer_id, expires_at, last_seen_at, ended FROM review_sessions "
-                          "WHERE token_hash = ?", (token_hash,))
+    def session_with_reviewer(self, token_hash: bytes) -> tuple[SessionRow, ReviewerRow | None] | None:
+        """The session a token opens and its reviewer's row (None if the reviewer has none), in one read."""
+        row = self._fetch(_SESSION, (token_hash,))
         if row is None:
             return None
-        return SessionRow(session_id=row[0], reviewer_id=row[1], expires_at=row[2], last_seen_at=row[3],
-                          ended=bool(row[4]))
+        session = SessionRow(session_id=row[0], reviewer_id=row[1], expires_at=row[2], last_seen_at=row[3],
+                             ended=bool(row[4]))
+        return session, None if row[5] is None else _reviewer(row[5:])
 
     def touch_session(self, session_id: str, now: float) -> None:
         self._exec("UPDATE review_sessions SET last_seen_at = ? WHERE session_id = ?", (now, session_id))
@@ -126,11 +169,6 @@ class ReviewRows(PlainRows):
                "ORDER BY q.enqueued_at LIMIT ?")
         return [_queued(row) for row in self._fetchall(sql, (now, *locales, limit))]
 
-    def queued(self, clip_id: str) -> QueuedClip | None:
-        """One joined read: the queue entry, the clip's review-relevant fields, the account's preference."""
-        row = self._fetch(f"{_QUEUED} WHERE q.clip_id = ?", (clip_id,))
-        return None if row is None else _queued(row)
-
     def claim(self, clip_id: str, assignment: AssignmentRow, now: float) -> bool:
         won = self._exec("UPDATE review_queue SET assignment_id = ?, assignment_expires_at = ? WHERE clip_id = ? "
                          "AND (assignment_id IS NULL OR assignment_expires_at < ?)",
@@ -151,10 +189,15 @@ class ReviewRows(PlainRows):
     def assignment(self, assignment_id: str) -> AssignmentRow | None:
         row = self._fetch("SELECT assignment_id, clip_id, review_clip_id, reviewer_id, created_at, expires_at, "
                           "completed_at FROM assignments WHERE assignment_id = ?", (assignment_id,))
+        return None if row is None else _assignment(row)
+
+    def grant_target(self, assignment_id: str) -> GrantTarget | None:
+        """One joined read: the assignment, the grants issued for it, its queue entry (see GrantTarget)."""
+        row = self._fetch(_GRANT_TARGET, (assignment_id,))
         if row is None:
             return None
-        return AssignmentRow(assignment_id=row[0], clip_id=row[1], review_clip_id=row[2], reviewer_id=row[3],
-                             created_at=row[4], expires_at=row[5], completed_at=row[6])
+        return GrantTarget(assignment=_assignment(row), grants=int(row[7]),
+                           queued=None if row[8] is None else _queued(row[8:]))
 
     def complete(self, assignment_id: str, label_ct: bytes, now: float) -> bool:
         done = self._exec("UPDATE assignments SET completed_at = ?, label_ct = ? "
@@ -179,18 +222,14 @@ class ReviewRows(PlainRows):
                    (g.grant_id, g.reviewer_id, g.session_id, g.assignment_id, g.clip_id, g.account_ref, now,
                     g.expires_at, g.redeemed_at, g.voided))
 
-    def grants_for(self, assignment_id: str) -> int:
-        row = self._fetch("SELECT count(*) FROM grants WHERE assignment_id = ?", (assignment_id,))
-        return int(row[0]) if row else 0
-
-    def grant(self, grant_id: str) -> GrantRow | None:
-        row = self._fetch("SELECT grant_id, reviewer_id, session_id, assignment_id, clip_id, account_ref, "
-                          "expires_at, redeemed_at, voided FROM grants WHERE grant_id = ?", (grant_id,))
-        if row is None:
-            return None
-        return GrantRow(grant_id=row[0], reviewer_id=row[1], session_id=row[2], assignment_id=row[3],
-                        clip_id=row[4], account_ref=row[5], expires_at=row[6], redeemed_at=row[7],
-                        voided=bool(row[8]))
+    def redeem_rows(self, grant_id: str, assignment_id: str, principal_id: str) -> RedeemRows:
+        """One joined read: what a redemption checks (see RedeemRows); the account is the clip's."""
+        row = self._fetch(_REDEEM, (principal_id, assignment_id, grant_id))
+        assert row is not None  # one row, whatever matched
+        grant = None if row[3] is None else _grant(row[3:12])
+        clip = None if row[12] is None else _clip(row[12:])
+        return RedeemRows(reviewer_enabled=row[0] is not None and not row[0], grant=grant, clip=clip,
+                          assignment_exists=bool(row[1]), account_allows_review=clip is not None and bool(row[2]))
 
     def redeem(self, grant_id: str, now: float) -> bool:
         """Single use: exactly one caller ever gets True for a grant."""
@@ -247,12 +286,7 @@ class ReviewRows(PlainRows):
     # -- what review needs of other tables ------------------------------------------
     def clip(self, clip_id: str) -> ClipRow | None:
         row = self._fetch(f"SELECT {CLIP_COLUMNS} FROM clips WHERE clip_id = ?", (clip_id,))  # noqa: S608
-        if row is None:
-            return None
-        values = dict(zip(CLIP_COLUMNS.split(", "), row, strict=True))
-        values["wake_word"] = bool(values["wake_word"])
-        values["wrapped_dek"], values["identity_ct"] = bytes(values["wrapped_dek"]), bytes(values["identity_ct"])
-        return ClipRow(**values)
+        return None if row is None else _clip(row)
 
     def expire_clip(self, clip_id: str, now: float) -> None:
         c = schema.clips
@@ -261,10 +295,6 @@ class ReviewRows(PlainRows):
     def allows_review(self, account_ref: str) -> bool:
         row = self._fetch("SELECT allow_review FROM accounts WHERE account_ref = ?", (account_ref,))
         return row is not None and bool(row[0])
-
-    def principal_enabled(self, principal_id: str) -> bool:
-        row = self._fetch("SELECT disabled FROM principals WHERE id = ?", (principal_id,))
-        return row is not None and not row[0]
 
     # -- escalations -------------------------------------------------------------
     def add_escalation(self, row: EscalationRow, created_by: str) -> None:
