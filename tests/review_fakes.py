@@ -136,14 +136,14 @@ class MemoryReviewStore:
         return GrantTarget(assignment=a, grants=sum(g.assignment_id == assignment_id for g in self.t.grants.values()),
                            queued=self._queued(a.clip_id))
 
-    def complete(self, assignment_id: str, label_ct: bytes, now: float) -> bool:
-        a = self.t.assignments[assignment_id]
-        if a.completed_at is not None:
-            return False
+    def complete_open(self, assignment_id: str, reviewer_id: str, label_ct: bytes, now: float) -> str | None:
+        a = self.t.assignments.get(assignment_id)
+        if a is None or a.reviewer_id != reviewer_id or a.completed_at is not None or a.expires_at <= now:
+            return None
         self.t.assignments[assignment_id] = dataclasses.replace(a, completed_at=now)
         self.t.labels[assignment_id] = label_ct
         self.t.queue = {k: v for k, v in self.t.queue.items() if v[1] != assignment_id}
-        return True
+        return a.clip_id
 
     def queue_depth(self) -> int:
         return len(self.t.queue)

@@ -199,12 +199,16 @@ class ReviewRows(PlainRows):
         return GrantTarget(assignment=_assignment(row), grants=int(row[7]),
                            queued=None if row[8] is None else _queued(row[8:]))
 
-    def complete(self, assignment_id: str, label_ct: bytes, now: float) -> bool:
-        done = self._exec("UPDATE assignments SET completed_at = ?, label_ct = ? "
-                          "WHERE assignment_id = ? AND completed_at IS NULL", (now, label_ct, assignment_id)) == 1
-        if done:
-            self._exec("DELETE FROM review_queue WHERE assignment_id = ?", (assignment_id,))
-        return done
+    def complete_open(self, assignment_id: str, reviewer_id: str, label_ct: bytes, now: float) -> str | None:
+        """Close the reviewer's own assignment if it is still open and not expired, in one conditional
+        UPDATE, and take its clip out of the queue; returns its clip id, or None if it was not that."""
+        row = self._fetch("UPDATE assignments SET completed_at = ?, label_ct = ? WHERE assignment_id = ? "
+                          "AND reviewer_id = ? AND completed_at IS NULL AND expires_at > ? RETURNING clip_id",
+                          (now, label_ct, assignment_id, reviewer_id, now))
+        if row is None:
+            return None
+        self._exec("DELETE FROM review_queue WHERE assignment_id = ?", (assignment_id,))
+        return str(row[0])
 
     def dequeue(self, *, account_ref: str | None = None, clip_id: str | None = None) -> int:
         q = schema.review_queue
