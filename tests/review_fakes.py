@@ -185,6 +185,10 @@ class MemoryReviewStore:
     def clip(self, clip_id: str) -> ClipRow | None:
         return self.t.clips.get(clip_id)
 
+    def clip_of_assignment(self, assignment_id: str, reviewer_id: str) -> ClipRow | None:
+        a = self.t.assignments.get(assignment_id)
+        return self.t.clips.get(a.clip_id) if a is not None and a.reviewer_id == reviewer_id else None
+
     def expire_clip(self, clip_id: str, now: float) -> None:
         c = self.t.clips[clip_id]
         self.t.clips[clip_id] = dataclasses.replace(c, expires_at=min(c.expires_at, now))

@@ -39,11 +39,10 @@ def check_open(tx: Tx, actor: Actor, assignment: AssignmentRow | None, action: s
 def assigned_clip(ports: ReviewPorts, assignment_id: str, actor: Actor) -> ClipRow | None:
     """The clip behind the caller's assignment, read ahead of a unit to seal text under its key
     (the unit checks the assignment again)."""
+    if not assignment_id:
+        return None
     with ports.read() as rows:
-        assignment = rows.assignment(assignment_id) if assignment_id else None
-        if assignment is None or assignment.reviewer_id != actor.id:
-            return None
-        return rows.clip(assignment.clip_id)
+        return rows.clip_of_assignment(assignment_id, actor.id)
 
 
 class Assignments:

@@ -292,6 +292,12 @@ class ReviewRows(PlainRows):
         row = self._fetch(f"SELECT {CLIP_COLUMNS} FROM clips WHERE clip_id = ?", (clip_id,))  # noqa: S608
         return None if row is None else _clip(row)
 
+    def clip_of_assignment(self, assignment_id: str, reviewer_id: str) -> ClipRow | None:
+        """The clip behind the reviewer's own assignment (None if it is not theirs, or the clip is gone)."""
+        row = self._fetch(f"SELECT {_CLIP} FROM assignments a JOIN clips c ON c.clip_id = a.clip_id "  # noqa: S608
+                          "WHERE a.assignment_id = ? AND a.reviewer_id = ?", (assignment_id, reviewer_id))
+        return None if row is None else _clip(row)
+
     def expire_clip(self, clip_id: str, now: float) -> None:
         c = schema.clips
         self._conn.execute(c.update().where(c.c.clip_id == clip_id, c.c.expires_at > now).values(expires_at=now))
