@@ -11,7 +11,11 @@ RPC at a time: NextAssignment → RequestGrant → FetchClip (32 KiB) → Comple
 - unit µs: the median time inside the RPC's unit of work on the writer thread (it holds every other unit);
 - batch µs: the median time of the writer's whole transaction for it (unit, chain, commit with its fsync).
 
-Ends with `name=value` lines: `unit_us_<rpc>`, `statements_<rpc>`.
+Then --reviewers reviewers review back to back (--reviews in all): the time inside each unit (waits for the
+GIL included: the writer holds every other unit meanwhile) and the share of wall time the writer thread
+spent in its transactions.
+
+Ends with `name=value` lines: `unit_us_<rpc>`, `statements_<rpc>`, `writer_busy`.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import grpc  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
 from bench._servers import moto_server  # noqa: E402
-from bench.review import CLIP_BYTES, enrol, ingest  # noqa: E402
+from bench.review import CLIP_BYTES, closed_loop, enrol, ingest, review_one  # noqa: E402
 from clipstore.audit.log import AuditLog  # noqa: E402
 from clipstore.auth import create_principal  # noqa: E402
 from clipstore.config import load_config  # noqa: E402
@@ -44,6 +48,8 @@ from clipstore.server import running_server  # noqa: E402
 from clipstore.v1 import review_pb2  # noqa: E402
 
 RPCS = ("NextAssignment", "RequestGrant", "FetchClip", "CompleteAssignment")
+UNIT_RPC = {"Assignments.next.<locals>.unit": "NextAssignment", "Grants.issue.<locals>.unit": "RequestGrant",
+            "Grants.redeem.<locals>.unit": "FetchClip", "Assignments.complete.<locals>.unit": "CompleteAssignment"}
 WRITER_THREAD = "audit-sequencer"
 
 
@@ -56,6 +62,9 @@ class Probe:
         self.unit_s: dict[str, list[float]] = defaultdict(list)
         self.batch_s: dict[str, list[float]] = defaultdict(list)
         self.sql: dict[str, list[str]] = defaultdict(list)  # one cycle's statements, to print
+        self.concurrent = False  # phase 2: units are told apart by their function, the writer's time summed
+        self.busy_s = 0.0
+        self.concurrent_unit_s: dict[str, list[float]] = defaultdict(list)
 
     def trace(self, sql: str) -> None:
         if not self.rpc:
@@ -84,6 +93,8 @@ class Probe:
                 finally:
                     if rpc:
                         probe.unit_s[rpc].append(time.perf_counter() - start)
+                    elif probe.concurrent and unit.__qualname__ in UNIT_RPC:
+                        probe.concurrent_unit_s[UNIT_RPC[unit.__qualname__]].append(time.perf_counter() - start)
             return submit(log, timed)
 
         def timed_write(log: AuditLog, live: Any) -> Any:
@@ -93,9 +104,11 @@ class Probe:
             finally:
                 if probe.rpc:
                     probe.batch_s[probe.rpc].append(time.perf_counter() - start)
+                elif probe.concurrent:
+                    probe.busy_s += time.perf_counter() - start
 
-        AuditLog.submit = timed_submit  # type: ignore[method-assign]
-        AuditLog._write = timed_write  # type: ignore[method-assign]
+        AuditLog.submit = timed_submit  # type: ignore[method-assign,assignment]
+        AuditLog._write = timed_write  # type: ignore[method-assign,assignment]
 
 
 def main() -> None:
@@ -103,6 +116,7 @@ def main() -> None:
     parser.add_argument("--reviews", type=int, default=200)
     parser.add_argument("--database-url")
     parser.add_argument("--show-sql", action="store_true", help="print one cycle's statements")
+    parser.add_argument("--reviewers", type=int, default=8, help="phase 2: reviewers back to back")
     args = parser.parse_args()
     configure_logging(io.StringIO())  # the access log is not what this measures
     probe = Probe()
@@ -117,8 +131,9 @@ def main() -> None:
             keys = {role: create_principal(server.app.principals, server.app.audit, role=role, name=role)[1]
                     for role in ("ingest", "admin")}
             channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-            ingest(channel, (("authorization", f"Bearer {keys['ingest']}"),), args.reviews + 20)
-            stub, md, token = enrol(channel, (("authorization", f"Bearer {keys['admin']}"),), 1)[0]
+            ingest(channel, (("authorization", f"Bearer {keys['ingest']}"),), 2 * args.reviews + 20)
+            reviewers = enrol(channel, (("authorization", f"Bearer {keys['admin']}"),), args.reviewers)
+            stub, md, token = reviewers[0]
 
             def cycle(record: bool) -> None:
                 def call(name: str, fn: Callable[[], Any]) -> Any:
@@ -148,6 +163,14 @@ def main() -> None:
                     for rpc in RPCS:
                         print(f"-- {rpc}")
                         print("\n".join(probe.sql[rpc]))
+            # 2. reviewers back to back: time inside units (GIL waits included) and how busy the writer is
+            for r in reviewers:
+                review_one(r)
+            probe.concurrent = True
+            started = time.perf_counter()
+            closed_loop(args.reviews, args.reviewers, lambda i: review_one(reviewers[i]))
+            wall = time.perf_counter() - started
+            probe.concurrent = False
             channel.close()
 
     n = args.reviews
@@ -158,10 +181,17 @@ def main() -> None:
         print(f"{rpc:<20} {probe.statements[(rpc, 'writer')] / n:>12.1f} {probe.statements[(rpc, 'read')] / n:>10.1f} "
               f"{statistics.median(units) * 1e6:>12.0f} {units[int(0.9 * len(units))] * 1e6:>12.0f} "
               f"{statistics.median(probe.batch_s[rpc]) * 1e6:>13.0f}")
+    print(f"\n{args.reviewers} reviewers back to back: the writer thread was busy {probe.busy_s / wall:.0%} of "
+          f"the time; {probe.busy_s * 1e3 / args.reviews:.2f} ms of writer time per review")
+    print(f"{'RPC':<20} {'unit µs p50':>12} {'unit µs p99':>12}")
+    for rpc in RPCS:
+        units = sorted(probe.concurrent_unit_s[rpc])
+        print(f"{rpc:<20} {statistics.median(units) * 1e6:>12.0f} {units[int(0.99 * len(units))] * 1e6:>12.0f}")
     for rpc in RPCS:
         print(f"unit_us_{rpc}={statistics.median(probe.unit_s[rpc]) * 1e6:.0f}")
     for rpc in RPCS:
         print(f"statements_{rpc}={(probe.statements[(rpc, 'writer')] + probe.statements[(rpc, 'read')]) / n:.1f}")
+    print(f"writer_busy={probe.busy_s / wall:.2f}")
 
 
 if __name__ == "__main__":
