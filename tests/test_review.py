@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import grpc
 import pytest
+import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf.message import Message
 
@@ -19,7 +20,9 @@ from auditlog.__main__ import verify_dir
 from clipstore.audit.export import export_log
 from clipstore.config import Config
 from clipstore.grants import GrantClaims, encode_grant
+from clipstore.review.sessions import token_hash
 from clipstore.server import ClipstoreServer, running_server
+from clipstore.store import schema
 from clipstore.store.clips import ClipRows
 from clipstore.store.review import ReviewRows
 from clipstore.totp import code_at, matching_step
@@ -503,3 +506,40 @@ def test_an_assignment_gets_at_most_three_grants(w: World) -> None:
                                                                       assignment_id=assignment.assignment_id),
                   metadata=r.md, timeout=10)
     w.denied(err, grpc.StatusCode.RESOURCE_EXHAUSTED, "GRANT_LIMIT")
+
+
+def test_the_joined_reads_and_the_conditional_completion_agree_with_the_single_reads(w: World) -> None:
+    """What the hot path reads in one statement is what the single-row reads say, on both databases; the
+    conditional completion closes only the caller's open, unexpired assignment."""
+    r, token, assignment, _ = _ready(w)
+    now = w.clock.now()
+    with w.server.app.db.read() as conn:
+        rows = ReviewRows(conn)
+        mine = rows.assignment(assignment.assignment_id)
+        assert mine is not None
+        clip = rows.clip(mine.clip_id)
+        grant_id = conn.execute(sa.select(schema.grants.c.grant_id)
+                                .where(schema.grants.c.assignment_id == mine.assignment_id)).scalar_one()
+        found = rows.session_with_reviewer(token_hash(token))
+        assert found is not None and found[0].reviewer_id == r.id and found[1] == rows.reviewer(r.id)
+        assert rows.session_with_reviewer(token_hash("no such token")) is None
+        target = rows.grant_target(mine.assignment_id)
+        assert target is not None and (target.assignment, target.grants) == (mine, 1)
+        assert target.queued is not None and target.queued.queue.clip_id == mine.clip_id and target.queued.eligible(now)
+        assert rows.grant_target("as_unknown") is None
+        read = rows.redeem_rows(grant_id, mine.assignment_id, r.id)
+        assert read.grant is not None and read.grant.grant_id == grant_id and read.clip == clip
+        assert read.reviewer_enabled and read.assignment_exists and read.account_allows_review
+        unknown = rows.redeem_rows("g_unknown", "as_unknown", r.id)  # still one row: the caller's flag
+        assert (unknown.grant, unknown.clip, unknown.assignment_exists, unknown.account_allows_review,
+                unknown.reviewer_enabled) == (None, None, False, False, True)
+        assert not rows.redeem_rows(grant_id, mine.assignment_id, "p_nobody").reviewer_enabled
+        assert rows.clip_of_assignment(mine.assignment_id, r.id) == clip
+        assert rows.clip_of_assignment(mine.assignment_id, "p_nobody") is None
+    with w.server.app.db.transaction() as conn:
+        rows = ReviewRows(conn)
+        assert rows.complete_open(mine.assignment_id, "p_nobody", b"l", now) is None
+        assert rows.complete_open(mine.assignment_id, r.id, b"l", mine.expires_at) is None  # expired
+        assert rows.complete_open(mine.assignment_id, r.id, b"l", now) == mine.clip_id
+        assert rows.complete_open(mine.assignment_id, r.id, b"l", now) is None  # completed
+        assert rows.grant_target(mine.assignment_id).queued is None  # type: ignore[union-attr]  # left the queue
