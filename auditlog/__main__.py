@@ -16,7 +16,9 @@ log published as C2SP tlog-tiles. With --state, the last verified checkpoint
 is remembered, with each account's access-chain head, and the next run checks
 only the new entries (their account chains continuing from those heads) and
 that the old tree is a prefix of the new one (`FAIL checkpoint: rolled
-back…`/`forked…`).
+back…`/`forked…`). A state file that is not what an earlier run wrote (edited, truncated,
+its checkpoint not signed by --key for its size and root) is `ERROR the
+state file … is unusable: …` (exit 2), never read as a fault of the log.
 Also `FAIL tile <path>: <reason>`. Progress goes to stderr on long runs.
 
 `auditlog verify-report FILE --key VKEY [--witness WKEY … --quorum N]
@@ -41,7 +43,7 @@ from auditlog.cosignature import Cosignature, CosignatureVerifier, open_cosigned
 from auditlog.errors import EntryError, VerificationError
 from auditlog.note import NoteVerifier
 from auditlog.tiles import TileError
-from auditlog.verify import TileState, verify_log, verify_tiles
+from auditlog.verify import StateFileError, TileState, verify_log, verify_tiles
 
 ENTRIES_FILE = "entries.jsonl"
 CHECKPOINT_FILE = "checkpoint"
@@ -128,6 +130,8 @@ def verify_tiles_at(location: str, vkey: str, *, witnesses: Sequence[str] = (), 
         wkeys = [CosignatureVerifier.from_key_string(_read_key(w)) for w in witnesses]
         read = open_source(location)
         old = TileState.load(state) if state else None
+    except StateFileError as exc:
+        return 2, {"result": "ERROR", "reason": str(exc)}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return 2, {"result": "ERROR", "reason": f"cannot read arguments: {exc}"}
     except VerificationError as exc:
@@ -135,6 +139,8 @@ def verify_tiles_at(location: str, vkey: str, *, witnesses: Sequence[str] = (), 
     progress = _Progress()
     try:
         result = verify_tiles(read, verifier, witnesses=wkeys, quorum=quorum, state=old, progress=progress)
+    except StateFileError as exc:
+        return 2, {"result": "ERROR", "reason": f"the state file {state} is unusable: {exc}"}
     except EntryError as exc:
         return 1, {"result": "FAIL", "where": f"entry {exc.index}", "reason": exc.reason}
     except TileError as exc:

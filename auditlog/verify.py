@@ -29,13 +29,13 @@ from auditlog.checkpoint import Checkpoint, open_checkpoint
 from auditlog.compact import CompactRange
 from auditlog.cosignature import Cosignature, CosignatureVerifier, open_cosigned_checkpoint
 from auditlog.entry import GENESIS_PREV, parse_entry
-from auditlog.errors import CheckpointError, EntryError
+from auditlog.errors import CheckpointError, EntryError, VerificationError
 from auditlog.merkle import leaf_hash
 from auditlog.note import NoteVerifier
 from auditlog.tiles import verify_range
 
-__all__ = ["CHECKPOINT_PATH", "TileState", "VerifiedLog", "VerifiedTiles", "check_chain", "verify_log",
-           "verify_tiles"]
+__all__ = ["CHECKPOINT_PATH", "StateFileError", "TileState", "VerifiedLog", "VerifiedTiles", "check_chain",
+           "verify_log", "verify_tiles"]
 
 CHECKPOINT_PATH = "checkpoint"
 
@@ -171,6 +171,13 @@ def verify_tiles(read: Callable[[str], bytes], verifier: NoteVerifier, *,
     checkpoint, cosigs = open_cosigned_checkpoint(note, verifier, witnesses, quorum)
     if state is not None and state.origin != checkpoint.origin:
         raise CheckpointError(f"the state file is for log {state.origin!r}, this is {checkpoint.origin!r}")
+    if state is not None:  # what it says it verified must be what a checkpoint of this log signed
+        try:
+            saved = open_checkpoint(state.note, verifier)
+        except VerificationError as exc:
+            raise StateFileError(None, f"its checkpoint does not verify under this key ({exc})") from None
+        if (saved.size, saved.root) != (state.size, state.root):
+            raise StateFileError(None, "its size and root are not those its checkpoint signed")
     old = state or TileState(origin=checkpoint.origin, size=0, root=b"", last_leaf=b"", note="",
                              chains=AccountChains())
     # The account chains continue from the heads the state file remembers (a state file written
@@ -198,17 +205,48 @@ class TileState:
 
     @classmethod
     def load(cls, path: Path) -> TileState | None:
+        """The state `save` wrote, or None if there is none yet. Anything else in the file (edited,
+        truncated, another program's) raises `StateFileError`: a state file is trusted input, so a
+        value that is not what `save` writes is refused, never coerced."""
         if not path.exists():
             return None
-        raw = json.loads(path.read_text())
+        try:
+            raw = json.loads(path.read_bytes().decode("utf-8"))
+        except (ValueError, RecursionError) as exc:  # RecursionError: nesting too deep to parse
+            raise StateFileError(path, f"not JSON ({type(exc).__name__})") from None
+        try:
+            return cls._parse(raw)
+        except StateFileError as exc:
+            raise StateFileError(path, exc.what) from None
+
+    @classmethod
+    def _parse(cls, raw: object) -> TileState:
+        _need(isinstance(raw, dict), "not a JSON object")
+        assert isinstance(raw, dict)
+        origin, size, note = raw.get("origin"), raw.get("size"), raw.get("checkpoint")
+        _need(isinstance(origin, str) and origin != "", "origin is not a log name")
+        _need(_is_count(size), "size is not a whole number >= 0")
+        assert isinstance(origin, str) and isinstance(size, int)
+        _need(isinstance(note, str), "checkpoint is not a note")
+        assert isinstance(note, str)
+        root, last_leaf = _hash_field(raw, "root", size), _hash_field(raw, "last_leaf", size)
         chains = None
         if "account_chains" in raw:
             saved = raw["account_chains"]
-            first = saved["first_chained"]
-            chains = AccountChains({str(ref): (int(seq), str(h)) for ref, (seq, h) in saved["heads"].items()},
-                                   None if first is None else int(first))
-        return cls(origin=raw["origin"], size=int(raw["size"]), root=bytes.fromhex(raw["root"]),
-                   last_leaf=bytes.fromhex(raw["last_leaf"]), note=raw["checkpoint"], chains=chains)
+            _need(isinstance(saved, dict) and set(saved) == {"first_chained", "heads"},
+                  "account_chains is not {first_chained, heads}")
+            first, heads = saved["first_chained"], saved["heads"]
+            _need(first is None or _is_count(first) and first < size,
+                  "account_chains.first_chained is not null or an entry index below size")
+            _need(isinstance(heads, dict), "account_chains.heads is not an object")
+            _need(first is not None or not heads, "account_chains has heads but no first_chained")
+            parsed: dict[str, tuple[int, str]] = {}
+            for ref, head in heads.items():
+                _need(isinstance(head, list) and len(head) == 2 and _is_count(head[0]) and 0 < head[0] <= size
+                      and _is_hex_hash(head[1]), f"account_chains.heads[{ref!r}] is not [account_seq, hash]")
+                parsed[ref] = (head[0], head[1])
+            chains = AccountChains(parsed, first)
+        return cls(origin=origin, size=size, root=root, last_leaf=last_leaf, note=note, chains=chains)
 
     def save(self, path: Path) -> None:
         value: dict[str, object] = {"origin": self.origin, "size": self.size, "root": self.root.hex(),
@@ -217,3 +255,34 @@ class TileState:
             value["account_chains"] = {"first_chained": self.chains.first_chained,
                                        "heads": {ref: [seq, h] for ref, (seq, h) in sorted(self.chains.heads.items())}}
         write_durably(path, json.dumps(value, indent=1).encode())
+
+
+class StateFileError(ValueError):
+    """A --state file that is not what `TileState.save` wrote."""
+
+    def __init__(self, path: Path | None, what: str) -> None:
+        super().__init__(f"the state file {path} is unusable: {what}" if path else what)
+        self.what = what
+
+
+def _need(ok: bool, what: str) -> None:
+    if not ok:
+        raise StateFileError(None, what)
+
+
+def _is_count(value: object) -> bool:
+    return type(value) is int and value >= 0  # not bool, not float, not a numeric string
+
+
+def _is_hex_hash(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _hash_field(raw: dict[str, object], name: str, size: int) -> bytes:
+    """A SHA-256 in lowercase hex; empty for an empty log's last_leaf."""
+    value = raw.get(name)
+    if name == "last_leaf" and size == 0 and value == "":
+        return b""
+    _need(_is_hex_hash(value), f"{name} is not a SHA-256 in hex")
+    assert isinstance(value, str)
+    return bytes.fromhex(value)

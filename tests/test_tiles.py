@@ -280,3 +280,54 @@ def test_witness_quorum_and_times_from_tiles(tmp_path: Path) -> None:
     publish_tiles(tmp_path / "log", entries, SIGNER, extra_signatures=lines.split("\n")[0] + "\n")
     code, out, _ = _verify("--tiles", str(tmp_path / "log"), *keys, "--quorum", "2")
     assert code == 1 and "1 valid witness cosignatures, the quorum is 2" in out, out
+
+
+_STATE_EDITS = {
+    "heads not an object": lambda s: s["account_chains"].update(heads=[]),
+    "heads null": lambda s: s["account_chains"].update(heads=None),
+    "account_chains null": lambda s: s.update(account_chains=None),
+    "first_chained dropped to null (would skip unchained access entries)":
+        lambda s: s["account_chains"].update(first_chained=None),
+    "first_chained a float": lambda s: s["account_chains"].update(first_chained=0.5),
+    "first_chained beyond size": lambda s: s["account_chains"].update(first_chained=99),
+    "head seq a string": lambda s: s["account_chains"]["heads"].update(acct_x=["3", "0" * 64]),
+    "head seq beyond size": lambda s: s["account_chains"]["heads"].update(acct_x=[10**40, "0" * 64]),
+    "head hash not hex": lambda s: s["account_chains"]["heads"].update(acct_x=[3, "zz"]),
+    "size negative": lambda s: s.update(size=-1),
+    "size a float": lambda s: s.update(size=2.9),
+    "size moved on (root, note kept)": lambda s: s.update(size=2),
+    "root edited": lambda s: s.update(root="ab" * 32),
+    "root empty": lambda s: s.update(root=""),
+    "last_leaf short": lambda s: s.update(last_leaf="00"),
+    "checkpoint not signed by the key": lambda s: s.update(checkpoint=s["checkpoint"].replace("\n3\n", "\n4\n")),
+    "origin a number": lambda s: s.update(origin=5),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(_STATE_EDITS))
+def test_a_tampered_or_malformed_state_file_is_an_error_never_ok(tmp_path: Path, edit: str) -> None:
+    """The state file is trusted input: a value `save` would not have written is an ERROR naming the
+    file (exit 2), never coerced (int("3"), 2.9 -> 2), never read as a fork of the log, never OK."""
+    from auditlog.__main__ import verify_tiles_at
+    state = tmp_path / "state.json"
+    entries = build_chained_entries([(1, None), (2, None), (3, None), (4, None)])
+    publish_tiles(tmp_path / "log", entries, SIGNER, sizes=[3])
+    assert verify_tiles_at(str(tmp_path / "log"), VKEY, state=state)[0] == 0
+    publish_tiles(tmp_path / "log", entries, SIGNER, sizes=[3, 4])
+    saved = json.loads(state.read_text())
+    _STATE_EDITS[edit](saved)
+    state.write_text(json.dumps(saved))
+    code, result = verify_tiles_at(str(tmp_path / "log"), VKEY, state=state)
+    assert (code, result["result"]) == (2, "ERROR"), result
+    assert str(result["reason"]).startswith(f"the state file {state} is unusable: "), result
+    assert json.loads(state.read_text()) == saved  # an unusable state is left for a human to look at
+
+
+def test_a_state_file_that_is_not_a_state_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    publish_tiles(tmp_path / "log", build_entries(3), SIGNER)
+    state = tmp_path / "state.json"
+    for text in (b"[" * 100_000 + b"]" * 100_000, b"\xff{", b"[1]", b'{"account_chains": 1}', b"{"):
+        state.write_bytes(text)
+        code, out, err = _verify("--tiles", str(tmp_path / "log"), "--state", str(state))
+        assert code == 2 and err.startswith(f"ERROR the state file {state} is unusable: ") and \
+            "Traceback" not in err, (text[:20], out, err)
