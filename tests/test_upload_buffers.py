@@ -99,3 +99,19 @@ def test_a_buffer_still_viewed_is_not_used_again() -> None:
 def test_capacity_must_leave_room_above_the_pooling_threshold() -> None:
     with pytest.raises(ValueError):
         BufferPool(capacity=2 * POOLED_FROM_BYTES, count=1)
+
+
+@pytest.mark.parametrize("size", [CAPACITY - 1, CAPACITY // 2 + 1, CAPACITY + 70_000])
+def test_a_buffer_still_viewed_is_not_used_again_whatever_the_length_of_its_last_body(size: int) -> None:
+    """A body of exactly the buffer's length needs no resize to give it back, which is where a view
+    was noticed: such a buffer went back to the pool still viewed, and the next upload wrote into
+    memory the viewer could still read (or write into)."""
+    pool = BufferPool(capacity=CAPACITY, count=1)
+    data = secrets.token_bytes(size)
+    with pool.assembly() as assembly:
+        assembly.write(data)
+        view = memoryview(assembly.body())
+    fresh = pool.take()
+    assert fresh is not None and fresh is not view.obj
+    assert bytes(view) == data  # and nobody wrote into what the viewer holds
+    view.release()

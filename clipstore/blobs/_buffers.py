@@ -87,6 +87,9 @@ class BufferPool:
 
     def give(self, buf: bytearray) -> None:
         try:
+            # A shrink checks for views before it touches a byte; a same-length slice (a body of exactly
+            # capacity - 1) would not, and a buffer still viewed would go back to the pool.
+            del buf[len(buf) - 1:]
             if len(buf) < self.capacity - 1:
                 buf += self._zeros[:self.capacity - 1 - len(buf)]  # within its allocation
             else:
