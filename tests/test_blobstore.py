@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import base64
+import concurrent.futures
+import contextlib
 import hashlib
+import random
 import secrets
+import socket
+import struct
+import threading
 import uuid
 import zlib
 from collections.abc import Iterator
@@ -18,6 +24,7 @@ from moto import mock_aws
 
 from clipstore.app import blob_store
 from clipstore.blobs import BlobNotFound, BlobStore, BlobUnavailable, FileBlobStore, S3BlobStore
+from clipstore.blobs._s3 import UPLOAD_BUFFERS
 from clipstore.config import load_config
 
 PART = 5 * 1024 * 1024
@@ -158,3 +165,138 @@ def test_the_s3_connection_pool_holds_one_connection_per_worker(tmp_path: Path) 
     store = blob_store(config)
     assert isinstance(store, S3BlobStore)
     assert store.client.meta.config.max_pool_connections == 48
+
+
+def _envelope_chunks(data: bytes, rng: random.Random) -> Iterator[bytes]:
+    """Chunks as the envelope writes them (a 64 KiB segment and its tag), with now and then an odd one."""
+    i = 0
+    while i < len(data):
+        step = rng.choice([65_552] * 6 + [1, 4096, 300_001])
+        yield data[i:i + step]
+        i += step
+
+
+def test_s3_parallel_uploads_of_distinct_bodies_each_store_exactly_their_own(moto_endpoint: str) -> None:
+    """24 uploads at once through one store (8 pooled buffers, so some assemble in buffers another upload
+    just gave back, others in their own): every object read back is exactly its own bytes, none carries
+    a byte of another clip. Sizes around 1, 5, 6 and 7 MiB: below and above the pooling threshold, a single
+    PUT just under part_bytes, and multipart with a short last part."""
+    bucket = f"clips-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket=bucket)
+    part = 6 * 1024 * 1024
+    store = S3BlobStore(bucket, endpoint_url=moto_endpoint, part_bytes=part, connections=24)
+    rng = random.Random(7)
+    mib = 1024 * 1024
+    sizes = [base * mib + rng.randrange(-70_000, 70_000) for base in (1, 5, 6, 7)] * 6
+    bodies = {f"c_par{i:02d}": secrets.token_bytes(size) for i, size in enumerate(sizes)}
+    start = threading.Barrier(len(bodies))
+
+    def upload(key: str) -> int:
+        chunks = list(_envelope_chunks(bodies[key], random.Random(key)))
+        start.wait()
+        return store.put_stream(key, iter(chunks))
+
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        assert list(pool.map(upload, bodies)) == [len(b) for b in bodies.values()]
+    assert len(store._buffers._idle) == UPLOAD_BUFFERS  # all were in use, and all came back
+    for key, body in bodies.items():
+        stored = b"".join(store.get_stream(key))
+        assert len(stored) == len(body) and hashlib.sha256(stored).digest() == hashlib.sha256(body).digest(), key
+
+
+class _CuttingProxy:
+    """A TCP proxy in front of moto's server that records every request's bytes and, for the first
+    `cuts` requests whose first line contains `match`, resets the connection once `after` bytes of it
+    have passed: a connection lost in the middle of a body, which botocore retries."""
+
+    def __init__(self, upstream: str, match: bytes, after: int, cuts: int = 1) -> None:
+        host, port = upstream.removeprefix("http://").split(":")
+        self._upstream = (host, int(port))
+        self.match, self.after, self.cuts = match, after, cuts
+        self.requests: list[bytes] = []  # what each connection sent (a connection may carry several requests)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        upstream = socket.create_connection(self._upstream)
+        seen = bytearray()
+        with self._lock:
+            self.requests.append(b"")
+            index = len(self.requests) - 1
+
+        def back() -> None:
+            with contextlib.suppress(OSError):
+                while data := upstream.recv(1 << 16):
+                    client.sendall(data)
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_WR)
+
+        threading.Thread(target=back, daemon=True).start()
+        try:
+            while data := client.recv(1 << 16):
+                seen += data
+                with self._lock:
+                    self.requests[index] = bytes(seen)
+                    cut = self.cuts > 0 and self.match in seen.split(b"\r\n", 1)[0] and len(seen) >= self.after
+                    if cut:
+                        self.cuts -= 1
+                if cut:
+                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    return  # reset, mid-body
+                upstream.sendall(data)
+        except OSError:
+            pass
+        finally:
+            client.close()
+            upstream.close()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+@pytest.mark.parametrize("size", [5 * 1024 * 1024 - 17, 7 * 1024 * 1024 + 5])
+def test_s3_a_body_retried_after_a_connection_lost_mid_body_sends_the_same_bytes(moto_endpoint: str,
+                                                                                  size: int) -> None:
+    """botocore resends the same bytearray after a connection reset half-way through the body. While the
+    first attempt waits for its retry, other uploads run through the same store's buffers: the retry
+    must still send exactly the bytes of the first, and the object read back is the one written."""
+    bucket = f"clips-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket=bucket)
+    proxy = _CuttingProxy(moto_endpoint, match=b"/c_victim", after=2 * 1024 * 1024, cuts=1)
+    part = 6 * 1024 * 1024
+    store = S3BlobStore(bucket, endpoint_url=proxy.endpoint, part_bytes=part, connections=8)
+    others = S3BlobStore(bucket, endpoint_url=moto_endpoint, part_bytes=part)
+    others._buffers = store._buffers  # the same pool: the victim's buffer must not be handed out meanwhile
+    noise = {f"c_noise{i}": secrets.token_bytes(size) for i in range(6)}
+    victim = secrets.token_bytes(size)
+    sends: dict[str, list[bytes]] = {}  # each request of the victim's (PUT, or part) -> the body of each attempt
+
+    def record(request: Any, **kwargs: object) -> None:
+        if "/c_victim" in str(request.url) and request.method == "PUT":
+            attempts = sends.setdefault(str(request.url), [])
+            attempts.append(bytes(request.body))
+            if len(attempts) == 2:  # the retry: other uploads have had the store's buffers in between
+                with concurrent.futures.ThreadPoolExecutor(6) as pool:
+                    list(pool.map(lambda key: others.put_stream(key, _chunks(noise[key])), noise))
+
+    store.client.meta.events.register("before-send.s3", record)
+    try:
+        assert store.put_stream("c_victim", _chunks(victim)) == size
+    finally:
+        proxy.close()
+    assert proxy.cuts == 0  # a connection was cut mid-body
+    retried = [attempts for attempts in sends.values() if len(attempts) > 1]
+    assert len(retried) == 1 and retried[0] == [retried[0][0]] * 2 and len(retried[0][0]) >= 2 * 1024 * 1024
+    assert b"".join(others.get_stream("c_victim")) == victim
+    for key, body in noise.items():
+        assert b"".join(others.get_stream(key)) == body
