@@ -4,6 +4,7 @@ its transactions; SQLite's WAL is checkpointed off every commit, and stays short
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -126,3 +127,96 @@ def test_the_wal_is_checkpointed_off_the_writer_and_stays_short(tmp_path: Path,
         audit.close()
         db.close()
     assert checkpointer._thread.is_alive() is False  # noqa: SLF001 (close stops it)
+
+
+# -- a checkpoint riding in the writer's transaction: stored if and only if that transaction commits ----
+
+def _parked(audit: AuditLog) -> None:
+    """Wait until the signer has signed a checkpoint and parked its row for the writer's next batch."""
+    for _ in range(400):
+        if audit._rider is not None:
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError("no checkpoint was parked to ride")
+
+
+def _consistent(audit: AuditLog) -> tuple[int, int]:
+    """What this process believes it signed last is stored, and nothing newer is stored."""
+    latest = audit.reader.latest_checkpoint()
+    stored = latest[0] if latest is not None else 0
+    assert audit._signed.size == stored or not audit._signed.note and stored == 0, (audit._signed.size, stored)
+    return stored, audit._signed.size
+
+
+@pytest.fixture
+def riding(db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[AuditLog]:
+    monkeypatch.setattr(audit_log, "CHECKPOINT_RIDE_S", 60.0)  # a parked checkpoint waits for a batch
+    audit = _log(db, tmp_path, checkpoint_every_entries=10**9)
+    audit.append(_record(0))  # the first checkpoint is due at once; none other falls due here
+    _parked(audit)
+    yield audit
+    audit.close()
+
+
+def test_a_unit_failing_in_the_batch_a_checkpoint_rides_in_leaves_it_stored_with_the_others(
+        riding: AuditLog) -> None:
+    """The batch is rolled back and run again without the failed unit: the checkpoint's row with it."""
+    def fails(tx: Any) -> None:
+        tx.audit(_record(99))
+        raise RuntimeError("a bug in a unit")
+
+    bad, good = riding.submit(fails), riding.submit(lambda tx: tx.audit(_record(1)))
+    with pytest.raises(RuntimeError):
+        bad.done.result(timeout=10)
+    good.done.result(timeout=10)
+    for _ in range(200):
+        if riding._rider is None and riding._signed.size == 1:
+            break
+        threading.Event().wait(0.01)
+    assert _consistent(riding) == (1, 1)
+    assert riding.reader.size() == 2  # the failed unit's entry is not there
+
+
+def test_a_batch_that_does_not_commit_takes_the_checkpoint_riding_in_it_down_too(
+        riding: AuditLog, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The row is rolled back and the signer does not believe it signed (it signs again later)."""
+    chain = AuditLog._chain
+
+    def broken(self: AuditLog, *args: Any) -> Any:
+        monkeypatch.setattr(AuditLog, "_chain", chain)  # once
+        raise OSError("disk full")
+
+    monkeypatch.setattr(AuditLog, "_chain", broken)
+    with pytest.raises(Unavailable):
+        riding.append(_record(1))
+    for _ in range(200):
+        if riding._rider is None and not riding._sign_due.is_set():
+            break
+        threading.Event().wait(0.01)
+    assert _consistent(riding) == (0, 0)
+    assert riding.reader.size() == 1
+    riding.append(_record(2))
+    assert riding.checkpoint()[0] == 2 and _consistent(riding) == (2, 2)
+
+
+def test_a_rewritten_history_while_a_checkpoint_waits_to_ride_halts_and_stores_nothing(
+        riding: AuditLog, db: Database) -> None:
+    with db.transaction() as conn:  # the entry goes, and the head with it
+        conn.execute(sa.text("DELETE FROM audit_entries WHERE seq = 0"))
+        conn.execute(sa.text("UPDATE audit_head SET size = 0 WHERE id = 1"))
+    with pytest.raises(Unavailable):
+        riding.append(_record(1))
+    assert riding.halted is not None
+    for _ in range(200):
+        if riding._rider is None:
+            break
+        threading.Event().wait(0.01)
+    assert riding.reader.latest_checkpoint() is None and not riding._signed.note
+
+
+def test_close_stores_a_checkpoint_waiting_to_ride_at_once(riding: AuditLog) -> None:
+    started = time.monotonic()
+    riding.close()
+    assert time.monotonic() - started < 10  # not the 60 s the checkpoint would have waited for a ride
+    latest = riding.reader.latest_checkpoint()
+    assert latest is not None and latest[0] == 1 and _consistent(riding) == (1, 1)
