@@ -3,6 +3,7 @@ its transactions; SQLite's WAL is checkpointed off every commit, and stays short
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -220,3 +221,37 @@ def test_close_stores_a_checkpoint_waiting_to_ride_at_once(riding: AuditLog) -> 
     assert time.monotonic() - started < 10  # not the 60 s the checkpoint would have waited for a ride
     latest = riding.reader.latest_checkpoint()
     assert latest is not None and latest[0] == 1 and _consistent(riding) == (1, 1)
+
+
+def test_close_while_appends_go_on_returns_and_leaves_one_writer(db: Database, tmp_path: Path) -> None:
+    """An append racing close() restarted the threads while close() was stopping the old ones: the old
+    signer missed its stop (close() waited for it for ever) and two writers took units from one queue."""
+    audit = _log(db, tmp_path, checkpoint_every_entries=2, checkpoint_every_s=0.01)
+    stop, before = threading.Event(), set(threading.enumerate())
+
+    def appends() -> None:
+        i = 0
+        while not stop.is_set():
+            with contextlib.suppress(Unavailable):
+                audit.append(_record(i))
+            i += 1
+
+    appenders = [threading.Thread(target=appends, daemon=True) for _ in range(3)]
+    try:
+        audit.append(_record(0))
+        for t in appenders:
+            t.start()
+        for _ in range(8):
+            threading.Event().wait(0.03)
+            closer = threading.Thread(target=audit.close, daemon=True)
+            closer.start()
+            closer.join(15)
+            assert not closer.is_alive(), "close() never returned"
+    finally:
+        stop.set()
+        for t in appenders:
+            t.join(15)
+        audit.close()
+    left = [t.name for t in threading.enumerate() if t not in before and t.name.startswith("audit-")]
+    assert left == [], left  # every writer and signer this log started has stopped
+    assert audit.halted is None

@@ -196,6 +196,10 @@ class AuditLog:
         self._rider_lock = threading.Lock()
         self._lock = threading.Lock()
         self._open_lock = threading.Lock()
+        # Starting and stopping the threads, one at a time: an append racing close() restarted them while
+        # close() still stopped the old ones (the old signer then never saw its stop, and close() waited
+        # for it for ever; two writers took units from one queue, on PostgreSQL over one connection).
+        self._lifecycle_lock = threading.Lock()
         self._opened = False
         self._tree = RecomputedTree(self.reader.entries)
         self._heads: tuple[int, dict[str, tuple[int, str]]] | None = None  # access-chain heads at (size)
@@ -243,7 +247,9 @@ class AuditLog:
 
     def _ensure_started(self) -> None:
         self.open()
-        with self._lock:
+        if self._thread is not None:  # the common case, without the lifecycle lock
+            return
+        with self._lifecycle_lock, self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="audit-sequencer", daemon=True)
                 self._thread.start()
@@ -252,7 +258,12 @@ class AuditLog:
                 self._signer_thread.start()
 
     def close(self) -> None:
-        """Stop the signer, flush pending appends, stop the sequencer, write a final checkpoint."""
+        """Stop the signer, flush pending appends, stop the sequencer, write a final checkpoint. An append
+        meanwhile waits for it to finish (then starts the threads anew)."""
+        with self._lifecycle_lock:
+            self._close()
+
+    def _close(self) -> None:
         with self._lock:
             thread, self._thread = self._thread, None
             signer, self._signer_thread = self._signer_thread, None
