@@ -255,3 +255,24 @@ def test_close_while_appends_go_on_returns_and_leaves_one_writer(db: Database, t
     left = [t.name for t in threading.enumerate() if t not in before and t.name.startswith("audit-")]
     assert left == [], left  # every writer and signer this log started has stopped
     assert audit.halted is None
+
+
+def test_a_wal_checkpoint_waiting_for_a_pooled_connection_does_not_hold_writers_off(tmp_path: Path) -> None:
+    """The checkpoint that holds writers off (the background one's second pass, truncate_wal) took the
+    write lock and then waited for a connection: with the pool emptied by readers, every writer waited
+    up to the pool's 30 s timeout with it (a deadlock for that long if those readers wait for a write)."""
+    db = Database(f"sqlite:///{tmp_path / 'a.db'}")
+    held = [db.engine.connect() for _ in range(16)]  # pool_size + max_overflow: the pool is empty
+    truncating = threading.Thread(target=db.truncate_wal, daemon=True)
+    try:
+        truncating.start()
+        threading.Event().wait(0.3)  # it is waiting for a connection now
+        assert db._write_lock is not None
+        got = db._write_lock.acquire(timeout=3)
+        assert got, "a writer waited on the write lock while the checkpoint waited for the pool"
+        db._write_lock.release()
+    finally:
+        for conn in held:
+            conn.close()
+        truncating.join(35)
+        db.close()

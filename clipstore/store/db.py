@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from collections.abc import Iterator
@@ -89,8 +90,7 @@ class WalCheckpointer:
             try:
                 _, frames, _ = db.checkpoint_wal("PASSIVE")
                 if frames >= WAL_RESTART_FRAMES:
-                    with db.write_lock():
-                        db.checkpoint_wal("PASSIVE")
+                    db.checkpoint_wal("PASSIVE", hold_writers=True)
                 self.checkpoints += 1
             except Exception as exc:  # the next commit retries; SQLite's automatic checkpoint is the bound
                 log.warning("db.wal_checkpoint_failed", exc_type=type(exc).__name__)
@@ -199,14 +199,17 @@ class Database:
         False if a reader kept it from completing. PostgreSQL: nothing to do here (see README)."""
         if not self.is_sqlite:
             return True
-        with self.write_lock():
-            busy, _, _ = self.checkpoint_wal("TRUNCATE")
+        busy, _, _ = self.checkpoint_wal("TRUNCATE", hold_writers=True)
         return bool(busy == 0)
 
-    def checkpoint_wal(self, mode: str) -> tuple[int, int, int]:
-        """SQLite `PRAGMA wal_checkpoint(mode)`: (busy, frames in the WAL, frames copied to the database)."""
+    def checkpoint_wal(self, mode: str, *, hold_writers: bool = False) -> tuple[int, int, int]:
+        """SQLite `PRAGMA wal_checkpoint(mode)`: (busy, frames in the WAL, frames copied to the database).
+        `hold_writers`: with this process's writers held off (`write_lock`), taken only once a connection
+        is out of the pool: waiting for one (a pool emptied by readers, perhaps waiting for the audit
+        writer) must not hold every writer off meanwhile."""
         assert mode in ("PASSIVE", "TRUNCATE"), mode
-        with self._checkpoint_lock, self.engine.connect() as conn:
+        with self.engine.connect() as conn, self.write_lock() if hold_writers else contextlib.nullcontext(), \
+                self._checkpoint_lock:
             busy, frames, copied = conn.exec_driver_sql(f"PRAGMA wal_checkpoint({mode})").one()
         return int(busy), int(frames), int(copied)
 
