@@ -168,8 +168,8 @@ def test_a_unit_failing_in_the_batch_a_checkpoint_rides_in_leaves_it_stored_with
 
     bad, good = riding.submit(fails), riding.submit(lambda tx: tx.audit(_record(1)))
     with pytest.raises(RuntimeError):
-        bad.done.result(timeout=10)
-    good.done.result(timeout=10)
+        bad.result(10)
+    good.result(10)
     for _ in range(200):
         if riding._rider is None and riding._signed.size == 1:
             break
@@ -225,15 +225,20 @@ def test_close_stores_a_checkpoint_waiting_to_ride_at_once(riding: AuditLog) -> 
 
 def test_close_while_appends_go_on_returns_and_leaves_one_writer(db: Database, tmp_path: Path) -> None:
     """An append racing close() restarted the threads while close() was stopping the old ones: the old
-    signer missed its stop (close() waited for it for ever) and two writers took units from one queue."""
+    signer missed its stop (close() waited for it for ever) and two writers took units from one queue;
+    and one queued just after close()'s end mark waited 30 s for nothing."""
     audit = _log(db, tmp_path, checkpoint_every_entries=2, checkpoint_every_s=0.01)
     stop, before = threading.Event(), set(threading.enumerate())
+
+    slowest = [0.0]
 
     def appends() -> None:
         i = 0
         while not stop.is_set():
+            started = time.monotonic()
             with contextlib.suppress(Unavailable):
                 audit.append(_record(i))
+            slowest[0] = max(slowest[0], time.monotonic() - started)
             i += 1
 
     appenders = [threading.Thread(target=appends, daemon=True) for _ in range(3)]
@@ -255,6 +260,8 @@ def test_close_while_appends_go_on_returns_and_leaves_one_writer(db: Database, t
     left = [t.name for t in threading.enumerate() if t not in before and t.name.startswith("audit-")]
     assert left == [], left  # every writer and signer this log started has stopped
     assert audit.halted is None
+    # An append queued behind close()'s end mark waited APPEND_TIMEOUT_S (30 s) for a writer that never came.
+    assert slowest[0] < 10, slowest
 
 
 def test_a_wal_checkpoint_waiting_for_a_pooled_connection_does_not_hold_writers_off(tmp_path: Path) -> None:
@@ -276,3 +283,45 @@ def test_a_wal_checkpoint_waiting_for_a_pooled_connection_does_not_hold_writers_
             conn.close()
         truncating.join(35)
         db.close()
+
+
+def test_an_append_that_found_the_writer_running_but_queues_after_close_is_still_recorded(
+        db: Database, tmp_path: Path) -> None:
+    """The append is held between finding the writer running and putting its unit in the queue, for as
+    long as close() takes (or 1 s, if close() waits for it)."""
+    audit = _log(db, tmp_path)
+    audit.append(_record(0))
+    queue, found_running, go = audit._queue, threading.Event(), threading.Event()
+
+    class Held:
+        def put(self, item: Any) -> None:
+            if threading.current_thread().name == "appender" and not found_running.is_set():
+                found_running.set()
+                go.wait(10)
+            queue.put(item)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(queue, name)
+
+    audit._queue = Held()  # type: ignore[assignment]
+    outcome: list[object] = []
+    appender = threading.Thread(target=lambda: outcome.append(_outcome(audit)), name="appender", daemon=True)
+    appender.start()
+    assert found_running.wait(10)
+    closer = threading.Thread(target=audit.close, daemon=True)
+    closer.start()
+    closer.join(1)
+    go.set()
+    closer.join(20)
+    appender.join(20)
+    try:
+        assert outcome == [1]  # recorded before close() stopped the writer, not "too busy" after the wait
+    finally:
+        audit.close()
+
+
+def _outcome(audit: AuditLog) -> object:
+    try:
+        return audit.append(_record(1), timeout_s=5)
+    except Unavailable as exc:
+        return exc

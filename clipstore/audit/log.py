@@ -226,14 +226,27 @@ class AuditLog:
         return self._queued(Pending(unit))
 
     def _queued(self, pending: Pending[T]) -> Pending[T]:
-        if self._thread is None:  # after the first unit, no lock on the way in
-            self._ensure_started()
-        if self.halted is not None:
-            raise AuditUnavailable(HALTED_MESSAGE)
-        self._queue.put(pending)
+        while True:
+            if self._thread is None:
+                self._ensure_started()
+            if self.halted is not None:
+                raise AuditUnavailable(HALTED_MESSAGE)
+            if self._enqueue(pending):
+                break
         if self._gather and self._queue.qsize() >= self._gather:
             self._gathered.set()
         return pending
+
+    def _enqueue(self, pending: Pending[Any]) -> bool:
+        """Queue a unit for the running writer; False if close() has begun. Under `_lock`, where close()
+        takes the writer away, so a unit queued here comes before close()'s end mark, never after it
+        (where no writer would take it, and its caller waited APPEND_TIMEOUT_S for nothing). The lock
+        is uncontended but for callers queueing at the same instant; it holds only the put."""
+        with self._lock:
+            if self._thread is None:
+                return False
+            self._queue.put(pending)
+            return True
 
     def append(self, record: AuditRecord, *, timeout_s: float = APPEND_TIMEOUT_S) -> int:
         """Append one entry on its own and wait until durable; returns the entry's index."""
@@ -695,11 +708,13 @@ class AuditLog:
                 if stored is None or bytes(stored) != root:
                     raise HistoryRewritten("fork", f"a stored checkpoint of size {size} has another root")
 
-        writer = self._thread
-        if writer is None or writer is threading.current_thread() or not writer.is_alive():
+        def alone() -> None:
             with self._db.transaction() as conn:
                 insert(conn)
-            return
+
+        writer = self._thread
+        if writer is None or writer is threading.current_thread() or not writer.is_alive():
+            return alone()
         pending: Pending[None] = Pending(lambda tx: insert(connection(tx)))
         if threading.current_thread() is self._signer_thread:
             with self._rider_lock:
@@ -712,8 +727,8 @@ class AuditLog:
                     if self._rider is pending:
                         self._rider = None
                         self._queue.put(pending)
-        else:
-            self._queue.put(pending)
+        elif not self._enqueue(pending):  # the writer is stopping
+            return alone()
         pending.result(APPEND_TIMEOUT_S)
 
     def _check_head(self, size: int, last_leaf: bytes) -> None:
