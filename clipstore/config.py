@@ -179,7 +179,8 @@ SETTINGS: tuple[Setting, ...] = (
             default_text="`sqlite:///<data_dir>/clipstore.db`",
             help="or `postgresql://user@host/db` (a password in it is never printed)"),
     Setting(key="max_message_bytes", type=int, default=4 << 20,
-            help="gRPC max send/receive message; bounds memory per message"),
+            help="gRPC max send/receive message; bounds memory per message. Keep it above 1.1 MiB: the client "
+                 "library sends PutClip audio in 1 MiB messages"),
     Setting(key="shutdown_grace_s", type=float, default=10.0,
             help="drain time for in-flight RPCs on SIGTERM/SIGINT"),
     Setting(key="log.level", type=str, default="info", flag="--log-level", check=_log_level,
