@@ -13,7 +13,7 @@ import soundfile
 
 from clipstore.audio import PROCESSABLE_TYPES, FetchAudio, FetchAudioPolicy, WatermarkPlan, codecs
 from clipstore.audio.codecs import CONTENT_TYPES, decode, encode, wav_header
-from clipstore.audio.disguise import POLICIES, DisguisePolicy, PitchFormantShift
+from clipstore.audio.disguise import POLICIES, DisguisePolicy, PitchFormantShift, envelope_source
 from clipstore.audio.errors import UnsupportedAudio
 from clipstore.audio.fetch import DISGUISE_NAMES, FetchPlan
 from clipstore.audio.transform import Gain, Pipeline
@@ -226,8 +226,49 @@ def test_disguise_policies_check_their_ranges_and_draw_both_directions() -> None
         DisguisePolicy(name="x", pitch_ratios=(0.8, 1.2), formant_exponent=0.5)
     with pytest.raises(ValueError, match="ratios"):
         PitchFormantShift(rate=RATE, channels=1, pitch_ratio=3.0, formant_ratio=1.0)
-    draws = [POLICIES["pitch_formant"].draw(random.Random(i))[0] for i in range(40)]
-    assert any(d > 1 for d in draws) and any(d < 1 for d in draws)
+    with pytest.raises(ValueError, match="formant_above_hz"):
+        DisguisePolicy(name="x", pitch_ratios=(1.2, 1.3), formant_exponent=1.0, formant_above_hz=5000)
+    with pytest.raises(ValueError, match="formant_above_hz"):
+        PitchFormantShift(rate=8000, channels=1, pitch_ratio=1.2, formant_ratio=1.2, formant_above_hz=4000)
+    for policy in POLICIES.values():
+        draws = [policy.draw(random.Random(i))[0] for i in range(40)]
+        assert any(d > 1 for d in draws) and any(d < 1 for d in draws)
+
+
+@pytest.mark.parametrize("ratio", [1.3, 1 / 1.3])
+def test_a_formant_warp_above_a_knee_leaves_the_envelope_below_it_in_place_and_stays_continuous(ratio: float
+                                                                                                ) -> None:
+    source = envelope_source(257, ratio, 80.0)
+    assert np.array_equal(source[:81], np.arange(81))  # below the knee each bin reads itself
+    assert source[-1] == pytest.approx(80 + 176 / ratio)  # above it the envelope is scaled from the knee
+    assert np.all(np.diff(source) > 0) and np.max(np.abs(np.diff(source))) <= max(1.0, 1 / ratio) + 1e-9
+    assert np.array_equal(envelope_source(257, ratio, 0.0), np.arange(257) / ratio)
+
+
+def test_a_warp_above_the_knee_keeps_a_low_formant_where_it_was_and_moves_a_high_one() -> None:
+    """Two resonances (500 Hz and 3 kHz) excited by a 120 Hz pulse train; formants moved by 1.3 above
+    2 kHz only, pitch kept: the low peak stays, the high one moves to about 2 + 1 x 1.3 = 3.3 kHz."""
+    t = np.arange(2 * RATE) / RATE
+    pulses = (np.mod(t * 120, 1.0) < 120 / RATE).astype(np.float64)
+    x = np.zeros_like(pulses)
+    for f, bw in ((500.0, 80.0), (3000.0, 150.0)):  # two-pole resonators, summed
+        r, w = np.exp(-np.pi * bw / RATE), 2 * np.pi * f / RATE
+        y = np.zeros_like(pulses)
+        for i in range(2, len(y)):
+            y[i] = pulses[i] + 2 * r * np.cos(w) * y[i - 1] - r * r * y[i - 2]
+        x += y / np.max(np.abs(y))
+    block = (0.3 * x / np.max(np.abs(x))).astype(np.float32).reshape(-1, 1)
+    shift = PitchFormantShift(rate=RATE, channels=1, pitch_ratio=1.0, formant_ratio=1.3, formant_above_hz=2000)
+    out = np.concatenate(list(Pipeline([shift]).run(block[i:i + 8000] for i in range(0, len(block), 8000))))
+
+    def peak(y: np.ndarray, lo: float, hi: float) -> float:
+        spectrum = np.abs(np.fft.rfft(y[RATE // 2:, 0] * np.hanning(len(y) - RATE // 2)))
+        freqs = np.fft.rfftfreq(len(y) - RATE // 2, 1 / RATE)
+        band = (freqs >= lo) & (freqs <= hi)
+        return float(freqs[band][np.argmax(spectrum[band])])
+    assert peak(out, 300, 800) == pytest.approx(peak(block, 300, 800), abs=130)
+    assert peak(block, 2500, 4000) == pytest.approx(3000, abs=130)
+    assert peak(out, 2500, 4000) == pytest.approx(3300, abs=200)
 
 
 # -- bounded memory ---------------------------------------------------------------------------------------------

@@ -35,11 +35,13 @@ _TWO_PI32 = np.float32(2.0 * np.pi)
 @dataclass(frozen=True, kw_only=True)
 class DisguisePolicy:
     """A named disguise: pitch ratios are drawn from `pitch_ratios` (a ratio r or its inverse 1/r, either
-    way with equal chance) and formants move in the same direction by r ** `formant_exponent`."""
+    way with equal chance) and formants move in the same direction by r ** `formant_exponent`, those
+    above `formant_above_hz` only (0: the whole envelope; docs/voice-disguise.md has the trade-off)."""
 
     name: str
     pitch_ratios: tuple[float, float]
     formant_exponent: float
+    formant_above_hz: float = 0.0
 
     def __post_init__(self) -> None:
         low, high = self.pitch_ratios
@@ -47,6 +49,8 @@ class DisguisePolicy:
             raise ValueError(f"pitch_ratios must satisfy 1 < low <= high <= 2, got {self.pitch_ratios}")
         if not 0.0 <= self.formant_exponent <= 1.5:
             raise ValueError(f"formant_exponent must lie in [0, 1.5], got {self.formant_exponent}")
+        if not 0.0 <= self.formant_above_hz <= 4000.0:
+            raise ValueError(f"formant_above_hz must lie in [0, 4000], got {self.formant_above_hz}")
 
     def draw(self, rng: random.Random) -> tuple[float, float]:
         """(pitch_ratio, formant_ratio) for one fetch."""
@@ -57,7 +61,8 @@ class DisguisePolicy:
 
     def transform(self, *, rate: int, channels: int, rng: random.Random) -> PitchFormantShift:
         pitch, formant = self.draw(rng)
-        return PitchFormantShift(rate=rate, channels=channels, pitch_ratio=pitch, formant_ratio=formant)
+        return PitchFormantShift(rate=rate, channels=channels, pitch_ratio=pitch, formant_ratio=formant,
+                                 formant_above_hz=min(self.formant_above_hz, rate / 4))
 
 
 # The policies a deployment can name in `review.disguise` (`off` is the absence of one).
@@ -75,11 +80,14 @@ class PitchFormantShift:
 
     name = "pitch_formant"
 
-    def __init__(self, *, rate: int, channels: int, pitch_ratio: float, formant_ratio: float) -> None:
+    def __init__(self, *, rate: int, channels: int, pitch_ratio: float, formant_ratio: float,
+                 formant_above_hz: float = 0.0) -> None:
         if rate <= 0 or channels <= 0:
             raise ValueError(f"rate and channels must be positive, got {rate}, {channels}")
         if not 0.5 <= pitch_ratio <= 2.0 or not 0.5 <= formant_ratio <= 2.0:
             raise ValueError(f"ratios must lie in [0.5, 2], got {pitch_ratio}, {formant_ratio}")
+        if not 0.0 <= formant_above_hz < rate / 2:
+            raise ValueError(f"formant_above_hz must lie in [0, rate / 2), got {formant_above_hz}")
         self.pitch_ratio, self.formant_ratio = pitch_ratio, formant_ratio
         n = self._n = _frame_length(rate)
         hop = self._hop = n // OVERLAP
@@ -98,7 +106,7 @@ class PitchFormantShift:
         self._lifter = lifter
         # where each output bin reads the input: fractional source bins, split into index and weight
         self._fine = _Reader(np.arange(bins) / pitch_ratio, bins)
-        self._env_formant = _Reader(np.arange(bins) / formant_ratio, bins)
+        self._env_formant = _Reader(envelope_source(bins, formant_ratio, formant_above_hz * n / rate), bins)
         # what a bin-centred source harmonic adds to an output bin's phase per hop, wrapped in float64
         self._centre_advance = np.mod(expected[self._fine.nearest_index] * pitch_ratio, 2.0 * np.pi).astype(np.float32)
         # stream state: padded input not yet consumed, overlap-add tail, phases, frames still owed
@@ -190,6 +198,15 @@ class PitchFormantShift:
         shifted.real = new_mag * np.cos(out_phase)
         shifted.imag = new_mag * np.sin(out_phase)
         return shifted
+
+
+def envelope_source(bins: int, ratio: float, knee: float) -> np.ndarray:
+    """Where each output bin reads the envelope: unmoved below the knee (in bins), scaled by `ratio` from
+    the knee up (a piecewise-linear warp, continuous at the knee; knee 0 scales the whole envelope)."""
+    out = np.arange(bins, dtype=np.float64)
+    above = out > knee
+    out[above] = knee + (out[above] - knee) / ratio
+    return out
 
 
 class _Reader:
