@@ -89,6 +89,11 @@ CANDIDATES = [
     Candidate("p1.4-1.6_f1_above2500", (1.4, 1.6), 1.0, formant_above_hz=2500),
     Candidate("p1.4-1.6_f0.75_above2000", (1.4, 1.6), 0.75, formant_above_hz=2000),
     Candidate("p1.3-1.5_f1_above2500", (1.3, 1.5), 1.0, formant_above_hz=2500),
+    Candidate("p1.25-1.4_f0.25_down", (1.25, 1.4), 0.25, "down"),
+    Candidate("p1.25-1.4_f1_above2500_down", (1.25, 1.4), 1.0, "down", 2500),
+    Candidate("p1.15-1.3_f0.5_down", (1.15, 1.3), 0.5, "down"),
+    Candidate("p1.25-1.4_f0_down", (1.25, 1.4), 0.0, "down"),
+    Candidate("p1.15-1.3_f0.75_down", (1.15, 1.3), 0.75, "down"),
 ]
 
 

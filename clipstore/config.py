@@ -233,8 +233,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(key="review.lockout_s", type=float, default=15 * 60.0,
             help="the first lockout; each further one doubles, up to a day"),
     Setting(key="review.disguise", type=str, default=DISGUISE_OFF, check=_disguise,
-            help="voice disguise of what FetchClip streams: `off` or `pitch_formant` (needs the audio extra; "
-                 "docs/voice-disguise.md)"),
+            help="voice disguise of what FetchClip streams: `off`, `pitch_formant` or `pitch_formant_strong` (more "
+                 "anonymity, fewer words kept; needs the audio extra; docs/voice-disguise.md)"),
     Setting(key="review.disguise_locales", type=str, default=None, check=_disguise_locales, default_text="none",
             help="per locale or language, e.g. `en-US=off,de=pitch_formant`; wins over `review.disguise`"),
     Setting(key="review.require_transform", type=bool, default=False,
