@@ -2,7 +2,8 @@
 
   python bench/disguise_sweep.py [--rhyme-sets 28] [--draws 3] [--only NAME ...]
 
-For each candidate (pitch ratio range, direction, formant exponent) it prints
+For each candidate DisguisePolicy (pitch ratio range, direction, formant
+exponent, formant knee), and the deployable POLICIES last, it prints
 one row: the share of disguised clips whose MFCC speaker similarity to their
 original falls below the equal-error threshold (bench/audio.py's baseline, 10
 espeak-ng voices, --draws disguised clips per voice), the rhyme-test accuracy
@@ -23,9 +24,9 @@ import random
 import statistics
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -44,63 +45,54 @@ from bench.audio import (  # noqa: E402
     say,
     words_error_rate,
 )
-from clipstore.audio.disguise import PitchFormantShift  # noqa: E402
+from clipstore.audio.disguise import POLICIES, DisguisePolicy  # noqa: E402
 from clipstore.audio.transform import Pipeline  # noqa: E402
 from tests.audio_measures import SpeakerSpace  # noqa: E402
 
 SIMILARITY_PASS = 0.9  # share of disguised clips below the same-speaker threshold
 
 
-@dataclass(frozen=True)
-class Candidate:
-    name: str
-    pitch: tuple[float, float]  # ratio range r (and 1/r when the direction allows down)
-    formant_exponent: float  # formants move by r ** this
-    direction: str = "both"  # "both", "up", "down"
-    formant_above_hz: float = 0.0  # formants below this stay put (0: the whole envelope moves)
-
-    def draw(self, rng: random.Random) -> tuple[float, float]:
-        r = rng.uniform(*self.pitch)
-        down = self.direction == "down" or (self.direction == "both" and rng.random() < 0.5)
-        r = 1.0 / r if down else r
-        return r, r ** self.formant_exponent
+def candidate(name: str, pitch: tuple[float, float], formant_exponent: float,
+              direction: Literal["both", "down", "up"] = "both", formant_above_hz: float = 0.0) -> DisguisePolicy:
+    return DisguisePolicy(name=name, pitch_ratios=pitch, formant_exponent=formant_exponent,
+                          formant_above_hz=formant_above_hz, direction=direction)
 
 
 CANDIDATES = [
-    Candidate("current", (1.25, 1.4), 0.75),
-    Candidate("p1.25-1.4_f0.5", (1.25, 1.4), 0.5),
-    Candidate("p1.25-1.4_f0.25", (1.25, 1.4), 0.25),
-    Candidate("p1.25-1.4_f0", (1.25, 1.4), 0.0),
-    Candidate("p1.15-1.25_f0.75", (1.15, 1.25), 0.75),
-    Candidate("p1.15-1.25_f0.5", (1.15, 1.25), 0.5),
-    Candidate("p1.1-1.2_f1", (1.1, 1.2), 1.0),
-    Candidate("p1.25-1.4_f0.75_up", (1.25, 1.4), 0.75, "up"),
-    Candidate("p1.25-1.4_f0.75_down", (1.25, 1.4), 0.75, "down"),
-    Candidate("p1.25-1.4_f0.5_up", (1.25, 1.4), 0.5, "up"),
-    Candidate("p1.25-1.4_f0.5_down", (1.25, 1.4), 0.5, "down"),
-    Candidate("p1.4-1.6_f0.25", (1.4, 1.6), 0.25),
-    Candidate("p1.4-1.6_f0", (1.4, 1.6), 0.0),
-    Candidate("p1.25-1.4_f0.75_above1500", (1.25, 1.4), 0.75, formant_above_hz=1500),
-    Candidate("p1.25-1.4_f1_above1500", (1.25, 1.4), 1.0, formant_above_hz=1500),
-    Candidate("p1.25-1.4_f1_above2500", (1.25, 1.4), 1.0, formant_above_hz=2500),
-    Candidate("p1.25-1.4_f0.75_above1000", (1.25, 1.4), 0.75, formant_above_hz=1000),
-    Candidate("p1.25-1.4_f1.25_above2500", (1.25, 1.4), 1.25, formant_above_hz=2500),
-    Candidate("p1.25-1.4_f1.5_above3000", (1.25, 1.4), 1.5, formant_above_hz=3000),
-    Candidate("p1.4-1.6_f1_above2500", (1.4, 1.6), 1.0, formant_above_hz=2500),
-    Candidate("p1.4-1.6_f0.75_above2000", (1.4, 1.6), 0.75, formant_above_hz=2000),
-    Candidate("p1.3-1.5_f1_above2500", (1.3, 1.5), 1.0, formant_above_hz=2500),
-    Candidate("p1.25-1.4_f0.25_down", (1.25, 1.4), 0.25, "down"),
-    Candidate("p1.25-1.4_f1_above2500_down", (1.25, 1.4), 1.0, "down", 2500),
-    Candidate("p1.15-1.3_f0.5_down", (1.15, 1.3), 0.5, "down"),
-    Candidate("p1.25-1.4_f0_down", (1.25, 1.4), 0.0, "down"),
-    Candidate("p1.15-1.3_f0.75_down", (1.15, 1.3), 0.75, "down"),
+    candidate("former", (1.25, 1.4), 0.75),
+    candidate("p1.25-1.4_f0.5", (1.25, 1.4), 0.5),
+    candidate("p1.25-1.4_f0.25", (1.25, 1.4), 0.25),
+    candidate("p1.25-1.4_f0", (1.25, 1.4), 0.0),
+    candidate("p1.15-1.25_f0.75", (1.15, 1.25), 0.75),
+    candidate("p1.15-1.25_f0.5", (1.15, 1.25), 0.5),
+    candidate("p1.1-1.2_f1", (1.1, 1.2), 1.0),
+    candidate("p1.25-1.4_f0.75_up", (1.25, 1.4), 0.75, "up"),
+    candidate("p1.25-1.4_f0.75_down", (1.25, 1.4), 0.75, "down"),
+    candidate("p1.25-1.4_f0.5_up", (1.25, 1.4), 0.5, "up"),
+    candidate("p1.25-1.4_f0.5_down", (1.25, 1.4), 0.5, "down"),
+    candidate("p1.4-1.6_f0.25", (1.4, 1.6), 0.25),
+    candidate("p1.4-1.6_f0", (1.4, 1.6), 0.0),
+    candidate("p1.25-1.4_f0.75_above1500", (1.25, 1.4), 0.75, formant_above_hz=1500),
+    candidate("p1.25-1.4_f1_above1500", (1.25, 1.4), 1.0, formant_above_hz=1500),
+    candidate("p1.25-1.4_f1_above2500", (1.25, 1.4), 1.0, formant_above_hz=2500),
+    candidate("p1.25-1.4_f0.75_above1000", (1.25, 1.4), 0.75, formant_above_hz=1000),
+    candidate("p1.25-1.4_f1.25_above2500", (1.25, 1.4), 1.25, formant_above_hz=2500),
+    candidate("p1.25-1.4_f1.5_above3000", (1.25, 1.4), 1.5, formant_above_hz=3000),
+    candidate("p1.4-1.6_f1_above2500", (1.4, 1.6), 1.0, formant_above_hz=2500),
+    candidate("p1.4-1.6_f0.75_above2000", (1.4, 1.6), 0.75, formant_above_hz=2000),
+    candidate("p1.3-1.5_f1_above2500", (1.3, 1.5), 1.0, formant_above_hz=2500),
+    candidate("p1.25-1.4_f0.25_down", (1.25, 1.4), 0.25, "down"),
+    candidate("p1.25-1.4_f1_above2500_down", (1.25, 1.4), 1.0, "down", 2500),
+    candidate("p1.15-1.3_f0.5_down", (1.15, 1.3), 0.5, "down"),
+    candidate("p1.25-1.4_f0_down", (1.25, 1.4), 0.0, "down"),
+    candidate("p1.15-1.3_f0.75_down", (1.15, 1.3), 0.75, "down"),
+    *POLICIES.values(),  # what a deployment can name
 ]
 
 
-def shift(x: np.ndarray, c: Candidate, rng: random.Random) -> np.ndarray:
-    pitch, formant = c.draw(rng)
-    t = PitchFormantShift(rate=RATE, channels=1, pitch_ratio=pitch, formant_ratio=formant,
-                          formant_above_hz=c.formant_above_hz)
+def shift(x: np.ndarray, c: DisguisePolicy, rng: random.Random) -> np.ndarray:
+    """`x` disguised by the policy with ratios drawn from `rng`, as FetchClip would (one draw per clip)."""
+    t = c.transform(rate=RATE, channels=1, rng=rng)
     block = x.reshape(-1, 1)
     steps = (block[i:i + RATE // 2] for i in range(0, len(block), RATE // 2))
     return np.concatenate(list(Pipeline([t]).run(steps)))[:, 0]
@@ -138,7 +130,7 @@ def main() -> None:
 
     base_acc, base_wer = rhyme_accuracy(lambda x: x), wer(lambda x: x)
     print(f"rhyme_accuracy_original={base_acc:.3f} wer_original={base_wer:.3f} words={len(rhyme)}", flush=True)
-    header = ("| candidate | pitch ratio | direction | formant exponent | similarity below threshold | "
+    header = ("| candidate | pitch ratio | direction | formants | similarity below threshold | "
               "similarity mean | rhyme accuracy | kept | WER | both goals |")
     print(header)
     print("|---" * 10 + "|")
@@ -153,7 +145,9 @@ def main() -> None:
         w = wer(partial(shift, c=c, rng=rng))
         kept = acc / base_acc
         ok = passed >= SIMILARITY_PASS and kept >= RHYME_KEPT_THRESHOLD
-        print(f"| {c.name} | {c.pitch[0]}-{c.pitch[1]} | {c.direction} | {c.formant_exponent} | {passed:.2f} | "
+        knee = f" above {c.formant_above_hz:.0f} Hz" if c.formant_above_hz else ""
+        print(f"| {c.name} | {c.pitch_ratios[0]}-{c.pitch_ratios[1]} | {c.direction} | r^{c.formant_exponent}{knee} | "
+              f"{passed:.2f} | "
               f"{statistics.mean(scores):.3f} | {acc:.3f} | {kept:.2f} | {w:.3f} | {'yes' if ok else 'no'} |",
               flush=True)
 
