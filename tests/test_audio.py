@@ -339,12 +339,13 @@ def test_a_watermark_alone_runs_through_the_pipeline() -> None:
 
 def test_disguise_settings_are_read_from_config_and_checked() -> None:
     config = load_config(env={"CLIPSTORE_REVIEW_DISGUISE": "pitch_formant",
-                              "CLIPSTORE_REVIEW_DISGUISE_LOCALES": "en-US=off, de=pitch_formant",
+                              "CLIPSTORE_REVIEW_DISGUISE_LOCALES": "en-US=off, de=pitch_formant_strong",
                               "CLIPSTORE_REVIEW_REQUIRE_TRANSFORM": "true"}, overrides={"data_dir": "/tmp/x"})
     policy = FetchAudioPolicy.from_settings(disguise=config.review_disguise, locales=config.review_disguise_locales,
                                             require_transform=config.review_require_transform)
     assert policy == FetchAudioPolicy(disguise="pitch_formant", require_transform=True,
-                                      disguise_locales={"en-US": "off", "de": "pitch_formant"})
+                                      disguise_locales={"en-US": "off", "de": "pitch_formant_strong"})
+    assert policy.disguise_for("de-AT") == "pitch_formant_strong" and policy.disguise_for("fr") == "pitch_formant"
     for env, key in [({"CLIPSTORE_REVIEW_DISGUISE": "robot"}, "review.disguise"),
                      ({"CLIPSTORE_REVIEW_DISGUISE_LOCALES": "en-US"}, "review.disguise_locales"),
                      ({"CLIPSTORE_REVIEW_DISGUISE_LOCALES": "de=robot"}, "review.disguise_locales")]:
