@@ -29,14 +29,18 @@ def post_order_key(level: int, idx: int) -> int:
     return 2 * first - first.bit_count() + (2 << level) - 2
 
 
-def stored_tiles(leaves: list[bytes]) -> list[tuple[int, int, bytes, bytes]]:
+def stored_tiles(leaves: list[bytes]) -> list[tuple[int, int, bytes, bytes | None]]:
     """(level, idx, hashes, nodes) rows of schema.audit_tiles for a log of these leaf hashes, computed from
-    scratch: full level-0 tiles; above them every tile as far as it goes (tlog-tiles: level L + 1 holds the
-    Merkle tree hash of each full level-L tile); `nodes` the 7 levels above a tile's hashes, complete pairs."""
-    rows, level, hashes = [], 0, list(leaves)
+    scratch: every tile as far as it goes (tlog-tiles: level L + 1 holds the Merkle tree hash of each full
+    level-L tile); `nodes` the 7 levels above a tile's hashes, complete pairs (None for the unfinished
+    leaf tile, whose nodes are hashed when read)."""
+    rows: list[tuple[int, int, bytes, bytes | None]] = []
+    level, hashes = 0, list(leaves)
     while hashes:
         for i in range(0, len(hashes), 256):
-            if level or len(hashes) - i >= 256:
+            if not level and len(hashes) - i < 256:
+                rows.append((0, i // 256, b"".join(hashes[i:]), None))
+            else:
                 tile, nodes = hashes[i:i + 256], b""
                 for _ in range(7):
                     tile = [node_hash(tile[j], tile[j + 1]) for j in range(0, len(tile) - 1, 2)]

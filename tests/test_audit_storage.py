@@ -98,7 +98,7 @@ def test_a_log_stored_before_revision_0009_keeps_its_root_and_proofs_and_grows(
         for index in range(size):
             verify_inclusion(leaves[index], index, size, audit.reader.inclusion_proof(index, size),
                              root_hash(leaves[:size]))
-    assert _tiles(db) == []  # no tile is full: the leaves are hashed from their entries
+    assert _tiles(db) == [(0, 0, b"".join(leaves), None)]  # no tile is full: the unfinished one, hashes only
 
     for i in range(20):  # the writer carries on
         audit.append(AuditRecord(actor_id="p_test", actor_role="admin", action="probe", request_id=f"r{i}"))
@@ -149,16 +149,17 @@ def test_revision_0017_turns_stored_nodes_into_tiles_and_the_log_keeps_its_proof
     db.close()
 
 
-def test_a_commit_writes_a_row_per_filled_tile_not_per_node(tmp_path: Path) -> None:
+def test_a_commit_writes_a_row_per_tile_it_touches_not_per_node(tmp_path: Path) -> None:
     db = _database(tmp_path, None)
     audit = _audit(db, tmp_path)
     for future in [audit.append_async(RECORD) for _ in range(250)]:
         future.result(10)
-    assert _tiles(db) == []  # the unfinished leaf tile is not stored
+    leaves = [leaf_hash(e) for e in audit.reader.entries(0, 1000)]
+    assert _tiles(db) == [(0, 0, b"".join(leaves), None)]  # the unfinished leaf tile: its hashes as written
     for future in [audit.append_async(RECORD) for _ in range(16)]:  # fills tile 0 in one batch or two
         future.result(10)
     leaves = [leaf_hash(e) for e in audit.reader.entries(0, 1000)]
-    assert [(level, idx) for level, idx, _, _ in _tiles(db)] == [(0, 0), (1, 0)]
+    assert [(level, idx) for level, idx, _, _ in _tiles(db)] == [(0, 0), (0, 1), (1, 0)]
     assert _tiles(db) == stored_tiles(leaves)
     _check_proofs(audit, leaves, [255, 256, 266])
     audit.close()
@@ -197,7 +198,7 @@ def test_the_tiles_a_batch_writes_are_those_of_the_tree_it_makes(batches: list[i
     at = start
     for n in batches:
         for level, idx, h, nodes in tree.tiles(leaves[at:at + n]):
-            assert level or len(h) == 256 * 32  # a leaf tile is written full
+            assert level or len(h) == 256 * 32 or nodes is None  # a leaf tile: full, or unfinished (hashes only)
             written[level, idx] = (h, nodes)
         tree.append(leaves[at:at + n])
         at += n

@@ -270,7 +270,7 @@ def test_witnesses_are_sent_proofs_from_recomputed_hashes_never_from_audit_tiles
             for level, idx, hashes, nodes in conn.execute(sa.text("SELECT level, idx, hashes, nodes "
                                                                       "FROM audit_tiles")).all():
                 conn.execute(sa.text("UPDATE audit_tiles SET hashes = :z, nodes = :y WHERE level = :l AND idx = :i"),
-                             {"z": bytes(len(hashes)), "y": bytes(len(nodes)), "l": level, "i": idx})
+                             {"z": bytes(len(hashes)), "y": nodes and bytes(len(nodes)), "l": level, "i": idx})
         size, _ = app.audit.checkpoint()
         wait_cosigned(app, size)
         assert [w.witness.cosigned_size(app.audit.signer.name) for w in witnesses] == [size] * 3

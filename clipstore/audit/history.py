@@ -96,11 +96,11 @@ class RecomputedTree:
             self.size += len(leaves)
             self.last_leaf = leaves[-1]
 
-    def tiles(self, leaves: Sequence[bytes]) -> list[tuple[int, int, bytes, bytes]]:
+    def tiles(self, leaves: Sequence[bytes]) -> list[tuple[int, int, bytes, bytes | None]]:
         """The stored tiles (level, idx, hashes, nodes) that appending `leaves` fills or grows, in the shape
         of schema.audit_tiles: each level-0 tile it fills, and each tile above that gains a hash, whole as
         far as it goes. Computed from this tree, which is not changed (the caller appends once they commit)."""
-        rows: list[tuple[int, int, bytes, bytes]] = []
+        rows: list[tuple[int, int, bytes, bytes | None]] = []
         with self._lock:
             tile, tail = self.size >> BLOCK_LEVEL, list(self._tail)
             tops: list[bytes] = []  # the level-8 hashes of the level-0 tiles filled
@@ -112,6 +112,11 @@ class RecomputedTree:
                     tops.append(_stored_tile(rows, 0, tile, raw))
                     self._tops[tile] = (raw, tops[-1])
                     tile, tail = tile + 1, []
+            if tail:
+                # The unfinished leaf tile as far as it goes (its nodes are hashed up when read): proofs are
+                # served from the leaf hashes written with the entries, never from entries read back, so an
+                # entry edited in the database cannot change the proofs of the entries beside it.
+                rows.append((0, tile, b"".join(tail), None))
             tile_level = 1
             while tops:
                 k = BLOCK_LEVEL * (tile_level - 1)  # self._levels[k]: every node of tree level 8 * tile_level
@@ -213,7 +218,7 @@ class RecomputedTree:
         return [self._range_root(lo, hi) for lo, hi in consistency_ranges(old_size, size)]
 
 
-def _stored_tile(rows: list[tuple[int, int, bytes, bytes]], level: int, idx: int, hashes: bytes) -> bytes:
+def _stored_tile(rows: list[tuple[int, int, bytes, bytes | None]], level: int, idx: int, hashes: bytes) -> bytes:
     """Add the tile's row (its hashes, and the 7 levels of nodes above them within it: schema.audit_tiles);
     returns the node over all of it (the tile's hash one level up; meaningful once the tile is full)."""
     levels = subtree_levels(hashes, BLOCK_LEVEL)

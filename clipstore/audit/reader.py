@@ -57,8 +57,9 @@ class AuditReader:
 
     def nodes(self, keys: Iterable[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
         """Subtree hashes by (level, index), from the stored tiles (schema.audit_tiles): each tile read once
-        and hashed up once, as far as its nodes asked for need; the unfinished level-0 tile is its entries'
-        leaf hashes. Plain SQL: a proof's two or three reads through SQLAlchemy cost as much as its hashing."""
+        and hashed up once, as far as its nodes asked for need (the unfinished level-0 tile is stored too,
+        with its leaf hashes only). Plain SQL: a proof's two or three reads through SQLAlchemy cost as much
+        as its hashing."""
         spans: dict[tuple[int, int], tuple[int, int, int, int]] = {}  # key -> (tile level, tile, rest, offset)
         reach: dict[tuple[int, int], int] = {}  # tile -> the highest level within it asked for
         for level, idx in set(keys):
@@ -77,7 +78,8 @@ class AuditReader:
                     rows.update(((tile_level, int(i)), (bytes(h), None if n is None else bytes(n))) for i, h, n in
                                 fetch_all(conn, _TILES_SQL.replace("{marks}", marks), (tile_level, *chunk)))
             for tile_level, tile in reach:
-                if not tile_level and (0, tile) not in rows:  # the unfinished leaf tile: hashed from its entries
+                if not tile_level and (0, tile) not in rows:  # the unfinished leaf tile of a log no append has
+                    # written since revision 0017 migrated it: hashed from its entries
                     rows[0, tile] = (b"".join(leaf_hash(bytes(e)) for (e,) in fetch_all(
                         conn, "SELECT entry FROM audit_entries WHERE seq >= ? AND seq < ? ORDER BY seq",
                         (tile * TILE_WIDTH, (tile + 1) * TILE_WIDTH))), None)

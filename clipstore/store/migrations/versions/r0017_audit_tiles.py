@@ -1,10 +1,11 @@
 """audit_tiles: the stored tree as C2SP tlog-tiles (a row per 256 hashes), not audit_nodes (a row per node)
 
 Tile (level, idx) holds the hashes of tree level 8 * level, nodes idx * 256 onwards: level 0 the
-leaf hashes (full tiles only; they were not stored before, so they are hashed here from the
-entries), the levels above the nodes audit_nodes held under their post-order keys (revision 0009),
-as far as the log goes. A node audit_nodes lacks is written as 32 zero bytes, so a proof through it
-fails to verify rather than every hash after it shifting. On SQLite each tile also gets the nodes
+leaf hashes (the unfinished tile too, as far as it goes, without nodes; they were not stored
+before, so they are hashed here from the entries), the levels above the nodes audit_nodes held
+under their post-order keys (revision 0009), as far as the log goes. A node audit_nodes lacks is
+written as 32 zero bytes, so a proof through it fails to verify rather than every hash after it
+shifting. On SQLite each tile also gets the nodes
 above its hashes within it (`nodes`); on PostgreSQL they stay NULL and are hashed when read.
 audit_nodes is dropped.
 
@@ -58,7 +59,7 @@ def _tiles_postgresql() -> None:
     size = "(SELECT COALESCE(max(size), 0) FROM audit_head WHERE id = 1)"
     op.execute("INSERT INTO audit_tiles (level, idx, hashes) "  # noqa: S608
                "SELECT 0, seq / 256, string_agg(sha256(decode('00', 'hex') || entry), ''::bytea ORDER BY seq) "
-               f"FROM audit_entries WHERE seq < {size} / 256 * 256 GROUP BY seq / 256")
+               f"FROM audit_entries WHERE seq < {size} GROUP BY seq / 256")
     for tile_level in range(1, LEVELS):
         level = 8 * tile_level
         key = f"2 * (j << {level}) - bit_count(CAST((j << {level}) AS bit(64))) + (CAST(2 AS BIGINT) << {level}) - 2"
@@ -81,6 +82,11 @@ def _tiles_sqlite() -> None:
         leaves = [hashlib.sha256(b"\x00" + bytes(e)).digest() for (e,) in rows]
         conn.execute(tiles.insert(), [_tile(0, (start + i) // TILE_HASHES, b"".join(leaves[i:i + TILE_HASHES]))
                                       for i in range(0, len(leaves), TILE_HASHES)])
+    if full < size:  # the unfinished leaf tile: its hashes only, as the audit writer stores it
+        rows = conn.execute(sa.text("SELECT entry FROM audit_entries WHERE seq >= :a AND seq < :b ORDER BY seq"),
+                            {"a": full, "b": size}).all()
+        hashes = b"".join(hashlib.sha256(b"\x00" + bytes(e)).digest() for (e,) in rows)
+        conn.execute(tiles.insert(), [{"level": 0, "idx": full // TILE_HASHES, "hashes": hashes, "nodes": None}])
     for tile_level in range(1, LEVELS):
         level = 8 * tile_level
         count = size >> level
