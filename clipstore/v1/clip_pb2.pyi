@@ -61,6 +61,10 @@ class ClipMetadata(_message.Message):
     locale: _builtins.str
     wake_word_detected: _builtins.bool
     content_type: _builtins.str
+    """One of the types PutClip lists in its error (no parameters). Headerless "audio/L16"
+    (big-endian, RFC 2586) and "audio/pcm" (little-endian) must be 16-bit mono at 16 kHz:
+    no rate is stored, and FetchClip's voice disguise and watermark take them as such.
+    """
     idempotency_key: _builtins.str
     duration_ms: _builtins.int
     @_builtins.property
