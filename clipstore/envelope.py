@@ -90,19 +90,28 @@ def _check_clip_id(clip_id: str) -> bytes:
     return raw
 
 
+_SHA256 = hashes.SHA256()
+
+
 class _Keys:
     def __init__(self, dek: bytes, salt: bytes) -> None:
         if len(dek) != DEK_BYTES:
             raise ValueError(f"dek must be {DEK_BYTES} bytes, got {len(dek)}")
-        okm = HKDF(algorithm=hashes.SHA256(), length=64, salt=salt, info=_HKDF_INFO).derive(dek)
+        okm = HKDF(algorithm=_SHA256, length=64, salt=salt, info=_HKDF_INFO).derive(dek)
         self.aead = AESGCM(okm[:32])
-        self._commit_key = okm[32:]
+        self._commit_mac = hmac.new(okm[32:], digestmod=hashlib.sha256)  # keyed once, copied per use
+
+    def _mac(self, label: bytes, data: bytes) -> bytes:
+        mac = self._commit_mac.copy()
+        mac.update(label)
+        mac.update(data)
+        return mac.digest()
 
     def account_tag(self, account_ref: str) -> bytes:
-        return hmac.digest(self._commit_key, b"account\x00" + account_ref.encode(), "sha256")[:ACCOUNT_TAG_BYTES]
+        return self._mac(b"account\x00", account_ref.encode())[:ACCOUNT_TAG_BYTES]
 
     def commitment(self, header_prefix: bytes) -> bytes:
-        return hmac.digest(self._commit_key, b"header\x00" + header_prefix, "sha256")
+        return self._mac(b"header\x00", header_prefix)
 
 
 _NONCE = struct.Struct(">7sI?")  # prefix, u32 segment index, last flag (0x01 on the final segment)
@@ -121,9 +130,9 @@ def _start(dek: bytes, clip_id: str, account_ref: str, segment_size: int,
         raise ValueError(f"segment_size must be in (0, 16 MiB], got {segment_size}")
     salt, prefix = random_bytes(SALT_BYTES), random_bytes(NONCE_PREFIX_BYTES)
     keys = _Keys(dek, salt)
-    partial = ClipHeader(clip_id=clip_id, segment_size=segment_size, salt=salt, nonce_prefix=prefix,
-                         account_tag=keys.account_tag(account_ref), commitment=b"")
-    header = partial.encode() + keys.commitment(partial.encode())
+    unsigned = ClipHeader(clip_id=clip_id, segment_size=segment_size, salt=salt, nonce_prefix=prefix,
+                          account_tag=keys.account_tag(account_ref), commitment=b"").encode()
+    header = unsigned + keys.commitment(unsigned)
     return header, keys, hashlib.sha256(header).digest(), prefix
 
 

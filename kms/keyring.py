@@ -115,7 +115,8 @@ class KeyRing:
             raise ValueError("cache_ttl_s and cache_max_accounts must be positive")
         self._root = root
         self._store = store
-        self._cache: _TtlCache[tuple[str, int], bytes] = _TtlCache(cache_ttl_s, cache_max_accounts, now)
+        # An account KEK is cached as its AES-GCM cipher (what wrap and unwrap use): no key setup per clip.
+        self._cache: _TtlCache[tuple[str, int], AESGCM] = _TtlCache(cache_ttl_s, cache_max_accounts, now)
         self._versions: _TtlCache[str, list[KekRecord]] = _TtlCache(cache_ttl_s, cache_max_accounts, now)
         self._lock = threading.Lock()
         self.root_calls = 0
@@ -166,7 +167,7 @@ class KeyRing:
         self._store.add_kek(account_ref, KekRecord(version=version, wrapped=wrapped))
         self._forget(account_ref)
         with self._lock:
-            self._cache.put((account_ref, version), kek)
+            self._cache.put((account_ref, version), AESGCM(kek))
         return version
 
     def versions(self, account_ref: str) -> list[KekRecord]:
@@ -209,7 +210,7 @@ class KeyRing:
             self._cache.evict(lambda key: key[0] == account_ref)
             self._versions.evict(lambda key: key == account_ref)
 
-    def _kek(self, account_ref: str, version: int) -> bytes:
+    def _kek(self, account_ref: str, version: int) -> AESGCM:
         with self._lock:
             cached = self._cache.get((account_ref, version))
         if cached is not None:
@@ -220,7 +221,7 @@ class KeyRing:
         if record.retired:
             raise RetiredKeyVersion(f"key version {version} of account {account_ref} is retired; "
                                     "rewrap its clips before retiring it")
-        kek = self._root.decrypt(record.wrapped, self._context(account_ref, version))
+        kek = AESGCM(self._root.decrypt(record.wrapped, self._context(account_ref, version)))
         self.root_calls += 1
         with self._lock:
             self._cache.put((account_ref, version), kek)
@@ -237,14 +238,14 @@ class KeyRing:
             raise ValueError(f"dek must be {DEK_BYTES} bytes, got {len(dek)}")
         version = key_version if key_version is not None else self.active_version(account_ref)
         nonce = secrets.token_bytes(NONCE_BYTES)
-        sealed = AESGCM(self._kek(account_ref, version)).encrypt(nonce, dek, _dek_aad(clip_id, account_ref, version))
+        sealed = self._kek(account_ref, version).encrypt(nonce, dek, _dek_aad(clip_id, account_ref, version))
         return WrappedDek(key_version=version, blob=nonce + sealed)
 
     def unwrap(self, wrapped: WrappedDek, *, account_ref: str, clip_id: str) -> bytes:
         kek = self._kek(account_ref, wrapped.key_version)
         nonce, sealed = wrapped.blob[:NONCE_BYTES], wrapped.blob[NONCE_BYTES:]
         try:
-            return AESGCM(kek).decrypt(nonce, sealed, _dek_aad(clip_id, account_ref, wrapped.key_version))
+            return kek.decrypt(nonce, sealed, _dek_aad(clip_id, account_ref, wrapped.key_version))
         except (InvalidTag, ValueError):
             raise DekUnwrapError(f"data key of clip {clip_id} does not open under account {account_ref} "
                                  f"key version {wrapped.key_version}") from None
