@@ -97,6 +97,20 @@ def test_every_processable_type_is_heard_disguised_in_its_own_format_and_the_fet
                for e in fetches)
 
 
+@pytest.mark.parametrize(("content_type", "rate"), [("audio/opus", 48000), ("audio/flac", 16000)])
+def test_a_stereo_clip_is_heard_as_one_disguised_mono_channel_of_the_same_length(w: World, content_type: str,
+                                                                                rate: int) -> None:
+    """Transformed copies are mono (clipstore/audio/fetch.py): the words, not the room, at half the CPU."""
+    original = speech("a", 2.0, rate=rate, channels=2)
+    _put(w, encoded(original, rate, content_type), content_type)
+    r = w.enroll()
+    _, audio = _heard(w, r, w.session(r))
+    heard = _samples(content_type, audio)
+    assert heard.shape == (len(original), 1)
+    ratio = f0_median(heard, rate) / f0_median(original.mean(axis=1, keepdims=True), rate)
+    assert abs(np.log(ratio)) > np.log(1.2), ratio
+
+
 @pytest.mark.parametrize("overrides", [{}])
 def test_with_the_feature_off_the_reviewer_hears_the_stored_bytes_and_the_entry_says_off(w: World) -> None:
     data = encoded(speech("b", 1.0), RATE, "audio/flac")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 from clipstore.errors import FailedPrecondition
@@ -145,6 +145,13 @@ class FetchAudio:
         from clipstore.audio.transform import Pipeline
 
         decoded = decode(content_type, open_plaintext, size_bytes=size_bytes, declared_ms=declared_ms)
-        fmt = decoded.format
+        fmt, blocks = decoded.format, decoded.blocks
+        if fmt.channels > 1:
+            # A transformed copy is mono: the reviewer needs the words, not the room. Stereo would double the
+            # vocoder's, the watermark's and the encoder's CPU (a 48 kHz stereo Opus clip was over the
+            # fetch budget), and the channels' differences carry where the speaker stood. The bitrate
+            # follows the stored clip per channel.
+            fmt = replace(fmt, channels=1, bitrate=fmt.bitrate // fmt.channels if fmt.bitrate else None)
+            blocks = (block.mean(axis=1, keepdims=True) for block in blocks)
         pipeline = Pipeline(plan.transforms(fmt.rate, fmt.channels))
-        yield from encode(fmt, pipeline.run(decoded.blocks), frames=decoded.frames)
+        yield from encode(fmt, pipeline.run(blocks), frames=decoded.frames)
