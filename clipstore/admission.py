@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import threading
 import time
 from collections import Counter
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from clipstore.logs import get_logger
 
 log = get_logger("clipstore.admission")
+WATCHDOG_SLACK_S = 0.1  # how late a limit may be enforced, so that the watchdog wakes at most 10 times a second
 
 
 class PrincipalSlots:
@@ -61,14 +63,19 @@ class Watchdog:
     """Cancels calls past their limit: one thread and a heap of deadlines, not a thread per call.
 
     Disarming only marks a timer (and drops its call); it leaves the heap when its time comes,
-    so arm and disarm stay O(log n) and O(1) on the hot path."""
+    so arm and disarm stay O(log n) and O(1) on the hot path. The thread wakes at most once per
+    `slack_s` and takes every timer due by then: almost every timer is disarmed long before its
+    time, and waking once per timer (each unary call arms one) cost the server a GIL hand-off per
+    call for nothing. A limit is enforced up to `slack_s` late; limits are seconds long."""
 
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic, slack_s: float = WATCHDOG_SLACK_S) -> None:
         self._clock = clock
+        self._slack_s = slack_s
         self._heap: list[tuple[float, int, Timer]] = []
         self._order = itertools.count()
         self._wake = threading.Condition()
         self._closed = False
+        self._sleeps_until = -math.inf  # when the thread will next wake by itself (under `_wake`)
         self._thread = threading.Thread(target=self._run, name="call-watchdog", daemon=True)
         self._thread.start()
 
@@ -77,7 +84,8 @@ class Watchdog:
         at = self._clock() + after_s
         with self._wake:
             heapq.heappush(self._heap, (at, next(self._order), timer))
-            if self._heap[0][2] is timer:  # sooner than what the thread sleeps towards
+            # sooner than what the thread sleeps towards (by more than the slack it allows itself)
+            if self._heap[0][2] is timer and at + self._slack_s < self._sleeps_until:
                 self._wake.notify()
         return timer
 
@@ -99,13 +107,20 @@ class Watchdog:
         while True:
             with self._wake:
                 while not self._closed and (not self._heap or self._heap[0][0] > self._clock()):
-                    self._wake.wait(self._heap[0][0] - self._clock() if self._heap else None)
+                    # the next timer's time, and with it the others due within the slack
+                    self._sleeps_until = self._heap[0][0] + self._slack_s if self._heap else math.inf
+                    self._wake.wait(self._sleeps_until - self._clock() if self._heap else None)
+                self._sleeps_until = -math.inf  # awake: an arm() need not notify
                 if self._closed:
                     return
-                _, _, timer = heapq.heappop(self._heap)
-            if timer.armed:
-                timer.fired = True
-                try:
-                    timer.cancel()
-                except Exception as exc:  # the call may be gone already; the watchdog must live on
-                    log.warning("watchdog.cancel_failed", limit=timer.limit, exc_type=type(exc).__name__)
+                due: list[Timer] = []
+                now = self._clock()
+                while self._heap and self._heap[0][0] <= now:
+                    due.append(heapq.heappop(self._heap)[2])
+            for timer in due:
+                if timer.armed:
+                    timer.fired = True
+                    try:
+                        timer.cancel()
+                    except Exception as exc:  # the call may be gone already; the watchdog must live on
+                        log.warning("watchdog.cancel_failed", limit=timer.limit, exc_type=type(exc).__name__)
