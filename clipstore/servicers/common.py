@@ -25,7 +25,7 @@ def text(field: str, value: str, *, max_chars: int, required: bool) -> str:
         raise InvalidArgument(field, "is required")
     if len(value) > max_chars:
         raise InvalidArgument(field, f"at most {max_chars} characters, got {len(value)}")
-    if any(not c.isprintable() for c in value):
+    if not value.isprintable():  # every character (str's own loop: a generator took ~20 us for a 300-character grant)
         raise InvalidArgument(field, "must not contain control characters")
     return value
 
