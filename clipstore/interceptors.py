@@ -57,7 +57,7 @@ class RequestContext:
     request_id: str
     method: str
     principal: Principal | None
-    peer: str = ""  # gRPC's peer string, e.g. ipv4:10.0.0.7:53122
+    peer: str = ""  # gRPC's peer string, e.g. ipv4:10.0.0.7:53122; read for a refused call only (the denial ledger)
 
 
 _current: ContextVar[RequestContext | None] = ContextVar("clipstore_request", default=None)
@@ -210,7 +210,7 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
         if early_headers:
             context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
         structlog.contextvars.bind_contextvars(request_id=request_id)
-        return RequestContext(request_id=request_id, method=method, principal=None, peer=context.peer())
+        return RequestContext(request_id=request_id, method=method, principal=None)
 
     def _admitted(self, ctx: RequestContext, metadata: Mapping[str, str],
                   context: grpc.ServicerContext) -> RequestContext:
@@ -224,7 +224,8 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
                                         "in flight; finish some, then retry", reason="TOO_MANY_CALLS")
         except ClipstoreError as exc:
             if self._on_denied is not None:
-                self._on_denied(ctx, exc)
+                # the peer only now: asked of every call, it took ~0.16 ms of wall time each in a loaded server
+                self._on_denied(replace(ctx, peer=context.peer()), exc)
             raise
         return ctx
 
