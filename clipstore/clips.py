@@ -48,11 +48,11 @@ class NewClip:
 class _Counted:
     """Passes audio chunks through, enforcing the size limits and counting bytes."""
 
-    def __init__(self, chunks: Iterable[bytes]) -> None:
+    def __init__(self, chunks: Iterable[bytes | memoryview]) -> None:
         self._chunks = chunks
         self.total = 0
 
-    def __iter__(self) -> Iterator[bytes]:
+    def __iter__(self) -> Iterator[bytes | memoryview]:
         for chunk in self._chunks:
             if len(chunk) > MAX_CHUNK_BYTES:
                 raise InvalidArgument("audio_chunk", f"chunks may be at most {MAX_CHUNK_BYTES} bytes, "
@@ -76,7 +76,7 @@ class ClipLibrary:
         self._accidental_s = accidental_retention_hours * 3600
 
     # -- ingest ------------------------------------------------------------
-    def ingest(self, new: NewClip, audio: Iterable[bytes], actor: Actor, *,
+    def ingest(self, new: NewClip, audio: Iterable[bytes | memoryview], actor: Actor, *,
                active: Callable[[], bool] = lambda: True) -> ClipRow:
         """Seal and store the audio, then commit the row: a failure leaves no row and no object.
 

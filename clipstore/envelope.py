@@ -154,7 +154,7 @@ def seal_bytes(dek: bytes, plaintext: bytes, *, clip_id: str, account_ref: str,
     return out
 
 
-def seal_clip(dek: bytes, plaintext: Iterable[bytes], *, clip_id: str, account_ref: str,
+def seal_clip(dek: bytes, plaintext: Iterable[bytes | memoryview], *, clip_id: str, account_ref: str,
               segment_size: int = SEGMENT_SIZE_BYTES,
               random_bytes: Callable[[int], bytes] = secrets.token_bytes) -> Iterator[bytes]:
     """Yield the header, then each sealed segment, reading `plaintext` chunk by chunk.
@@ -171,7 +171,8 @@ def seal_clip(dek: bytes, plaintext: Iterable[bytes], *, clip_id: str, account_r
     index = 0
     for chunk in plaintext:
         view, pos = memoryview(chunk), 0
-        zero_copy = type(chunk) is bytes  # a view of a caller's mutable buffer could change under us
+        # a view of a caller's mutable buffer could change under us; bytes, or a view of bytes, cannot
+        zero_copy = type(chunk) is bytes or (type(chunk) is memoryview and type(chunk.obj) is bytes)
         while pos < len(view):
             if held is not None:
                 if index + 1 >= MAX_SEGMENTS:

@@ -121,12 +121,16 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
     def __init__(self, authenticate: Authenticator, *, serving: ServingConfig,
                  on_denied: DenialHook | None = None,
                  on_finished: Callable[[str, str, float], None] | None = None,
-                 public_pool: futures.ThreadPoolExecutor | None = None) -> None:
+                 public_pool: futures.ThreadPoolExecutor | None = None,
+                 parsers: Mapping[str, Callable[[bytes], Any]] | None = None) -> None:
+        """`parsers`: by full method name, what decodes its request messages instead of the generated
+        deserializer (PutClip's hands audio chunks on uncopied)."""
         self._authenticate = authenticate
         self._serving = serving
         self._on_denied = on_denied
         self._on_finished = on_finished
         self._public_pool = public_pool
+        self._parsers = dict(parsers or {})
         self._slots = PrincipalSlots(serving.max_calls_per_principal)
         self._watchdog = Watchdog()
 
@@ -143,7 +147,7 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
         streaming = handler.request_streaming or handler.response_streaming
         behavior = getattr(handler, ("stream" if handler.request_streaming else "unary") + "_" + (
             "stream" if handler.response_streaming else "unary"))
-        parse = _parser(handler.request_deserializer)
+        parse = _parser(self._parsers.get(method, handler.request_deserializer))
         read = self._read_stream if handler.request_streaming else self._read_one
 
         # The request id of a unary request goes out with the first response (headers) or with a failure

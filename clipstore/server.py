@@ -34,7 +34,7 @@ from clipstore.metrics import Metrics
 from clipstore.rows import Principal
 from clipstore.servicers.accounts import AccountServicer
 from clipstore.servicers.audit import AuditServicer
-from clipstore.servicers.clips import ClipServicer
+from clipstore.servicers.clips import PUT_CLIP_METHOD, ClipServicer, parse_put_clip_request
 from clipstore.servicers.enrolment import EnrolmentServicer, Presenter, ReviewerAdminServicer
 from clipstore.servicers.principals import PrincipalAdminServicer
 from clipstore.servicers.review import ReviewServicer
@@ -225,7 +225,8 @@ class ClipstoreServer:
             lambda md, context: _principal(app, self.tls, md, context), serving=serving,
             on_denied=lambda ctx, exc: self.denials.record(peer=ctx.peer, principal=ctx.principal, error=exc,
                                                            request_id=ctx.request_id),
-            on_finished=self.metrics.observe_rpc, public_pool=self._public_pool)
+            on_finished=self.metrics.observe_rpc, public_pool=self._public_pool,
+            parsers={PUT_CLIP_METHOD: parse_put_clip_request})
         self.dependencies = DependencyMonitor({"database": database_probe(app.db.engine),
                                                "root_key": root_key_probe(app.root),
                                                "blob_store": app.blobs.check,

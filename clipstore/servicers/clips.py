@@ -26,9 +26,36 @@ from clipstore.servicers.common import (
 )
 from clipstore.v1 import clip_pb2, clip_pb2_grpc
 
+PUT_CLIP_METHOD = "/clipstore.v1.ClipService/PutClip"
+_AUDIO_CHUNK_TAG = 0x12  # PutClipRequest field 2 (audio_chunk), wire type 2 (length-delimited)
+_LENGTH_VARINT_BYTES = 5  # upb reads a length in at most 5 bytes (minimal or not); longer is corrupt to it
 CONTENT_TYPES = frozenset({"audio/ogg", "audio/opus", "audio/wav", "audio/flac", "audio/mpeg", "audio/webm",
                            "audio/L16", "audio/pcm"})
 MAX_DURATION_MS = 24 * 3600 * 1000
+
+
+def parse_put_clip_request(raw: bytes) -> clip_pb2.PutClipRequest | memoryview:
+    """`PutClipRequest.FromString`, except that a message holding nothing but an audio chunk comes back
+    as a read-only view of the chunk inside `raw`.
+
+    Such a message is one field on the wire: tag 0x12, the chunk's length as a varint, the chunk, up to
+    the end. upb would copy the chunk into its arena and again on the read of the field: two copies of
+    every audio byte, into fresh memory (5 MiB in 1 MiB messages, parsed, hashed and sealed in-process:
+    9.6 -> 5.9 ms CPU). Anything else (metadata, trailer, a chunk with other fields beside it, a length
+    upb would refuse) goes to protobuf, which decides it as before; the bytes on the wire are the same.
+    """
+    if len(raw) > 2 and raw[0] == _AUDIO_CHUNK_TAG:
+        length, shift, pos = 0, 0, 1
+        while pos < min(len(raw), 1 + _LENGTH_VARINT_BYTES):
+            byte = raw[pos]
+            length |= (byte & 0x7F) << shift
+            pos += 1
+            if byte < 0x80:
+                if pos + length == len(raw):
+                    return memoryview(raw)[pos:]  # read-only: a view of bytes
+                break
+            shift += 7
+    return clip_pb2.PutClipRequest.FromString(raw)
 
 
 def parse_metadata(meta: clip_pb2.ClipMetadata) -> NewClip:
@@ -68,7 +95,8 @@ def clip_message(clip: ClipRow, identity: dict[str, str] | None) -> clip_pb2.Cli
     return msg
 
 
-def _audio(rest: Iterator[clip_pb2.PutClipRequest], context: grpc.ServicerContext) -> Iterator[bytes]:
+def _audio(rest: Iterator[clip_pb2.PutClipRequest | memoryview],
+           context: grpc.ServicerContext) -> Iterator[bytes | memoryview]:
     """The audio chunks of a PutClip stream, ending only at a trailer that matches them.
 
     This runs inside the blob store's write, so raising here aborts the upload before the object is
@@ -78,6 +106,11 @@ def _audio(rest: Iterator[clip_pb2.PutClipRequest], context: grpc.ServicerContex
     digest, size = hashlib.sha256(), 0
     try:
         for request in rest:
+            if isinstance(request, memoryview):  # an audio chunk, as parse_put_clip_request hands it on
+                digest.update(request)
+                size += len(request)
+                yield request
+                continue
             part = request.WhichOneof("part")
             if part == "audio_chunk":
                 chunk = request.audio_chunk  # each read of a bytes field copies it (upb): read it once
@@ -112,13 +145,13 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
     def __init__(self, library: ClipLibrary) -> None:
         self._library = library
 
-    def PutClip(self, request_iterator: Iterator[clip_pb2.PutClipRequest],
+    def PutClip(self, request_iterator: Iterator[clip_pb2.PutClipRequest | memoryview],
                 context: grpc.ServicerContext) -> clip_pb2.PutClipResponse:
         try:
             first = next(request_iterator, None)
         except grpc.RpcError:
             raise Cancelled("the call was cancelled; nothing was stored") from None
-        if first is None or first.WhichOneof("part") != "metadata":
+        if first is None or isinstance(first, memoryview) or first.WhichOneof("part") != "metadata":
             raise InvalidArgument("metadata", "the first message must carry the clip metadata")
         new = parse_metadata(first.metadata)
         clip = self._library.ingest(new, _audio(request_iterator, context), current_actor(),
