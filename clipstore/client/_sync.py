@@ -127,7 +127,7 @@ class ClipstoreClient:
                  idempotency_key: str | None = None, timeout_s: float | None = None) -> clip_pb2.Clip:
         """Store one clip; `audio` is bytes, a binary file or an iterable of byte chunks.
 
-        Sends the audio in 64 KiB messages and a trailer with its size and SHA-256.
+        Sends the audio in 1 MiB messages (AUDIO_CHUNK_BYTES) and a trailer with its size and SHA-256.
         A failure where nothing was done (UNAVAILABLE) is retried with the same
         idempotency key (generated when not given), so the clip is stored at most
         once; an iterator is sent only once. `timeout_s` bounds all attempts together.
