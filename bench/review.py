@@ -17,7 +17,8 @@ from the server's access log.
    the server's pace, for --open-seconds.
 2. Closed loop: 8 reviewers review back to back (saturation: reviews/s).
 3. Floor, same run and concurrency: bench/_floor.py, a gRPC server built like
-   ours whose only method does one group-committed audit append, called back
+   ours whose only method reads its request (inside its timer, as ours reads
+   every request) and does one group-committed audit append, called back
    to back by 8 clients. Rounds of 2 and 3 alternate, so both see the same
    neighbours; `grant_p99_vs_floor` = RequestGrant p99 ÷ the floor's p99.
 
