@@ -66,18 +66,20 @@ class ClipHeader:
     account_tag: bytes
     commitment: bytes
 
-    def _prefix(self) -> bytes:
-        cid = self.clip_id.encode("ascii")
-        return (_FIXED.pack(MAGIC, FORMAT_VERSION, SUITE_AES256GCM_HKDF_SHA256, self.segment_size, len(cid))
-                + cid + self.salt + self.nonce_prefix + self.account_tag)
-
     def encode(self) -> bytes:
-        return self._prefix() + self.commitment
+        return _unsigned_header(self.clip_id.encode("ascii"), self.segment_size, self.salt, self.nonce_prefix,
+                                self.account_tag) + self.commitment
 
     @property
     def length(self) -> int:
         return _FIXED.size + len(self.clip_id) + SALT_BYTES + NONCE_PREFIX_BYTES + ACCOUNT_TAG_BYTES + \
             COMMITMENT_BYTES
+
+
+def _unsigned_header(cid: bytes, segment_size: int, salt: bytes, nonce_prefix: bytes, account_tag: bytes) -> bytes:
+    """The header up to its commitment, which is computed over these bytes."""
+    return (_FIXED.pack(MAGIC, FORMAT_VERSION, SUITE_AES256GCM_HKDF_SHA256, segment_size, len(cid))
+            + cid + salt + nonce_prefix + account_tag)
 
 
 def _check_clip_id(clip_id: str) -> bytes:
@@ -125,13 +127,12 @@ def _nonce(prefix: bytes, index: int, last: bool) -> bytes:
 def _start(dek: bytes, clip_id: str, account_ref: str, segment_size: int,
            random_bytes: Callable[[int], bytes]) -> tuple[bytes, _Keys, bytes, bytes]:
     """A new clip's header, keys, segment AAD and nonce prefix."""
-    _check_clip_id(clip_id)
+    cid = _check_clip_id(clip_id)
     if not 0 < segment_size <= 1 << 24:
         raise ValueError(f"segment_size must be in (0, 16 MiB], got {segment_size}")
     salt, prefix = random_bytes(SALT_BYTES), random_bytes(NONCE_PREFIX_BYTES)
     keys = _Keys(dek, salt)
-    unsigned = ClipHeader(clip_id=clip_id, segment_size=segment_size, salt=salt, nonce_prefix=prefix,
-                          account_tag=keys.account_tag(account_ref), commitment=b"").encode()
+    unsigned = _unsigned_header(cid, segment_size, salt, prefix, keys.account_tag(account_ref))
     header = unsigned + keys.commitment(unsigned)
     return header, keys, hashlib.sha256(header).digest(), prefix
 
