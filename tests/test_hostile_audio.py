@@ -188,6 +188,34 @@ def test_a_clip_whose_length_is_not_stated_stops_decoding_one_frame_past_the_lim
     assert heard <= 3.5 * 16000
 
 
+def test_48khz_opus_whose_length_is_not_stated_is_decoded_by_ffmpeg_and_stops_one_frame_past_the_limit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    data = encoded(speech("b", 10.0, rate=48000, channels=2), 48000, "audio/opus")
+    monkeypatch.setattr(codecs.soundfile, "SoundFile", _LengthUnknown)
+    decoded = decode("audio/opus", lambda: _once(data), size_bytes=len(data), declared_ms=2000)
+    assert decoded.frames is None and decoded.blocks.__name__ == "_ffmpeg_opus_blocks"  # type: ignore[attr-defined]
+    heard = 0
+    with pytest.raises(AudioTooLong, match=r"decodes to more than 3.5 s at 48000 Hz; its duration_ms=2000"):
+        for block in decoded.blocks:
+            heard += len(block)
+    assert heard <= 3.5 * 48000
+
+
+@pytest.mark.parametrize("damage", ["page_crc", "truncated"])
+def test_damaged_48khz_opus_ends_in_an_audio_error_or_in_fewer_frames_never_in_another_exception(
+        damage: str) -> None:
+    data = bytearray(encoded(speech("b", 4.0, rate=48000), 48000, "audio/opus"))
+    if damage == "page_crc":
+        data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+    else:
+        data = data[:len(data) * 2 // 3]
+    try:
+        decoded = decode("audio/opus", lambda: _once(bytes(data)), size_bytes=len(data))
+        assert sum(map(len, decoded.blocks)) <= 4 * 48000
+    except UnsupportedAudio:
+        pass
+
+
 @pytest.mark.parametrize(("content_type", "rate", "channels"), [
     ("audio/flac", 16000, 1), ("audio/flac", 48000, 8), ("audio/ogg", 16000, 1), ("audio/ogg", 48000, 8),
     ("audio/opus", 48000, 1), ("audio/opus", 48000, 2)])
