@@ -171,7 +171,7 @@ def seal_clip(dek: bytes, plaintext: Iterable[bytes | memoryview], *, clip_id: s
     pending = bytearray()
     index = 0
     for chunk in plaintext:
-        view, pos = memoryview(chunk), 0
+        view, pos = memoryview(chunk).cast("B"), 0  # bytes, whatever the buffer's shape (TypeError if strided)
         # a view of a caller's mutable buffer could change under us; bytes, or a view of bytes, cannot
         zero_copy = type(chunk) is bytes or (type(chunk) is memoryview and type(chunk.obj) is bytes)
         while pos < len(view):

@@ -79,6 +79,14 @@ def test_round_trip_with_any_chunking(size: int, in_chunk: int, out_chunk: int) 
     assert open_(seal(plaintext, chunk=in_chunk), chunk=out_chunk) == plaintext
 
 
+def test_views_of_any_shape_are_sealed_as_their_bytes() -> None:
+    """A chunk is read as bytes whatever the view's shape or item size (len() of a 2-D view counts rows)."""
+    plaintext = secrets.token_bytes(3 * SEGMENT_SIZE_BYTES + 16)
+    rows = memoryview(plaintext[:3 * SEGMENT_SIZE_BYTES]).cast("B", (3 * SEGMENT_SIZE_BYTES // 16, 16))
+    sealed = b"".join(seal_clip(DEK, [rows, plaintext[3 * SEGMENT_SIZE_BYTES:]], clip_id=CLIP, account_ref=ACCOUNT))
+    assert open_(sealed) == plaintext
+
+
 @pytest.mark.parametrize("vector", VECTORS, ids=[v["name"] for v in VECTORS])
 def test_format_vector_is_stable(vector: dict[str, Any]) -> None:
     fixed = iter([bytes.fromhex(vector["salt"]), bytes.fromhex(vector["nonce_prefix"])])
