@@ -182,6 +182,20 @@ def test_a_length_protobuf_refuses_is_malformed_and_stores_nothing(server: Clips
     _nothing_stored(server)
 
 
+@pytest.mark.parametrize(("raw", "field"), [
+    (b"", "part"), (b"\x78\x01", "part"),  # an empty message; only an unknown field
+    (_first(), "metadata"),  # metadata again
+], ids=["empty", "unknown-only", "metadata-again"])
+def test_a_mid_stream_message_without_audio_or_trailer_is_refused_naming_what_it_lacks(
+        server: ClipstoreServer, put_raw: PutRaw, raw: bytes, field: str) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        put_raw([_first(), _chunk(b"ab"), raw, _chunk(b"cd"), _last(b"abcd")])
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info = error_info(caught.value)
+    assert (info.reason, info.metadata["field"]) == ("INVALID_ARGUMENT", field)
+    _nothing_stored(server)
+
+
 def test_grpcio_hands_the_parser_bytes_so_a_chunk_is_a_view_nothing_can_change(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # seal_clip holds a view of one message while the next is read: that is safe only while what grpcio

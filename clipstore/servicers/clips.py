@@ -122,8 +122,11 @@ def _audio(rest: Iterator[clip_pb2.PutClipRequest | memoryview],
                 if next(rest, None) is not None:
                     raise InvalidArgument("trailer", "must be the last message; send nothing after it")
                 return
-            else:
+            elif part == "metadata":
                 raise InvalidArgument("metadata", "only the first message may carry metadata; send audio_chunk next")
+            else:  # an empty message, or only fields this version does not know
+                raise InvalidArgument("part", "this message carries neither audio_chunk nor trailer; after the "
+                                      "metadata send audio_chunk messages, then the trailer")
     except grpc.RpcError:  # the request iterator raises this once the call is cancelled
         raise Cancelled("the call was cancelled; nothing was stored") from None
     if not context.is_active():
