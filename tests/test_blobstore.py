@@ -151,6 +151,22 @@ def test_s3_uploads_carry_a_crc32_and_a_signed_payload_hash_and_parts_go_whole(m
     assert all(size >= PART for size in parts[:-1])
 
 
+def test_s3_reads_leave_checking_to_the_envelope(moto_endpoint: str) -> None:
+    """A GET asks S3 for no checksum, so botocore does not CRC the body again: every byte served is
+    authenticated by the envelope's AES-GCM when the clip is opened (the CRC cost 80 % of a 5 MiB GET's
+    client CPU). Uploads keep theirs (the test above)."""
+    bucket = f"clips-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket=bucket)
+    store = S3BlobStore(bucket, endpoint_url=moto_endpoint)
+    modes: list[object] = []
+    store.client.meta.events.register(
+        "before-send.s3.GetObject", lambda request, **kwargs: modes.append(request.headers.get("x-amz-checksum-mode")))
+    data = secrets.token_bytes(70_000)
+    store.put_stream("c", _chunks(data))
+    assert b"".join(store.get_stream("c")) == data and store.read_range("c", 5, 10) == data[5:15]
+    assert modes == [None, None]
+
+
 def test_file_store_rejects_path_like_keys(tmp_path: Path) -> None:
     store = FileBlobStore(tmp_path / "b")
     for key in ("../etc/passwd", "a/b", "", "x" * 200):
