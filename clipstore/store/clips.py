@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from clipstore.rows import AccountRow, ClipRow
 from clipstore.store import schema
 from clipstore.store.db import Database
-from clipstore.store.plain import PlainRows
+from clipstore.store.plain import PlainRows, fetch_one_pooled
 
 HELD_QUERY_REFS = 500  # account refs per IN (...) list: well inside every driver's parameter limit
 
@@ -31,12 +31,10 @@ class AccountRepository:
         self._db = db
 
     def by_lookup(self, lookup_hmac: bytes) -> AccountRow | None:
-        with self._db.read() as conn:
-            return ClipRows(conn).account_by_lookup(lookup_hmac)
+        return _account(fetch_one_pooled(self._db.engine, _ACCOUNT_BY_LOOKUP, (lookup_hmac,)))
 
     def get(self, account_ref: str) -> AccountRow | None:
-        with self._db.read() as conn:
-            return ClipRows(conn).account(account_ref)
+        return _account(fetch_one_pooled(self._db.engine, _ACCOUNT_BY_REF, (account_ref,)))
 
     def insert(self, account_ref: str, lookup_hmac: bytes, *, allow_review: bool, now: float) -> bool:
         """False when another request created the account first."""
@@ -66,26 +64,31 @@ class AccountRepository:
 
 # Every PutClip reads its account and its idempotency key: plain SQL (see clipstore.store.plain).
 _SELECT_ACCOUNT = "SELECT account_ref, allow_review, retention_days FROM accounts WHERE "
+_ACCOUNT_BY_LOOKUP = _SELECT_ACCOUNT + "lookup_hmac = ?"
+_ACCOUNT_BY_REF = _SELECT_ACCOUNT + "account_ref = ?"
+_OWNER = "SELECT clip_id FROM ingest_idempotency WHERE principal_id = ? AND key_hash = ?"
 
 
 def _account(row: tuple[Any, ...] | None) -> AccountRow | None:
     return None if row is None else AccountRow(account_ref=row[0], allow_review=bool(row[1]), retention_days=row[2])
 
 
+def _clip_id(row: tuple[Any, ...] | None) -> str | None:
+    return None if row is None else str(row[0])
+
+
 class ClipRows(PlainRows):
     """Accounts, clips and idempotency rows on one connection: inside a unit of work, or a read."""
 
     def account_by_lookup(self, lookup_hmac: bytes) -> AccountRow | None:
-        return _account(self._fetch(_SELECT_ACCOUNT + "lookup_hmac = ?", (lookup_hmac,)))
+        return _account(self._fetch(_ACCOUNT_BY_LOOKUP, (lookup_hmac,)))
 
     def account(self, account_ref: str) -> AccountRow | None:
-        return _account(self._fetch(_SELECT_ACCOUNT + "account_ref = ?", (account_ref,)))
+        return _account(self._fetch(_ACCOUNT_BY_REF, (account_ref,)))
 
     def owner(self, principal_id: str, key_hash: bytes) -> str | None:
         """The clip an idempotency key belongs to (perhaps deleted since: the key is then a tombstone)."""
-        row = self._fetch("SELECT clip_id FROM ingest_idempotency WHERE principal_id = ? AND key_hash = ?",
-                          (principal_id, key_hash))
-        return None if row is None else str(row[0])
+        return _clip_id(self._fetch(_OWNER, (principal_id, key_hash)))
 
     def insert(self, clip: ClipRow, *, principal_id: str, idempotency_hash: bytes) -> None:
         self._exec("INSERT INTO ingest_idempotency (principal_id, key_hash, clip_id, created_at) VALUES (?, ?, ?, ?)",
@@ -126,8 +129,7 @@ class ClipRepository:
         self._db = db
 
     def by_idempotency(self, principal_id: str, key_hash: bytes) -> str | None:
-        with self._db.read() as conn:
-            return ClipRows(conn).owner(principal_id, key_hash)
+        return _clip_id(fetch_one_pooled(self._db.engine, _OWNER, (principal_id, key_hash)))
 
     def get(self, clip_id: str) -> ClipRow | None:
         with self._db.transaction() as conn:

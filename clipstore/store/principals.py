@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from clipstore.rows import KeyMatch, Principal, PrincipalListing
 from clipstore.store import schema
 from clipstore.store.db import Database
-from clipstore.store.plain import PlainRows
+from clipstore.store.plain import PlainRows, fetch_one_pooled
 
 _P, _K = schema.principals, schema.principal_keys
 _COLUMNS = (_P.c.id, _P.c.name, _P.c.role, _P.c.disabled, _P.c.expires_at, _P.c.spiffe_id, _P.c.created_at)
@@ -29,11 +29,23 @@ def _principal(row: Any) -> Principal:
 
 # Every call authenticates: its reads are plain SQL (see clipstore.store.plain).
 _SELECT = "SELECT p.id, p.name, p.role, p.disabled, p.expires_at, p.spiffe_id, p.created_at"
+_BY_KEY_HASH = f"{_SELECT}, k.retires_at FROM principals p JOIN principal_keys k ON k.principal_id = p.id " \
+               "WHERE k.key_hash = ?"
+_BY_SPIFFE_ID = f"{_SELECT} FROM principals p WHERE p.spiffe_id = ?"  # noqa: S608
+_BY_ID = f"{_SELECT} FROM principals p WHERE p.id = ?"  # noqa: S608
 
 
 def _plain_principal(row: tuple[Any, ...]) -> Principal:
     return Principal(id=row[0], name=row[1], role=row[2], disabled=bool(row[3]), expires_at=row[4],
                      spiffe_id=row[5], created_at=row[6])
+
+
+def _key_match(row: tuple[Any, ...] | None) -> KeyMatch | None:
+    return None if row is None else KeyMatch(principal=_plain_principal(row), retires_at=row[7])
+
+
+def _maybe_principal(row: tuple[Any, ...] | None) -> Principal | None:
+    return None if row is None else _plain_principal(row)
 
 
 class PrincipalRows(PlainRows):
@@ -47,17 +59,13 @@ class PrincipalRows(PlainRows):
             self._conn.execute(_K.insert().values(key_hash=key_hash, principal_id=principal.id, created_at=now))
 
     def by_key_hash(self, key_hash: bytes) -> KeyMatch | None:
-        row = self._fetch(f"{_SELECT}, k.retires_at FROM principals p "
-                          "JOIN principal_keys k ON k.principal_id = p.id WHERE k.key_hash = ?", (key_hash,))
-        return None if row is None else KeyMatch(principal=_plain_principal(row), retires_at=row[7])
+        return _key_match(self._fetch(_BY_KEY_HASH, (key_hash,)))
 
     def by_spiffe_id(self, spiffe_id: str) -> Principal | None:
-        row = self._fetch(f"{_SELECT} FROM principals p WHERE p.spiffe_id = ?", (spiffe_id,))  # noqa: S608
-        return None if row is None else _plain_principal(row)
+        return _maybe_principal(self._fetch(_BY_SPIFFE_ID, (spiffe_id,)))
 
     def get(self, principal_id: str) -> Principal | None:
-        row = self._fetch(f"{_SELECT} FROM principals p WHERE p.id = ?", (principal_id,))  # noqa: S608
-        return None if row is None else _plain_principal(row)
+        return _maybe_principal(self._fetch(_BY_ID, (principal_id,)))
 
     def page(self, *, role: str | None, after: str, limit: int, now: float) -> list[PrincipalListing]:
         usable = (sa.select(sa.func.count()).select_from(_K)
@@ -108,17 +116,16 @@ class PrincipalRepository:
         with self._db.transaction() as conn:
             PrincipalRows(conn).add(principal, key_hash=key_hash, now=now)
 
+    # Authentication's reads, one per call: each on a pooled connection of its own, read fresh every time
+    # (a principal disabled or a key retired a moment ago is refused at the next call, on any replica).
     def by_key_hash(self, key_hash: bytes) -> KeyMatch | None:
-        with self.read() as rows:
-            return rows.by_key_hash(key_hash)
+        return _key_match(fetch_one_pooled(self._db.engine, _BY_KEY_HASH, (key_hash,)))
 
     def by_spiffe_id(self, spiffe_id: str) -> Principal | None:
-        with self.read() as rows:
-            return rows.by_spiffe_id(spiffe_id)
+        return _maybe_principal(fetch_one_pooled(self._db.engine, _BY_SPIFFE_ID, (spiffe_id,)))
 
     def get(self, principal_id: str) -> Principal | None:
-        with self.read() as rows:
-            return rows.get(principal_id)
+        return _maybe_principal(fetch_one_pooled(self._db.engine, _BY_ID, (principal_id,)))
 
     def set_disabled(self, principal_id: str, disabled: bool) -> bool:
         with self._db.transaction() as conn:
