@@ -10,8 +10,8 @@ a gRPC status carrying `google.rpc.ErrorInfo`.
 from __future__ import annotations
 
 import re
+import secrets
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from contextlib import contextmanager
@@ -210,7 +210,9 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
     def _request_context(self, method: str, metadata: Mapping[str, str],
                          context: grpc.ServicerContext, early_headers: bool) -> RequestContext:
         incoming = metadata.get(REQUEST_ID_HEADER, "")
-        request_id = incoming if _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+        # 128 random bits as 32 hex digits, the shape adopted above (uuid4().hex cost twice as much: a UUID built
+        # and taken apart again, every call)
+        request_id = incoming if _REQUEST_ID_RE.match(incoming) else secrets.token_hex(16)
         if early_headers:
             context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
         structlog.contextvars.bind_contextvars(request_id=request_id)
