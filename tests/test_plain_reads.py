@@ -15,7 +15,7 @@ from clipstore.auth import hash_api_key, new_principal
 from clipstore.errors import Unavailable
 from clipstore.interceptors import translate
 from clipstore.store.db import Database
-from clipstore.store.plain import fetch_one_pooled
+from clipstore.store.plain import PlainRows, fetch_one_pooled
 from clipstore.store.principals import PrincipalRepository
 
 
@@ -61,3 +61,16 @@ def test_a_driver_error_in_a_pooled_read_is_sqlalchemys_and_names_no_parameter(d
         assert isinstance(translate(caught.value), Unavailable)
     # the pool's connection is still usable after the failure
     assert fetch_one_pooled(db.engine, "SELECT id FROM principals WHERE id = ?", ("p_none",)) is None
+
+
+def test_a_driver_error_in_a_plain_statement_on_a_connection_is_sqlalchemys_too(db: Database) -> None:
+    """Reads outside units that use PlainRows (review reads, reports) answered a database failure with
+    INTERNAL: the driver's own error reached the interceptor, which maps SQLAlchemy's."""
+    with db.read() as conn, pytest.raises(sa.exc.DBAPIError) as caught:
+        PlainRows(conn)._fetch("SELECT no_such_column FROM principals WHERE id = ?", ("p_secretish",))
+    assert "p_secretish" not in str(caught.value)
+    if db.is_sqlite:
+        assert isinstance(caught.value, sa.exc.OperationalError)
+        assert isinstance(translate(caught.value), Unavailable)
+    with db.read() as conn:
+        assert PlainRows(conn)._fetch("SELECT id FROM principals WHERE id = ?", ("p_none",)) is None

@@ -22,11 +22,20 @@ def dialect_sql(sql: str, *, postgresql: bool) -> str:
     return _pyformat(sql) if postgresql else sql
 
 
+def _driver_error(dialect: sa.Dialect, sql: str, params: tuple[Any, ...], exc: Exception) -> sa.exc.StatementError:
+    """A driver's error as SQLAlchemy raises it (`OperationalError`...: the callers map those to
+    DATABASE_UNAVAILABLE), its parameters left out of the message (key hashes, lookup HMACs)."""
+    return sa.exc.DBAPIError.instance(sql, params, exc, dialect.loaded_dbapi.Error, hide_parameters=True)
+
+
 def _execute(conn: sa.Connection, sql: str, params: tuple[Any, ...]) -> Any:
-    """The DBAPI cursor that ran `sql`; the caller closes it."""
+    """The DBAPI cursor that ran `sql`; the caller closes it. A driver error is raised as SQLAlchemy's."""
     cursor = conn.connection.cursor()
     try:
         cursor.execute(dialect_sql(sql, postgresql=conn.dialect.name == "postgresql"), params)
+    except conn.dialect.loaded_dbapi.Error as exc:
+        cursor.close()
+        raise _driver_error(conn.dialect, sql, params, exc) from exc
     except BaseException:
         cursor.close()
         raise
@@ -38,8 +47,7 @@ def fetch_one_pooled(engine: sa.Engine, sql: str, params: tuple[Any, ...]) -> tu
     outside any unit (authentication, ingest's lookups): without a SQLAlchemy Connection around it a read
     costs ~30 us less (of ~75 us on SQLite). The pool checks the connection out and in as for
     `Database.read` (pre-ping; a rollback on return, which ends a PostgreSQL read's transaction), and a
-    driver error is raised as SQLAlchemy's (`OperationalError`...), as a read through it would be."""
-    dbapi_error = engine.dialect.loaded_dbapi.Error
+    driver error is raised as SQLAlchemy's, as for every plain statement (`_execute`)."""
     try:
         dbapi_conn = engine.raw_connection()
         try:
@@ -51,8 +59,8 @@ def fetch_one_pooled(engine: sa.Engine, sql: str, params: tuple[Any, ...]) -> tu
                 cursor.close()
         finally:
             dbapi_conn.close()
-    except dbapi_error as exc:  # parameters left out of the message: they are key hashes and lookups
-        raise sa.exc.DBAPIError.instance(sql, params, exc, dbapi_error, hide_parameters=True) from exc
+    except engine.dialect.loaded_dbapi.Error as exc:
+        raise _driver_error(engine.dialect, sql, params, exc) from exc
     return None if row is None else tuple(row)
 
 
