@@ -132,7 +132,7 @@ class ClipRepository:
         return _clip_id(fetch_one_pooled(self._db.engine, _OWNER, (principal_id, key_hash)))
 
     def get(self, clip_id: str) -> ClipRow | None:
-        with self._db.transaction() as conn:
+        with self._db.read() as conn:  # a read: no write lock, no commit
             row = conn.execute(sa.select(schema.clips).where(schema.clips.c.clip_id == clip_id)).one_or_none()
         return None if row is None else clip_row(row)
 
