@@ -23,6 +23,7 @@ from typing import NoReturn
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.hmac import HMAC
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from clipstore.errors import (
@@ -101,13 +102,15 @@ class _Keys:
             raise ValueError(f"dek must be {DEK_BYTES} bytes, got {len(dek)}")
         okm = HKDF(algorithm=_SHA256, length=64, salt=salt, info=_HKDF_INFO).derive(dek)
         self.aead = AESGCM(okm[:32])
-        self._commit_mac = hmac.new(okm[32:], digestmod=hashlib.sha256)  # keyed once, copied per use
+        # Keyed once, copied per use. cryptography's HMAC rather than the stdlib's: under OpenSSL 3 its key
+        # setup and copy cost about half as many instructions (callgrind), and each clip computes two MACs.
+        self._commit_mac = HMAC(okm[32:], _SHA256)
 
     def _mac(self, label: bytes, data: bytes) -> bytes:
         mac = self._commit_mac.copy()
         mac.update(label)
         mac.update(data)
-        return mac.digest()
+        return mac.finalize()
 
     def account_tag(self, account_ref: str) -> bytes:
         return self._mac(b"account\x00", account_ref.encode())[:ACCOUNT_TAG_BYTES]
