@@ -169,9 +169,11 @@ def seal_clip(dek: bytes, plaintext: Iterable[bytes | memoryview], *, clip_id: s
     yield header
     # A full segment is sealed only once more plaintext shows it is not the last, so the latest one
     # is held back. Each segment is copied at most once: a whole segment inside an immutable chunk
-    # is held as a view of it; only segments that straddle chunks are assembled in `pending`.
+    # is held as a view of it; only segments that straddle chunks are assembled in `pending`, which
+    # starts as a view of an immutable chunk's tail and is copied only when more plaintext follows
+    # (so a clip shorter than a segment, sent in one message, is never copied).
     held: bytes | bytearray | memoryview | None = None
-    pending = bytearray()
+    pending: bytearray | memoryview = bytearray()
     index = 0
     for chunk in plaintext:
         view, pos = memoryview(chunk).cast("B"), 0  # bytes, whatever the buffer's shape (TypeError if strided)
@@ -188,7 +190,11 @@ def seal_clip(dek: bytes, plaintext: Iterable[bytes | memoryview], *, clip_id: s
                 pos += segment_size
                 continue
             take = min(segment_size - len(pending), len(view) - pos)
-            pending += view[pos:pos + take]
+            if not pending and zero_copy:
+                pending = view[pos:pos + take]
+            else:
+                pending = bytearray(pending) if isinstance(pending, memoryview) else pending
+                pending += view[pos:pos + take]
             pos += take
             if len(pending) == segment_size:
                 held, pending = pending, bytearray()
