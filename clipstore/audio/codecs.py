@@ -126,7 +126,14 @@ def decode(content_type: str, open_plaintext: Callable[[], Iterator[bytes]], *, 
         sound = soundfile.SoundFile(source, "r")
     except (soundfile.LibsndfileError, RuntimeError, ValueError) as exc:  # RuntimeError: old soundfile
         source.close()
+        source.reraise()
         raise UnsupportedAudio(f"the clip does not decode as {content_type}") from exc
+    try:
+        source.reraise()
+    except BaseException:
+        sound.close()
+        source.close()
+        raise
     if sound.format != SNDFILE_TYPES[content_type] or not 0 < sound.channels <= MAX_CHANNELS:
         sound.close()
         source.close()
@@ -170,7 +177,9 @@ def _sndfile_blocks(sound: soundfile.SoundFile, source: _WindowSource, limit: in
             try:
                 block = sound.read(min(size, limit - read + 1), dtype="float32", always_2d=True)
             except (soundfile.LibsndfileError, RuntimeError) as exc:
+                source.reraise()
                 raise UnsupportedAudio("the clip's audio data is damaged") from exc
+            source.reraise()  # a stream that failed looks like the end of the file to libsndfile
             if not len(block):
                 return
             read += len(block)
@@ -197,6 +206,7 @@ def _ffmpeg_opus_blocks(open_plaintext: Callable[[], Iterator[bytes]], fmt: Audi
         try:
             container = av.open(source, mode="r", format="ogg")
         except (av.FFmpegError, OSError) as exc:
+            source.reraise()
             raise UnsupportedAudio("the clip does not decode as Ogg Opus") from exc
         with container:
             streams = container.streams.audio
@@ -219,7 +229,9 @@ def _ffmpeg_opus_blocks(open_plaintext: Callable[[], Iterator[bytes]], fmt: Audi
                             yield np.ascontiguousarray(joined[:, start:start + size].T)
                         pending, held = [joined[:, held - held % size:]], held % size
             except (av.FFmpegError, OSError) as exc:
+                source.reraise()
                 raise UnsupportedAudio("the clip's audio data is damaged") from exc
+        source.reraise()
         if held:
             yield np.ascontiguousarray(np.concatenate(pending, axis=1).T)
     finally:
@@ -260,6 +272,7 @@ class _WindowSource(io.RawIOBase):
         self._window_start = 0  # stream offset of self._window[0]
         self._pos = 0
         self._opens = 0
+        self._failure: Exception | None = None
         self._reopen()
 
     def _reopen(self) -> None:
@@ -285,9 +298,21 @@ class _WindowSource(io.RawIOBase):
         self._pos = max(0, base + offset)
         return self._pos
 
+    def reraise(self) -> None:
+        """Raise what the plaintext stream raised, if it failed. The decoders read through callbacks that do
+        not pass an exception on (libsndfile's cffi callback prints it and reads 0 bytes: the end of the file),
+        so a clip that fails its integrity check would otherwise be served cut short, or called undecodable."""
+        if self._failure is not None:
+            raise self._failure
+
     def _fill_to(self, end: int) -> None:
+        self.reraise()  # a failed stream stays failed
         while self._window_start + len(self._window) < end:
-            chunk = next(self._stream, None)
+            try:
+                chunk = next(self._stream, None)
+            except Exception as exc:
+                self._failure = exc
+                raise
             if chunk is None:
                 return
             self._window += chunk
