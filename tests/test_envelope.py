@@ -305,3 +305,83 @@ def test_one_shot_checks_clip_and_account(three_segments: tuple[bytes, bytes]) -
         open_bytes(DEK, three_segments[1], clip_id="c_other", account_ref=ACCOUNT)
     with pytest.raises(AccountMismatch):
         open_bytes(DEK, three_segments[1], clip_id=CLIP, account_ref="acct_other")
+
+
+# -- seal_clip holds views of the caller's chunks: any mix of buffers, cut anywhere --------------------------
+_CUTS = st.one_of(st.just(0), st.sampled_from([1, SEGMENT_SIZE_BYTES - 1, SEGMENT_SIZE_BYTES, SEGMENT_SIZE_BYTES + 1,
+                                               2 * SEGMENT_SIZE_BYTES]), st.integers(1, 3 * SEGMENT_SIZE_BYTES))
+_KINDS = ["bytes", "bytearray", "view of bytes", "view of bytearray", "reused bytearray", "view of a bytes slice",
+          "released view of bytes", "numpy uint8", "numpy int16 where even"]
+
+
+def _as(kind: str, piece: bytes, reused: bytearray) -> Any:
+    """`piece` as the caller's buffer of `kind`; a mutable one is scribbled over once the envelope asks for more."""
+    import numpy as np
+    if kind == "bytes":
+        return piece
+    if kind == "bytearray":
+        return bytearray(piece)
+    if kind in ("view of bytes", "released view of bytes"):
+        return memoryview(piece)
+    if kind == "view of bytearray":
+        return memoryview(bytearray(piece))
+    if kind == "reused bytearray":
+        reused[:] = piece
+        return reused
+    if kind == "view of a bytes slice":
+        return memoryview(b"\xee" + piece + b"\xee")[1:-1]
+    if kind == "numpy uint8":
+        return np.frombuffer(piece, dtype=np.uint8).copy()
+    return np.frombuffer(piece, dtype=np.int16).copy() if len(piece) % 2 == 0 else bytearray(piece)
+
+
+def _scribble(buffer: Any, kind: str) -> None:
+    if kind == "released view of bytes":
+        buffer.release()  # the caller is done with its view; the envelope's own views keep the bytes alive
+    elif not isinstance(buffer, bytes) and not (isinstance(buffer, memoryview) and isinstance(buffer.obj, bytes)):
+        memoryview(buffer).cast("B")[:] = b"\xaa" * memoryview(buffer).nbytes
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from([0, 1, SEGMENT_SIZE_BYTES - 1, SEGMENT_SIZE_BYTES, SEGMENT_SIZE_BYTES + 1,
+                        2 * SEGMENT_SIZE_BYTES, 3 * SEGMENT_SIZE_BYTES + 7]),
+       st.lists(st.tuples(_CUTS, st.sampled_from(_KINDS)), max_size=12), st.sampled_from(_KINDS), st.data())
+def test_streamed_sealing_of_any_buffers_cut_anywhere_is_the_one_shot_sealing(
+        size: int, cuts: list[tuple[int, str]], last_kind: str, data: st.DataObject) -> None:
+    """Whatever the chunks' types and sizes (empty, a segment, a segment +-1), and though the caller reuses,
+    scribbles over or releases each buffer once the envelope asks for the next, the sealed stream is exactly
+    `seal_bytes` of the same bytes under the same salt and nonce prefix, read lazily as a server sends it."""
+    plaintext = data.draw(st.binary(min_size=size, max_size=size)) if size < 64 else secrets.token_bytes(size)
+    fixed = secrets.token_bytes(39)
+    reused = bytearray()
+
+    def chunks() -> Any:
+        pos = 0
+        for cut, kind in [*cuts, (len(plaintext), last_kind)]:
+            piece = plaintext[pos:pos + cut]
+            pos += len(piece)
+            buffer = _as(kind, piece, reused)
+            yield buffer
+            _scribble(buffer, kind)
+
+    parts = iter([fixed[:32], fixed[32:]])
+    streamed = b"".join(bytes(out) for out in seal_clip(DEK, chunks(), clip_id=CLIP, account_ref=ACCOUNT,
+                                                        random_bytes=lambda n: next(parts)))
+    parts = iter([fixed[:32], fixed[32:]])
+    assert streamed == bytes(seal_bytes(DEK, plaintext, clip_id=CLIP, account_ref=ACCOUNT,
+                                        random_bytes=lambda n: next(parts)))
+    assert open_(streamed) == plaintext
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.binary(min_size=32, max_size=32), st.binary(min_size=32, max_size=32), st.text(max_size=80),
+       st.binary(max_size=300))
+def test_the_header_macs_are_hmac_sha256_under_the_hkdf_mac_key_however_often_the_key_is_used(
+        dek: bytes, salt: bytes, account_ref: str, header: bytes) -> None:
+    from clipstore.envelope import _Keys
+    okm = HKDF(algorithm=hashes.SHA256(), length=64, salt=salt, info=b"clipstore/clip/v1").derive(dek)
+    keys = _Keys(dek, salt)
+    for _ in range(2):  # each use starts from the keyed state: a copy, never the state itself
+        assert keys.commitment(header) == hmac.new(okm[32:], b"header\x00" + header, hashlib.sha256).digest()
+        assert keys.account_tag(account_ref) == hmac.new(okm[32:], b"account\x00" + account_ref.encode(),
+                                                         hashlib.sha256).digest()[:16]
