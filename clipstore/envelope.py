@@ -198,6 +198,8 @@ def seal_clip(dek: bytes, plaintext: Iterable[bytes | memoryview], *, clip_id: s
             pos += take
             if len(pending) == segment_size:
                 held, pending = pending, bytearray()
+        if not zero_copy:  # nothing of a mutable chunk is held (copied above): the caller may resize it now
+            view.release()
     yield keys.aead.encrypt(_nonce(prefix, index, True), pending if held is None else held, aad)
 
 
