@@ -27,8 +27,11 @@ from tests.grpc_helpers import error_info
 from tests.test_review import World
 
 SEGMENT_CT_BYTES = SEGMENT_SIZE_BYTES + TAG_BYTES
-WAV = encoded(speech("a", 5.0), 16000, "audio/wav")  # 160 KB: three segments
-assert len(WAV) > 2 * SEGMENT_SIZE_BYTES
+# (content type, bytes, duration): each more than one segment
+CLIPS = {"wav": ("audio/wav", encoded(speech("a", 5.0), 16000, "audio/wav"), 5000),  # 160 KB
+         # 92 KB; Opus at 48 kHz is decoded by FFmpeg (PyAV), after libsndfile has opened it
+         "opus_48k": ("audio/opus", encoded(speech("a", 12.0, rate=48000), 48000, "audio/opus"), 12000)}
+assert all(len(audio) > SEGMENT_SIZE_BYTES for _, audio, _ in CLIPS.values())
 
 
 class Objects:
@@ -53,9 +56,12 @@ class Objects:
         path.write_bytes(data)
 
 
+def _segments(plaintext_bytes: int) -> int:
+    return max(1, -(-plaintext_bytes // SEGMENT_SIZE_BYTES))
+
+
 def _header_bytes(obj: bytes, plaintext_bytes: int) -> int:
-    segments = max(1, -(-plaintext_bytes // SEGMENT_SIZE_BYTES))
-    return len(obj) - plaintext_bytes - segments * TAG_BYTES
+    return len(obj) - plaintext_bytes - _segments(plaintext_bytes) * TAG_BYTES
 
 
 def _flip(at: Callable[[bytes, int], int]) -> Callable[[bytes, int, bytes], bytes]:
@@ -72,8 +78,8 @@ TAMPERS: dict[str, tuple[Callable[[bytes, int, bytes], bytes], str]] = {
     "bit_in_clip_id": (_flip(lambda obj, plain: 20), "clip_id_mismatch"),
     "bit_in_first_segment": (_flip(lambda obj, plain: _header_bytes(obj, plain) + 100), "segment_tampered"),
     "bit_in_last_segment": (_flip(lambda obj, plain: len(obj) - TAG_BYTES - 5), "segment_tampered"),
-    "last_segment_dropped": (lambda obj, plain, other: obj[:_header_bytes(obj, plain) + 2 * SEGMENT_CT_BYTES],
-                             "truncated"),
+    "last_segment_dropped": (lambda obj, plain, other: obj[:_header_bytes(obj, plain)
+                                                           + (_segments(plain) - 1) * SEGMENT_CT_BYTES], "truncated"),
     "last_byte_dropped": (lambda obj, plain, other: obj[:-1], "segment_tampered"),
     "bytes_appended": (lambda obj, plain, other: obj + bytes(32), "segment_tampered"),
     "replaced_by_another_clip": (lambda obj, plain, other: other, "clip_id_mismatch"),
@@ -91,16 +97,20 @@ def backend(request: pytest.FixtureRequest) -> dict[str, object]:
     return {"s3.bucket": bucket, "s3.endpoint_url": endpoint}
 
 
-@pytest.fixture(params=["served_as_stored", "decoded_and_disguised"])
-def plan(request: pytest.FixtureRequest) -> dict[str, object]:
-    return {} if request.param == "served_as_stored" else {"review.disguise": "pitch_formant"}
+@pytest.fixture(params=["wav_served_as_stored", "wav_disguised", "opus_48k_disguised"])
+def plan(request: pytest.FixtureRequest) -> tuple[str, dict[str, object]]:
+    """(the clip, the config): served as stored, or decoded (libsndfile; FFmpeg for Opus at 48 kHz)."""
+    clip, _, how = str(request.param).rpartition("_")
+    if how == "stored":
+        return "wav", {}
+    return clip, {"review.disguise": "pitch_formant"}
 
 
 @pytest.fixture
-def world(tmp_path: Path, backend: dict[str, object], plan: dict[str, object],
+def world(tmp_path: Path, backend: dict[str, object], plan: tuple[str, dict[str, object]],
           log_stream: io.StringIO) -> Iterator[tuple[World, Objects]]:
     config = make_config(tmp_path / "data", **{"review.sample_rate": 1.0, "review.daily_cap": 20,
-                                               **backend, **plan})
+                                               **backend, **plan[1]})
     s3 = boto3.client("s3", endpoint_url=str(backend["s3.endpoint_url"])) if backend else None
     objects = Objects(None if backend else config.data_dir, s3, str(backend.get("s3.bucket", "")))
     clock = FakeClock()
@@ -111,16 +121,18 @@ def world(tmp_path: Path, backend: dict[str, object], plan: dict[str, object],
         yield w, objects
 
 
-def _put(w: World) -> clip_pb2.Clip:
-    return w.clips.PutClip(put_requests(metadata(content_type="audio/wav", duration_ms=5000), WAV), metadata=w.ingest,
-                           timeout=30).clip
+def _put(w: World, clip: str) -> clip_pb2.Clip:
+    content_type, audio, duration_ms = CLIPS[clip]
+    return w.clips.PutClip(put_requests(metadata(content_type=content_type, duration_ms=duration_ms), audio),
+                           metadata=w.ingest, timeout=30).clip
 
 
 @pytest.mark.parametrize("tamper", list(TAMPERS))
 def test_a_damaged_object_fails_the_fetch_with_data_loss_and_is_recorded_as_an_integrity_failure(
-        world: tuple[World, Objects], tamper: str) -> None:
+        world: tuple[World, Objects], plan: tuple[str, dict[str, object]], tamper: str) -> None:
     w, objects = world
-    _put(w)
+    audio = CLIPS[plan[0]][1]
+    _put(w, plan[0])
     r = w.enroll()
     token = w.session(r)
     assignment = w.next(r, token)
@@ -128,9 +140,9 @@ def test_a_damaged_object_fails_the_fetch_with_data_loss_and_is_recorded_as_an_i
     with w.server.app.db.read() as conn:
         clip_id = str(conn.scalar(sa.select(schema.assignments.c.clip_id)
                                   .where(schema.assignments.c.assignment_id == assignment.assignment_id)))
-    other = _put(w)  # only its object is used
+    other = _put(w, plan[0])  # only its object is used
     change, reason = TAMPERS[tamper]
-    objects.put(clip_id, change(objects.get(clip_id), len(WAV), objects.get(other.clip_id)))
+    objects.put(clip_id, change(objects.get(clip_id), len(audio), objects.get(other.clip_id)))
 
     received: list[review_pb2.FetchClipResponse] = []
     with pytest.raises(grpc.RpcError) as caught:
@@ -140,7 +152,7 @@ def test_a_damaged_object_fails_the_fetch_with_data_loss_and_is_recorded_as_an_i
             received.append(message)
     assert (caught.value.code(), error_info(caught.value).reason) == \
         (grpc.StatusCode.DATA_LOSS, "CLIP_INTEGRITY"), caught.value.details()
-    assert sum(len(m.audio_chunk) for m in received) < len(WAV)
+    assert sum(len(m.audio_chunk) for m in received) < len(audio)
     failures = [e for e in w.entries() if e["action"] in ("clip.integrity_failure", "clip.audio_failure")]
     assert [(e["action"], e["outcome"]) for e in failures] == \
         [("clip.integrity_failure", {"result": "failed", "reason": reason})]
