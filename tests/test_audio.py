@@ -84,6 +84,30 @@ def test_an_ogg_clip_longer_than_the_window_is_decrypted_twice_never_held_whole(
     assert samples.shape == (8 * RATE, 1) and decoded.frames == 8 * RATE
 
 
+
+class _StreamFailed(Exception):
+    """What the plaintext stream raised: an integrity failure or a lost blob store, say."""
+
+
+@pytest.mark.parametrize("content_type", sorted(CONTENT_TYPES))
+@pytest.mark.parametrize("after_chunks", [0, 1, 3])
+def test_a_plaintext_stream_that_fails_fails_the_decode_with_its_own_error(content_type: str,
+                                                                           after_chunks: int) -> None:
+    """libsndfile reads through a cffi callback that swallows an exception (and reads 0 bytes: the end of the
+    file), FFmpeg through PyAV's: the stream's error must still come out, not a short clip nor 'unsupported'."""
+    rate = 48000 if content_type == "audio/opus" else RATE
+    data = encoded(speech("a", 6.0, rate=rate), rate, content_type)
+    pieces = chunks(data, 4 * 1024)
+    assert len(pieces) > after_chunks + 1
+
+    def failing() -> Iterator[bytes]:
+        yield from pieces[:after_chunks]
+        raise _StreamFailed("segment 3 failed authentication")
+
+    with pytest.raises(_StreamFailed):
+        for _ in decode(content_type, failing, size_bytes=len(data)).blocks:
+            pass
+
 @pytest.mark.parametrize(("content_type", "data"), [
     ("audio/mpeg", b"ID3" + bytes(100)),
     ("audio/wav", b"RIFF" + bytes(100)),
