@@ -306,7 +306,6 @@ class _WindowSource(io.RawIOBase):
             raise self._failure
 
     def _fill_to(self, end: int) -> None:
-        self.reraise()  # a failed stream stays failed
         while self._window_start + len(self._window) < end:
             try:
                 chunk = next(self._stream, None)
@@ -323,6 +322,7 @@ class _WindowSource(io.RawIOBase):
                 self._window_start += excess
 
     def read(self, size: int = -1) -> bytes:
+        self.reraise()  # a failed stream stays failed: not read on, nor opened (decrypted) again
         if size < 0:
             size = max(0, self._size - self._pos)
         if self._pos < self._window_start:
