@@ -93,17 +93,20 @@ def configure_logging(stream: TextIO | None = None, level: int | str = logging.I
 
 
 def route_uncaught_exceptions() -> None:
-    """An exception nobody caught, in any thread, becomes one JSON line (type and place), not a traceback."""
+    """An exception nobody caught, in any thread, becomes one JSON line (type and place), not a traceback;
+    so does one Python could not raise (in a destructor, or a C library's callback: `unraisable_exception`)."""
     log = get_logger("clipstore")
 
-    def report(exc_type: type[BaseException], exc: BaseException | None, tb: Any, thread: str) -> None:
+    def summary(exc_type: type[BaseException], exc: BaseException | None, tb: Any) -> dict[str, Any]:
         event: dict[str, Any] = {"exc_info": (exc_type, exc, tb)}
         _exception_summary(None, "", event)
-        log.critical("uncaught_exception", thread=thread, **event)
+        return event
 
-    sys.excepthook = lambda t, e, tb: report(t, e, tb, "main")
-    threading.excepthook = lambda a: report(a.exc_type, a.exc_value, a.exc_traceback,
-                                            a.thread.name if a.thread else "?")
+    sys.excepthook = lambda t, e, tb: log.critical("uncaught_exception", thread="main", **summary(t, e, tb))
+    threading.excepthook = lambda a: log.critical("uncaught_exception", thread=a.thread.name if a.thread else "?",
+                                                  **summary(a.exc_type, a.exc_value, a.exc_traceback))
+    sys.unraisablehook = lambda u: log.error("unraisable_exception",
+                                             **summary(u.exc_type, u.exc_value, u.exc_traceback))
 
 
 def get_logger(name: str) -> Any:

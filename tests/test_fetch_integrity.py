@@ -26,6 +26,10 @@ from tests.conftest import FakeClock, make_config
 from tests.grpc_helpers import error_info
 from tests.test_review import World
 
+# A stream's failure must reach the decoder's caller as the end of the file, never as an exception inside
+# libsndfile's cffi callback: that one is printed as unraisable, a traceback outside the JSON log.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+
 SEGMENT_CT_BYTES = SEGMENT_SIZE_BYTES + TAG_BYTES
 # (content type, bytes, duration): each more than one segment
 CLIPS = {"wav": ("audio/wav", encoded(speech("a", 5.0), 16000, "audio/wav"), 5000),  # 160 KB

@@ -39,6 +39,22 @@ def test_library_log_records_and_warnings_are_json_lines_too() -> None:
     assert warning_line["logger"] == "py.warnings" and "an old API" in str(warning_line["event"])
 
 
+def test_an_exception_python_cannot_raise_is_one_json_line_by_type_and_place() -> None:
+    """A destructor's exception (or one inside a C library's callback) would print a traceback, message and
+    all: `clipstore serve` routes it to the JSON log like an uncaught one."""
+    script = ("from clipstore.logs import configure_logging, route_uncaught_exceptions\n"
+              "configure_logging()\n"
+              "route_uncaught_exceptions()\n"
+              "class Leaky:\n"
+              "    def __del__(self):\n"
+              "        raise ConnectionError('postgresql://svc:hunter2@db refused')\n"
+              "Leaky()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    [line] = [json.loads(line) for line in done.stderr.splitlines()]
+    assert line["event"] == "unraisable_exception" and line["exc_type"] == "ConnectionError"
+    assert "hunter2" not in done.stderr
+
+
 def test_an_exception_in_a_library_record_is_logged_by_type_and_place_never_by_message(
         stream: io.StringIO) -> None:
     configure_logging(stream)

@@ -299,9 +299,11 @@ class _WindowSource(io.RawIOBase):
         return self._pos
 
     def reraise(self) -> None:
-        """Raise what the plaintext stream raised, if it failed. The decoders read through callbacks that do
-        not pass an exception on (libsndfile's cffi callback prints it and reads 0 bytes: the end of the file),
-        so a clip that fails its integrity check would otherwise be served cut short, or called undecodable."""
+        """Raise what the plaintext stream raised, if it failed; the decode paths call this after each
+        decoder call. The decoders read through callbacks that do not pass an exception on (libsndfile's
+        cffi callback prints it as unraisable, a traceback outside the JSON log, and reads 0 bytes), so
+        a failure reads as the end of the file (`read`) and is raised here: a clip that fails its
+        integrity check would otherwise be served cut short, or called undecodable."""
         if self._failure is not None:
             raise self._failure
 
@@ -311,7 +313,7 @@ class _WindowSource(io.RawIOBase):
                 chunk = next(self._stream, None)
             except Exception as exc:
                 self._failure = exc
-                raise
+                return
             if chunk is None:
                 return
             self._window += chunk
@@ -322,7 +324,8 @@ class _WindowSource(io.RawIOBase):
                 self._window_start += excess
 
     def read(self, size: int = -1) -> bytes:
-        self.reraise()  # a failed stream stays failed: not read on, nor opened (decrypted) again
+        if self._failure is not None:  # a failed stream stays failed: not read on, nor opened (decrypted) again
+            return b""
         if size < 0:
             size = max(0, self._size - self._pos)
         if self._pos < self._window_start:
@@ -330,6 +333,8 @@ class _WindowSource(io.RawIOBase):
         if size > SOURCE_WINDOW_BYTES // 2:
             size = SOURCE_WINDOW_BYTES // 2  # a short read is allowed; keeps the window's promise
         self._fill_to(self._pos + size)
+        if self._failure is not None:
+            return b""
         start = self._pos - self._window_start
         data = bytes(self._window[start:start + size]) if start >= 0 else b""
         self._pos += len(data)
