@@ -378,6 +378,6 @@ def translate(exc: BaseException) -> ClipstoreError | None:
                            reason="KMS_ACCESS_DENIED")
     if isinstance(exc, KmsError):
         return Unavailable("the key service is unavailable; retry later", reason="KMS_UNAVAILABLE")
-    if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
+    if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError | sa.exc.TimeoutError):  # Timeout: pool
         return Unavailable("the metadata database is unavailable; retry later", reason="DATABASE_UNAVAILABLE")
     return None

@@ -74,3 +74,19 @@ def test_a_driver_error_in_a_plain_statement_on_a_connection_is_sqlalchemys_too(
         assert isinstance(translate(caught.value), Unavailable)
     with db.read() as conn:
         assert PlainRows(conn)._fetch("SELECT id FROM principals WHERE id = ?", ("p_none",)) is None
+
+
+def test_a_read_that_waits_in_vain_for_a_pooled_connection_is_database_unavailable(tmp_path: Path) -> None:
+    """Every connection checked out (a burst of calls): the read gives up after the pool's timeout, and the
+    caller is told to retry (UNAVAILABLE DATABASE_UNAVAILABLE), not INTERNAL."""
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/pool.db", pool_size=1, max_overflow=0, pool_timeout=0.05)
+    held = engine.raw_connection()
+    try:
+        with pytest.raises(sa.exc.TimeoutError) as caught:
+            fetch_one_pooled(engine, "SELECT 1", ())
+        status = translate(caught.value)
+        assert isinstance(status, Unavailable) and status.reason == "DATABASE_UNAVAILABLE"
+    finally:
+        held.close()
+    assert fetch_one_pooled(engine, "SELECT 1", ()) == (1,)
+    engine.dispose()
