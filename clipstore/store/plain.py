@@ -28,18 +28,32 @@ def _driver_error(dialect: sa.Dialect, sql: str, params: tuple[Any, ...], exc: E
     return sa.exc.DBAPIError.instance(sql, params, exc, dialect.loaded_dbapi.Error, hide_parameters=True)
 
 
-def _execute(conn: sa.Connection, sql: str, params: tuple[Any, ...]) -> Any:
-    """The DBAPI cursor that ran `sql`; the caller closes it. A driver error is raised as SQLAlchemy's."""
-    cursor = conn.connection.cursor()
+def _run(dbapi_conn: Any, dialect: sa.Dialect, sql: str, params: tuple[Any, ...]) -> Any:
+    """The DBAPI cursor that ran `sql` on `dbapi_conn`; the caller closes it. A driver error is raised as
+    SQLAlchemy's."""
+    cursor = dbapi_conn.cursor()
     try:
-        cursor.execute(dialect_sql(sql, postgresql=conn.dialect.name == "postgresql"), params)
-    except conn.dialect.loaded_dbapi.Error as exc:
+        cursor.execute(dialect_sql(sql, postgresql=dialect.name == "postgresql"), params)
+    except dialect.loaded_dbapi.Error as exc:
         cursor.close()
-        raise _driver_error(conn.dialect, sql, params, exc) from exc
+        raise _driver_error(dialect, sql, params, exc) from exc
     except BaseException:
         cursor.close()
         raise
     return cursor
+
+
+def _execute(conn: sa.Connection, sql: str, params: tuple[Any, ...]) -> Any:
+    return _run(conn.connection, conn.dialect, sql, params)
+
+
+def _first(cursor: Any) -> tuple[Any, ...] | None:
+    """The cursor's first row, or None; the cursor is closed."""
+    try:
+        row = cursor.fetchone()
+    finally:
+        cursor.close()
+    return None if row is None else tuple(row)
 
 
 def fetch_one_pooled(engine: sa.Engine, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
@@ -47,21 +61,15 @@ def fetch_one_pooled(engine: sa.Engine, sql: str, params: tuple[Any, ...]) -> tu
     outside any unit (authentication, ingest's lookups): without a SQLAlchemy Connection around it a read
     costs ~30 us less (of ~75 us on SQLite). The pool checks the connection out and in as for
     `Database.read` (pre-ping; a rollback on return, which ends a PostgreSQL read's transaction), and a
-    driver error is raised as SQLAlchemy's, as for every plain statement (`_execute`)."""
+    driver error (checking out included) is raised as SQLAlchemy's, as for every plain statement."""
     try:
         dbapi_conn = engine.raw_connection()
         try:
-            cursor = dbapi_conn.cursor()
-            try:
-                cursor.execute(dialect_sql(sql, postgresql=engine.dialect.name == "postgresql"), params)
-                row = cursor.fetchone()
-            finally:
-                cursor.close()
+            return _first(_run(dbapi_conn, engine.dialect, sql, params))
         finally:
             dbapi_conn.close()
     except engine.dialect.loaded_dbapi.Error as exc:
         raise _driver_error(engine.dialect, sql, params, exc) from exc
-    return None if row is None else tuple(row)
 
 
 def fetch_all(conn: sa.Connection, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
@@ -81,12 +89,7 @@ class PlainRows:
 
     def _fetch(self, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
         """The first row, or None."""
-        cursor = _execute(self._conn, sql, params)
-        try:
-            row = cursor.fetchone()
-        finally:
-            cursor.close()
-        return None if row is None else tuple(row)
+        return _first(_execute(self._conn, sql, params))
 
     def _fetchall(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         return fetch_all(self._conn, sql, params)
