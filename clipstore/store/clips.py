@@ -80,12 +80,6 @@ def _clip_id(row: tuple[Any, ...] | None) -> str | None:
 class ClipRows(PlainRows):
     """Accounts, clips and idempotency rows on one connection: inside a unit of work, or a read."""
 
-    def account_by_lookup(self, lookup_hmac: bytes) -> AccountRow | None:
-        return _account(self._fetch(_ACCOUNT_BY_LOOKUP, (lookup_hmac,)))
-
-    def account(self, account_ref: str) -> AccountRow | None:
-        return _account(self._fetch(_ACCOUNT_BY_REF, (account_ref,)))
-
     def owner(self, principal_id: str, key_hash: bytes) -> str | None:
         """The clip an idempotency key belongs to (perhaps deleted since: the key is then a tombstone)."""
         return _clip_id(self._fetch(_OWNER, (principal_id, key_hash)))

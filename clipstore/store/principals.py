@@ -58,9 +58,6 @@ class PrincipalRows(PlainRows):
         if key_hash is not None:
             self._conn.execute(_K.insert().values(key_hash=key_hash, principal_id=principal.id, created_at=now))
 
-    def by_key_hash(self, key_hash: bytes) -> KeyMatch | None:
-        return _key_match(self._fetch(_BY_KEY_HASH, (key_hash,)))
-
     def by_spiffe_id(self, spiffe_id: str) -> Principal | None:
         return _maybe_principal(self._fetch(_BY_SPIFFE_ID, (spiffe_id,)))
 
