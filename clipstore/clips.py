@@ -3,23 +3,33 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from clipstore.accounts import AccountDirectory
 from clipstore.blobs import BlobStore
 from clipstore.clipkey import MAGIC_V2, ClipKey, Purpose
 from clipstore.clock import Clock
 from clipstore.envelope import open_clip, seal_clip
-from clipstore.errors import Cancelled, ClipstoreError, FailedPrecondition, InvalidArgument, Kind, NotFound
+from clipstore.errors import (
+    Cancelled,
+    ClipstoreError,
+    EnvelopeError,
+    FailedPrecondition,
+    InvalidArgument,
+    Kind,
+    NotFound,
+)
 from clipstore.identity import open_identity, seal_identity
 from clipstore.logs import get_logger
 from clipstore.ports import ClipCatalog, ClipWrites, ReviewQueue
 from clipstore.rows import ClipRow
 from clipstore.sampling import ReviewSampler
 from clipstore.unit import SYSTEM, Actor, AuditTrail, Tx
-from kms import KeyRing, WrappedDek
+from kms import AccountKeysDestroyed, KeyRing, WrappedDek
 
 MAX_CHUNK_BYTES = 1 << 20  # bounds memory per stream message
 MAX_CLIP_BYTES = 256 << 20  # ~2.5 h of 16-bit 16 kHz audio; longer is not a voice command
@@ -43,6 +53,19 @@ class NewClip:
     content_type: str
     idempotency_key: str
     duration_ms: int
+
+
+class Upload(Protocol):
+    """The audio of one PutClip as it arrives: its chunks, then the SHA-256 of them all."""
+
+    def __iter__(self) -> Iterator[bytes | memoryview]:
+        """The chunks; raises rather than ends early when the upload is incomplete or does not match
+        what the client declared."""
+        ...
+
+    def sha256(self) -> bytes:
+        """SHA-256 of all the chunks, as checked against the client's declaration; only once they ended."""
+        ...
 
 
 class _Counted:
@@ -76,17 +99,25 @@ class ClipLibrary:
         self._accidental_s = accidental_retention_hours * 3600
 
     # -- ingest ------------------------------------------------------------
-    def ingest(self, new: NewClip, audio: Iterable[bytes | memoryview], actor: Actor, *,
+    def ingest(self, new: NewClip, audio: Upload, actor: Actor, *,
                active: Callable[[], bool] = lambda: True) -> ClipRow:
         """Seal and store the audio, then commit the row: a failure leaves no row and no object.
 
-        `audio` must raise rather than end early when the upload is incomplete; `active` says whether
-        the caller still waits for the answer (a cancelled call never commits).
+        `active` says whether the caller still waits for the answer (a cancelled call never commits).
+        An idempotency key that already names a clip returns it only to a retry of the same recording:
+        the upload is read to its end as usual and compared with the clip (metadata, identity, audio);
+        anything else is refused (IDEMPOTENCY_KEY_REUSED, audited) and stores nothing.
         """
         idem = hashlib.sha256(new.idempotency_key.encode()).digest()
         existing = self._clips.by_idempotency(actor.id, idem)
         if existing is not None:
-            return self._existing(existing)
+            clip, key = self._existing(existing)  # a spent key is refused before the upload is read
+            counted = _Counted(audio)
+            for _ in counted:  # the same limits and checks as a first upload; the audio goes nowhere
+                pass
+            if counted.total == 0:
+                raise InvalidArgument("audio_chunk", "the clip is empty; send at least one audio chunk")
+            return self._same_recording(clip, key, new, counted.total, audio.sha256(), actor)
         account = self._accounts.find_or_create(new.account_id)
         ref, clip_id = account.account_ref, "c_" + secrets.token_hex(12)
         dek, wrapped = self._keyring.data_key_for(ref, clip_id)
@@ -136,15 +167,63 @@ class ClipLibrary:
             raise
         if owner != clip_id:
             self._blobs.delete(clip_id)
-            return self._existing(owner)
+            clip, key = self._existing(owner)
+            return self._same_recording(clip, key, new, counted.total, audio.sha256(), actor)
         return row
 
-    def _existing(self, clip_id: str) -> ClipRow:
+    def _existing(self, clip_id: str) -> tuple[ClipRow, ClipKey]:
+        """The clip an idempotency key names, with its key; refused as spent once it is gone."""
         clip = self._clips.get(clip_id)
-        if clip is None or clip.expires_at <= self._clock.now():  # deleted, purged or due for purge
-            raise FailedPrecondition("this idempotency key belongs to a clip that was deleted; use a new key",
-                                     reason="IDEMPOTENCY_KEY_SPENT")
-        return clip
+        if clip is not None and clip.expires_at > self._clock.now():  # else deleted, purged or due for purge
+            try:
+                return clip, self.key(clip)
+            except AccountKeysDestroyed:  # erased with its account; the purge has not reached the row yet
+                pass
+        raise FailedPrecondition("this idempotency key belongs to a clip that was deleted; use a new key",
+                                 reason="IDEMPOTENCY_KEY_SPENT")
+
+    def _same_recording(self, clip: ClipRow, key: ClipKey, new: NewClip, size: int, sha256: bytes,
+                        actor: Actor) -> ClipRow:
+        """`clip` if the upload is a retry of it, else a refusal (audited) naming only which part differs.
+
+        Compared: the metadata as stored, the identity (opened under the clip's key, not released: no
+        `clip.identity_read`) and the audio's SHA-256 (the stored object decrypted and hashed; no digest
+        is kept, it would outlive a crypto-shred as the recording's fingerprint).
+        """
+        try:
+            differs = self._differs(clip, key, new, size, sha256)
+        except EnvelopeError as exc:
+            self._audit.append(actor.record("clip.integrity_failure", clip_id=clip.clip_id,
+                                            account_ref=clip.account_ref, outcome="failed", reason=exc.tamper))
+            raise
+        if differs is None:
+            return clip
+
+        def refuse(tx: Tx) -> None:
+            raise tx.deny(actor, "clip.ingest", FailedPrecondition(
+                f"this idempotency key already names a clip with other {differs}; nothing was stored; use a new "
+                "key for a new recording", reason="IDEMPOTENCY_KEY_REUSED"),
+                clip_id=clip.clip_id, account_ref=clip.account_ref)
+
+        self._audit.run(refuse)
+        raise AssertionError("unreachable: the unit always raises")
+
+    def _differs(self, clip: ClipRow, key: ClipKey, new: NewClip, size: int, sha256: bytes) -> str | None:
+        """Which part of the upload differs from `clip`, in general terms (never a value); None if none."""
+        stored = (clip.content_type, clip.locale, clip.device_type, clip.captured_at, clip.wake_word,
+                  clip.duration_ms)
+        sent = (new.content_type, new.locale, new.device_type, new.captured_at, new.wake_word, new.duration_ms)
+        identity = open_identity(key, clip.clip_id, clip.identity_ct)
+        same_identity = (hmac.compare_digest(identity["account_id"].encode(), new.account_id.encode())
+                         & hmac.compare_digest(identity["device_serial"].encode(), new.device_serial.encode()))
+        if stored != sent or not same_identity:
+            return "metadata (identity, device, locale, capture time, wake word, content type or duration)"
+        if size != clip.size_bytes:
+            return "audio"
+        digest = hashlib.sha256()
+        for segment in self._plaintext(clip, key):
+            digest.update(segment)
+        return None if hmac.compare_digest(digest.digest(), sha256) else "audio"
 
     # -- reads -------------------------------------------------------------
     def find(self, clip_id: str) -> ClipRow | None:
@@ -184,7 +263,10 @@ class ClipLibrary:
 
     def audio(self, clip: ClipRow) -> Iterator[bytes]:
         """Authenticated plaintext, segment by segment (bounded memory)."""
-        return open_clip(self.key(clip).stream_dek, self._blobs.get_stream(clip.clip_id), clip_id=clip.clip_id,
+        return self._plaintext(clip, self.key(clip))
+
+    def _plaintext(self, clip: ClipRow, key: ClipKey) -> Iterator[bytes]:
+        return open_clip(key.stream_dek, self._blobs.get_stream(clip.clip_id), clip_id=clip.clip_id,
                          account_ref=clip.account_ref)
 
     # -- deletion and retention ---------------------------------------------

@@ -101,6 +101,9 @@ class Reason(StrEnum):
         "the access report exceeds one message (server.max_message_bytes): ask with since, a window starting later"
     IDEMPOTENCY_KEY_SPENT = auto(), Kind.WRONG_STATE, \
         "the key's clip was deleted, purged or expired (or its account deleted); it is never stored again"
+    IDEMPOTENCY_KEY_REUSED = auto(), Kind.WRONG_STATE, \
+        "the key already names a clip with other audio or metadata; nothing was stored; use a new key for a new " \
+        "recording"
     KEY_VERSION_UNAVAILABLE = auto(), Kind.WRONG_STATE, "the clip's key version is retired; an operator must rewrap"
     KEY_VERSION_IN_USE = auto(), Kind.WRONG_STATE, "clips still use an older key version; RotateAccountKey first"
     # -- review sessions -------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from clipstore.v1 import clip_pb2
 
@@ -34,3 +34,21 @@ def put_requests(meta: clip_pb2.ClipMetadata, audio: bytes, chunk: int = 64 * 10
     for i in range(0, len(audio), chunk):
         yield clip_pb2.PutClipRequest(audio_chunk=audio[i:i + chunk])
     yield trailer(audio)
+
+
+class Chunks:
+    """An upload made in-process (`clipstore.clips.Upload`): the chunks given, then their SHA-256."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks, self._digest, self._ended = chunks, hashlib.sha256(), False
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._chunks:
+            self._digest.update(chunk)
+            yield chunk
+        self._ended = True
+
+    def sha256(self) -> bytes:
+        if not self._ended:
+            raise RuntimeError("read the chunks first")
+        return self._digest.digest()

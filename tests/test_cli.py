@@ -193,6 +193,7 @@ def test_purge_and_retire_dry_runs_count_and_change_nothing(tmp_path: Path) -> N
     from clipstore.app import App
     from clipstore.clips import NewClip
     from clipstore.unit import OPERATOR
+    from tests.clip_helpers import Chunks
     from tests.conftest import FakeClock, make_config
     clock = FakeClock()
     data = tmp_path / "data"
@@ -200,7 +201,7 @@ def test_purge_and_retire_dry_runs_count_and_change_nothing(tmp_path: Path) -> N
     try:
         new = NewClip(account_id="acct-dry", device_serial="S", device_type="", locale="en-US", captured_at=None,
                       wake_word=False, content_type="audio/opus", idempotency_key="k1", duration_ms=10)
-        app.clips.ingest(new, [b"audio"], OPERATOR)
+        app.clips.ingest(new, Chunks([b"audio"]), OPERATOR)
         clock.advance(30 * 86400)  # past the accidental-activation retention
         assert app.clips.purge_plan(older_than_s=-1) == (1, 0, 0)
         ref = app.accounts.require("acct-dry").account_ref

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -95,9 +95,29 @@ def clip_message(clip: ClipRow, identity: dict[str, str] | None) -> clip_pb2.Cli
     return msg
 
 
-def _audio(rest: Iterator[clip_pb2.PutClipRequest | memoryview],
-           context: grpc.ServicerContext) -> Iterator[bytes | memoryview]:
-    """The audio chunks of a PutClip stream, ending only at a trailer that matches them.
+class _Upload:
+    """A PutClip stream's audio (`clipstore.clips.Upload`): the chunks, then the SHA-256 the trailer matched."""
+
+    def __init__(self, rest: Iterator[clip_pb2.PutClipRequest | memoryview], context: grpc.ServicerContext) -> None:
+        self._sha256: bytes | None = None
+        self._chunks = _audio(rest, context, self._ended)
+
+    def __iter__(self) -> Iterator[bytes | memoryview]:
+        return self._chunks
+
+    def _ended(self, sha256: bytes) -> None:
+        self._sha256 = sha256
+
+    def sha256(self) -> bytes:
+        if self._sha256 is None:
+            raise RuntimeError("the upload's SHA-256 is known only once its chunks ended at a matching trailer")
+        return self._sha256
+
+
+def _audio(rest: Iterator[clip_pb2.PutClipRequest | memoryview], context: grpc.ServicerContext,
+           ended: Callable[[bytes], None]) -> Iterator[bytes | memoryview]:
+    """The audio chunks of a PutClip stream, ending only at a trailer that matches them (`ended` gets their
+    SHA-256 then).
 
     This runs inside the blob store's write, so raising here aborts the upload before the object is
     finalised: a stream cut short by a cancel (grpcio may end the request iterator normally when the
@@ -118,9 +138,11 @@ def _audio(rest: Iterator[clip_pb2.PutClipRequest | memoryview],
                 size += len(chunk)
                 yield chunk
             elif part == "trailer":
-                _check_trailer(request.trailer, size=size, sha256=digest.digest())
+                sha256 = digest.digest()
+                _check_trailer(request.trailer, size=size, sha256=sha256)
                 if next(rest, None) is not None:
                     raise InvalidArgument("trailer", "must be the last message; send nothing after it")
+                ended(sha256)
                 return
             elif part == "metadata":
                 raise InvalidArgument("metadata", "only the first message may carry metadata; send audio_chunk next")
@@ -157,7 +179,7 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
         if first is None or isinstance(first, memoryview) or first.WhichOneof("part") != "metadata":
             raise InvalidArgument("metadata", "the first message must carry the clip metadata")
         new = parse_metadata(first.metadata)
-        clip = self._library.ingest(new, _audio(request_iterator, context), current_actor(),
+        clip = self._library.ingest(new, _Upload(request_iterator, context), current_actor(),
                                     active=context.is_active)
         return clip_pb2.PutClipResponse(clip=clip_message(clip, None))
 
