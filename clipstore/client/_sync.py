@@ -131,6 +131,8 @@ class ClipstoreClient:
         A failure where nothing was done (UNAVAILABLE) is retried with the same
         idempotency key (generated when not given), so the clip is stored at most
         once; an iterator is sent only once. `timeout_s` bounds all attempts together.
+        The server returns a key's clip only to the same recording (metadata and audio):
+        a key reused for another raises `IdempotencyKeyReusedError`, and nothing is stored.
         """
         meta = clip_metadata(account_id=account_id, locale=locale, content_type=content_type,
                              wake_word_detected=wake_word_detected, device_serial=device_serial,
