@@ -104,6 +104,10 @@ def test_the_same_idempotency_key_stores_one_clip(server: ClipstoreServer, keys:
         again = client.put_clip(AUDIO, **CLIP, idempotency_key="upload-42")
         assert again.clip_id == first.clip_id
         assert [c.clip_id for c in client.list_clips(ACCOUNT)] == [first.clip_id]
+        with pytest.raises(errors.IdempotencyKeyReusedError) as caught:  # another recording: not retried
+            client.put_clip(AUDIO[::-1], **CLIP, idempotency_key="upload-42")
+        assert caught.value.code is grpc.StatusCode.FAILED_PRECONDITION and not caught.value.retryable
+        assert [c.clip_id for c in client.list_clips(ACCOUNT)] == [first.clip_id]
 
 
 class _MessageSizes(grpc.StreamUnaryClientInterceptor):
