@@ -70,6 +70,10 @@ class AuditUnavailable(Unavailable):
     reason = Reason.AUDIT_UNAVAILABLE
 
 
+class _IdleConnectionLost(Exception):
+    """The writer's connection died while it was idle; nothing of the batch reached the database."""
+
+
 HALTED_MESSAGE = ("the audit log's stored history failed verification, so this action cannot be recorded "
                   "truthfully and was not performed; operators: see the audit.history_rewritten alert")
 
@@ -383,45 +387,67 @@ class AuditLog:
     def _write(self, live: list[Pending[Any]]
                ) -> tuple[list[_Outcome], tuple[Pending[Any], BaseException] | None]:
         """Run the units and chain their entries in one transaction; returns their outcomes, or the
-        unit that failed (then nothing was committed)."""
+        unit that failed (then nothing was committed).
+
+        The writer keeps its connection between batches, so a database that restarted, or a network
+        that dropped it, while the writer was idle leaves it a dead one: its first statement fails and
+        nothing was sent. Then the batch runs once more on a new connection, rather than failing every
+        unit in it (AUDIT_UNAVAILABLE) after the database is back. A connection lost later in a batch
+        is not retried: its commit may or may not have happened."""
         with self._db.write_lock():
-            conn = self._connection()
             try:
-                with conn.begin() as trans:
-                    # The writer's own statements go to the DBAPI cursor: through SQLAlchemy each cost
-                    # 30-50 us more, as much as a small batch's entries.
-                    cursor = conn.connection.cursor()
-                    # Lock the head row first: the one place writers of all replicas serialise.
+                return self._write_batch(live)
+            except _IdleConnectionLost:
+                log.info("audit.reconnected")
+                return self._write_batch(live, retried=True)
+
+    def _write_batch(self, live: list[Pending[Any]], *, retried: bool = False
+                     ) -> tuple[list[_Outcome], tuple[Pending[Any], BaseException] | None]:
+        conn = self._connection()
+        idle_lost = False  # the batch's first statement found the connection dead: nothing was sent
+        try:
+            with conn.begin() as trans:
+                # The writer's own statements go to the DBAPI cursor: through SQLAlchemy each cost
+                # 30-50 us more, as much as a small batch's entries.
+                cursor = conn.connection.cursor()
+                # Lock the head row first: the one place writers of all replicas serialise.
+                try:
                     cursor.execute("UPDATE audit_head SET size = size WHERE id = 1 RETURNING size, last_hash")
-                    head = cursor.fetchone()
-                    assert head is not None, "audit_head row 1 is missing"
-                    size, prev = head
-                    self._follow(cursor, size, prev)
-                    # The access chains' heads this process moved last; only while no other replica appended.
-                    heads = self._heads[1] if self._heads and self._heads[0] == size else {}
-                    self._heads = None  # until this batch commits
-                    now = self._clock.now()
-                    outcomes: list[_Outcome] = []
-                    for p in live:
-                        if p.unit is None:  # one record: no unit to run
-                            outcomes.append((p, p.records, None, None))
-                            continue
-                        tx = Tx(conn, now)
-                        try:
-                            outcomes.append((p, tx.records, p.unit(tx), None))
-                        except BaseException as exc:
-                            if not tx.is_denial(exc):
-                                trans.rollback()
-                                return [], (p, exc)
-                            outcomes.append((p, tx.records, None, exc))
-                    leaves = self._chain(cursor, outcomes, size, prev, rfc3339(now), heads)
-                    cursor.close()
-                self._db.count_commit()
-            except BaseException:
-                self._conn = None
-                with contextlib.suppress(Exception):
-                    conn.invalidate()
-                raise
+                except conn.dialect.loaded_dbapi.Error as exc:
+                    idle_lost = not retried and conn.dialect.is_disconnect(exc, conn.connection.dbapi_connection,
+                                                                           cursor)
+                    raise
+                head = cursor.fetchone()
+                assert head is not None, "audit_head row 1 is missing"
+                size, prev = head
+                self._follow(cursor, size, prev)
+                # The access chains' heads this process moved last; only while no other replica appended.
+                heads = self._heads[1] if self._heads and self._heads[0] == size else {}
+                self._heads = None  # until this batch commits
+                now = self._clock.now()
+                outcomes: list[_Outcome] = []
+                for p in live:
+                    if p.unit is None:  # one record: no unit to run
+                        outcomes.append((p, p.records, None, None))
+                        continue
+                    tx = Tx(conn, now)
+                    try:
+                        outcomes.append((p, tx.records, p.unit(tx), None))
+                    except BaseException as exc:
+                        if not tx.is_denial(exc):
+                            trans.rollback()
+                            return [], (p, exc)
+                        outcomes.append((p, tx.records, None, exc))
+                leaves = self._chain(cursor, outcomes, size, prev, rfc3339(now), heads)
+                cursor.close()
+            self._db.count_commit()
+        except BaseException:
+            self._conn = None
+            with contextlib.suppress(Exception):
+                conn.invalidate()
+            if idle_lost:
+                raise _IdleConnectionLost from None
+            raise
         self._tree.append(leaves)
         self._heads = (size + len(leaves), heads if len(heads) <= MAX_CACHED_HEADS else {})
         return outcomes, None
