@@ -22,6 +22,7 @@ from clipstore.clock import Clock, SystemClock
 from clipstore.config import Config, ConfigError
 from clipstore.enrolment import EnrolmentPorts, SelfEnrolment
 from clipstore.identity import LOOKUP_KEY_NAME, AccountLookup
+from clipstore.peers import PEER_PSEUDONYM_KEY_NAME, PeerPseudonyms
 from clipstore.principals import PrincipalLifecycle, PrincipalPorts
 from clipstore.review import ReviewDesk, ReviewPolicy, ReviewPorts
 from clipstore.review.assignments import Assignments
@@ -178,6 +179,8 @@ class App:
             captured_at=clip_rows.captured_at,
             pseudonym_key=load_or_create_service_key(self.db, self.root, PSEUDONYM_KEY_NAME), cosign=self.cosign,
             max_bytes=config.max_message_bytes - REPORT_RESPONSE_HEADROOM)
+        # What an anonymous denial summary names instead of the caller's address (clipstore.peers).
+        self.peer_pseudonyms = PeerPseudonyms(load_or_create_service_key(self.db, self.root, PEER_PSEUDONYM_KEY_NAME))
         self.sampler = ReviewSampler(rate=config.review_sample_rate)
         self.clips = ClipLibrary(clips=ClipRepository(self.db), rows=_clip_rows, review=_review_rows,
                                  accounts=self.accounts, keyring=self.keyring,

@@ -9,14 +9,16 @@ An entry per refused call let one anonymous client write ~320 permanent entries 
   credential) is appended as `auth.deny` for the first `per_principal` of each interval, so the
   ordinary case keeps its request id; past that it is counted into the principal's summary entry.
 
-A summary's `reason` reads `count=N REASON=n …`; an anonymous summary names the peer as
-`peer=ipv4:203.0.113.7` (the address without its port). Counts live in memory until flushed:
-a crash loses at most one interval of them.
+A summary's `reason` reads `count=N REASON=n …`; an anonymous summary names the peer by its
+pseudonym, `peer=pp_3b1f0c9a7e5d2468ac01` (`clipstore.peers`: a keyed HMAC of the address without its
+port, stable per host and deployment), never by its address, which is personal data in a log that is
+permanent and published; `clipstore audit peer-pseudonym ADDRESS` prints the pseudonym of a suspected
+address to search for. Past `MAX_PEERS_PER_INTERVAL` peers, the rest share `peer=other`. Counts live
+in memory until flushed: a crash loses at most one interval of them.
 """
 
 from __future__ import annotations
 
-import re
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -32,13 +34,6 @@ MAX_PEERS_PER_INTERVAL = 1024  # bounds memory and entries per interval; more pe
 OTHER_PEERS = "other"
 ANONYMOUS = "anonymous"
 log = get_logger("clipstore.denials")
-_PORT_RE = re.compile(r"^(ipv4:[^:]+|ipv6:\[[^\]]+\]):\d+$")
-
-
-def peer_address(peer: str) -> str:
-    """gRPC's peer string without the ephemeral port: `ipv4:10.0.0.7:53122` → `ipv4:10.0.0.7`."""
-    match = _PORT_RE.match(peer)
-    return match.group(1) if match else peer
 
 
 @dataclass(frozen=True)
@@ -48,13 +43,17 @@ class _Who:
     actor_id: str
     actor_role: str
     principal_id: str = ""  # the principal whose credential was presented, when it names one
-    peer: str = ""  # for callers nothing identifies
+    peer: str = ""  # for callers nothing identifies: the peer's pseudonym, never its address
 
 
 class DenialLedger:
-    def __init__(self, audit: AuditLog, *, interval_s: float, per_principal: int,
+    """`pseudonym` maps gRPC's peer string to what a summary names (`PeerPseudonyms.of`); the ledger
+    holds no address, only pseudonyms."""
+
+    def __init__(self, audit: AuditLog, *, pseudonym: Callable[[str], str], interval_s: float, per_principal: int,
                  on_denial: Callable[[bool, str], None] = lambda identified, reason: None) -> None:
         self._audit = audit
+        self._pseudonym = pseudonym
         self._interval_s = interval_s
         self._per_principal = per_principal
         self._on_denial = on_denial
@@ -75,13 +74,14 @@ class DenialLedger:
         who = _Who(principal.id if principal else ANONYMOUS, principal.role if principal else "",
                    getattr(error, "principal_id", ""))
         self._on_denial(bool(named), reason)
+        pseudonym = "" if named else self._pseudonym(peer)  # outside the lock: an HMAC per anonymous refusal
         with self._lock:
             immediate = bool(named) and self._appended[named] < self._per_principal
             if immediate:
                 self._appended[named] += 1
             else:
                 if not named:
-                    who = _Who(ANONYMOUS, "", peer=self._peer_slot(peer_address(peer)))
+                    who = _Who(ANONYMOUS, "", peer=self._peer_slot(pseudonym))
                 self._counts.setdefault(who, Counter())[reason] += 1
         if immediate:
             self._append(AuditRecord(actor_id=who.actor_id, actor_role=who.actor_role, action="auth.deny",

@@ -217,7 +217,7 @@ class ClipstoreServer:
         self.metrics = _metrics(app)
         self.metrics_port: int | None = None
         self.health = health.HealthServicer(experimental_non_blocking=True)
-        self.denials = DenialLedger(app.audit, interval_s=config.denial_summary_s,
+        self.denials = DenialLedger(app.audit, pseudonym=app.peer_pseudonyms.of, interval_s=config.denial_summary_s,
                                     per_principal=config.denials_per_principal, on_denial=self.metrics.observe_denial)
         serving = config.serving
         self._public_pool = futures.ThreadPoolExecutor(max_workers=PUBLIC_WORKERS, thread_name_prefix="rpc-public")

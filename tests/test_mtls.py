@@ -99,7 +99,8 @@ def _refused_and_audited(server: ClipstoreServer, err: grpc.RpcError, reason: st
         server.denials.flush()
         summaries = [e for e in map(json.loads, server.app.audit.reader.entries(0, 10_000))
                      if e["action"] == "auth.deny_summary"]
-        assert summaries[-1]["outcome"]["reason"] == f"count=1 peer=ipv4:127.0.0.1 {reason}=1"
+        assert summaries[-1]["outcome"]["reason"] == \
+            f"count=1 peer={server.app.peer_pseudonyms.of('127.0.0.1')} {reason}=1"
         return
     last = _denials(server)[-1]
     assert last["outcome"] == {"result": "denied", "reason": reason}

@@ -207,11 +207,43 @@ def test_a_flood_of_500_unauthenticated_calls_is_one_summary_entry_and_a_counter
         assert counted == FLOOD
         assert srv.denials.flush() == 1
         entries = [json.loads(e) for e in srv.app.audit.reader.entries(before, 10_000)]
+        peer = srv.app.peer_pseudonyms.of("127.0.0.1")
     print(f"flood: {FLOOD} calls in {elapsed:.2f} s, {len(entries)} audit entries")
     [summary] = entries
     assert summary["action"] == "auth.deny_summary" and summary["actor"]["id"] == "anonymous"
-    assert summary["outcome"] == {"result": "denied", "reason": f"count={FLOOD} peer=ipv4:127.0.0.1 "
+    assert summary["outcome"] == {"result": "denied", "reason": f"count={FLOOD} peer={peer} "
                                   f"INVALID_CREDENTIALS={FLOOD // 2} MISSING_CREDENTIALS={FLOOD // 2}"}
+
+
+def _without_own_listen(line: str) -> str:
+    """A log line, less the server's own bind address (configuration, not a caller's)."""
+    event = json.loads(line)
+    if event["event"] == "server.started":
+        event.pop("listen")
+    return json.dumps(event)
+
+
+def test_a_flood_of_anonymous_calls_leaves_the_callers_address_in_no_audit_entry_and_no_log_line(
+        tmp_path: Path, log_stream: io.StringIO) -> None:
+    """An IP address is personal data: the summary names the peer by its keyed pseudonym, stable across
+    intervals and restarts of the deployment, and no log line carries the address either."""
+    config = make_config(tmp_path / "d", **{"audit.denial_summary_s": 3600})
+    with running_server(config) as srv:
+        _flood(srv.port, 40)
+        srv.denials.flush()
+        _flood(srv.port, 8)  # the next interval
+    with running_server(config) as srv:  # the first server flushed the second interval as it stopped
+        _flood(srv.port, 4)  # a restart: the same key, so the same pseudonym
+        srv.denials.flush()
+        entries = [e.decode() for e in srv.app.audit.reader.entries(0, 10_000)]
+        peer = srv.app.peer_pseudonyms.of("ipv4:127.0.0.1:1")
+    summaries = [json.loads(e)["outcome"]["reason"] for e in entries if '"auth.deny_summary"' in e]
+    assert [r.split()[:2] for r in summaries] == [["count=40", f"peer={peer}"], ["count=8", f"peer={peer}"],
+                                                  ["count=4", f"peer={peer}"]]
+    logs = [_without_own_listen(line) for line in log_stream.getvalue().splitlines()]
+    assert any('"rpc"' in line and "UNAUTHENTICATED" in line for line in logs)  # the refusals were logged
+    for text in entries + logs:
+        assert "127.0.0.1" not in text and "ipv4:" not in text, text
 
 
 def test_counted_denials_reach_the_log_every_interval_and_at_shutdown(tmp_path: Path,
