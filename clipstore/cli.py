@@ -1,4 +1,4 @@
-"""`clipstore` command line: serve, principals, reviewers, audit export and verify.
+"""`clipstore` command line: serve, principals, reviewers, audit export, verify and peer pseudonyms.
 
 Commands that manage principals or read the log remotely speak to the API
 (`clipstore.remote_cli`, `clipstore.remote`); the operator's commands that need
@@ -224,6 +224,41 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
     return code
 
 
+def _cmd_audit_peer_pseudonym(args: argparse.Namespace) -> int:
+    """The pseudonym an `auth.deny_summary` entry of this deployment names ADDRESS by (`peer=pp_…`): needs
+    the database and the root, as the server does; reads only (a wrong data dir gets no fresh key)."""
+    from clipstore.app import private_data, root_provider
+    from clipstore.peers import PEER_PSEUDONYM_KEY_NAME, PeerPseudonyms, canonical_address
+    from clipstore.store import Database, migrations
+    from clipstore.store.service_keys import load_service_key
+    try:
+        address = canonical_address(args.address)
+    except ValueError as exc:
+        print(f"error: {exc}; give e.g. 203.0.113.7, ipv4:203.0.113.7, 2001:db8::1 or ipv6:[2001:db8::1]",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    config = _config(args)
+    if config.kms is None and not config.root_key_file.exists():  # root_provider would create one
+        print(f"error: no root key at {config.root_key_file}; give the server's --data-dir or --config",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    private_data(config)
+    root = root_provider(config)
+    db = Database(config.effective_database_url, upgrade=False)
+    try:
+        with db.read() as conn:
+            revision = migrations.current(conn)
+        key = load_service_key(db, root, PEER_PSEUDONYM_KEY_NAME) if revision is not None else None
+    finally:
+        db.close()
+    if key is None:
+        print("error: this database has no peer pseudonym key: no server of this release has started on it, so "
+              "no entry names a peer pseudonym (check --data-dir, --database-url or --config)", file=sys.stderr)
+        return 1
+    print(f"peer={PeerPseudonyms(key).of(address)}")
+    return 0
+
+
 def _cmd_purge(args: argparse.Namespace) -> int:
     from clipstore.app import App
     from clipstore.unit import OPERATOR
@@ -434,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--to", default="head", help="revision to reach (default: head)")
     sql.set_defaults(func=_cmd_db_sql)
 
-    audit = sub.add_parser("audit", help="export or verify the audit log")
+    audit = sub.add_parser("audit", help="export or verify the audit log; a peer's pseudonym")
     asub = audit.add_subparsers(dest="audit_command", required=True)
     export = asub.add_parser("export", help="write entries, a fresh checkpoint and the verifier key to a dir "
                                             "(from a running server with --server)")
@@ -448,6 +483,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--manifest", type=Path, help="with --s3-bucket: write the manifest (every object's version "
                                                       "id and SHA-256) here, to hand to auditors")
     export.set_defaults(func=_cmd_audit_export)
+    pseudonym = asub.add_parser(
+        "peer-pseudonym", help="print the pseudonym `auth.deny_summary` entries name ADDRESS by, to search the log "
+        "for (needs the database and root key, as serve does)",
+        epilog="example: clipstore audit peer-pseudonym 203.0.113.7 --data-dir /var/lib/clipstore "
+               "(prints peer=pp_…; grep the export for it)")
+    _add_config_flags(pseudonym)
+    pseudonym.add_argument("address", help="IPv4 or IPv6 address, bare or as gRPC writes it (ipv4:203.0.113.7, "
+                                           "ipv6:[2001:db8::1]); a port is ignored")
+    pseudonym.set_defaults(func=_cmd_audit_peer_pseudonym)
     verify = asub.add_parser("verify", help="fetch a running server's log (or an S3 export) and verify it")
     add_remote_flags(verify)
     verify.add_argument("--s3-export", help="s3://BUCKET/PREFIX/SIZE/ written by audit export --s3-bucket")

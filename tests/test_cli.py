@@ -214,3 +214,46 @@ def test_purge_and_retire_dry_runs_count_and_change_nothing(tmp_path: Path) -> N
     out = subprocess.run([sys.executable, "-m", "clipstore", "purge", "--dry-run", "--data-dir", str(data)],
                          capture_output=True, text=True, check=True).stdout
     assert "dry run: nothing changed" in out
+
+
+def _anonymous_calls(port: int, calls: int) -> None:
+    from clipstore.v1 import clip_pb2, clip_pb2_grpc
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        for _ in range(calls):
+            with pytest.raises(grpc.RpcError):
+                clip_pb2_grpc.ClipServiceStub(channel).GetClip(clip_pb2.GetClipRequest(clip_id="c_x"), timeout=10)
+
+
+def test_audit_peer_pseudonym_prints_what_the_server_wrote_for_an_address_in_any_form(tmp_path: Path) -> None:
+    from clipstore.server import running_server
+    from tests.conftest import make_config
+    data = tmp_path / "data"
+    with running_server(make_config(data, **{"audit.denial_summary_s": 3600})) as srv:
+        _anonymous_calls(srv.port, 3)
+        srv.denials.flush()
+        [summary] = [json.loads(e) for e in srv.app.audit.reader.entries(0, 10_000) if b'"auth.deny_summary"' in e]
+    written = summary["outcome"]["reason"].split()[1]
+    assert written.startswith("peer=pp_")
+    env = _env(tmp_path)
+    for form in ("127.0.0.1", "ipv4:127.0.0.1", "ipv4:127.0.0.1:53122", "::ffff:127.0.0.1"):
+        out = _clipstore("audit", "peer-pseudonym", form, "--data-dir", str(data), env=env)
+        assert (out.returncode, out.stdout, out.stderr) == (0, f"{written}\n", ""), form
+    other = _clipstore("audit", "peer-pseudonym", "ipv6:[::1]", "--data-dir", str(data), env=env)
+    assert other.returncode == 0 and other.stdout.startswith("peer=pp_") and other.stdout != f"{written}\n"
+
+
+def test_audit_peer_pseudonym_refuses_a_non_address_and_creates_nothing_where_no_server_ran(tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    bad = _clipstore("audit", "peer-pseudonym", "example.org", "--data-dir", str(tmp_path / "d"), env=env)
+    assert bad.returncode == 2 and "not an IPv4 or IPv6 address: 'example.org'" in bad.stderr
+    wrong = _clipstore("audit", "peer-pseudonym", "203.0.113.7", "--data-dir", str(tmp_path / "typo"), env=env)
+    assert wrong.returncode == 2 and "no root key at" in wrong.stderr and wrong.stdout == ""
+    assert not (tmp_path / "typo").exists()  # no root key, no database made for a pseudonym nobody wrote
+    from clipstore.store import Database
+    from kms import LocalKms
+    (tmp_path / "old").mkdir(mode=0o700)
+    LocalKms.from_file(tmp_path / "old" / "root.key")
+    Database(f"sqlite:///{tmp_path / 'old' / 'clipstore.db'}").close()  # a schema, but no server has started
+    (tmp_path / "old" / "clipstore.db").chmod(0o600)  # as the service would have made it
+    keyless = _clipstore("audit", "peer-pseudonym", "203.0.113.7", "--data-dir", str(tmp_path / "old"), env=env)
+    assert keyless.returncode == 1 and "no peer pseudonym key" in keyless.stderr and keyless.stdout == ""

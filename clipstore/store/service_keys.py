@@ -14,6 +14,15 @@ from kms import KeyProvider
 KEY_BYTES = 32
 
 
+def load_service_key(db: Database, root: KeyProvider, name: str) -> bytes | None:
+    """The service secret `name`, or None if no server of this database has created it yet (read only:
+    for the operator's commands that must not create what the service would then use)."""
+    t = schema.service_keys
+    with db.read() as conn:
+        wrapped = conn.scalar(sa.select(t.c.wrapped).where(t.c.name == name))
+    return None if wrapped is None else root.decrypt(bytes(wrapped), {"purpose": "service-key", "name": name})
+
+
 def load_or_create_service_key(db: Database, root: KeyProvider, name: str) -> bytes:
     """A 256-bit service secret, created once per database, wrapped by the root; replicas share it."""
     t, context = schema.service_keys, {"purpose": "service-key", "name": name}
