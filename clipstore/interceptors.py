@@ -57,7 +57,9 @@ class RequestContext:
     request_id: str
     method: str
     principal: Principal | None
-    peer: str = ""  # gRPC's peer string, e.g. ipv4:10.0.0.7:53122; read for a refused call only (the denial ledger)
+    # gRPC's peer string, e.g. ipv4:10.0.0.7:53122; read for a refused call only, for the denial ledger, which
+    # writes its pseudonym (clipstore.peers): an address is personal data, never logged or audited
+    peer: str = ""
 
 
 _current: ContextVar[RequestContext | None] = ContextVar("clipstore_request", default=None)
