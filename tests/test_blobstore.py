@@ -5,26 +5,32 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import contextlib
+import email.utils
 import hashlib
 import random
 import secrets
 import socket
 import struct
 import threading
+import time
 import uuid
 import zlib
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import boto3
 import botocore.exceptions
+import botocore.utils
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from moto import mock_aws
 
 from clipstore.app import blob_store
 from clipstore.blobs import BlobNotFound, BlobStore, BlobUnavailable, FileBlobStore, S3BlobStore
-from clipstore.blobs._s3 import UPLOAD_BUFFERS
+from clipstore.blobs._s3 import UPLOAD_BUFFERS, _timestamp
 from clipstore.config import load_config
 
 PART = 5 * 1024 * 1024
@@ -165,6 +171,27 @@ def test_s3_reads_leave_checking_to_the_envelope(moto_endpoint: str) -> None:
     store.put_stream("c", _chunks(data))
     assert b"".join(store.get_stream("c")) == data and store.read_range("c", 5, 10) == data[5:15]
     assert modes == [None, None]
+
+
+@given(st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(2200, 1, 1)))
+def test_s3_timestamps_parse_as_botocores_own_parser_parses_them(moment: datetime) -> None:
+    """The store's timestamp parser (no dateutil: it cost ~65 us per GET) reads both forms S3 sends, an HTTP
+    date and ISO 8601, to the instant botocore's default reads, and hands anything else to botocore's."""
+    moment = moment.replace(tzinfo=UTC)
+    http_date = email.utils.format_datetime(moment.replace(microsecond=0), usegmt=True)
+    iso = moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    for text in (http_date, iso, moment.strftime("%Y-%m-%dT%H:%M:%SZ"), str(int(moment.timestamp()))):
+        assert _timestamp(text) == botocore.utils.parse_timestamp(text), text
+
+
+def test_s3_listings_read_object_times(moto_endpoint: str) -> None:
+    bucket = f"clips-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket=bucket)
+    store = S3BlobStore(bucket, endpoint_url=moto_endpoint)
+    store.put_stream("c", [b"x"])
+    assert list(store.list_keys(older_than_s=-60)) == ["c"] and list(store.list_keys(older_than_s=60)) == []
+    head = store.client.head_object(Bucket=bucket, Key="clips/c")
+    assert abs(head["LastModified"].timestamp() - time.time()) < 60
 
 
 def test_file_store_rejects_path_like_keys(tmp_path: Path) -> None:
