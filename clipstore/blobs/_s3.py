@@ -36,7 +36,8 @@ def _timestamp(value: str) -> datetime:
             return datetime.fromisoformat(value)
         return email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
-        return botocore.utils.parse_timestamp(value)
+        parsed: datetime = botocore.utils.parse_timestamp(value)
+        return parsed
 
 
 class S3BlobStore:
