@@ -15,7 +15,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, NamedTuple, Protocol, TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -61,8 +61,9 @@ class KekStore(Protocol):
     def is_destroyed(self, account_ref: str) -> bool: ...
 
 
-@dataclass(frozen=True, kw_only=True)
-class WrappedDek:
+class WrappedDek(NamedTuple):
+    """A NamedTuple: one is made per clip ingested, and a frozen dataclass cost several times as much."""
+
     key_version: int
     blob: bytes  # nonce ‖ AES-256-GCM(KEK, DEK)
 
@@ -73,7 +74,7 @@ class WrappedDek:
 def _dek_aad(clip_id: str, account_ref: str, key_version: int) -> bytes:
     # Length-prefixed so no two (clip, account, version) triples share an encoding.
     cid, ref = clip_id.encode(), account_ref.encode()
-    return struct.pack(">H", len(cid)) + cid + struct.pack(">H", len(ref)) + ref + struct.pack(">I", key_version)
+    return struct.pack(f">H{len(cid)}sH{len(ref)}sI", len(cid), cid, len(ref), ref, key_version)
 
 
 class _TtlCache(Generic[K, V]):
