@@ -21,6 +21,9 @@ from the server's access log.
    every request) and does one group-committed audit append, called back
    to back by 8 clients. Rounds of 2 and 3 alternate, so both see the same
    neighbours; `grant_p99_vs_floor` = RequestGrant p99 ÷ the floor's p99.
+4. The floor in open loop at phase 1's RPC rate (--rate × 4 calls/s, Poisson, 16 clients): what
+   one durable RPC's p99 is on this machine at that load with nothing else to do (wake-ups of idle
+   threads and the fsync's own tail); `grant_p99_open_loop_vs_floor` = phase 1's p99 ÷ this one.
 
 `server_cpu_ms_per_review`: the server process's CPU time (user + system) in
 phase 2 per review; on this shared machine it moves less between runs than
@@ -41,6 +44,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -70,6 +74,7 @@ ROUNDS = 2  # closed-loop rounds of ours and of the floor, alternating
 RPCS_PER_REVIEW = 4
 SEQUENTIAL_REVIEWS = 25
 Reviewer = tuple[review_pb2_grpc.ReviewServiceStub, tuple[tuple[str, str], ...], str]
+W = TypeVar("W")
 
 
 def pct(samples: list[float], p: float) -> float:
@@ -118,25 +123,26 @@ def review_one(reviewer: Reviewer) -> None:
         session_token=token, assignment_id=a.assignment_id, label="ok"), metadata=md)
 
 
-def open_loop(reviewers: list[Reviewer], rate: float, seconds: float) -> tuple[int, float, list[float]]:
-    """Poisson arrivals at `rate`/s for `seconds`; returns reviews, achieved rate, and how long arrivals
-    waited for a free reviewer (s)."""
+def open_loop(workers: list[W], rate: float, seconds: float, call: Callable[[W], object]
+              ) -> tuple[int, float, list[float]]:
+    """Poisson arrivals at `rate`/s for `seconds`, each served by `call` on an idle worker; returns
+    arrivals, achieved rate, and how long arrivals waited for an idle worker (s)."""
     arrivals = random.Random(13)  # the same schedule every run
-    idle: queue.SimpleQueue[Reviewer] = queue.SimpleQueue()
-    for r in reviewers:
-        idle.put(r)
+    idle: queue.SimpleQueue[W] = queue.SimpleQueue()
+    for w in workers:
+        idle.put(w)
     waited: list[float] = []
 
     def one(due: float) -> None:
-        r = idle.get()
+        w = idle.get()
         waited.append(time.perf_counter() - due)
         try:
-            review_one(r)
+            call(w)
         finally:
-            idle.put(r)
+            idle.put(w)
 
     n, start = 0, time.perf_counter()
-    with ThreadPoolExecutor(len(reviewers)) as pool:
+    with ThreadPoolExecutor(len(workers)) as pool:
         due = start
         while (due := due + arrivals.expovariate(rate)) - start < seconds:
             time.sleep(max(0.0, due - time.perf_counter()))
@@ -195,7 +201,7 @@ def main() -> None:
 
         # 1. open loop
         mark, before = server.mark(), commits()
-        reviews, achieved, waited = open_loop(reviewers, args.rate, args.open_seconds)
+        reviews, achieved, waited = open_loop(reviewers, args.rate, args.open_seconds, review_one)
         open_commits = (commits() - before) / (reviews * RPCS_PER_REVIEW)
         open_grant = server.rpc_ms("/RequestGrant", mark, server.mark())
 
@@ -219,12 +225,20 @@ def main() -> None:
             floor_ms += floor.rpc_ms(FLOOR_METHOD, mark, floor.mark())
         closed_rpcs = ROUNDS * closed_per_round * RPCS_PER_REVIEW
 
+        # 4. the floor in open loop, at the offered load's RPC rate (each of our RPCs commits once, as each
+        # floor call does), from as many clients: the least a durable RPC's p99 can be here at that load
+        mark = floor.mark()
+        open_loop([floor_stub] * OPEN_REVIEWERS, args.rate * RPCS_PER_REVIEW, args.open_seconds,
+                  lambda stub: stub(b""))
+        floor_open_ms = floor.rpc_ms(FLOOR_METHOD, mark, floor.mark())
+
     saturation = statistics.median(rates)
     server_cpu_ms = server_cpu_s * 1000 / (ROUNDS * closed_per_round)
     print(f"{'RequestGrant, server-side':<52} {'n':>5} {'p50 ms':>8} {'p99 ms':>8}")
     for name, samples in [(f"open loop, {args.rate:g} reviews/s offered", open_grant),
                           (f"closed loop, {CLOSED_REVIEWERS} reviewers", closed_grant),
-                          (f"floor: one group-committed append, {CLOSED_REVIEWERS} clients", floor_ms)]:
+                          (f"floor: one group-committed append, {CLOSED_REVIEWERS} clients", floor_ms),
+                          (f"floor, open loop: {args.rate * RPCS_PER_REVIEW:g} calls/s offered", floor_open_ms)]:
         print(f"{name:<52} {len(samples):>5} {statistics.median(samples):>8.2f} {pct(samples, 99):>8.2f}")
     print(f"open loop: {reviews} reviews at {achieved:.1f}/s achieved; arrivals waited for a free reviewer "
           f"p99 {pct(waited, 99) * 1000:.1f} ms; {open_commits:.2f} commits per RPC")
@@ -234,6 +248,8 @@ def main() -> None:
     print("goals: open-loop p99 < 5 ms; p99 vs floor ≤ 2.0; commits per RPC 1.0")
     print(f"grant_p99_open_loop_ms={pct(open_grant, 99):.2f}")
     print(f"grant_p99_vs_floor={pct(closed_grant, 99) / pct(floor_ms, 99):.2f}")
+    print(f"floor_p99_open_loop_ms={pct(floor_open_ms, 99):.2f}")
+    print(f"grant_p99_open_loop_vs_floor={pct(open_grant, 99) / pct(floor_open_ms, 99):.2f}")
     print(f"reviews_per_s_saturation={saturation:.1f}")
     print(f"commits_per_rpc={alone:.2f}")
     print(f"server_cpu_ms_per_review={server_cpu_ms:.2f}")
