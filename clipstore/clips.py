@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from clipstore.accounts import AccountDirectory
-from clipstore.blobs import BlobStore
+from clipstore.blobs import BlobNotFound, BlobStore
 from clipstore.clipkey import MAGIC_V2, ClipKey, Purpose
 from clipstore.clock import Clock
 from clipstore.envelope import open_clip, seal_clip
@@ -111,12 +111,14 @@ class ClipLibrary:
         idem = hashlib.sha256(new.idempotency_key.encode()).digest()
         existing = self._clips.by_idempotency(actor.id, idem)
         if existing is not None:
-            clip, key = self._existing(existing)  # a spent key is refused before the upload is read
+            self._existing(existing)  # a spent key is refused before the upload is read
             counted = _Counted(audio)
             for _ in counted:  # the same limits and checks as a first upload; the audio goes nowhere
                 pass
             if counted.total == 0:
                 raise InvalidArgument("audio_chunk", "the clip is empty; send at least one audio chunk")
+            # Again: the upload took as long as the client liked, and the clip may have been deleted meanwhile.
+            clip, key = self._existing(existing)
             return self._same_recording(clip, key, new, counted.total, audio.sha256(), actor)
         account = self._accounts.find_or_create(new.account_id)
         ref, clip_id = account.account_ref, "c_" + secrets.token_hex(12)
@@ -192,6 +194,9 @@ class ClipLibrary:
         """
         try:
             differs = self._differs(clip, key, new, size, sha256)
+        except BlobNotFound:
+            self._existing(clip.clip_id)  # a deletion removes the row before the object: spent if it is gone
+            raise
         except EnvelopeError as exc:
             self._audit.append(actor.record("clip.integrity_failure", clip_id=clip.clip_id,
                                             account_ref=clip.account_ref, outcome="failed", reason=exc.tamper))

@@ -314,3 +314,41 @@ def test_a_retry_compared_with_a_tampered_clip_fails_its_integrity_check_audited
     last = json.loads(app.audit.reader.entries(0, 100_000)[-1])
     assert (last["action"], last["outcome"]["result"], last["target"]["clip_id"]) == (
         "clip.integrity_failure", "failed", clip.clip_id)
+
+
+def _deleted_mid_upload(app: App, clip_id: str) -> Iterator[bytes]:
+    """A retry's chunks; half-way through, its clip is deleted (DeleteClip, a purge or an erasure)."""
+    yield AUDIO[:50_000]
+    app.clips.delete(clip_id, OPERATOR)
+    yield AUDIO[50_000:]
+
+
+@pytest.mark.parametrize("meta", [{}, {"locale": "de-DE"}], ids=["same-recording", "other-metadata"])
+def test_a_retry_whose_clip_is_deleted_while_its_audio_arrives_is_refused_as_spent(app: App,
+                                                                                   meta: dict[str, str]) -> None:
+    # The key's clip is looked up before the upload is read (which takes as long as the client likes), and
+    # compared after: by then its object may be gone with it. Spent, as for a retry that came later; not
+    # a missing object (NOT_FOUND), which would read as a storage fault, nor a refusal naming a clip that is gone.
+    clip = app.clips.ingest(_new(idempotency_key="deleted-meanwhile"), Chunks([AUDIO]), OPERATOR)
+    with pytest.raises(ClipstoreError) as caught:
+        app.clips.ingest(_new(idempotency_key="deleted-meanwhile", **meta),
+                         Chunks(_deleted_mid_upload(app, clip.clip_id)), OPERATOR)
+    assert caught.value.reason == "IDEMPOTENCY_KEY_SPENT", caught.value.message
+    assert list(app.blobs.list_keys(older_than_s=-1)) == []
+    last = json.loads(app.audit.reader.entries(0, 100_000)[-1])
+    assert last["action"] == "clip.delete"  # no refusal or integrity failure entry for a clip that is gone
+
+
+def test_a_retry_whose_clip_is_deleted_as_it_is_compared_is_refused_as_spent(
+        app: App, monkeypatch: pytest.MonkeyPatch) -> None:
+    clip = app.clips.ingest(_new(idempotency_key="deleted-at-compare"), Chunks([AUDIO]), OPERATOR)
+    get_stream = app.blobs.get_stream
+
+    def deleted_first(key: str) -> Iterator[bytes]:  # the deletion lands between the last look-up and the read
+        app.clips.delete(clip.clip_id, OPERATOR)
+        return get_stream(key)
+
+    monkeypatch.setattr(app.blobs, "get_stream", deleted_first)
+    with pytest.raises(ClipstoreError) as caught:
+        app.clips.ingest(_new(idempotency_key="deleted-at-compare"), Chunks([AUDIO]), OPERATOR)
+    assert caught.value.reason == "IDEMPOTENCY_KEY_SPENT", caught.value.message
