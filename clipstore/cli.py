@@ -242,9 +242,14 @@ def _cmd_audit_peer_pseudonym(args: argparse.Namespace) -> int:
         print(f"error: no root key at {config.root_key_file}; give the server's --data-dir or --config",
               file=sys.stderr)
         return EXIT_CONFIG
+    url = config.effective_database_url
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():  # opening would create it
+        print(f"error: no database at {url.removeprefix('sqlite:///')}; give the server's --data-dir, --database-url "
+              "or --config", file=sys.stderr)
+        return EXIT_CONFIG
     private_data(config)
     root = root_provider(config)
-    db = Database(config.effective_database_url, upgrade=False)
+    db = Database(url, upgrade=False)
     try:
         with db.read() as conn:
             revision = migrations.current(conn)

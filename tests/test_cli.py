@@ -257,3 +257,15 @@ def test_audit_peer_pseudonym_refuses_a_non_address_and_creates_nothing_where_no
     (tmp_path / "old" / "clipstore.db").chmod(0o600)  # as the service would have made it
     keyless = _clipstore("audit", "peer-pseudonym", "203.0.113.7", "--data-dir", str(tmp_path / "old"), env=env)
     assert keyless.returncode == 1 and "no peer pseudonym key" in keyless.stderr and keyless.stdout == ""
+
+
+def test_audit_peer_pseudonym_creates_no_database_where_only_a_root_key_is(tmp_path: Path) -> None:
+    # A data dir with the root key but another (or no) database: reading must not leave an empty SQLite file
+    # there, which a later `serve` with this data dir would take for the deployment's database.
+    from kms import LocalKms
+    (tmp_path / "keyonly").mkdir(mode=0o700)
+    LocalKms.from_file(tmp_path / "keyonly" / "root.key")
+    out = _clipstore("audit", "peer-pseudonym", "203.0.113.7", "--data-dir", str(tmp_path / "keyonly"),
+                     env=_env(tmp_path))
+    assert out.returncode == 2 and "no database at" in out.stderr and out.stdout == ""
+    assert sorted(p.name for p in (tmp_path / "keyonly").iterdir()) == ["root.key"]
