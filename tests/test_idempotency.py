@@ -352,3 +352,20 @@ def test_a_retry_whose_clip_is_deleted_as_it_is_compared_is_refused_as_spent(
     with pytest.raises(ClipstoreError) as caught:
         app.clips.ingest(_new(idempotency_key="deleted-at-compare"), Chunks([AUDIO]), OPERATOR)
     assert caught.value.reason == "IDEMPOTENCY_KEY_SPENT", caught.value.message
+
+
+def test_a_retry_racing_the_deletion_of_its_account_is_refused_as_spent_and_leaves_nothing(ingest: Ingest) -> None:
+    ingest.put("erased-meanwhile")
+
+    def retry() -> Iterator[clip_pb2.PutClipRequest]:
+        requests = put_requests(metadata(idempotency_key="erased-meanwhile"), AUDIO)
+        yield next(requests)  # the metadata: the server looks the key up and starts reading the audio
+        yield next(requests)
+        ingest.accounts.DeleteAccount(account_pb2.DeleteAccountRequest(account_id=ACCOUNT_ID), metadata=ingest.md,
+                                      timeout=10)
+        yield from requests
+
+    with pytest.raises(grpc.RpcError) as caught:
+        ingest.clips.PutClip(retry(), metadata=ingest.md, timeout=30)
+    _assert_spent(caught.value)
+    assert ingest.stored() == {"clips": 0, "accounts": 0, "review_queue": 0, "objects": 0}
