@@ -10,14 +10,17 @@ import contextlib
 import io
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import sqlalchemy as sa
 
 from clipstore.server import running_server
+from clipstore.store import Database
 from clipstore.v1 import (
     clip_pb2,
     clip_pb2_grpc,
@@ -143,3 +146,39 @@ def _answered(name: str, call: Callable[[], Any]) -> None:
         call()
     except grpc.RpcError as err:
         assert err.code() != grpc.StatusCode.UNAVAILABLE, (name, err.details())
+
+
+def test_postgresql_connections_notice_a_vanished_peer_and_the_url_may_say_otherwise(pg_url: str) -> None:
+    """Keepalives both ways, a TCP user timeout and an idle-in-transaction timeout (a client gone mid-transaction
+    gives its locks back in minutes, not after the server's 2 h keepalive), each a default the URL may override,
+    its own `options` (here the test schema's search_path) kept."""
+    def settings(url: str) -> tuple[dict[str, str], dict[str, str]]:
+        db = Database(url)
+        try:
+            with db.read() as conn:
+                shown = {name: str(conn.exec_driver_sql(f"SHOW {name}").scalar())
+                         for name in ("idle_in_transaction_session_timeout", "tcp_keepalives_idle", "search_path")}
+                return shown, conn.connection.dbapi_connection.info.get_parameters()
+        finally:
+            db.engine.dispose()
+
+    shown, params = settings(pg_url)
+    assert shown["idle_in_transaction_session_timeout"] == "5min" and shown["tcp_keepalives_idle"] == "30"
+    assert shown["search_path"].startswith("cs_")
+    assert (params["keepalives"], params["keepalives_idle"], params["tcp_user_timeout"]) == ("1", "30", "60000")
+
+    schema = shown["search_path"]
+    own = pg_url.split("?")[0] + (f"?keepalives_idle=7&options=-csearch_path%3D{schema}%20"
+                                  "-cidle_in_transaction_session_timeout%3D1s")
+    shown, params = settings(own)
+    assert shown["idle_in_transaction_session_timeout"] == "1s" and shown["search_path"] == schema
+    assert params["keepalives_idle"] == "7"
+    db = Database(own)
+    try:  # and the server enforces it: a transaction left idle loses its connection
+        with db.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+            time.sleep(1.5)
+            with pytest.raises(sa.exc.DBAPIError, match="idle-in-transaction"):
+                conn.exec_driver_sql("SELECT 1")
+    finally:
+        db.engine.dispose()

@@ -106,6 +106,32 @@ class WalCheckpointer:
             self._thread.join()
 
 
+# PostgreSQL connections notice a peer that vanished (a network cut, a host gone) in about a minute: without
+# these a client waited ~15 min for the kernel to give up retransmitting (the audit writer blocked, holding
+# this process's writes), and the server kept a dead client's backend for the 2 h of its keepalive default,
+# with its locks (the audit head's row lock holds every replica's writes). Each is a default: a parameter
+# the database URL sets wins, and its `options` come after these, so its `-c` settings win too.
+PG_CONNECT_DEFAULTS: dict[str, int] = {
+    "connect_timeout": 10,  # s
+    "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,  # s, s, probes
+    "tcp_user_timeout": 60_000,  # ms: data unacknowledged this long drops the connection
+}
+PG_SESSION_DEFAULTS: dict[str, str] = {  # server-side, per session (`options`)
+    "idle_in_transaction_session_timeout": "5min",  # a client gone mid-transaction releases its locks
+    "tcp_keepalives_idle": "30", "tcp_keepalives_interval": "10", "tcp_keepalives_count": "3",
+}
+
+
+def pg_connect_args(url: str) -> dict[str, object]:
+    """psycopg's connection parameters: PG_CONNECT_DEFAULTS and PG_SESSION_DEFAULTS under what `url` sets."""
+    query = sa.engine.make_url(url).query
+    args: dict[str, object] = {key: value for key, value in PG_CONNECT_DEFAULTS.items() if key not in query}
+    given = query.get("options", "")
+    given = " ".join(given) if isinstance(given, tuple) else given
+    args["options"] = " ".join([*(f"-c {key}={value}" for key, value in PG_SESSION_DEFAULTS.items()), given]).strip()
+    return args
+
+
 class Database:
     """One database (SQLite file or PostgreSQL), migrated on open (see `upgrade`)."""
 
@@ -125,7 +151,8 @@ class Database:
             except ImportError:
                 raise RuntimeError("PostgreSQL needs psycopg: pip install 'clipstore[postgres]'") from None
             self.engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1),
-                                           pool_size=8, max_overflow=8, pool_pre_ping=True)
+                                           connect_args=pg_connect_args(url), pool_size=8, max_overflow=8,
+                                           pool_pre_ping=True)
         self.commits = 0  # committed read-write transactions: `transaction()` and the audit writer's
         self._commits_lock = threading.Lock()
         self._checkpoint_lock = threading.Lock()  # one WAL checkpoint at a time in this process
