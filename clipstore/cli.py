@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+
 import clipstore._quiet_grpc  # noqa: F401  (first of ours: before anything imports grpc)
 from clipstore import __version__
 from clipstore.auth import ROLES, create_principal
@@ -519,6 +521,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:  # the database is down or unreachable
+        from clipstore.dependencies import database_unreachable  # only here: it loads botocore
+        print(database_unreachable(exc), file=sys.stderr)
         return EXIT_CONFIG
 
 

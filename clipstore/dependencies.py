@@ -61,7 +61,6 @@ def check_database(url: str) -> None:
     if not url.startswith("postgresql://"):
         return
     shown = sa.engine.make_url(url).render_as_string(hide_password=True)
-    fix = "start it, or fix database_url (CLIPSTORE_DATABASE_URL)"
     try:
         engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1),
                                   connect_args={"connect_timeout": 5}, poolclass=sa.pool.NullPool)
@@ -72,10 +71,17 @@ def check_database(url: str) -> None:
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
     except sa.exc.DBAPIError as exc:
-        cause = str(exc.orig).strip().splitlines()[0][:200] if exc.orig else type(exc).__name__
-        raise DependencyError("database_url", f"cannot connect to {shown} ({cause})", fix) from None
+        raise database_unreachable(exc, shown) from None
     finally:
         engine.dispose()
+
+
+def database_unreachable(exc: sa.exc.DBAPIError, shown: str = "the database") -> DependencyError:
+    """The driver's first line (no statement, no parameters; libpq never prints a password) as a
+    `DependencyError` for `database_url`."""
+    cause = str(exc.orig).strip().splitlines()[0][:200] if exc.orig else type(exc).__name__
+    return DependencyError("database_url", f"cannot connect to {shown} ({cause})",
+                           "start it, or fix database_url (CLIPSTORE_DATABASE_URL)")
 
 
 # AWS error codes → (setting, problem, fix); {key} and {bucket} are filled in.

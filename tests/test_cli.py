@@ -78,6 +78,19 @@ def test_bad_config_exits_2_with_one_line_naming_the_key(tmp_path: Path, toml: s
     assert event["setting"] == key and event["error"].startswith(f"config error: {key}: ")
 
 
+@pytest.mark.parametrize("command", [("audit", "export", "--out", "export"), ("db", "current"), ("purge",),
+                                     ("principals", "create", "--role", "ingest", "--name", "x")])
+def test_local_commands_with_the_database_down_exit_2_with_one_line_naming_it(tmp_path: Path,
+                                                                               command: tuple[str, ...]) -> None:
+    """Nothing listens on port 1: one line naming database_url and the fix, never a traceback or the password."""
+    result = _clipstore(*command, "--data-dir", str(tmp_path / "d"), "--database-url",
+                        "postgresql://clipstore:s3cret-pw@127.0.0.1:1/clipstore", env=_env(tmp_path))
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("config error: database_url: cannot connect") and "CLIPSTORE_DATABASE_URL" in line
+    assert "s3cret-pw" not in result.stderr + result.stdout
+
+
 def test_env_var_config_errors_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(env={"CLIPSTORE_SHUTDOWN_GRACE_S": "-1"})
