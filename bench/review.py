@@ -21,9 +21,12 @@ from the server's access log.
    every request) and does one group-committed audit append, called back
    to back by 8 clients. Rounds of 2 and 3 alternate, so both see the same
    neighbours; `grant_p99_vs_floor` = RequestGrant p99 ÷ the floor's p99.
-4. The floor in open loop at phase 1's RPC rate (--rate × 4 calls/s, Poisson, 16 clients): what
-   one durable RPC's p99 is on this machine at that load with nothing else to do (wake-ups of idle
-   threads and the fsync's own tail); `grant_p99_open_loop_vs_floor` = phase 1's p99 ÷ this one.
+4. The floor in open loop, twice: beside phase 1, at the grant rate (--rate calls/s, Poisson
+   arrivals of their own, 16 clients), so it sees the same machine (our server, moto and the
+   reviewers' client busy on 2 cores): `floor_p99_open_loop_loaded_ms`, and
+   `grant_p99_open_loop_vs_floor` = phase 1's RequestGrant p99 ÷ this one; and alone, at phase
+   1's RPC rate (--rate × 4): what one durable RPC's p99 is here with nothing else to do (wake-ups
+   of idle threads, the fsync's own tail): `floor_p99_open_loop_ms`.
 
 `server_cpu_ms_per_review`: the server process's CPU time (user + system) in
 phase 2 per review; on this shared machine it moves less between runs than
@@ -123,11 +126,11 @@ def review_one(reviewer: Reviewer) -> None:
         session_token=token, assignment_id=a.assignment_id, label="ok"), metadata=md)
 
 
-def open_loop(workers: list[W], rate: float, seconds: float, call: Callable[[W], object]
+def open_loop(workers: list[W], rate: float, seconds: float, call: Callable[[W], object], *, seed: int = 13
               ) -> tuple[int, float, list[float]]:
     """Poisson arrivals at `rate`/s for `seconds`, each served by `call` on an idle worker; returns
     arrivals, achieved rate, and how long arrivals waited for an idle worker (s)."""
-    arrivals = random.Random(13)  # the same schedule every run
+    arrivals = random.Random(seed)  # the same schedule every run
     idle: queue.SimpleQueue[W] = queue.SimpleQueue()
     for w in workers:
         idle.put(w)
@@ -199,14 +202,19 @@ def main() -> None:
             review_one(reviewers[0])
         alone = (commits() - before) / (SEQUENTIAL_REVIEWS * RPCS_PER_REVIEW)
 
-        # 1. open loop
-        mark, before = server.mark(), commits()
+        # 1. open loop; beside it, the floor at the grant rate (arrivals of their own), under the same load
+        floor_stub = grpc.insecure_channel(floor.address).unary_unary(FLOOR_METHOD)
+        mark, before, floor_mark = server.mark(), commits(), floor.mark()
+        beside = threading.Thread(target=open_loop, args=([floor_stub] * OPEN_REVIEWERS, args.rate, args.open_seconds,
+                                                          lambda stub: stub(b"")), kwargs={"seed": 31})
+        beside.start()
         reviews, achieved, waited = open_loop(reviewers, args.rate, args.open_seconds, review_one)
+        beside.join()
         open_commits = (commits() - before) / (reviews * RPCS_PER_REVIEW)
         open_grant = server.rpc_ms("/RequestGrant", mark, server.mark())
+        floor_loaded_ms = floor.rpc_ms(FLOOR_METHOD, floor_mark, floor.mark())
 
         # 2 and 3, alternating: 8 reviewers back to back, then the floor under 8 clients
-        floor_stub = grpc.insecure_channel(floor.address).unary_unary(FLOOR_METHOD)
         closed_grant: list[float] = []
         floor_ms: list[float] = []
         rates: list[float] = []
@@ -238,7 +246,8 @@ def main() -> None:
     for name, samples in [(f"open loop, {args.rate:g} reviews/s offered", open_grant),
                           (f"closed loop, {CLOSED_REVIEWERS} reviewers", closed_grant),
                           (f"floor: one group-committed append, {CLOSED_REVIEWERS} clients", floor_ms),
-                          (f"floor, open loop: {args.rate * RPCS_PER_REVIEW:g} calls/s offered", floor_open_ms)]:
+                          (f"floor, open loop beside phase 1: {args.rate:g} calls/s", floor_loaded_ms),
+                          (f"floor, open loop alone: {args.rate * RPCS_PER_REVIEW:g} calls/s", floor_open_ms)]:
         print(f"{name:<52} {len(samples):>5} {statistics.median(samples):>8.2f} {pct(samples, 99):>8.2f}")
     print(f"open loop: {reviews} reviews at {achieved:.1f}/s achieved; arrivals waited for a free reviewer "
           f"p99 {pct(waited, 99) * 1000:.1f} ms; {open_commits:.2f} commits per RPC")
@@ -249,7 +258,8 @@ def main() -> None:
     print(f"grant_p99_open_loop_ms={pct(open_grant, 99):.2f}")
     print(f"grant_p99_vs_floor={pct(closed_grant, 99) / pct(floor_ms, 99):.2f}")
     print(f"floor_p99_open_loop_ms={pct(floor_open_ms, 99):.2f}")
-    print(f"grant_p99_open_loop_vs_floor={pct(open_grant, 99) / pct(floor_open_ms, 99):.2f}")
+    print(f"floor_p99_open_loop_loaded_ms={pct(floor_loaded_ms, 99):.2f}")
+    print(f"grant_p99_open_loop_vs_floor={pct(open_grant, 99) / pct(floor_loaded_ms, 99):.2f}")
     print(f"reviews_per_s_saturation={saturation:.1f}")
     print(f"commits_per_rpc={alone:.2f}")
     print(f"server_cpu_ms_per_review={server_cpu_ms:.2f}")
