@@ -1,6 +1,6 @@
 """Review benchmark (not a test): the review workflow through the real server, against a floor, same run.
 
-  python bench/review.py [--rate 30] [--open-seconds 20] [--closed-reviews 400] [--database-url …]
+  python bench/review.py [--rate 30] [--open-seconds 20] [--closed-reviews 1600] [--database-url …]
 
 `clipstore serve` (subprocess; S3 on a moto server subprocess; SQLite unless
 --database-url) with sampling at 100 %. Reviewers are created by an admin,
@@ -73,7 +73,7 @@ from clipstore.v1 import (  # noqa: E402
 CLIP_BYTES = 32 * 1024
 OPEN_REVIEWERS = 16
 CLOSED_REVIEWERS = 8
-ROUNDS = 2  # closed-loop rounds of ours and of the floor, alternating
+ROUNDS = 4  # closed-loop rounds of ours and of the floor, alternating (a p99 wants many samples)
 RPCS_PER_REVIEW = 4
 SEQUENTIAL_REVIEWS = 25
 Reviewer = tuple[review_pb2_grpc.ReviewServiceStub, tuple[tuple[str, str], ...], str]
@@ -176,7 +176,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate", type=float, default=30.0, help="open-loop offered load, reviews/s")
     parser.add_argument("--open-seconds", type=float, default=20.0)
-    parser.add_argument("--closed-reviews", type=int, default=400, help="closed-loop reviews (and floor calls)")
+    parser.add_argument("--closed-reviews", type=int, default=1600, help="closed-loop reviews (and floor calls)")
     parser.add_argument("--database-url", help="postgresql://… (an empty database or schema); default SQLite")
     args = parser.parse_args()
     settings = {"CLIPSTORE_REVIEW_SAMPLE_RATE": "1", "CLIPSTORE_REVIEW_DAILY_CAP": "100000",
