@@ -380,6 +380,7 @@ def translate(exc: BaseException) -> ClipstoreError | None:
                            reason="KMS_ACCESS_DENIED")
     if isinstance(exc, KmsError):
         return Unavailable("the key service is unavailable; retry later", reason="KMS_UNAVAILABLE")
-    if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError | sa.exc.TimeoutError):  # Timeout: pool
+    if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError | sa.exc.TimeoutError) or (  # Timeout: pool
+            isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated):  # the connection dropped, whatever
         return Unavailable("the metadata database is unavailable; retry later", reason="DATABASE_UNAVAILABLE")
     return None

@@ -19,6 +19,7 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
+from clipstore.interceptors import translate
 from clipstore.server import running_server
 from clipstore.store import Database
 from clipstore.v1 import (
@@ -178,7 +179,10 @@ def test_postgresql_connections_notice_a_vanished_peer_and_the_url_may_say_other
         with db.engine.connect() as conn:
             conn.exec_driver_sql("SELECT 1")
             time.sleep(1.5)
-            with pytest.raises(sa.exc.DBAPIError, match="idle-in-transaction"):
+            with pytest.raises(sa.exc.DBAPIError, match="idle-in-transaction") as caught:
                 conn.exec_driver_sql("SELECT 1")
+        # psycopg names it an InternalError (SQLSTATE 25P03); the connection is gone all the same: retryable
+        answer = translate(caught.value)
+        assert answer is not None and answer.reason == "DATABASE_UNAVAILABLE"
     finally:
         db.engine.dispose()
