@@ -28,7 +28,7 @@ from clipstore.logs import get_logger
 from clipstore.ports import ClipCatalog, ClipWrites, ReviewQueue
 from clipstore.rows import ClipRow
 from clipstore.sampling import ReviewSampler
-from clipstore.unit import SYSTEM, Actor, AuditTrail, Tx
+from clipstore.unit import SYSTEM, Actor, AuditTrail, Tx, deny_alone
 from kms import AccountKeysDestroyed, KeyRing, WrappedDek
 
 MAX_CHUNK_BYTES = 1 << 20  # bounds memory per stream message
@@ -203,15 +203,10 @@ class ClipLibrary:
             raise
         if differs is None:
             return clip
-
-        def refuse(tx: Tx) -> None:
-            raise tx.deny(actor, "clip.ingest", FailedPrecondition(
-                f"this idempotency key already names a clip with other {differs}; nothing was stored; use a new "
-                "key for a new recording", reason="IDEMPOTENCY_KEY_REUSED"),
-                clip_id=clip.clip_id, account_ref=clip.account_ref)
-
-        self._audit.run(refuse)
-        raise AssertionError("unreachable: the unit always raises")
+        deny_alone(self._audit, actor, "clip.ingest", FailedPrecondition(
+            f"this idempotency key already names a clip with other {differs}; nothing was stored; use a new "
+            "key for a new recording", reason="IDEMPOTENCY_KEY_REUSED"), clip_id=clip.clip_id,
+            account_ref=clip.account_ref)
 
     def _differs(self, clip: ClipRow, key: ClipKey, new: NewClip, size: int, sha256: bytes) -> str | None:
         """Which part of the upload differs from `clip`, in general terms (never a value); None if none."""

@@ -34,7 +34,7 @@ from clipstore.errors import ClipstoreError, InvalidArgument, PermissionDenied, 
 from clipstore.principals import PrincipalStore, principal_not_found, require_free_spiffe_id
 from clipstore.rows import CodeRow, Principal
 from clipstore.totp import new_secret, provisioning_uri, secret_base32
-from clipstore.unit import Actor, Ledger, Tx
+from clipstore.unit import Actor, Ledger, Tx, deny_alone
 
 CODE_PREFIX = "cse_"
 CODE_RANDOM_BYTES = 16  # 128 bits: guessing is hopeless, typing it is still bearable
@@ -205,7 +205,4 @@ class SelfEnrolment:
 
     def _deny(self, caller: Actor, error: ClipstoreError, reviewer_id: str) -> NoReturn:
         """Record a refusal found before any unit ran (its own unit), then raise it."""
-        def unit(tx: Tx) -> None:
-            raise tx.deny(caller, "enrolment.deny", error, principal_id=reviewer_id)
-        self._ports.ledger.run(unit)
-        raise AssertionError("unreachable: the unit always raises")
+        deny_alone(self._ports.ledger, caller, "enrolment.deny", error, principal_id=reviewer_id)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import NoReturn, Protocol, TypeVar
 
 from clipstore.errors import ClipstoreError
 
@@ -92,6 +92,14 @@ class Ledger(Protocol):
     """Runs a unit of work in one transaction with its audit entries (`clipstore.audit.AuditLog`)."""
 
     def run(self, unit: Callable[[Tx], T]) -> T: ...
+
+
+def deny_alone(ledger: Ledger, actor: Actor, action: str, error: ClipstoreError, **target: str) -> NoReturn:
+    """Record a refusal found before any unit ran (one entry, in a unit of its own), then raise it."""
+    def unit(tx: Tx) -> None:
+        raise tx.deny(actor, action, error, **target)
+    ledger.run(unit)
+    raise AssertionError("unreachable: the unit always raises")
 
 
 class AuditTrail(Ledger, Protocol):

@@ -27,7 +27,7 @@ from clipstore.rows import (
     SessionRow,
     WatermarkRow,
 )
-from clipstore.unit import Actor, Ledger, Tx
+from clipstore.unit import Actor, Ledger, Tx, deny_alone
 
 T = TypeVar("T")
 
@@ -77,7 +77,4 @@ class ReviewPorts:
 
     def deny(self, actor: Actor, action: str, error: ClipstoreError, **target: str) -> NoReturn:
         """Record a refusal found before any unit ran (one entry, its own unit), then raise it."""
-        def unit(tx: Tx) -> None:
-            raise tx.deny(actor, action, error, **target)
-        self.ledger.run(unit)
-        raise AssertionError("unreachable: the unit always raises")
+        deny_alone(self.ledger, actor, action, error, **target)
