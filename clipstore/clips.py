@@ -68,6 +68,10 @@ class Upload(Protocol):
         ...
 
 
+def _empty_clip() -> InvalidArgument:
+    return InvalidArgument("audio_chunk", "the clip is empty; send at least one audio chunk")
+
+
 class _Counted:
     """Passes audio chunks through, enforcing the size limits and counting bytes."""
 
@@ -116,7 +120,7 @@ class ClipLibrary:
             for _ in counted:  # the same limits and checks as a first upload; the audio goes nowhere
                 pass
             if counted.total == 0:
-                raise InvalidArgument("audio_chunk", "the clip is empty; send at least one audio chunk")
+                raise _empty_clip()
             # Again: the upload took as long as the client liked, and the clip may have been deleted meanwhile.
             clip, key = self._existing(existing)
             return self._same_recording(clip, key, new, counted.total, audio.sha256(), actor)
@@ -133,7 +137,7 @@ class ClipLibrary:
             raise
         if counted.total == 0:
             self._blobs.delete(clip_id)
-            raise InvalidArgument("audio_chunk", "the clip is empty; send at least one audio chunk")
+            raise _empty_clip()
         now = self._clock.now()
         keep_s = self._retention_s if new.wake_word else self._accidental_s
         if new.wake_word and account.retention_days is not None:

@@ -71,7 +71,8 @@ class AuditUnavailable(Unavailable):
 
 
 class _IdleConnectionLost(Exception):
-    """The writer's connection died while it was idle; nothing of the batch reached the database."""
+    """The writer's connection died while it was idle: its batch's first statement failed, so nothing of the
+    batch can have committed."""
 
 
 HALTED_MESSAGE = ("the audit log's stored history failed verification, so this action cannot be recorded "
@@ -390,10 +391,10 @@ class AuditLog:
         unit that failed (then nothing was committed).
 
         The writer keeps its connection between batches, so a database that restarted, or a network
-        that dropped it, while the writer was idle leaves it a dead one: its first statement fails and
-        nothing was sent. Then the batch runs once more on a new connection, rather than failing every
-        unit in it (AUDIT_UNAVAILABLE) after the database is back. A connection lost later in a batch
-        is not retried: its commit may or may not have happened."""
+        that dropped it, while the writer was idle leaves it a dead one: its first statement fails, no
+        unit has run and nothing of the batch can have committed. Then the batch runs once more on a new
+        connection, rather than failing every unit in it (AUDIT_UNAVAILABLE) after the database is back.
+        A connection lost later in a batch is not retried: its commit may or may not have happened."""
         with self._db.write_lock():
             try:
                 return self._write_batch(live)
@@ -404,7 +405,7 @@ class AuditLog:
     def _write_batch(self, live: list[Pending[Any]], *, retried: bool = False
                      ) -> tuple[list[_Outcome], tuple[Pending[Any], BaseException] | None]:
         conn = self._connection()
-        idle_lost = False  # the batch's first statement found the connection dead: nothing was sent
+        idle_lost = False  # the batch's first statement found the connection dead: no unit ran, nothing committed
         try:
             with conn.begin() as trans:
                 # The writer's own statements go to the DBAPI cursor: through SQLAlchemy each cost
