@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Collection, Iterable, Iterator
 from typing import Any
 
@@ -16,8 +17,12 @@ from clipstore.store.plain import PlainRows, fetch_one_pooled
 HELD_QUERY_REFS = 500  # account refs per IN (...) list: well inside every driver's parameter limit
 
 
-CLIP_COLUMNS = ", ".join(f.name for f in dataclasses.fields(ClipRow))
-_INSERT_CLIP = f"INSERT INTO clips ({CLIP_COLUMNS}) VALUES ({', '.join('?' * len(dataclasses.fields(ClipRow)))})"  # noqa: S608
+_CLIP_FIELDS = tuple(field.name for field in dataclasses.fields(ClipRow))
+CLIP_COLUMNS = ", ".join(_CLIP_FIELDS)
+_INSERT_CLIP = f"INSERT INTO clips ({CLIP_COLUMNS}) VALUES ({', '.join('?' * len(_CLIP_FIELDS))})"  # noqa: S608
+# A ClipRow's values in column order (dataclasses.astuple deep-copies every field: ~2 % of the server's CPU
+# in a 32 KiB PutClip)
+_CLIP_VALUES = operator.attrgetter(*_CLIP_FIELDS)
 
 
 def clip_row(row: sa.Row[tuple[object, ...]]) -> ClipRow:
@@ -87,7 +92,7 @@ class ClipRows(PlainRows):
     def insert(self, clip: ClipRow, *, principal_id: str, idempotency_hash: bytes) -> None:
         self._exec("INSERT INTO ingest_idempotency (principal_id, key_hash, clip_id, created_at) VALUES (?, ?, ?, ?)",
                    (principal_id, idempotency_hash, clip.clip_id, clip.created_at))
-        self._exec(_INSERT_CLIP, dataclasses.astuple(clip))
+        self._exec(_INSERT_CLIP, _CLIP_VALUES(clip))
 
     def get(self, clip_id: str) -> ClipRow | None:
         row = self._conn.execute(sa.select(schema.clips).where(schema.clips.c.clip_id == clip_id)).one_or_none()
