@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import botocore.awsrequest
 import botocore.exceptions
 import botocore.utils
 import pytest
@@ -343,3 +344,246 @@ def test_s3_a_body_retried_after_a_connection_lost_mid_body_sends_the_same_bytes
     assert b"".join(others.get_stream("c_victim")) == victim
     for key, body in noise.items():
         assert b"".join(others.get_stream(key)) == body
+
+
+# -- the fast path: GetObject and a single PutObject signed and sent without botocore's per-call pipeline --
+
+def _s3_store(endpoint: str, **kwargs: Any) -> S3BlobStore:
+    bucket = f"clips-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+    return S3BlobStore(bucket, endpoint_url=endpoint, **kwargs)
+
+
+def _boto3_calls(store: S3BlobStore) -> list[str]:
+    """The operations the store makes through its boto3 client from now on."""
+    calls: list[str] = []
+    store.client.meta.events.register("before-call.s3", lambda **kwargs: calls.append(
+        str(kwargs["event_name"]).rsplit(".", 1)[1]))
+    return calls
+
+
+def _answer(status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> Any:
+    from moto.core.botocore_stubber import MockRawResponse
+    return botocore.awsrequest.AWSResponse("http://s3.test/", status, headers or {}, MockRawResponse(body))
+
+
+KEYS = ["c_fast", "c with spaces/ünïcödé~+%&=?#;.x", "x/../y"]
+
+
+@pytest.mark.parametrize("key", KEYS)
+@pytest.mark.parametrize("size", [0, 1, 70_000])
+def test_s3_gets_and_single_puts_take_the_fast_path_and_store_what_boto3_stores(moto_endpoint: str, key: str,
+                                                                                 size: int) -> None:
+    store = _s3_store(moto_endpoint)
+    calls = _boto3_calls(store)
+    data = secrets.token_bytes(size)
+    assert store.put_stream(key, _chunks(data)) == size
+    assert b"".join(store.get_stream(key)) == data
+    assert store.read_range(key, 0, size) == data
+    assert size == 0 or store.read_range(key, size // 3, 7) == data[size // 3:][:7]
+    assert calls == []  # none of them went through boto3
+    # The object is the one boto3's put_object makes, and boto3 reads it as the fast path wrote it.
+    store.client.put_object(Bucket=store.bucket, Key="clips/boto3", Body=data)
+    fast, ours = (store.client.head_object(Bucket=store.bucket, Key=k, ChecksumMode="ENABLED")
+                  for k in (f"clips/{key}", "clips/boto3"))
+    for field in ("ContentLength", "ETag", "ContentType", "ChecksumCRC32"):
+        assert fast.get(field) == ours.get(field), field
+    assert store.client.get_object(Bucket=store.bucket, Key=f"clips/{key}")["Body"].read() == data
+    assert [obj["Key"] for obj in store.client.list_objects_v2(Bucket=store.bucket)["Contents"]] == sorted(
+        ["clips/boto3", f"clips/{key}"])
+
+
+def test_s3_fast_requests_are_signed_as_s3_checks_them(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """moto checks each request's SigV4 signature over the path it received: the fast path's canonical
+    request (keys with spaces, unicode, reserved characters, dot segments) is the one S3 computes. With a
+    wrong secret, the fast attempt's refusal is not what the caller sees: boto3's is, exactly as before."""
+    from moto.core.authorization import enable_iam_authentication
+    iam = boto3.client("iam", endpoint_url=moto_endpoint)
+    user = f"u{uuid.uuid4().hex[:8]}"
+    iam.create_user(UserName=user)
+    iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument='{"Version": "2012-10-17", "Statement": '
+                        '[{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}')
+    access = iam.create_access_key(UserName=user)["AccessKey"]
+    bucket = f"clips-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket=bucket)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", access["AccessKeyId"])
+    data = secrets.token_bytes(1000)
+    with enable_iam_authentication():
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", access["SecretAccessKey"])
+        store = S3BlobStore(bucket, endpoint_url=moto_endpoint)
+        calls = _boto3_calls(store)
+        for key in KEYS:
+            store.put_stream(key, [data])
+            assert b"".join(store.get_stream(key)) == data and store.read_range(key, 5, 10) == data[5:15]
+        assert calls == []
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+        store = S3BlobStore(bucket, endpoint_url=moto_endpoint)
+        calls = _boto3_calls(store)
+        with pytest.raises(BlobUnavailable, match="SignatureDoesNotMatch"):
+            store.put_stream("c_fast", [data])
+        with pytest.raises(BlobUnavailable, match="SignatureDoesNotMatch"):
+            b"".join(store.get_stream("c_fast"))
+        assert calls == ["PutObject", "GetObject"]
+
+
+def test_s3_in_process_mock_answers_the_fast_path() -> None:
+    """moto's mock_aws() answers from its before-send handler, which the fast path emits as botocore does.
+    (Its PUT handler cannot read a bytearray body, so under the mock a PUT falls back to boto3.)"""
+    with mock_aws():
+        boto3.client("s3").create_bucket(Bucket="clips-inproc")
+        store = S3BlobStore("clips-inproc")
+        data = secrets.token_bytes(70_000)
+        store.put_stream("c", _chunks(data))
+        calls = _boto3_calls(store)
+        assert b"".join(store.get_stream("c")) == data and store.read_range("c", 3, 4) == data[3:7]
+        with pytest.raises(BlobNotFound):
+            b"".join(store.get_stream("c_missing"))
+        assert calls == ["GetObject"]  # the missing one only
+
+
+@pytest.mark.parametrize("operation", ["PutObject", "GetObject"])
+def test_s3_a_failed_fast_attempt_is_made_again_through_boto3(moto_endpoint: str, operation: str) -> None:
+    """A 503 to the fast attempt, or an exception in a before-send handler: the call is made once more, through
+    boto3 (with its retries and error mapping), and succeeds; the caller sees nothing of the first attempt."""
+    store = _s3_store(moto_endpoint)
+    data = secrets.token_bytes(70_000)
+    store.put_stream("c", [data])
+    for fault in ("503", "raise"):
+        sent: list[str] = []
+
+        def fail_once(request: Any, fault: str = fault, sent: list[str] = sent, **kwargs: object) -> Any:
+            sent.append(request.method)
+            if len(sent) > 1:
+                return None
+            if fault == "raise":
+                raise botocore.exceptions.EndpointConnectionError(endpoint_url="http://s3.test")
+            return _answer(503, b"<Error><Code>SlowDown</Code></Error>")
+
+        store.client.meta.events.register(f"before-send.s3.{operation}", fail_once)
+        calls = _boto3_calls(store)
+        store.put_stream("c", [data])
+        assert b"".join(store.get_stream("c")) == data
+        store.client.meta.events.unregister(f"before-send.s3.{operation}", fail_once)
+        assert len(sent) == 2 and calls == [operation]
+
+
+def test_s3_errors_are_boto3s_after_a_refused_fast_attempt(moto_endpoint: str) -> None:
+    store = _s3_store(moto_endpoint)
+    calls = _boto3_calls(store)
+    with pytest.raises(BlobNotFound):
+        b"".join(store.get_stream("c_missing"))
+    with pytest.raises(BlobNotFound):
+        store.read_range("c_missing", 0, 10)
+    store.client.meta.events.register("before-send.s3.PutObject", lambda **kwargs: _answer(
+        403, b"<Error><Code>AccessDenied</Code><Message>no</Message></Error>"))
+    with pytest.raises(BlobUnavailable, match="AccessDenied"):
+        store.put_stream("c", [b"x"])
+    assert calls == ["GetObject", "GetObject", "PutObject"]  # each once: 404 and 403 are not retried
+
+
+def test_s3_a_connection_cut_before_the_answer_falls_back_to_boto3(moto_endpoint: str) -> None:
+    store = _s3_store(moto_endpoint)
+    data = secrets.token_bytes(300_000)
+    store.put_stream("c_cut", [data])
+    proxy = _CuttingProxy(moto_endpoint, match=b"GET /", after=0, cuts=1)
+    reader = S3BlobStore(store.bucket, endpoint_url=proxy.endpoint)
+    calls = _boto3_calls(reader)
+    try:
+        assert b"".join(reader.get_stream("c_cut")) == data
+        assert proxy.cuts == 0 and calls == ["GetObject"]
+        proxy.cuts = 1
+        assert reader.read_range("c_cut", 1000, 5000) == data[1000:6000]
+        assert proxy.cuts == 0 and calls == ["GetObject", "GetObject"]
+        assert reader.read_range("c_cut", 1000, 5000) == data[1000:6000] and len(calls) == 2
+    finally:
+        proxy.close()
+
+
+class _ShortBodyServer:
+    """Answers every request 200 with a Content-Length of `declared` and `sent` bytes of body, then closes
+    the connection (a FIN) or resets it: a body cut after its first bytes."""
+
+    def __init__(self, declared: int, sent: int, reset: bool) -> None:
+        self.declared, self.sent, self.reset, self.requests = declared, sent, reset, 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            with conn:
+                request = b""
+                while b"\r\n\r\n" not in request and (data := conn.recv(1 << 16)):
+                    request += data
+                self.requests += 1
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.declared + b"x" * self.sent)
+                if self.reset:
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["fin", "reset"])
+def test_s3_a_body_cut_mid_get_is_unavailable_never_short(reset: bool) -> None:
+    server = _ShortBodyServer(declared=3 * 1024 * 1024, sent=1024 * 1024 + 7, reset=reset)
+    store = S3BlobStore("clips-short", endpoint_url=server.endpoint)
+    calls = _boto3_calls(store)
+    got = bytearray()
+    try:
+        with pytest.raises(BlobUnavailable):
+            for chunk in store.get_stream("c"):
+                got += chunk
+        assert calls == [] and server.requests == 1  # past its first byte, a body is never fetched again
+        with pytest.raises(BlobUnavailable):
+            store.read_range("c", 0, 3 * 1024 * 1024)
+    finally:
+        server.close()
+    assert len(got) <= 1024 * 1024 + 7
+
+
+def test_s3_fast_puts_send_the_sse_kms_headers(moto_endpoint: str) -> None:
+    key_id = boto3.client("kms", endpoint_url=moto_endpoint).create_key()["KeyMetadata"]["Arn"]
+    store = _s3_store(moto_endpoint, sse_kms_key_id=key_id)
+    calls = _boto3_calls(store)
+    store.put_stream("c_kms", [b"sealed"])
+    assert calls == []
+    head = store.client.head_object(Bucket=store.bucket, Key="clips/c_kms")
+    assert head["ServerSideEncryption"] == "aws:kms" and head["SSEKMSKeyId"] == key_id
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_s3_fast_puts_hash_the_payload_as_botocore_would(scheme: str) -> None:
+    """Over HTTP the payload's SHA-256 is signed; over HTTPS, with the CRC32 header, it is UNSIGNED-PAYLOAD
+    (what S3SigV4Auth chooses for a streaming body with a checksum). The bytearray goes as it is."""
+    store = S3BlobStore("clips-sign", endpoint_url=f"{scheme}://s3.example.test")
+    sent: list[Any] = []
+
+    def answer(request: Any, **kwargs: object) -> Any:
+        sent.append(request)
+        return _answer(200)
+
+    store.client.meta.events.register("before-send.s3.PutObject", answer)
+    calls = _boto3_calls(store)
+    body = secrets.token_bytes(70_000)
+    store.put_stream("c", [body])
+    request, = sent
+    assert calls == [] and request.url == f"{scheme}://s3.example.test/clips-sign/clips/c"
+    assert isinstance(request.body, bytearray) and request.body == body
+    expected = hashlib.sha256(body).hexdigest() if scheme == "http" else "UNSIGNED-PAYLOAD"
+    assert request.headers["X-Amz-Content-SHA256"] == expected.encode()
+    assert request.headers["x-amz-checksum-crc32"] == base64.b64encode(zlib.crc32(body).to_bytes(4, "big"))
+    assert request.headers["Content-Length"] == b"70000" and "Expect" not in request.headers
+
+
+def test_s3_without_credentials_every_call_goes_through_boto3(monkeypatch: pytest.MonkeyPatch,
+                                                              tmp_path: Path) -> None:
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    assert S3BlobStore("clips-anon", endpoint_url="http://s3.example.test")._fast is None
