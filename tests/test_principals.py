@@ -208,6 +208,35 @@ def test_unknown_principal_is_not_found(stub, admin) -> None:
                                                                        "PRINCIPAL_NOT_FOUND")
 
 
+@pytest.mark.parametrize("seconds, nanos", [(1 << 62, 0), (253_402_300_800, 0), (5, -1), (5, 1_000_000_000)])
+def test_an_expiry_outside_timestamps_range_is_invalid_argument_not_internal(srv: ClipstoreServer, stub, admin,
+                                                                              seconds: int, nanos: int) -> None:
+    """The wire does not enforce Timestamp's range; past year 9999 or with nanos outside [0, 1e9) the expiry
+    raised ValueError in ToNanoseconds and the admin saw INTERNAL."""
+    pid = _create(stub, admin).principal.principal_id
+    beyond = Timestamp(seconds=seconds, nanos=nanos)
+    calls = [lambda: _create(stub, admin, name="later", expires_at=beyond),
+             lambda: stub.SetPrincipalExpiry(principal_admin_pb2.SetPrincipalExpiryRequest(
+                 principal_id=pid, expires_at=beyond), metadata=admin, timeout=10)]
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as caught:
+            call()
+        assert (caught.value.code(), error_info(caught.value).reason, error_info(caught.value).metadata["field"]) == (
+            grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", "expires_at")
+    assert [p.name for p in stub.ListPrincipals(principal_admin_pb2.ListPrincipalsRequest(), metadata=admin,
+                                                timeout=10).principals].count("later") == 0
+
+
+def test_an_overlap_with_nanos_outside_durations_range_is_invalid_argument(srv: ClipstoreServer, stub,
+                                                                            admin) -> None:
+    pid = _create(stub, admin).principal.principal_id
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.RotatePrincipalKey(principal_admin_pb2.RotatePrincipalKeyRequest(
+            principal_id=pid, overlap=Duration(seconds=1, nanos=2_000_000_000)), metadata=admin, timeout=10)
+    assert (caught.value.code(), error_info(caught.value).metadata["field"]) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "overlap")
+
+
 def test_24_concurrent_rotations_leave_exactly_one_current_key(srv: ClipstoreServer, channel, stub, admin) -> None:
     pid = _create(stub, admin).principal.principal_id
 

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from clipstore.errors import InvalidArgument
 from clipstore.interceptors import current_actor
 from clipstore.principals import PrincipalLifecycle
 from clipstore.rows import Principal, PrincipalListing
-from clipstore.servicers.common import MAX_ID_CHARS, next_token, page_after, page_limit, text, timestamp
+from clipstore.servicers.common import (
+    MAX_ID_CHARS,
+    next_token,
+    optional_instant,
+    page_after,
+    page_limit,
+    text,
+    timestamp,
+)
 from clipstore.v1 import common_pb2, principal_admin_pb2, principal_admin_pb2_grpc
 
 _ROLE_PREFIX = "ROLE_"
@@ -41,19 +48,11 @@ def _listed(item: PrincipalListing) -> principal_admin_pb2.Principal:
     return principal_message(item.principal, item.usable_keys)
 
 
-def optional_time(field: str, has: bool, value: Timestamp) -> float | None:
-    if not has:
-        return None
-    if value.seconds < 0:
-        raise InvalidArgument(field, "must be after 1970")
-    return value.ToNanoseconds() / 1e9
-
-
 def _overlap(has: bool, value: Duration) -> float | None:
     if not has:
         return None
-    if value.seconds < 0 or value.nanos < 0:
-        raise InvalidArgument("overlap", "must not be negative")
+    if value.seconds < 0 or not 0 <= value.nanos < 1_000_000_000:
+        raise InvalidArgument("overlap", "must not be negative (nanos in [0, 999999999])")
     return value.ToNanoseconds() / 1e9
 
 
@@ -72,7 +71,7 @@ class PrincipalAdminServicer(principal_admin_pb2_grpc.PrincipalAdminServiceServi
         spiffe_id = text("spiffe_id", request.spiffe_id, max_chars=255, required=False) or None
         principal, key = self._lifecycle.create(
             role=role, name=name, spiffe_id=spiffe_id,
-            expires_at=optional_time("expires_at", request.HasField("expires_at"), request.expires_at),
+            expires_at=optional_instant("expires_at", request.HasField("expires_at"), request.expires_at),
             actor=current_actor())
         return principal_admin_pb2.CreatePrincipalResponse(principal=principal_message(principal, int(bool(key))),
                                                            api_key=key or "")
@@ -105,6 +104,6 @@ class PrincipalAdminServicer(principal_admin_pb2_grpc.PrincipalAdminServiceServi
 
     def SetPrincipalExpiry(self, request: principal_admin_pb2.SetPrincipalExpiryRequest,
                            context: grpc.ServicerContext) -> principal_admin_pb2.SetPrincipalExpiryResponse:
-        expires_at = optional_time("expires_at", request.HasField("expires_at"), request.expires_at)
+        expires_at = optional_instant("expires_at", request.HasField("expires_at"), request.expires_at)
         principal = self._lifecycle.set_expiry(principal_id(request.principal_id), expires_at, current_actor())
         return principal_admin_pb2.SetPrincipalExpiryResponse(principal=principal_message(principal))
