@@ -40,7 +40,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from auditlog.cosignature import Cosignature, CosignatureVerifier, open_cosigned_checkpoint
-from auditlog.errors import EntryError, VerificationError
+from auditlog.errors import EntryError, NoteError, VerificationError
 from auditlog.note import NoteVerifier
 from auditlog.tiles import TileError
 from auditlog.verify import StateFileError, TileState, verify_log, verify_tiles
@@ -48,11 +48,23 @@ from auditlog.verify import StateFileError, TileState, verify_log, verify_tiles
 ENTRIES_FILE = "entries.jsonl"
 CHECKPOINT_FILE = "checkpoint"
 VERIFIER_KEY_FILE = "verifier.key"
+MAX_KEY_FILE_BYTES = 4096  # a key string is under 200 bytes; never read a huge file whole
 
 
 def _read_key(value: str) -> str:
+    """A key string, or the text of the file it names. A file that is not a short UTF-8 text is a
+    `NoteError` (the caller's "bad --key"), not a traceback."""
     path = Path(value)
-    return path.read_text().strip() if "+" not in value and path.is_file() else value
+    if "+" in value or not path.is_file():
+        return value
+    with path.open("rb") as fh:
+        data = fh.read(MAX_KEY_FILE_BYTES + 1)
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise NoteError(f"key file {path} is larger than {MAX_KEY_FILE_BYTES} bytes; pass the key string")
+    try:
+        return data.decode().strip()
+    except UnicodeDecodeError:
+        raise NoteError(f"key file {path} is not UTF-8 text; pass the key string") from None
 
 
 def _entries(path: Path) -> Iterator[bytes]:

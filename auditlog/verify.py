@@ -84,12 +84,21 @@ def _link(data: bytes) -> tuple[int, bytes]:
     return int(data[j + 6:k]), data[i + 8:i + 72]
 
 
+def _open_trusted(note: str | bytes, verifier: NoteVerifier) -> Checkpoint:
+    """The caller's saved checkpoint. Its failure names it: "FAIL checkpoint: invalid signature" alone
+    reads as a fault of the export's checkpoint, when the team's own file is the one that does not open."""
+    try:
+        return open_checkpoint(note, verifier)
+    except VerificationError as exc:
+        raise CheckpointError(f"the trusted checkpoint: {exc}") from exc
+
+
 def verify_log(entries: Callable[[], Iterable[bytes]], checkpoint_note: str | bytes, verifier: NoteVerifier,
                trusted_note: str | bytes | None = None) -> VerifiedLog:
     """Run the plan in the module docstring. `entries` is called once more to pinpoint a failure."""
     # 1
     checkpoint = open_checkpoint(checkpoint_note, verifier)
-    trusted = open_checkpoint(trusted_note, verifier) if trusted_note is not None else None
+    trusted = _open_trusted(trusted_note, verifier) if trusted_note is not None else None
     # 2 and 3 in one streaming pass: O(log n) memory for any log size.
     tree = CompactRange()
     signed_root = trusted_root = None

@@ -266,3 +266,29 @@ def test_account_chains_are_checked_over_the_whole_log(tmp_path: Path) -> None:
     assert _verify(tmp_path / "d", build_chained_entries([(1, None)]) + unchained) == (
         1, "FAIL entry 1: account chain: a clip.fetch entry is outside its account's chain, though chaining began "
            "at entry 0")
+
+
+KEY_FILES = {"not UTF-8": b"\xff\xfe" + VKEY.encode(), "a huge file": b"x" * 10_000_000}
+
+
+@pytest.mark.parametrize("command", ["verify", "verify-report"])
+@pytest.mark.parametrize("how", sorted(KEY_FILES))
+def test_an_unreadable_key_file_is_a_one_line_error_never_a_traceback(tmp_path: Path, entries: list[bytes],
+                                                                      command: str, how: str) -> None:
+    export = write_export(tmp_path / "e", entries, checkpoint_for(entries, SIGNER), SIGNER)
+    key_file = tmp_path / "verifier.key"
+    key_file.write_bytes(KEY_FILES[how])
+    target = export if command == "verify" else export / "entries.jsonl"
+    result = subprocess.run([sys.executable, "-m", "auditlog", command, str(target), "--key", str(key_file)],
+                            capture_output=True, text=True, timeout=60)
+    out = (result.stdout + result.stderr).strip()
+    assert result.returncode == 2 and "Traceback" not in out and len(out.splitlines()) == 1, out
+    assert "bad --key" in out and str(key_file) in out, out
+
+
+def test_a_trusted_checkpoint_that_does_not_open_is_named_as_the_trusted_one(tmp_path: Path,
+                                                                             entries: list[bytes]) -> None:
+    """The export's own checkpoint is sound; the team's saved file is the one signed by another key."""
+    impostor = NoteSigner.generate(SIGNER.name)
+    code, line = _verify(tmp_path, entries, trusted=checkpoint_for(entries[:5], impostor))
+    assert code == 1 and line.startswith("FAIL checkpoint: the trusted checkpoint: "), line
