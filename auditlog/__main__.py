@@ -85,6 +85,12 @@ def _entries(path: Path) -> Iterator[bytes]:
         yield b""  # two or more blank lines at the end: not a trailing newline slip
 
 
+def witness_quorum(quorum: int | None, witnesses: Sequence[str]) -> int:
+    """--quorum, or every --witness when it is not given: a caller who names witnesses and forgets --quorum
+    must not get OK for a checkpoint no witness cosigned (as the service's audit.witness_quorum, all)."""
+    return len(witnesses) if quorum is None else quorum
+
+
 def _times(cosigs: Sequence[Cosignature]) -> str:
     return ",".join(f"{c.witness}@{dt.datetime.fromtimestamp(c.timestamp, dt.UTC):%Y-%m-%dT%H:%M:%SZ}"
                     for c in cosigs)
@@ -280,7 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                    "only new entries and fails on rollback or fork")
     verify.add_argument("--witness", action="append", default=[],
                         help="a witness's verifier key (name+id+key, or a file); repeatable")
-    verify.add_argument("--quorum", type=int, default=0, help="valid cosignatures required from the --witness keys")
+    verify.add_argument("--quorum", type=int, default=None,
+                        help="valid cosignatures required from the --witness keys (default: all of them)")
     verify.add_argument("--format", choices=("text", "json"), default="text")
     verify.add_argument("--key", required=True, help="verifier key string name+hash+key, or a file holding it")
     verify.add_argument("--trusted-checkpoint", type=Path,
@@ -291,7 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.add_argument("report", type=Path, help="the report file (JSON) GetAccessReport returned")
     report.add_argument("--key", required=True, help="the log's verifier key string, or a file holding it")
     report.add_argument("--witness", action="append", default=[], help="a witness's verifier key; repeatable")
-    report.add_argument("--quorum", type=int, default=0, help="valid cosignatures required from the --witness keys")
+    report.add_argument("--quorum", type=int, default=None,
+                        help="valid cosignatures required from the --witness keys (default: all of them)")
     report.add_argument("--account-id", help="fail unless the report is bound to this account id")
     report.add_argument("--nonce", help="fail unless the report's request carries this nonce (freshness)")
     report.add_argument("--format", choices=("text", "json"), default="text")
@@ -312,8 +320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "witness":
         code: int = args.func(args)
         return code
+    args.quorum = witness_quorum(args.quorum, args.witness)
     if args.quorum > len(args.witness) or args.quorum < 0:
-        parser.error(f"--quorum {args.quorum} needs at least that many --witness keys")
+        parser.error(f"--quorum {args.quorum}: give a number from 0 to the {len(args.witness)} --witness keys")
     if args.command == "verify-report":
         code, result = verify_report_file(args.report, args.key, witnesses=args.witness, quorum=args.quorum,
                                           account_id=args.account_id, nonce=args.nonce)

@@ -203,10 +203,12 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
     import json
     import tempfile
 
-    from auditlog.__main__ import verify_dir
+    from auditlog.__main__ import verify_dir, witness_quorum
     from clipstore.audit.export import verify_s3_export
+    args.quorum = witness_quorum(args.quorum, args.witness)
     if args.quorum > len(args.witness) or args.quorum < 0:
-        print(f"--quorum {args.quorum} needs at least that many --witness keys", file=sys.stderr)
+        print(f"--quorum {args.quorum}: give a number from 0 to the {len(args.witness)} --witness keys",
+              file=sys.stderr)
         return EXIT_CONFIG
     if args.s3_export:
         try:
@@ -508,7 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--manifest", type=Path, help="with --s3-export: the manifest the export printed (else the "
                                                       "bucket's locked copy is used)")
     verify.add_argument("--witness", action="append", default=[], help="a witness's verifier key; repeatable")
-    verify.add_argument("--quorum", type=int, default=0, help="valid cosignatures required from the --witness keys")
+    verify.add_argument("--quorum", type=int, default=None,
+                        help="valid cosignatures required from the --witness keys (default: all of them)")
     verify.set_defaults(func=_cmd_audit_verify)
     return parser
 

@@ -207,6 +207,17 @@ def test_verify_against_a_running_server(server: ClipstoreServer, keys: dict[str
     assert result.stdout.startswith("OK size=")
 
 
+
+def test_verify_against_a_running_server_with_a_witness_and_no_quorum_needs_its_cosignature(
+        server: ClipstoreServer, keys: dict[str, str], tmp_path: Path) -> None:
+    """No witness cosigns this server's checkpoints: naming one without --quorum was OK (quorum 0)."""
+    from auditlog.cosignature import CosignatureSigner
+    vkey = server.app.audit.signer.verifier.key_string()
+    witness = CosignatureSigner.generate("w0.test").verifier.key_string()
+    result = _cli("audit", "verify", "--server", f"127.0.0.1:{server.port}", "--key", vkey, "--witness", witness,
+                  home=tmp_path, CLIPSTORE_API_KEY=keys["auditor"])
+    assert result.returncode == 1 and "0 valid witness cosignatures, the quorum is 1" in result.stdout, result
+
 _APPENDER = """
 import sys
 from clipstore.app import App

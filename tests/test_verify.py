@@ -292,3 +292,33 @@ def test_a_trusted_checkpoint_that_does_not_open_is_named_as_the_trusted_one(tmp
     impostor = NoteSigner.generate(SIGNER.name)
     code, line = _verify(tmp_path, entries, trusted=checkpoint_for(entries[:5], impostor))
     assert code == 1 and line.startswith("FAIL checkpoint: the trusted checkpoint: "), line
+
+
+def _cosigned(tmp_path: Path, entries: list[bytes], cosigners: int) -> tuple[Path, list[str]]:
+    """An export whose checkpoint the first `cosigners` of two witnesses cosigned; both witnesses' keys."""
+    from auditlog.cosignature import CosignatureSigner
+    from auditlog.witness import Witness
+    tmp_path.mkdir()
+    note = checkpoint_for(entries, SIGNER)
+    signers = [CosignatureSigner.generate(f"w{i}.test") for i in range(2)]
+    witnesses = [Witness.for_log_keys(w, [SIGNER.verifier], tmp_path / f"w{i}", clock=lambda: 1_767_225_600)
+                 for i, w in enumerate(signers[:cosigners])]
+    lines = "".join(w.add_checkpoint(f"old 0\n\n{note}".encode()).body.decode() for w in witnesses)
+    export = write_export(tmp_path / "e", entries, note + lines, SIGNER)
+    return export, [arg for w in signers for arg in ("--witness", w.verifier.key_string())]
+
+
+@pytest.mark.parametrize("command", [["-m", "auditlog", "verify"]])
+def test_witnesses_without_quorum_means_every_witness_must_have_cosigned(tmp_path: Path, entries: list[bytes],
+                                                                         command: list[str]) -> None:
+    """--witness W1 --witness W2 without --quorum verified OK a checkpoint no witness had cosigned (quorum 0)."""
+    for cosigners, expected in ((0, 1), (1, 1), (2, 0)):
+        export, witnesses = _cosigned(tmp_path / str(cosigners), entries, cosigners)
+        result = subprocess.run([sys.executable, *command, str(export), "--key", VKEY, *witnesses],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == expected, (cosigners, result)
+        if expected:
+            assert f"{cosigners} valid witness cosignatures, the quorum is 2" in result.stdout, result
+    explicit = subprocess.run([sys.executable, *command, str(export), "--key", VKEY, *witnesses[:2], "--quorum", "0"],
+                              capture_output=True, text=True, timeout=60)
+    assert explicit.returncode == 0, explicit
