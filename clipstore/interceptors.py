@@ -283,8 +283,13 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
             error = _ended(limits) if ended else self._error_for(exc, ctx)
             status = ended or status_code(error).name
             answer = grpc_status(error, ctx.request_id)
-            context.abort_with_status(_Status(answer.code, answer.details, (
-                *answer.trailing_metadata, (REQUEST_ID_HEADER, ctx.request_id))))
+            try:
+                context.abort_with_status(_Status(answer.code, answer.details, (
+                    *answer.trailing_metadata, (REQUEST_ID_HEADER, ctx.request_id))))
+            finally:
+                # `error` is most often `exc`, whose traceback holds this frame: a cycle that kept the call,
+                # and its HTTP/2 stream (max_concurrent_streams), alive until the collector ran
+                del error, answer
         finally:
             for timer in limits.timers:
                 Watchdog.disarm(timer)

@@ -6,6 +6,7 @@ message, floods of unauthenticated calls. Health and authenticated callers must 
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import threading
@@ -19,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clipstore.interceptors import STREAM_CUT_GRACE_S
 from clipstore.server import running_server
-from clipstore.v1 import audit_pb2, audit_pb2_grpc, clip_pb2, clip_pb2_grpc
+from clipstore.v1 import audit_pb2, audit_pb2_grpc, clip_pb2, clip_pb2_grpc, review_pb2, review_pb2_grpc
 from tests.clip_helpers import ACCOUNT_ID, metadata
 from tests.conftest import bearer, make_config, new_key
 from tests.grpc_helpers import error_info
@@ -303,3 +304,34 @@ def test_finished_calls_free_their_streams_under_a_per_connection_stream_cap(
         for _ in range(100):
             audit.GetCheckpoint(audit_pb2.GetCheckpointRequest(), metadata=auditor, timeout=5)
             health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+
+
+@pytest.fixture
+def collector_off() -> Iterator[None]:
+    """No cyclic garbage collection: what only the collector would free stays, as it does between its runs."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def test_refused_calls_free_their_streams_without_waiting_for_the_garbage_collector(
+        tmp_path: Path, log_stream: io.StringIO, collector_off: None) -> None:
+    """A refusal's traceback held the interceptor's frame (and, for one the audit writer recorded, the
+    writer's batch): reference cycles that kept each refused call, and its HTTP/2 stream, alive until the
+    collector ran. A burst of 16 refused review calls filled a connection's 100 streams and every later
+    call on it was refused (RST_STREAM REFUSED_STREAM, UNAVAILABLE) until a full collection."""
+    config = make_config(tmp_path / "d", **{"server.max_streams_per_connection": 10})
+    with running_server(config) as srv, grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        ingest, reviewer = bearer(new_key(srv.app, "ingest")), bearer(new_key(srv.app, "reviewer"))
+        clips, review = clip_pb2_grpc.ClipServiceStub(channel), review_pb2_grpc.ReviewServiceStub(channel)
+        for _ in range(30):
+            with pytest.raises(grpc.RpcError) as not_found:  # refused in the servicer
+                clips.GetClip(clip_pb2.GetClipRequest(clip_id="c_nope"), metadata=ingest, timeout=5)
+            assert error_info(not_found.value).reason == "CLIP_NOT_FOUND", not_found.value.details()
+            with pytest.raises(grpc.RpcError) as unknown:  # refused and audited by the audit writer
+                review.RequestGrant(review_pb2.RequestGrantRequest(session_token="nope", assignment_id="as_x"),
+                                    metadata=reviewer, timeout=5)
+            assert error_info(unknown.value).reason == "SESSION_UNKNOWN", unknown.value.details()

@@ -114,10 +114,18 @@ class Pending(Generic[T]):
                                            "performed; retry later")
             self._done.acquire()
         self._done.release()  # a later call returns at once
-        if self._error is not None:
+        if self._error is None:
+            value: T = self._value
+            return value
+        try:
             raise self._error
-        value: T = self._value
-        return value
+        finally:
+            # The raise puts this frame, and with it `self` and `self._error`, on the error's own traceback:
+            # a cycle only the collector frees, holding every caller frame above, the gRPC call among
+            # them, whose HTTP/2 stream counts against max_concurrent_streams until it does (a burst of
+            # refused review calls filled the connection's 100 streams: every later call was refused).
+            # concurrent.futures.Future.result breaks the same cycle the same way.
+            del self
 
     def wait(self, timeout: float) -> bool:
         """Whether the unit was settled within `timeout`; unlike `result`, never withdraws it."""
@@ -438,7 +446,9 @@ class AuditLog:
                         if not tx.is_denial(exc):
                             trans.rollback()
                             return [], (p, exc)
-                        outcomes.append((p, tx.records, None, exc))
+                        # A refusal is an outcome, not a fault: its traceback held this frame, and through
+                        # `outcomes` itself, a cycle that kept the caller's gRPC call alive until the collector ran
+                        outcomes.append((p, tx.records, None, exc.with_traceback(None)))
                 leaves = self._chain(cursor, outcomes, size, prev, rfc3339(now), heads)
                 cursor.close()
             self._db.count_commit()
