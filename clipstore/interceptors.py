@@ -287,8 +287,11 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
                 context.abort_with_status(_Status(answer.code, answer.details, (
                     *answer.trailing_metadata, (REQUEST_ID_HEADER, ctx.request_id))))
             finally:
-                # `error` is most often `exc`, whose traceback holds this frame: a cycle that kept the call,
-                # and its HTTP/2 stream (max_concurrent_streams), alive until the collector ran
+                # The error's traceback holds this frame (whose `error` is most often `exc`), and every frame
+                # it left, some holding it too (`deny_alone(..., error)` raises the error it was given):
+                # cycles that kept the call, and its HTTP/2 stream (max_concurrent_streams), alive until
+                # the collector ran. The status is decided; nothing reads the traceback after this.
+                exc.with_traceback(None)
                 del error, answer
         finally:
             for timer in limits.timers:

@@ -20,7 +20,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clipstore.interceptors import STREAM_CUT_GRACE_S
 from clipstore.server import running_server
-from clipstore.v1 import audit_pb2, audit_pb2_grpc, clip_pb2, clip_pb2_grpc, review_pb2, review_pb2_grpc
+from clipstore.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    clip_pb2,
+    clip_pb2_grpc,
+    review_pb2,
+    review_pb2_grpc,
+    safety_pb2_grpc,
+)
 from tests.clip_helpers import ACCOUNT_ID, metadata
 from tests.conftest import bearer, make_config, new_key
 from tests.grpc_helpers import error_info
@@ -326,8 +334,13 @@ def test_refused_calls_free_their_streams_without_waiting_for_the_garbage_collec
     config = make_config(tmp_path / "d", **{"server.max_streams_per_connection": 10})
     with running_server(config) as srv, grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
         ingest, reviewer = bearer(new_key(srv.app, "ingest")), bearer(new_key(srv.app, "reviewer"))
+        safety_md = bearer(new_key(srv.app, "safety"))
         clips, review = clip_pb2_grpc.ClipServiceStub(channel), review_pb2_grpc.ReviewServiceStub(channel)
+        safety = safety_pb2_grpc.SafetyServiceStub(channel)
         for _ in range(30):
+            with pytest.raises(grpc.RpcError) as empty:  # refused by deny_alone, which raises the error it is given
+                safety.IdentifyLeak(iter(()), metadata=safety_md, timeout=5)
+            assert error_info(empty.value).metadata["field"] == "audio_chunk", empty.value.details()
             with pytest.raises(grpc.RpcError) as not_found:  # refused in the servicer
                 clips.GetClip(clip_pb2.GetClipRequest(clip_id="c_nope"), metadata=ingest, timeout=5)
             assert error_info(not_found.value).reason == "CLIP_NOT_FOUND", not_found.value.details()
