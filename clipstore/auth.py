@@ -12,7 +12,7 @@ import importlib
 import pkgutil
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 from cryptography import x509
@@ -27,6 +27,9 @@ from clipstore.v1 import common_pb2, options_pb2
 ROLES = ("ingest", "reviewer", "safety", "auditor", "admin")
 API_KEY_PREFIX = "csk_"
 API_KEY_RANDOM_BYTES = 32
+# What `request_metadata` puts in place of two or more `authorization` headers: a NUL, which no header value
+# can carry, so no caller can send it.
+AMBIGUOUS_CREDENTIALS = "\x00ambiguous"
 
 def _method_rules() -> tuple[dict[str, frozenset[str]], tuple[str, ...]]:
     """The authorisation table, read from the `(clipstore.v1.roles)` / `(clipstore.v1.public)` options of
@@ -107,12 +110,26 @@ def check_standing(principal: Principal, *, now: float) -> Principal:
     return principal
 
 
+def request_metadata(pairs: Iterable[tuple[str, str | bytes]]) -> dict[str, str]:
+    """A call's text metadata by key. A key sent twice keeps its last value, except `authorization`:
+    two credentials (a proxy adding one in front of the caller's, a client sending a stale and a
+    fresh key) would let whichever came last decide who is calling; both are refused instead."""
+    metadata: dict[str, str] = {}
+    for key, value in pairs:
+        if isinstance(value, str):
+            metadata[key] = AMBIGUOUS_CREDENTIALS if key == "authorization" and key in metadata else value
+    return metadata
+
+
 def authenticate(repo: PrincipalRecords, metadata: Mapping[str, str], *, now: float) -> Principal:
     """Resolve the bearer key in `authorization` metadata to a principal in good standing."""
     header = metadata.get("authorization")
     if header is None:
         raise Unauthenticated("no credentials; send 'authorization: Bearer <api key>'",
                               reason="MISSING_CREDENTIALS")
+    if header == AMBIGUOUS_CREDENTIALS:
+        raise Unauthenticated("more than one authorization header; send exactly one",
+                              reason="MALFORMED_CREDENTIALS")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.startswith(API_KEY_PREFIX):
         raise Unauthenticated("malformed authorization header; expected 'Bearer csk_…'",

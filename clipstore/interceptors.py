@@ -24,7 +24,7 @@ import sqlalchemy as sa
 import structlog
 
 from clipstore.admission import PrincipalSlots, Timer, Watchdog
-from clipstore.auth import PUBLIC_PREFIXES, authorize
+from clipstore.auth import PUBLIC_PREFIXES, authorize, request_metadata
 from clipstore.config import ServingConfig
 from clipstore.errors import (
     Cancelled,
@@ -144,7 +144,7 @@ class ClipstoreInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         method: str = details.method
-        metadata = {k: v for k, v in details.invocation_metadata or () if isinstance(v, str)}
+        metadata = request_metadata(details.invocation_metadata or ())
         public = method.startswith(PUBLIC_PREFIXES)
         streaming = handler.request_streaming or handler.response_streaming
         behavior = getattr(handler, ("stream" if handler.request_streaming else "unary") + "_" + (

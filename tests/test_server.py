@@ -66,6 +66,19 @@ def test_malformed_authorization_header_is_unauthenticated(channel: grpc.Channel
     assert error_info(err).reason == "MALFORMED_CREDENTIALS"
 
 
+@pytest.mark.parametrize("order", ["valid last", "valid first", "both valid"])
+def test_two_authorization_headers_are_refused_whichever_comes_last(channel: grpc.Channel, keys: dict[str, str],
+                                                                    order: str) -> None:
+    """The last header used to decide who was calling: a valid key after an unknown one (or another role's)
+    was accepted. Two credentials are ambiguous; neither is used."""
+    valid, other = bearer(keys["ingest"])[0], ("authorization", f"Bearer {keys['admin']}")
+    unknown = ("authorization", "Bearer csk_" + "A" * 43)
+    headers = {"valid last": (unknown, valid), "valid first": (valid, unknown), "both valid": (other, valid)}[order]
+    err = _get_clip(channel, headers)
+    assert (err.code(), error_info(err).reason) == (grpc.StatusCode.UNAUTHENTICATED, "MALFORMED_CREDENTIALS")
+    assert "exactly one" in err.details()
+
+
 def test_call_with_wrong_role_is_permission_denied(channel: grpc.Channel, keys: dict[str, str]) -> None:
     err = _get_clip(channel, bearer(keys["reviewer"]))
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
