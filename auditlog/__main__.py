@@ -32,16 +32,19 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import errno
 import json
 import os
+import stat
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from auditlog.cosignature import Cosignature, CosignatureVerifier, open_cosigned_checkpoint
 from auditlog.errors import EntryError, NoteError, VerificationError
-from auditlog.note import NoteVerifier
+from auditlog.note import MAX_NOTE_BYTES, NoteVerifier
 from auditlog.tiles import TileError
 from auditlog.verify import StateFileError, TileState, verify_log, verify_tiles
 
@@ -67,11 +70,31 @@ def _read_key(value: str) -> str:
         raise NoteError(f"key file {path} is not UTF-8 text; pass the key string") from None
 
 
+def _open_file(path: Path) -> BinaryIO:
+    """`path` opened for reading if it is a regular file; `OSError` otherwise. A FIFO or a device in an
+    export (or given as a checkpoint) would block the verifier, or feed it forever, instead of failing."""
+    # a FIFO blocks open() itself until a writer comes (Windows has neither FIFOs in paths nor the flag)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return os.fdopen(fd, "rb")  # O_NONBLOCK means nothing to a regular file
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_note(path: Path) -> bytes:
+    """A checkpoint file: one byte past the note limit is enough to refuse it; never read a huge file whole."""
+    with _open_file(path) as fh:
+        return fh.read(MAX_NOTE_BYTES + 1)
+
+
 def _entries(path: Path) -> Iterator[bytes]:
     """One entry per line. An empty line is held back: at the end of the file it is the
     tolerated trailing blank line; anywhere else it is an entry, and fails as malformed."""
     held = 0
-    with path.open("rb") as fh:
+    with _open_file(path) as fh:
         for line in fh:
             data = line[:-1] if line.endswith(b"\n") else line
             if not data:
@@ -102,8 +125,8 @@ def verify_dir(export: Path, vkey: str, trusted: Path | None, *, strict: bool = 
     try:
         verifier = NoteVerifier.from_key_string(_read_key(vkey))
         wkeys = [CosignatureVerifier.from_key_string(_read_key(w)) for w in witnesses]
-        checkpoint = (export / CHECKPOINT_FILE).read_bytes()
-        trusted_note = trusted.read_bytes() if trusted else None
+        checkpoint = _read_note(export / CHECKPOINT_FILE)
+        trusted_note = _read_note(trusted) if trusted else None
     except OSError as exc:
         return 2, f"ERROR cannot read {exc.filename}: {exc.strerror}"
     except VerificationError as exc:
@@ -201,7 +224,7 @@ def verify_report_file(path: Path, vkey: str, *, witnesses: Sequence[str] = (), 
     try:
         verifier = NoteVerifier.from_key_string(_read_key(vkey))
         wkeys = [CosignatureVerifier.from_key_string(_read_key(w)) for w in witnesses]
-        with path.open("rb") as fh:  # one byte past the limit is enough to refuse it: never read a huge file whole
+        with _open_file(path) as fh:  # one byte past the limit is enough to refuse it: never read a huge file whole
             data = fh.read(MAX_REPORT_BYTES + 1)
     except OSError as exc:
         return 2, {"result": "ERROR", "reason": f"cannot read {exc.filename}: {exc.strerror}"}

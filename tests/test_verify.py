@@ -322,3 +322,18 @@ def test_witnesses_without_quorum_means_every_witness_must_have_cosigned(tmp_pat
     explicit = subprocess.run([sys.executable, *command, str(export), "--key", VKEY, *witnesses[:2], "--quorum", "0"],
                               capture_output=True, text=True, timeout=60)
     assert explicit.returncode == 0, explicit
+
+
+@pytest.mark.parametrize("fifo", ["entries.jsonl", "checkpoint", "trusted", "report"])
+def test_a_fifo_in_place_of_a_file_is_an_error_not_a_hang(tmp_path: Path, entries: list[bytes], fifo: str) -> None:
+    """open() of a FIFO blocks until a writer comes: the verifier waited forever."""
+    import os
+    export = write_export(tmp_path / "e", entries, checkpoint_for(entries, SIGNER), SIGNER)
+    where = {"trusted": tmp_path / "trusted", "report": tmp_path / "report.json"}.get(fifo, export / fifo)
+    where.unlink(missing_ok=True)
+    os.mkfifo(where)
+    args = {"trusted": ["verify", str(export), "--trusted-checkpoint", str(where)],
+            "report": ["verify-report", str(where)]}.get(fifo, ["verify", str(export)])
+    result = subprocess.run([sys.executable, "-m", "auditlog", *args, "--key", VKEY],
+                            capture_output=True, text=True, timeout=30)
+    assert (result.returncode, result.stderr.strip()) == (2, f"ERROR cannot read {where}: not a regular file"), result
