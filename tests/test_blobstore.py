@@ -556,6 +556,19 @@ def test_s3_fast_puts_send_the_sse_kms_headers(moto_endpoint: str) -> None:
     assert head["ServerSideEncryption"] == "aws:kms" and head["SSEKMSKeyId"] == key_id
 
 
+def test_s3_fast_requests_carry_botocores_user_agent(moto_endpoint: str) -> None:
+    """S3's access logs name one client for every call, fast or not."""
+    store = _s3_store(moto_endpoint)
+    agents: list[str] = []
+    store.client.meta.events.register("before-send.s3", lambda request, **kwargs: agents.append(
+        request.headers["User-Agent"].decode() if isinstance(request.headers["User-Agent"], bytes)
+        else request.headers["User-Agent"]))
+    store.put_stream("c_agent", [b"sealed"])
+    assert b"".join(store.get_stream("c_agent")) == b"sealed"
+    store.size("c_agent")  # through boto3
+    assert len(agents) == 3 and all(agent.startswith("Boto3/") for agent in agents), agents
+
+
 @pytest.mark.parametrize("scheme", ["http", "https"])
 def test_s3_fast_puts_hash_the_payload_as_botocore_would(scheme: str) -> None:
     """Over HTTP the payload's SHA-256 is signed; over HTTPS, with the CRC32 header, it is UNSIGNED-PAYLOAD

@@ -94,10 +94,12 @@ class _FastPath:
     handler) `put` answers False and `get` None, and the store makes the same call through the boto3
     client, which keeps its errors, retries and region redirects: one extra request, on a failure only."""
 
-    def __init__(self, *, url_prefix: str, region: str, credentials: botocore.credentials.Credentials,
+    def __init__(self, *, url_prefix: str, region: str, user_agent: str, credentials: botocore.credentials.Credentials,
                  events: Any, config: botocore.config.Config, http_session: botocore.httpsession.URLLib3Session,
                  sse_headers: dict[str, str]) -> None:
         self._url_prefix, self._region, self._credentials = url_prefix, region, credentials
+        # botocore's, so that S3's access logs name one client for every call
+        self._agent = {"User-Agent": user_agent} if user_agent else {}
         self._events, self._config, self._http, self._sse_headers = events, config, http_session, sse_headers
 
     @classmethod
@@ -117,7 +119,9 @@ class _FastPath:
         def learn(request: botocore.awsrequest.AWSRequest, signing_name: str, region_name: str,
                   signature_version: object, **kwargs: object) -> None:
             signing = request.context.get("signing", {})
-            seen.update(url=request.url, signing_name=signing.get("signing_name") or signing_name,
+            agent = request.headers.get("User-Agent") or ""
+            seen.update(url=request.url, user_agent=agent.decode() if isinstance(agent, bytes) else agent,
+                        signing_name=signing.get("signing_name") or signing_name,
                         region=signing.get("region") or region_name, version=signature_version)
             raise _UrlLearned
 
@@ -135,8 +139,8 @@ class _FastPath:
                 or not url.endswith("/" + _URL_MARKER) or url.count(_URL_MARKER) != 1 or "?" in url):
             return None
         config = client.meta.config
-        return cls(url_prefix=url[:-len(_URL_MARKER)], region=str(seen["region"]), credentials=credentials,
-                   events=client.meta.events, config=config,
+        return cls(url_prefix=url[:-len(_URL_MARKER)], region=str(seen["region"]), user_agent=seen["user_agent"],
+                   credentials=credentials, events=client.meta.events, config=config,
                    http_session=_http_session(config, core, client.meta.endpoint_url), sse_headers=sse_headers)
 
     def put(self, key: str, body: bytearray) -> bool:
@@ -170,7 +174,7 @@ class _FastPath:
         try:
             request = botocore.awsrequest.AWSRequest(
                 method=method, url=self._url_prefix + botocore.utils.percent_encode(key, safe="/~"),
-                headers=headers, data=body, stream_output=stream)
+                headers={**self._agent, **headers}, data=body, stream_output=stream)
             # What S3SigV4Auth reads to choose the payload hash, as botocore sets it for PutObject: over
             # HTTPS with the CRC32 header, a streaming body goes UNSIGNED-PAYLOAD; over HTTP it is hashed.
             request.context["client_config"] = self._config
