@@ -121,6 +121,9 @@ class Reason(StrEnum):
     SPIFFE_ID_IN_USE = auto(), Kind.WRONG_STATE, "another principal is enrolled under that SPIFFE id"
     FACTORS_BELONG_TO_REVIEWER = auto(), Kind.WRONG_STATE, \
         "a reviewer's key and TOTP secret go only to the reviewer: issue them an enrolment code"
+    LAST_ADMIN = auto(), Kind.WRONG_STATE, \
+        "the change would leave no enabled admin that stays unexpired for the next hour; create or enable " \
+        "another admin first"
     # -- self-enrolment (reviewers) -----------------------------------------------------------------------
     ENROLMENT_CODE_INVALID = auto(), Kind.NOT_AUTHENTICATED, "no such enrolment code; check it or ask an admin"
     ENROLMENT_CODE_USED = auto(), Kind.NOT_AUTHENTICATED, "the code was already redeemed; ask an admin for a new one"

@@ -25,6 +25,10 @@ from clipstore.unit import Actor, Ledger, Tx
 
 T = TypeVar("T")
 
+# An admin whose expiry falls within this of now is not counted on to act: it needs the time to create or
+# enable another admin before the service has none (then only the local bootstrap CLI can make one).
+LAST_ADMIN_MARGIN_S = 3600.0
+
 
 class PrincipalStore(Protocol):
     def add(self, principal: Principal, *, key_hash: bytes | None, now: float) -> None: ...
@@ -33,6 +37,7 @@ class PrincipalStore(Protocol):
     def page(self, *, role: str | None, after: str, limit: int, now: float) -> list[PrincipalListing]: ...
     def set_disabled(self, principal_id: str, disabled: bool) -> bool: ...
     def set_expiry(self, principal_id: str, expires_at: float | None) -> bool: ...
+    def standing_admins(self, *, other_than: str, until: float) -> int: ...
     def rotate_key(self, principal_id: str, key_hash: bytes, *, now: float, retires_at: float) -> bool: ...
 
 
@@ -78,6 +83,26 @@ def require_free_spiffe_id(rows: PrincipalStore, tx: Tx, actor: Actor, spiffe_id
             "name", reason="SPIFFE_ID_IN_USE"))
 
 
+def _takes_last_admin(rows: PrincipalStore, tx: Tx, actor: Actor, principal: Principal, change: str) -> None:
+    """Inside the unit, before its write: refuse (audited) a change that takes away the standing of the
+    last admin able to act (enabled, not expiring within LAST_ADMIN_MARGIN_S). The count is read in the
+    unit's transaction, which the writer serialises with every other unit (on every replica), so two
+    admins disabling each other at once cannot both succeed."""
+    if rows.standing_admins(other_than=principal.id, until=tx.now + LAST_ADMIN_MARGIN_S) == 0:
+        raise tx.deny(actor, "principal.deny", FailedPrecondition(
+            f"{change} would leave no enabled admin that stays unexpired for the next "
+            f"{LAST_ADMIN_MARGIN_S / 60:g} minutes; create or enable another admin first, then retry",
+            reason="LAST_ADMIN"), principal_id=principal.id)
+
+
+def _brings_admin_expiry_near(principal: Principal, expires_at: float | None, *, now: float) -> bool:
+    """Whether the new expiry moves an enabled admin's expiry earlier, to within LAST_ADMIN_MARGIN_S of now
+    (or past); extending one, even to a time still near, never is."""
+    return (principal.role == "admin" and not principal.disabled and expires_at is not None
+            and expires_at <= now + LAST_ADMIN_MARGIN_S
+            and (principal.expires_at is None or expires_at < principal.expires_at))
+
+
 def principal_not_found(principal_id: str, role: str | None) -> NotFound:
     if role == "reviewer":
         return NotFound(f"no reviewer {principal_id}", reason="REVIEWER_NOT_FOUND")
@@ -121,6 +146,8 @@ class PrincipalLifecycle:
         def unit(tx: Tx) -> tuple[Principal, int, int]:
             rows = self._ports.bind(tx)
             principal = self._existing(rows, tx, principal_id, role)
+            if principal.role == "admin" and not principal.disabled:
+                _takes_last_admin(rows, tx, actor, principal, "disabling this admin")
             rows.set_disabled(principal.id, True)
             ended = voided = 0
             if principal.role == "reviewer":
@@ -163,6 +190,8 @@ class PrincipalLifecycle:
         def unit(tx: Tx) -> Principal:
             rows = self._ports.bind(tx)
             principal = self._existing(rows, tx, principal_id)
+            if _brings_admin_expiry_near(principal, expires_at, now=tx.now):
+                _takes_last_admin(rows, tx, actor, principal, "this expiry")
             rows.set_expiry(principal.id, expires_at)
             tx.audit(actor.record("principal.expiry", principal_id=principal.id,
                                   reason="never" if expires_at is None else rfc3339(expires_at)))

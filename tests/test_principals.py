@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,9 +15,18 @@ import sqlalchemy as sa
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from clipstore.audit import AuditLog
+from clipstore.audit.signing import load_or_create_signer
 from clipstore.auth import hash_api_key
+from clipstore.clock import SystemClock
+from clipstore.errors import FailedPrecondition
+from clipstore.principals import LAST_ADMIN_MARGIN_S, PrincipalLifecycle, PrincipalPorts
+from clipstore.rows import Principal
 from clipstore.server import ClipstoreServer, running_server
-from clipstore.store import schema
+from clipstore.store import Database, PrincipalRepository, schema
+from clipstore.store.db import connection
+from clipstore.store.principals import PrincipalRows
+from clipstore.unit import Actor
 from clipstore.v1 import (
     audit_pb2,
     audit_pb2_grpc,
@@ -26,6 +36,7 @@ from clipstore.v1 import (
     principal_admin_pb2,
     principal_admin_pb2_grpc,
 )
+from kms import LocalKms
 from tests.conftest import FakeClock, bearer, make_config, new_key
 from tests.grpc_helpers import error_info
 
@@ -280,3 +291,134 @@ def test_a_database_from_before_key_rotation_keeps_its_keys(tmp_path: Path, data
             audit_pb2.GetCheckpointRequest(), metadata=bearer(key), timeout=10)
         assert checkpoint.verifier_key
         assert srv.app.principals.get("p_old") is not None
+
+
+def _pid(srv: ClipstoreServer, key: str) -> str:
+    match = srv.app.principals.by_key_hash(hash_api_key(key))
+    assert match is not None
+    return match.principal.id
+
+
+def _last_admin_refused(srv: ClipstoreServer, err: grpc.RpcError, principal_id: str) -> None:
+    """FAILED_PRECONDITION LAST_ADMIN, saying what to do, and on record as a denial naming the admin."""
+    assert (err.code(), error_info(err).reason) == (grpc.StatusCode.FAILED_PRECONDITION, "LAST_ADMIN"), err.details()
+    assert "create or enable another admin first" in err.details()
+    last = [e for e in _entries(srv) if e["action"] == "principal.deny"][-1]
+    assert last["outcome"] == {"result": "denied", "reason": "LAST_ADMIN"}
+    assert last["target"]["principal_id"] == principal_id
+
+
+def test_the_last_admin_cannot_be_disabled_not_even_by_itself(srv: ClipstoreServer, channel, stub, admin) -> None:
+    root = _pid(srv, admin[0][1].removeprefix("Bearer "))
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.DisablePrincipal(principal_admin_pb2.DisablePrincipalRequest(principal_id=root), metadata=admin,
+                              timeout=10)
+    _last_admin_refused(srv, caught.value, root)
+    assert not srv.app.principals.get(root).disabled  # type: ignore[union-attr]
+    second = _create(stub, admin, common_pb2.ROLE_ADMIN, "second")
+    resp = stub.DisablePrincipal(principal_admin_pb2.DisablePrincipalRequest(principal_id=root), metadata=admin,
+                                 timeout=10)  # another admin stands: allowed
+    assert resp.principal.disabled
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.DisablePrincipal(principal_admin_pb2.DisablePrincipalRequest(
+            principal_id=second.principal.principal_id), metadata=bearer(second.api_key), timeout=10)
+    _last_admin_refused(srv, caught.value, second.principal.principal_id)
+    rotated = stub.RotatePrincipalKey(principal_admin_pb2.RotatePrincipalKeyRequest(
+        principal_id=second.principal.principal_id, overlap=Duration(seconds=0)), metadata=bearer(second.api_key),
+        timeout=10)  # a rotation hands the caller the new key: it never leaves the service without an admin
+    stub.ListPrincipals(principal_admin_pb2.ListPrincipalsRequest(), metadata=bearer(rotated.api_key), timeout=10)
+
+
+def test_an_expiry_that_would_leave_no_admin_standing_is_refused(srv: ClipstoreServer, stub, admin,
+                                                                 clock: FakeClock) -> None:
+    root = _pid(srv, admin[0][1].removeprefix("Bearer "))
+
+    def expire(at: float | None) -> principal_admin_pb2.SetPrincipalExpiryResponse:
+        request = principal_admin_pb2.SetPrincipalExpiryRequest(principal_id=root)
+        if at is not None:
+            request.expires_at.CopyFrom(_ts(at))
+        return stub.SetPrincipalExpiry(request, metadata=admin, timeout=10)
+
+    for at in (clock.now() - 1, clock.now(), clock.now() + 60, clock.now() + LAST_ADMIN_MARGIN_S):
+        with pytest.raises(grpc.RpcError) as caught:
+            expire(at)
+        _last_admin_refused(srv, caught.value, root)
+    assert srv.app.principals.get(root).expires_at is None  # type: ignore[union-attr]
+    expire(clock.now() + 2 * LAST_ADMIN_MARGIN_S)  # still an hour and more to act
+    clock.advance(1.5 * LAST_ADMIN_MARGIN_S)
+    expire(clock.now() + 0.9 * LAST_ADMIN_MARGIN_S)  # extending it, even to a near time, is never refused
+    with pytest.raises(grpc.RpcError) as caught:
+        expire(clock.now() + 0.5 * LAST_ADMIN_MARGIN_S)  # bringing it nearer is
+    _last_admin_refused(srv, caught.value, root)
+    _create(stub, admin, common_pb2.ROLE_ADMIN, "second")
+    assert expire(clock.now() + 60).principal.expires_at.seconds == int(clock.now() + 60)
+
+
+def test_24_calls_of_two_admins_disabling_each_other_leave_exactly_one(srv: ClipstoreServer, channel,
+                                                                       stub) -> None:
+    keys = {"a": new_key(srv.app, "admin", "a"), "b": new_key(srv.app, "admin", "b")}
+    ids = {name: _pid(srv, key) for name, key in keys.items()}
+    start = threading.Barrier(RACERS)  # cyclic: all 24 start each round together
+
+    def disable(i: int) -> str:
+        me, other = ("a", "b") if i % 2 else ("b", "a")
+        start.wait(10)
+        try:
+            stub.DisablePrincipal(principal_admin_pb2.DisablePrincipalRequest(principal_id=ids[other]),
+                                  metadata=bearer(keys[me]), timeout=30)
+        except grpc.RpcError as err:
+            return error_info(err).reason
+        return f"disabled {other}"
+
+    for _ in range(6):
+        with ThreadPoolExecutor(RACERS) as pool:
+            outcomes = list(pool.map(disable, range(RACERS)))
+        enabled = [name for name, pid in ids.items() if not srv.app.principals.get(pid).disabled]  # type: ignore[union-attr]
+        assert len(enabled) == 1, outcomes
+        assert set(outcomes) <= {f"disabled {'b' if enabled == ['a'] else 'a'}", "LAST_ADMIN", "PRINCIPAL_DISABLED"}
+        assert f"disabled {'b' if enabled == ['a'] else 'a'}" in outcomes
+        for pid in ids.values():
+            srv.app.principals.set_disabled(pid, False)
+
+
+def test_replicas_on_one_database_cannot_both_disable_the_other_admin(tmp_path: Path,
+                                                                      database_url: str | None) -> None:
+    """Below the servers: two processes' writers (each its own Database and AuditLog) on one database, as
+    replicas behind a load balancer; each unit's count is read in the transaction that writes."""
+    url = database_url or f"sqlite:///{tmp_path / 'shared.db'}"
+    root = LocalKms.from_file(tmp_path / "root.key")
+    dbs = [Database(url) for _ in range(2)]
+    logs = [AuditLog(db, load_or_create_signer(db, root), SystemClock(), checkpoint_every_entries=10**9,
+                     checkpoint_every_s=3600) for db in dbs]
+    try:
+        replicas = [PrincipalLifecycle(PrincipalPorts(
+            ledger=log, bind=lambda tx: PrincipalRows(connection(tx)), read=PrincipalRepository(db).read,
+            sessions=lambda tx: pytest.fail("no reviewer here"), clock=SystemClock()),  # type: ignore[arg-type,return-value]
+            trust_domain="clipstore", default_overlap_s=0) for db, log in zip(dbs, logs, strict=True)]
+        repo = PrincipalRepository(dbs[0])
+        a, b = Principal(id="p_admin_a", name="a", role="admin"), Principal(id="p_admin_b", name="b", role="admin")
+        for p in (a, b):
+            repo.add(p, key_hash=None, now=0.0)
+        start = threading.Barrier(2)  # cyclic: both start each round together
+
+        def disable(pair: tuple[int, Principal, Principal]) -> str:
+            replica, me, other = pair
+            start.wait(10)
+            try:
+                replicas[replica].disable(other.id, Actor(id=me.id, role="admin"))
+            except FailedPrecondition as exc:
+                return str(exc.reason)
+            return "disabled"
+
+        for _ in range(20):
+            with ThreadPoolExecutor(2) as pool:
+                outcomes = sorted(pool.map(disable, [(0, a, b), (1, b, a)]))
+            assert outcomes == ["LAST_ADMIN", "disabled"]
+            assert sum(not repo.get(p.id).disabled for p in (a, b)) == 1  # type: ignore[union-attr]
+            for p in (a, b):
+                repo.set_disabled(p.id, False)
+    finally:
+        for log in logs:
+            log.close()
+        for db in dbs:
+            db.close()

@@ -80,6 +80,13 @@ class PrincipalRows(PlainRows):
     def set_expiry(self, principal_id: str, expires_at: float | None) -> bool:
         return self._update(principal_id, expires_at=expires_at)
 
+    def standing_admins(self, *, other_than: str, until: float) -> int:
+        """Enabled admins but `other_than` that do not expire before `until`."""
+        query = sa.select(sa.func.count()).select_from(_P).where(
+            _P.c.role == "admin", _P.c.id != other_than, _P.c.disabled.is_(False),
+            sa.or_(_P.c.expires_at.is_(None), _P.c.expires_at > until))
+        return int(self._conn.execute(query).scalar_one())
+
     def _update(self, principal_id: str, **values: object) -> bool:
         return self._conn.execute(_P.update().where(_P.c.id == principal_id).values(**values)).rowcount == 1
 
