@@ -1,7 +1,8 @@
 """`auditlog verify DIR --key VKEY [--trusted-checkpoint FILE] [--strict]`.
 
-DIR is an export: `entries.jsonl` (one canonical entry per line; a final
-empty line is ignored, as Go's line readers and `jq` ignore it),
+DIR is an export: `entries.jsonl` (one canonical entry per line, at most
+16 KiB, MAX_ENTRY_BYTES: a longer line fails where it starts and is never read
+whole; a final empty line is ignored, as Go's line readers and `jq` ignore it),
 `checkpoint` (a signed note) and, for reference, `verifier.key`. Always pass
 --key from a copy you obtained independently of the export.
 
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from auditlog.cosignature import Cosignature, CosignatureVerifier, open_cosigned_checkpoint
+from auditlog.entry import MAX_ENTRY_BYTES
 from auditlog.errors import EntryError, NoteError, VerificationError
 from auditlog.note import MAX_NOTE_BYTES, NoteVerifier
 from auditlog.tiles import TileError
@@ -51,6 +53,8 @@ from auditlog.verify import StateFileError, TileState, verify_log, verify_tiles
 ENTRIES_FILE = "entries.jsonl"
 CHECKPOINT_FILE = "checkpoint"
 VERIFIER_KEY_FILE = "verifier.key"
+# one byte past the longest entry: its newline, or the byte that proves the line too long; bounds each read
+MAX_LINE_BYTES = MAX_ENTRY_BYTES + 1
 MAX_KEY_FILE_BYTES = 4096  # a key string is under 200 bytes; never read a huge file whole
 
 
@@ -92,17 +96,25 @@ def _read_note(path: Path) -> bytes:
 
 def _entries(path: Path) -> Iterator[bytes]:
     """One entry per line. An empty line is held back: at the end of the file it is the
-    tolerated trailing blank line; anywhere else it is an entry, and fails as malformed."""
-    held = 0
+    tolerated trailing blank line; anywhere else it is an entry, and fails as malformed.
+
+    A line is read to one byte past the longest entry: a longer one is refused where it starts
+    (`EntryError` at its index), never buffered whole."""
+    held = index = 0
     with _open_file(path) as fh:
-        for line in fh:
+        while line := fh.readline(MAX_LINE_BYTES):
             data = line[:-1] if line.endswith(b"\n") else line
+            if len(data) > MAX_ENTRY_BYTES:
+                raise EntryError(index + held, f"malformed: the line is longer than {MAX_ENTRY_BYTES} bytes, the "
+                                               "most an entry may be; not read further")
             if not data:
                 held += 1
                 continue
             while held:
                 held -= 1
+                index += 1
                 yield b""
+            index += 1
             yield data
     if held > 1:
         yield b""  # two or more blank lines at the end: not a trailing newline slip

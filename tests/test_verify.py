@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from auditlog.__main__ import verify_dir
-from auditlog.entry import canonical_json, entry_hash
+from auditlog.entry import MAX_ENTRY_BYTES, canonical_json, entry_hash
 from auditlog.note import NoteSigner
 from tests.auditlog_helpers import build_chained_entries, build_entries, checkpoint_for, write_export
 
@@ -337,3 +337,47 @@ def test_a_fifo_in_place_of_a_file_is_an_error_not_a_hang(tmp_path: Path, entrie
     result = subprocess.run([sys.executable, "-m", "auditlog", *args, "--key", VKEY],
                             capture_output=True, text=True, timeout=30)
     assert (result.returncode, result.stderr.strip()) == (2, f"ERROR cannot read {where}: not a regular file"), result
+
+
+OVER_LONG = f"malformed: the line is longer than {MAX_ENTRY_BYTES} bytes, the most an entry may be; not read further"
+
+
+@pytest.mark.parametrize("index", [0, 7, N])
+def test_a_line_just_over_the_entry_limit_is_refused_where_it_starts(tmp_path: Path, entries: list[bytes],
+                                                                    index: int) -> None:
+    """At the end without a newline, too: one byte past the longest entry is enough to refuse it."""
+    checkpoint = checkpoint_for(entries, SIGNER)
+    export = write_export(tmp_path / "e", entries, checkpoint, SIGNER)
+    lines = [e + b"\n" for e in entries]
+    lines.insert(index, b"x" * (MAX_ENTRY_BYTES + 1) + (b"\n" if index < N else b""))
+    (export / "entries.jsonl").write_bytes(b"".join(lines))
+    assert verify_dir(export, VKEY, None) == (1, f"FAIL entry {index}: {OVER_LONG}")
+
+
+def test_an_entry_of_exactly_the_limit_is_read_whole(tmp_path: Path, entries: list[bytes]) -> None:
+    """The bound is the entry limit itself: a longest entry (padded in request_id) is read, not cut."""
+    checkpoint = checkpoint_for(entries, SIGNER)
+    longest = _edit(entries[-1], seq=N, prev=entry_hash(entries[-1]), request_id="")
+    longest = _edit(longest, request_id="r" * (MAX_ENTRY_BYTES - len(longest)))
+    assert len(longest) == MAX_ENTRY_BYTES
+    assert _verify(tmp_path, [*entries, longest], checkpoint)[0] == 0
+
+
+def test_a_huge_newline_less_line_is_never_buffered_whole(tmp_path: Path, entries: list[bytes]) -> None:
+    """A 200 MB line without a newline was read whole before the size check refused it; here 32 MiB."""
+    import tracemalloc
+    export = write_export(tmp_path / "e", entries, checkpoint_for(entries, SIGNER), SIGNER)
+    with (export / "entries.jsonl").open("ab") as fh:
+        for _ in range(32):
+            fh.write(b"x" * (1 << 20))
+    tracemalloc.start()
+    try:
+        result = verify_dir(export, VKEY, None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result == (1, f"FAIL entry {N}: {OVER_LONG}")
+    assert peak < 4 << 20, f"peak {peak} bytes"  # reading the checkpoint allocates its 1 MiB bound; the line: 16 KiB
+    cli = subprocess.run([sys.executable, "-m", "auditlog", "verify", str(export), "--key", VKEY],
+                         capture_output=True, text=True, timeout=60)
+    assert (cli.returncode, cli.stdout.strip(), cli.stderr) == (1, f"FAIL entry {N}: {OVER_LONG}", ""), cli
