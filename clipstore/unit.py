@@ -11,9 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from json.encoder import encode_basestring
 from typing import NoReturn, Protocol, TypeVar
 
+from auditlog.entry import MAX_ENTRY_BYTES
 from clipstore.errors import ClipstoreError
+
+# What a record's own strings may take of its entry: the verifier refuses an entry over MAX_ENTRY_BYTES,
+# so the service never writes one. The rest (keys, seq, time, the two 64-digit hashes) takes < 400 bytes.
+RECORD_MAX_BYTES = MAX_ENTRY_BYTES - 1024
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +40,15 @@ class AuditRecord:
     # whose entries then carry neither key
     disguise: str | None = None
     watermark: str | None = None
+
+    def __post_init__(self) -> None:
+        fields = (self.actor_id, self.actor_role, self.action, self.outcome, str(self.reason), self.clip_id,
+                  self.account_ref, self.principal_id, self.request_id, self.disguise or "", self.watermark or "")
+        # JSON writes a character as at most 6 bytes (\u001f), so the exact count is needed only past a sixth
+        if sum(map(len, fields)) * 6 > RECORD_MAX_BYTES and (
+                sum(len(encode_basestring(field).encode()) - 2 for field in fields) > RECORD_MAX_BYTES):  # no quotes
+            raise ValueError(f"an audit record may take at most {RECORD_MAX_BYTES} bytes of its entry "
+                             f"(auditlog refuses an entry over {MAX_ENTRY_BYTES})")
 
 
 @dataclass(frozen=True, kw_only=True)

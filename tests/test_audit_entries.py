@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from auditlog.entry import make_entry, parse_entry
+from auditlog.entry import MAX_ENTRY_BYTES, make_entry, parse_entry
 from clipstore.audit.log import entry_bytes
-from clipstore.unit import AuditRecord
+from clipstore.unit import RECORD_MAX_BYTES, AuditRecord
 
 # Any text JSON can carry: quotes, backslashes, control characters, non-ASCII; no lone surrogates,
 # which no str from our code can hold and UTF-8 cannot encode.
@@ -35,3 +39,27 @@ def test_writer_entries_are_byte_identical_to_make_entry(action: str, actor_id: 
                                  outcome={"result": outcome, "reason": reason, **audio}, request_id=request_id)
     if len(prev) == 64:
         assert parse_entry(written, 0)["seq"] == seq
+
+
+def _largest_entry(record: AuditRecord) -> bytes:
+    """The entry `record` would make at its longest: the largest seq, a time of 9999 and an access chain."""
+    return entry_bytes(record, seq=2**63 - 1, prev="f" * 64, time="9999-12-31T23:59:59.999999Z",
+                       account=(2**63 - 1, "f" * 64))
+
+
+@pytest.mark.parametrize("char", ["a", "\u00e9", "\U0001f600", "\x1f"])  # 1, 2, 4 and 6 bytes as the entry writes it
+def test_a_record_the_verifier_would_refuse_cannot_be_made(char: str) -> None:
+    """auditlog refuses an entry over MAX_ENTRY_BYTES, so no record that could make one exists: the largest
+    allowed is parsed by the verifier, one byte more raises where the record is made, never in the writer."""
+    width = len(json.dumps(char, ensure_ascii=False).encode()) - 2
+    base = AuditRecord(actor_id="p_0123456789abcdef", actor_role="reviewer", action="grant.deny", reason="")
+    used = sum(len(json.dumps(getattr(base, f), ensure_ascii=False).encode()) - 2
+               for f in ("actor_id", "actor_role", "action", "outcome", "reason", "clip_id", "account_ref",
+                         "principal_id", "request_id"))
+    fits = (RECORD_MAX_BYTES - used) // width
+    record = dataclasses.replace(base, reason=char * fits)
+    entry = _largest_entry(record)
+    assert len(entry) <= MAX_ENTRY_BYTES
+    assert parse_entry(entry, 0)["outcome"]["reason"] == char * fits
+    with pytest.raises(ValueError, match="at most"):
+        dataclasses.replace(base, reason=char * (fits + 1))
