@@ -248,7 +248,35 @@ def test_s3_parallel_uploads_of_distinct_bodies_each_store_exactly_their_own(mot
         assert len(stored) == len(body) and hashlib.sha256(stored).digest() == hashlib.sha256(body).digest(), key
 
 
-class _CuttingProxy:
+class _Loopback:
+    """A TCP server on loopback at `endpoint`; each connection goes to `_serve`, on a thread of its own
+    when `threaded`. Subclasses set their state before calling this `__init__`: it starts accepting."""
+
+    def __init__(self, *, threaded: bool) -> None:
+        self._threaded = threaded
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            if self._threaded:
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            else:
+                self._serve(conn)
+
+    def _serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+class _CuttingProxy(_Loopback):
     """A TCP proxy in front of moto's server that records every request's bytes and, for the first
     `cuts` requests whose first line contains `match`, resets the connection once `after` bytes of it
     have passed: a connection lost in the middle of a body, which botocore retries."""
@@ -258,18 +286,8 @@ class _CuttingProxy:
         self._upstream = (host, int(port))
         self.match, self.after, self.cuts = match, after, cuts
         self.requests: list[bytes] = []  # what each connection sent (a connection may carry several requests)
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.endpoint = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
         self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+        super().__init__(threaded=True)
 
     def _serve(self, client: socket.socket) -> None:
         upstream = socket.create_connection(self._upstream)
@@ -303,9 +321,6 @@ class _CuttingProxy:
         finally:
             client.close()
             upstream.close()
-
-    def close(self) -> None:
-        self._listener.close()
 
 
 @pytest.mark.parametrize("size", [5 * 1024 * 1024 - 17, 7 * 1024 * 1024 + 5])
@@ -499,33 +514,23 @@ def test_s3_a_connection_cut_before_the_answer_falls_back_to_boto3(moto_endpoint
         proxy.close()
 
 
-class _ShortBodyServer:
+class _ShortBodyServer(_Loopback):
     """Answers every request 200 with a Content-Length of `declared` and `sent` bytes of body, then closes
     the connection (a FIN) or resets it: a body cut after its first bytes."""
 
     def __init__(self, declared: int, sent: int, reset: bool) -> None:
         self.declared, self.sent, self.reset, self.requests = declared, sent, reset, 0
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.endpoint = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(threaded=False)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            with conn:
-                request = b""
-                while b"\r\n\r\n" not in request and (data := conn.recv(1 << 16)):
-                    request += data
-                self.requests += 1
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.declared + b"x" * self.sent)
-                if self.reset:
-                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-    def close(self) -> None:
-        self._listener.close()
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request and (data := conn.recv(1 << 16)):
+                request += data
+            self.requests += 1
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.declared + b"x" * self.sent)
+            if self.reset:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 @pytest.mark.parametrize("reset", [False, True], ids=["fin", "reset"])
