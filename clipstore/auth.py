@@ -25,6 +25,7 @@ from clipstore.unit import OPERATOR, Actor, AuditTrail
 from clipstore.v1 import common_pb2, options_pb2
 
 ROLES = ("ingest", "reviewer", "safety", "auditor", "admin")
+PRINCIPAL_ID_PREFIX = "p_"  # every principal's id; no other actor's (system, cli, anonymous) starts so
 API_KEY_PREFIX = "csk_"
 API_KEY_RANDOM_BYTES = 32
 # What `request_metadata` puts in place of two or more `authorization` headers: a NUL, which no header value
@@ -76,7 +77,7 @@ def new_principal(*, role: str, name: str, spiffe_id: str | None = None, expires
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
     if not name or len(name) > 200:
         raise ValueError("name must be 1 to 200 characters")
-    principal = Principal(id="p_" + secrets.token_hex(8), name=name, role=role, spiffe_id=spiffe_id,
+    principal = Principal(id=PRINCIPAL_ID_PREFIX + secrets.token_hex(8), name=name, role=role, spiffe_id=spiffe_id,
                           expires_at=expires_at)
     return principal, new_api_key() if with_key and spiffe_id is None else None
 

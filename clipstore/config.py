@@ -266,7 +266,8 @@ SETTINGS: tuple[Setting, ...] = (
             help="refused calls are counted: one `auth.deny_summary` entry per peer (anonymous) or principal "
                  "per interval"),
     Setting(key="audit.denials_per_principal", type=int, default=10, attr="denials_per_principal",
-            help="a principal's first N refusals per interval are also appended one by one"),
+            help="a principal's first N refusals per interval (credentials, roles and the domain's own, "
+                 "together) are appended one by one; the rest are counted into its summary entry"),
     Setting(key="metrics.listen", type=str, default=None, check=_metrics_listen, default_text="unset (off)",
             help="Prometheus endpoint, loopback only"),
     Setting(key="server.max_workers", type=int, default=64,

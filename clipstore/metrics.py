@@ -49,8 +49,9 @@ class Metrics:
         self.rpcs = Counter("clipstore_rpcs", "RPCs by method and status code", ["method", "code"], registry=r)
         self.rpc_seconds = Histogram("clipstore_rpc_duration_seconds", "RPC latency by method", ["method"],
                                      buckets=_LATENCY_BUCKETS_S, registry=r)
-        self.audit_records = Counter("clipstore_audit_records", "audit entries by action, outcome and reason code "
-                                     "(grants issued/denied, fetches, purges, …)", ["action", "outcome", "reason"],
+        self.audit_records = Counter("clipstore_audit_records", "audit records by action, outcome and reason code "
+                                     "(grants issued/denied, fetches, purges, …; a refusal counted into a "
+                                     "denial summary too)", ["action", "outcome", "reason"],
                                      registry=r)
         self.auth_denials = Counter("clipstore_auth_denials", "refused credentials and roles, by whether the "
                                     "credential named a principal ('principal') or not ('anonymous'), and reason",

@@ -219,6 +219,7 @@ class ClipstoreServer:
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self.denials = DenialLedger(app.audit, pseudonym=app.peer_pseudonyms.of, interval_s=config.denial_summary_s,
                                     per_principal=config.denials_per_principal, on_denial=self.metrics.observe_denial)
+        app.audit.admit_denial = self.denials.admit  # the domain's refusals share each principal's budget
         serving = config.serving
         self._public_pool = futures.ThreadPoolExecutor(max_workers=PUBLIC_WORKERS, thread_name_prefix="rpc-public")
         self._interceptor = ClipstoreInterceptor(

@@ -20,6 +20,7 @@ from clipstore.errors import ClipstoreError
 # What a record's own strings may take of its entry: the verifier refuses an entry over MAX_ENTRY_BYTES,
 # so the service never writes one. The rest (keys, seq, time, the two 64-digit hashes) takes < 400 bytes.
 RECORD_MAX_BYTES = MAX_ENTRY_BYTES - 1024
+DENIED = "denied"  # a refusal's outcome (`Tx.deny`): what the audit writer may count rather than append
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,7 +88,7 @@ class Tx:
 
     def deny(self, actor: Actor, action: str, error: ClipstoreError, **target: str) -> ClipstoreError:
         """Record a refusal and return the error to raise; what the unit wrote so far still commits."""
-        self.audit(actor.record(action, outcome="denied", reason=error.reason, **target))
+        self.audit(actor.record(action, outcome=DENIED, reason=error.reason, **target))
         self._denials.append(error)
         return error
 

@@ -12,7 +12,9 @@ replicas on one PostgreSQL keep a single chain and see each other's commits.
 A crash leaves a unit's effect and its entries both committed or both absent.
 A unit that refuses (`raise tx.deny(...)`) keeps what it wrote (the denial's
 entry, a failure counter); a unit that fails any other way is rolled back and
-the others are committed without it.
+the others are committed without it. Each refusal such a unit recorded passes
+`admit_denial` first: past a principal's budget it is counted into a denial
+summary (clipstore.denials) instead of appended; the rest of the unit commits.
 
 Nothing else runs on the writer thread: checkpoints are proven and signed on
 a thread of their own (`audit-signer`), and the signed row rides in the
@@ -49,7 +51,7 @@ from clipstore.logs import get_logger
 from clipstore.store import Database
 from clipstore.store.db import connection
 from clipstore.store.plain import dialect_sql
-from clipstore.unit import AuditRecord, Tx, Unit
+from clipstore.unit import DENIED, AuditRecord, Tx, Unit
 
 MAX_BATCH_ENTRIES = 4096  # bounds one transaction's size and memory
 HEAD_QUERY_REFS = 500  # account refs per access-chain head query: inside every driver's parameter limit
@@ -226,6 +228,11 @@ class AuditLog:
         self.on_record: Callable[[AuditRecord], None] = lambda record: None
         self.on_batch: Callable[[int, float], None] = lambda entries, seconds: None
         self.on_halt: Callable[[HistoryRewritten], None] = lambda exc: None
+        # Asked, on this thread and one at a time, for each refusal (outcome DENIED) a refused unit recorded:
+        # append its entry (True), or leave it counted into a denial summary (False; clipstore.denials
+        # binds it; the caller's answer is the same either way). A port, so this module knows no ledger.
+        self.admit_denial: Callable[[AuditRecord], bool] = lambda record: True
+        self._batch_entries = 0  # entries the last committed batch appended (refusals counted are not)
         self._last_batch_size = 0
         self._gather = 0  # while the writer gathers a batch: the queue length at which to wake it
         self._gathered = threading.Event()
@@ -379,9 +386,9 @@ class AuditLog:
             bad._settle(None, failure)
             live.remove(bad)
         self.batches += 1
-        self.on_batch(sum(len(records) for _, records, _, _ in outcomes), time.perf_counter() - started)
+        self.on_batch(self._batch_entries, time.perf_counter() - started)
         for p, records, value, error in outcomes:
-            for record in records:
+            for record in records:  # every record a unit made, a refusal counted rather than appended too
                 self.on_record(record)
             p._settle(value, error)
 
@@ -449,7 +456,7 @@ class AuditLog:
                         # A refusal is an outcome, not a fault: its traceback held this frame, and through
                         # `outcomes` itself, a cycle that kept the caller's gRPC call alive until the collector ran
                         outcomes.append((p, tx.records, None, exc.with_traceback(None)))
-                leaves = self._chain(cursor, outcomes, size, prev, rfc3339(now), heads)
+                leaves = self._chain(cursor, self._admitted(outcomes), size, prev, rfc3339(now), heads)
                 cursor.close()
             self._db.count_commit()
         except BaseException:
@@ -461,7 +468,20 @@ class AuditLog:
             raise
         self._tree.append(leaves)
         self._heads = (size + len(leaves), heads if len(heads) <= MAX_CACHED_HEADS else {})
+        self._batch_entries = len(leaves)
         return outcomes, None
+
+    def _admitted(self, outcomes: list[_Outcome]) -> list[_Outcome]:
+        """The outcomes with the records to append: of a refused unit, the refusals `admit_denial` turns down
+        are left out (counted into a summary); its other records, like its state change, commit as ever.
+        Asked only once every unit of the batch ran, so a batch run again without a failed unit asks
+        nothing twice."""
+        admitted: list[_Outcome] = []
+        for p, records, value, error in outcomes:
+            if error is not None:  # only a refused unit (`tx.deny`) records a refusal
+                records = [r for r in records if r.outcome != DENIED or self.admit_denial(r)]
+            admitted.append((p, records, value, error))
+        return admitted
 
     def _follow(self, cursor: Any, size: int, last_hash: str) -> None:
         """The stored head must extend what this process holds: entries other replicas appended since
