@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import json
 import pkgutil
 import threading
 import time
@@ -24,6 +25,8 @@ import pytest
 import sqlalchemy as sa
 
 import clipstore.v1
+from auditlog.__main__ import verify_dir
+from clipstore.audit.export import export_log
 from clipstore.auth import METHOD_ROLES, PUBLIC_PREFIXES, ROLES
 from clipstore.clipkey import Purpose
 from clipstore.server import running_server
@@ -39,6 +42,7 @@ from tests.grpc_helpers import error_info
 from tests.test_review import AUDIO, Reviewer, World
 
 RACERS = 24
+PER_PRINCIPAL = 10  # audit.denials_per_principal's default: refusals appended one by one per interval
 MAX_FAILED_CODES = 5  # the default policy, which these tests run under
 LOCKOUT_S = 15 * 60
 ASSIGNMENT_TTL_S = 10 * 60
@@ -106,6 +110,20 @@ def _actions(w: World, action: str) -> list[dict[str, Any]]:
     return [e for e in w.entries() if e["action"] == action]
 
 
+def _summary(w: World, r: Reviewer) -> Counter[str]:
+    """End the interval (flush) and return the reviewer's denial summary, `count=N` checked against the
+    rest (an empty Counter: no summary). A new interval begins: the budget is whole again."""
+    w.server.denials.flush()
+    summaries = [e for e in _actions(w, "auth.deny_summary") if e["actor"]["id"] == r.id]
+    if not summaries:
+        return Counter()
+    assert summaries[-1]["actor"] == {"id": r.id, "role": "reviewer"}
+    count, *tokens = summaries[-1]["outcome"]["reason"].split()
+    counts = Counter({token: int(n) for token, n in (t.split("=") for t in tokens)})
+    assert count == f"count={sum(counts.values())}"
+    return counts
+
+
 def _wrong_code(r: Reviewer, now: float) -> str:
     """A code that no step within the accepted drift produces."""
     near = {code_at(r.secret, now + d) for d in (-30, 0, 30)}
@@ -164,7 +182,14 @@ def test_24_parallel_wrong_codes_are_evaluated_five_times_then_the_reviewer_is_l
     assert _outcomes(results) == {"UNAUTHENTICATED/BAD_CODE": MAX_FAILED_CODES,
                                   "PERMISSION_DENIED/REVIEWER_LOCKED": RACERS - MAX_FAILED_CODES}
     assert len(_actions(w, "reviewer.lockout")) == 1
-    assert len(_actions(w, "session.deny")) == RACERS  # every refusal is on record
+    # Every refusal is on record: the first PER_PRINCIPAL one by one (the writer decides, one unit at a
+    # time, so a burst cannot append more), the rest in the reviewer's summary of the interval.
+    appended = Counter(e["outcome"]["reason"] for e in _actions(w, "session.deny"))
+    assert sum(appended.values()) == PER_PRINCIPAL
+    counted = _summary(w, r)
+    assert set(counted) <= {"session.deny/BAD_CODE", "session.deny/REVIEWER_LOCKED"}
+    assert appended["BAD_CODE"] + counted["session.deny/BAD_CODE"] == MAX_FAILED_CODES
+    assert sum(counted.values()) == RACERS - PER_PRINCIPAL
     # The right code is not even evaluated while locked: no session, and the step stays unused.
     right = code_at(r.secret, w.clock.now())
     w.denied(_err(r.stub.StartReviewSession, review_pb2.StartReviewSessionRequest(totp_code=right), r),
@@ -181,6 +206,7 @@ def test_a_second_lockout_after_the_first_expires_lasts_twice_as_long(w: World) 
                 totp_code=_wrong_code(r, w.clock.now())), r)
         assert _actions(w, "reviewer.lockout")[-1]["outcome"]["reason"].endswith(f"locked {expected_s} s")
         w.clock.advance(LOCKOUT_S + 1)  # the first lockout would be over by now
+        w.server.denials.flush()  # so would the interval of denial summaries: each refusal below is appended
     # ... the second is not: it lasts 2 × 15 min.
     w.denied(_err(r.stub.StartReviewSession, review_pb2.StartReviewSessionRequest(
         totp_code=code_at(r.secret, w.clock.now())), r), grpc.StatusCode.PERMISSION_DENIED, "REVIEWER_LOCKED",
@@ -198,7 +224,8 @@ def test_24_parallel_grant_requests_on_one_assignment_issue_exactly_three(w: Wor
     assert _outcomes(results) == {"ok": 3, "RESOURCE_EXHAUSTED/GRANT_LIMIT": RACERS - 3}
     assert _count(w, schema.grants) == 3
     assert len(_actions(w, "grant.issue")) == 3
-    assert len(_actions(w, "grant.deny")) == RACERS - 3
+    assert len(_actions(w, "grant.deny")) == PER_PRINCIPAL  # the rest are counted in the reviewer's summary
+    assert _summary(w, r) == {"grant.deny/GRANT_LIMIT": RACERS - 3 - PER_PRINCIPAL}
 
 
 @pytest.mark.parametrize("overrides", [{"review.daily_cap": 2}])
@@ -523,3 +550,82 @@ def test_every_proto_method_has_a_role_and_every_role_entry_names_a_proto_method
     assert len(methods) >= 20
     assert methods == set(METHOD_ROLES)
     assert all(roles and roles <= set(ROLES) for roles in METHOD_ROLES.values())
+
+
+# -- issue 13: a principal's refusals share one budget, the interceptor's and the service's own ---------------
+BUDGET = 4
+NO_ASSIGNMENT = "a_0000000000000000"  # well formed, and no one's
+
+
+def _no_grant(r: Reviewer, token: str) -> grpc.RpcError:
+    return _err(r.stub.RequestGrant, review_pb2.RequestGrantRequest(session_token=token, assignment_id=NO_ASSIGNMENT),
+                r)
+
+
+def _entries_after(w: World, before: int) -> list[dict[str, Any]]:
+    return [json.loads(e) for e in w.server.app.audit.reader.entries(before, 10_000)]
+
+
+@pytest.mark.parametrize("overrides", [{"audit.denials_per_principal": BUDGET, "audit.denial_summary_s": 3600}])
+def test_three_budgets_of_grant_requests_for_no_assignment_append_the_budget_then_one_summary(
+        w: World, tmp_path: Path) -> None:
+    """A stolen reviewer key sending garbage at RPC rate grows the permanent log by at most the budget and
+    one summary per interval; every call still gets the same answer, with its own request id."""
+    r, token, _ = _assigned(w)
+    before = w.server.app.audit.reader.size()
+    errors = [_no_grant(r, token) for _ in range(3 * BUDGET)]
+    assert {(e.code(), error_info(e).reason, e.details()) for e in errors} == {
+        (grpc.StatusCode.NOT_FOUND, "ASSIGNMENT_NOT_FOUND", "no such assignment for you")}
+    request_ids = [dict(e.trailing_metadata())["x-request-id"] for e in errors]
+    assert len(set(request_ids)) == 3 * BUDGET
+    appended = _entries_after(w, before)
+    assert [(e["action"], e["outcome"]["reason"]) for e in appended] == [
+        ("grant.deny", "ASSIGNMENT_NOT_FOUND")] * BUDGET
+    assert [e["request_id"] for e in appended] == request_ids[:BUDGET]
+    assert _summary(w, r) == {"grant.deny/ASSIGNMENT_NOT_FOUND": 2 * BUDGET}
+    assert w.server.app.audit.reader.size() == before + BUDGET + 1
+    assert w.server.metrics.registry.get_sample_value("clipstore_audit_records_total", {
+        "action": "grant.deny", "outcome": "denied", "reason": "ASSIGNMENT_NOT_FOUND"}) == 3 * BUDGET
+    size = export_log(w.server.app.audit, tmp_path / "export", actor_id="test", actor_role="auditor")
+    code, line = verify_dir(tmp_path / "export", w.server.app.audit.signer.verifier.key_string(), None)
+    assert code == 0 and line.startswith(f"OK size={size} ")
+
+
+@pytest.mark.parametrize("overrides", [{"audit.denials_per_principal": 2, "audit.denial_summary_s": 3600}])
+def test_forty_wrong_codes_past_the_budget_still_lock_at_the_fifth_while_the_log_grows_by_four(w: World) -> None:
+    r = w.enroll()
+    before = w.server.app.audit.reader.size()
+    reasons = [error_info(_err(r.stub.StartReviewSession, review_pb2.StartReviewSessionRequest(
+        totp_code=_wrong_code(r, w.clock.now())), r)).reason for _ in range(40)]
+    # the failure count and the lockout commit with each refusal, appended or counted
+    assert reasons == ["BAD_CODE"] * MAX_FAILED_CODES + ["REVIEWER_LOCKED"] * (40 - MAX_FAILED_CODES)
+    assert [e["action"] for e in _entries_after(w, before)] == ["session.deny", "session.deny", "reviewer.lockout"]
+    assert _summary(w, r) == {"session.deny/BAD_CODE": MAX_FAILED_CODES - 2,
+                              "session.deny/REVIEWER_LOCKED": 40 - MAX_FAILED_CODES}
+    assert w.server.app.audit.reader.size() == before + 4
+    w.clock.advance(LOCKOUT_S + 1)
+    assert w.session(r)  # the lockout ran its course, as ever
+
+
+@pytest.mark.parametrize("overrides", [{"audit.denials_per_principal": BUDGET, "audit.denial_summary_s": 3600}])
+def test_a_reviewers_role_and_domain_refusals_share_one_budget_and_another_reviewers_is_its_own(w: World) -> None:
+    r, token, _ = _assigned(w)
+    other = w.enroll("other")
+    other_token = w.session(other)
+    before = w.server.app.audit.reader.size()
+
+    def wrong_role() -> None:
+        err = _err(w.clips.GetClip, clip_pb2.GetClipRequest(clip_id="c_x"), r)
+        assert error_info(err).reason == "WRONG_ROLE"
+
+    for _ in range(BUDGET - 1):
+        wrong_role()
+    for _ in range(3):
+        assert error_info(_no_grant(r, token)).reason == "ASSIGNMENT_NOT_FOUND"
+    for _ in range(BUDGET + 1):
+        assert error_info(_no_grant(other, other_token)).reason == "ASSIGNMENT_NOT_FOUND"
+    wrong_role()
+    appended = Counter((e["actor"]["id"], e["action"]) for e in _entries_after(w, before))
+    assert appended == {(r.id, "auth.deny"): BUDGET - 1, (r.id, "grant.deny"): 1, (other.id, "grant.deny"): BUDGET}
+    assert _summary(w, r) == {"WRONG_ROLE": 1, "grant.deny/ASSIGNMENT_NOT_FOUND": 2}
+    assert _summary(w, other) == {"grant.deny/ASSIGNMENT_NOT_FOUND": 1}
