@@ -87,7 +87,9 @@ class Tx:
         self.records.append(record)
 
     def deny(self, actor: Actor, action: str, error: ClipstoreError, **target: str) -> ClipstoreError:
-        """Record a refusal and return the error to raise; what the unit wrote so far still commits."""
+        """Record a refusal and return the error to raise; what the unit wrote so far still commits. Past its
+        principal's budget for the interval, the writer counts the refusal into the principal's denial
+        summary instead of appending it (`AuditLog.admit_denial`, clipstore.denials)."""
         self.audit(actor.record(action, outcome=DENIED, reason=error.reason, **target))
         self._denials.append(error)
         return error
@@ -111,7 +113,8 @@ class Ledger(Protocol):
 
 
 def deny_alone(ledger: Ledger, actor: Actor, action: str, error: ClipstoreError, **target: str) -> NoReturn:
-    """Record a refusal found before any unit ran (one entry, in a unit of its own), then raise it."""
+    """Record a refusal found before any unit ran (one entry, in a unit of its own, budgeted as `Tx.deny`),
+    then raise it."""
     def unit(tx: Tx) -> None:
         raise tx.deny(actor, action, error, **target)
     ledger.run(unit)
