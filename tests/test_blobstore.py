@@ -605,3 +605,49 @@ def test_s3_without_credentials_every_call_goes_through_boto3(monkeypatch: pytes
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     assert S3BlobStore("clips-anon", endpoint_url="http://s3.example.test")._fast is None
+
+
+class _WrongBytesServer(_Loopback):
+    """Answers every GET 2xx with other bytes than asked for: `ignore` answers a range 200 with the whole
+    object (a server that ignores Range), `cut` answers a whole read 206 with its first 100 bytes, `shifted`
+    answers a range 206 with the object's first bytes (Content-Range from 0), `long` with a Content-Length
+    past its Content-Range."""
+
+    def __init__(self, data: bytes, mode: str) -> None:
+        self.data, self.mode, self.requests = data, mode, 0
+        super().__init__(threaded=True)
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            request = b""
+            while data := conn.recv(1 << 16):
+                request += data
+                if b"\r\n\r\n" not in request:
+                    continue
+                request = b""
+                self.requests += 1
+                size, part = len(self.data), self.data[:100]
+                if self.mode == "ignore":
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + self.data)
+                    continue
+                rng = b"bytes 0-99/%d" % size if self.mode in ("cut", "shifted") else b"bytes 500-509/%d" % size
+                conn.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Range: %s\r\nContent-Length: 100\r\n\r\n"
+                             % rng + part)
+
+
+@pytest.mark.parametrize("mode", ["ignore", "cut", "shifted", "long"])
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "boto3"])
+def test_s3_an_answer_with_other_bytes_than_asked_is_unavailable(mode: str, fast: bool) -> None:
+    data = bytes(range(256)) * 40
+    server = _WrongBytesServer(data, mode)
+    client = None if fast else boto3.client("s3", endpoint_url=server.endpoint)
+    store = S3BlobStore("clips-wrong", endpoint_url=server.endpoint, client=client)
+    assert (store._fast is not None) == fast
+    try:
+        with pytest.raises(BlobUnavailable, match="other bytes than were asked"):
+            if mode == "cut":
+                b"".join(store.get_stream("c"))
+            else:
+                store.read_range("c", 500, 10)
+    finally:
+        server.close()

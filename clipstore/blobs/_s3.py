@@ -27,12 +27,13 @@ import contextlib
 import email.utils
 import http.client
 import os
+import re
 import socket
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import boto3
 import botocore.auth
@@ -75,6 +76,28 @@ def _timestamp(value: str) -> datetime:
 _URL_MARKER = "clipstore-fast-path-url-marker"  # a key that percent-encodes to itself
 _PUT_CHECKSUM_HEADER = "x-amz-checksum-crc32"
 _BODY_READ_ERRORS = (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)
+
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(?:\d+|\*)")
+
+
+class _Answer(NamedTuple):
+    """A GetObject's body with what says which bytes it holds."""
+    body: botocore.response.StreamingBody
+    status: int
+    content_range: str | None
+
+
+def _range_held(answer: _Answer, first: int | None, last: int | None) -> int | None:
+    """How many bytes `answer` holds if they are the ones asked for (the whole object when `first` is None;
+    else from `first`, at most to `last`: S3 stops a range at the object's end), else None. A server that
+    ignores Range answers 200 with the whole object, one that cuts a whole read answers 206: neither is taken."""
+    if first is None or last is None:
+        return -1 if answer.status == 200 and answer.content_range is None else None
+    match = _CONTENT_RANGE.fullmatch(answer.content_range or "") if answer.status == 206 else None
+    if match is None or int(match[1]) != first or not first <= int(match[2]) <= last:
+        return None
+    return int(match[2]) - first + 1
 
 
 class _UrlLearned(Exception):
@@ -158,16 +181,18 @@ class _FastPath:
         _discard(response)
         return False
 
-    def get(self, key: str, headers: dict[str, str]) -> botocore.response.StreamingBody | None:
-        """The object's body (or the range in `headers`), its length enforced: a body that ends early raises."""
+    def get(self, key: str, headers: dict[str, str]) -> _Answer | None:
+        """The object's body (or the range in `headers`), its length enforced: a body that ends early raises.
+        Only the status the request asks for is used (206 for a range, 200 for the whole object)."""
         response = self._send("GET", "GetObject", key, headers, None, stream=True)
         if response is None:
             return None
-        if not 200 <= response.status_code < 300:
+        if response.status_code != (206 if "Range" in headers else 200):
             _discard(response)
             return None
         length = response.headers.get("content-length")
-        return botocore.response.StreamingBody(response.raw, int(length) if length is not None else None)
+        body = botocore.response.StreamingBody(response.raw, int(length) if length is not None else None)
+        return _Answer(body, response.status_code, response.headers.get("content-range"))
 
     def _send(self, method: str, operation: str, key: str, headers: dict[str, str], body: bytearray | None, *,
               stream: bool) -> botocore.awsrequest.AWSResponse | None:
@@ -315,13 +340,21 @@ class S3BlobStore:
                                                            UploadId=upload_id)
                 raise
 
-    def _get(self, key: str, **extra: str) -> botocore.response.StreamingBody:
-        """The object's body (GetObject with `extra`, e.g. a Range): the fast path's, else boto3's."""
-        headers = {"Range": extra["Range"]} if "Range" in extra else {}
-        body = self._fast.get(self._key(key), headers) if self._fast is not None else None
-        if body is None:
-            body = self._call(lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key), **extra))["Body"]
-        return body
+    def _get(self, key: str, first: int | None = None, last: int | None = None) -> tuple[
+            botocore.response.StreamingBody, int]:
+        """The object's body (or its bytes `first` to `last`): the fast path's, else boto3's; with how many
+        bytes it holds (-1: the whole object). An answer holding other bytes than asked is BlobUnavailable."""
+        extra = {"Range": f"bytes={first}-{last}"} if first is not None else {}
+        answer = self._fast.get(self._key(key), extra) if self._fast is not None else None
+        if answer is None:
+            response = self._call(lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key), **extra))
+            answer = _Answer(response["Body"], response["ResponseMetadata"]["HTTPStatusCode"],
+                             response.get("ContentRange"))
+        held = _range_held(answer, first, last)
+        if held is None:
+            answer.body.close()
+            raise BlobUnavailable("the blob store answered other bytes than were asked for; retry later")
+        return answer.body, held
 
     def _read(self, body: botocore.response.StreamingBody, amount: int | None) -> bytes:
         """Read from a body; past its first byte nothing falls back or retries: a failure is BlobUnavailable,
@@ -333,7 +366,7 @@ class S3BlobStore:
             raise BlobUnavailable(f"blob store read failed ({type(exc).__name__}); retry later") from None
 
     def get_stream(self, key: str) -> Iterator[bytes]:
-        body = self._get(key)
+        body, _ = self._get(key)
         try:
             while chunk := self._read(body, READ_CHUNK_BYTES):
                 yield chunk
@@ -343,11 +376,14 @@ class S3BlobStore:
     def read_range(self, key: str, offset: int, length: int) -> bytes:
         if length <= 0:
             return b""
-        body = self._get(key, Range=f"bytes={offset}-{offset + length - 1}")
+        body, held = self._get(key, offset, offset + length - 1)
         try:
-            return bytes(self._read(body, None))
+            data = bytes(self._read(body, held + 1))
         finally:
             body.close()
+        if len(data) != held:  # a Content-Length longer than its Content-Range
+            raise BlobUnavailable("the blob store answered other bytes than were asked for; retry later")
+        return data
 
     def size(self, key: str) -> int:
         return int(self._call(lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key)))
