@@ -158,7 +158,8 @@ class App:
         self.lifecycle = PrincipalLifecycle(
             PrincipalPorts(ledger=self.audit, bind=lambda tx: PrincipalRows(connection(tx)), read=self.principals.read,
                            sessions=_review_rows, clock=self.clock),
-            trust_domain=config.trust_domain, default_overlap_s=config.key_overlap_s)
+            trust_domain=config.trust_domain, default_overlap_s=config.key_overlap_s,
+            certificates=config.tls is not None and config.tls.client_ca_file is not None)
         self.enrolment = SelfEnrolment(
             EnrolmentPorts(ledger=self.audit, bind=lambda tx: EnrolmentRows(connection(tx)), read=self._enrolment_rows,
                            seal_totp=lambda pid, secret: self.root.encrypt(secret, totp_context(pid)),

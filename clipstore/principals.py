@@ -37,7 +37,7 @@ class PrincipalStore(Protocol):
     def page(self, *, role: str | None, after: str, limit: int, now: float) -> list[PrincipalListing]: ...
     def set_disabled(self, principal_id: str, disabled: bool) -> bool: ...
     def set_expiry(self, principal_id: str, expires_at: float | None) -> bool: ...
-    def standing_admins(self, *, other_than: str, until: float) -> int: ...
+    def standing_admins(self, *, other_than: str, until: float, by_certificate: bool) -> int: ...
     def rotate_key(self, principal_id: str, key_hash: bytes, *, now: float, retires_at: float) -> bool: ...
 
 
@@ -83,12 +83,16 @@ def require_free_spiffe_id(rows: PrincipalStore, tx: Tx, actor: Actor, spiffe_id
             "name", reason="SPIFFE_ID_IN_USE"))
 
 
-def _takes_last_admin(rows: PrincipalStore, tx: Tx, actor: Actor, principal: Principal, change: str) -> None:
+def _takes_last_admin(rows: PrincipalStore, tx: Tx, actor: Actor, principal: Principal, change: str, *,
+                      by_certificate: bool) -> None:
     """Inside the unit, before its write: refuse (audited) a change that takes away the standing of the
-    last admin able to act (enabled, not expiring within LAST_ADMIN_MARGIN_S). The count is read in the
-    unit's transaction, which the writer serialises with every other unit (on every replica), so two
-    admins disabling each other at once cannot both succeed."""
-    if rows.standing_admins(other_than=principal.id, until=tx.now + LAST_ADMIN_MARGIN_S) == 0:
+    last admin able to act (enabled, not expiring within LAST_ADMIN_MARGIN_S, holding a credential this
+    service accepts: an API key not retiring within it, or a SPIFFE id where client certificates are
+    accepted; an admin named only by a certificate cannot sign in to a service without them). The count is
+    read in the unit's transaction, which the writer serialises with every other unit (on every replica),
+    so two admins disabling each other at once cannot both succeed."""
+    if rows.standing_admins(other_than=principal.id, until=tx.now + LAST_ADMIN_MARGIN_S,
+                            by_certificate=by_certificate) == 0:
         raise tx.deny(actor, "principal.deny", FailedPrecondition(
             f"{change} would leave no enabled admin that stays unexpired for the next "
             f"{LAST_ADMIN_MARGIN_S / 60:g} minutes; create or enable another admin first, then retry",
@@ -110,8 +114,12 @@ def principal_not_found(principal_id: str, role: str | None) -> NotFound:
 
 
 class PrincipalLifecycle:
-    def __init__(self, ports: PrincipalPorts, *, trust_domain: str, default_overlap_s: float) -> None:
+    def __init__(self, ports: PrincipalPorts, *, trust_domain: str, default_overlap_s: float,
+                 certificates: bool = False) -> None:
+        """`certificates`: whether this service accepts client certificates (tls.client_ca_file), so that an
+        admin named only by a SPIFFE id can act."""
         self._ports, self.trust_domain, self.default_overlap_s = ports, trust_domain, default_overlap_s
+        self._certificates = certificates
 
     def _existing(self, rows: PrincipalStore, tx: Tx, principal_id: str, role: str | None = None) -> Principal:
         principal = rows.get(principal_id)
@@ -147,7 +155,8 @@ class PrincipalLifecycle:
             rows = self._ports.bind(tx)
             principal = self._existing(rows, tx, principal_id, role)
             if principal.role == "admin" and not principal.disabled:
-                _takes_last_admin(rows, tx, actor, principal, "disabling this admin")
+                _takes_last_admin(rows, tx, actor, principal, "disabling this admin",
+                                  by_certificate=self._certificates)
             rows.set_disabled(principal.id, True)
             ended = voided = 0
             if principal.role == "reviewer":
@@ -191,7 +200,7 @@ class PrincipalLifecycle:
             rows = self._ports.bind(tx)
             principal = self._existing(rows, tx, principal_id)
             if _brings_admin_expiry_near(principal, expires_at, now=tx.now):
-                _takes_last_admin(rows, tx, actor, principal, "this expiry")
+                _takes_last_admin(rows, tx, actor, principal, "this expiry", by_certificate=self._certificates)
             rows.set_expiry(principal.id, expires_at)
             tx.audit(actor.record("principal.expiry", principal_id=principal.id,
                                   reason="never" if expires_at is None else rfc3339(expires_at)))

@@ -354,6 +354,33 @@ def test_an_expiry_that_would_leave_no_admin_standing_is_refused(srv: ClipstoreS
     assert expire(clock.now() + 60).principal.expires_at.seconds == int(clock.now() + 60)
 
 
+def test_an_admin_no_credential_of_this_service_names_does_not_stand_for_the_last_one(
+        srv: ClipstoreServer, stub, admin, clock: FakeClock) -> None:
+    """An admin named only by a certificate, on a service that takes none, cannot sign in: it does not count.
+    Nor does one whose every API key retires within the margin."""
+    root = _pid(srv, admin[0][1].removeprefix("Bearer "))
+    cert_only = _create(stub, admin, common_pb2.ROLE_ADMIN, "certonly",
+                        spiffe_id=f"spiffe://{srv.app.config.trust_domain}/admin/certonly")
+    assert not cert_only.api_key and srv.app.config.tls is None
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.DisablePrincipal(principal_admin_pb2.DisablePrincipalRequest(principal_id=root), metadata=admin,
+                              timeout=10)
+    _last_admin_refused(srv, caught.value, root)
+    keyed = _create(stub, admin, common_pb2.ROLE_ADMIN, "keyed")
+    with srv.app.db.engine.begin() as conn:  # its key retires within the margin, as an overlap ending soon
+        conn.execute(sa.update(schema.principal_keys).where(
+            schema.principal_keys.c.principal_id == keyed.principal.principal_id).values(
+            retires_at=clock.now() + LAST_ADMIN_MARGIN_S / 2))
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.DisablePrincipal(principal_admin_pb2.DisablePrincipalRequest(principal_id=root), metadata=admin,
+                              timeout=10)
+    _last_admin_refused(srv, caught.value, root)
+    stub.RotatePrincipalKey(principal_admin_pb2.RotatePrincipalKeyRequest(
+        principal_id=keyed.principal.principal_id), metadata=admin, timeout=10)  # a key that stays: it stands
+    assert stub.DisablePrincipal(principal_admin_pb2.DisablePrincipalRequest(principal_id=root), metadata=admin,
+                                 timeout=10).principal.disabled
+
+
 def test_24_calls_of_two_admins_disabling_each_other_leave_exactly_one(srv: ClipstoreServer, channel,
                                                                        stub) -> None:
     keys = {"a": new_key(srv.app, "admin", "a"), "b": new_key(srv.app, "admin", "b")}
@@ -397,8 +424,8 @@ def test_replicas_on_one_database_cannot_both_disable_the_other_admin(tmp_path: 
             trust_domain="clipstore", default_overlap_s=0) for db, log in zip(dbs, logs, strict=True)]
         repo = PrincipalRepository(dbs[0])
         a, b = Principal(id="p_admin_a", name="a", role="admin"), Principal(id="p_admin_b", name="b", role="admin")
-        for p in (a, b):
-            repo.add(p, key_hash=None, now=0.0)
+        for p in (a, b):  # each with an API key: an admin with no credential does not stand
+            repo.add(p, key_hash=hash_api_key(f"csk_{p.id}"), now=0.0)
         start = threading.Barrier(2)  # cyclic: both start each round together
 
         def disable(pair: tuple[int, Principal, Principal]) -> str:

@@ -80,11 +80,15 @@ class PrincipalRows(PlainRows):
     def set_expiry(self, principal_id: str, expires_at: float | None) -> bool:
         return self._update(principal_id, expires_at=expires_at)
 
-    def standing_admins(self, *, other_than: str, until: float) -> int:
-        """Enabled admins but `other_than` that do not expire before `until`."""
+    def standing_admins(self, *, other_than: str, until: float, by_certificate: bool) -> int:
+        """Enabled admins but `other_than` that do not expire before `until` and can still sign in then: by
+        an API key not retired by `until`, or (when `by_certificate`) by a certificate naming their SPIFFE id."""
+        key_held = sa.exists().where(_K.c.principal_id == _P.c.id,
+                                     sa.or_(_K.c.retires_at.is_(None), _K.c.retires_at > until))
+        credential = sa.or_(key_held, _P.c.spiffe_id.is_not(None)) if by_certificate else key_held
         query = sa.select(sa.func.count()).select_from(_P).where(
             _P.c.role == "admin", _P.c.id != other_than, _P.c.disabled.is_(False),
-            sa.or_(_P.c.expires_at.is_(None), _P.c.expires_at > until))
+            sa.or_(_P.c.expires_at.is_(None), _P.c.expires_at > until), credential)
         return int(self._conn.execute(query).scalar_one())
 
     def _update(self, principal_id: str, **values: object) -> bool:
