@@ -348,3 +348,19 @@ def test_refused_calls_free_their_streams_without_waiting_for_the_garbage_collec
                 review.RequestGrant(review_pb2.RequestGrantRequest(session_token="nope", assignment_id="as_x"),
                                     metadata=reviewer, timeout=5)
             assert error_info(unknown.value).reason == "SESSION_UNKNOWN", unknown.value.details()
+
+
+def test_a_refused_fetch_with_a_malformed_grant_frees_its_stream_without_the_garbage_collector(
+        tmp_path: Path, log_stream: io.StringIO, collector_off: None) -> None:
+    """FetchClip kept the malformed grant's refusal past its except block, for the unit to act on in its
+    place: its traceback held the frame that held it, and that frame the call's. When the unit refused for
+    another reason first (an unknown session), that cycle kept every such call alive until the collector ran."""
+    config = make_config(tmp_path / "d", **{"server.max_streams_per_connection": 10})
+    with running_server(config) as srv, grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        reviewer = bearer(new_key(srv.app, "reviewer"))
+        review = review_pb2_grpc.ReviewServiceStub(channel)
+        for _ in range(30):
+            with pytest.raises(grpc.RpcError) as unknown:
+                list(review.FetchClip(review_pb2.FetchClipRequest(session_token="nope", grant="not a grant",
+                                                                  review_clip_id="rc_x"), metadata=reviewer, timeout=5))
+            assert error_info(unknown.value).reason == "SESSION_UNKNOWN", unknown.value.details()

@@ -127,7 +127,10 @@ class Grants:
         try:
             claims = decode_grant(grant, self._public)
         except (PermissionDenied, FailedPrecondition) as refused:
-            malformed = refused
+            # Kept past its except block, its traceback would hold this frame, which holds it: a cycle that
+            # kept the caller's gRPC call (and its HTTP/2 stream) alive until the collector ran, whenever
+            # the unit refused for another reason first (an unknown session with a malformed grant).
+            malformed = refused.with_traceback(None)
 
         def unit(tx: Tx) -> tuple[str, ClipRow, FetchPlan]:
             rows = self._ports.bind(tx)
