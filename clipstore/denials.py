@@ -14,7 +14,9 @@ reviewer key grow the log by one entry per RequestGrant with garbage. Now:
   so the ordinary case keeps its request id; past that each is counted into the principal's
   summary entry instead. A domain refusal's unit still commits the rest of what it wrote (a failure
   count, a lockout); the caller's answer is the same whether its entry was appended or counted.
-  Operator and system actors (`cli`, `system`) and anonymous callers are never budgeted here.
+  The domain's refusals of anonymous callers (a wrong enrolment code) share one budget of that size,
+  all such callers together, past which each is counted under `peer=other` (the writer knows no
+  peer). Operator and system actors (`cli`, `system`) are never budgeted.
 
 A summary is one `auth.deny_summary` entry (actor: the principal, or `anonymous`; outcome `denied`)
 whose `reason` reads `count=N [peer=P] TOKEN=n … [other=n]`: `count` the sum of the rest, tokens in
@@ -119,16 +121,23 @@ class DenialLedger:
     def admit(self, record: AuditRecord) -> bool:
         """Whether the audit writer appends this refusal a unit recorded (`AuditLog.admit_denial`): yes
         while its principal is under the budget it shares with `record`, else it is counted into the
-        principal's summary (False). A refusal by no principal (anonymous, operator, system) is always
+        principal's summary (False). A refusal by no principal that the service made for an anonymous
+        caller (a wrong enrolment code) shares one budget with every other such refusal, past which it is
+        counted under `peer=other`: the writer knows no peer. Operator and system refusals are always
         appended. Runs on the writer thread while every other unit waits: one lock, O(1)."""
-        if record.outcome != DENIED or not record.actor_id.startswith(PRINCIPAL_ID_PREFIX):
+        if record.outcome != DENIED:
             return True
-        principal = record.actor_id
+        if record.actor_id.startswith(PRINCIPAL_ID_PREFIX):
+            budget, who = record.actor_id, _Who(record.actor_id, record.actor_role)
+        elif record.actor_id == ANONYMOUS:
+            budget, who = ANONYMOUS, _Who(ANONYMOUS, "", peer=OTHER_PEERS)
+        else:
+            return True
         with self._lock:
-            if self._closed or self._appended[principal] < self._per_principal:
-                self._appended[principal] += 1
+            if self._closed or self._appended[budget] < self._per_principal:
+                self._appended[budget] += 1
                 return True
-            self._count(_Who(principal, record.actor_role), f"{record.action}/{record.reason}")
+            self._count(who, f"{record.action}/{record.reason}")
         return False
 
     def _count(self, who: _Who, token: str) -> None:

@@ -79,15 +79,29 @@ def test_a_principals_role_and_domain_refusals_share_one_budget_and_another_prin
 
 
 @pytest.mark.parametrize("record", [
-    _refusal(OPERATOR), _refusal(SYSTEM), _refusal(Actor(id="anonymous", role=""), "enrolment.deny"),
+    _refusal(OPERATOR), _refusal(SYSTEM), _refusal(Actor(id="anonymous", role=""), "enrolment.accept", outcome="ok"),
     _refusal(REVIEWER, "clip.fetch", "", outcome="ok"), _refusal(REVIEWER, "clip.fetch", "TAMPERED", outcome="failed"),
-], ids=["operator", "system", "anonymous", "ok", "failed"])
+], ids=["operator", "system", "anonymous-ok", "ok", "failed"])
 def test_no_principals_refusal_and_what_is_no_refusal_are_always_appended(record: AuditRecord) -> None:
     log = _Log()
     ledger = _ledger(log)
     assert all(ledger.admit(record) for _ in range(5 * BUDGET))
     assert ledger.admit(_refusal(REVIEWER))  # and took nothing of a principal's budget
     assert ledger.flush() == 0
+
+
+def test_anonymous_refusals_of_the_domain_share_one_budget_then_count_under_peer_other() -> None:
+    """A wrong enrolment code needs no credentials: without a budget, anyone could grow the log at RPC rate."""
+    log = _Log()
+    ledger = _ledger(log)
+    anonymous = Actor(id="anonymous", role="")
+    asked = [ledger.admit(_refusal(anonymous, "enrolment.deny", "ENROLMENT_CODE_INVALID")) for _ in range(BUDGET + 4)]
+    assert asked == [True] * BUDGET + [False] * 4
+    assert ledger.admit(_refusal(REVIEWER))  # a principal's budget is its own
+    ledger.flush()
+    [summary] = log.records
+    assert (summary.actor_id, summary.actor_role, summary.action) == ("anonymous", "", "auth.deny_summary")
+    assert summary.reason == "count=4 peer=other enrolment.deny/ENROLMENT_CODE_INVALID=4"
 
 
 def test_past_the_token_limit_and_for_what_is_no_code_the_rest_count_as_other_and_the_entry_fits() -> None:

@@ -69,6 +69,17 @@ def _refused(srv: ClipstoreServer, call: object, code: grpc.StatusCode, reason: 
     assert last["outcome"] == {"result": "denied", "reason": reason}
 
 
+def _counted_anonymously(srv: ClipstoreServer, token: str) -> int:
+    """End the interval and return how many of `token`'s refusals the anonymous summary counted."""
+    srv.denials.flush()
+    counted = 0
+    for entry in _entries(srv):
+        if entry["action"] == "auth.deny_summary" and entry["actor"]["id"] == "anonymous":
+            counted += sum(int(n) for t, _, n in (p.partition("=") for p in entry["outcome"]["reason"].split())
+                           if t == token)
+    return counted
+
+
 def _session(channel: grpc.Channel, api_key: str, secret: bytes, now: float) -> str:
     return review_pb2_grpc.ReviewServiceStub(channel).StartReviewSession(review_pb2.StartReviewSessionRequest(
         totp_code=code_at(secret, now)), metadata=bearer(api_key), timeout=10).session_token
@@ -226,7 +237,10 @@ def test_24_parallel_redemptions_of_one_code_yield_exactly_one_set_of_factors(sr
     keys = [o for o in outcomes if o.startswith("csk_")]
     assert len(keys) == 1 and outcomes.count("ENROLMENT_CODE_USED") == RACERS - 1, outcomes
     actions = [e["action"] for e in _entries(srv) if e["target"]["principal_id"] == created.reviewer_id]
-    assert actions.count("enrolment.redeem") == 1 and actions.count("enrolment.deny") == RACERS - 1
+    # every refusal is on record: appended, or past the anonymous budget counted into the summary
+    assert actions.count("enrolment.redeem") == 1
+    counted = _counted_anonymously(srv, "enrolment.deny/ENROLMENT_CODE_USED")
+    assert actions.count("enrolment.deny") + counted == RACERS - 1
     k = schema.principal_keys
     with srv.app.db.read() as conn:
         hashes = conn.scalars(sa.select(k.c.key_hash).where(k.c.principal_id == created.reviewer_id)).all()
@@ -259,3 +273,23 @@ def test_redeeming_takes_no_credential_but_the_code(srv: ClipstoreServer, channe
     assert factors.reviewer_id == created.reviewer_id
     [redeemed] = [e for e in _entries(srv) if e["action"] == "enrolment.redeem"]
     assert redeemed["actor"] == {"id": created.reviewer_id, "role": "reviewer"}
+
+
+def test_wrong_codes_past_the_budget_are_counted_not_appended(srv: ClipstoreServer, channel, admin) -> None:
+    """Redeeming needs no credential, so a wrong code is an anonymous refusal: anyone could otherwise grow the
+    permanent log at RPC rate. Every caller gets the same answer; the log grows by the budget and one summary."""
+    created = create_reviewer(channel, admin)
+    budget = srv.app.config.denials_per_principal
+    before = srv.app.audit.reader.size()
+    for _ in range(3 * budget):
+        with pytest.raises(grpc.RpcError) as caught:
+            redeem(channel, created.reviewer_id, "cse_" + "A" * 22)
+        assert (caught.value.code(), error_info(caught.value).reason) == (
+            grpc.StatusCode.UNAUTHENTICATED, "ENROLMENT_CODE_INVALID")
+    appended = _entries(srv)[before:]
+    assert [(e["action"], e["actor"]["id"]) for e in appended] == [("enrolment.deny", "anonymous")] * budget
+    assert _counted_anonymously(srv, "enrolment.deny/ENROLMENT_CODE_INVALID") == 2 * budget
+    [summary] = _entries(srv)[before + budget:]
+    assert (summary["action"], summary["actor"]["id"], summary["outcome"]["reason"]) == (
+        "auth.deny_summary", "anonymous",
+        f"count={2 * budget} peer=other enrolment.deny/ENROLMENT_CODE_INVALID={2 * budget}")
