@@ -7,6 +7,8 @@ import concurrent.futures
 import contextlib
 import email.utils
 import hashlib
+import io
+import json
 import random
 import secrets
 import socket
@@ -480,6 +482,29 @@ def test_s3_a_failed_fast_attempt_is_made_again_through_boto3(moto_endpoint: str
         assert b"".join(store.get_stream("c")) == data
         store.client.meta.events.unregister(f"before-send.s3.{operation}", fail_once)
         assert len(sent) == 2 and calls == [operation]
+
+
+def test_s3_fast_path_fallbacks_are_counted_and_said_at_most_once_a_minute(moto_endpoint: str,
+                                                                           log_stream: io.StringIO) -> None:
+    """A store that refuses the fast form doubles every request: the log says so (operation and status, never
+    the key, URL or signature), once per FALLBACK_WARN_EVERY_S however often it happens; a missing
+    object's 404 is no fallback of the fast path's making."""
+    store = _s3_store(moto_endpoint)
+    store.put_stream("c_warn", [b"sealed"])
+    def refuse_fast(request: Any, **kwargs: object) -> Any:  # the fast path's requests; boto3's go through
+        return None if "amz-sdk-invocation-id" in request.headers else _answer(
+            403, b"<Error><Code>AccessDenied</Code></Error>")
+
+    store.client.meta.events.register("before-send.s3.GetObject", refuse_fast)
+    for _ in range(3):
+        assert b"".join(store.get_stream("c_warn")) == b"sealed"
+    store.client.meta.events.unregister("before-send.s3.GetObject", refuse_fast)
+    with pytest.raises(BlobNotFound):
+        b"".join(store.get_stream("c_absent"))
+    warnings = [json.loads(line) for line in log_stream.getvalue().splitlines() if "s3.fast_path_fallback" in line]
+    assert [(w["operation"], w["why"], w["fallbacks"]) for w in warnings] == [("GetObject", "status 403", 1)]
+    assert "c_warn" not in log_stream.getvalue() and "Signature" not in log_stream.getvalue()
+    assert store._fast is not None and store._fast.fallbacks == 3
 
 
 def test_s3_errors_are_boto3s_after_a_refused_fast_attempt(moto_endpoint: str) -> None:

@@ -50,6 +50,10 @@ import urllib3.exceptions
 
 from clipstore.blobs._buffers import BufferPool
 from clipstore.blobs.protocol import READ_CHUNK_BYTES, BlobNotFound, BlobUnavailable
+from clipstore.logs import get_logger
+
+log = get_logger("clipstore.blobs")
+FALLBACK_WARN_EVERY_S = 60.0  # a fast path that keeps falling back doubles the requests: said, not flooded
 
 T = TypeVar("T")
 PART_BYTES = 6 * 1024 * 1024  # ≥ the S3 minimum (5 MiB); a 5 MiB clip still goes in one PUT
@@ -124,6 +128,8 @@ class _FastPath:
         # botocore's, so that S3's access logs name one client for every call
         self._agent = {"User-Agent": user_agent} if user_agent else {}
         self._events, self._config, self._http, self._sse_headers = events, config, http_session, sse_headers
+        self.fallbacks = 0  # fast attempts dropped for boto3 (a missing object's 404 is not one)
+        self._warned_at: float | None = None
 
     @classmethod
     def for_client(cls, client: Any, core: botocore.session.Session, bucket: str,
@@ -178,6 +184,7 @@ class _FastPath:
             return False
         if 200 <= response.status_code < 300:
             return True
+        self._fell_back("PutObject", f"status {response.status_code}")
         _discard(response)
         return False
 
@@ -188,6 +195,8 @@ class _FastPath:
         if response is None:
             return None
         if response.status_code != (206 if "Range" in headers else 200):
+            if response.status_code != 404:  # a missing object is boto3's BlobNotFound, not a fast path's fault
+                self._fell_back("GetObject", f"status {response.status_code}")
             _discard(response)
             return None
         length = response.headers.get("content-length")
@@ -215,8 +224,19 @@ class _FastPath:
             responses = self._events.emit(f"before-send.s3.{operation}", request=prepared)
             response: botocore.awsrequest.AWSResponse | None = botocore.hooks.first_non_none_response(responses)
             return response if response is not None else self._http.send(prepared)
-        except Exception:  # any failure: the same call goes through the boto3 client
+        except Exception as exc:  # any failure: the same call goes through the boto3 client
+            self._fell_back(operation, type(exc).__name__)
             return None
+
+    def _fell_back(self, operation: str, why: str) -> None:
+        """Count a fast attempt dropped for boto3; warn at most every FALLBACK_WARN_EVERY_S (the operation and a
+        status or exception type: never a key, URL or signature), so a store that refuses the fast form, or
+        a wrong region, shows in the log instead of silently doubling every request."""
+        self.fallbacks += 1
+        now = time.monotonic()
+        if self._warned_at is None or now - self._warned_at >= FALLBACK_WARN_EVERY_S:
+            self._warned_at = now
+            log.warning("s3.fast_path_fallback", operation=operation, why=why, fallbacks=self.fallbacks)
 
 
 def _http_session(config: botocore.config.Config, core: botocore.session.Session,
