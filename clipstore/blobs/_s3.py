@@ -13,10 +13,11 @@ a median 3.44 to 2.66 ms and PutClip's wall time against raw boto3 put_object fr
 The fast path keeps botocore for what it does well: credentials (refreshable ones refresh per call), SigV4
 signing, its HTTP session and its `before-send` event (moto's in-process mock answers there). The object URL
 and signing region are the ones botocore's endpoint rules give a get_object of this client, learned once.
-It is tried once: anything but a 2xx answer (404 included, a connection cut, a timeout) is dropped and the
-same call is made through the boto3 client, so errors, retries and region redirects are exactly boto3's, at
-the cost of one extra request on a failure. A body that fails after its first bytes were handed out cannot
-start again: that is BlobUnavailable, and a body shorter than its Content-Length raises, never ends early.
+It is tried once: anything but the answer asked for (a PUT's 2xx; a GET's 200, or 206 for a range; so a 404,
+a connection cut, a timeout too) is dropped and the same call is made through the boto3 client, so errors,
+retries and region redirects are exactly boto3's, at the cost of one extra request on a failure. A body
+that fails after its first bytes were handed out cannot start again: that is BlobUnavailable, and a body
+shorter than its Content-Length raises, never ends early.
 Multipart uploads, HEAD, DELETE, listings, the sweep and the health probe stay on the boto3 client.
 """
 
@@ -117,9 +118,10 @@ class _FastPath:
     emitted as botocore's Endpoint emits it, so a handler's response (moto's in-process mock, a test's
     fault) is used instead of sending.
 
-    Only a 2xx answer is used. On anything else (another status, an exception from the network or from a
-    handler) `put` answers False and `get` None, and the store makes the same call through the boto3
-    client, which keeps its errors, retries and region redirects: one extra request, on a failure only."""
+    Only the answer asked for is used (a PUT's 2xx; a GET's 200, or 206 for a range). On anything else
+    (another status, an exception from the network or from a handler) `put` answers False and `get` None,
+    and the store makes the same call through the boto3 client, which keeps its errors, retries and
+    region redirects: one extra request, on a failure only."""
 
     def __init__(self, *, url_prefix: str, region: str, user_agent: str, credentials: botocore.credentials.Credentials,
                  events: Any, config: botocore.config.Config, http_session: botocore.httpsession.URLLib3Session,
