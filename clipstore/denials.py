@@ -47,11 +47,10 @@ from clipstore.auth import PRINCIPAL_ID_PREFIX
 from clipstore.errors import ClipstoreError
 from clipstore.logs import get_logger
 from clipstore.rows import Principal
-from clipstore.unit import DENIED, RECORD_MAX_BYTES, AuditRecord
+from clipstore.unit import ANONYMOUS_ID, DENIED, RECORD_MAX_BYTES, AuditRecord
 
 MAX_PEERS_PER_INTERVAL = 1024  # bounds memory and entries per interval; more peers share one entry
 OTHER_PEERS = "other"
-ANONYMOUS = "anonymous"
 MAX_TOKENS_PER_SUMMARY = 48  # distinct `TOKEN=n` in one summary entry; the rest count as `other=n`
 OTHER_REFUSALS = "other"
 # A token: a reason code, after an action for a domain refusal (`enrolment.deny/ENROLMENT_CODE_WRONG_REVIEWER`);
@@ -101,21 +100,19 @@ class DenialLedger:
         reason = str(error.reason)
         # A disabled, expired or rotated-out credential authenticates no one, but names its principal.
         named = getattr(error, "principal_id", "") or (principal.id if principal else "")
-        who = _Who(principal.id if principal else ANONYMOUS, principal.role if principal else "",
+        who = _Who(principal.id if principal else ANONYMOUS_ID, principal.role if principal else "",
                    getattr(error, "principal_id", ""))
         self._on_denial(bool(named), reason)
         pseudonym = "" if named else self._pseudonym(peer)  # outside the lock: an HMAC per anonymous refusal
         with self._lock:
-            immediate = bool(named) and (self._closed or self._appended[named] < self._per_principal)
-            if immediate:
-                self._appended[named] += 1
-            else:
+            immediate = bool(named) and self._within_budget(named)
+            if not immediate:
                 if not named:
-                    who = _Who(ANONYMOUS, "", peer=self._peer_slot(pseudonym))
+                    who = _Who(ANONYMOUS_ID, "", peer=self._peer_slot(pseudonym))
                 self._count(who, reason)
         if immediate:
             self._append(AuditRecord(actor_id=who.actor_id, actor_role=who.actor_role, action="auth.deny",
-                                     outcome="denied", reason=reason, request_id=request_id,
+                                     outcome=DENIED, reason=reason, request_id=request_id,
                                      principal_id=who.principal_id))
 
     def admit(self, record: AuditRecord) -> bool:
@@ -129,15 +126,22 @@ class DenialLedger:
             return True
         if record.actor_id.startswith(PRINCIPAL_ID_PREFIX):
             budget, who = record.actor_id, _Who(record.actor_id, record.actor_role)
-        elif record.actor_id == ANONYMOUS:
-            budget, who = ANONYMOUS, _Who(ANONYMOUS, "", peer=OTHER_PEERS)
+        elif record.actor_id == ANONYMOUS_ID:
+            budget, who = ANONYMOUS_ID, _Who(ANONYMOUS_ID, "", peer=OTHER_PEERS)
         else:
             return True
         with self._lock:
-            if self._closed or self._appended[budget] < self._per_principal:
-                self._appended[budget] += 1
+            if self._within_budget(budget):
                 return True
             self._count(who, f"{record.action}/{record.reason}")
+        return False
+
+    def _within_budget(self, budget: str) -> bool:
+        """Take one of `budget`'s appends this interval if any is left (after `close` every refusal is
+        appended: no flush would come for its count). Under `_lock`."""
+        if self._closed or self._appended[budget] < self._per_principal:
+            self._appended[budget] += 1
+            return True
         return False
 
     def _count(self, who: _Who, token: str) -> None:
@@ -150,7 +154,7 @@ class DenialLedger:
         tokens[token] += 1
 
     def _peer_slot(self, peer: str) -> str:
-        if len(self._counts) >= MAX_PEERS_PER_INTERVAL and _Who(ANONYMOUS, "", peer=peer) not in self._counts:
+        if len(self._counts) >= MAX_PEERS_PER_INTERVAL and _Who(ANONYMOUS_ID, "", peer=peer) not in self._counts:
             return OTHER_PEERS
         return peer
 
@@ -168,7 +172,7 @@ class DenialLedger:
             if other:
                 parts.append(f"{OTHER_REFUSALS}={other}")
             self._append(AuditRecord(actor_id=who.actor_id, actor_role=who.actor_role,
-                                     action="auth.deny_summary", outcome="denied", reason=" ".join(parts),
+                                     action="auth.deny_summary", outcome=DENIED, reason=" ".join(parts),
                                      principal_id=who.principal_id))
         return len(counts)
 

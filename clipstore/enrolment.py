@@ -34,7 +34,7 @@ from clipstore.errors import ClipstoreError, InvalidArgument, PermissionDenied, 
 from clipstore.principals import PrincipalStore, principal_not_found, require_free_spiffe_id
 from clipstore.rows import CodeRow, Principal
 from clipstore.totp import new_secret, provisioning_uri, secret_base32
-from clipstore.unit import Actor, Ledger, Tx, deny_alone
+from clipstore.unit import ANONYMOUS_ID, Actor, Ledger, Tx, deny_alone
 
 CODE_PREFIX = "cse_"
 CODE_RANDOM_BYTES = 16  # 128 bits: guessing is hopeless, typing it is still bearable
@@ -155,7 +155,7 @@ class SelfEnrolment:
         """The reviewer's new factors, shown once. `presented_by` is the principal id the caller's client
         certificate names ("" if it names none), or None when the call carries no certificate."""
         hashed = code_hash(code)
-        caller = Actor(id=presented_by or "anonymous", role="", request_id=request_id)
+        caller = Actor(id=presented_by or ANONYMOUS_ID, role="", request_id=request_id)
         # 1. a code that exists, unused, unexpired
         with self._ports.read() as rows:
             row = rows.code(hashed)

@@ -66,6 +66,7 @@ class Actor:
 
 
 SYSTEM = Actor(id="system", role="retention")
+ANONYMOUS_ID = "anonymous"  # the actor of a call no credential names (a redemption of an enrolment code)
 OPERATOR = Actor(id="cli", role="operator")
 STARTUP = Actor(id="system", role="startup")
 
