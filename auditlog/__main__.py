@@ -74,6 +74,12 @@ def _read_key(value: str) -> str:
         raise NoteError(f"key file {path} is not UTF-8 text; pass the key string") from None
 
 
+def _verifiers(vkey: str, witnesses: Sequence[str]) -> tuple[NoteVerifier, list[CosignatureVerifier]]:
+    """The log's verifier and the witnesses', from key strings or the files naming them (`_read_key`)."""
+    return (NoteVerifier.from_key_string(_read_key(vkey)),
+            [CosignatureVerifier.from_key_string(_read_key(w)) for w in witnesses])
+
+
 def _open_file(path: Path) -> BinaryIO:
     """`path` opened for reading if it is a regular file; `OSError` otherwise. A FIFO or a device in an
     export (or given as a checkpoint) would block the verifier, or feed it forever, instead of failing."""
@@ -135,8 +141,7 @@ def verify_dir(export: Path, vkey: str, trusted: Path | None, *, strict: bool = 
                witnesses: Sequence[str] = (), quorum: int = 0) -> tuple[int, str]:
     """Run the verifier; returns (exit code, the one line to print)."""
     try:
-        verifier = NoteVerifier.from_key_string(_read_key(vkey))
-        wkeys = [CosignatureVerifier.from_key_string(_read_key(w)) for w in witnesses]
+        verifier, wkeys = _verifiers(vkey, witnesses)
         checkpoint = _read_note(export / CHECKPOINT_FILE)
         trusted_note = _read_note(trusted) if trusted else None
     except OSError as exc:
@@ -179,8 +184,7 @@ def verify_tiles_at(location: str, vkey: str, *, witnesses: Sequence[str] = (), 
     """Verify the tiles at `location`; returns (exit code, the result as a JSON-able dict)."""
     from auditlog.sources import open_source
     try:
-        verifier = NoteVerifier.from_key_string(_read_key(vkey))
-        wkeys = [CosignatureVerifier.from_key_string(_read_key(w)) for w in witnesses]
+        verifier, wkeys = _verifiers(vkey, witnesses)
         read = open_source(location)
         old = TileState.load(state) if state else None
     except StateFileError as exc:
@@ -234,8 +238,7 @@ def verify_report_file(path: Path, vkey: str, *, witnesses: Sequence[str] = (), 
     """Verify an access report; returns (exit code, the result as a JSON-able dict)."""
     from auditlog.report import MAX_REPORT_BYTES, ReportError, verify_report
     try:
-        verifier = NoteVerifier.from_key_string(_read_key(vkey))
-        wkeys = [CosignatureVerifier.from_key_string(_read_key(w)) for w in witnesses]
+        verifier, wkeys = _verifiers(vkey, witnesses)
         with _open_file(path) as fh:  # one byte past the limit is enough to refuse it: never read a huge file whole
             data = fh.read(MAX_REPORT_BYTES + 1)
     except OSError as exc:
