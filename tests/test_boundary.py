@@ -119,3 +119,45 @@ def test_forged_page_tokens_are_invalid_argument_on_every_database(
                 call()
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert error_info(caught.value).metadata["field"] == "page_token"
+
+
+def test_the_last_nanosecond_of_year_9999_is_taken_everywhere_a_time_is_given(tmp_path: Path,
+                                                                              log_stream: io.StringIO) -> None:
+    # Timestamp's own maximum, 9999-12-31T23:59:59.999999999Z, became the float 253402300800.0 (year 10000):
+    # PutClip committed the clip, then answered INTERNAL, and every later ListClips of the account was
+    # INTERNAL; CreatePrincipal committed a principal whose API key it never returned; GetAccessReport failed
+    # after appending its request entry.
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from clipstore.v1 import account_pb2, account_pb2_grpc, common_pb2
+    from tests.clip_helpers import ACCOUNT_ID, metadata, put_requests
+    last = Timestamp(seconds=253_402_300_799, nanos=999_999_999)
+    with running_server(make_config(tmp_path / "d")) as srv, \
+            grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        ingest, admin = bearer(new_key(srv.app, "ingest")), bearer(new_key(srv.app, "admin"))
+        clips = clip_pb2_grpc.ClipServiceStub(channel)
+        meta = metadata()
+        meta.captured_at.CopyFrom(last)
+        put = clips.PutClip(put_requests(meta, b"\0" * 100), metadata=ingest, timeout=30).clip
+        assert put.captured_at.seconds == 253_402_300_799 and put.captured_at.nanos >= 998_000_000
+        again = clips.PutClip(put_requests(meta, b"\0" * 100), metadata=ingest, timeout=30).clip  # the same key
+        assert again.clip_id == put.clip_id
+        [listed] = clips.ListClips(clip_pb2.ListClipsRequest(account_id=ACCOUNT_ID), metadata=ingest,
+                                   timeout=10).clips
+        assert listed.captured_at == put.captured_at
+        assert clips.GetClip(clip_pb2.GetClipRequest(clip_id=put.clip_id), metadata=ingest,
+                             timeout=10).clip.captured_at == put.captured_at
+
+        admins = principal_admin_pb2_grpc.PrincipalAdminServiceStub(channel)
+        created = admins.CreatePrincipal(principal_admin_pb2.CreatePrincipalRequest(
+            role=common_pb2.ROLE_INGEST, name="far", expires_at=last), metadata=admin, timeout=10)
+        assert created.api_key and created.principal.expires_at.seconds == 253_402_300_799
+        assert admins.SetPrincipalExpiry(principal_admin_pb2.SetPrincipalExpiryRequest(
+            principal_id=created.principal.principal_id, expires_at=last), metadata=admin,
+            timeout=10).principal.expires_at.seconds == 253_402_300_799
+
+        reports = account_pb2_grpc.AccountServiceStub(channel)
+        for window in ({"since": last}, {"until": last}):
+            assert reports.GetAccessReport(account_pb2.GetAccessReportRequest(account_id=ACCOUNT_ID, **window),
+                                           metadata=ingest, timeout=30).entries >= 1
+    assert "unhandled_exception" not in log_stream.getvalue()

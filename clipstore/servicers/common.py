@@ -15,6 +15,9 @@ LOCALE_RE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8}){0,3}$")
 MAX_ID_CHARS = 256
 MAX_SHORT_CHARS = 64
 MAX_TIMESTAMP_S = 253_402_300_799  # 9999-12-31T23:59:59Z, the end of google.protobuf.Timestamp's range
+# The latest instant kept as given: a float this large holds about 30 us, so 23:59:59.9999995 and later became
+# 253402300800.0, year 10000, which neither a Timestamp nor rfc3339 can show. Later times are kept as this one.
+MAX_INSTANT = MAX_TIMESTAMP_S + 0.999
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
 
@@ -37,12 +40,14 @@ def required_id(field: str, value: str) -> str:
 
 def optional_instant(field: str, has: bool, value: Timestamp) -> float | None:
     """A Timestamp field as seconds, or None when unset. The wire does not enforce Timestamp's range:
-    past year 9999 (or nanos outside [0, 1e9)) the value would fail later, in rfc3339, as INTERNAL."""
+    past year 9999 (or nanos outside [0, 1e9)) the value would fail later, in rfc3339, as INTERNAL. The
+    last millisecond of year 9999 is kept as 23:59:59.999 (see MAX_INSTANT): as a float it rounded up
+    into year 10000 and failed the same way, after the clip or principal carrying it was committed."""
     if not has:
         return None
     if not 0 <= value.seconds <= MAX_TIMESTAMP_S or not 0 <= value.nanos < 1_000_000_000:
         raise InvalidArgument(field, "must be a time from 1970 to 9999 (nanos in [0, 999999999])")
-    return value.ToNanoseconds() / 1e9
+    return min(value.ToNanoseconds() / 1e9, MAX_INSTANT)
 
 
 def timestamp(seconds: float) -> Timestamp:
