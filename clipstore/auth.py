@@ -10,6 +10,7 @@ import base64
 import hashlib
 import importlib
 import pkgutil
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -26,6 +27,7 @@ from clipstore.v1 import common_pb2, options_pb2
 
 ROLES = ("ingest", "reviewer", "safety", "auditor", "admin")
 PRINCIPAL_ID_PREFIX = "p_"  # every principal's id; no other actor's (system, cli, anonymous) starts so
+PRINCIPAL_ID_RE = re.compile(r"p_[0-9a-f]{16}")  # the whole of every principal's id (new_principal), fullmatch
 API_KEY_PREFIX = "csk_"
 API_KEY_RANDOM_BYTES = 32
 # What `request_metadata` puts in place of two or more `authorization` headers: a NUL, which no header value

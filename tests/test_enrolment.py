@@ -293,3 +293,21 @@ def test_wrong_codes_past_the_budget_are_counted_not_appended(srv: ClipstoreServ
     assert (summary["action"], summary["actor"]["id"], summary["outcome"]["reason"]) == (
         "auth.deny_summary", "anonymous",
         f"count={2 * budget} peer=other enrolment.deny/ENROLMENT_CODE_INVALID={2 * budget}")
+
+
+def test_a_reviewer_id_that_is_no_principal_id_is_refused_before_it_can_reach_the_log(
+        srv: ClipstoreServer, channel, admin) -> None:
+    # Anyone may redeem, and each refusal wrote the reviewer id as given into the permanent, published log:
+    # the code pasted into the wrong field (then readable by every auditor and tile reader), or any text an
+    # anonymous caller chose.
+    created = create_reviewer(channel, admin)
+    before = srv.app.audit.reader.size()
+    for reviewer_id in (created.enrolment.code, "Alice Example, +1 555 0100", created.reviewer_id.upper(),
+                        created.reviewer_id + "0"):
+        with pytest.raises(grpc.RpcError) as caught:
+            redeem(channel, reviewer_id, created.reviewer_id)  # the two fields swapped, and other text
+        assert (caught.value.code(), error_info(caught.value).reason) == (
+            grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"), caught.value.details()
+        assert error_info(caught.value).metadata["field"] == "reviewer_id"
+    assert srv.app.audit.reader.size() == before
+    assert redeem(channel, created.reviewer_id, created.enrolment.code).totp_secret  # the code still works

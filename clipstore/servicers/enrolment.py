@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import grpc
 
+from clipstore.auth import PRINCIPAL_ID_RE
 from clipstore.enrolment import Offer, Purpose, SelfEnrolment
 from clipstore.errors import InvalidArgument
 from clipstore.interceptors import current_actor, current_request
@@ -74,6 +75,11 @@ class EnrolmentServicer(enrolment_pb2_grpc.EnrolmentServiceServicer):
     def RedeemEnrolmentCode(self, request: enrolment_pb2.RedeemEnrolmentCodeRequest,
                             context: grpc.ServicerContext) -> enrolment_pb2.RedeemEnrolmentCodeResponse:
         reviewer_id = _reviewer_id(request.reviewer_id)
+        # Anyone may call this, and a refusal names the reviewer id in the permanent (published) log: only the
+        # shape of a principal id gets that far, never free text (the code pasted into the wrong field, a name).
+        if not PRINCIPAL_ID_RE.fullmatch(reviewer_id):
+            raise InvalidArgument("reviewer_id", "must be the reviewer id the admin passed on with the code "
+                                                 "(p_ and 16 hex digits)")
         code = text("code", request.code, max_chars=MAX_CODE_CHARS, required=True)
         factors = self._enrolment.redeem(reviewer_id, code, presented_by=self._presenter(context),
                                          request_id=current_request().request_id)
