@@ -543,3 +543,16 @@ def test_the_joined_reads_and_the_conditional_completion_agree_with_the_single_r
         assert rows.complete_open(mine.assignment_id, r.id, b"l", now) == mine.clip_id
         assert rows.complete_open(mine.assignment_id, r.id, b"l", now) is None  # completed
         assert rows.grant_target(mine.assignment_id).queued is None  # type: ignore[union-attr]  # left the queue
+
+
+def test_a_locale_with_a_trailing_newline_is_invalid_argument(w: World) -> None:
+    # The locale pattern ended in "$", which also matches before a final newline: CreateReviewer stored
+    # "en-US\n" (a reviewer no clip could ever match) and NextAssignment searched for it.
+    err = _raises(w.admin_stub.CreateReviewer, reviewer_admin_pb2.CreateReviewerRequest(
+        name="nl", locales=["en-US\n"]), metadata=w.admin, timeout=10)
+    assert (err.code(), error_info(err).metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "locales")
+    r = w.enroll()
+    token = w.session(r)
+    err = _raises(r.stub.NextAssignment, review_pb2.NextAssignmentRequest(session_token=token, locale="en-US\n"),
+                  metadata=r.md, timeout=10)
+    assert (err.code(), error_info(err).metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "locale")

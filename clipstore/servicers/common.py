@@ -11,7 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from clipstore.errors import InvalidArgument
 
-LOCALE_RE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8}){0,3}$")
+LOCALE_RE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8}){0,3}\Z")  # \Z: "$" also matches before a final newline
 MAX_ID_CHARS = 256
 MAX_SHORT_CHARS = 64
 MAX_TIMESTAMP_S = 253_402_300_799  # 9999-12-31T23:59:59Z, the end of google.protobuf.Timestamp's range
