@@ -629,3 +629,19 @@ def test_a_reviewers_role_and_domain_refusals_share_one_budget_and_another_revie
     assert appended == {(r.id, "auth.deny"): BUDGET - 1, (r.id, "grant.deny"): 1, (other.id, "grant.deny"): BUDGET}
     assert _summary(w, r) == {"WRONG_ROLE": 1, "grant.deny/ASSIGNMENT_NOT_FOUND": 2}
     assert _summary(w, other) == {"grant.deny/ASSIGNMENT_NOT_FOUND": 1}
+
+
+def test_a_flagged_clip_leaves_review_no_grant_for_its_flagger_and_no_later_reviewer(w: World) -> None:
+    # Flagging voided the grants already issued but left the clip queued: its flagger could ask for new
+    # grants and hear it again, and once the assignment lapsed the clip went to the next reviewer.
+    r, token, assignment = _assigned(w)
+    _flag(r, token, assignment.assignment_id, note="someone is shouting")
+    w.denied(_err(r.stub.RequestGrant, review_pb2.RequestGrantRequest(
+        session_token=token, assignment_id=assignment.assignment_id), r),
+        grpc.StatusCode.FAILED_PRECONDITION, "CLIP_UNAVAILABLE")
+    w.clock.advance(ASSIGNMENT_TTL_S + 1)
+    other = w.enroll("other")
+    other_token = w.session(other)
+    err = _err(other.stub.NextAssignment, review_pb2.NextAssignmentRequest(session_token=other_token), other)
+    assert (err.code(), error_info(err).reason) == (grpc.StatusCode.NOT_FOUND, "QUEUE_EMPTY")
+    assert _count(w, schema.review_queue) == 0 and not _actions(w, "clip.fetch")

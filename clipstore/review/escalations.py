@@ -31,8 +31,8 @@ class Escalations:
 
     def flag(self, token: str, assignment_id: str, category: int, note: str, actor: Actor, *,
              accidental: bool) -> str:
-        """Send the clip to the safety team; its grants go void. An accidental activation also leaves
-        review at once and is purged at the next run."""
+        """Send the clip to the safety team: it leaves review at once (out of the queue, its grants void).
+        An accidental activation is also purged at the next run."""
         escalation_id = "esc_" + secrets.token_hex(10)
         sealed_for = assigned_clip(self._ports, assignment_id, actor)
         note_ct = self._data_key(sealed_for).seal(Purpose.NOTE, escalation_id, note.encode()) if sealed_for else b""
@@ -49,11 +49,12 @@ class Escalations:
                 escalation_id=escalation_id, review_clip_id=assignment.review_clip_id, clip_id=clip.clip_id,
                 category=category, note_ct=note_ct, created_at=tx.now, resolved_at=None, resolution_ct=None),
                 actor.id)
-            rows.void_grants(clip_id=clip.clip_id)  # a flagged clip opens nothing more
+            # A flagged clip opens nothing more: it is the safety team's now. Out of the queue, so no further
+            # grant (this reviewer's included) and no later reviewer once the assignment lapses; grants void.
+            rows.withdraw_from_review(clip_id=clip.clip_id)
             tx.audit(actor.record("clip.flag", clip_id=clip.clip_id, account_ref=clip.account_ref,
                                   reason=str(category)))
-            if accidental:  # never reviewable, and gone at the next purge
-                rows.withdraw_from_review(clip_id=clip.clip_id)
+            if accidental:  # and gone at the next purge
                 rows.expire_clip(clip.clip_id, tx.now)
                 tx.audit(actor.record("clip.expire", clip_id=clip.clip_id, account_ref=clip.account_ref,
                                       reason="accidental_activation"))
