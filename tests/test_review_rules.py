@@ -645,3 +645,27 @@ def test_a_flagged_clip_leaves_review_no_grant_for_its_flagger_and_no_later_revi
     err = _err(other.stub.NextAssignment, review_pb2.NextAssignmentRequest(session_token=other_token), other)
     assert (err.code(), error_info(err).reason) == (grpc.StatusCode.NOT_FOUND, "QUEUE_EMPTY")
     assert _count(w, schema.review_queue) == 0 and not _actions(w, "clip.fetch")
+
+
+def test_a_grant_never_outlives_its_assignment(w: World) -> None:
+    # A grant asked for just before the assignment lapsed lived its full TTL: its former holder heard the
+    # clip after it had been handed to the next reviewer, though they could no longer complete or flag it.
+    r, token, assignment = _assigned(w)
+    w.clock.advance(ASSIGNMENT_TTL_S - 10)
+    grant = w.grant(r, token, assignment.assignment_id)
+    assert grant.expires_at.seconds <= assignment.expires_at.seconds
+    w.clock.advance(11)
+    other = w.enroll("other")
+    other_token = w.session(other)
+    assert w.next(other, other_token).clip.review_clip_id == assignment.clip.review_clip_id
+    w.denied(_err(r.stub.FetchClip, _fetch_req(token, grant), r), grpc.StatusCode.PERMISSION_DENIED,
+             "GRANT_EXPIRED")
+    assert not _actions(w, "clip.fetch")
+    w.put()
+    w.clock.advance(0.7)
+    mine = w.next(r, token)  # in the assignment's last second (a grant of under 1 s) none is issued at all
+    assert mine.expires_at.nanos
+    w.clock.t = mine.expires_at.seconds + 0.1
+    w.denied(_err(r.stub.RequestGrant, review_pb2.RequestGrantRequest(
+        session_token=token, assignment_id=mine.assignment_id), r),
+        grpc.StatusCode.FAILED_PRECONDITION, "ASSIGNMENT_EXPIRED")

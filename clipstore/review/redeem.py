@@ -8,6 +8,7 @@ and live in `Grants.redeem`.
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass
 
@@ -92,10 +93,16 @@ class Grants:
                     "the clip is no longer available for review", reason="CLIP_UNAVAILABLE"),
                     clip_id=assignment.clip_id)
             issued = int(tx.now)
+            # Never past the assignment: once it lapses the clip may go to another reviewer, and its former
+            # holder may no longer complete or flag it, nor hear it.
+            expires = min(issued + policy.grant_ttl_s, math.floor(assignment.expires_at))
+            if expires <= issued:
+                raise tx.deny(actor, "grant.deny", FailedPrecondition(
+                    "the assignment expires within the second; ask for the next one", reason="ASSIGNMENT_EXPIRED"),
+                    clip_id=assignment.clip_id)
             claims = GrantClaims(grant_id="g_" + secrets.token_hex(12), reviewer_id=actor.id,
                                  session_id=session.session_id, assignment_id=assignment_id,
-                                 review_clip_id=assignment.review_clip_id, issued_at=issued,
-                                 expires_at=issued + policy.grant_ttl_s)
+                                 review_clip_id=assignment.review_clip_id, issued_at=issued, expires_at=expires)
             rows.add_grant(GrantRow(grant_id=claims.grant_id, reviewer_id=actor.id, session_id=session.session_id,
                                     assignment_id=assignment_id, clip_id=assignment.clip_id,
                                     account_ref=queued.queue.account_ref, expires_at=claims.expires_at,
