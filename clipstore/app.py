@@ -163,7 +163,7 @@ class App:
         self.enrolment = SelfEnrolment(
             EnrolmentPorts(ledger=self.audit, bind=lambda tx: EnrolmentRows(connection(tx)), read=self._enrolment_rows,
                            seal_totp=lambda pid, secret: self.root.encrypt(secret, totp_context(pid)),
-                           clock=self.clock),
+                           sessions=_review_rows, clock=self.clock),
             code_ttl_s=config.enrolment_code_ttl_s, key_overlap_s=config.key_overlap_s)
         self.accounts = AccountDirectory(
             accounts=AccountRepository(self.db), clips=ClipRepository(self.db), rows=_clip_rows, review=_review_rows,

@@ -14,7 +14,8 @@ Redemption, as numbered steps (each refusal audited as `enrolment.deny`):
   3. in one unit of work: claim the code with ONE conditional UPDATE (single
      use, even across replicas) — from here the code is spent, whatever
      follows; it must be the named reviewer's, presented by no other
-     certificate; the reviewer must be in good standing; install the factors;
+     certificate; the reviewer must be in good standing; install the factors
+     (a new TOTP secret ends the reviewer's sessions and voids their grants);
      record `enrolment.redeem`.
 """
 
@@ -31,7 +32,7 @@ from typing import NoReturn, Protocol
 from clipstore.auth import check_standing, hash_api_key, new_api_key, new_principal
 from clipstore.clock import Clock
 from clipstore.errors import ClipstoreError, InvalidArgument, PermissionDenied, Unauthenticated
-from clipstore.principals import PrincipalStore, principal_not_found, require_free_spiffe_id
+from clipstore.principals import PrincipalStore, ReviewerSessions, principal_not_found, require_free_spiffe_id
 from clipstore.rows import CodeRow, Principal
 from clipstore.totp import new_secret, provisioning_uri, secret_base32
 from clipstore.unit import ANONYMOUS_ID, Actor, Ledger, Tx, deny_alone
@@ -61,6 +62,7 @@ class EnrolmentPorts:
     bind: Callable[[Tx], EnrolmentStore]
     read: Callable[[], AbstractContextManager[EnrolmentStore]]
     seal_totp: Callable[[str, bytes], bytes]  # (principal id, secret) → the secret wrapped by the KMS root
+    sessions: Callable[[Tx], ReviewerSessions]  # what a new TOTP secret ends: sessions the old one opened
     clock: Clock
 
 
@@ -188,6 +190,11 @@ class SelfEnrolment:
                 raise tx.deny(caller, "enrolment.deny", exc, principal_id=current.id) from None
             if wrapped:
                 rows.set_totp_secret(current.id, wrapped)
+                # A new secret is asked for when the old one may be known to someone else (a lost phone): the
+                # sessions it opened, and their grants, end with it, as they do when a reviewer is disabled.
+                sessions = self._ports.sessions(tx)
+                sessions.end_sessions(reviewer_id=current.id)
+                sessions.void_grants(reviewer_id=current.id)
             if api_key:
                 overlap = self._key_overlap_s if purpose is Purpose.ROTATE_API_KEY else 0.0
                 rows.rotate_key(current.id, hash_api_key(api_key), now=tx.now, retires_at=tx.now + overlap)

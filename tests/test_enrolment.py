@@ -311,3 +311,30 @@ def test_a_reviewer_id_that_is_no_principal_id_is_refused_before_it_can_reach_th
         assert error_info(caught.value).metadata["field"] == "reviewer_id"
     assert srv.app.audit.reader.size() == before
     assert redeem(channel, created.reviewer_id, created.enrolment.code).totp_secret  # the code still works
+
+
+@pytest.mark.parametrize("purpose", [ROTATE_TOTP, enrolment_pb2.ENROLMENT_PURPOSE_ENROL])
+def test_a_new_totp_secret_ends_the_sessions_the_old_one_opened(srv: ClipstoreServer, channel, admin,
+                                                               clock: FakeClock, purpose: int) -> None:
+    # A new secret is asked for when the old one may be in other hands (a lost phone); the sessions opened
+    # with it lived on for their 8 hours, for whoever held the key (or the certificate) as well.
+    _, first = enrol(channel, admin)
+    old_token = _session(channel, first.api_key, totp_secret_bytes(first.totp_secret), clock.now())
+    rotated = redeem(channel, first.reviewer_id, _issue(channel, admin, first.reviewer_id, purpose).code)
+    key = rotated.api_key or first.api_key
+    with pytest.raises(grpc.RpcError) as caught:
+        review_pb2_grpc.ReviewServiceStub(channel).NextAssignment(review_pb2.NextAssignmentRequest(
+            session_token=old_token), metadata=bearer(key), timeout=10)
+    assert (caught.value.code(), error_info(caught.value).reason) == (grpc.StatusCode.UNAUTHENTICATED,
+                                                                      "SESSION_ENDED")
+    clock.advance(30)
+    assert _session(channel, key, totp_secret_bytes(rotated.totp_secret), clock.now())
+
+
+def test_a_new_api_key_alone_leaves_the_sessions_open(srv: ClipstoreServer, channel, admin,
+                                                      clock: FakeClock) -> None:
+    _, first = enrol(channel, admin)
+    token = _session(channel, first.api_key, totp_secret_bytes(first.totp_secret), clock.now())
+    rotated = redeem(channel, first.reviewer_id, _issue(channel, admin, first.reviewer_id, ROTATE_API_KEY).code)
+    review_pb2_grpc.ReviewServiceStub(channel).EndReviewSession(review_pb2.EndReviewSessionRequest(
+        session_token=token), metadata=bearer(rotated.api_key), timeout=10)  # still live: ends without error
