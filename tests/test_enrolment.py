@@ -338,3 +338,31 @@ def test_a_new_api_key_alone_leaves_the_sessions_open(srv: ClipstoreServer, chan
     rotated = redeem(channel, first.reviewer_id, _issue(channel, admin, first.reviewer_id, ROTATE_API_KEY).code)
     review_pb2_grpc.ReviewServiceStub(channel).EndReviewSession(review_pb2.EndReviewSessionRequest(
         session_token=token), metadata=bearer(rotated.api_key), timeout=10)  # still live: ends without error
+
+
+def test_a_code_of_the_old_secret_read_before_a_rotation_committed_opens_no_session(
+        srv: ClipstoreServer, channel, admin, clock: FakeClock) -> None:
+    # StartReviewSession reads and unwraps the secret before its unit: a rotation committing in between
+    # let a code of the replaced secret open a session after the rotation had ended the others.
+    _, first = enrol(channel, admin)
+    old = totp_secret_bytes(first.totp_secret)
+    offer = _issue(channel, admin, first.reviewer_id, ROTATE_TOTP)
+    sessions = srv.app.review.sessions
+    real_root = sessions._root
+
+    class RotateMeanwhile:
+        def decrypt(self, *args: object, **kwargs: object) -> bytes:
+            secret = real_root.decrypt(*args, **kwargs)
+            redeem(channel, first.reviewer_id, offer.code)  # commits while the session's unit has not run
+            return secret
+
+    sessions._root = RotateMeanwhile()
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            _session(channel, first.api_key, old, clock.now())
+    finally:
+        sessions._root = real_root
+    assert (caught.value.code(), error_info(caught.value).reason) == (grpc.StatusCode.UNAUTHENTICATED, "BAD_CODE")
+    with srv.app.db.read() as conn:
+        assert conn.scalar(sa.select(sa.func.count()).select_from(schema.review_sessions)) == 0
+        assert conn.scalar(sa.select(schema.reviewers.c.failed_attempts)) == 0

@@ -88,6 +88,11 @@ class Sessions:
             locked = _locked(current, tx.now)
             if locked is not None:  # no code is evaluated while locked
                 raise tx.deny(actor, "session.deny", locked)
+            if current.wrapped_totp_secret != reviewer.wrapped_totp_secret:
+                # A new secret was installed since it was read: a code of the old one opens nothing (its
+                # sessions ended with it). Not the caller's mistake, so no failure is counted.
+                raise tx.deny(actor, "session.deny", Unauthenticated(
+                    "the TOTP secret was just replaced; use a code of the new one", reason="BAD_CODE"))
             step = matching_step(secret, code, now=tx.now)
             if step is not None and rows.accept_step(actor.id, step):
                 expires = tx.now + policy.session_lifetime_s
