@@ -669,3 +669,23 @@ def test_a_grant_never_outlives_its_assignment(w: World) -> None:
     w.denied(_err(r.stub.RequestGrant, review_pb2.RequestGrantRequest(
         session_token=token, assignment_id=mine.assignment_id), r),
         grpc.StatusCode.FAILED_PRECONDITION, "ASSIGNMENT_EXPIRED")
+
+
+def test_expiring_a_reviewer_now_ends_their_sessions_and_grants_as_disabling_does(w: World) -> None:
+    # Expiry stopped the reviewer's calls, but their sessions and grants lived on: extending the expiry
+    # again brought them back (disabling ends them, so that re-enabling does not).
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from clipstore.v1 import principal_admin_pb2, principal_admin_pb2_grpc
+    r, token, assignment = _assigned(w)
+    grant = w.grant(r, token, assignment.assignment_id)
+    admins = principal_admin_pb2_grpc.PrincipalAdminServiceStub(w.channel)
+    admins.SetPrincipalExpiry(principal_admin_pb2.SetPrincipalExpiryRequest(
+        principal_id=r.id, expires_at=Timestamp(seconds=int(w.clock.now()))), metadata=w.admin, timeout=10)
+    admins.SetPrincipalExpiry(principal_admin_pb2.SetPrincipalExpiryRequest(principal_id=r.id), metadata=w.admin,
+                              timeout=10)  # extended again: never expires
+    w.denied(_err(r.stub.FetchClip, _fetch_req(token, grant), r), grpc.StatusCode.UNAUTHENTICATED, "SESSION_ENDED")
+    assert _count(w, schema.grants, schema.grants.c.voided.is_(True)) == 1
+    token = w.session(r)
+    w.denied(_err(r.stub.FetchClip, _fetch_req(token, grant), r), grpc.StatusCode.PERMISSION_DENIED,
+             "GRANT_WRONG_SESSION")
