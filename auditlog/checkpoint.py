@@ -41,7 +41,8 @@ class Checkpoint:
         origin, size_text, root_text, *extensions = lines
         if not origin:
             raise CheckpointError("line 1 (origin) is empty")
-        if not size_text.isdigit() or (size_text.startswith("0") and size_text != "0") \
+        # ASCII digits only: str.isdigit() also takes '²' (which int() refuses) and '١٢' (which it reads as 12)
+        if not (size_text.isascii() and size_text.isdigit()) or (size_text.startswith("0") and size_text != "0") \
                 or int(size_text) > MAX_TREE_SIZE:
             raise CheckpointError(f"line 2 (tree size) is not a canonical decimal: {size_text[:40]!r}")
         try:

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import http.client
 import json
+import socket
 import struct
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from auditlog.cosignature import (
 )
 from auditlog.errors import CheckpointError, NoteError
 from auditlog.merkle import consistency_proof, leaf_hash, root_hash
-from auditlog.note import NoteSigner, NoteVerifier, _key_hash
+from auditlog.note import NoteSigner, NoteVerifier, _key_hash, sign_note
 from auditlog.witness import SIZE_CONTENT_TYPE, Witness, WitnessServer, _parse_request
 
 VECTORS = Path(__file__).parent / "vectors"
@@ -204,6 +205,23 @@ def test_old_size_above_the_checkpoint_size_is_400(server: WitnessServer) -> Non
 def test_malformed_requests_are_400(server: WitnessServer, body: bytes) -> None:
     status, _, _ = _post(server, body + _checkpoint(3).encode() if body.endswith(b"\n\n") else body)
     assert status == 400
+
+
+@pytest.mark.parametrize("size_line", ["\u00b2", "\u0661\u0662"], ids=["superscript-two", "arabic-indic-12"])
+def test_checkpoint_size_in_non_ascii_digits_is_400(server: WitnessServer, witness: Witness, size_line: str) -> None:
+    """Before, '²' passed str.isdigit() and int() raised: the handler died without an answer (anyone could
+    send it: the framing is read before any signature); '١٢' was taken as size 12 and cosigned. Go's
+    parsers (strconv) refuse both: tests/vectors/golang-sumdb-note-interop."""
+    text = f"{LOG.name}\n{size_line}\n{base64.b64encode(root_hash(LEAVES[:12])).decode()}\n"
+    status, _, body = _post(server, _request(0, sign_note(text, LOG)))
+    assert (status, witness.cosigned_size(LOG.name)) == (400, 0), body
+
+
+def test_content_length_in_non_ascii_digits_is_400(server: WitnessServer) -> None:
+    host, port = server.server_address[:2]
+    with socket.create_connection((str(host), port), timeout=30) as sock:
+        sock.sendall(b"POST /add-checkpoint HTTP/1.1\r\nHost: w\r\nContent-Length: \xb2\r\n\r\nxx")
+        assert sock.recv(64).startswith(b"HTTP/1.1 400 ")
 
 
 def test_old_size_other_than_the_cosigned_one_is_409_with_the_size(server: WitnessServer) -> None:

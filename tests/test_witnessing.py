@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
 import pytest
 
+from auditlog.checkpoint import Checkpoint, sign_checkpoint
 from auditlog.cosignature import CosignatureSigner, open_cosigned_checkpoint
-from auditlog.witness import Witness, WitnessServer
+from auditlog.merkle import consistency_proof, leaf_hash, root_hash
+from auditlog.note import NoteSigner
+from auditlog.witness import SIZE_CONTENT_TYPE, Witness, WitnessServer
 from clipstore.app import App
+from clipstore.audit.witnessing import Cosigner, WitnessEndpoint
 from clipstore.server import running_server
 from clipstore.unit import AuditRecord
 from clipstore.v1 import audit_pb2, audit_pb2_grpc
@@ -132,3 +138,47 @@ def test_an_access_report_carries_the_witness_quorum_and_fails_without_it(
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.startswith(f"OK account={ref} accesses=2 "), result
     assert "witnesses=w0.test@" in result.stdout and "listened" in result.stdout
+
+
+class _SizeAnswer(BaseHTTPRequestHandler):
+    """A witness that answers every submission 409 with `body` as its tlog size."""
+
+    body = b""
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.send_response(409)
+        self.send_header("Content-Type", SIZE_CONTENT_TYPE)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (stdlib signature)
+        pass
+
+
+@pytest.mark.parametrize("reported", ["\u00b2", "\u0661"], ids=["superscript-two", "arabic-indic-one"])
+def test_a_witness_reporting_its_size_in_non_ascii_digits_is_skipped_and_the_others_still_cosign(
+        tmp_path: Path, reported: str) -> None:
+    """Before, str.isdigit() let '²' through to int(), whose ValueError ended the whole round: one witness
+    could stop every checkpoint from being published; '١' was read as size 1."""
+    log = NoteSigner.generate("clipstore-audit/size-answer")
+    honest = CosignatureSigner.generate("witness.test/honest")
+    odd = CosignatureSigner.generate("witness.test/odd")
+    handler = type("Handler", (_SizeAnswer,), {"body": reported.encode() + b"\n"})
+    leaves = [leaf_hash(b"%d" % i) for i in range(3)]
+    note = sign_checkpoint(Checkpoint(origin=log.name, size=3, root=root_hash(leaves)), log)
+    with WitnessServer(("127.0.0.1", 0), Witness.for_log_keys(honest, [log.verifier], tmp_path / "state"),
+                       quiet=True) as good, ThreadingHTTPServer(("127.0.0.1", 0), handler) as bad:
+        threading.Thread(target=bad.serve_forever, daemon=True).start()
+        try:
+            cosigner = Cosigner(log.verifier, [WitnessEndpoint(good.url, honest.verifier),
+                                               WitnessEndpoint(f"http://127.0.0.1:{bad.server_address[1]}",
+                                                               odd.verifier, last_size=1)],
+                                1, lambda old, new: consistency_proof(leaves[:new], old))
+            cosigned = cosigner.cosign(note)
+            cosigner.close()
+        finally:
+            bad.shutdown()
+    _, cosignatures = open_cosigned_checkpoint(cosigned, log.verifier, [honest.verifier, odd.verifier], 1)
+    assert [c.witness for c in cosignatures] == ["witness.test/honest"]

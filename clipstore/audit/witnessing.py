@@ -83,7 +83,7 @@ class Cosigner:
                 return None
             if status == 409 and ctype.split(";")[0].strip() == SIZE_CONTENT_TYPE:
                 reported = answer.decode(errors="replace").strip()
-                if not reported.isdigit() or int(reported) > size:
+                if not (reported.isascii() and reported.isdigit()) or int(reported) > size:
                     # The witness has cosigned a larger tree of ours than we have: a fork or a rollback.
                     log.error("audit.witness_ahead", witness=witness.verifier.name, reported=reported[:20], size=size)
                     return None
