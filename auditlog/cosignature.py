@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 from auditlog.checkpoint import Checkpoint
 from auditlog.errors import CheckpointError, NoteError
-from auditlog.note import NoteVerifier, _b64decode, _key_hash, _valid_name, verify_note
+from auditlog.note import NoteVerifier, _b64decode, _key_hash, _parse_key_hash, _valid_name, verify_note
 
 __all__ = ["Cosignature", "CosignatureSigner", "CosignatureVerifier", "cosigned_message",
            "open_cosigned_checkpoint"]
@@ -51,7 +51,7 @@ class CosignatureVerifier:
     @classmethod
     def from_public_key(cls, name: str, public_key: Ed25519PublicKey) -> CosignatureVerifier:
         if not _valid_name(name):
-            raise NoteError(f"witness name must be printable without spaces or '+', got {name!r}")
+            raise NoteError(f"witness name must be non-empty without spaces or '+', got {name!r}")
         return cls(name, _key_hash(name, _raw_key(public_key)), public_key)
 
     @classmethod
@@ -61,12 +61,9 @@ class CosignatureVerifier:
         if len(parts) != 3:
             raise NoteError("witness key must look like name+hexID+base64key")
         name, hex_hash, b64 = parts
-        if not _valid_name(name) or len(hex_hash) != 8:
-            raise NoteError("witness key has a malformed name or key ID")
-        try:
-            claimed = int(hex_hash, 16)
-        except ValueError:
-            raise NoteError("witness key ID is not hexadecimal") from None
+        claimed = _parse_key_hash(hex_hash)
+        if not _valid_name(name) or claimed is None:
+            raise NoteError("witness key has a malformed name or key ID (want 8 hexadecimal digits)")
         raw = _b64decode(b64)
         if len(raw) != 33 or raw[0] != ALG_COSIGNATURE_V1:
             raise NoteError("witness key is not a cosignature/v1 key (want 0x04 followed by 32 bytes)")
@@ -125,7 +122,7 @@ class CosignatureSigner:
         if len(raw) != 33 or raw[0] != ALG_COSIGNATURE_V1:
             raise NoteError("witness signer key is not a cosignature/v1 Ed25519 seed (0x04 ‖ 32 bytes)")
         signer = cls(parts[2], Ed25519PrivateKey.from_private_bytes(raw[1:]))
-        if f"{signer.verifier.key_hash:08x}" != parts[3]:
+        if signer.verifier.key_hash != _parse_key_hash(parts[3]):
             raise NoteError("witness signer key ID does not match its name and key")
         return signer
 

@@ -1,9 +1,12 @@
 """Signed notes (golang.org/x/mod/sumdb/note, C2SP signed-note) with Ed25519.
 
-A note is UTF-8 text ending in a newline, a blank line, then signature lines
-`— <name> <base64(key hash ‖ signature)>`. Key hash = first 4 bytes (big
-endian) of SHA-256(name ‖ "\\n" ‖ 0x01 ‖ public key). Verifier key string:
-`name+hexhash+base64(0x01 ‖ public key)`; signer key string:
+A note is UTF-8 text ending in a newline (it may hold empty lines, and any
+character but the ASCII controls other than newline), a blank line, then
+signature lines `— <name> <base64(key hash ‖ signature)>`; the text ends at the
+last blank line. A key name is non-empty without Unicode spaces or '+', and
+nothing else is asked of it (Go's note package and the spec take U+200B or
+U+007F). Key hash = first 4 bytes (big endian) of SHA-256(name ‖ "\\n" ‖ 0x01 ‖
+public key). Verifier key string: `name+hexhash+base64(0x01 ‖ public key)`; signer key string:
 `PRIVATE+KEY+name+hexhash+base64(0x01 ‖ seed)`.
 """
 
@@ -12,6 +15,8 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
+import string
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,12 +32,25 @@ ALG_ED25519 = 0x01
 MAX_SIGNATURES = 100  # as the Go implementation: bounds work on hostile notes
 MAX_NOTE_BYTES = 1 << 20
 _SIG_PREFIX = "\u2014 "  # em dash, space
+# Unicode White_Space, as Go's unicode.IsSpace (str.isspace() also takes U+001C-U+001F, which are not)
+_SPACES = frozenset("\t\n\v\f\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000"
+                    + "".join(chr(c) for c in range(0x2000, 0x200B)))
+_CONTROL = re.compile("[\x00-\x09\x0b-\x1f]")  # C2SP signed-note: no ASCII control but newline
 
 __all__ = ["NoteSigner", "NoteVerifier", "Verifier", "open_note", "sign_note", "verify_note"]
 
 
 def _valid_name(name: str) -> bool:
-    return bool(name) and name.isprintable() and not any(c.isspace() or c == "+" for c in name)
+    """C2SP signed-note: non-empty, no Unicode space, no '+' (as Go's isValidName)."""
+    return bool(name) and "+" not in name and _SPACES.isdisjoint(name)
+
+
+def _parse_key_hash(text: str) -> int | None:
+    """Exactly 8 hex digits (either case, as Go's strconv.ParseUint(text, 16, 32)); None otherwise.
+    int(text, 16) alone also takes '0x', '_', signs and spaces."""
+    if len(text) != 8 or not all(c in string.hexdigits for c in text):
+        return None
+    return int(text, 16)
 
 
 def _key_hash(name: str, alg_and_key: bytes) -> int:
@@ -60,12 +78,9 @@ class NoteVerifier:
         if len(parts) != 3:
             raise NoteError("verifier key must look like name+hexhash+base64key")
         name, hex_hash, b64 = parts
-        if not _valid_name(name) or len(hex_hash) != 8:
-            raise NoteError("verifier key has a malformed name or key hash")
-        try:
-            claimed = int(hex_hash, 16)
-        except ValueError:
-            raise NoteError("verifier key hash is not hexadecimal") from None
+        claimed = _parse_key_hash(hex_hash)
+        if not _valid_name(name) or claimed is None:
+            raise NoteError("verifier key has a malformed name or key hash (want 8 hexadecimal digits)")
         raw = _b64decode(b64)
         if len(raw) != 33 or raw[0] != ALG_ED25519:
             raise NoteError("verifier key is not an Ed25519 key (want 0x01 followed by 32 bytes)")
@@ -90,7 +105,7 @@ class NoteSigner:
 
     def __init__(self, name: str, private_key: Ed25519PrivateKey) -> None:
         if not _valid_name(name):
-            raise ValueError(f"note signer name must be printable without spaces or '+', got {name!r}")
+            raise ValueError(f"note signer name must be non-empty without spaces or '+', got {name!r}")
         self.name = name
         self._key = private_key
         public = private_key.public_key()
@@ -112,8 +127,10 @@ class NoteSigner:
         raw = _b64decode(parts[4])
         if len(raw) != 33 or raw[0] != ALG_ED25519:
             raise NoteError("signer key is not an Ed25519 seed")
+        if not _valid_name(parts[2]):
+            raise NoteError("signer key has a malformed name")
         signer = cls(parts[2], Ed25519PrivateKey.from_private_bytes(raw[1:]))
-        if f"{signer.verifier.key_hash:08x}" != parts[3]:
+        if signer.verifier.key_hash != _parse_key_hash(parts[3]):
             raise NoteError("signer key hash does not match its name and key")
         return signer
 
@@ -127,9 +144,9 @@ class NoteSigner:
 
 
 def _check_text(text: str) -> None:
-    if not text.endswith("\n") or "\n\n" in text or text.startswith("\n"):
-        raise NoteError("malformed note: text must be non-empty lines ending in a newline")
-    if any(not c.isprintable() for c in text.replace("\n", "")):
+    if not text.endswith("\n"):
+        raise NoteError("malformed note: text must end in a newline")
+    if _CONTROL.search(text):
         raise NoteError("malformed note: text contains control characters")
 
 
@@ -163,12 +180,14 @@ def open_note(note: str | bytes, verifiers: Sequence[Verifier]) -> str:
 
 
 def verify_note(note: str | bytes, verifiers: Sequence[Verifier]) -> tuple[str, list[tuple[Verifier, bytes]]]:
-    """The note's text and each (known key, signature) that verified, in note order.
+    """The note's text and each known key that signed it with the (first) signature, in note order.
 
-    Steps, as in sumdb/note Open: (1) size and UTF-8; (2) split text from
-    signatures at the last blank line; (3) parse each signature line;
-    (4) a signature by a known key must verify. Signatures by unknown keys
-    are ignored (C2SP signed-note); the caller decides how many it needs.
+    Steps, as in sumdb/note Open: (1) size, UTF-8, no ASCII control but
+    newline; (2) split text from signatures at the last blank line; (3) parse
+    each signature line; (4) a signature by a known key must verify, a repeated
+    one too (C2SP: "MUST verify"; Go skips repeats unverified), but each key is
+    listed once. Signatures by unknown keys are ignored (C2SP signed-note); the
+    caller decides how many it needs.
     """
     # (1)
     if isinstance(note, bytes):
@@ -180,6 +199,8 @@ def verify_note(note: str | bytes, verifiers: Sequence[Verifier]) -> tuple[str, 
             raise NoteError("malformed note: not UTF-8") from None
     if len(note) > MAX_NOTE_BYTES:
         raise NoteError(f"note is larger than {MAX_NOTE_BYTES} bytes")
+    if _CONTROL.search(note):
+        raise NoteError("malformed note: control characters")
     # (2)
     split = note.rfind("\n\n")
     if split < 0:
@@ -210,5 +231,6 @@ def verify_note(note: str | bytes, verifiers: Sequence[Verifier]) -> tuple[str, 
         if matches:
             if not matches[0].verify(text.encode(), blob[4:]):
                 raise NoteError(f"invalid signature for key {name}+{key_hash:08x}")
-            verified.append((matches[0], blob[4:]))
+            if all(v is not matches[0] for v, _ in verified):
+                verified.append((matches[0], blob[4:]))
     return text, verified
