@@ -43,9 +43,11 @@ class ConfigError(Exception):
 
 # -- validators: take the typed value, return it (normalised) or raise ValueError(what is wrong) --------
 
+_PORT = re.compile(r"[0-9]{1,5}")  # ASCII digits: str.isdigit() also takes '²' (int() refuses it) and '١٢' (12)
+
 def _host_port(listen: str) -> str:
     host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not host or not _PORT.fullmatch(port) or not 0 <= int(port) <= 65535:
         raise ValueError(f"must be HOST:PORT, got {listen!r}")
     return listen
 
@@ -63,7 +65,7 @@ def is_loopback(listen: str) -> bool:
 
 def _metrics_listen(listen: str) -> str:
     host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not _PORT.fullmatch(port) or not 0 <= int(port) <= 65535:
         raise ValueError(f"must be HOST:PORT, got {listen!r}")
     if not is_loopback(listen):
         raise ValueError("metrics are served without TLS; bind a loopback address and "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -138,3 +139,10 @@ def test_review_sample_rate_0_is_accepted_from_file_env_and_flag(tmp_path: Path)
 def test_an_unknown_override_is_refused() -> None:
     with pytest.raises(ConfigError, match="review.sample_ratio: unknown setting"):
         load_config(env={}, overrides={"review.sample_ratio": 0.1})
+
+
+@pytest.mark.parametrize("variable", ["CLIPSTORE_LISTEN", "CLIPSTORE_METRICS_LISTEN"])
+@pytest.mark.parametrize("port", ["²", "١٢", "１２", "+1", " 1", "65536", "123456"])
+def test_a_port_is_ascii_digits_within_range(variable: str, port: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"must be HOST:PORT, got '127.0.0.1:{port}'")):
+        load_config(env={variable: f"127.0.0.1:{port}"})
