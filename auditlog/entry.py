@@ -66,3 +66,13 @@ def parse_entry(data: bytes, index: int) -> dict[str, Any]:
     if not isinstance(value["prev"], str) or len(value["prev"]) != 64:
         raise EntryError(index, "malformed: prev is not a 64-character hex hash")
     return value
+
+
+def chain_link(data: bytes) -> tuple[int, bytes]:
+    """seq and prev of an entry the log itself encoded (canonical: each key occurs once)."""
+    i = data.find(b'"prev":"')
+    j = data.find(b'"seq":', i)
+    k = data.find(b",", j)
+    if i < 0 or j < 0 or k < 0 or not data[j + 6:k].isdigit() or k - j - 6 > 19:
+        return -1, b""  # not what the log writes: the slow path names the defect
+    return int(data[j + 6:k]), data[i + 8:i + 72]

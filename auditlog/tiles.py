@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from auditlog.access import AccountChains
-from auditlog.entry import GENESIS_PREV, parse_entry
+from auditlog.entry import GENESIS_PREV, chain_link, parse_entry
 from auditlog.errors import CheckpointError, EntryError, VerificationError
 from auditlog.merkle import HASH_BYTES, perfect_root, root_hash
 
@@ -222,15 +222,6 @@ def tree_root(read: Callable[[str], bytes], size: int) -> bytes:
     return _root_from(_Tiles(read, size), size)
 
 
-def _link(data: bytes) -> tuple[int, bytes]:
-    i = data.find(b'"prev":"')
-    j = data.find(b'"seq":', i)
-    k = data.find(b",", j)
-    if i < 0 or j < 0 or k < 0 or not data[j + 6:k].isdigit() or k - j - 6 > 19:
-        return -1, b""
-    return int(data[j + 6:k]), data[i + 8:i + 72]
-
-
 @dataclass(frozen=True)
 class RangeResult:
     old_size: int
@@ -277,7 +268,7 @@ def verify_range(read: Callable[[str], bytes], *, old_size: int, old_root: bytes
                     b',"seq":%d,"target":' % (first + k) not in data:
                 index = first + k
                 parse_entry(data, index)  # names a malformed entry
-                seq, entry_prev = _link(data)
+                seq, entry_prev = chain_link(data)
                 if seq != index:
                     raise EntryError(index, f"seq is {seq}, expected {index}")
                 raise EntryError(max(index - 1, 0), f"edited: its hash no longer matches entry {index}'s prev")

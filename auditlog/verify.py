@@ -28,7 +28,7 @@ from auditlog.access import AccountChains
 from auditlog.checkpoint import Checkpoint, open_checkpoint
 from auditlog.compact import CompactRange
 from auditlog.cosignature import Cosignature, CosignatureVerifier, open_cosigned_checkpoint
-from auditlog.entry import GENESIS_PREV, parse_entry
+from auditlog.entry import GENESIS_PREV, chain_link, parse_entry
 from auditlog.errors import CheckpointError, EntryError, VerificationError
 from auditlog.merkle import leaf_hash
 from auditlog.note import NoteVerifier
@@ -74,16 +74,6 @@ def check_chain(entries: Iterable[bytes]) -> list[bytes]:
     return leaves
 
 
-def _link(data: bytes) -> tuple[int, bytes]:
-    """seq and prev of an entry the log itself encoded (canonical: each key occurs once)."""
-    i = data.find(b'"prev":"')
-    j = data.find(b'"seq":', i)
-    k = data.find(b",", j)
-    if i < 0 or j < 0 or k < 0 or not data[j + 6:k].isdigit() or k - j - 6 > 19:
-        return -1, b""  # not what the log writes: the slow path names the defect
-    return int(data[j + 6:k]), data[i + 8:i + 72]
-
-
 def _open_trusted(note: str | bytes, verifier: NoteVerifier) -> Checkpoint:
     """The caller's saved checkpoint. Its failure names it: "FAIL checkpoint: invalid signature" alone
     reads as a fault of the export's checkpoint, when the team's own file is the one that does not open."""
@@ -113,7 +103,7 @@ def verify_log(entries: Callable[[], Iterable[bytes]], checkpoint_note: str | by
         h.update(data)
         leaf = h.digest()
         if tree.size < checkpoint.size:
-            seq, entry_prev = _link(data)
+            seq, entry_prev = chain_link(data)
         else:  # unsigned: only a full parse vouches for its form
             try:
                 entry = parse_entry(data, tree.size)
