@@ -2,7 +2,8 @@
 
 `AccessReports.build` records the request in the account's own access chain (so asking is audited,
 and the request entry is the report's head: nothing of the account's before it can be left out),
-signs a checkpoint covering it (cosigned by the witness quorum when witnesses are configured), and
+takes a checkpoint covering it (cosigned by the witness quorum when witnesses are configured; one
+signing and witness round serves all the reports waiting, clipstore.audit.report_checkpoints), and
 returns the report `auditlog verify-report` checks offline: the account's chained entries from the
 window's fence to the request, one multiproof, the checkpoint and a binding note signed with the
 log key. Format and argument: docs/access-report.md.
@@ -56,11 +57,13 @@ class AccessReport:
 class AccessReports:
     def __init__(self, *, audit: AuditLog, account_ref: Callable[[str], str],
                  captured_at: Callable[[Collection[str]], dict[str, float]], pseudonym_key: bytes,
-                 cosign: Callable[[str], str], max_bytes: int) -> None:
+                 checkpoints: Callable[[int], str], max_bytes: int) -> None:
+        """`checkpoints(head)`: a (cosigned) checkpoint note whose tree holds entry `head`
+        (`ReportCheckpoints.covering`); raises AuditUnavailable."""
         self._audit = audit
         self._max_bytes = max_bytes  # one gRPC message: the server could not send a larger report
         self._account_ref, self._captured_at = account_ref, captured_at
-        self._key, self._cosign = pseudonym_key, cosign
+        self._key, self._checkpoints = pseudonym_key, checkpoints
 
     def build(self, account_id: str, actor: Actor, *, since: float | None = None, until: float | None = None,
               nonce: str = "") -> AccessReport:
@@ -73,13 +76,7 @@ class AccessReports:
         # The request, in the account's chain: its head from now on, and the report's.
         head = self._audit.append(actor.record(REQUEST_ACTION, account_ref=ref,
                                                reason=f"nonce={nonce}" if nonce else ""))
-        _, note = self._audit.checkpoint()
-        try:
-            note = self._cosign(note)
-        except Exception as exc:  # QuorumNotReached, a witness away: the caller retries
-            log.warning("access_report.cosign_failed", exc_type=type(exc).__name__)
-            raise AuditUnavailable("the witnesses did not cosign a checkpoint covering this report; retry later") \
-                from None
+        note = self._checkpoints(head)
         report = assemble_report(self._audit.reader, self._audit.signer, note=note, account_id=account_id,
                                  account_ref=ref, head=head, since=since, until=until, pseudonym_key=self._key,
                                  captured_at=self._captured_at)

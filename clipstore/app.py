@@ -14,6 +14,7 @@ from clipstore.accounts import AccountDirectory
 from clipstore.audio import FetchAudio, FetchAudioPolicy, WatermarkSource
 from clipstore.audit import AuditLog
 from clipstore.audit.publish import Publisher, TileStorage, storage_for
+from clipstore.audit.report_checkpoints import ReportCheckpoints
 from clipstore.audit.signing import load_or_create_signer
 from clipstore.audit.witnessing import Cosigner, PublishLoop, WitnessEndpoint
 from clipstore.blobs import BlobStore, FileBlobStore, S3BlobStore
@@ -175,10 +176,15 @@ class App:
             self.accounts.replay_deletions(self.audit.deleted_accounts, STARTUP)
             self.audit.deleted_accounts.clear()
         clip_rows = ClipRepository(self.db)
+        self.report_checkpoints = ReportCheckpoints(
+            checkpoint=self.audit.checkpoint, cosign=self.cosign,
+            known=lambda: self.publishing.latest if self.publishing is not None else None,
+            min_interval_s=config.audit_report_checkpoint_min_interval_s)
         self.access_reports = AccessReports(
             audit=self.audit, account_ref=lambda account_id: self.accounts.require(account_id).account_ref,
             captured_at=clip_rows.captured_at,
-            pseudonym_key=load_or_create_service_key(self.db, self.root, PSEUDONYM_KEY_NAME), cosign=self.cosign,
+            pseudonym_key=load_or_create_service_key(self.db, self.root, PSEUDONYM_KEY_NAME),
+            checkpoints=self.report_checkpoints.covering,
             max_bytes=config.max_message_bytes - REPORT_RESPONSE_HEADROOM)
         # What an anonymous denial summary names instead of the caller's address (clipstore.peers).
         self.peer_pseudonyms = PeerPseudonyms(load_or_create_service_key(self.db, self.root, PEER_PSEUDONYM_KEY_NAME))

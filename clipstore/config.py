@@ -264,6 +264,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(key="audit.witness_quorum", type=int, default=None, default_text="all",
             help="cosignatures needed before a checkpoint is published"),
     Setting(key="audit.publish_every_s", type=float, default=5.0, help="publishing cadence"),
+    Setting(key="audit.report_checkpoint_min_interval_s", type=float, default=1.0, zero_ok=True,
+            help="access reports share checkpoints: a new one is signed and sent to the witnesses for them at most "
+                 "once per this interval (reports asked meanwhile wait for it; 0: no spacing)"),
     Setting(key="audit.denial_summary_s", type=float, default=60.0, attr="denial_summary_s",
             help="refused calls are counted: one `auth.deny_summary` entry per peer (anonymous) or principal "
                  "per interval"),
@@ -375,6 +378,7 @@ class Config:
     audit_witnesses: tuple[str, ...]  # "URL VERIFIER-KEY" per witness
     audit_witness_quorum: int
     audit_publish_every_s: float
+    audit_report_checkpoint_min_interval_s: float
     log_level: str
     trust_domain: str
     key_overlap_s: float

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -182,3 +183,66 @@ def test_a_witness_reporting_its_size_in_non_ascii_digits_is_skipped_and_the_oth
             bad.shutdown()
     _, cosignatures = open_cosigned_checkpoint(cosigned, log.verifier, [honest.verifier, odd.verifier], 1)
     assert [c.witness for c in cosignatures] == ["witness.test/honest"]
+
+
+def _count_submissions(witnesses: list[WitnessServer]) -> list[int]:
+    """A counter of the add-checkpoint requests the witnesses answered, all together."""
+    seen = [0]
+    lock = threading.Lock()
+    for server in witnesses:
+        original = server.witness.add_checkpoint
+
+        def counted(body: bytes, original: Any = original) -> Any:
+            with lock:
+                seen[0] += 1
+            return original(body)
+        server.witness.add_checkpoint = counted  # type: ignore[method-assign]
+    return seen
+
+
+def test_concurrent_access_reports_share_one_checkpoint_and_witness_round(
+        tmp_path: Path, database_url: str | None, witnesses: list[WitnessServer], log_key: str) -> None:
+    """Before, every GetAccessReport signed and stored a checkpoint and sent it to every witness: 24 calls
+    in flight (one principal's limit) made 24 checkpoints and 72 witness requests, at request rate."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from auditlog.note import NoteVerifier
+    from auditlog.report import verify_report
+    from clipstore.v1 import account_pb2, account_pb2_grpc
+    from tests.conftest import bearer
+
+    config = make_config(tmp_path / "data", database_url=database_url, **{
+        "audit.witnesses": ", ".join(f"{w.url} {w.witness.signer.verifier.key_string()}" for w in witnesses),
+        "audit.witness_quorum": 2, "audit.publish_every_s": 3600, "audit.report_checkpoint_min_interval_s": 1.0})
+    wkeys = [w.witness.signer.verifier for w in witnesses]
+    with running_server(config) as server:
+        app = server.app
+        app.accounts.find_or_create("acct-1")
+        ingest = new_key(app, "ingest", "app")
+
+        def stored_checkpoints() -> int:
+            with app.db.read() as conn:
+                return int(conn.exec_driver_sql("SELECT count(*) FROM audit_checkpoints").scalar() or 0)
+
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = account_pb2_grpc.AccountServiceStub(channel)
+
+            def ask(i: int) -> bytes:
+                return bytes(stub.GetAccessReport(account_pb2.GetAccessReportRequest(
+                    account_id="acct-1", nonce=f"n{i}"), metadata=bearer(ingest), timeout=60).report)
+
+            ask(0)  # the first report of a quiet service waits for no interval
+            time.sleep(1.1)
+            started = time.monotonic()
+            ask(1)
+            assert time.monotonic() - started < 0.8
+            before, submissions = stored_checkpoints(), _count_submissions(witnesses)
+            with ThreadPoolExecutor(24) as pool:
+                reports = list(pool.map(ask, range(2, 26)))
+            rounds, sent = stored_checkpoints() - before, submissions[0]
+    for i, report in enumerate(reports, start=2):
+        verified = verify_report(report, NoteVerifier.from_key_string(log_key), witnesses=wkeys, quorum=2,
+                                 account_id="acct-1", nonce=f"n{i}")
+        assert len(verified.cosignatures) >= 2
+    assert 1 <= rounds <= 3, rounds
+    assert sent <= 3 * len(witnesses), sent

@@ -135,6 +135,7 @@ class PublishLoop:
     _wake: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _rounds: threading.Lock = field(default_factory=threading.Lock)  # one witness round at a time
+    _cosigned: tuple[str, str] | None = None  # the last (note, cosigned note): not sent to the witnesses twice
 
     def start(self) -> None:
         if self.publisher is not None:
@@ -165,7 +166,11 @@ class PublishLoop:
         if self.cosigner is None:
             return note
         with self._rounds:
-            return self.cosigner.cosign(note)
+            if self._cosigned is not None and self._cosigned[0] == note:  # e.g. an access report's, then here
+                return self._cosigned[1]
+            cosigned = self.cosigner.cosign(note)
+            self._cosigned = (note, cosigned)
+            return cosigned
 
     def _run(self) -> None:
         while not self._stop.is_set():
