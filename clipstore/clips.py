@@ -24,6 +24,7 @@ from clipstore.errors import (
     NotFound,
 )
 from clipstore.identity import open_identity, seal_identity
+from clipstore.locales import canonical_locale
 from clipstore.logs import get_logger
 from clipstore.ports import ClipCatalog, ClipWrites, ReviewQueue
 from clipstore.rows import ClipRow
@@ -214,7 +215,8 @@ class ClipLibrary:
 
     def _differs(self, clip: ClipRow, key: ClipKey, new: NewClip, size: int, sha256: bytes) -> str | None:
         """Which part of the upload differs from `clip`, in general terms (never a value); None if none."""
-        stored = (clip.content_type, clip.locale, clip.device_type, clip.captured_at, clip.wake_word,
+        # canonical_locale: a row stored before tags were canonicalised may hold `en-us` for the `en-US` sent
+        stored = (clip.content_type, canonical_locale(clip.locale), clip.device_type, clip.captured_at, clip.wake_word,
                   clip.duration_ms)
         sent = (new.content_type, new.locale, new.device_type, new.captured_at, new.wake_word, new.duration_ms)
         identity = open_identity(key, clip.clip_id, clip.identity_ct)

@@ -352,6 +352,15 @@ def test_the_plan_follows_locale_overrides_and_refuses_only_when_a_transform_is_
     assert marked.audit_fields() == {"disguise": "off", "watermark": "wm-g_1"} and marked.transforms_audio
 
 
+def test_the_disguise_of_a_locale_applies_whatever_the_case_of_either_tag() -> None:
+    """Before, `review.disguise_locales = "en-us=pitch_formant"` left clips stored as `en-US` undisguised,
+    and a clip stored as `de-at` missed the `de-AT` setting."""
+    policy = FetchAudioPolicy.from_settings(disguise="off", locales="en-us=pitch_formant, DE=pitch_formant, de-AT=off",
+                                            require_transform=False)
+    assert policy.disguise_for("en-US") == "pitch_formant"
+    assert policy.disguise_for("de-at") == "off" and policy.disguise_for("de-de") == "pitch_formant"
+
+
 def test_a_watermark_alone_runs_through_the_pipeline() -> None:
     original = speech("a", 1.0)
     data = encoded(original, RATE, "audio/wav")

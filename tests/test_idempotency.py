@@ -369,3 +369,13 @@ def test_a_retry_racing_the_deletion_of_its_account_is_refused_as_spent_and_leav
         ingest.clips.PutClip(retry(), metadata=ingest.md, timeout=30)
     _assert_spent(caught.value)
     assert ingest.stored() == {"clips": 0, "accounts": 0, "review_queue": 0, "objects": 0}
+
+
+def test_a_retry_matches_a_clip_stored_before_locales_were_canonicalised(ingest: Ingest) -> None:
+    """Locales are stored canonical now (`en-us` as `en-US`); a retry of a clip stored before, as `en-us`,
+    gets its clip, not IDEMPOTENCY_KEY_REUSED."""
+    first = ingest.put("k-locale", locale="en-us")
+    with ingest.server.app.db.transaction() as conn:  # as a row written before the change
+        conn.execute(sa.update(schema.clips).where(schema.clips.c.clip_id == first.clip_id).values(locale="en-us"))
+    assert ingest.put("k-locale", locale="en-us").clip_id == first.clip_id
+    assert ingest.put("k-locale", locale="EN-US").clip_id == first.clip_id

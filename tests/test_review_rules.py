@@ -285,6 +285,31 @@ def test_a_reviewer_cannot_pull_a_locale_they_are_not_enrolled_for(w: World) -> 
     assert _count(w, schema.assignments) == 1
 
 
+def test_locales_match_whatever_their_case(w: World) -> None:
+    """BCP 47 tags are case-insensitive: before, a clip stored as `en-us` never reached a reviewer enrolled
+    for `en-US`. Tags are now stored canonical (`en-US`), and rows stored before in another case match."""
+    w.opt_in()
+    lower = w.put(locale="en-us")
+    assert w.server.app.clips.find(lower.clip_id).locale == "en-US"
+    r = w.enroll()  # en-US
+    token = w.session(r)
+    got = w.next(r, token)
+    assert got.clip.locale == "en-US" and _clip_of(w, got.assignment_id) == lower.clip_id
+    # A queue row and a reviewer stored before canonicalisation, in other cases.
+    older = w.put(locale="de-DE")
+    with w.server.app.db.transaction() as conn:
+        conn.execute(sa.update(schema.review_queue).where(schema.review_queue.c.clip_id == older.clip_id)
+                     .values(locale="DE-de"))
+    other = w.enroll("other")
+    with w.server.app.db.transaction() as conn:
+        conn.execute(sa.update(schema.reviewers).where(schema.reviewers.c.principal_id == other.id)
+                     .values(locales="de-de"))
+    other_token = w.session(other)
+    theirs = other.stub.NextAssignment(review_pb2.NextAssignmentRequest(session_token=other_token, locale="de-DE"),
+                                       metadata=other.md, timeout=10)
+    assert theirs.clip.locale == "de-DE" and _clip_of(w, theirs.assignment_id) == older.clip_id
+
+
 # -- item 8: an expired assignment belongs to nobody ---------------------------------------------------------
 def test_the_former_holder_of_an_expired_assignment_cannot_complete_or_flag_it(w: World) -> None:
     r, token, mine = _assigned(w)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 from clipstore.errors import FailedPrecondition
+from clipstore.locales import canonical_locale
 
 if TYPE_CHECKING:
     from clipstore.audio.transform import Transform
@@ -38,7 +39,7 @@ def parse_disguise_locales(text: str) -> dict[str, str]:
             raise ValueError(f"expected LOCALE=POLICY entries, got {item!r}")
         if name not in DISGUISE_NAMES:
             raise ValueError(f"unknown disguise {name!r} for {locale}; one of {', '.join(sorted(DISGUISE_NAMES))}")
-        locales[locale] = name
+        locales[canonical_locale(locale)] = name
     return locales
 
 
@@ -54,6 +55,9 @@ class FetchAudioPolicy:
         for name in (self.disguise, *self.disguise_locales.values()):
             if name not in DISGUISE_NAMES:
                 raise ValueError(f"unknown disguise {name!r}; one of {', '.join(sorted(DISGUISE_NAMES))}")
+        # Tags are case-insensitive: `en-us=…` is the setting of clips stored as `en-US`, and the reverse.
+        object.__setattr__(self, "disguise_locales",
+                           {canonical_locale(k): v for k, v in self.disguise_locales.items()})
 
     @classmethod
     def from_settings(cls, *, disguise: str, locales: str | None, require_transform: bool) -> FetchAudioPolicy:
@@ -63,6 +67,7 @@ class FetchAudioPolicy:
 
     def disguise_for(self, locale: str) -> str:
         """The locale's own setting, else its language's (`en` for `en-GB`), else the deployment's."""
+        locale = canonical_locale(locale)  # a row stored before tags were canonicalised may be `en-us`
         language = locale.split("-", 1)[0]
         return self.disguise_locales.get(locale, self.disguise_locales.get(language, self.disguise))
 

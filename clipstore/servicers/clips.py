@@ -12,6 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from clipstore.clips import ClipLibrary, NewClip
 from clipstore.errors import Cancelled, InvalidArgument
 from clipstore.interceptors import current_actor
+from clipstore.locales import canonical_locale
 from clipstore.rows import ClipRow
 from clipstore.servicers.common import (
     LOCALE_RE,
@@ -63,6 +64,7 @@ def parse_metadata(meta: clip_pb2.ClipMetadata) -> NewClip:
     locale = text("metadata.locale", meta.locale, max_chars=35, required=True)
     if not LOCALE_RE.match(locale):
         raise InvalidArgument("metadata.locale", "must be a BCP 47 tag such as en-US")
+    locale = canonical_locale(locale)  # `en-us` is `en-US`: the reviewers enrolled for it must get it
     if meta.content_type not in CONTENT_TYPES:
         raise InvalidArgument("metadata.content_type", f"must be one of {', '.join(sorted(CONTENT_TYPES))}")
     if meta.duration_ms > MAX_DURATION_MS:

@@ -14,6 +14,7 @@ from clipstore.auth import PRINCIPAL_ID_RE
 from clipstore.enrolment import Offer, Purpose, SelfEnrolment
 from clipstore.errors import InvalidArgument
 from clipstore.interceptors import current_actor, current_request
+from clipstore.locales import canonical_locale
 from clipstore.principals import PrincipalLifecycle, canonical_spiffe_id
 from clipstore.servicers.common import LOCALE_RE, MAX_ID_CHARS, text, timestamp
 from clipstore.v1 import enrolment_pb2, enrolment_pb2_grpc, reviewer_admin_pb2, reviewer_admin_pb2_grpc
@@ -49,7 +50,8 @@ class ReviewerAdminServicer(reviewer_admin_pb2_grpc.ReviewerAdminServiceServicer
         spiffe_id = text("spiffe_id", request.spiffe_id, max_chars=255, required=False)
         if spiffe_id:
             spiffe_id = canonical_spiffe_id(spiffe_id, role="reviewer", trust_domain=self._lifecycle.trust_domain)
-        offer = self._enrolment.create_reviewer(name, tuple(request.locales), current_actor(),
+        locales = tuple(dict.fromkeys(canonical_locale(loc) for loc in request.locales))  # en-us is en-US
+        offer = self._enrolment.create_reviewer(name, locales, current_actor(),
                                                 spiffe_id=spiffe_id or None)
         return reviewer_admin_pb2.CreateReviewerResponse(reviewer_id=offer.reviewer_id, enrolment=_offer(offer))
 

@@ -13,6 +13,7 @@ import grpc
 
 from clipstore.errors import InvalidArgument
 from clipstore.interceptors import current_actor
+from clipstore.locales import canonical_locale
 from clipstore.review import ReviewDesk
 from clipstore.rows import ClipRow, QueuedClip
 from clipstore.servicers.common import LOCALE_RE, required_id, text, timestamp
@@ -51,8 +52,8 @@ class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
                        context: grpc.ServicerContext) -> review_pb2.NextAssignmentResponse:
         if request.locale and not LOCALE_RE.match(request.locale):
             raise InvalidArgument("locale", "must be a BCP 47 tag such as en-US, or empty")
-        assignment, clip = self._desk.next_assignment(_token(request.session_token), request.locale,
-                                                      current_actor())
+        assignment, clip = self._desk.next_assignment(_token(request.session_token),
+                                                      canonical_locale(request.locale), current_actor())
         return review_pb2.NextAssignmentResponse(assignment_id=assignment.assignment_id,
                                                  clip=review_clip(assignment.review_clip_id, clip),
                                                  expires_at=timestamp(assignment.expires_at))

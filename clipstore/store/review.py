@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
+from clipstore.locales import canonical_locale
 from clipstore.rows import (
     AssignmentRow,
     ClipRow,
@@ -71,7 +72,7 @@ _REDEEM = (f"SELECT (SELECT disabled FROM principals WHERE id = ?), "  # noqa: S
 
 def _reviewer(row: tuple[Any, ...]) -> ReviewerRow:
     pid, locales, secret, step, failures, locked_until, lockouts = row
-    return ReviewerRow(principal_id=pid, locales=tuple(filter(None, locales.split(","))),
+    return ReviewerRow(principal_id=pid, locales=tuple(canonical_locale(loc) for loc in locales.split(",") if loc),
                        wrapped_totp_secret=None if secret is None else bytes(secret),  # not yet enrolled
                        last_totp_step=step, failed_attempts=failures, locked_until=locked_until, lockouts=lockouts)
 
@@ -94,7 +95,8 @@ def _clip(row: tuple[Any, ...]) -> ClipRow:
 
 
 def _queued(row: tuple[Any, ...]) -> QueuedClip:
-    return QueuedClip(queue=QueueRow(clip_id=row[0], review_clip_id=row[1], account_ref=row[2], locale=row[3]),
+    return QueuedClip(queue=QueueRow(clip_id=row[0], review_clip_id=row[1], account_ref=row[2],
+                                           locale=canonical_locale(row[3])),
                       clip_exists=row[4] is not None, wake_word=bool(row[5]), expires_at=row[6] or 0.0,
                       duration_ms=row[7] or 0, content_type=row[8] or "", allow_review=bool(row[9]))
 
@@ -164,10 +166,11 @@ class ReviewRows(PlainRows):
 
     def candidates(self, *, now: float, locales: tuple[str, ...], limit: int) -> list[QueuedClip]:
         """The oldest unclaimed (or lapsed) queue entries in the given locales (any when empty)."""
-        in_locales = f" AND q.locale IN ({', '.join('?' * len(locales))})" if locales else ""
+        # lower(): rows stored before locales were canonicalised may be in any case (tags are case-insensitive)
+        in_locales = f" AND lower(q.locale) IN ({', '.join('?' * len(locales))})" if locales else ""
         sql = (f"{_QUEUED} WHERE (q.assignment_id IS NULL OR q.assignment_expires_at < ?){in_locales} "
                "ORDER BY q.enqueued_at LIMIT ?")
-        return [_queued(row) for row in self._fetchall(sql, (now, *locales, limit))]
+        return [_queued(row) for row in self._fetchall(sql, (now, *(loc.lower() for loc in locales), limit))]
 
     def claim(self, clip_id: str, assignment: AssignmentRow, now: float) -> bool:
         won = self._exec("UPDATE review_queue SET assignment_id = ?, assignment_expires_at = ? WHERE clip_id = ? "
