@@ -428,6 +428,36 @@ def test_listing_escalations_records_one_read_per_disclosed_note_before_returnin
     assert len(_actions(w, "escalation.read")) == 4  # an erased note discloses nothing
 
 
+def test_listing_escalations_while_the_key_service_is_down_is_unavailable_not_erased(
+        w: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, a KMS outage listed every note as "[note erased: the clip was deleted]": false, and a safety
+    reviewer could close a case believing its note gone. Now the call is UNAVAILABLE (KMS_UNAVAILABLE,
+    retry), nothing is disclosed or recorded as read; a note whose own key does not open is marked
+    unreadable, never erased."""
+    from kms import KmsUnavailable, UnknownKeyVersion
+    r, token, assignment = _assigned(w)
+    _flag(r, token, assignment.assignment_id, note="she said to call her sister")
+    keyring = w.server.app.keyring
+
+    def down(*args: object, **kwargs: object) -> bytes:
+        raise KmsUnavailable("the root provider could not be reached")
+    monkeypatch.setattr(keyring, "unwrap", down)
+    err = _err(w.safety.ListEscalations, safety_pb2.ListEscalationsRequest(), md=w.safety_md)
+    assert (err.code(), error_info(err).reason) == (grpc.StatusCode.UNAVAILABLE, "KMS_UNAVAILABLE")
+    assert not _actions(w, "escalation.read")
+
+    def unknown(*args: object, **kwargs: object) -> bytes:
+        raise UnknownKeyVersion("no such version")
+    monkeypatch.setattr(keyring, "unwrap", unknown)
+    listed = w.safety.ListEscalations(safety_pb2.ListEscalationsRequest(), metadata=w.safety_md, timeout=10)
+    assert [e.note for e in listed.escalations] == [
+        "[note unreadable: its clip's key does not open it; operators: see the logs]"]
+    assert not _actions(w, "escalation.read")
+    monkeypatch.undo()
+    listed = w.safety.ListEscalations(safety_pb2.ListEscalationsRequest(), metadata=w.safety_md, timeout=10)
+    assert [e.note for e in listed.escalations] == ["she said to call her sister"]
+
+
 # -- issue 13 item 6: the denials no other test reaches -------------------------------------------------------
 def test_a_made_up_or_another_reviewers_session_token_is_session_unknown_and_audited(w: World) -> None:
     r, token, assignment = _assigned(w, clips=2)

@@ -12,15 +12,21 @@ from collections.abc import Callable
 
 from clipstore.clipkey import ClipKey, Purpose
 from clipstore.errors import FailedPrecondition, NotFound
+from clipstore.logs import get_logger
 from clipstore.review.assignments import assigned_clip, open_assignment
 from clipstore.review.policy import ReviewPolicy
 from clipstore.review.ports import ReviewPorts
 from clipstore.review.sessions import live_session
 from clipstore.rows import ClipRow, EscalationRow
 from clipstore.unit import Actor, Tx
-from kms import KmsError
+from kms import AccountKeysDestroyed, KmsAccessDenied, KmsError, KmsUnavailable
 
 NOTE_ERASED = "[note erased: the clip was deleted]"
+# The note exists but its key does not open it now (a retired or unknown key version, a wrapped key that does
+# not open): never shown as erased, which would be false. An outage of the key service fails the call instead.
+NOTE_UNREADABLE = "[note unreadable: its clip's key does not open it; operators: see the logs]"
+MARKERS = frozenset({NOTE_ERASED, NOTE_UNREADABLE})
+log = get_logger("clipstore.review.escalations")
 
 DataKey = Callable[[ClipRow], ClipKey]
 
@@ -63,13 +69,20 @@ class Escalations:
         return self._ports.ledger.run(unit)
 
     def _note(self, row: EscalationRow, clip: ClipRow | None) -> str:
-        """The reviewer's note, or a marker once the clip (and with it the note's key) is gone."""
+        """The reviewer's note, or a marker once the clip (and with it the note's key) is gone, or when
+        its key does not open it. Raises KmsUnavailable (and KmsAccessDenied) while the key service is
+        out of reach: the note is unavailable, not erased, and the caller must hear so and retry."""
         if clip is None or not row.note_ct:
             return NOTE_ERASED
         try:
             return self._data_key(clip).open(Purpose.NOTE, row.escalation_id, row.note_ct).decode()
-        except KmsError:  # the account was crypto-shredded
+        except AccountKeysDestroyed:  # the account was crypto-shredded: the note is gone for good
             return NOTE_ERASED
+        except (KmsUnavailable, KmsAccessDenied):  # the whole key service: UNAVAILABLE, retry
+            raise
+        except KmsError as exc:  # this note's key only
+            log.error("escalation.note_unreadable", escalation_id=row.escalation_id, exc_type=type(exc).__name__)
+            return NOTE_UNREADABLE
 
     def list(self, *, include_resolved: bool, after: str, limit: int,
              actor: Actor) -> list[tuple[EscalationRow, str]]:
@@ -78,7 +91,7 @@ class Escalations:
             page = [(row, rows.clip(row.clip_id))
                     for row in rows.escalations(include_resolved=include_resolved, after=after, limit=limit)]
         notes = [(row, self._note(row, clip), clip) for row, clip in page]
-        disclosed = [clip for _, note, clip in notes if clip is not None and note != NOTE_ERASED]
+        disclosed = [clip for _, note, clip in notes if clip is not None and note not in MARKERS]
         if disclosed:
             def unit(tx: Tx) -> None:
                 for clip in disclosed:
