@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from pathlib import Path
 
 import grpc
@@ -160,4 +161,37 @@ def test_the_last_nanosecond_of_year_9999_is_taken_everywhere_a_time_is_given(tm
         for window in ({"since": last}, {"until": last}):
             assert reports.GetAccessReport(account_pb2.GetAccessReportRequest(account_id=ACCOUNT_ID, **window),
                                            metadata=ingest, timeout=30).entries >= 1
+    assert "unhandled_exception" not in log_stream.getvalue()
+
+
+def test_a_time_stored_past_year_9999_before_the_boundary_checked_it_is_shown_clamped(
+        tmp_path: Path, database_url: str | None, log_stream: io.StringIO) -> None:
+    """Rows stored before the year-9999 fixes may hold captured_at / expires_at floats past 9999 (year 10000
+    and later): ListClips, GetClip and GetAccessReport of that account answered INTERNAL for good. They are
+    shown as the last instant a Timestamp holds now."""
+    import sqlalchemy as sa
+
+    from clipstore.store import schema
+    from clipstore.unit import AuditRecord
+    from clipstore.v1 import account_pb2, account_pb2_grpc
+    from tests.clip_helpers import ACCOUNT_ID, metadata, put_requests
+    with running_server(make_config(tmp_path / "d", database_url=database_url)) as srv, \
+            grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        ingest = bearer(new_key(srv.app, "ingest"))
+        clips = clip_pb2_grpc.ClipServiceStub(channel)
+        put = clips.PutClip(put_requests(metadata(), b"\0" * 100), metadata=ingest, timeout=30).clip
+        with srv.app.db.transaction() as conn:  # as an older release wrote it
+            conn.execute(sa.update(schema.clips).where(schema.clips.c.clip_id == put.clip_id)
+                         .values(captured_at=253_402_300_800.0, expires_at=1e13))
+        [listed] = clips.ListClips(clip_pb2.ListClipsRequest(account_id=ACCOUNT_ID), metadata=ingest,
+                                   timeout=10).clips
+        assert (listed.captured_at.seconds, listed.expires_at.seconds) == (253_402_300_799, 253_402_300_799)
+        got = clips.GetClip(clip_pb2.GetClipRequest(clip_id=put.clip_id), metadata=ingest, timeout=10).clip
+        assert got.captured_at == listed.captured_at
+        ref = srv.app.accounts.find_or_create(ACCOUNT_ID).account_ref
+        srv.app.audit.append(AuditRecord(actor_id="p_rev", actor_role="reviewer", action="clip.fetch",
+                                         account_ref=ref, clip_id=put.clip_id))
+        report = account_pb2_grpc.AccountServiceStub(channel).GetAccessReport(
+            account_pb2.GetAccessReportRequest(account_id=ACCOUNT_ID), metadata=ingest, timeout=30)
+        assert f"clip {put.clip_id} 9999-12-31T23:59:59.99" in json.loads(report.report)["binding"]
     assert "unhandled_exception" not in log_stream.getvalue()

@@ -9,15 +9,12 @@ import re
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from clipstore.clock import MAX_INSTANT, MAX_TIMESTAMP_S, clamp_instant
 from clipstore.errors import InvalidArgument
 
 LOCALE_RE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8}){0,3}\Z")  # \Z: "$" also matches before a final newline
 MAX_ID_CHARS = 256
 MAX_SHORT_CHARS = 64
-MAX_TIMESTAMP_S = 253_402_300_799  # 9999-12-31T23:59:59Z, the end of google.protobuf.Timestamp's range
-# The latest instant kept as given: a float this large holds about 30 us, so 23:59:59.9999995 and later became
-# 253402300800.0, year 10000, which neither a Timestamp nor rfc3339 can show. Later times are kept as this one.
-MAX_INSTANT = MAX_TIMESTAMP_S + 0.999
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
 
@@ -51,8 +48,10 @@ def optional_instant(field: str, has: bool, value: Timestamp) -> float | None:
 
 
 def timestamp(seconds: float) -> Timestamp:
+    """A stored time as a Timestamp; one stored out of its range (before the boundary checked it) is
+    shown clamped to the range (`clamp_instant`) rather than failing the call."""
     ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
+    ts.FromNanoseconds(int(clamp_instant(seconds) * 1e9))
     return ts
 
 
