@@ -279,6 +279,9 @@ SETTINGS: tuple[Setting, ...] = (
             help="threads serving RPCs (health and reflection have their own few)"),
     Setting(key="server.max_calls_per_principal", type=int, default=24,
             help="calls one principal may have in flight (`TOO_MANY_CALLS` beyond); below `server.max_workers`"),
+    Setting(key="server.max_identify_leak_calls", type=int, default=2,
+            help="IdentifyLeak calls in flight on the server, whoever calls (`IDENTIFY_LEAK_BUSY` beyond): each "
+                 "buffers up to 64 MiB of audio"),
     Setting(key="server.max_streams_per_connection", type=int, default=100,
             help="HTTP/2 concurrent streams on one connection"),
     Setting(key="server.request_body_timeout_s", type=float, default=10.0,
@@ -336,6 +339,7 @@ class ServingConfig:
 
     max_workers: int
     max_calls_per_principal: int
+    max_identify_leak_calls: int
     max_streams_per_connection: int
     request_body_timeout_s: float
     stream_max_s: float

@@ -82,6 +82,8 @@ class Reason(StrEnum):
         "the principal has `server.max_calls_per_principal` calls in flight; finish some, then retry"
     STREAM_TOO_LONG = auto(), Kind.LIMIT_REACHED, \
         "a streaming call may last `server.stream_max_s`; send or read faster, or split the work"
+    IDENTIFY_LEAK_BUSY = auto(), Kind.LIMIT_REACHED, \
+        "`server.max_identify_leak_calls` IdentifyLeak calls are in flight on this server; retry in a minute"
     # -- dependencies --------------------------------------------------------------------------------
     AUDIT_UNAVAILABLE = auto(), Kind.DEPENDENCY_DOWN, "the action could not be audited, so it was not performed; retry"
     BLOB_STORE_UNAVAILABLE = auto(), Kind.DEPENDENCY_DOWN, "the blob store failed; nothing was stored; retry"

@@ -88,7 +88,8 @@ def _implemented_servicers(app: App, tls: ServerTls | None) -> dict[str, Any]:
             "clipstore.v1.ReviewerAdminService": ReviewerAdminServicer(app.enrolment, app.lifecycle),
             "clipstore.v1.PrincipalAdminService": PrincipalAdminServicer(app.lifecycle),
             "clipstore.v1.EnrolmentService": EnrolmentServicer(app.enrolment, _presenter(app, tls)),
-            "clipstore.v1.SafetyService": SafetyServicer(app.review, app.forensics)}
+            "clipstore.v1.SafetyService": SafetyServicer(
+                app.review, app.forensics, max_identify_calls=app.config.serving.max_identify_leak_calls)}
 
 
 def server_tls(config: Config) -> ServerTls | None:

@@ -27,6 +27,7 @@ from clipstore.v1 import (
     clip_pb2_grpc,
     review_pb2,
     review_pb2_grpc,
+    safety_pb2,
     safety_pb2_grpc,
 )
 from tests.clip_helpers import ACCOUNT_ID, metadata
@@ -364,3 +365,48 @@ def test_a_refused_fetch_with_a_malformed_grant_frees_its_stream_without_the_gar
                 list(review.FetchClip(review_pb2.FetchClipRequest(session_token="nope", grant="not a grant",
                                                                   review_clip_id="rc_x"), metadata=reviewer, timeout=5))
             assert error_info(unknown.value).reason == "SESSION_UNKNOWN", unknown.value.details()
+
+
+def test_identify_leak_calls_are_bounded_server_wide(tmp_path: Path, log_stream: io.StringIO) -> None:
+    """Each IdentifyLeak buffers up to 64 MiB and one principal may have 24 calls in flight (~1.5 GiB):
+    beyond `server.max_identify_leak_calls` in flight on the server, whoever calls, a call is refused
+    RESOURCE_EXHAUSTED (IDENTIFY_LEAK_BUSY) before any byte is buffered; a freed slot serves the next."""
+    from concurrent.futures import ThreadPoolExecutor
+    with running_server(make_config(tmp_path / "d", **{"server.max_identify_leak_calls": 2})) as server, \
+            grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        safety = safety_pb2_grpc.SafetyServiceStub(channel)
+        callers = [bearer(new_key(server.app, "safety", f"s{i}")) for i in range(3)]
+        release = threading.Event()
+        started = threading.Semaphore(0)
+
+        def held() -> Iterator[safety_pb2.IdentifyLeakRequest]:
+            yield safety_pb2.IdentifyLeakRequest(audio_chunk=b"\0" * 1024)
+            started.release()
+            release.wait(30)
+
+        def slow(md: tuple[tuple[str, str], ...]) -> grpc.StatusCode:
+            try:
+                safety.IdentifyLeak(held(), metadata=md, timeout=30)
+            except grpc.RpcError as exc:
+                return exc.code()
+            return grpc.StatusCode.OK
+
+        with ThreadPoolExecutor(2) as pool:
+            holding = [pool.submit(slow, md) for md in callers[:2]]
+            for _ in holding:
+                assert started.acquire(timeout=10)
+            time.sleep(0.2)  # both calls are in the servicer, reading their uploads
+            with pytest.raises(grpc.RpcError) as busy:
+                safety.IdentifyLeak(iter([safety_pb2.IdentifyLeakRequest(audio_chunk=b"\0")]), metadata=callers[2],
+                                    timeout=10)
+            assert (busy.value.code(), error_info(busy.value).reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                                                          "IDENTIFY_LEAK_BUSY")
+            assert "server.max_identify_leak_calls" in (busy.value.details() or "")
+            entries = [json.loads(e) for e in server.app.audit.reader.entries(0, 100_000)]
+            assert [e["outcome"] for e in entries if e["action"] == "forensics.identify"] == [
+                {"reason": "IDENTIFY_LEAK_BUSY", "result": "denied"}]
+            release.set()
+            assert all(f.result(30) != grpc.StatusCode.RESOURCE_EXHAUSTED for f in holding)
+        with pytest.raises(grpc.RpcError) as later:  # the slots are free again: the upload is read and judged
+            safety.IdentifyLeak(iter(()), metadata=callers[2], timeout=10)
+        assert error_info(later.value).metadata["field"] == "audio_chunk"

@@ -8,11 +8,12 @@ reviewer's pseudonym, never a name.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import grpc
 
-from clipstore.errors import Cancelled, InvalidArgument
+from clipstore.errors import Cancelled, InvalidArgument, ResourceExhausted
 from clipstore.interceptors import current_actor
 from clipstore.review import ReviewDesk
 from clipstore.review.forensics import Forensics
@@ -49,11 +50,26 @@ def _leaked_file(requests: Iterator[safety_pb2.IdentifyLeakRequest], context: gr
 
 
 class SafetyServicer(safety_pb2_grpc.SafetyServiceServicer):
-    def __init__(self, desk: ReviewDesk, forensics: Forensics) -> None:
+    def __init__(self, desk: ReviewDesk, forensics: Forensics, *, max_identify_calls: int) -> None:
         self._desk, self._forensics = desk, forensics
+        # Server-wide, not per principal: each call buffers up to MAX_LEAK_BYTES, and one principal's
+        # `server.max_calls_per_principal` calls alone would hold ~1.5 GiB.
+        self._identify_slots = threading.BoundedSemaphore(max_identify_calls)
+        self._max_identify_calls = max_identify_calls
 
     def IdentifyLeak(self, request_iterator: Iterator[safety_pb2.IdentifyLeakRequest],
                      context: grpc.ServicerContext) -> safety_pb2.IdentifyLeakResponse:
+        if not self._identify_slots.acquire(blocking=False):  # before a byte is buffered; audited like the rest
+            self._forensics.refuse_upload(current_actor(), ResourceExhausted(
+                f"{self._max_identify_calls} IdentifyLeak calls are in flight on this server "
+                "(server.max_identify_leak_calls); retry in a minute", reason="IDENTIFY_LEAK_BUSY"))
+        try:
+            return self._identify(request_iterator, context)
+        finally:
+            self._identify_slots.release()
+
+    def _identify(self, request_iterator: Iterator[safety_pb2.IdentifyLeakRequest],
+                  context: grpc.ServicerContext) -> safety_pb2.IdentifyLeakResponse:
         try:
             data = _leaked_file(request_iterator, context)
         except InvalidArgument as refused:  # empty or too large: still one forensics.identify entry
