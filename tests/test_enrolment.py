@@ -366,3 +366,29 @@ def test_a_code_of_the_old_secret_read_before_a_rotation_committed_opens_no_sess
     with srv.app.db.read() as conn:
         assert conn.scalar(sa.select(sa.func.count()).select_from(schema.review_sessions)) == 0
         assert conn.scalar(sa.select(schema.reviewers.c.failed_attempts)) == 0
+
+
+def test_with_bearer_keys_an_admin_who_redeems_first_is_noticed_and_shut_out_by_the_next_enrol(
+        srv: ClipstoreServer, channel, admin, clock: FakeClock) -> None:
+    """What the README says of bearer-key reviewers: the code is the only credential, so the admin holding it
+    can redeem it first; the reviewer's own redemption then fails, and the ENROL code they are issued next
+    ends the other holder's API key and sessions at once."""
+    created = create_reviewer(channel, admin)
+    taken = redeem(channel, created.reviewer_id, created.enrolment.code)  # the admin, first
+    _refused(srv, lambda: redeem(channel, created.reviewer_id, created.enrolment.code),
+             grpc.StatusCode.UNAUTHENTICATED, "ENROLMENT_CODE_USED")
+    review = review_pb2_grpc.ReviewServiceStub(channel)
+    review.StartReviewSession(review_pb2.StartReviewSessionRequest(
+        totp_code=code_at(totp_secret_bytes(taken.totp_secret), clock.now())), metadata=bearer(taken.api_key),
+        timeout=10)
+    again = _issue(channel, admin, created.reviewer_id, enrolment_pb2.ENROLMENT_PURPOSE_ENROL)
+    mine = redeem(channel, created.reviewer_id, again.code)
+    clock.advance(30)
+    with pytest.raises(grpc.RpcError) as shut_out:
+        review.StartReviewSession(review_pb2.StartReviewSessionRequest(
+            totp_code=code_at(totp_secret_bytes(taken.totp_secret), clock.now())), metadata=bearer(taken.api_key),
+            timeout=10)
+    assert shut_out.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    review.StartReviewSession(review_pb2.StartReviewSessionRequest(
+        totp_code=code_at(totp_secret_bytes(mine.totp_secret), clock.now())), metadata=bearer(mine.api_key),
+        timeout=10)
