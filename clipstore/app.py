@@ -145,7 +145,7 @@ class App:
         self.db = Database(config.effective_database_url)
         self.principals = PrincipalRepository(self.db)
         self.clock: Clock = clock or SystemClock()
-        self.keyring = KeyRing(self.root, SqlKekStore(self.db), now=self.clock.now)
+        self.keyring = KeyRing(self.root, SqlKekStore(self.db, now=self.clock.now), now=self.clock.now)
         finish_upgrade(self.db, self.root, self.keyring)  # before the signer: it may move the signing seed
         self.audit = AuditLog(self.db, load_or_create_signer(self.db, self.root), self.clock,
                               checkpoint_every_entries=config.audit_checkpoint_every_entries,

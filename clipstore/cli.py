@@ -353,7 +353,7 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
     root = root_provider(config)
     db = Database(config.effective_database_url)
     try:
-        revision = finish_upgrade(db, root, KeyRing(root, SqlKekStore(db), now=time.time))
+        revision = finish_upgrade(db, root, KeyRing(root, SqlKekStore(db, now=time.time), now=time.time))
     finally:
         db.close()
     print(f"database at revision {revision} (head)")

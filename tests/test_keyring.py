@@ -210,3 +210,29 @@ def test_key_material_is_never_in_reprs(ring: KeyRing) -> None:
     dek, wrapped = ring.data_key_for("acct_a", "c_1")
     assert dek.hex() not in repr(wrapped) and wrapped.blob.hex() not in repr(wrapped)
     assert "LocalKms(<root key hidden>)" in repr(ring)
+
+
+def test_the_sql_kek_store_dates_keys_and_tombstones_by_the_injected_clock(tmp_path: Path,
+                                                                          database_url: str | None) -> None:
+    """Before, a KEK row and the tombstone of a key dropped after a lost creation race (AccountDirectory)
+    were dated by time.time(), not the service's clock: an injected clock (tests, replays) disagreed with them."""
+    import sqlalchemy as sa
+
+    from clipstore.app import App
+    from clipstore.store import schema
+    from tests.conftest import FakeClock, make_config
+    clock = FakeClock(1_500_000_000.0)
+    app = App(make_config(tmp_path / "d", database_url=database_url), clock=clock)
+    try:
+        app.keyring.create_account("acct_lost_race")
+        with app.db.read() as conn:
+            created = conn.execute(sa.select(schema.account_keys.c.created_at).where(
+                schema.account_keys.c.account_ref == "acct_lost_race")).scalar_one()
+        clock.advance(60)
+        app.keyring.destroy("acct_lost_race")
+        with app.db.read() as conn:
+            destroyed = conn.execute(sa.select(schema.account_key_tombstones.c.destroyed_at).where(
+                schema.account_key_tombstones.c.account_ref == "acct_lost_race")).scalar_one()
+        assert (created, destroyed) == (1_500_000_000.0, 1_500_000_060.0)
+    finally:
+        app.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import sqlalchemy as sa
 
@@ -12,14 +13,15 @@ from kms import KekRecord
 
 
 class SqlKekStore:
-    def __init__(self, db: Database) -> None:
-        self._db = db
+    def __init__(self, db: Database, *, now: Callable[[], float] = time.time) -> None:
+        """`now`: the service's injected clock (`Clock.now`), which dates KEK rows and tombstones."""
+        self._db, self._now = db, now
 
     def add_kek(self, account_ref: str, record: KekRecord) -> None:
         with self._db.transaction() as conn:
             conn.execute(schema.account_keys.insert().values(
                 account_ref=account_ref, version=record.version, wrapped_kek=record.wrapped,
-                retired=record.retired, created_at=time.time()))
+                retired=record.retired, created_at=self._now()))
 
     def keks(self, account_ref: str) -> list[KekRecord]:
         t = schema.account_keys
@@ -36,7 +38,7 @@ class SqlKekStore:
 
     def destroy_keks(self, account_ref: str) -> int:
         with self._db.transaction() as conn:
-            return destroy_keks(conn, account_ref, time.time())
+            return destroy_keks(conn, account_ref, self._now())
 
     def is_destroyed(self, account_ref: str) -> bool:
         t = schema.account_key_tombstones
