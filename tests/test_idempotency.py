@@ -378,4 +378,6 @@ def test_a_retry_matches_a_clip_stored_before_locales_were_canonicalised(ingest:
     with ingest.server.app.db.transaction() as conn:  # as a row written before the change
         conn.execute(sa.update(schema.clips).where(schema.clips.c.clip_id == first.clip_id).values(locale="en-us"))
     assert ingest.put("k-locale", locale="en-us").clip_id == first.clip_id
+    assert ingest.clips.GetClip(clip_pb2.GetClipRequest(clip_id=first.clip_id), metadata=ingest.md,
+                                timeout=10).clip.locale == "en-US"  # shown canonical too
     assert ingest.put("k-locale", locale="EN-US").clip_id == first.clip_id

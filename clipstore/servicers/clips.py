@@ -90,7 +90,8 @@ def _ts(seconds: float | None) -> Timestamp | None:
 
 def clip_message(clip: ClipRow, identity: dict[str, str] | None) -> clip_pb2.Clip:
     msg = clip_pb2.Clip(clip_id=clip.clip_id, size_bytes=clip.size_bytes, content_type=clip.content_type,
-                        locale=clip.locale, wake_word_detected=clip.wake_word, duration_ms=clip.duration_ms,
+                        locale=canonical_locale(clip.locale),  # a row stored before may be `en-us`
+                        wake_word_detected=clip.wake_word, duration_ms=clip.duration_ms,
                         captured_at=_ts(clip.captured_at), expires_at=_ts(clip.expires_at))
     if identity is not None:
         msg.identity.CopyFrom(clip_pb2.ClipIdentity(**identity))

@@ -29,7 +29,7 @@ MAX_LABEL_CHARS = 64
 
 def review_clip(review_clip_id: str, clip: ClipRow | QueuedClip) -> review_pb2.ReviewClip:
     """Only what a reviewer may see: a pseudonymous id, locale, duration, content type."""
-    locale = clip.queue.locale if isinstance(clip, QueuedClip) else clip.locale
+    locale = canonical_locale(clip.queue.locale if isinstance(clip, QueuedClip) else clip.locale)  # older rows
     return review_pb2.ReviewClip(review_clip_id=review_clip_id, locale=locale, duration_ms=clip.duration_ms,
                                  content_type=clip.content_type)
 
