@@ -35,6 +35,7 @@ class PrincipalStore(Protocol):
     def get(self, principal_id: str) -> Principal | None: ...
     def by_spiffe_id(self, spiffe_id: str) -> Principal | None: ...
     def page(self, *, role: str | None, after: str, limit: int, now: float) -> list[PrincipalListing]: ...
+    def listing(self, principal_id: str, *, now: float) -> PrincipalListing | None: ...
     def set_disabled(self, principal_id: str, disabled: bool) -> bool: ...
     def set_expiry(self, principal_id: str, expires_at: float | None) -> bool: ...
     def standing_admins(self, *, other_than: str, until: float, by_certificate: bool) -> int: ...
@@ -127,6 +128,13 @@ class PrincipalLifecycle:
             raise tx.refuse(principal_not_found(principal_id, role))
         return principal
 
+    def _listed(self, rows: PrincipalStore, tx: Tx, principal_id: str) -> PrincipalListing:
+        """The principal as the unit leaves it, with the keys that authenticate now (as `page` lists it)."""
+        listing = rows.listing(principal_id, now=tx.now)
+        if listing is None:
+            raise tx.refuse(principal_not_found(principal_id, None))
+        return listing
+
     def create(self, *, role: str, name: str, spiffe_id: str | None, expires_at: float | None,
                actor: Actor) -> tuple[Principal, str | None]:
         """A new principal of any role but reviewer, with its API key (shown once) unless a certificate names it."""
@@ -148,10 +156,11 @@ class PrincipalLifecycle:
         with self._ports.read() as rows:
             return rows.page(role=role, after=after, limit=limit, now=self._ports.clock.now())
 
-    def disable(self, principal_id: str, actor: Actor, *, role: str | None = None) -> tuple[Principal, int, int]:
+    def disable(self, principal_id: str, actor: Actor, *,
+                role: str | None = None) -> tuple[PrincipalListing, int, int]:
         """Refuse the principal from its next call on; a reviewer's sessions and open grants end now too,
         so re-enabling later does not revive them. Returns (principal, ended sessions, voided grants)."""
-        def unit(tx: Tx) -> tuple[Principal, int, int]:
+        def unit(tx: Tx) -> tuple[PrincipalListing, int, int]:
             rows = self._ports.bind(tx)
             principal = self._existing(rows, tx, principal_id, role)
             if principal.role == "admin" and not principal.disabled:
@@ -164,16 +173,16 @@ class PrincipalLifecycle:
                 ended, voided = sessions.end_sessions(reviewer_id=principal.id), \
                     sessions.void_grants(reviewer_id=principal.id)
             tx.audit(actor.record("principal.disable", reason=principal.role, principal_id=principal.id))
-            return self._existing(rows, tx, principal.id), ended, voided
+            return self._listed(rows, tx, principal.id), ended, voided
         return self._ports.ledger.run(unit)
 
-    def enable(self, principal_id: str, actor: Actor) -> Principal:
-        def unit(tx: Tx) -> Principal:
+    def enable(self, principal_id: str, actor: Actor) -> PrincipalListing:
+        def unit(tx: Tx) -> PrincipalListing:
             rows = self._ports.bind(tx)
             principal = self._existing(rows, tx, principal_id)
             rows.set_disabled(principal.id, False)
             tx.audit(actor.record("principal.enable", reason=principal.role, principal_id=principal.id))
-            return self._existing(rows, tx, principal.id)
+            return self._listed(rows, tx, principal.id)
         return self._ports.ledger.run(unit)
 
     def rotate_key(self, principal_id: str, overlap_s: float | None, actor: Actor) -> Rotation:
@@ -195,8 +204,8 @@ class PrincipalLifecycle:
             return Rotation(api_key=key, previous_keys_retire_at=tx.now + overlap)
         return self._ports.ledger.run(unit)
 
-    def set_expiry(self, principal_id: str, expires_at: float | None, actor: Actor) -> Principal:
-        def unit(tx: Tx) -> Principal:
+    def set_expiry(self, principal_id: str, expires_at: float | None, actor: Actor) -> PrincipalListing:
+        def unit(tx: Tx) -> PrincipalListing:
             rows = self._ports.bind(tx)
             principal = self._existing(rows, tx, principal_id)
             if _brings_admin_expiry_near(principal, expires_at, now=tx.now):
@@ -210,5 +219,5 @@ class PrincipalLifecycle:
                 sessions.void_grants(reviewer_id=principal.id)
             tx.audit(actor.record("principal.expiry", principal_id=principal.id,
                                   reason="never" if expires_at is None else rfc3339(expires_at)))
-            return self._existing(rows, tx, principal.id)
+            return self._listed(rows, tx, principal.id)
         return self._ports.ledger.run(unit)

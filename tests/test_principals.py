@@ -117,6 +117,27 @@ def test_admin_creates_lists_and_pages_principals_of_every_role(srv: ClipstoreSe
     assert all(not p.disabled and not p.HasField("expires_at") for p in listed)
 
 
+def test_disable_enable_and_expiry_answer_the_principal_with_its_usable_keys(srv: ClipstoreServer, stub,
+                                                                             admin) -> None:
+    """Each answer names the principal as ListPrincipals does: a rotated principal has two usable keys in the
+    overlap, not the 0 these answers used to carry (`clipstore principals disable` printed usable_keys=0)."""
+    pid = _create(stub, admin).principal.principal_id
+    stub.RotatePrincipalKey(principal_admin_pb2.RotatePrincipalKeyRequest(principal_id=pid), metadata=admin,
+                            timeout=10)
+    answers = [
+        stub.SetPrincipalExpiry(principal_admin_pb2.SetPrincipalExpiryRequest(principal_id=pid), metadata=admin,
+                                timeout=10).principal,
+        stub.DisablePrincipal(principal_admin_pb2.DisablePrincipalRequest(principal_id=pid), metadata=admin,
+                              timeout=10).principal,
+        stub.EnablePrincipal(principal_admin_pb2.EnablePrincipalRequest(principal_id=pid), metadata=admin,
+                             timeout=10).principal,
+    ]
+    listed = {p.principal_id: p for p in stub.ListPrincipals(principal_admin_pb2.ListPrincipalsRequest(),
+                                                             metadata=admin, timeout=10).principals}[pid]
+    assert [a.usable_keys for a in answers] == [2, 2, 2] == [listed.usable_keys] * 3
+    assert [a.disabled for a in answers] == [False, True, False]
+
+
 def test_disabled_key_is_refused_and_audited_until_re_enabled(srv: ClipstoreServer, channel, stub, admin) -> None:
     created = _create(stub, admin)
     pid = created.principal.principal_id

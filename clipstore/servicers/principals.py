@@ -86,14 +86,14 @@ class PrincipalAdminServicer(principal_admin_pb2_grpc.PrincipalAdminServiceServi
 
     def DisablePrincipal(self, request: principal_admin_pb2.DisablePrincipalRequest,
                          context: grpc.ServicerContext) -> principal_admin_pb2.DisablePrincipalResponse:
-        principal, ended, voided = self._lifecycle.disable(principal_id(request.principal_id), current_actor())
-        return principal_admin_pb2.DisablePrincipalResponse(principal=principal_message(principal),
+        listing, ended, voided = self._lifecycle.disable(principal_id(request.principal_id), current_actor())
+        return principal_admin_pb2.DisablePrincipalResponse(principal=_listed(listing),
                                                             ended_sessions=ended, voided_grants=voided)
 
     def EnablePrincipal(self, request: principal_admin_pb2.EnablePrincipalRequest,
                         context: grpc.ServicerContext) -> principal_admin_pb2.EnablePrincipalResponse:
-        principal = self._lifecycle.enable(principal_id(request.principal_id), current_actor())
-        return principal_admin_pb2.EnablePrincipalResponse(principal=principal_message(principal))
+        listing = self._lifecycle.enable(principal_id(request.principal_id), current_actor())
+        return principal_admin_pb2.EnablePrincipalResponse(principal=_listed(listing))
 
     def RotatePrincipalKey(self, request: principal_admin_pb2.RotatePrincipalKeyRequest,
                            context: grpc.ServicerContext) -> principal_admin_pb2.RotatePrincipalKeyResponse:
@@ -105,5 +105,5 @@ class PrincipalAdminServicer(principal_admin_pb2_grpc.PrincipalAdminServiceServi
     def SetPrincipalExpiry(self, request: principal_admin_pb2.SetPrincipalExpiryRequest,
                            context: grpc.ServicerContext) -> principal_admin_pb2.SetPrincipalExpiryResponse:
         expires_at = optional_instant("expires_at", request.HasField("expires_at"), request.expires_at)
-        principal = self._lifecycle.set_expiry(principal_id(request.principal_id), expires_at, current_actor())
-        return principal_admin_pb2.SetPrincipalExpiryResponse(principal=principal_message(principal))
+        listing = self._lifecycle.set_expiry(principal_id(request.principal_id), expires_at, current_actor())
+        return principal_admin_pb2.SetPrincipalExpiryResponse(principal=_listed(listing))

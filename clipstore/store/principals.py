@@ -48,6 +48,14 @@ def _maybe_principal(row: tuple[Any, ...] | None) -> Principal | None:
     return None if row is None else _plain_principal(row)
 
 
+def _listing_query(now: float) -> sa.Select[Any]:
+    """Principals' columns and `usable_keys`: the keys that authenticate at `now` (current, or in their overlap)."""
+    usable = (sa.select(sa.func.count()).select_from(_K)
+              .where(_K.c.principal_id == _P.c.id, sa.or_(_K.c.retires_at.is_(None), _K.c.retires_at > now))
+              .scalar_subquery())
+    return sa.select(*_COLUMNS, usable.label("usable_keys"))
+
+
 class PrincipalRows(PlainRows):
 
     def add(self, principal: Principal, *, key_hash: bytes | None, now: float) -> None:
@@ -65,14 +73,16 @@ class PrincipalRows(PlainRows):
         return _maybe_principal(self._fetch(_BY_ID, (principal_id,)))
 
     def page(self, *, role: str | None, after: str, limit: int, now: float) -> list[PrincipalListing]:
-        usable = (sa.select(sa.func.count()).select_from(_K)
-                  .where(_K.c.principal_id == _P.c.id, sa.or_(_K.c.retires_at.is_(None), _K.c.retires_at > now))
-                  .scalar_subquery())
-        query = sa.select(*_COLUMNS, usable.label("usable_keys")).where(_P.c.id > after)
+        query = _listing_query(now).where(_P.c.id > after)
         if role is not None:
             query = query.where(_P.c.role == role)
         rows = self._conn.execute(query.order_by(_P.c.id).limit(limit)).all()
         return [PrincipalListing(principal=_principal(r), usable_keys=r.usable_keys) for r in rows]
+
+    def listing(self, principal_id: str, *, now: float) -> PrincipalListing | None:
+        """One principal as `page` lists it (with the keys that authenticate at `now`)."""
+        row = self._conn.execute(_listing_query(now).where(_P.c.id == principal_id)).first()
+        return None if row is None else PrincipalListing(principal=_principal(row), usable_keys=row.usable_keys)
 
     def set_disabled(self, principal_id: str, disabled: bool) -> bool:
         return self._update(principal_id, disabled=disabled)
