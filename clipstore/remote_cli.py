@@ -76,8 +76,9 @@ def _principal(p: principal_admin_pb2.Principal) -> None:
           expires_at=_when(p.expires_at) if p.HasField("expires_at") else "never", usable_keys=p.usable_keys)
 
 
-def _shown_once(what: str) -> None:
-    print(f"# the {what} is shown only once: store it now", file=sys.stderr)
+def _shown_once(what: str, *, plural: bool = False) -> None:
+    print(f"# the {what} {'are' if plural else 'is'} shown only once: store {'them' if plural else 'it'} now",
+          file=sys.stderr)
 
 
 def connect(args: argparse.Namespace, *, credentials: bool = True) -> Remote:
@@ -249,7 +250,7 @@ def _reviewers_redeem(args: argparse.Namespace) -> int:
         for name in ("api_key", "totp_secret", "provisioning_uri"):
             if getattr(resp, name):
                 print(f"{name}={getattr(resp, name)}")
-        _shown_once("factors above are yours alone and are")
+        _shown_once("factors above are yours alone and", plural=True)
     return _run(args, call, credentials=False)
 
 

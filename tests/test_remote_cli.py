@@ -98,6 +98,7 @@ def test_reviewer_enrolment_from_the_cli_the_admin_sees_only_a_code(srv: Clipsto
     assert redeemed.returncode == 0, redeemed.stderr
     factors = {k: v for line in redeemed.stdout.splitlines() for k, v in [line.split("=", 1)]}
     assert set(factors) == {"api_key", "totp_secret", "provisioning_uri"}
+    assert "# the factors above are yours alone and are shown only once: store them now" in redeemed.stderr
     assert all(v not in result.stdout + result.stderr for v in factors.values())
     again = cli("reviewers", "redeem", "--reviewer-id", offer["reviewer_id"], CLIPSTORE_API_KEY="",
                 CLIPSTORE_ENROLMENT_CODE=offer["enrolment_code"])
