@@ -20,6 +20,7 @@ from pathlib import Path
 
 import grpc
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -156,6 +157,30 @@ def load_crl(data: bytes, client_cas: list[x509.Certificate], *, source: str) ->
     return RevocationList(frozenset((crl.issuer.public_bytes(), r.serial_number) for r in crl))
 
 
+def _certificates(data: bytes, key: str, path: Path | None) -> list[x509.Certificate]:
+    """The PEM certificates in a configured file; ConfigError naming the setting if there are none."""
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        certs = []
+    if not certs:
+        raise ConfigError(key, f"{path} holds no PEM certificate")
+    return certs
+
+
+def _check_pair(*, key: bytes, chain: bytes, tls: TlsConfig) -> None:
+    """The server certificate and key parse and belong together: gRPC would take them as they are and fail
+    every handshake (or, at start, report a failure to bind), so a bad pair is refused here, naming the file."""
+    leaf = _certificates(chain, "tls.cert_file", tls.cert_file)[0]
+    try:
+        private = serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ConfigError("tls.key_file", f"{tls.key_file} holds no unencrypted PEM private key") from None
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if private.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
+        raise ConfigError("tls.key_file", f"{tls.key_file} is not the key of the certificate in {tls.cert_file}")
+
+
 @dataclass(frozen=True)
 class _Material:
     config: grpc.ServerCertificateConfiguration
@@ -183,10 +208,12 @@ class ServerTls:
             crl_data = tls.crl_file.read_bytes() if tls.crl_file else None
         except OSError as exc:
             raise ConfigError("tls", f"cannot read {exc.filename}: {exc.strerror}") from None
+        _check_pair(key=pair[0], chain=pair[1], tls=tls)
+        client_cas = _certificates(root_ca, "tls.client_ca_file", tls.client_ca_file) if root_ca is not None else []
         crl = NOTHING_REVOKED
         if crl_data is not None:
             try:
-                crl = load_crl(crl_data, x509.load_pem_x509_certificates(root_ca or b""), source=str(tls.crl_file))
+                crl = load_crl(crl_data, client_cas, source=str(tls.crl_file))
             except ValueError as exc:
                 raise ConfigError("tls.crl_file", str(exc)) from None
         return _Material(grpc.ssl_server_certificate_configuration([pair], root_certificates=root_ca), crl)

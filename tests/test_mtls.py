@@ -7,6 +7,7 @@ import datetime as dt
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -302,6 +303,40 @@ def test_a_reload_that_fails_keeps_everything_as_it_was(tls_server: ClipstoreSer
     with _as(tls_server, certs, "client-asr") as channel:  # still the first server certificate
         _list(channel)
     assert any(json.loads(line)["event"] == "tls.reload_failed" for line in log_stream.getvalue().splitlines())
+
+
+@pytest.mark.parametrize(("cert", "key", "problem"), [
+    ("garbage", "server.key", "tls.cert_file: .* holds no PEM certificate"),
+    ("server.pem", "garbage", "tls.key_file: .* holds no unencrypted PEM private key"),
+    ("client-asr.pem", "server.key", "tls.key_file: .* is not the key of the certificate in"),
+])
+def test_a_reload_to_an_unusable_certificate_or_key_fails_and_keeps_the_old_one(
+        tls_server: ClipstoreServer, certs: Path, log_stream: io.StringIO, cert: str, key: str, problem: str) -> None:
+    """A certificate that is not PEM, or a key that is not the certificate's, used to be 'reloaded' (logged
+    tls.reloaded) and handed to gRPC, which fails every later handshake with it; it is refused instead."""
+    _enrol(tls_server, "ingest", "asr")
+    (certs / "garbage").write_bytes(b"not PEM\n")
+    for name, source in (("server.pem", cert), ("server.key", key)):
+        if source != name:
+            (certs / name).write_bytes((certs / source).read_bytes())
+    assert not tls_server.reload_tls()
+    [failed] = [e for e in map(json.loads, log_stream.getvalue().splitlines()) if e["event"] == "tls.reload_failed"]
+    assert re.search(problem, failed["problem"])
+    with _as(tls_server, certs, "client-asr") as channel:  # still the first server certificate
+        _list(channel)
+
+
+def test_an_unusable_server_certificate_is_a_config_error_naming_it_not_a_failure_to_bind(
+        tmp_path: Path, certs: Path) -> None:
+    from clipstore.config import ConfigError
+    with pytest.raises(ConfigError, match="tls.key_file: .* is not the key of the certificate in"), \
+            running_server(_tls_config(tmp_path, certs, **{"tls.cert_file": str(certs / "client-asr.pem")})):
+        pass
+    (certs / "garbage").write_bytes(b"not PEM\n")
+    with pytest.raises(ConfigError, match="tls.client_ca_file: .* holds no PEM certificate"), \
+            running_server(_tls_config(tmp_path, certs, **{"tls.client_ca_file": str(certs / "garbage"),
+                                                           "tls.crl_file": None})):
+        pass
 
 
 def test_sighup_reloads_the_server_certificate_of_a_running_clipstore(tmp_path: Path, certs: Path) -> None:
