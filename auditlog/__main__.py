@@ -185,7 +185,10 @@ def verify_tiles_at(location: str, vkey: str, *, witnesses: Sequence[str] = (), 
     from auditlog.sources import open_source
     try:
         verifier, wkeys = _verifiers(vkey, witnesses)
-        read = open_source(location)
+        try:
+            read = open_source(location)
+        except OSError as exc:
+            return 2, {"result": "ERROR", "reason": f"cannot read {location}: {exc.strerror}"}
         old = TileState.load(state) if state else None
     except StateFileError as exc:
         return 2, {"result": "ERROR", "reason": str(exc)}

@@ -10,6 +10,7 @@ S3-compatible endpoint from AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import hmac
 import os
@@ -81,7 +82,7 @@ def _s3(bucket: str, prefix: str, env: Mapping[str, str]) -> Callable[[str], byt
 
 
 def open_source(location: str, env: Mapping[str, str] | None = None) -> Callable[[str], bytes]:
-    """`DIR`, `http(s)://host/prefix` or `s3://bucket/prefix`."""
+    """`DIR`, `http(s)://host/prefix` or `s3://bucket/prefix`; OSError if DIR is not a directory."""
     if location.startswith(("http://", "https://")):
         return _http(location)
     if location.startswith("s3://"):
@@ -89,4 +90,9 @@ def open_source(location: str, env: Mapping[str, str] | None = None) -> Callable
         if not bucket:
             raise ValueError(f"no bucket in {location!r}")
         return _s3(bucket, prefix.strip("/") + "/" if prefix.strip("/") else "", os.environ if env is None else env)
-    return _dir(Path(location))
+    root = Path(location)
+    if not root.is_dir():  # a mistyped path is not a log whose checkpoint was removed: nothing was read
+        raise (NotADirectoryError if root.exists() else FileNotFoundError)(
+            errno.ENOTDIR if root.exists() else errno.ENOENT, "not a directory" if root.exists() else
+            "no such directory", location)
+    return _dir(root)

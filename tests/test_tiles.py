@@ -262,6 +262,17 @@ def test_missing_bundle_and_bad_key(tmp_path: Path) -> None:
     assert result.returncode == 1 and "no valid signature by the log key" in result.stdout
 
 
+def test_a_tiles_location_that_is_no_directory_is_an_error_not_a_failed_log(tmp_path: Path) -> None:
+    """A mistyped --tiles path read nothing: exit 2 as for an export directory, not 'FAIL checkpoint' (exit 1)."""
+    (tmp_path / "file").write_text("x")
+    for location, problem in ((tmp_path / "nowhere", "no such directory"), (tmp_path / "file", "not a directory")):
+        code, out, err = _verify("--tiles", str(location))
+        assert (code, out, err.strip()) == (2, "", f"ERROR cannot read {location}: {problem}")
+    publish_tiles(tmp_path / "log", build_entries(3), SIGNER)
+    (tmp_path / "log" / "checkpoint").unlink()  # a published log without its checkpoint is a failure
+    assert _verify("--tiles", str(tmp_path / "log"))[:2] == (1, "FAIL checkpoint: no checkpoint at the tiles location")
+
+
 def test_witness_quorum_and_times_from_tiles(tmp_path: Path) -> None:
     from auditlog.cosignature import CosignatureSigner
     from auditlog.witness import Witness
