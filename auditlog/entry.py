@@ -50,7 +50,11 @@ def parse_entry(data: bytes, index: int) -> dict[str, Any]:
     if len(data) > MAX_ENTRY_BYTES:
         raise EntryError(index, f"malformed: entry is {len(data)} bytes; at most {MAX_ENTRY_BYTES} allowed")
     try:
-        value = json.loads(data)
+        text = data.decode("utf-8")  # json.loads would guess UTF-16 or -32 from the bytes, or say "not JSON"
+    except UnicodeDecodeError:
+        raise EntryError(index, "malformed: not UTF-8") from None
+    try:
+        value = json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise EntryError(index, f"malformed: not valid JSON ({exc.__class__.__name__})") from None
     if not isinstance(value, dict) or set(value) != FIELDS:

@@ -226,6 +226,15 @@ def test_malformed_entry_fails_with_its_index_never_a_traceback(tmp_path: Path, 
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("bad", [b"clip.\xff", b"\xff\xfe"])
+def test_an_entry_that_is_not_utf8_says_so(tmp_path: Path, entries: list[bytes], bad: bytes) -> None:
+    """The README's 'malformed: … not UTF-8', not 'not valid JSON (UnicodeDecodeError)' (or, for a UTF-16
+    byte-order mark, JSONDecodeError)."""
+    checkpoint = checkpoint_for(entries, SIGNER)
+    entries[4] = entries[4].replace(b"clip.ingest", bad)
+    assert _verify(tmp_path, entries, checkpoint) == (1, "FAIL entry 4: malformed: not UTF-8")
+
+
 @pytest.mark.parametrize("how", sorted(set(MALFORMED) - {"empty line"}))  # a final blank line is tolerated
 def test_malformed_unsigned_trailing_entry_fails_too(tmp_path: Path, entries: list[bytes], how: str) -> None:
     checkpoint = checkpoint_for(entries, SIGNER)
