@@ -258,7 +258,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(key="audit.tiles", type=str, default=None, default_text="unset (off)",
             help="publish the log as C2SP tlog-tiles to a directory or `s3://bucket/prefix`"),
     Setting(key="audit.tiles_retain_days", type=int, default=None,
-            help="S3 Object Lock (compliance) retention of each published object, in days"),
+            help="S3 Object Lock (compliance) retention of each published object, in days; needs `audit.tiles` on `s3://`"),
     Setting(key="audit.witnesses", type=str, default=(), check=_witnesses, default_text="none",
             help="comma-separated `URL VERIFIER-KEY` witnesses that cosign checkpoints"),
     Setting(key="audit.witness_quorum", type=int, default=None, default_text="all",
@@ -556,6 +556,12 @@ def _build(given: Mapping[str, Any], env: Mapping[str, str]) -> Config:
 
 def _check_together(config: Config) -> None:
     """The rules that tie settings to each other."""
+    if config.tls is None and not is_loopback(config.listen):  # also here so --print-config refuses it as serve does
+        raise ConfigError("listen", f"{config.listen} is not a loopback address and TLS is not "
+                                    "configured; set tls.cert_file and tls.key_file or bind 127.0.0.1")
+    if config.audit_tiles_retain_days is not None and not (config.audit_tiles or "").startswith("s3://"):
+        raise ConfigError("audit.tiles_retain_days", "is S3 Object Lock retention, so it needs audit.tiles = "
+                                                     "\"s3://bucket/prefix\"; a directory's files are not locked")
     if config.tls is not None and config.tls.crl_file is not None and config.tls.client_ca_file is None:
         raise ConfigError("tls.crl_file", "revokes client certificates, so it needs tls.client_ca_file")
     serving = config.serving

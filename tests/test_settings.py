@@ -115,6 +115,18 @@ def test_print_config_refuses_a_bad_setting_like_serve(tmp_path: Path) -> None:
     assert result.returncode == 2 and "review.grant_ttl_s: grants live at most 300 s, got 301" in result.stderr
 
 
+@pytest.mark.parametrize(("toml", "problem"), [
+    ('listen = "0.0.0.0:50051"\n', "listen: 0.0.0.0:50051 is not a loopback address and TLS is not configured"),
+    ('[audit]\ntiles = "/srv/tiles"\ntiles_retain_days = 2555\n', "audit.tiles_retain_days: is S3 Object Lock"),
+    ("[audit]\ntiles_retain_days = 2555\n", "audit.tiles_retain_days: is S3 Object Lock"),
+])
+def test_print_config_refuses_what_serve_refuses(tmp_path: Path, toml: str, problem: str) -> None:
+    """A public listen address without TLS passed --print-config (exit 0) though serve refuses it; a retention
+    for tiles that are not on S3 was silently ignored, leaving the operator believing them locked."""
+    result = _serve_print_config(tmp_path, toml)
+    assert result.returncode == 2 and problem in result.stderr, result.stderr
+
+
 def test_a_secret_setting_is_never_printed_nor_quoted_in_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     secret = dataclasses.replace(BY_KEY["database_url"], secret=True)
     monkeypatch.setattr(cfg, "SETTINGS", tuple(secret if s.key == secret.key else s for s in SETTINGS))
