@@ -317,9 +317,12 @@ def _cmd_keys_migrate_root(args: argparse.Namespace) -> int:
         return 1
     finally:
         db.close()
+    done = "would be rewrapped" if args.dry_run else "rewrapped"
     for moved in report:
-        print(f"{moved.kind}: {moved.moved} rewrapped, {moved.already} already under the KMS key")
-    if not args.dry_run:
+        print(f"{moved.kind}: {moved.moved} {done}, {moved.already} already under the KMS key")
+    if args.dry_run:
+        print("every key opens (dry run: nothing changed)")
+    else:
         print(f"next: set kms.key_id = \"{args.to_kms_key_id}\" (CLIPSTORE_KMS_KEY_ID) and start the service; "
               "keep root.key offline until it serves, then destroy it")
     return 0

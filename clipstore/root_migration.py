@@ -132,7 +132,8 @@ def migrate_root(db: Database, old: KeyProvider, new: KeyProvider, audit: AuditL
                         where = [t.c[k] == getattr(row, k) for k in kind.key] + [t.c[kind.blob] == blob]
                         conn.execute(t.update().where(*where).values({kind.blob: rewrapped}))
             moved += len(updates)
-            progress(f"{kind.name}: {moved} moved, {already} already under the new root")
+            progress(f"{kind.name}: {moved} {'would move' if dry_run else 'moved'}, {already} already under the new "
+                     "root")
         report.append(Moved(kind=kind.name, moved=moved, already=already))
     if not dry_run:
         summary = ", ".join(f"{m.kind} {m.moved}" for m in report)

@@ -26,9 +26,10 @@ from tests.conftest import bearer, make_config, new_key
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _migrate(data: Path, database_url: str | None, key_id: str, endpoint: str) -> subprocess.CompletedProcess[str]:
+def _migrate(data: Path, database_url: str | None, key_id: str, endpoint: str,
+             *flags: str) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "clipstore", "keys", "migrate-root", "--data-dir", str(data),
-           "--to-kms-key-id", key_id, "--kms-endpoint-url", endpoint]
+           "--to-kms-key-id", key_id, "--kms-endpoint-url", endpoint, *flags]
     if database_url:
         cmd += ["--database-url", database_url]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=os.environ, timeout=120, check=False)
@@ -50,6 +51,11 @@ def test_a_local_installation_moves_to_aws_kms_and_keeps_every_clip_and_secret(
                 last_totp_step=-1, failed_attempts=0, locked_until=0.0, created_at=0.0))
     key_id = boto3.client("kms", endpoint_url=moto_endpoint).create_key()["KeyMetadata"]["KeyId"]
 
+    dry = _migrate(data, database_url, key_id, moto_endpoint, "--dry-run")  # said "1 rewrapped", changing nothing
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.splitlines()[0] == "account keys: 1 would be rewrapped, 0 already under the KMS key"
+    assert dry.stdout.splitlines()[-1] == "every key opens (dry run: nothing changed)"
+    assert "would move" in dry.stderr and " moved" not in dry.stderr and "next: set kms.key_id" not in dry.stdout
     first = _migrate(data, database_url, key_id, moto_endpoint)
     assert first.returncode == 0, first.stderr
     assert "account keys: 1 rewrapped" in first.stdout and "reviewer TOTP secrets: 1 rewrapped" in first.stdout
