@@ -216,8 +216,17 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             print(f"ERROR cannot read --manifest {args.manifest}: {exc}", file=sys.stderr)
             return 2
-        code, line = verify_s3_export(_s3_client(args.s3_endpoint_url), args.s3_export, args.key, manifest=manifest,
-                                      trusted=args.trusted_checkpoint, witnesses=args.witness, quorum=args.quorum)
+        from botocore.exceptions import BotoCoreError, ClientError
+        try:
+            code, line = verify_s3_export(_s3_client(args.s3_endpoint_url), args.s3_export, args.key,
+                                          manifest=manifest, trusted=args.trusted_checkpoint, witnesses=args.witness,
+                                          quorum=args.quorum)
+        except ClientError as exc:  # no bucket, access denied, …: nothing was verified
+            error = exc.response.get("Error", {})
+            code, line = 2, (f"ERROR cannot read {args.s3_export}: {error.get('Code', 'error')}: "
+                             f"{error.get('Message', '')}".rstrip(": "))
+        except BotoCoreError as exc:  # no credentials, an unreachable endpoint
+            code, line = 2, f"ERROR cannot read {args.s3_export}: {type(exc).__name__}: {exc}"
     else:
         with tempfile.TemporaryDirectory() as tmp:
             if _fetch(args, Path(tmp), lambda size: None):

@@ -86,6 +86,24 @@ def test_every_exported_object_is_new_locked_and_named_by_version_id_in_the_mani
         assert "s3_versions=single,locked" in result.stdout
 
 
+def test_an_unreadable_export_or_manifest_is_one_line_never_a_traceback(
+        app: App, s3: Any, bucket: str, moto_endpoint: str, tmp_path: Path) -> None:
+    """A bucket that does not exist (or an unreachable endpoint) ended `clipstore audit verify --s3-export` in a
+    botocore traceback; a manifest without its objects in a KeyError's."""
+    manifest, location, vkey = _export(app, s3, bucket)
+    missing = _cli_verify(f"s3://no-{bucket}/audit/1/", vkey, moto_endpoint)
+    assert (missing.returncode, missing.stdout) == (2, ""), missing
+    assert missing.stderr == f"ERROR cannot read s3://no-{bucket}/audit/1/: NoSuchBucket: The specified bucket " \
+                             "does not exist\n"
+    unreachable = _cli_verify(location, vkey, "http://127.0.0.1:1")
+    assert unreachable.returncode == 2 and unreachable.stderr.startswith(f"ERROR cannot read {location}: Endpoint")
+    assert "Traceback" not in unreachable.stderr
+    (tmp_path / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "objects"}))
+    bare = _cli_verify(location, vkey, moto_endpoint, "--manifest", str(tmp_path / "manifest.json"))
+    assert (bare.returncode, bare.stdout) == (1, "FAIL s3 manifest: malformed (it must name tree_size and each "
+                                                 "object's version_id and sha256)\n"), bare
+
+
 def test_a_re_signed_log_written_as_newer_versions_of_the_export_is_refused(
         app: App, s3: Any, bucket: str, moto_endpoint: str, tmp_path: Path) -> None:
     """The operator holds the signing key: it drops an entry, re-chains, re-signs, and writes the forged

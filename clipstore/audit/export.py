@@ -133,6 +133,13 @@ def _versions(client: Any, bucket: str, base: str) -> tuple[dict[str, int], dict
     return counts, ids
 
 
+def _well_formed(manifest: dict[str, Any]) -> bool:
+    objects = manifest.get("objects")
+    return isinstance(manifest.get("tree_size"), int) and isinstance(objects, dict) and all(
+        isinstance(objects.get(name), dict) and isinstance(objects[name].get("version_id"), str)
+        and isinstance(objects[name].get("sha256"), str) for name in EXPORT_FILES)
+
+
 def verify_s3_export(client: Any, location: str, vkey: str, *, manifest: dict[str, Any] | None = None,
                      trusted: Path | None = None, witnesses: Sequence[str] = (), quorum: int = 0) -> tuple[int, str]:
     """Verify a WORM export by version id; returns (exit code, the one line to print).
@@ -155,8 +162,11 @@ def verify_s3_export(client: Any, location: str, vkey: str, *, manifest: dict[st
     if manifest is None:
         manifest = json.loads(client.get_object(Bucket=bucket, Key=base + MANIFEST_FILE,
                                                 VersionId=ids[base + MANIFEST_FILE])["Body"].read())
-    if manifest.get("format") != MANIFEST_FORMAT or (manifest.get("bucket"), manifest.get("prefix")) != (bucket, base):
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT \
+            or (manifest.get("bucket"), manifest.get("prefix")) != (bucket, base):
         return 1, f"FAIL s3 manifest: it describes another export, not s3://{bucket}/{base}"
+    if not _well_formed(manifest):
+        return 1, "FAIL s3 manifest: malformed (it must name tree_size and each object's version_id and sha256)"
     # (3)
     now = dt.datetime.now(dt.UTC)
     with tempfile.TemporaryDirectory() as tmp:
