@@ -143,6 +143,8 @@ def _s3_client(endpoint_url: str | None) -> object:
 
 
 def _cmd_audit_export(args: argparse.Namespace) -> int:
+    from botocore.exceptions import BotoCoreError
+
     from clipstore.app import App
     from clipstore.audit.export import MANIFEST_FILE, ExportError, export_log, export_to_s3, manifest_bytes
     from clipstore.audit.witnessing import QuorumNotReached
@@ -168,6 +170,9 @@ def _cmd_audit_export(args: argparse.Namespace) -> int:
                 retention_days=args.retention_days, actor_id="cli", actor_role="operator", cosign=app.cosign)
         except (ExportError, QuorumNotReached) as exc:
             print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except BotoCoreError as exc:  # no credentials, an unreachable endpoint
+            print(f"error: cannot write to s3://{args.s3_bucket}: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
     finally:
         app.close()

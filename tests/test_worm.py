@@ -104,6 +104,24 @@ def test_an_unreadable_export_or_manifest_is_one_line_never_a_traceback(
                                                  "object's version_id and sha256)\n"), bare
 
 
+def test_an_export_to_a_bucket_that_cannot_take_it_is_one_line_never_a_traceback(
+        config: Config, s3: Any, moto_endpoint: str) -> None:
+    """`clipstore audit export --s3-bucket` to a missing bucket, or one without Object Lock, ended in a botocore
+    traceback."""
+    plain = f"plain-{uuid.uuid4().hex[:10]}"
+    s3.create_bucket(Bucket=plain)
+    env = {**os.environ, "CLIPSTORE_DATA_DIR": str(config.data_dir),
+           **({"CLIPSTORE_DATABASE_URL": config.database_url} if config.database_url else {})}
+    for bucket, says in ((f"no-{plain}", "NoSuchBucket: The specified bucket does not exist; create it with "
+                                         "Object Lock"),
+                         (plain, "the bucket needs versioning and Object Lock")):
+        result = subprocess.run([sys.executable, "-m", "clipstore", "audit", "export", "--s3-bucket", bucket,
+                                 "--s3-endpoint-url", moto_endpoint, "--retention-days", "1"],
+                                capture_output=True, text=True, timeout=60, env=env)
+        assert result.returncode == 1 and result.stderr.startswith(f"error: cannot write s3://{bucket}/audit/")
+        assert says in result.stderr and "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+
+
 def test_a_re_signed_log_written_as_newer_versions_of_the_export_is_refused(
         app: App, s3: Any, bucket: str, moto_endpoint: str, tmp_path: Path) -> None:
     """The operator holds the signing key: it drops an entry, re-chains, re-signs, and writes the forged

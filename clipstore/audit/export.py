@@ -80,7 +80,11 @@ def _put_new(client: Any, bucket: str, key: str, body: Any, lock: dict[str, Any]
         code = exc.response.get("Error", {}).get("Code", "")
         if code in ("PreconditionFailed", "ConditionalRequestConflict"):
             raise ExportError(f"s3://{bucket}/{key} already exists; an export is never written over") from None
-        raise
+        message = exc.response.get("Error", {}).get("Message", "")
+        hint = {"NoSuchBucket": "; create it with Object Lock (aws s3api create-bucket "
+                                "--object-lock-enabled-for-bucket)",
+                "InvalidRequest": "; the bucket needs versioning and Object Lock"}.get(code, "")
+        raise ExportError(f"cannot write s3://{bucket}/{key}: {code}: {message}{hint}") from None
     version: str = response.get("VersionId") or ""
     if not version:
         raise ExportError(f"s3://{bucket}/{key} got no version id: the bucket needs versioning and Object Lock")
