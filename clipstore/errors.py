@@ -58,7 +58,7 @@ class Reason(StrEnum):
     CERT_WITHOUT_PRINCIPAL = auto(), Kind.NOT_AUTHENTICATED, \
         "the client certificate has no single `spiffe://<trust domain>/<role>/<name>` URI"
     WRONG_TRUST_DOMAIN = auto(), Kind.NOT_AUTHENTICATED, \
-        "the certificate's SPIFFE id belongs to another trust domain (`tls.trust_domain`)"
+        "the certificate's SPIFFE id belongs to another trust domain (`auth.trust_domain`)"
     UNKNOWN_SPIFFE_ID = auto(), Kind.NOT_AUTHENTICATED, \
         "no principal is enrolled for the certificate's SPIFFE id; ask an admin"
     CERT_REVOKED = auto(), Kind.NOT_AUTHENTICATED, "the client certificate is on the revocation list; get a new one"

@@ -3,7 +3,7 @@
 A client certificate carries one as its single SAN URI (an X.509-SVID); the
 server maps it to the principal row enrolled under exactly that id, so a
 disabled or expired principal is refused whether it shows a key or a
-certificate. The trust domain is configured (`tls.trust_domain`); an id from
+certificate. The trust domain is configured (`auth.trust_domain`); an id from
 any other trust domain names nobody here.
 """
 
