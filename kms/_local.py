@@ -63,10 +63,10 @@ class LocalKms:
                 raise PermissionError(f"{path} is not a regular file; it must hold the {ROOT_KEY_BYTES}-byte root key")
             if st.st_uid != os.geteuid():
                 raise PermissionError(f"{path} is owned by uid {st.st_uid}, not the service user (uid "
-                                      f"{os.geteuid()}); run chown {os.geteuid()} {path}")
+                                      f"{os.geteuid()}); run: chown {os.geteuid()} {path}")
             if st.st_mode & 0o077:
                 raise PermissionError(f"{path} is readable by others (mode {st.st_mode & 0o777:o}); "
-                                      f"run chmod 600 {path}")
+                                      f"run: chmod 600 {path}")
             key = fh.read(ROOT_KEY_BYTES + 1)
         if len(key) != ROOT_KEY_BYTES:
             raise ValueError(f"{path} must hold {ROOT_KEY_BYTES} bytes, holds {len(key)}")
