@@ -20,7 +20,17 @@ import sqlalchemy as sa
 import clipstore._quiet_grpc  # noqa: F401  (first of ours: before anything imports grpc)
 from clipstore import __version__
 from clipstore.auth import ROLES, create_principal
-from clipstore.config import BY_KEY, LOG_LEVELS, SETTINGS, Config, ConfigError, describe, load, load_config
+from clipstore.config import (
+    BY_KEY,
+    LOG_LEVELS,
+    SETTINGS,
+    Config,
+    ConfigError,
+    describe,
+    load,
+    load_config,
+    unknown_env,
+)
 from clipstore.logs import configure_logging
 from clipstore.remote import add_remote_flags
 from clipstore.remote_cli import add_forensics_commands, add_principal_commands, add_reviewer_commands
@@ -61,13 +71,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         if args.print_config:
             sys.stdout.write(describe(load(config_file=args.config, overrides=_overrides(args))))
+            _warn_unknown_env()
             return 0
         config = _config(args)
         configure_logging(level=config.log_level)
+        _warn_unknown_env()
         return serve(config, on_ready=lambda server: _banner(server, args) if config.tls is None else None)
     except ConfigError as exc:  # one JSON line naming the setting and the fix
         get_logger("clipstore.server").error("server.start_failed", setting=exc.key, error=str(exc))
         return EXIT_CONFIG
+
+
+def _warn_unknown_env() -> None:
+    """A CLIPSTORE_* variable that is no setting is ignored, but said: one line each, its name (never its
+    value) and the setting it most resembles."""
+    from clipstore.logs import get_logger
+    for name, like in unknown_env():
+        get_logger("clipstore.config").warning("config.unknown_env", variable=name, ignored=True,
+                                               **({"did_you_mean": like} if like else {}))
 
 
 def _banner(server: object, args: argparse.Namespace) -> None:

@@ -298,6 +298,20 @@ SETTINGS: tuple[Setting, ...] = (
             help="then ask the client to reconnect (rebalances; calls in flight get `server.stream_max_s`)"),
 )
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
+# CLIPSTORE_* variables that are not settings: the config file's path, the CLI's credentials and target, tests.
+OTHER_ENV = frozenset({"CLIPSTORE_CONFIG", "CLIPSTORE_API_KEY", "CLIPSTORE_SERVER", "CLIPSTORE_ENROLMENT_CODE",
+                       "CLIPSTORE_TEST_PG"})
+
+
+def unknown_env(env: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """CLIPSTORE_* variables that name no setting (a typo such as CLIPSTORE_S3_BUKET would otherwise leave the
+    embedded default in force without a word), each with the setting variable it most resembles, if any."""
+    import difflib
+    env = os.environ if env is None else env
+    known = [s.env for s in SETTINGS]
+    return [(name, next(iter(difflib.get_close_matches(name, known, n=1, cutoff=0.8)), None))
+            for name in sorted(env) if name.startswith("CLIPSTORE_") and name not in OTHER_ENV
+            and name not in known]
 
 
 def default(key: str) -> Any:

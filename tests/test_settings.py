@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from clipstore import config as cfg
-from clipstore.config import BY_KEY, SETTINGS, Config, ConfigError, load, load_config
+from clipstore.config import BY_KEY, SETTINGS, Config, ConfigError, load, load_config, unknown_env
 
 REPO = Path(__file__).resolve().parent.parent
 PASSWORD = "hunter2-not-for-logs"
@@ -125,6 +126,19 @@ def test_print_config_refuses_what_serve_refuses(tmp_path: Path, toml: str, prob
     for tiles that are not on S3 was silently ignored, leaving the operator believing them locked."""
     result = _serve_print_config(tmp_path, toml)
     assert result.returncode == 2 and problem in result.stderr, result.stderr
+
+
+def test_a_clipstore_variable_that_names_no_setting_is_said_not_silently_ignored(tmp_path: Path) -> None:
+    """CLIPSTORE_S3_BUKET=clips used to leave the file blob store in force without a word."""
+    result = _serve_print_config(tmp_path, "", CLIPSTORE_S3_BUKET=f"clips-{PASSWORD}", CLIPSTORE_API_KEY="csk_x")
+    assert result.returncode == 0 and "s3.bucket" in result.stdout
+    [warning] = [json.loads(line) for line in result.stderr.splitlines()]
+    assert {k: warning[k] for k in ("event", "variable", "did_you_mean", "ignored")} == {
+        "event": "config.unknown_env", "variable": "CLIPSTORE_S3_BUKET", "did_you_mean": "CLIPSTORE_S3_BUCKET",
+        "ignored": True}
+    assert PASSWORD not in result.stderr  # the name, never the value
+    assert unknown_env({"CLIPSTORE_CONFIG": "x", "CLIPSTORE_SERVER": "x", "CLIPSTORE_LISTEN": "x", "HOME": "x",
+                        "CLIPSTORE_ENROLMENT_CODE": "x", "CLIPSTORE_TEST_PG": "x"}) == []
 
 
 def test_a_secret_setting_is_never_printed_nor_quoted_in_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
