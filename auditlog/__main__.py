@@ -372,6 +372,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     if (args.export is None) == (args.tiles is None):
         parser.error("give an export DIR or --tiles LOCATION")
+    if args.state is not None and args.tiles is None:  # was ignored: no rollback check, no state written
+        parser.error("--state works with --tiles; for an export DIR pass --trusted-checkpoint FILE")
+    if args.trusted_checkpoint is not None and args.tiles is not None:  # was ignored likewise
+        parser.error("--trusted-checkpoint works with an export DIR; with --tiles pass --state FILE")
     if args.tiles is not None:
         code, result = verify_tiles_at(args.tiles, args.key, witnesses=args.witness, quorum=args.quorum,
                                        state=args.state)
@@ -381,8 +385,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                witnesses=args.witness, quorum=args.quorum)
         if args.format == "json":
             result = {"result": out.split(" ")[0]}
-            result.update(dict(kv.split("=", 1) for kv in out.split(" ")[1:] if "=" in kv) if code == 0 else
-                          {"reason": out.split(" ", 1)[1] if " " in out else out})
+            result.update({k: int(v) if v.isdigit() else v for k, v in (kv.split("=", 1) for kv in out.split(" ")[1:]
+                                                                     if "=" in kv)} if code == 0 else
+                          {"reason": out.split(" ", 1)[1] if " " in out else out})  # numbers as in --tiles
             out = json.dumps(result, sort_keys=True)
     print(out, file=sys.stderr if code == 2 else sys.stdout)
     return code

@@ -184,6 +184,30 @@ def test_unsigned_trailing_entries_are_reported_not_silently_accepted(tmp_path: 
     assert code == 0 and line.startswith(f"OK size={N} root=") and line.endswith(" unsigned_trailing=1"), line
 
 
+def test_json_output_of_an_export_carries_numbers_as_for_tiles(tmp_path: Path, entries: list[bytes]) -> None:
+    export = write_export(tmp_path / "e", entries, checkpoint_for(entries, SIGNER), SIGNER)
+    result = subprocess.run([sys.executable, "-m", "auditlog", "verify", str(export), "--key", VKEY, "--format",
+                             "json"], capture_output=True, text=True, timeout=60)
+    assert json.loads(result.stdout) == {"result": "OK", "size": N, "root": _root(entries), "unsigned_trailing": 0}
+
+
+@pytest.mark.parametrize(("flags", "says"), [
+    (["--state", "s.json"], "--state works with --tiles; for an export DIR pass --trusted-checkpoint FILE"),
+    (["--tiles", "t", "--trusted-checkpoint", "c"], "--trusted-checkpoint works with an export DIR; with --tiles "
+                                                    "pass --state FILE"),
+])
+def test_a_rollback_flag_the_chosen_source_cannot_use_is_refused_not_ignored(
+        tmp_path: Path, entries: list[bytes], flags: list[str], says: str) -> None:
+    """`verify DIR --state FILE` answered OK and wrote no state, `--tiles --trusted-checkpoint` checked nothing
+    against the checkpoint: the caller believed rollback was being detected."""
+    export = write_export(tmp_path / "e", entries, checkpoint_for(entries, SIGNER), SIGNER)
+    source = [] if "--tiles" in flags else [str(export)]
+    result = subprocess.run([sys.executable, "-m", "auditlog", "verify", *source, "--key", VKEY, *flags],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip().endswith(says) and result.stdout == "", result
+    assert not (tmp_path / "s.json").exists()
+
+
 def test_strict_fails_on_unsigned_trailing_entries_via_the_cli(tmp_path: Path, entries: list[bytes]) -> None:
     export = write_export(tmp_path / "e", [*entries, _forged_tail(entries)], checkpoint_for(entries, SIGNER), SIGNER)
     result = subprocess.run([sys.executable, "-m", "auditlog", "verify", str(export), "--key", VKEY, "--strict"],
