@@ -402,8 +402,13 @@ def _cmd_db_current(args: argparse.Namespace) -> int:
     from clipstore.app import private_data
     from clipstore.store import Database, migrations
     config = _config(args)
+    url = config.effective_database_url
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():  # opening would create it
+        print(f"error: no database at {url.removeprefix('sqlite:///')}; give the server's --data-dir, --database-url "
+              "or --config", file=sys.stderr)
+        return EXIT_CONFIG
     private_data(config)
-    db = Database(config.effective_database_url, upgrade=False)
+    db = Database(url, upgrade=False)
     try:
         with db.read() as conn:
             legacy, revision = migrations.legacy_version(conn), migrations.current(conn)
@@ -426,8 +431,16 @@ def _cmd_db_history(args: argparse.Namespace) -> int:
 
 
 def _cmd_db_sql(args: argparse.Namespace) -> int:
+    from alembic.util import CommandError
+
     from clipstore.store import migrations
-    sys.stdout.write(migrations.offline_sql(start=args.start, destination=args.to))
+    try:
+        sql = migrations.offline_sql(start=args.start, destination=args.to)
+    except CommandError as exc:  # an unknown revision, or --from after --to
+        known = [revision for revision, _ in migrations.history()]
+        print(f"error: {exc}; revisions are {known[0]} to {known[-1]} (clipstore db history)", file=sys.stderr)
+        return EXIT_CONFIG
+    sys.stdout.write(sql)
     return 0
 
 

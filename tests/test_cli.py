@@ -91,6 +91,23 @@ def test_local_commands_with_the_database_down_exit_2_with_one_line_naming_it(tm
     assert "s3cret-pw" not in result.stderr + result.stdout
 
 
+def test_db_current_on_a_data_dir_without_a_database_says_so_and_creates_nothing(tmp_path: Path) -> None:
+    """It created an empty clipstore.db (and the dir) and answered 'empty: no revision applied', so a mistyped
+    --data-dir looked like a blank database."""
+    result = _clipstore("db", "current", "--data-dir", str(tmp_path / "typo"), env=_env(tmp_path))
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"error: no database at {tmp_path / 'typo'}/clipstore.db; give the server's --data-dir, " \
+                            "--database-url or --config\n"
+    assert not (tmp_path / "typo").exists()
+
+
+@pytest.mark.parametrize("flags", [("--to", "9999"), ("--from", "nope")])
+def test_db_sql_with_an_unknown_revision_is_one_line_not_a_traceback(tmp_path: Path, flags: tuple[str, ...]) -> None:
+    result = _clipstore("db", "sql", *flags, env=_env(tmp_path))
+    assert result.returncode == 2 and result.stdout == "" and len(result.stderr.splitlines()) == 1, result
+    assert result.stderr.startswith("error: ") and "(clipstore db history)" in result.stderr
+
+
 def test_env_var_config_errors_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(env={"CLIPSTORE_SHUTDOWN_GRACE_S": "-1"})
