@@ -163,6 +163,28 @@ def _s3_client(endpoint_url: str | None) -> object:
     return boto3.client("s3", endpoint_url=endpoint_url)
 
 
+def _missing_deployment(config: Config, *, root: bool = False) -> str | None:
+    """Why `config` names no deployment that a server has run on, or None. A command that only reads or
+    maintains one must not make a fresh one (a new root key, a new audit log and its signing key) out of a
+    mistyped --data-dir: `audit export` would print a verifier key nobody should pin."""
+    if root and config.kms is None and not config.root_key_file.exists():
+        return f"no root key at {config.root_key_file}; give the server's --data-dir or --config"
+    url = config.effective_database_url
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        return (f"no database at {url.removeprefix('sqlite:///')}; give the server's --data-dir, --database-url "
+                "or --config")
+    return None
+
+
+def _existing(config: Config, *, root: bool = False) -> Config | None:
+    """`config` if it names an existing deployment, else None after one line on stderr."""
+    problem = _missing_deployment(config, root=root)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return None
+    return config
+
+
 def _cmd_audit_export(args: argparse.Namespace) -> int:
     from botocore.exceptions import BotoCoreError
 
@@ -177,7 +199,10 @@ def _cmd_audit_export(args: argparse.Namespace) -> int:
             print("a WORM export (--s3-bucket) runs where the database is; drop --server", file=sys.stderr)
             return EXIT_CONFIG
         return _fetch(args, args.out, lambda size: print(f"exported {size} entries to {args.out}"))
-    app = App(_config(args))
+    config = _existing(_config(args))
+    if config is None:
+        return EXIT_CONFIG
+    app = App(config)
     try:
         vkey = app.audit.signer.verifier.key_string()
         if args.out is not None:
@@ -276,16 +301,10 @@ def _cmd_audit_peer_pseudonym(args: argparse.Namespace) -> int:
         print(f"error: {exc}; give e.g. 203.0.113.7, ipv4:203.0.113.7, 2001:db8::1 or ipv6:[2001:db8::1]",
               file=sys.stderr)
         return EXIT_CONFIG
-    config = _config(args)
-    if config.kms is None and not config.root_key_file.exists():  # root_provider would create one
-        print(f"error: no root key at {config.root_key_file}; give the server's --data-dir or --config",
-              file=sys.stderr)
+    config = _existing(_config(args), root=True)  # root_provider would create a root key, SQLite a database
+    if config is None:
         return EXIT_CONFIG
     url = config.effective_database_url
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():  # opening would create it
-        print(f"error: no database at {url.removeprefix('sqlite:///')}; give the server's --data-dir, --database-url "
-              "or --config", file=sys.stderr)
-        return EXIT_CONFIG
     private_data(config)
     root = root_provider(config)
     db = Database(url, upgrade=False)
@@ -306,7 +325,10 @@ def _cmd_audit_peer_pseudonym(args: argparse.Namespace) -> int:
 def _cmd_purge(args: argparse.Namespace) -> int:
     from clipstore.app import App
     from clipstore.unit import OPERATOR
-    app = App(_config(args))
+    config = _existing(_config(args))
+    if config is None:
+        return EXIT_CONFIG
+    app = App(config)
     try:
         if args.dry_run:
             expired, shredded, orphans = app.clips.purge_plan()
@@ -330,7 +352,9 @@ def _cmd_keys_migrate_root(args: argparse.Namespace) -> int:
     from clipstore.store import Database
     from clipstore.unit import OPERATOR
     from kms import AwsKms, KmsError
-    config = _config(args)
+    config = _existing(_config(args))
+    if config is None:
+        return EXIT_CONFIG
     if config.kms is not None:
         print("error: kms.key_id is already set; migrate-root moves a local root key to AWS KMS", file=sys.stderr)
         return 2
@@ -367,7 +391,10 @@ def _cmd_keys_retire(args: argparse.Namespace) -> int:
     from clipstore.app import App
     from clipstore.errors import ClipstoreError
     from clipstore.unit import OPERATOR
-    app = App(_config(args))
+    config = _existing(_config(args))
+    if config is None:
+        return EXIT_CONFIG
+    app = App(config)
     try:
         retired = app.accounts.retire_key_versions(args.account_id, args.below, OPERATOR, dry_run=args.dry_run)
     except (ClipstoreError, ValueError) as exc:
@@ -401,14 +428,11 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
 def _cmd_db_current(args: argparse.Namespace) -> int:
     from clipstore.app import private_data
     from clipstore.store import Database, migrations
-    config = _config(args)
-    url = config.effective_database_url
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():  # opening would create it
-        print(f"error: no database at {url.removeprefix('sqlite:///')}; give the server's --data-dir, --database-url "
-              "or --config", file=sys.stderr)
+    config = _existing(_config(args))  # opening SQLite would create the database
+    if config is None:
         return EXIT_CONFIG
     private_data(config)
-    db = Database(url, upgrade=False)
+    db = Database(config.effective_database_url, upgrade=False)
     try:
         with db.read() as conn:
             legacy, revision = migrations.legacy_version(conn), migrations.current(conn)

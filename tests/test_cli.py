@@ -101,6 +101,21 @@ def test_db_current_on_a_data_dir_without_a_database_says_so_and_creates_nothing
     assert not (tmp_path / "typo").exists()
 
 
+@pytest.mark.parametrize("command", [("audit", "export", "--out", "{tmp}/export"), ("purge",), ("purge", "--dry-run"),
+                                     ("keys", "retire", "--account-id", "a", "--below", "2"),
+                                     ("keys", "migrate-root", "--to-kms-key-id", "alias/x", "--dry-run")])
+def test_maintenance_commands_on_a_data_dir_without_a_database_make_no_fresh_deployment(
+        tmp_path: Path, command: tuple[str, ...]) -> None:
+    """A mistyped --data-dir made a new root key, database and audit log: `audit export` then printed a brand-new
+    verifier key (the one the README tells security teams to pin) for a log of its own export entry."""
+    result = _clipstore(*(c.format(tmp=tmp_path) for c in command), "--data-dir", str(tmp_path / "typo"),
+                        env=_env(tmp_path))
+    assert (result.returncode, result.stdout) == (2, ""), result
+    assert result.stderr == f"error: no database at {tmp_path / 'typo'}/clipstore.db; give the server's --data-dir, " \
+                            "--database-url or --config\n"
+    assert not (tmp_path / "typo").exists()
+
+
 @pytest.mark.parametrize("flags", [("--to", "9999"), ("--from", "nope")])
 def test_db_sql_with_an_unknown_revision_is_one_line_not_a_traceback(tmp_path: Path, flags: tuple[str, ...]) -> None:
     result = _clipstore("db", "sql", *flags, env=_env(tmp_path))

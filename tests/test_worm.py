@@ -110,6 +110,7 @@ def test_an_export_to_a_bucket_that_cannot_take_it_is_one_line_never_a_traceback
     traceback."""
     plain = f"plain-{uuid.uuid4().hex[:10]}"
     s3.create_bucket(Bucket=plain)
+    App(config).close()  # a deployment to export from
     env = {**os.environ, "CLIPSTORE_DATA_DIR": str(config.data_dir),
            **({"CLIPSTORE_DATABASE_URL": config.database_url} if config.database_url else {})}
     for bucket, says in ((f"no-{plain}", "NoSuchBucket: The specified bucket does not exist; create it with "
@@ -203,6 +204,7 @@ def test_an_export_carries_the_witnesses_cosigned_checkpoint(
 
 def test_cli_export_writes_the_auditors_manifest_and_prints_how_to_verify(
         config: Config, bucket: str, moto_endpoint: str, tmp_path: Path) -> None:
+    App(config).close()  # a deployment to export from (the CLI makes none out of an empty data dir)
     args = ["--data-dir", str(config.data_dir)]
     if not config.effective_database_url.startswith("sqlite"):
         args += ["--database-url", config.effective_database_url]
