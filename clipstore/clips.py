@@ -170,13 +170,28 @@ class ClipLibrary:
         try:
             owner = self._audit.run(commit)
         except Exception:
-            self._blobs.delete(clip_id)
+            if self._committed_after_all(clip_id):
+                return row
             raise
         if owner != clip_id:
             self._blobs.delete(clip_id)
             clip, key = self._existing(owner)
             return self._same_recording(clip, key, new, counted.total, audio.sha256(), actor)
         return row
+
+    def _committed_after_all(self, clip_id: str) -> bool:
+        """After a failed commit: whether the row is stored all the same (the database committed but its
+        answer was lost: a dropped connection, a failover). If not, the object is deleted; if that cannot
+        be told (the database is still away), the object stays and the orphan sweep decides later, by the
+        row, so an object whose row committed is never deleted."""
+        try:
+            committed = self._clips.exists(clip_id)
+        except Exception as exc:
+            log.warning("clip.commit_unknown", clip_id=clip_id, exc_type=type(exc).__name__)
+            return False
+        if not committed:
+            self._delete_object(clip_id)
+        return committed
 
     def _existing(self, clip_id: str) -> tuple[ClipRow, ClipKey]:
         """The clip an idempotency key names, with its key; refused as spent once it is gone."""

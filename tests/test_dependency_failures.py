@@ -1,0 +1,129 @@
+"""Dependencies failing at the worst moment, against a real server on loopback: nothing lost, nothing
+resurrected, a precise retryable status.
+
+PostgreSQL is reached through a relay that can cut one connection right after it forwarded the COMMIT of
+a transaction that wrote a clip row: the database commits, the server never hears so (an ambiguous
+commit, as a network drop or a failover gives one)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import sqlalchemy as sa
+
+from clipstore.server import running_server
+from clipstore.v1 import clip_pb2, clip_pb2_grpc
+from tests.clip_helpers import metadata, put_requests
+from tests.conftest import bearer, make_config, new_key
+
+
+class CommitCutter:
+    """127.0.0.1:<port> -> PostgreSQL. Once `arm()`ed, the first connection that sends a COMMIT after an
+    `INSERT INTO clips` has that COMMIT forwarded, then is cut before the answer comes back."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self._upstream = upstream
+        self._armed = threading.Event()
+        self.fired = threading.Event()
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(32)
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def arm(self) -> None:
+        self.fired.clear()
+        self._armed.set()
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self._upstream)
+            threading.Thread(target=self._to_server, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+
+    def _to_server(self, src: socket.socket, dst: socket.socket) -> None:
+        wrote_clip = False
+        try:
+            while data := src.recv(65536):
+                wrote_clip = wrote_clip or b"INSERT INTO clips" in data
+                if wrote_clip and b"COMMIT" in data and self._armed.is_set():
+                    self._armed.clear()
+                    # The server's side goes first, so no answer can reach it; then the COMMIT goes on
+                    # its way, and PostgreSQL commits though nobody hears its answer.
+                    self._close(src)
+                    dst.sendall(data)
+                    dst.shutdown(socket.SHUT_WR)
+                    self.fired.set()
+                    break
+                dst.sendall(data)
+                if b"COMMIT" in data:
+                    wrote_clip = False
+        except OSError:
+            pass
+        self._close(src, dst)
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        self._close(src, dst)
+
+    @staticmethod
+    def _close(*sockets: socket.socket) -> None:
+        for s in sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def cutter(pg_url: str) -> Iterator[tuple[CommitCutter, str]]:
+    relay = CommitCutter(("127.0.0.1", 5432))
+    try:
+        yield relay, pg_url.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}", 1)
+    finally:
+        relay.close()
+
+
+def test_a_putclip_whose_commit_answer_is_lost_keeps_its_object_and_its_retry_returns_the_clip(
+        tmp_path: Path, cutter: tuple[CommitCutter, str], pg_url: str, log_stream: io.StringIO) -> None:
+    relay, url = cutter
+    config = make_config(tmp_path / "data", database_url=url)
+    with running_server(config) as server, grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        ingest = bearer(new_key(server.app, "ingest"))
+        clips = clip_pb2_grpc.ClipServiceStub(channel)
+        clips.PutClip(put_requests(metadata(), b"\x00" * 1000), metadata=ingest, timeout=30)  # warm up
+        audio, meta = bytes(range(256)) * 40, metadata(idempotency_key="ambiguous-commit")
+        relay.arm()
+        first = clips.PutClip(put_requests(meta, audio), metadata=ingest, timeout=30).clip  # the commit happened
+        assert relay.fired.is_set()
+
+        # The row is there, and so is its object (before: the object was deleted as if nothing had
+        # committed, and the call failed AUDIT_UNAVAILABLE).
+        with sa.create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://", 1)).connect() as conn:
+            committed = conn.execute(sa.text("SELECT clip_id FROM clips WHERE size_bytes = :n"),
+                                     {"n": len(audio)}).scalars().all()
+        assert committed == [first.clip_id]
+        assert len(b"".join(server.app.blobs.get_stream(first.clip_id))) > len(audio)
+
+        # A retry with the same key (a client that had given up on the first answer): the same clip, once
+        # (before: NOT_FOUND / BLOB_NOT_FOUND, for good).
+        again = clips.PutClip(put_requests(meta, audio), metadata=ingest, timeout=30).clip
+        assert again.clip_id == first.clip_id
+        got = clips.GetClip(clip_pb2.GetClipRequest(clip_id=first.clip_id), metadata=ingest, timeout=10)
+        assert got.clip.size_bytes == len(audio)
