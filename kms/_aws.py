@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import boto3
@@ -55,14 +55,24 @@ class AwsKms:
     def encrypt(self, plaintext: bytes, context: EncryptionContext) -> bytes:
         resp = self._call(lambda: self._client.encrypt(
             KeyId=self.key_id, Plaintext=plaintext, EncryptionContext=dict(context)))
-        return bytes(resp["CiphertextBlob"])
+        return _field(resp, "CiphertextBlob")
 
     def decrypt(self, blob: bytes, context: EncryptionContext) -> bytes:
         resp = self._call(lambda: self._client.decrypt(
             KeyId=self.key_id, CiphertextBlob=blob, EncryptionContext=dict(context)))
-        return bytes(resp["Plaintext"])
+        return _field(resp, "Plaintext")
 
     def generate_data_key(self, context: EncryptionContext) -> DataKey:
         resp = self._call(lambda: self._client.generate_data_key(
             KeyId=self.key_id, KeySpec="AES_256", EncryptionContext=dict(context)))
-        return DataKey(plaintext=bytes(resp["Plaintext"]), wrapped=bytes(resp["CiphertextBlob"]))
+        return DataKey(plaintext=_field(resp, "Plaintext"), wrapped=_field(resp, "CiphertextBlob"))
+
+
+def _field(resp: Mapping[str, Any], name: str) -> bytes:
+    """A bytes field of a KMS answer. botocore parses a 200 whose JSON body was cut short (a connection
+    dropped mid-body, a proxy's truncated answer) as an object without the fields, not as an error:
+    that is the key service failing, not a bug."""
+    value = resp.get(name)
+    if not isinstance(value, bytes | bytearray) or not value:
+        raise KmsUnavailable(f"KMS answered without its {name} (a cut or garbled answer); retry later")
+    return bytes(value)

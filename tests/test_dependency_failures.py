@@ -3,7 +3,8 @@ resurrected, a precise retryable status.
 
 PostgreSQL is reached through a relay that can cut one connection right after it forwarded the COMMIT of
 a transaction that wrote a clip row: the database commits, the server never hears so (an ambiguous
-commit, as a network drop or a failover gives one)."""
+commit, as a network drop or a failover gives one). S3 and KMS are moto's server behind an HTTP relay
+that fails chosen requests (tests/http_faults.py)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,18 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
 import grpc
 import pytest
 import sqlalchemy as sa
 
 from clipstore.server import running_server
-from clipstore.v1 import clip_pb2, clip_pb2_grpc
-from tests.clip_helpers import metadata, put_requests
-from tests.conftest import bearer, make_config, new_key
+from clipstore.store import schema
+from clipstore.v1 import account_pb2, account_pb2_grpc, clip_pb2, clip_pb2_grpc
+from tests.clip_helpers import ACCOUNT_ID, metadata, put_requests
+from tests.conftest import FakeClock, bearer, make_config, new_key
+from tests.grpc_helpers import error_info
+from tests.http_faults import FaultyRelay
 
 
 class CommitCutter:
@@ -127,3 +132,57 @@ def test_a_putclip_whose_commit_answer_is_lost_keeps_its_object_and_its_retry_re
         assert again.clip_id == first.clip_id
         got = clips.GetClip(clip_pb2.GetClipRequest(clip_id=first.clip_id), metadata=ingest, timeout=10)
         assert got.clip.size_bytes == len(audio)
+
+
+@pytest.fixture
+def kms_relay(moto_endpoint: str) -> Iterator[tuple[FaultyRelay, str]]:
+    relay = FaultyRelay(moto_endpoint)
+    key_id = boto3.client("kms", endpoint_url=moto_endpoint).create_key()["KeyMetadata"]["KeyId"]
+    try:
+        yield relay, key_id
+    finally:
+        relay.close()
+
+
+@pytest.mark.parametrize("fault", ["cut_mid_body", "short_body"])
+def test_a_kms_answer_cut_mid_body_is_kms_unavailable_and_writes_nothing(
+        tmp_path: Path, kms_relay: tuple[FaultyRelay, str], fault: str, log_stream: io.StringIO) -> None:
+    relay, key_id = kms_relay
+    clock = FakeClock()
+    config = make_config(tmp_path / "data", **{"kms.key_id": key_id, "kms.endpoint_url": relay.url})
+    with running_server(config, clock=clock) as server, grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        ingest = bearer(new_key(server.app, "ingest"))
+        clips = clip_pb2_grpc.ClipServiceStub(channel)
+        accounts = account_pb2_grpc.AccountServiceStub(channel)
+        old = clips.PutClip(put_requests(metadata(), b"\x01" * 1000), metadata=ingest, timeout=30).clip
+
+        def held() -> tuple[int, int, int]:
+            with server.app.db.read() as conn:
+                return tuple(int(conn.scalar(sa.select(sa.func.count()).select_from(t)) or 0)  # type: ignore[return-value]
+                             for t in (schema.accounts, schema.account_keys, schema.clips))
+
+        before = held()
+        new_account = metadata(identity=clip_pb2.ClipIdentity(account_id="acct-kms-cut", device_serial="S1"))
+        # Account-key creation (Encrypt), rotation (Encrypt) and, once the key cache expired, unwrap (Decrypt).
+        relay.rule = lambda request: fault if request.target in ("kms:Encrypt", "kms:Decrypt") else None
+        calls = {
+            "PutClip": lambda: clips.PutClip(put_requests(new_account, b"\x02" * 1000), metadata=ingest, timeout=30),
+            "RotateAccountKey": lambda: accounts.RotateAccountKey(account_pb2.RotateAccountKeyRequest(
+                account_id=ACCOUNT_ID), metadata=ingest, timeout=30),
+            "GetClip": lambda: (clock.advance(3600), clips.GetClip(clip_pb2.GetClipRequest(clip_id=old.clip_id),
+                                                                   metadata=ingest, timeout=30)),
+        }
+        for name, call in calls.items():
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert (caught.value.code(), error_info(caught.value).reason) == \
+                (grpc.StatusCode.UNAVAILABLE, "KMS_UNAVAILABLE"), (name, caught.value.details())  # was INTERNAL
+        assert held() == before
+        stored = server.app.clips.find(old.clip_id)
+        assert stored is not None
+        assert [v.version for v in server.app.keyring.versions(stored.account_ref)] == [1]
+
+        relay.rule = lambda request: None
+        for call in calls.values():
+            call()
+        assert held()[0] == before[0] + 1
