@@ -161,6 +161,10 @@ class ClipLibrary:
             owner = rows.owner(actor.id, idem)
             if owner is not None:  # a concurrent retry with the same key committed first
                 return owner
+            if not rows.account_exists(ref):  # deleted (shredded) while the audio arrived: the clip goes with it
+                raise tx.deny(actor, "clip.ingest", NotFound(
+                    "the account was deleted while this clip was uploaded; nothing was stored",
+                    reason="ACCOUNT_DELETED"), account_ref=ref)
             rows.insert(row, principal_id=actor.id, idempotency_hash=idem)
             tx.audit(actor.record("clip.ingest", account_ref=ref, clip_id=clip_id))
             review = self._review(tx)

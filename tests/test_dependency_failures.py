@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
@@ -20,7 +23,7 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
-from clipstore.server import running_server
+from clipstore.server import ClipstoreServer, running_server
 from clipstore.store import schema
 from clipstore.v1 import account_pb2, account_pb2_grpc, clip_pb2, clip_pb2_grpc
 from tests.clip_helpers import ACCOUNT_ID, metadata, put_requests
@@ -186,3 +189,59 @@ def test_a_kms_answer_cut_mid_body_is_kms_unavailable_and_writes_nothing(
         for call in calls.values():
             call()
         assert held()[0] == before[0] + 1
+
+
+def test_putclips_whose_upload_spans_a_deletion_of_their_account_store_nothing_and_say_so(
+        srv: ClipstoreServer) -> None:
+    """20 uploads to an account are under way when it is deleted; they end after the deletion answered.
+    Before, each was acknowledged but stored under the shredded account: a clip its client thought stored,
+    that could never be opened, later purged (and its idempotency key spent)."""
+    with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        ingest = bearer(new_key(srv.app, "ingest"))
+        clips = clip_pb2_grpc.ClipServiceStub(channel)
+        accounts = account_pb2_grpc.AccountServiceStub(channel)
+        identity = clip_pb2.ClipIdentity(account_id="acct-deleted-mid-upload", device_serial="S1")
+        clips.PutClip(put_requests(metadata(identity=identity), b"\x01" * 1000), metadata=ingest, timeout=30)
+        account = srv.app.accounts.find(identity.account_id)
+        assert account is not None
+        release = threading.Event()
+
+        def held(meta: clip_pb2.ClipMetadata, audio: bytes) -> Iterator[clip_pb2.PutClipRequest]:
+            requests = list(put_requests(meta, audio))
+            yield from requests[:-1]
+            release.wait(30)
+            yield requests[-1]  # the trailer, after the deletion
+
+        metas = [metadata(identity=identity, idempotency_key=f"mid-delete-{i}") for i in range(20)]
+        with ThreadPoolExecutor(len(metas)) as pool:
+            calls = [pool.submit(clips.PutClip, held(m, bytes([i]) * 100_000), metadata=ingest, timeout=60)
+                     for i, m in enumerate(metas)]
+            deadline = time.monotonic() + 30  # every upload has its account and key, and writes its object
+            while len(list(Path(srv.app.blobs.root).glob("*/*.partial"))) < len(metas):  # type: ignore[attr-defined]
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            accounts.DeleteAccount(account_pb2.DeleteAccountRequest(account_id=identity.account_id),
+                                   metadata=ingest, timeout=30)
+            release.set()
+            outcomes = []
+            for call in calls:
+                with pytest.raises(grpc.RpcError) as caught:
+                    call.result()
+                outcomes.append((caught.value.code(), error_info(caught.value).reason))
+        assert set(outcomes) == {(grpc.StatusCode.NOT_FOUND, "ACCOUNT_DELETED")}
+        with srv.app.db.read() as conn:
+            assert conn.scalar(sa.select(sa.func.count()).select_from(schema.clips)
+                               .where(schema.clips.c.account_ref == account.account_ref)) == 0
+        assert list(srv.app.blobs.list_keys(-10)) == []  # no object left behind
+        entries = [json.loads(e) for e in srv.app.audit.reader.entries(0, 100_000)]
+        mine = [(e["action"], e["outcome"]["result"]) for e in entries  # type: ignore[index]
+                if e.get("target", {}).get("account_ref") == account.account_ref]  # type: ignore[union-attr]
+        # Nothing stored after the deletion; the refusals are entries (past the principal's denial budget,
+        # counted into its summary entry).
+        assert mine[mine.index(("account.delete", "ok")) + 1:] == [("clip.ingest", "denied")] * len(mine[2:])
+        assert 0 < len(mine[2:]) <= len(metas)
+
+        # The device retries with the same key: stored, under the account id's new pseudonym, readable.
+        clip = clips.PutClip(put_requests(metas[0], bytes([0]) * 100_000), metadata=ingest, timeout=30).clip
+        assert clips.GetClip(clip_pb2.GetClipRequest(clip_id=clip.clip_id), metadata=ingest,
+                             timeout=10).clip.size_bytes == 100_000

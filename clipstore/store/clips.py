@@ -71,6 +71,7 @@ class AccountRepository:
 _SELECT_ACCOUNT = "SELECT account_ref, allow_review, retention_days FROM accounts WHERE "
 _ACCOUNT_BY_LOOKUP = _SELECT_ACCOUNT + "lookup_hmac = ?"
 _ACCOUNT_BY_REF = _SELECT_ACCOUNT + "account_ref = ?"
+_ACCOUNT_EXISTS = "SELECT 1 FROM accounts WHERE account_ref = ?"
 _OWNER = "SELECT clip_id FROM ingest_idempotency WHERE principal_id = ? AND key_hash = ?"
 
 
@@ -88,6 +89,10 @@ class ClipRows(PlainRows):
     def owner(self, principal_id: str, key_hash: bytes) -> str | None:
         """The clip an idempotency key belongs to (perhaps deleted since: the key is then a tombstone)."""
         return _clip_id(self._fetch(_OWNER, (principal_id, key_hash)))
+
+    def account_exists(self, account_ref: str) -> bool:
+        """Whether the account's pseudonym mapping is still there (a deletion removes it with the shred)."""
+        return self._fetch(_ACCOUNT_EXISTS, (account_ref,)) is not None
 
     def insert(self, clip: ClipRow, *, principal_id: str, idempotency_hash: bytes) -> None:
         self._exec("INSERT INTO ingest_idempotency (principal_id, key_hash, clip_id, created_at) VALUES (?, ?, ?, ?)",
