@@ -137,7 +137,7 @@ class ClipLibrary:
                                                 outcome="failed", reason=exc.reason))
             raise
         if counted.total == 0:
-            self._blobs.delete(clip_id)
+            self._delete_object(clip_id)  # if the store fails now, the orphan sweep removes it: the answer stays
             raise _empty_clip()
         now = self._clock.now()
         keep_s = self._retention_s if new.wake_word else self._accidental_s
@@ -178,7 +178,7 @@ class ClipLibrary:
                 return row
             raise
         if owner != clip_id:
-            self._blobs.delete(clip_id)
+            self._delete_object(clip_id)  # ours is a duplicate; the sweep retries a failed delete
             clip, key = self._existing(owner)
             return self._same_recording(clip, key, new, counted.total, audio.sha256(), actor)
         return row

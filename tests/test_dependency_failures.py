@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import secrets
 import socket
 import threading
 import time
@@ -245,3 +246,32 @@ def test_putclips_whose_upload_spans_a_deletion_of_their_account_store_nothing_a
         clip = clips.PutClip(put_requests(metas[0], bytes([0]) * 100_000), metadata=ingest, timeout=30).clip
         assert clips.GetClip(clip_pb2.GetClipRequest(clip_id=clip.clip_id), metadata=ingest,
                              timeout=10).clip.size_bytes == 100_000
+
+
+@pytest.fixture
+def s3_relay(moto_endpoint: str) -> Iterator[tuple[FaultyRelay, dict[str, object]]]:
+    relay = FaultyRelay(moto_endpoint)
+    bucket = f"clips-{secrets.token_hex(6)}"
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket=bucket)
+    try:
+        yield relay, {"s3.bucket": bucket, "s3.endpoint_url": relay.url}
+    finally:
+        relay.close()
+
+
+def test_an_empty_clip_is_invalid_argument_even_when_its_object_cannot_be_deleted_at_once(
+        tmp_path: Path, s3_relay: tuple[FaultyRelay, dict[str, object]], log_stream: io.StringIO) -> None:
+    relay, s3 = s3_relay
+    with running_server(make_config(tmp_path / "data", **s3)) as server, \
+            grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        ingest = bearer(new_key(server.app, "ingest"))
+        relay.rule = lambda request: "503" if request.method == "DELETE" else None
+        with pytest.raises(grpc.RpcError) as caught:
+            clip_pb2_grpc.ClipServiceStub(channel).PutClip(put_requests(metadata(), b""), metadata=ingest, timeout=30)
+        # Before: UNAVAILABLE / BLOB_STORE_UNAVAILABLE, as if a retry could help.
+        assert (caught.value.code(), error_info(caught.value).reason) == \
+            (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"), caught.value.details()
+        relay.rule = lambda request: None
+        # The object waits for the orphan sweep, which goes by the row: there is none.
+        assert server.app.clips.sweep_orphans(older_than_s=-10) == 1
+        assert list(server.app.blobs.list_keys(-10)) == []
