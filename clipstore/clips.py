@@ -17,11 +17,13 @@ from clipstore.envelope import open_clip, seal_clip
 from clipstore.errors import (
     Cancelled,
     ClipstoreError,
+    DataLoss,
     EnvelopeError,
     FailedPrecondition,
     InvalidArgument,
     Kind,
     NotFound,
+    Unavailable,
 )
 from clipstore.identity import open_identity, seal_identity
 from clipstore.locales import canonical_locale
@@ -30,7 +32,15 @@ from clipstore.ports import ClipCatalog, ClipWrites, ReviewQueue
 from clipstore.rows import ClipRow
 from clipstore.sampling import ReviewSampler
 from clipstore.unit import SYSTEM, Actor, AuditTrail, Tx, deny_alone
-from kms import AccountKeysDestroyed, KeyRing, WrappedDek
+from kms import (
+    AccountKeysDestroyed,
+    DekUnwrapError,
+    KeyRing,
+    KeyVersionError,
+    KmsAccessDenied,
+    KmsError,
+    WrappedDek,
+)
 
 MAX_CHUNK_BYTES = 1 << 20  # bounds memory per stream message
 MAX_CLIP_BYTES = 256 << 20  # ~2.5 h of 16-bit 16 kHz audio; longer is not a voice command
@@ -67,6 +77,21 @@ class Upload(Protocol):
     def sha256(self) -> bytes:
         """SHA-256 of all the chunks, as checked against the client's declaration; only once they ended."""
         ...
+
+
+def key_failure(exc: KmsError) -> ClipstoreError:
+    """A key ring or key service failure as the error a caller sees."""
+    if isinstance(exc, AccountKeysDestroyed):
+        return NotFound("the account was deleted; its clips can never be opened", reason="ACCOUNT_DELETED")
+    if isinstance(exc, KeyVersionError):
+        return FailedPrecondition("the clip's key version is retired or unknown; an operator must rewrap it",
+                                  reason="KEY_VERSION_UNAVAILABLE")
+    if isinstance(exc, DekUnwrapError):
+        return DataLoss("the clip's data key does not open; the event was recorded", reason="CLIP_INTEGRITY")
+    if isinstance(exc, KmsAccessDenied):
+        return Unavailable("the service cannot use its root key; operators: check the KMS key policy and state",
+                           reason="KMS_ACCESS_DENIED")
+    return Unavailable("the key service is unavailable; retry later", reason="KMS_UNAVAILABLE")
 
 
 def _empty_clip() -> InvalidArgument:

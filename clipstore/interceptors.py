@@ -25,15 +25,13 @@ import structlog
 
 from clipstore.admission import PrincipalSlots, Timer, Watchdog
 from clipstore.auth import PUBLIC_PREFIXES, authorize, request_metadata
+from clipstore.clips import key_failure
 from clipstore.config import ServingConfig
 from clipstore.errors import (
     Cancelled,
     ClipstoreError,
-    DataLoss,
-    FailedPrecondition,
     Internal,
     InvalidArgument,
-    NotFound,
     ResourceExhausted,
     Unavailable,
     Unimplemented,
@@ -42,7 +40,7 @@ from clipstore.logs import get_logger
 from clipstore.rows import Principal
 from clipstore.servicers.status import grpc_status, status_code
 from clipstore.unit import Actor
-from kms import AccountKeysDestroyed, DekUnwrapError, KeyVersionError, KmsAccessDenied, KmsError
+from kms import KmsError
 
 REQUEST_ID_HEADER = "x-request-id"
 # Only UUID-shaped ids are adopted: request ids reach the audit log, so they must not carry names or
@@ -376,18 +374,8 @@ def translate(exc: BaseException) -> ClipstoreError | None:
     """Errors of the layers below (key ring, database) as the status a caller should see."""
     if isinstance(exc, ClipstoreError):
         return exc
-    if isinstance(exc, AccountKeysDestroyed):
-        return NotFound("the account was deleted; its clips can never be opened", reason="ACCOUNT_DELETED")
-    if isinstance(exc, KeyVersionError):
-        return FailedPrecondition("the clip's key version is retired or unknown; an operator must rewrap it",
-                                  reason="KEY_VERSION_UNAVAILABLE")
-    if isinstance(exc, DekUnwrapError):
-        return DataLoss("the clip's data key does not open; the event was recorded", reason="CLIP_INTEGRITY")
-    if isinstance(exc, KmsAccessDenied):
-        return Unavailable("the service cannot use its root key; operators: check the KMS key policy and state",
-                           reason="KMS_ACCESS_DENIED")
     if isinstance(exc, KmsError):
-        return Unavailable("the key service is unavailable; retry later", reason="KMS_UNAVAILABLE")
+        return key_failure(exc)
     if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError | sa.exc.TimeoutError) or (  # Timeout: pool
             isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated):  # the connection dropped, whatever
         return Unavailable("the metadata database is unavailable; retry later", reason="DATABASE_UNAVAILABLE")

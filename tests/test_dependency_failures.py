@@ -31,6 +31,7 @@ from tests.clip_helpers import ACCOUNT_ID, metadata, put_requests
 from tests.conftest import FakeClock, bearer, make_config, new_key
 from tests.grpc_helpers import error_info
 from tests.http_faults import FaultyRelay
+from tests.test_review import World
 
 
 class CommitCutter:
@@ -275,3 +276,41 @@ def test_an_empty_clip_is_invalid_argument_even_when_its_object_cannot_be_delete
         # The object waits for the orphan sweep, which goes by the row: there is none.
         assert server.app.clips.sweep_orphans(older_than_s=-10) == 1
         assert list(server.app.blobs.list_keys(-10)) == []
+
+
+@pytest.mark.parametrize("failing", ["s3:GET", "kms:Decrypt"])
+def test_a_fetch_whose_audio_cannot_be_read_after_it_was_recorded_is_recorded_as_failed(
+        tmp_path: Path, moto_endpoint: str, failing: str, log_stream: io.StringIO) -> None:
+    """The clip.fetch entry is written before the first byte; if the blob store or the key service then
+    fails, the log said the clip was heard, and nothing more. Now an audio_failure entry follows, naming
+    the reason the reviewer got."""
+    relay = FaultyRelay(moto_endpoint)
+    bucket = f"clips-{secrets.token_hex(6)}"
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket=bucket)
+    key_id = boto3.client("kms", endpoint_url=moto_endpoint).create_key()["KeyMetadata"]["KeyId"]
+    config = make_config(tmp_path / "data", **{"review.sample_rate": 1.0, "s3.bucket": bucket,
+                                               "s3.endpoint_url": relay.url, "kms.key_id": key_id,
+                                               "kms.endpoint_url": relay.url})
+    clock = FakeClock()
+    try:
+        with running_server(config, clock=clock) as server, \
+                grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            w = World(server, channel, clock)
+            w.opt_in()
+            w.put()
+            clock.advance(3600)  # the account key is no longer cached: the fetch unwraps it through KMS
+            r = w.enroll()
+            token = w.session(r)
+            assignment = w.next(r, token)
+            grant = w.grant(r, token, assignment.assignment_id)
+            relay.rule = lambda request: "503" if request.target.startswith(failing) else None
+            with pytest.raises(grpc.RpcError) as caught:
+                w.fetch(r, token, grant.grant, grant.review_clip_id)
+            reason = error_info(caught.value).reason
+            assert (caught.value.code(), reason) == \
+                (grpc.StatusCode.UNAVAILABLE, "BLOB_STORE_UNAVAILABLE" if failing == "s3:GET" else "KMS_UNAVAILABLE")
+            entries = [(e["action"], e["outcome"]) for e in w.entries()]
+            fetched = entries.index(("clip.fetch", next(o for a, o in entries if a == "clip.fetch")))
+            assert entries[fetched + 1:] == [("clip.audio_failure", {"result": "failed", "reason": reason})]
+    finally:
+        relay.close()

@@ -12,8 +12,9 @@ from collections.abc import Iterator
 from clipstore.audio.errors import AudioTooLong, UnsupportedAudio
 from clipstore.audio.fetch import FetchPlan
 from clipstore.clipkey import Purpose
-from clipstore.clips import ClipLibrary
-from clipstore.errors import EnvelopeError, FailedPrecondition
+from clipstore.clips import ClipLibrary, key_failure
+from clipstore.errors import ClipstoreError, EnvelopeError, FailedPrecondition
+from clipstore.logs import get_logger
 from clipstore.review.assignments import Assignments, assigned_clip
 from clipstore.review.escalations import Escalations
 from clipstore.review.policy import ReviewPolicy
@@ -22,6 +23,9 @@ from clipstore.review.redeem import Grants
 from clipstore.review.sessions import Sessions
 from clipstore.rows import AssignmentRow, ClipRow, EscalationRow, QueuedClip
 from clipstore.unit import Actor, AuditTrail
+from kms import KmsError
+
+log = get_logger("clipstore.review")
 
 
 class ReviewDesk:
@@ -74,11 +78,22 @@ class ReviewDesk:
                                      reason=reason) from exc
 
     def _audio(self, clip: ClipRow, actor: Actor) -> Iterator[bytes]:
+        """The clip's plaintext. Its `clip.fetch` entry is already written: a failure from here on is an entry
+        too, so the log does not say the clip was heard whole when the reviewer got nothing, or part of it
+        (the blob store or key service failed, the object is missing, the account was deleted meanwhile)."""
         try:
             yield from self._clips.audio(clip)
         except EnvelopeError as exc:
             self._audit.append(actor.record("clip.integrity_failure", clip_id=clip.clip_id,
                                             account_ref=clip.account_ref, outcome="failed", reason=exc.tamper))
+            raise
+        except (ClipstoreError, KmsError) as exc:
+            error = key_failure(exc) if isinstance(exc, KmsError) else exc
+            try:
+                self._audit.append(actor.record("clip.audio_failure", clip_id=clip.clip_id,
+                                                account_ref=clip.account_ref, outcome="failed", reason=error.reason))
+            except Exception as audit_exc:  # the database may be what failed too: the caller gets the first failure
+                log.warning("clip.audio_failure_unrecorded", clip_id=clip.clip_id, exc_type=type(audit_exc).__name__)
             raise
 
     # -- escalation ------------------------------------------------------------------
