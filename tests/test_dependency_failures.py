@@ -314,3 +314,30 @@ def test_a_fetch_whose_audio_cannot_be_read_after_it_was_recorded_is_recorded_as
             assert entries[fetched + 1:] == [("clip.audio_failure", {"result": "failed", "reason": reason})]
     finally:
         relay.close()
+
+
+def test_a_file_store_that_cannot_read_an_object_is_unavailable_not_a_bug(
+        tmp_path: Path, log_stream: io.StringIO) -> None:
+    """The embedded store on a file system that fails (an I/O error, a lost mount): here the object's path
+    no longer names a file. Before: INTERNAL (only a missing file was mapped)."""
+    clock = FakeClock()
+    config = make_config(tmp_path / "data", **{"review.sample_rate": 1.0})
+    with running_server(config, clock=clock) as server, grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        w = World(server, channel, clock)
+        w.opt_in()
+        meta = metadata()
+        clip = w.clips.PutClip(put_requests(meta, b"\x07" * 5000), metadata=w.ingest, timeout=30).clip
+        r = w.enroll()
+        token = w.session(r)
+        grant = w.grant(r, token, w.next(r, token).assignment_id)
+        (path,) = Path(server.app.blobs.root).rglob(clip.clip_id)  # type: ignore[attr-defined]
+        path.rename(path.with_name("moved"))
+        path.mkdir()
+        failures: list[grpc.RpcError] = []
+        for call in (lambda: w.fetch(r, token, grant.grant, grant.review_clip_id),  # reads the object
+                     lambda: w.clips.PutClip(put_requests(meta, b"\x07" * 5000), metadata=w.ingest, timeout=30)):
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            failures.append(caught.value)
+        assert [(f.code(), error_info(f).reason) for f in failures] == \
+            [(grpc.StatusCode.UNAVAILABLE, "BLOB_STORE_UNAVAILABLE")] * 2, [f.details() for f in failures]

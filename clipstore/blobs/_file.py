@@ -59,27 +59,36 @@ class FileBlobStore:
         return size
 
     def get_stream(self, key: str) -> Iterator[bytes]:
-        try:
+        with self._reading():
             fh = self._path(key).open("rb")
-        except FileNotFoundError:
-            raise BlobNotFound("clip object is missing") from None
         with fh:
-            while chunk := fh.read(READ_CHUNK_BYTES):
+            while True:
+                with self._reading():
+                    chunk = fh.read(READ_CHUNK_BYTES)
+                if not chunk:
+                    return
                 yield chunk
 
     def read_range(self, key: str, offset: int, length: int) -> bytes:
-        try:
-            with self._path(key).open("rb") as fh:
-                fh.seek(offset)
-                return fh.read(length)
-        except FileNotFoundError:
-            raise BlobNotFound("clip object is missing") from None
+        with self._reading(), self._path(key).open("rb") as fh:
+            fh.seek(offset)
+            return fh.read(length)
 
     def size(self, key: str) -> int:
-        try:
+        with self._reading():
             return self._path(key).stat().st_size
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _reading() -> Iterator[None]:
+        """A missing object is BlobNotFound; any other failure of the file system (an I/O error, a lost
+        mount, a path that is no longer a file) is the store being unavailable, not a bug."""
+        try:
+            yield
         except FileNotFoundError:
             raise BlobNotFound("clip object is missing") from None
+        except OSError as exc:
+            raise BlobUnavailable(f"could not read the clip object ({exc.strerror}); retry later") from None
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
