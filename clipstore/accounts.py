@@ -81,7 +81,7 @@ class AccountDirectory:
         rows then go a page per unit (no transaction is held for long), and the objects after them. If
         the process stops half-way, the purge loop removes what is left (`ClipRepository.shredded`)."""
         ref = self.require(account_id).account_ref
-        return self._erase(ref, actor.record("account.delete", account_ref=ref))
+        return self._erase(ref, actor.record("account.delete", account_ref=ref), once=True)
 
     def replay_deletions(self, account_refs: Iterable[str], actor: Actor) -> int:
         """Erase again every account the audit log records as deleted whose keys, pseudonym or clips the
@@ -93,8 +93,13 @@ class AccountDirectory:
             log.warning("accounts.deletions_replayed", accounts=len(held))
         return len(held)
 
-    def _erase(self, ref: str, record: AuditRecord) -> int:
+    def _erase(self, ref: str, record: AuditRecord, *, once: bool = False) -> int:
+        """With `once`, the account's pseudonym mapping must still be there when the shred's unit runs: of
+        concurrent deletions of one account, one erases it (one entry) and the others are told it is gone,
+        as a deletion after it would be."""
         def shred(tx: Tx) -> None:
+            if once and not self._rows(tx).account_exists(ref):
+                raise tx.refuse(NotFound("no such account; it has no clips or was deleted", reason="ACCOUNT_NOT_FOUND"))
             self._shred_keys(tx, ref)
             self._review(tx).withdraw_from_review(account_ref=ref)
             self._rows(tx).delete_account(ref)

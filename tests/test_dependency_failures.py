@@ -9,13 +9,15 @@ that fails chosen requests (tests/http_faults.py)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -341,3 +343,46 @@ def test_a_file_store_that_cannot_read_an_object_is_unavailable_not_a_bug(
             failures.append(caught.value)
         assert [(f.code(), error_info(f).reason) for f in failures] == \
             [(grpc.StatusCode.UNAVAILABLE, "BLOB_STORE_UNAVAILABLE")] * 2, [f.details() for f in failures]
+
+
+def test_concurrent_deletions_of_one_account_erase_it_once_with_one_entry(srv: ClipstoreServer) -> None:
+    """12 DeleteAccount calls and 12 DeleteClip calls of its clips at once. Before, every DeleteAccount that
+    had found the account before the first shred committed answered OK and appended its own
+    account.delete entry (up to 7 for one deletion on PostgreSQL)."""
+    with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        ingest = bearer(new_key(srv.app, "ingest"))
+        clips = clip_pb2_grpc.ClipServiceStub(channel)
+        accounts = account_pb2_grpc.AccountServiceStub(channel)
+        identity = clip_pb2.ClipIdentity(account_id="acct-deleted-twice", device_serial="S1")
+        ids = [clips.PutClip(put_requests(metadata(identity=identity), bytes([i]) * 1000), metadata=ingest,
+                             timeout=30).clip.clip_id for i in range(30)]
+        account = srv.app.accounts.find(identity.account_id)
+        assert account is not None
+
+        def outcome(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
+            try:
+                call()
+            except grpc.RpcError as err:
+                return err.code(), error_info(err).reason
+            return grpc.StatusCode.OK, ""
+
+        delete_account = functools.partial(accounts.DeleteAccount, account_pb2.DeleteAccountRequest(
+            account_id=identity.account_id), metadata=ingest, timeout=30)
+        with ThreadPoolExecutor(24) as pool:
+            answers = list(pool.map(outcome, [delete_account] * 12 + [
+                functools.partial(clips.DeleteClip, clip_pb2.DeleteClipRequest(clip_id=c), metadata=ingest,
+                                  timeout=30) for c in ids[:12]]))
+        deletions = Counter(answers[:12])
+        assert deletions[(grpc.StatusCode.OK, "")] == 1, deletions
+        assert set(deletions) <= {(grpc.StatusCode.OK, ""), (grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND")}
+        assert set(answers[12:]) <= {(grpc.StatusCode.OK, ""), (grpc.StatusCode.NOT_FOUND, "CLIP_NOT_FOUND")}
+        entries = [json.loads(e) for e in srv.app.audit.reader.entries(0, 100_000)]
+        mine = Counter(e["action"] for e in entries
+                       if e.get("target", {}).get("account_ref") == account.account_ref)
+        assert mine["account.delete"] == 1
+        # every clip went exactly once: by its DeleteClip, or with the account
+        assert mine["clip.delete"] == answers[12:].count((grpc.StatusCode.OK, ""))
+        with srv.app.db.read() as conn:
+            assert conn.scalar(sa.select(sa.func.count()).select_from(schema.clips)
+                               .where(schema.clips.c.account_ref == account.account_ref)) == 0
+        assert list(srv.app.blobs.list_keys(-10)) == []
