@@ -183,10 +183,10 @@ class ClipLibrary:
                 raise tx.refuse(Cancelled("the call was cancelled before the clip was committed; nothing was "
                                           "stored"))
             rows = self._rows(tx)
-            owner = rows.owner(actor.id, idem)
+            owner, account_live = rows.owner_and_account(actor.id, idem, ref)
             if owner is not None:  # a concurrent retry with the same key committed first
                 return owner
-            if not rows.account_exists(ref):  # deleted (shredded) while the audio arrived: the clip goes with it
+            if not account_live:  # deleted (shredded) while the audio arrived: the clip goes with it
                 raise tx.deny(actor, "clip.ingest", NotFound(
                     "the account was deleted while this clip was uploaded; nothing was stored",
                     reason="ACCOUNT_DELETED"), account_ref=ref)

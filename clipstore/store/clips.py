@@ -73,6 +73,7 @@ _ACCOUNT_BY_LOOKUP = _SELECT_ACCOUNT + "lookup_hmac = ?"
 _ACCOUNT_BY_REF = _SELECT_ACCOUNT + "account_ref = ?"
 _ACCOUNT_EXISTS = "SELECT 1 FROM accounts WHERE account_ref = ?"
 _OWNER = "SELECT clip_id FROM ingest_idempotency WHERE principal_id = ? AND key_hash = ?"
+_OWNER_AND_ACCOUNT = f"SELECT ({_OWNER}), EXISTS ({_ACCOUNT_EXISTS})"
 
 
 def _account(row: tuple[Any, ...] | None) -> AccountRow | None:
@@ -89,6 +90,13 @@ class ClipRows(PlainRows):
     def owner(self, principal_id: str, key_hash: bytes) -> str | None:
         """The clip an idempotency key belongs to (perhaps deleted since: the key is then a tombstone)."""
         return _clip_id(self._fetch(_OWNER, (principal_id, key_hash)))
+
+    def owner_and_account(self, principal_id: str, key_hash: bytes, account_ref: str) -> tuple[str | None, bool]:
+        """`owner`, and `account_exists` of `account_ref`, in one statement (one round trip in the writer's
+        unit of every PutClip)."""
+        row = self._fetch(_OWNER_AND_ACCOUNT, (principal_id, key_hash, account_ref))
+        assert row is not None
+        return (None if row[0] is None else str(row[0])), bool(row[1])
 
     def account_exists(self, account_ref: str) -> bool:
         """Whether the account's pseudonym mapping is still there (a deletion removes it with the shred)."""
