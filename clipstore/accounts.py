@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 
 from clipstore.blobs import BlobStore
 from clipstore.clock import Clock
-from clipstore.errors import FailedPrecondition, NotFound
+from clipstore.errors import FailedPrecondition, NotFound, Unavailable
 from clipstore.identity import AccountLookup
 from clipstore.logs import get_logger
 from clipstore.ports import Accounts, ClipCatalog, ClipWrites, ReviewQueue
@@ -20,6 +20,7 @@ log = get_logger("clipstore.accounts")
 DELETE_PAGE_CLIPS = 500  # clip rows per unit of work when an account is deleted
 REWRAP_PAGE_CLIPS = 200  # data keys rewrapped per unit of work in a rotation
 ROTATE_MARGIN_S = 1.0  # stop this long before the caller's deadline, to answer in time
+PREFERENCE_ATTEMPTS = 3  # a deletion between finding the account and the unit sends the preference to the new one
 REMAINING_COUNT_LIMIT = 1_000_000  # "remaining" is exact up to this; the caller just calls again
 
 
@@ -60,19 +61,33 @@ class AccountDirectory:
 
     def set_review_preference(self, account_id: str, allow: bool, actor: Actor) -> tuple[AccountRow, int, int]:
         """Returns the account and, when review is turned off, how many queued clips and
-        unredeemed grants were withdrawn (in the same unit as the change)."""
-        account = self.find_or_create(account_id)
-        ref = account.account_ref
+        unredeemed grants were withdrawn (in the same unit as the change).
 
-        def unit(tx: Tx) -> tuple[int, int]:
-            self._rows(tx).set_allow_review(ref, allow)
-            withdrawn = (0, 0) if allow else self._review(tx).withdraw_from_review(account_ref=ref)
-            tx.audit(actor.record("account.review_preference", account_ref=ref, reason="allow" if allow else "deny"))
-            return withdrawn
+        The account is found (or created) before the unit; if a deletion erased it in between, the unit
+        changes nothing and the preference goes to the account id's new account, as it would have a moment
+        later: never to an erased account, where it would be lost (with `review.default_allow = true`, an
+        opt-out lost that way let the id's next clips be reviewed)."""
+        for _ in range(PREFERENCE_ATTEMPTS):
+            account = self.find_or_create(account_id)
+            ref = account.account_ref
 
-        dequeued, revoked = self._audit.run(unit)
-        return AccountRow(account_ref=ref, allow_review=allow, retention_days=account.retention_days), \
-            dequeued, revoked
+            def unit(tx: Tx, ref: str = ref) -> tuple[int, int] | None:
+                rows = self._rows(tx)
+                if not rows.account_exists(ref):  # erased since it was found
+                    return None
+                rows.set_allow_review(ref, allow)
+                withdrawn = (0, 0) if allow else self._review(tx).withdraw_from_review(account_ref=ref)
+                tx.audit(actor.record("account.review_preference", account_ref=ref,
+                                      reason="allow" if allow else "deny"))
+                return withdrawn
+
+            changed = self._audit.run(unit)
+            if changed is not None:
+                dequeued, revoked = changed
+                return AccountRow(account_ref=ref, allow_review=allow, retention_days=account.retention_days), \
+                    dequeued, revoked
+        raise Unavailable("the account was deleted again and again while its preference was set; retry",
+                          reason="UNAVAILABLE")
 
     def delete_account(self, account_id: str, actor: Actor) -> int:
         """Crypto-shred first (from then on nothing of the account opens), then delete rows and objects.

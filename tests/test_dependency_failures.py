@@ -386,3 +386,37 @@ def test_concurrent_deletions_of_one_account_erase_it_once_with_one_entry(srv: C
             assert conn.scalar(sa.select(sa.func.count()).select_from(schema.clips)
                                .where(schema.clips.c.account_ref == account.account_ref)) == 0
         assert list(srv.app.blobs.list_keys(-10)) == []
+
+
+def test_a_review_preference_set_while_its_account_is_deleted_is_never_left_on_the_erased_account(
+        srv: ClipstoreServer) -> None:
+    """23 SetReviewPreference(deny) calls around one DeleteAccount. Before, a call that found the account
+    before the shred still answered OK and audited a preference on the erased account: the account id
+    then had no account, the opt-out was lost (with review.default_allow = true, its next clips were
+    reviewable). Now such a call sets it on the id's new account."""
+    with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        ingest = bearer(new_key(srv.app, "ingest"))
+        clips = clip_pb2_grpc.ClipServiceStub(channel)
+        accounts = account_pb2_grpc.AccountServiceStub(channel)
+        for round_ in range(3):
+            account_id = f"acct-preference-{round_}"
+            identity = clip_pb2.ClipIdentity(account_id=account_id, device_serial="S1")
+            for i in range(20):
+                clips.PutClip(put_requests(metadata(identity=identity), bytes([i]) * 1000), metadata=ingest,
+                              timeout=30)
+            deny = functools.partial(accounts.SetReviewPreference, account_pb2.SetReviewPreferenceRequest(
+                account_id=account_id, allow_human_review=False), metadata=ingest, timeout=30)
+            delete = functools.partial(accounts.DeleteAccount, account_pb2.DeleteAccountRequest(
+                account_id=account_id), metadata=ingest, timeout=30)
+            with ThreadPoolExecutor(24) as pool:
+                list(pool.map(lambda call: call(), [deny] * 12 + [delete] + [deny] * 11))
+            erased: set[str] = set()
+            for raw in srv.app.audit.reader.entries(0, 100_000):
+                entry = json.loads(raw)
+                ref = entry.get("target", {}).get("account_ref")
+                if entry["action"] == "account.delete":
+                    erased.add(ref)
+                elif entry["action"] == "account.review_preference":
+                    assert ref not in erased, "a preference was set on an erased account"
+            live = srv.app.accounts.find(account_id)
+            assert live is None or live.allow_review is False
