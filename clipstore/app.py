@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from clipstore.access_reports import PSEUDONYM_KEY_NAME, AccessReports
@@ -32,7 +33,7 @@ from clipstore.review.forensics import Forensics, LeakDetector
 from clipstore.review.redeem import Grants
 from clipstore.review.sessions import Sessions, totp_context
 from clipstore.sampling import ReviewSampler
-from clipstore.store import Database, PrincipalRepository
+from clipstore.store import Database, PrincipalRepository, schema
 from clipstore.store.clips import AccountRepository, ClipRepository, ClipRows
 from clipstore.store.db import connection
 from clipstore.store.enrolment import EnrolmentRows
@@ -42,16 +43,35 @@ from clipstore.store.review import ReviewRows
 from clipstore.store.service_keys import load_or_create_service_key
 from clipstore.unit import STARTUP, Tx
 from clipstore.upgrade import finish_upgrade
-from kms import AwsKms, KeyProvider, KeyRing, LocalKms
+from kms import AwsKms, KeyProvider, KeyRing, KmsDecryptError, LocalKms
 
 
-def root_provider(config: Config) -> KeyProvider:
+def root_provider(config: Config, *, create: bool = True) -> KeyProvider:
+    """The KMS root, or the local root key file (made when missing only if `create`: a database that already
+    holds keys was made with another root key, and a new one would open none of them)."""
     if config.kms is not None:
         return AwsKms(config.kms.key_id, endpoint_url=config.kms.endpoint_url, region=config.kms.region)
+    if not create and not config.root_key_file.exists():
+        raise ConfigError("data_dir", f"{config.root_key_file} is missing but the database holds keys wrapped by it; "
+                                      "restore the root key file from your backup (a new one would open nothing)")
     try:
-        return LocalKms.from_file(config.root_key_file)
+        return LocalKms.from_file(config.root_key_file, create=create)
     except (OSError, ValueError) as exc:  # the message names the file and the fix
         raise ConfigError("data_dir", str(exc)) from None
+
+
+def _holds_keys(db: Database) -> bool:
+    """Whether the database already holds a key wrapped by a root (a service key is made at first start)."""
+    with db.read() as conn:
+        return conn.scalar(sa.select(schema.service_keys.c.name).limit(1)) is not None
+
+
+def _wrong_root(config: Config) -> ConfigError:
+    if config.kms is not None:
+        return ConfigError("kms.key_id", f"the KMS key {config.kms.key_id} does not open this database's keys; "
+                                         "set the key the database was created with")
+    return ConfigError("data_dir", f"{config.root_key_file} does not open this database's keys; restore the root "
+                                   "key file this database was created with")
 
 
 GRANT_KEY_NAME = "grant-signing"
@@ -141,13 +161,18 @@ class App:
     def __init__(self, config: Config, *, clock: Clock | None = None) -> None:
         self.config = config
         private_data(config)
-        self.root = root_provider(config)
         self.db = Database(config.effective_database_url)
+        self.root = root_provider(config, create=not _holds_keys(self.db))
         self.principals = PrincipalRepository(self.db)
         self.clock: Clock = clock or SystemClock()
         self.keyring = KeyRing(self.root, SqlKekStore(self.db, now=self.clock.now), now=self.clock.now)
-        finish_upgrade(self.db, self.root, self.keyring)  # before the signer: it may move the signing seed
-        self.audit = AuditLog(self.db, load_or_create_signer(self.db, self.root), self.clock,
+        try:
+            finish_upgrade(self.db, self.root, self.keyring)  # before the signer: it may move the signing seed
+            signer = load_or_create_signer(self.db, self.root)
+        except KmsDecryptError:
+            self.db.close()
+            raise _wrong_root(config) from None
+        self.audit = AuditLog(self.db, signer, self.clock,
                               checkpoint_every_entries=config.audit_checkpoint_every_entries,
                               checkpoint_every_s=config.audit_checkpoint_every_s)
         tiles = storage_for(config.audit_tiles, retain_days=config.audit_tiles_retain_days) \
