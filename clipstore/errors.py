@@ -85,7 +85,9 @@ class Reason(StrEnum):
     IDENTIFY_LEAK_BUSY = auto(), Kind.LIMIT_REACHED, \
         "`server.max_identify_leak_calls` IdentifyLeak calls are in flight on this server; retry in a minute"
     # -- dependencies --------------------------------------------------------------------------------
-    AUDIT_UNAVAILABLE = auto(), Kind.DEPENDENCY_DOWN, "the action could not be audited, so it was not performed; retry"
+    AUDIT_UNAVAILABLE = auto(), Kind.DEPENDENCY_DOWN, \
+        "the action could not be audited, so it was not performed; retry (when the message says the database did " \
+        "not confirm the commit, it may have been: read its state, or retry idempotently)"
     BLOB_STORE_UNAVAILABLE = auto(), Kind.DEPENDENCY_DOWN, "the blob store failed; nothing was stored; retry"
     KMS_UNAVAILABLE = auto(), Kind.DEPENDENCY_DOWN, "the key service is down; retry"
     KMS_ACCESS_DENIED = auto(), Kind.DEPENDENCY_DOWN, \

@@ -37,12 +37,14 @@ from tests.test_review import World
 
 
 class CommitCutter:
-    """127.0.0.1:<port> -> PostgreSQL. Once `arm()`ed, the first connection that sends a COMMIT after an
-    `INSERT INTO clips` has that COMMIT forwarded, then is cut before the answer comes back."""
+    """127.0.0.1:<port> -> PostgreSQL. Once `arm()`ed, the first connection that sends a COMMIT after a
+    statement holding `pattern` (by default a clip row's INSERT) has that COMMIT forwarded, then is cut
+    before the answer comes back."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
         self._upstream = upstream
         self._armed = threading.Event()
+        self._pattern = b"INSERT INTO clips"
         self.fired = threading.Event()
         self._listener = socket.socket()
         self._listener.bind(("127.0.0.1", 0))
@@ -50,7 +52,8 @@ class CommitCutter:
         self.port = self._listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def arm(self) -> None:
+    def arm(self, pattern: bytes = b"INSERT INTO clips") -> None:
+        self._pattern = pattern
         self.fired.clear()
         self._armed.set()
 
@@ -71,7 +74,7 @@ class CommitCutter:
         wrote_clip = False
         try:
             while data := src.recv(65536):
-                wrote_clip = wrote_clip or b"INSERT INTO clips" in data
+                wrote_clip = wrote_clip or self._pattern in data
                 if wrote_clip and b"COMMIT" in data and self._armed.is_set():
                     self._armed.clear()
                     # The server's side goes first, so no answer can reach it; then the COMMIT goes on
@@ -139,6 +142,32 @@ def test_a_putclip_whose_commit_answer_is_lost_keeps_its_object_and_its_retry_re
         assert again.clip_id == first.clip_id
         got = clips.GetClip(clip_pb2.GetClipRequest(clip_id=first.clip_id), metadata=ingest, timeout=10)
         assert got.clip.size_bytes == len(audio)
+
+
+def test_a_deletion_whose_commit_answer_is_lost_says_its_outcome_is_unknown(
+        tmp_path: Path, cutter: tuple[CommitCutter, str], log_stream: io.StringIO) -> None:
+    """Before, the call said the action "was not performed" (AUDIT_UNAVAILABLE), though the database had
+    committed it: the clip was deleted and its entry written."""
+    relay, url = cutter
+    with running_server(make_config(tmp_path / "data", database_url=url)) as server, \
+            grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        ingest = bearer(new_key(server.app, "ingest"))
+        clips = clip_pb2_grpc.ClipServiceStub(channel)
+        clip = clips.PutClip(put_requests(metadata(), b"\x01" * 1000), metadata=ingest, timeout=30).clip
+        relay.arm(b"DELETE FROM clips")
+        delete = functools.partial(clips.DeleteClip, clip_pb2.DeleteClipRequest(clip_id=clip.clip_id),
+                                   metadata=ingest, timeout=30)
+        with pytest.raises(grpc.RpcError) as caught:
+            delete()
+        assert relay.fired.is_set()
+        assert (caught.value.code(), error_info(caught.value).reason) == \
+            (grpc.StatusCode.UNAVAILABLE, "AUDIT_UNAVAILABLE")
+        assert "may or may not have been performed" in (caught.value.details() or "")
+        assert "was not performed" not in (caught.value.details() or "")
+        assert server.app.clips.find(clip.clip_id) is None  # it was
+        with pytest.raises(grpc.RpcError) as again:
+            delete()
+        assert error_info(again.value).reason == "CLIP_NOT_FOUND"
 
 
 @pytest.fixture

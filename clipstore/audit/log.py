@@ -77,6 +77,11 @@ class _IdleConnectionLost(Exception):
     batch can have committed."""
 
 
+class _CommitUnconfirmed(Exception):
+    """The batch's COMMIT was sent but its answer never came (the connection dropped): the database may
+    have committed it."""
+
+
 HALTED_MESSAGE = ("the audit log's stored history failed verification, so this action cannot be recorded "
                   "truthfully and was not performed; operators: see the audit.history_rewritten alert")
 
@@ -372,9 +377,13 @@ class AuditLog:
                 self._halt(exc)
                 continue  # every unit fails as halted, above
             except Exception as exc:
-                log.error("audit.commit_failed", units=len(live), exc_type=type(exc).__name__)
+                unconfirmed = isinstance(exc, _CommitUnconfirmed)
+                log.error("audit.commit_failed", units=len(live), unconfirmed=unconfirmed,
+                          exc_type=type(exc.__cause__ if unconfirmed else exc).__name__)
                 for p in live:
                     p._settle(None, AuditUnavailable(
+                        "the database did not confirm the commit: the action may or may not have been performed "
+                        "and recorded; read its state, or retry (an idempotent retry is safe)" if unconfirmed else
                         "the audit log could not record this action, so it was not performed; retry later"))
                 return
             if failed is None:
@@ -421,6 +430,7 @@ class AuditLog:
                      ) -> tuple[list[_Outcome], tuple[Pending[Any], BaseException] | None]:
         conn = self._connection()
         idle_lost = False  # the batch's first statement found the connection dead: no unit ran, nothing committed
+        committing = False  # the COMMIT is on its way: a failure now leaves the outcome unknown
         try:
             with conn.begin() as trans:
                 # The writer's own statements go to the DBAPI cursor: through SQLAlchemy each cost
@@ -458,13 +468,16 @@ class AuditLog:
                         outcomes.append((p, tx.records, None, exc.with_traceback(None)))
                 leaves = self._chain(cursor, self._admitted(outcomes), size, prev, rfc3339(now), heads)
                 cursor.close()
+                committing = True  # leaving the block commits
             self._db.count_commit()
-        except BaseException:
+        except BaseException as exc:
             self._conn = None
             with contextlib.suppress(Exception):
                 conn.invalidate()
             if idle_lost:
                 raise _IdleConnectionLost from None
+            if committing and isinstance(exc, Exception) and not isinstance(exc, HistoryRewritten):
+                raise _CommitUnconfirmed from exc
             raise
         self._tree.append(leaves)
         self._heads = (size + len(leaves), heads if len(heads) <= MAX_CACHED_HEADS else {})
