@@ -60,7 +60,7 @@ def root_provider(config: Config, *, create: bool = True) -> KeyProvider:
         raise ConfigError("data_dir", str(exc)) from None
 
 
-def _holds_keys(db: Database) -> bool:
+def holds_keys(db: Database) -> bool:
     """Whether the database already holds a key wrapped by a root (a service key is made at first start)."""
     with db.read() as conn:
         return conn.scalar(sa.select(schema.service_keys.c.name).limit(1)) is not None
@@ -162,7 +162,7 @@ class App:
         self.config = config
         private_data(config)
         self.db = Database(config.effective_database_url)
-        self.root = root_provider(config, create=not _holds_keys(self.db))
+        self.root = root_provider(config, create=not holds_keys(self.db))
         self.principals = PrincipalRepository(self.db)
         self.clock: Clock = clock or SystemClock()
         self.keyring = KeyRing(self.root, SqlKekStore(self.db, now=self.clock.now), now=self.clock.now)

@@ -344,7 +344,7 @@ def _cmd_purge(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys_migrate_root(args: argparse.Namespace) -> int:
-    from clipstore.app import root_provider
+    from clipstore.app import holds_keys, root_provider
     from clipstore.audit import AuditLog
     from clipstore.audit.signing import load_or_create_signer
     from clipstore.clock import SystemClock
@@ -359,10 +359,10 @@ def _cmd_keys_migrate_root(args: argparse.Namespace) -> int:
         print("error: kms.key_id is already set; migrate-root moves a local root key to AWS KMS", file=sys.stderr)
         return 2
     # Not the whole App: after a run that stopped half-way the service keys may be wrapped by either root.
-    old, new = root_provider(config), AwsKms(args.to_kms_key_id, endpoint_url=args.kms_endpoint_url,
-                                             region=args.kms_region)
     db = Database(config.effective_database_url)
     try:
+        old = root_provider(config, create=not holds_keys(db))  # never a new root.key for a database with keys
+        new = AwsKms(args.to_kms_key_id, endpoint_url=args.kms_endpoint_url, region=args.kms_region)
         audit = AuditLog(db, load_or_create_signer(db, EitherRoot(old, new)), SystemClock(),
                          checkpoint_every_entries=config.audit_checkpoint_every_entries,
                          checkpoint_every_s=config.audit_checkpoint_every_s)
@@ -408,16 +408,16 @@ def _cmd_keys_retire(args: argparse.Namespace) -> int:
 
 
 def _cmd_db_upgrade(args: argparse.Namespace) -> int:
-    from clipstore.app import private_data, root_provider
+    from clipstore.app import holds_keys, private_data, root_provider
     from clipstore.store import Database
     from clipstore.store.keys import SqlKekStore
     from clipstore.upgrade import finish_upgrade
     from kms import KeyRing
     config = _config(args)
     private_data(config)
-    root = root_provider(config)
     db = Database(config.effective_database_url)
     try:
+        root = root_provider(config, create=not holds_keys(db))  # never a new root.key for a database with keys
         revision = finish_upgrade(db, root, KeyRing(root, SqlKekStore(db, now=time.time), now=time.time))
     finally:
         db.close()

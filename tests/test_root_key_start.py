@@ -45,3 +45,18 @@ def test_a_missing_or_foreign_root_key_file_stops_the_start_naming_it(tmp_path: 
 
     key_file.write_bytes(original)  # the right file back: the service starts
     App(make_config(data)).close()
+
+
+def test_db_upgrade_never_makes_a_new_root_key_for_a_database_that_holds_keys(tmp_path: Path) -> None:
+    """Before, `clipstore db upgrade` with root.key missing made a new one and answered OK: the service
+    then could open none of its keys."""
+    data = tmp_path / "data"
+    App(make_config(data)).close()
+    (data / "root.key").unlink()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPSTORE_")}
+    env["CLIPSTORE_DATA_DIR"] = str(data)
+    upgrade = subprocess.run([sys.executable, "-m", "clipstore", "db", "upgrade"], env=env, capture_output=True,
+                             text=True, timeout=60, cwd=REPO)
+    assert upgrade.returncode == 2, upgrade.stderr
+    assert "root.key is missing but the database holds keys" in upgrade.stderr
+    assert not (data / "root.key").exists()
