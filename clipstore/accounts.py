@@ -11,7 +11,7 @@ from clipstore.clock import Clock
 from clipstore.errors import FailedPrecondition, NotFound, Unavailable
 from clipstore.identity import AccountLookup
 from clipstore.logs import get_logger
-from clipstore.ports import Accounts, ClipCatalog, ClipWrites, ReviewQueue
+from clipstore.ports import Accounts, ClipCatalog, ClipWrites, KekWrites, ReviewQueue
 from clipstore.rows import AccountRow, ClipRow
 from clipstore.unit import Actor, AuditRecord, AuditTrail, Tx
 from kms import KeyRing, WrappedDek
@@ -26,13 +26,14 @@ REMAINING_COUNT_LIMIT = 1_000_000  # "remaining" is exact up to this; the caller
 
 class AccountDirectory:
     def __init__(self, *, accounts: Accounts, clips: ClipCatalog, rows: Callable[[Tx], ClipWrites],
-                 review: Callable[[Tx], ReviewQueue], shred_keys: Callable[[Tx, str], object], keyring: KeyRing,
+                 review: Callable[[Tx], ReviewQueue], keks: Callable[[Tx], KekWrites],
+                 shred_keys: Callable[[Tx, str], object], keyring: KeyRing,
                  lookup: AccountLookup, blobs: BlobStore, audit: AuditTrail, clock: Clock,
                  default_allow_review: bool) -> None:
-        """`rows`, `review`: the store bound to a unit's transaction; `shred_keys(tx, account_ref)` destroys
-        every KEK version of the account in it (the crypto-shred)."""
+        """`rows`, `review`, `keks`: the store bound to a unit's transaction; `shred_keys(tx, account_ref)`
+        destroys every KEK version of the account in it (the crypto-shred)."""
         self._accounts, self._clips, self._keyring = accounts, clips, keyring
-        self._rows, self._review, self._shred_keys = rows, review, shred_keys
+        self._rows, self._review, self._keks, self._shred_keys = rows, review, keks, shred_keys
         self._lookup, self._blobs, self._audit, self._clock = lookup, blobs, audit, clock
         self._default_allow = default_allow_review
 
@@ -144,15 +145,29 @@ class AccountDirectory:
 
     def retire_key_versions(self, account_id: str, min_version: int, actor: Actor, *, dry_run: bool = False) -> int:
         """Set the minimum decryption version, once no clip of the account still needs an older one.
-        With `dry_run`, only check and count the versions it would retire."""
+        With `dry_run`, only check and count the versions it would retire. The retirement and its entry
+        are one unit of work: both are there, or neither."""
         ref = self.require(account_id).account_ref
         if any(c.key_version < min_version for c in self._clips.all_for_account(ref)):
             raise FailedPrecondition(f"clips still use a version below {min_version}; "
                                      "run RotateAccountKey (it rewraps) first", reason="KEY_VERSION_IN_USE")
         if dry_run:
             return sum(r.version < min_version and not r.retired for r in self._keyring.versions(ref))
-        self._audit.append(actor.record("account.key_retire", account_ref=ref, reason=f"below {min_version}"))
-        return self._keyring.retire_below(ref, min_version)
+        if min_version > self._keyring.active_version(ref):
+            raise ValueError(f"min_version {min_version} is above the active version")
+
+        def retire(tx: Tx) -> int:
+            if not self._rows(tx).account_exists(ref):  # deleted since it was found
+                raise tx.refuse(NotFound("no such account; it has no clips or was deleted",
+                                         reason="ACCOUNT_NOT_FOUND"))
+            retired = self._keks(tx).retire_below(ref, min_version)
+            tx.audit(actor.record("account.key_retire", account_ref=ref, reason=f"below {min_version}"))
+            return retired
+
+        try:
+            return self._audit.run(retire)
+        finally:
+            self._keyring.forget(ref)
 
     def rotate_key(self, account_id: str, actor: Actor, *, budget_s: float | None = None) -> tuple[int, int, int]:
         """A new active key version, and every clip's DEK rewrapped to it (audio untouched), a page per
@@ -161,10 +176,31 @@ class AccountDirectory:
         ref = self.require(account_id).account_ref
         version = self._keyring.active_version(ref)
         resuming = bool(self._clips.below_version(ref, version, 1))
-        if not resuming:
-            version = self._keyring.rotate(ref)
-        self._audit.append(actor.record("account.key_rotate", account_ref=ref,
-                                        reason=f"{'resume' if resuming else 'new'} version {version}"))
+        new = None if resuming else self._keyring.new_kek(ref, self._keyring.next_version(ref))  # the root call
+        if new is not None:
+            version = new.record.version
+
+        def rotate(tx: Tx) -> None:
+            """The new version and its entry in one unit (a resumed rotation adds only its entry)."""
+            if not self._rows(tx).account_exists(ref):  # deleted since it was found: never a key after the shred
+                raise tx.refuse(NotFound("no such account; it has no clips or was deleted",
+                                         reason="ACCOUNT_NOT_FOUND"))
+            if new is not None:
+                keks = self._keks(tx)
+                if keks.newest_version(ref) != version - 1:  # another rotation added this version first
+                    raise tx.refuse(Unavailable("the account's key was rotated by another call meanwhile; retry",
+                                                reason="UNAVAILABLE"))
+                keks.add(ref, new.record, tx.now)
+            tx.audit(actor.record("account.key_rotate", account_ref=ref,
+                                  reason=f"{'resume' if resuming else 'new'} version {version}"))
+
+        try:
+            self._audit.run(rotate)
+        except BaseException:
+            self._keyring.forget(ref)  # a version another replica added: the retry reads it, not the cache
+            raise
+        if new is not None:
+            self._keyring.stored(new)
         stop_at = None if budget_s is None else time.monotonic() + budget_s - ROTATE_MARGIN_S
         rewrapped = 0
         while page := self._clips.below_version(ref, version, REWRAP_PAGE_CLIPS):

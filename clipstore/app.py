@@ -37,7 +37,7 @@ from clipstore.store import Database, PrincipalRepository, schema
 from clipstore.store.clips import AccountRepository, ClipRepository, ClipRows
 from clipstore.store.db import connection
 from clipstore.store.enrolment import EnrolmentRows
-from clipstore.store.keys import SqlKekStore, destroy_keks
+from clipstore.store.keys import KekRows, SqlKekStore, destroy_keks
 from clipstore.store.principals import PrincipalRows
 from clipstore.store.review import ReviewRows
 from clipstore.store.service_keys import load_or_create_service_key
@@ -193,6 +193,7 @@ class App:
             code_ttl_s=config.enrolment_code_ttl_s, key_overlap_s=config.key_overlap_s)
         self.accounts = AccountDirectory(
             accounts=AccountRepository(self.db), clips=ClipRepository(self.db), rows=_clip_rows, review=_review_rows,
+            keks=lambda tx: KekRows(connection(tx)),
             shred_keys=lambda tx, ref: destroy_keks(connection(tx), ref, tx.now), keyring=self.keyring,
             lookup=AccountLookup(load_or_create_service_key(self.db, self.root, LOOKUP_KEY_NAME)),
             blobs=self.blobs, audit=self.audit, clock=self.clock,

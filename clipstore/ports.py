@@ -4,7 +4,7 @@ Like `clipstore.review.ports`: the domain reads through repositories it is given
 and, inside a unit of work, writes through rows the caller binds to the unit's
 transaction. `clipstore.app` wires the SQL implementations
 (`clipstore.store.clips.AccountRepository`, `ClipRepository`, `ClipRows`,
-`clipstore.store.review.ReviewRows`, `clipstore.store.keys.destroy_keks`).
+`clipstore.store.review.ReviewRows`, `clipstore.store.keys.KekRows`, `destroy_keks`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from clipstore.rows import AccountRow, ClipRow
+from kms import KekRecord
 
 
 class Accounts(Protocol):
@@ -53,6 +54,14 @@ class ClipWrites(Protocol):
     def set_allow_review(self, account_ref: str, allow: bool) -> None: ...
     def rewrapped(self, clip: ClipRow, key_version: int, wrapped: bytes) -> bool: ...
     def delete_account(self, account_ref: str) -> None: ...
+
+
+class KekWrites(Protocol):
+    """An account's key versions inside a unit of work's transaction (the root calls stay outside it)."""
+
+    def newest_version(self, account_ref: str) -> int | None: ...
+    def add(self, account_ref: str, record: KekRecord, now: float) -> None: ...
+    def retire_below(self, account_ref: str, min_version: int) -> int: ...
 
 
 class ReviewQueue(Protocol):

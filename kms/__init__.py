@@ -13,11 +13,11 @@ from kms.errors import (
     RetiredKeyVersion,
     UnknownKeyVersion,
 )
-from kms.keyring import KekRecord, KekStore, KeyRing, WrappedDek
+from kms.keyring import KekRecord, KekStore, KeyRing, NewKek, WrappedDek
 from kms.provider import DataKey, EncryptionContext, KeyProvider
 
 __all__ = [
     "AccountKeysDestroyed", "AwsKms", "DataKey", "DekUnwrapError", "EncryptionContext", "KekRecord", "KekStore",
     "KeyProvider", "KeyRing", "KeyVersionError", "KmsAccessDenied", "KmsDecryptError", "KmsError",
-    "KmsUnavailable", "LocalKms", "RetiredKeyVersion", "UnknownKeyVersion", "WrappedDek",
+    "KmsUnavailable", "LocalKms", "NewKek", "RetiredKeyVersion", "UnknownKeyVersion", "WrappedDek",
 ]

@@ -14,7 +14,7 @@ import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, NamedTuple, Protocol, TypeVar
 
 from cryptography.exceptions import InvalidTag
@@ -37,7 +37,7 @@ def kek_context(account_ref: str, version: int) -> dict[str, str]:
 K = TypeVar("K")
 V = TypeVar("V")
 
-__all__ = ["KekRecord", "KekStore", "KeyRing", "WrappedDek"]
+__all__ = ["KekRecord", "KekStore", "KeyRing", "NewKek", "WrappedDek"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +45,17 @@ class KekRecord:
     version: int
     wrapped: bytes
     retired: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class NewKek:
+    """A key version made and wrapped by the root but not stored yet (`KeyRing.new_kek`): the caller
+    stores `record` in its own transaction, with the unit's other writes and audit entry, and once that
+    committed hands it back to `KeyRing.stored`."""
+
+    account_ref: str
+    record: KekRecord
+    cipher: AESGCM = field(repr=False, compare=False)
 
 
 class KekStore(Protocol):
@@ -162,14 +173,31 @@ class KeyRing:
         return self._add_version(account_ref, 1)
 
     def _add_version(self, account_ref: str, version: int) -> int:
+        new = self.new_kek(account_ref, version)
+        self._store.add_kek(account_ref, new.record)
+        self.stored(new)
+        return version
+
+    def new_kek(self, account_ref: str, version: int) -> NewKek:
+        """A fresh KEK for `version`, wrapped by the root (the root call happens here, outside any
+        transaction); nothing is stored."""
         kek = secrets.token_bytes(KEK_BYTES)
         wrapped = self._root.encrypt(kek, self._context(account_ref, version))
         self.root_calls += 1
-        self._store.add_kek(account_ref, KekRecord(version=version, wrapped=wrapped))
-        self._forget(account_ref)
+        return NewKek(account_ref=account_ref, record=KekRecord(version=version, wrapped=wrapped), cipher=AESGCM(kek))
+
+    def stored(self, new: NewKek) -> None:
+        """`new` was committed by the caller: the account's cached versions are stale, its KEK is known."""
+        self._forget(new.account_ref)
         with self._lock:
-            self._cache.put((account_ref, version), AESGCM(kek))
-        return version
+            self._cache.put((new.account_ref, new.record.version), new.cipher)
+
+    def next_version(self, account_ref: str) -> int:
+        """The version a rotation would add (one past the newest)."""
+        records = self._records(account_ref)
+        if not records:
+            raise UnknownKeyVersion(f"account {account_ref} has no keys to rotate")
+        return max(r.version for r in records) + 1
 
     def versions(self, account_ref: str) -> list[KekRecord]:
         """The account's key versions (wrapped), oldest first."""
@@ -183,10 +211,7 @@ class KeyRing:
 
     def rotate(self, account_ref: str) -> int:
         """Add a new active version; old versions still decrypt until retired."""
-        records = self._records(account_ref)
-        if not records:
-            raise UnknownKeyVersion(f"account {account_ref} has no keys to rotate")
-        return self._add_version(account_ref, max(r.version for r in records) + 1)
+        return self._add_version(account_ref, self.next_version(account_ref))
 
     def retire_below(self, account_ref: str, min_version: int) -> int:
         """Set the minimum decryption version; returns how many versions were retired."""

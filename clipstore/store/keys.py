@@ -19,9 +19,7 @@ class SqlKekStore:
 
     def add_kek(self, account_ref: str, record: KekRecord) -> None:
         with self._db.transaction() as conn:
-            conn.execute(schema.account_keys.insert().values(
-                account_ref=account_ref, version=record.version, wrapped_kek=record.wrapped,
-                retired=record.retired, created_at=self._now()))
+            KekRows(conn).add(account_ref, record, self._now())
 
     def keks(self, account_ref: str) -> list[KekRecord]:
         t = schema.account_keys
@@ -31,10 +29,8 @@ class SqlKekStore:
             return [KekRecord(version=r.version, wrapped=bytes(r.wrapped_kek), retired=r.retired) for r in rows]
 
     def retire_keks_below(self, account_ref: str, min_version: int) -> int:
-        t = schema.account_keys
         with self._db.transaction() as conn:
-            return conn.execute(t.update().where(t.c.account_ref == account_ref, t.c.version < min_version,
-                                                 t.c.retired.is_(False)).values(retired=True)).rowcount
+            return KekRows(conn).retire_below(account_ref, min_version)
 
     def destroy_keks(self, account_ref: str) -> int:
         with self._db.transaction() as conn:
@@ -44,6 +40,28 @@ class SqlKekStore:
         t = schema.account_key_tombstones
         with self._db.read() as conn:
             return conn.execute(sa.select(t.c.account_ref).where(t.c.account_ref == account_ref)).first() is not None
+
+
+class KekRows:
+    """An account's key versions in the caller's transaction (a unit of work's: `clipstore.ports.KekWrites`)."""
+
+    def __init__(self, conn: sa.Connection) -> None:
+        self._conn = conn
+
+    def newest_version(self, account_ref: str) -> int | None:
+        t = schema.account_keys
+        newest = self._conn.execute(sa.select(sa.func.max(t.c.version)).where(t.c.account_ref == account_ref)).scalar()
+        return None if newest is None else int(newest)
+
+    def add(self, account_ref: str, record: KekRecord, now: float) -> None:
+        self._conn.execute(schema.account_keys.insert().values(
+            account_ref=account_ref, version=record.version, wrapped_kek=record.wrapped, retired=record.retired,
+            created_at=now))
+
+    def retire_below(self, account_ref: str, min_version: int) -> int:
+        t = schema.account_keys
+        return int(self._conn.execute(t.update().where(t.c.account_ref == account_ref, t.c.version < min_version,
+                                                       t.c.retired.is_(False)).values(retired=True)).rowcount)
 
 
 def destroy_keks(conn: sa.Connection, account_ref: str, now: float) -> int:

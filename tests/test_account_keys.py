@@ -1,0 +1,99 @@
+"""An account's key versions change only in a unit of work with their entry: a rotation's new version and
+its `account.key_rotate` entry, a retirement and its `account.key_retire` entry, both there or neither.
+
+On SQLite and PostgreSQL, through a real server on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import grpc
+import pytest
+import sqlalchemy as sa
+
+from clipstore.app import App
+from clipstore.store import schema
+from clipstore.unit import OPERATOR
+from clipstore.v1 import account_pb2
+from tests.clip_helpers import ACCOUNT_ID
+from tests.grpc_helpers import error_info
+from tests.test_idempotency import Ingest, ingest  # noqa: F401  # the fixture
+
+
+def _versions(app: App, ref: str) -> list[tuple[int, bool]]:
+    t = schema.account_keys
+    with app.db.read() as conn:
+        return [(r.version, bool(r.retired)) for r in
+                conn.execute(sa.select(t.c.version, t.c.retired).where(t.c.account_ref == ref).order_by(t.c.version))]
+
+
+def _actions(app: App) -> list[str]:
+    reader = app.audit.reader
+    return [json.loads(e)["action"] for e in reader.entries(0, reader.size())]
+
+
+def _fail_entries_of(app: App, action: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The audit writer fails to store a batch holding an `action` entry (after the batch's units ran)."""
+    store = app.audit._store
+
+    def failing(cursor: Any, size: int, rows: list[tuple[bytes, bytes]], *args: Any) -> None:
+        if any(f'"action":"{action}"'.encode() in data for data, _ in rows):
+            raise RuntimeError("injected: the audit writer failed")
+        store(cursor, size, rows, *args)
+
+    monkeypatch.setattr(app.audit, "_store", failing)
+
+
+def test_a_rotation_whose_entry_cannot_be_written_adds_no_key_version(
+        ingest: Ingest, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """Before, the new version was committed on its own and the entry appended after it: an audit writer
+    failing in between left an active key version no entry recorded."""
+    ingest.put("k0")
+    app = ingest.server.app
+    ref = app.accounts.require(ACCOUNT_ID).account_ref
+    _fail_entries_of(app, "account.key_rotate", monkeypatch)
+    with pytest.raises(grpc.RpcError) as caught:
+        ingest.accounts.RotateAccountKey(account_pb2.RotateAccountKeyRequest(account_id=ACCOUNT_ID),
+                                         metadata=ingest.md, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(caught.value).reason == "AUDIT_UNAVAILABLE"
+    assert _versions(app, ref) == [(1, False)] and "account.key_rotate" not in _actions(app)
+    monkeypatch.undo()
+    rotated = ingest.accounts.RotateAccountKey(account_pb2.RotateAccountKeyRequest(account_id=ACCOUNT_ID),
+                                               metadata=ingest.md, timeout=30)
+    assert (rotated.active_key_version, rotated.rewrapped_clips) == (2, 1)
+    assert _versions(app, ref) == [(1, False), (2, False)] and _actions(app).count("account.key_rotate") == 1
+    assert ingest.audio(ingest.put("k1").clip_id)  # a clip of the new version opens
+
+
+def test_a_retirement_that_fails_leaves_no_entry_and_one_that_succeeds_leaves_both(
+        ingest: Ingest, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """Before, `clipstore keys retire` appended its entry and then retired on its own: a database failure
+    in between left an entry for a retirement that never happened."""
+    ingest.put("k0")
+    app = ingest.server.app
+    ref = app.accounts.require(ACCOUNT_ID).account_ref
+    app.accounts.rotate_key(ACCOUNT_ID, OPERATOR)
+
+    def fail_retire(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("UPDATE ACCOUNT_KEYS"):
+            raise RuntimeError("injected: the database failed")
+
+    sa.event.listen(app.db.engine, "before_cursor_execute", fail_retire)
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            app.accounts.retire_key_versions(ACCOUNT_ID, 2, OPERATOR)
+    finally:
+        sa.event.remove(app.db.engine, "before_cursor_execute", fail_retire)
+    assert _versions(app, ref) == [(1, False), (2, False)] and "account.key_retire" not in _actions(app)
+
+    _fail_entries_of(app, "account.key_retire", monkeypatch)
+    with pytest.raises(Exception, match="not performed"):
+        app.accounts.retire_key_versions(ACCOUNT_ID, 2, OPERATOR)
+    assert _versions(app, ref) == [(1, False), (2, False)] and "account.key_retire" not in _actions(app)
+    monkeypatch.undo()
+
+    assert app.accounts.retire_key_versions(ACCOUNT_ID, 2, OPERATOR) == 1
+    assert _versions(app, ref) == [(1, True), (2, False)] and _actions(app).count("account.key_retire") == 1
