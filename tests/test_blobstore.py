@@ -116,6 +116,52 @@ def test_list_keys_sees_old_objects(store: BlobStore) -> None:
     assert list(store.list_keys(older_than_s=3600)) == []
 
 
+class _PagingS3:
+    """An S3 client that pages ListMultipartUploads as S3 does (moto answers every upload in one page): at
+    most MaxUploads (<= 1,000) a call, those after KeyMarker, or of KeyMarker itself with an upload id
+    (lexicographically) after UploadIdMarker."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.listings = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def list_multipart_uploads(self, *, MaxUploads: int = 1000, KeyMarker: str = "",  # noqa: N803
+                               UploadIdMarker: str = "", **kwargs: Any) -> dict[str, Any]:
+        self.listings += 1
+        uploads = sorted(self._client.list_multipart_uploads(**kwargs).get("Uploads", []),
+                         key=lambda u: (u["Key"], u["UploadId"]))
+        if KeyMarker:
+            uploads = [u for u in uploads if u["Key"] > KeyMarker or (
+                u["Key"] == KeyMarker and UploadIdMarker and u["UploadId"] > UploadIdMarker)]
+        page = uploads[:min(MaxUploads, 1000)]
+        answer: dict[str, Any] = {"Uploads": page, "IsTruncated": len(uploads) > len(page)}
+        if answer["IsTruncated"]:
+            answer |= {"NextKeyMarker": page[-1]["Key"], "NextUploadIdMarker": page[-1]["UploadId"]}
+        return answer
+
+
+def test_the_sweep_aborts_abandoned_uploads_on_every_page_of_the_listing() -> None:
+    """Before, it read only ListMultipartUploads' first page: past 1,000 abandoned uploads, the rest were
+    never aborted (and S3 bills their parts)."""
+    bucket = f"clips-{uuid.uuid4().hex[:12]}"
+    with mock_aws():
+        raw = boto3.client("s3")
+        raw.create_bucket(Bucket=bucket)
+        for n in range(350):  # three uploads a key: the first page ends between two uploads of one key
+            for _ in range(3):
+                raw.create_multipart_upload(Bucket=bucket, Key=f"clips/c_{n:04d}")
+        raw.create_multipart_upload(Bucket=bucket, Key="other/c_kept")  # outside the store's prefix
+        client = _PagingS3(raw)
+        store = S3BlobStore(bucket, client=client, part_bytes=PART)
+        assert store.sweep_incomplete(older_than_s=-1) == 1050
+        assert client.listings == 2
+        assert [u["Key"] for u in raw.list_multipart_uploads(Bucket=bucket).get("Uploads", [])] == ["other/c_kept"]
+        assert store.sweep_incomplete(older_than_s=-1) == 0
+
+
 def test_s3_failure_mid_multipart_upload_aborts_it(moto_endpoint: str) -> None:
     bucket = f"clips-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket=bucket)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import email.utils
+import functools
 import http.client
 import os
 import re
@@ -62,6 +63,7 @@ PART_BYTES = 6 * 1024 * 1024  # ≥ the S3 minimum (5 MiB); a 5 MiB clip still g
 # 64 KiB + a tag); 8 are kept for reuse, made only when bodies over 1 MiB are in flight: 56 MiB at most.
 BUFFER_SLACK_BYTES = 1 << 20
 UPLOAD_BUFFERS = 8
+SWEEP_PAGE_UPLOADS = 1_000  # ListMultipartUploads' own maximum per page
 _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
 
 
@@ -426,10 +428,20 @@ class S3BlobStore:
         self._call(lambda: self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id))
 
     def sweep_incomplete(self, older_than_s: float) -> int:
+        """Abort every multipart upload under the prefix begun before `older_than_s` ago, on every page of
+        ListMultipartUploads (S3 answers at most 1,000 uploads a call)."""
         cutoff, removed = time.time() - older_than_s, 0
-        resp = self._call(lambda: self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=self.prefix))
-        for upload in resp.get("Uploads", []):
-            if upload["Initiated"].timestamp() < cutoff:
-                self._abort(upload["Key"], upload["UploadId"])
-                removed += 1
-        return removed
+        markers: dict[str, str] = {}
+        while True:
+            resp = self._call(functools.partial(self.client.list_multipart_uploads, Bucket=self.bucket,
+                                                Prefix=self.prefix, MaxUploads=SWEEP_PAGE_UPLOADS, **markers))
+            for upload in resp.get("Uploads", []):
+                if upload["Initiated"].timestamp() < cutoff:
+                    self._abort(upload["Key"], upload["UploadId"])
+                    removed += 1
+            following = {name: resp[f"Next{name}"] for name in ("KeyMarker", "UploadIdMarker")
+                         if resp.get(f"Next{name}")}
+            # a store that says "truncated" without moving its markers would keep this loop going: stop
+            if not resp.get("IsTruncated") or "KeyMarker" not in following or following == markers:
+                return removed
+            markers = following
