@@ -46,10 +46,13 @@ class AccountDirectory:
         if existing is not None:
             return existing
         ref = "acct_" + secrets.token_hex(12)
-        self._keyring.create_account(ref)
-        if self._accounts.insert(ref, lookup, allow_review=self._default_allow, now=self._clock.now()):
+        first = self._keyring.new_kek(ref, 1)  # the root call, before the transaction
+        # The account and its first key in one transaction: a failure between them used to leave a key row
+        # no account owns and nothing swept; a request that created the account first rolls back both.
+        if self._accounts.insert(ref, lookup, allow_review=self._default_allow, now=self._clock.now(),
+                                 key=first.record):
+            self._keyring.stored(first)
             return AccountRow(account_ref=ref, allow_review=self._default_allow, retention_days=None)
-        self._keyring.destroy(ref)  # a concurrent request created the account first; drop our unused key
         winner = self._accounts.by_lookup(lookup)
         assert winner is not None
         return winner

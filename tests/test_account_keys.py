@@ -6,6 +6,7 @@ On SQLite and PostgreSQL, through a real server on loopback.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 from typing import Any
 
@@ -97,3 +98,40 @@ def test_a_retirement_that_fails_leaves_no_entry_and_one_that_succeeds_leaves_bo
 
     assert app.accounts.retire_key_versions(ACCOUNT_ID, 2, OPERATOR) == 1
     assert _versions(app, ref) == [(1, True), (2, False)] and _actions(app).count("account.key_retire") == 1
+
+
+def _keys_and_accounts(app: App) -> tuple[int, int]:
+    with app.db.read() as conn:
+        return tuple(conn.scalar(sa.select(sa.func.count()).select_from(t))  # type: ignore[return-value]
+                     for t in (schema.account_keys, schema.accounts))
+
+
+def test_an_account_whose_row_cannot_be_written_leaves_no_key_behind(ingest: Ingest) -> None:  # noqa: F811
+    """Before, an account's first key was committed on its own before the account row: a database failure
+    in between left a key row no account owns, which nothing swept."""
+    app = ingest.server.app
+
+    def fail_account_row(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO ACCOUNTS"):
+            raise RuntimeError("injected: the database failed")
+
+    sa.event.listen(app.db.engine, "before_cursor_execute", fail_account_row)
+    try:
+        with pytest.raises(grpc.RpcError):
+            ingest.put("k0")
+    finally:
+        sa.event.remove(app.db.engine, "before_cursor_execute", fail_account_row)
+    assert _keys_and_accounts(app) == (0, 0)
+    clip = ingest.put("k0")  # the retry makes the account and its key together
+    assert _keys_and_accounts(app) == (1, 1) and ingest.audio(clip.clip_id)
+
+
+def test_concurrent_first_clips_of_one_account_leave_one_account_and_one_key(ingest: Ingest) -> None:  # noqa: F811
+    """The losers of the race to create the account roll back their key with their account row."""
+    app = ingest.server.app
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        rows = list(pool.map(lambda _: app.accounts.find_or_create(ACCOUNT_ID), range(16)))
+    assert len({r.account_ref for r in rows}) == 1
+    assert _keys_and_accounts(app) == (1, 1)
+    with app.db.read() as conn:
+        assert conn.scalar(sa.select(sa.func.count()).select_from(schema.account_key_tombstones)) == 0

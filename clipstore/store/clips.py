@@ -12,7 +12,9 @@ import sqlalchemy as sa
 from clipstore.rows import AccountRow, ClipRow
 from clipstore.store import schema
 from clipstore.store.db import Database
+from clipstore.store.keys import KekRows
 from clipstore.store.plain import PlainRows, fetch_one_pooled
+from kms import KekRecord
 
 HELD_QUERY_REFS = 500  # account refs per IN (...) list: well inside every driver's parameter limit
 
@@ -41,10 +43,13 @@ class AccountRepository:
     def get(self, account_ref: str) -> AccountRow | None:
         return _account(fetch_one_pooled(self._db.engine, _ACCOUNT_BY_REF, (account_ref,)))
 
-    def insert(self, account_ref: str, lookup_hmac: bytes, *, allow_review: bool, now: float) -> bool:
-        """False when another request created the account first."""
+    def insert(self, account_ref: str, lookup_hmac: bytes, *, allow_review: bool, now: float,
+               key: KekRecord) -> bool:
+        """The account and its first key version, in one transaction. False (and neither stored) when
+        another request created the account first."""
         try:
             with self._db.transaction() as conn:
+                KekRows(conn).add(account_ref, key, now)
                 conn.execute(schema.accounts.insert().values(account_ref=account_ref, lookup_hmac=lookup_hmac,
                                                              allow_review=allow_review, created_at=now))
         except sa.exc.IntegrityError:
