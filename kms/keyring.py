@@ -12,6 +12,7 @@ from __future__ import annotations
 import secrets
 import struct
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +48,17 @@ class KekRecord:
     retired: bool = False
 
 
+class _Read:
+    """One read of an account's keys from the store or the root, in flight: a `KeyRing.forget` of the
+    account meanwhile (a crypto-shred, a rotation) makes it stale, and what a stale read found is not
+    cached (it may be keys the shred destroyed)."""
+
+    __slots__ = ("__weakref__", "account_ref", "stale")
+
+    def __init__(self, account_ref: str) -> None:
+        self.account_ref, self.stale = account_ref, False
+
+
 @dataclass(frozen=True, kw_only=True)
 class NewKek:
     """A key version made and wrapped by the root but not stored yet (`KeyRing.new_kek`): the caller
@@ -56,6 +68,7 @@ class NewKek:
     account_ref: str
     record: KekRecord
     cipher: AESGCM = field(repr=False, compare=False)
+    read: _Read = field(repr=False, compare=False)  # a shred before `stored` keeps `cipher` out of the cache
 
 
 class KekStore(Protocol):
@@ -131,6 +144,8 @@ class KeyRing:
         self._cache: _TtlCache[tuple[str, int], AESGCM] = _TtlCache(cache_ttl_s, cache_max_accounts, now)
         self._versions: _TtlCache[str, list[KekRecord]] = _TtlCache(cache_ttl_s, cache_max_accounts, now)
         self._lock = threading.Lock()
+        # Reads in flight (held weakly: one its caller dropped, e.g. on an error, just goes)
+        self._reads: weakref.WeakSet[_Read] = weakref.WeakSet()
         self.root_calls = 0
 
     def __repr__(self) -> str:
@@ -156,15 +171,23 @@ class KeyRing:
         """The account's versions, cached like KEKs: another replica's rotation is seen within one TTL."""
         with self._lock:
             cached = self._versions.get(account_ref)
-        if cached is not None:
-            return cached
+            if cached is not None:
+                return cached
+            read = self._reading(account_ref)
         records = self._store.keks(account_ref)
         if not records and self._store.is_destroyed(account_ref):
             raise AccountKeysDestroyed(f"account {account_ref} was crypto-shredded; its clips cannot be opened")
-        if records:
-            with self._lock:
+        with self._lock:
+            self._reads.discard(read)
+            if records and not read.stale:  # else a shred may have come after the read: not cached
                 self._versions.put(account_ref, records)
         return records
+
+    def _reading(self, account_ref: str) -> _Read:
+        """Under `_lock`: a read of the account's keys begins (before the store or the root is asked)."""
+        read = _Read(account_ref)
+        self._reads.add(read)
+        return read
 
     def create_account(self, account_ref: str) -> int:
         """Give a new account its first KEK; returns version 1."""
@@ -181,16 +204,23 @@ class KeyRing:
     def new_kek(self, account_ref: str, version: int) -> NewKek:
         """A fresh KEK for `version`, wrapped by the root (the root call happens here, outside any
         transaction); nothing is stored."""
+        with self._lock:
+            read = self._reading(account_ref)
         kek = secrets.token_bytes(KEK_BYTES)
         wrapped = self._root.encrypt(kek, self._context(account_ref, version))
         self.root_calls += 1
-        return NewKek(account_ref=account_ref, record=KekRecord(version=version, wrapped=wrapped), cipher=AESGCM(kek))
+        return NewKek(account_ref=account_ref, record=KekRecord(version=version, wrapped=wrapped), cipher=AESGCM(kek),
+                      read=read)
 
     def stored(self, new: NewKek) -> None:
-        """`new` was committed by the caller: the account's cached versions are stale, its KEK is known."""
-        self._forget(new.account_ref)
+        """`new` was committed by the caller: the account's cached versions are stale, its KEK is known
+        (and cached, unless the account was forgotten, e.g. shredded, since `new_kek`)."""
         with self._lock:
-            self._cache.put((new.account_ref, new.record.version), new.cipher)
+            self._reads.discard(new.read)
+            fresh = not new.read.stale
+            self._forget_locked(new.account_ref)
+            if fresh:
+                self._cache.put((new.account_ref, new.record.version), new.cipher)
 
     def next_version(self, account_ref: str) -> int:
         """The version a rotation would add (one past the newest)."""
@@ -233,14 +263,21 @@ class KeyRing:
 
     def _forget(self, account_ref: str) -> None:
         with self._lock:
-            self._cache.evict(lambda key: key[0] == account_ref)
-            self._versions.evict(lambda key: key == account_ref)
+            self._forget_locked(account_ref)
+
+    def _forget_locked(self, account_ref: str) -> None:
+        self._cache.evict(lambda key: key[0] == account_ref)
+        self._versions.evict(lambda key: key == account_ref)
+        for read in self._reads:  # what they found may predate the change: they must not cache it
+            if read.account_ref == account_ref:
+                read.stale = True
 
     def _kek(self, account_ref: str, version: int) -> AESGCM:
         with self._lock:
             cached = self._cache.get((account_ref, version))
-        if cached is not None:
-            return cached
+            if cached is not None:
+                return cached
+            read = self._reading(account_ref)  # before the records: they may come from the cache
         record = next((r for r in self._records(account_ref) if r.version == version), None)
         if record is None:
             raise UnknownKeyVersion(f"account {account_ref} has no key version {version}")
@@ -250,7 +287,9 @@ class KeyRing:
         kek = AESGCM(self._root.decrypt(record.wrapped, self._context(account_ref, version)))
         self.root_calls += 1
         with self._lock:
-            self._cache.put((account_ref, version), kek)
+            self._reads.discard(read)
+            if not read.stale:  # else the account was shredded (or rotated) meanwhile: not cached
+                self._cache.put((account_ref, version), kek)
         return kek
 
     # -- clip data keys ----------------------------------------------------

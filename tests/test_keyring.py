@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,10 @@ from clipstore.store.keys import SqlKekStore
 from kms import (
     AccountKeysDestroyed,
     AwsKms,
+    DataKey,
     DekUnwrapError,
+    EncryptionContext,
+    KekRecord,
     KeyProvider,
     KeyRing,
     KmsAccessDenied,
@@ -236,3 +240,86 @@ def test_the_sql_kek_store_dates_keys_and_tombstones_by_the_injected_clock(tmp_p
         assert (created, destroyed) == (1_500_000_000.0, 1_500_000_060.0)
     finally:
         app.close()
+
+
+# -- a crypto-shred against a read in flight ---------------------------------------------
+class _Pause:
+    """Stops the first call it is armed for after its work, until the test lets it go."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.reached, self.go = threading.Event(), threading.Event()
+
+    def __call__(self) -> None:
+        if self.armed:
+            self.armed = False
+            self.reached.set()
+            assert self.go.wait(10)
+
+
+class _PausingStore(SqlKekStore):
+    def __init__(self, db: Database, pause: _Pause) -> None:
+        super().__init__(db)
+        self.pause = pause
+
+    def keks(self, account_ref: str) -> list[KekRecord]:
+        records = super().keks(account_ref)  # read before the shred ...
+        self.pause()  # ... handed back after it
+        return records
+
+
+class _PausingRoot:
+    def __init__(self, root: LocalKms, pause: _Pause) -> None:
+        self._root, self.pause = root, pause
+
+    def encrypt(self, plaintext: bytes, context: EncryptionContext) -> bytes:
+        return self._root.encrypt(plaintext, context)
+
+    def decrypt(self, blob: bytes, context: EncryptionContext) -> bytes:
+        kek = self._root.decrypt(blob, context)
+        self.pause()
+        return kek
+
+    def generate_data_key(self, context: EncryptionContext) -> DataKey:
+        return self._root.generate_data_key(context)
+
+
+@pytest.mark.parametrize("window", ["store", "root"])
+def test_a_shred_during_a_key_read_in_flight_is_not_undone_by_its_caching(
+        tmp_path: Path, clock: FakeClock, window: str) -> None:
+    """Before, a read of an account's keys (from the store, or unwrapped by the root) that began before a
+    crypto-shred cached what it found after the shred's eviction: this process could then open the
+    shredded account's clips until the cache's TTL (300 s) ran out."""
+    pause = _Pause()
+    store = _PausingStore(Database(f"sqlite:///{tmp_path / 'meta.db'}"), pause)
+    ring = KeyRing(_PausingRoot(LocalKms.from_file(tmp_path / "root.key"), pause), store, now=clock.now)
+    ring.create_account("acct_a")
+    dek, wrapped = ring.data_key_for("acct_a", "c_1")
+    ring.forget("acct_a")  # cold: the next unwrap reads the store and asks the root
+    if window == "root":
+        ring.versions("acct_a")  # the key list is cached; the root's unwrap is the read in flight
+    pause.armed = True
+    opened: list[bytes] = []
+    reader = threading.Thread(target=lambda: opened.append(ring.unwrap(wrapped, account_ref="acct_a",
+                                                                        clip_id="c_1")))
+    reader.start()
+    assert pause.reached.wait(10)  # the reader holds the keys it read ...
+    ring.destroy("acct_a")  # ... when the shred commits and evicts the account
+    pause.go.set()
+    reader.join(10)
+    assert opened == [dek]  # begun before the shred, the call itself may still answer
+    with pytest.raises(AccountKeysDestroyed):  # but nothing after the shred opens the account's keys
+        ring.unwrap(wrapped, account_ref="acct_a", clip_id="c_1")
+    with pytest.raises(AccountKeysDestroyed):
+        ring.data_key_for("acct_a", "c_2")
+
+
+def test_a_key_version_stored_after_a_shred_is_not_cached(ring: KeyRing) -> None:
+    """A rotation commits its version, a shred destroys it, then the rotation reports it stored."""
+    ring.create_account("acct_a")
+    new = ring.new_kek("acct_a", 2)
+    ring._store.add_kek("acct_a", new.record)
+    ring.destroy("acct_a")
+    ring.stored(new)
+    with pytest.raises(AccountKeysDestroyed):
+        ring.wrap(secrets.token_bytes(32), account_ref="acct_a", clip_id="c_1", key_version=2)
