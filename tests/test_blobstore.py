@@ -162,6 +162,30 @@ def test_the_sweep_aborts_abandoned_uploads_on_every_page_of_the_listing() -> No
         assert store.sweep_incomplete(older_than_s=-1) == 0
 
 
+def test_an_upload_another_sweep_aborted_first_does_not_stop_this_sweep() -> None:
+    """Before, an abort answered NoSuchUpload (another replica's sweep got there first) failed the whole
+    sweep as BLOB_STORE_UNAVAILABLE, and the orphan objects after it were not swept that round."""
+    bucket = f"clips-{uuid.uuid4().hex[:12]}"
+    with mock_aws():
+        raw = boto3.client("s3")
+        raw.create_bucket(Bucket=bucket)
+        for n in range(3):
+            raw.create_multipart_upload(Bucket=bucket, Key=f"clips/c_{n}")
+        client = _PagingS3(raw)
+        listed = client.list_multipart_uploads
+
+        def listed_then_aborted_elsewhere(**kwargs: Any) -> dict[str, Any]:
+            answer = listed(**kwargs)
+            first = answer["Uploads"][0]
+            raw.abort_multipart_upload(Bucket=bucket, Key=first["Key"], UploadId=first["UploadId"])
+            return answer
+
+        client.list_multipart_uploads = listed_then_aborted_elsewhere  # type: ignore[method-assign]
+        store = S3BlobStore(bucket, client=client, part_bytes=PART)
+        assert store.sweep_incomplete(older_than_s=-1) == 2
+        assert raw.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
 def test_s3_failure_mid_multipart_upload_aborts_it(moto_endpoint: str) -> None:
     bucket = f"clips-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket=bucket)

@@ -424,8 +424,17 @@ class S3BlobStore:
                 if obj["LastModified"].timestamp() < cutoff:
                     yield obj["Key"][len(self.prefix):]
 
-    def _abort(self, key: str, upload_id: str) -> None:
-        self._call(lambda: self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id))
+    def _abort(self, key: str, upload_id: str) -> bool:
+        """False if the upload was already gone: another replica's sweep aborted it, or it completed."""
+        def abort() -> bool:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            except botocore.exceptions.ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") == "NoSuchUpload":
+                    return False
+                raise
+            return True
+        return self._call(abort)
 
     def sweep_incomplete(self, older_than_s: float) -> int:
         """Abort every multipart upload under the prefix begun before `older_than_s` ago, on every page of
@@ -436,8 +445,7 @@ class S3BlobStore:
             resp = self._call(functools.partial(self.client.list_multipart_uploads, Bucket=self.bucket,
                                                 Prefix=self.prefix, MaxUploads=SWEEP_PAGE_UPLOADS, **markers))
             for upload in resp.get("Uploads", []):
-                if upload["Initiated"].timestamp() < cutoff:
-                    self._abort(upload["Key"], upload["UploadId"])
+                if upload["Initiated"].timestamp() < cutoff and self._abort(upload["Key"], upload["UploadId"]):
                     removed += 1
             following = {name: resp[f"Next{name}"] for name in ("KeyMarker", "UploadIdMarker")
                          if resp.get(f"Next{name}")}
