@@ -135,3 +135,32 @@ def test_concurrent_first_clips_of_one_account_leave_one_account_and_one_key(ing
     assert _keys_and_accounts(app) == (1, 1)
     with app.db.read() as conn:
         assert conn.scalar(sa.select(sa.func.count()).select_from(schema.account_key_tombstones)) == 0
+
+
+def test_concurrent_rotations_add_one_version_each_with_its_entry_or_ask_for_a_retry(
+        ingest: Ingest) -> None:  # noqa: F811
+    """Rotations racing for one version: one adds it with its entry; the others add nothing, and answer
+    UNAVAILABLE or resume that rotation (before, a loser's key insert failed as a bug: INTERNAL)."""
+    ingest.put("k0")
+    app = ingest.server.app
+    ref = app.accounts.require(ACCOUNT_ID).account_ref
+    app.keyring.versions(ref)  # every rotation starts from the same cached version list
+
+    def rotate(_: int) -> str:
+        try:
+            ingest.accounts.RotateAccountKey(account_pb2.RotateAccountKeyRequest(account_id=ACCOUNT_ID),
+                                             metadata=ingest.md, timeout=30)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc.details()
+            return error_info(exc).reason
+        return "OK"
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        outcomes = list(pool.map(rotate, range(6)))
+    assert set(outcomes) <= {"OK", "UNAVAILABLE"} and "OK" in outcomes
+    versions = _versions(app, ref)
+    assert [v for v, _ in versions] == list(range(1, len(versions) + 1))
+    rotations = [json.loads(e) for e in app.audit.reader.entries(0, app.audit.reader.size())]
+    reasons = [e["outcome"]["reason"] for e in rotations if e["action"] == "account.key_rotate"]
+    assert len(reasons) == outcomes.count("OK")  # one entry per answered rotation (those after the first resume)
+    assert sum(r.startswith("new version") for r in reasons) == len(versions) - 1  # one per version added
