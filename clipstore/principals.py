@@ -211,9 +211,10 @@ class PrincipalLifecycle:
             if _brings_admin_expiry_near(principal, expires_at, now=tx.now):
                 _takes_last_admin(rows, tx, actor, principal, "this expiry", by_certificate=self._certificates)
             rows.set_expiry(principal.id, expires_at)
-            if principal.role == "reviewer" and expires_at is not None and expires_at <= tx.now:
-                # Expired now, as when disabled: the sessions and grants end, so that extending the expiry
-                # later does not bring them back.
+            lapsed = principal.expires_at is not None and principal.expires_at <= tx.now
+            if principal.role == "reviewer" and (lapsed or expires_at is not None and expires_at <= tx.now):
+                # Expired now, or already (an expiry that passed): as when disabled, the sessions and grants
+                # end, so that extending the expiry does not bring back those opened before it lapsed.
                 sessions = self._ports.sessions(tx)
                 sessions.end_sessions(reviewer_id=principal.id)
                 sessions.void_grants(reviewer_id=principal.id)

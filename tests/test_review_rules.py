@@ -744,3 +744,24 @@ def test_expiring_a_reviewer_now_ends_their_sessions_and_grants_as_disabling_doe
     token = w.session(r)
     w.denied(_err(r.stub.FetchClip, _fetch_req(token, grant), r), grpc.StatusCode.PERMISSION_DENIED,
              "GRANT_WRONG_SESSION")
+
+
+def test_extending_a_reviewer_whose_expiry_passed_does_not_bring_back_their_sessions(w: World) -> None:
+    # Setting an expiry in the past ended the reviewer's sessions and grants, but an expiry that simply passed
+    # did not: extending it again (within the session's idle time) brought back the sessions and grants that
+    # had been opened before it, as if the reviewer had never lapsed.
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from clipstore.v1 import principal_admin_pb2, principal_admin_pb2_grpc
+    r, token, assignment = _assigned(w)
+    grant = w.grant(r, token, assignment.assignment_id)
+    admins = principal_admin_pb2_grpc.PrincipalAdminServiceStub(w.channel)
+    admins.SetPrincipalExpiry(principal_admin_pb2.SetPrincipalExpiryRequest(
+        principal_id=r.id, expires_at=Timestamp(seconds=int(w.clock.now()) + 5)), metadata=w.admin, timeout=10)
+    w.clock.advance(10)  # the expiry passes; the session is not idle for long
+    assert _err(r.stub.NextAssignment, review_pb2.NextAssignmentRequest(session_token=token), r).code() \
+        == grpc.StatusCode.UNAUTHENTICATED
+    admins.SetPrincipalExpiry(principal_admin_pb2.SetPrincipalExpiryRequest(principal_id=r.id), metadata=w.admin,
+                              timeout=10)  # extended again: never expires
+    w.denied(_err(r.stub.FetchClip, _fetch_req(token, grant), r), grpc.StatusCode.UNAUTHENTICATED, "SESSION_ENDED")
+    assert _count(w, schema.grants, schema.grants.c.voided.is_(True)) == 1
