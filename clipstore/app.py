@@ -61,9 +61,17 @@ def root_provider(config: Config, *, create: bool = True) -> KeyProvider:
 
 
 def holds_keys(db: Database) -> bool:
-    """Whether the database already holds a key wrapped by a root (a service key is made at first start)."""
+    """Whether the database already holds a key wrapped by a root: a service key (made at first start), an
+    account key, a reviewer's TOTP secret, or (a database from before service_keys) the signing seed in
+    audit_signing_key, which the upgrade moves only once the root opens it."""
     with db.read() as conn:
-        return conn.scalar(sa.select(schema.service_keys.c.name).limit(1)) is not None
+        wrapped = [sa.select(schema.service_keys.c.name).limit(1),
+                   sa.select(schema.account_keys.c.account_ref).limit(1),
+                   sa.select(schema.reviewers.c.principal_id)
+                   .where(schema.reviewers.c.wrapped_totp_secret.is_not(None)).limit(1)]
+        if sa.inspect(conn).has_table("audit_signing_key"):
+            wrapped.append(sa.select(sa.text("1")).select_from(sa.table("audit_signing_key")).limit(1))
+        return any(conn.scalar(query) is not None for query in wrapped)
 
 
 def _wrong_root(config: Config) -> ConfigError:

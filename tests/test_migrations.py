@@ -367,6 +367,27 @@ def test_legacy_database_keeps_its_log_signing_key_and_its_plaintext_is_sealed_u
         assert b"555-0100" not in data and b"shred me" not in data, name
 
 
+def test_a_legacy_database_with_its_root_key_file_missing_stops_the_start_and_gets_no_new_root_key(
+        tmp_path: Path, database_url: str | None) -> None:
+    """A database from before service_keys holds its keys elsewhere (the signing seed in audit_signing_key, the
+    account keys): with root.key missing, the start made a new root key (the database held no service key
+    yet), left it in the data dir and then said that file did not open the database's keys."""
+    from clipstore.config import ConfigError
+    config = make_config(tmp_path / "data", database_url=database_url)
+    config.data_dir.mkdir(parents=True, mode=0o700)
+    root = LocalKms.from_file(config.root_key_file)
+    url = config.effective_database_url
+    legacy_migrate(url, "b36eb06")
+    legacy_migrate(url, "5fa6877")
+    _private(config.data_dir)
+    _legacy_rows(url, root, tmp_path)
+    config.root_key_file.unlink()  # moved to a new host without it
+    with pytest.raises(ConfigError) as refused:
+        App(config).close()
+    assert "root.key is missing but the database holds keys" in str(refused.value)
+    assert not config.root_key_file.exists()
+
+
 def _stored_bytes(url: str, data_dir: Path) -> list[tuple[str, bytes]]:
     """The bytes that hold escalations and assignments: the SQLite files, or the PostgreSQL pages
     (read through the buffer cache with pageinspect, so dead row versions and dropped columns count)."""
