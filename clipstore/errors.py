@@ -162,6 +162,8 @@ class Reason(StrEnum):
         "duration_ms at ingest); skip the clip"
     ESCALATION_NOT_FOUND = auto(), Kind.NOT_FOUND, "no escalation with that id"
     ESCALATION_RESOLVED = auto(), Kind.WRONG_STATE, "the escalation was already resolved"
+    ALREADY_FLAGGED = auto(), Kind.WRONG_STATE, \
+        "the assignment was already flagged (its escalation_id is in the error's metadata); nothing more was sent"
     # -- forensics ----------------------------------------------------------------------------------------
     LEAK_AUDIO_UNREADABLE = auto(), Kind.BAD_INPUT, "send the copy as WAV, FLAC, Ogg Vorbis or Ogg Opus"
     WATERMARK_NOT_FOUND = auto(), Kind.NOT_FOUND, \

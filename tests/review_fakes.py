@@ -44,6 +44,7 @@ class _Tables:
     allow_review: dict[str, bool] = dataclasses.field(default_factory=dict)
     disabled: dict[str, bool] = dataclasses.field(default_factory=dict)
     escalations: dict[str, EscalationRow] = dataclasses.field(default_factory=dict)
+    escalation_authors: dict[str, str] = dataclasses.field(default_factory=dict)  # escalation id -> created_by
 
 
 class MemoryReviewStore:
@@ -199,6 +200,12 @@ class MemoryReviewStore:
     # -- escalations
     def add_escalation(self, row: EscalationRow, created_by: str) -> None:
         self.t.escalations[row.escalation_id] = row
+        self.t.escalation_authors[row.escalation_id] = created_by
+
+    def flagged(self, review_clip_id: str, created_by: str, since: float) -> str | None:
+        return next((e.escalation_id for e in sorted(self.t.escalations.values(), key=lambda e: e.created_at)
+                     if e.review_clip_id == review_clip_id and e.created_at >= since
+                     and self.t.escalation_authors.get(e.escalation_id) == created_by), None)
 
     def escalation(self, escalation_id: str) -> EscalationRow | None:
         return self.t.escalations.get(escalation_id)

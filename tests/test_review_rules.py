@@ -765,3 +765,25 @@ def test_extending_a_reviewer_whose_expiry_passed_does_not_bring_back_their_sess
                               timeout=10)  # extended again: never expires
     w.denied(_err(r.stub.FetchClip, _fetch_req(token, grant), r), grpc.StatusCode.UNAUTHENTICATED, "SESSION_ENDED")
     assert _count(w, schema.grants, schema.grants.c.voided.is_(True)) == 1
+
+
+def test_an_assignment_is_flagged_once_a_repeat_names_the_escalation_it_already_made(w: World) -> None:
+    # Each FlagClip of the same open assignment made a new escalation: a reviewer could fill the safety
+    # team's queue with copies of one case (24 at once, or one after another).
+    r, token, assignment = _assigned(w)
+    first = _flag(r, token, assignment.assignment_id, note="someone is shouting")
+    errors = [x for x in _race(lambda: _flag(r, token, assignment.assignment_id, note="again"))
+              if isinstance(x, grpc.RpcError)]
+    assert len(errors) == RACERS
+    assert {(e.code(), error_info(e).reason) for e in errors} == {(grpc.StatusCode.FAILED_PRECONDITION,
+                                                                   "ALREADY_FLAGGED")}
+    assert {error_info(e).metadata["escalation_id"] for e in errors} == {first.escalation_id}
+    assert _count(w, schema.escalations) == 1 and len(_actions(w, "clip.flag")) == 1
+    last = [e for e in w.entries() if e["action"] == "assignment.deny"][-1]
+    assert last["outcome"] == {"result": "denied", "reason": "ALREADY_FLAGGED"}
+    w.safety.ResolveEscalation(safety_pb2.ResolveEscalationRequest(
+        escalation_id=first.escalation_id, resolution="called back"), metadata=w.safety_md, timeout=10)
+    err = _err(r.stub.FlagClip, review_pb2.FlagClipRequest(  # resolved or not, the assignment had its flag
+        session_token=token, assignment_id=assignment.assignment_id, category=common_pb2.FLAG_CATEGORY_DISTRESS), r)
+    assert error_info(err).reason == "ALREADY_FLAGGED"
+    assert _count(w, schema.escalations) == 1

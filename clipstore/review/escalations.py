@@ -51,6 +51,14 @@ class Escalations:
             if clip is None or sealed_for is None or sealed_for.clip_id != clip.clip_id:
                 raise tx.deny(actor, "assignment.deny", FailedPrecondition("the clip was deleted",
                                                                            reason="CLIP_GONE"))
+            # One escalation per assignment: a repeat (a retry whose answer was lost, or a reviewer pressing
+            # again) would only fill the safety team's queue with copies of one case.
+            flagged = rows.flagged(assignment.review_clip_id, actor.id, assignment.created_at)
+            if flagged is not None:
+                raise tx.deny(actor, "assignment.deny", FailedPrecondition(
+                    f"this assignment was already flagged as escalation {flagged}; nothing more was sent",
+                    reason="ALREADY_FLAGGED", metadata={"escalation_id": flagged}), clip_id=clip.clip_id,
+                    account_ref=clip.account_ref)
             rows.add_escalation(EscalationRow(
                 escalation_id=escalation_id, review_clip_id=assignment.review_clip_id, clip_id=clip.clip_id,
                 category=category, note_ct=note_ct, created_at=tx.now, resolved_at=None, resolution_ct=None),

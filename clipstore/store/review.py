@@ -314,6 +314,14 @@ class ReviewRows(PlainRows):
         self._conn.execute(schema.escalations.insert().values(**row.__dict__, created_by=created_by,
                                                               resolution=None))
 
+    def flagged(self, review_clip_id: str, created_by: str, since: float) -> str | None:
+        """The escalation `created_by` made of `review_clip_id` at or after `since` (an assignment's start), if
+        any: what its flag made."""
+        t = schema.escalations
+        return self._conn.execute(sa.select(t.c.escalation_id).where(
+            t.c.review_clip_id == review_clip_id, t.c.created_by == created_by, t.c.created_at >= since)
+            .order_by(t.c.created_at).limit(1)).scalar()
+
     def escalation(self, escalation_id: str) -> EscalationRow | None:
         t = schema.escalations
         return self._first(EscalationRow, sa.select(t).where(t.c.escalation_id == escalation_id))
