@@ -105,12 +105,21 @@ def _banner(server: object, args: argparse.Namespace) -> None:
         flags.append(f"--database-url {shlex.quote(config.database_url)}")
     print(f"clipstore {__version__} serving on {host}:{server.port} "  # type: ignore[attr-defined]
           "(development mode: plaintext, loopback only)\n"
-          f"  data:      {config.data_dir.resolve()} (root key, database, blobs)\n"
-          f"  database:  {'SQLite in the data dir' if config.database_url is None else 'PostgreSQL'}; "
-          f"root key: {'AWS KMS' if config.kms else 'local file'}; blobs: {'S3' if config.s3 else 'files'}\n"
+          f"{_banner_where(config)}"
           "next: create an API key for your backend, then call the API with it:\n"
           f"  clipstore principals create --role ingest --name my-backend {' '.join(flags)}\n"
           "stop with Ctrl-C (drains in-flight calls)", flush=True)
+
+
+def _banner_where(config: Config) -> str:
+    """The banner's two lines on where things are: the data dir names only what it holds (with the root key in
+    AWS KMS, no root key is there), and the root key line names the key in use."""
+    held = [what for what, here in (("root key", config.kms is None), ("database", config.database_url is None),
+                                    ("blobs", config.s3 is None)) if here]
+    root = f"AWS KMS key {config.kms.key_id}" if config.kms is not None else "local file"
+    return (f"  data:      {config.data_dir.resolve()} ({', '.join(held) or 'none of root key, database, blobs'})\n"
+            f"  database:  {'SQLite in the data dir' if config.database_url is None else 'PostgreSQL'}; "
+            f"root key: {root}; blobs: {f's3://{config.s3.bucket}' if config.s3 is not None else 'files'}\n")
 
 
 def _cmd_dev_certs(args: argparse.Namespace) -> int:

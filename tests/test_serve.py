@@ -220,3 +220,18 @@ def test_an_unreachable_root_key_or_database_takes_down_every_service_that_needs
 def _status(servicer: health.HealthServicer, service: str) -> str:
     response = servicer.Check(health_pb2.HealthCheckRequest(service=service), None)
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def test_dev_mode_banner_names_where_the_root_key_database_and_blobs_are(
+        tmp_path: Path, moto_endpoint: str, bucket: str, kms_key: str) -> None:
+    # The banner said "(root key, database, blobs)" after the data dir whatever the configuration: with the
+    # root in AWS KMS there is no root key there, and "root key: AWS KMS" did not say which key.
+    from clipstore.cli import _banner_where
+    local = _banner_where(make_config(tmp_path / "data"))
+    assert "(root key, database, blobs)" in local and "root key: local file; blobs: files" in local
+    aws = _banner_where(make_config(tmp_path / "data", **{
+        "s3.bucket": bucket, "s3.endpoint_url": moto_endpoint, "kms.key_id": kms_key,
+        "kms.endpoint_url": moto_endpoint}))
+    data_line, where_line = aws.splitlines()
+    assert data_line.endswith("(database)") and "root key" not in data_line
+    assert f"root key: AWS KMS key {kms_key}; blobs: s3://{bucket}" in where_line
