@@ -198,8 +198,9 @@ class ClipLibrary:
 
         try:
             owner = self._audit.run(commit)
-        except Exception:
-            if self._committed_after_all(clip_id):
+        except Exception as exc:
+            # AuditUnavailable.unconfirmed: the COMMIT was sent and never answered
+            if self._committed_after_all(clip_id, unconfirmed=getattr(exc, "unconfirmed", False) is True):
                 return row
             raise
         if owner != clip_id:
@@ -208,18 +209,23 @@ class ClipLibrary:
             return self._same_recording(clip, key, new, counted.total, audio.sha256(), actor)
         return row
 
-    def _committed_after_all(self, clip_id: str) -> bool:
+    def _committed_after_all(self, clip_id: str, *, unconfirmed: bool) -> bool:
         """After a failed commit: whether the row is stored all the same (the database committed but its
-        answer was lost: a dropped connection, a failover). If not, the object is deleted; if that cannot
-        be told (the database is still away), the object stays and the orphan sweep decides later, by the
-        row, so an object whose row committed is never deleted."""
+        answer was lost: a dropped connection, a failover). If not, the object is deleted, unless the COMMIT
+        was sent and never answered (`unconfirmed`): such a commit may still become visible (a slow link or
+        fsync, a synchronous standby), so the object stays, as it does when the row cannot be looked up (the
+        database is still away), and the orphan sweep decides later, by the row. An object whose row
+        committed is never deleted."""
         try:
             committed = self._clips.exists(clip_id)
         except Exception as exc:
             log.warning("clip.commit_unknown", clip_id=clip_id, exc_type=type(exc).__name__)
             return False
         if not committed:
-            self._delete_object(clip_id)
+            if unconfirmed:
+                log.warning("clip.commit_unknown", clip_id=clip_id, exc_type="CommitUnconfirmed")
+            else:
+                self._delete_object(clip_id)
         return committed
 
     def _existing(self, clip_id: str) -> tuple[ClipRow, ClipKey]:

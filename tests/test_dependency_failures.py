@@ -45,6 +45,7 @@ class CommitCutter:
         self._upstream = upstream
         self._armed = threading.Event()
         self._pattern = b"INSERT INTO clips"
+        self.delay_s = 0.0  # between cutting the server off and forwarding the COMMIT (a slow link or fsync)
         self.fired = threading.Event()
         self._listener = socket.socket()
         self._listener.bind(("127.0.0.1", 0))
@@ -80,6 +81,7 @@ class CommitCutter:
                     # The server's side goes first, so no answer can reach it; then the COMMIT goes on
                     # its way, and PostgreSQL commits though nobody hears its answer.
                     self._close(src)
+                    time.sleep(self.delay_s)
                     dst.sendall(data)
                     dst.shutdown(socket.SHUT_WR)
                     self.fired.set()
@@ -142,6 +144,31 @@ def test_a_putclip_whose_commit_answer_is_lost_keeps_its_object_and_its_retry_re
         assert again.clip_id == first.clip_id
         got = clips.GetClip(clip_pb2.GetClipRequest(clip_id=first.clip_id), metadata=ingest, timeout=10)
         assert got.clip.size_bytes == len(audio)
+
+
+def test_a_putclip_whose_lost_commit_lands_after_the_check_keeps_its_object(
+        tmp_path: Path, cutter: tuple[CommitCutter, str], log_stream: io.StringIO) -> None:
+    """The check for the row after a lost commit answer ran at once: a COMMIT still on its way (a slow link, a
+    slow fsync, a commit waiting for a synchronous standby) was not visible yet, so the object was deleted,
+    then the row committed: a clip without audio, whose every retry answered NOT_FOUND/BLOB_NOT_FOUND."""
+    relay, url = cutter
+    with running_server(make_config(tmp_path / "data", database_url=url)) as server, \
+            grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        ingest = bearer(new_key(server.app, "ingest"))
+        clips = clip_pb2_grpc.ClipServiceStub(channel)
+        clips.PutClip(put_requests(metadata(), b"\x00" * 1000), metadata=ingest, timeout=30)  # warm up
+        audio, meta = bytes(range(256)) * 40, metadata(idempotency_key="late-commit")
+        relay.delay_s = 1.0
+        relay.arm()
+        with pytest.raises(grpc.RpcError) as caught:
+            clips.PutClip(put_requests(meta, audio), metadata=ingest, timeout=30)
+        assert (caught.value.code(), error_info(caught.value).reason) == \
+            (grpc.StatusCode.UNAVAILABLE, "AUDIT_UNAVAILABLE")
+        assert relay.fired.wait(10)
+        time.sleep(1)  # the COMMIT lands
+        again = clips.PutClip(put_requests(meta, audio), metadata=ingest, timeout=30).clip  # the retry
+        assert again.size_bytes == len(audio)
+        assert len(b"".join(server.app.blobs.get_stream(again.clip_id))) > len(audio)
 
 
 def test_a_deletion_whose_commit_answer_is_lost_says_its_outcome_is_unknown(

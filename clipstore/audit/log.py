@@ -70,6 +70,9 @@ log = get_logger("clipstore.audit")
 
 class AuditUnavailable(Unavailable):
     reason = Reason.AUDIT_UNAVAILABLE
+    # The unit's COMMIT was sent but never answered: the database may have committed it, and may make it
+    # visible only later (a slow link or fsync, a synchronous standby), so "not found now" proves nothing.
+    unconfirmed = False
 
 
 class _IdleConnectionLost(Exception):
@@ -381,10 +384,12 @@ class AuditLog:
                 log.error("audit.commit_failed", units=len(live), unconfirmed=unconfirmed,
                           exc_type=type(exc.__cause__ if unconfirmed else exc).__name__)
                 for p in live:
-                    p._settle(None, AuditUnavailable(
+                    lost = AuditUnavailable(
                         "the database did not confirm the commit: the action may or may not have been performed "
                         "and recorded; read its state, or retry (an idempotent retry is safe)" if unconfirmed else
-                        "the audit log could not record this action, so it was not performed; retry later"))
+                        "the audit log could not record this action, so it was not performed; retry later")
+                    lost.unconfirmed = unconfirmed
+                    p._settle(None, lost)
                 return
             if failed is None:
                 break
