@@ -83,3 +83,19 @@ def test_a_failed_round_fails_its_waiters_and_the_next_round_works() -> None:
         rounds.covering(log.append())
     log.fail = False
     assert rounds.covering(log.append()) == "note 2 cosigned"
+
+
+def test_a_round_refused_because_the_publisher_cosigned_a_newer_checkpoint_answers_with_that_one() -> None:
+    # The publishing loop (or another replica's) had the witnesses cosign a larger tree between this round's
+    # signing and its cosigning; a witness then refuses the older checkpoint (409, its size is ahead), the
+    # round fails, and the report failed AUDIT_UNAVAILABLE though a cosigned checkpoint covering it was held.
+    log = _Log()
+    published: list[tuple[int, str]] = []
+
+    def cosign(note: str) -> str:
+        published.append((log.size + 5, f"note {log.size + 5} cosigned by the publisher"))
+        raise RuntimeError("quorum not reached: a witness is ahead")
+    rounds = ReportCheckpoints(checkpoint=log.checkpoint, cosign=cosign, min_interval_s=0,
+                               known=lambda: published[-1] if published else None)
+    head = log.append()
+    assert rounds.covering(head) == f"note {head + 6} cosigned by the publisher"

@@ -81,6 +81,14 @@ class ReportCheckpoints:
                 self._lead(current)
             else:
                 current.done.wait()
+            if current.error is not None:
+                with self._lock:
+                    # A round refused because the witnesses already hold a larger tree of ours (the publishing
+                    # loop's or another replica's, cosigned between this round's signing and its cosigning):
+                    # that checkpoint, if this process holds it, covers the report as well.
+                    held = self._held(head)
+                if held is not None:
+                    return held
             if current.size is not None and current.size > head:
                 if current.error is not None:
                     raise AuditUnavailable(current.error)
