@@ -787,3 +787,18 @@ def test_an_assignment_is_flagged_once_a_repeat_names_the_escalation_it_already_
         session_token=token, assignment_id=assignment.assignment_id, category=common_pb2.FLAG_CATEGORY_DISTRESS), r)
     assert error_info(err).reason == "ALREADY_FLAGGED"
     assert _count(w, schema.escalations) == 1
+
+
+def test_a_reviewer_whose_locales_do_not_fit_their_column_is_invalid_argument_not_internal(w: World) -> None:
+    # Up to 20 tags of up to 30 characters each were taken, but the column holding them (comma-separated)
+    # has 400 characters: on PostgreSQL the insert failed and CreateReviewer answered INTERNAL.
+    from clipstore.v1 import reviewer_admin_pb2, reviewer_admin_pb2_grpc
+    stub = reviewer_admin_pb2_grpc.ReviewerAdminServiceStub(w.channel)
+    locales = [f"ab{chr(97 + i)}-abcdefgh-abcdefgh-abcdefgh" for i in range(20)]
+    err = _err(stub.CreateReviewer, reviewer_admin_pb2.CreateReviewerRequest(name="many", locales=locales),
+               md=w.admin)
+    assert (err.code(), error_info(err).reason, error_info(err).metadata["field"]) == \
+        (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", "locales")
+    fits = locales[:12]  # 12 * 31 - 1 = 371 characters
+    stub.CreateReviewer(reviewer_admin_pb2.CreateReviewerRequest(name="many", locales=fits), metadata=w.admin,
+                        timeout=10)

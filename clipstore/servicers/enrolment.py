@@ -38,6 +38,9 @@ def _offer(offer: Offer) -> reviewer_admin_pb2.EnrolmentOffer:
                                              code=offer.code, expires_at=timestamp(offer.expires_at))
 
 
+MAX_LOCALES_CHARS = 400  # the reviewers.locales column: the tags, comma-separated
+
+
 class ReviewerAdminServicer(reviewer_admin_pb2_grpc.ReviewerAdminServiceServicer):
     def __init__(self, enrolment: SelfEnrolment, lifecycle: PrincipalLifecycle) -> None:
         self._enrolment, self._lifecycle = enrolment, lifecycle
@@ -51,6 +54,9 @@ class ReviewerAdminServicer(reviewer_admin_pb2_grpc.ReviewerAdminServiceServicer
         if spiffe_id:
             spiffe_id = canonical_spiffe_id(spiffe_id, role="reviewer", trust_domain=self._lifecycle.trust_domain)
         locales = tuple(dict.fromkeys(canonical_locale(loc) for loc in request.locales))  # en-us is en-US
+        if len(",".join(locales)) > MAX_LOCALES_CHARS:
+            raise InvalidArgument("locales", f"at most {MAX_LOCALES_CHARS} characters together (with a comma "
+                                             "between tags)")
         offer = self._enrolment.create_reviewer(name, locales, current_actor(),
                                                 spiffe_id=spiffe_id or None)
         return reviewer_admin_pb2.CreateReviewerResponse(reviewer_id=offer.reviewer_id, enrolment=_offer(offer))
