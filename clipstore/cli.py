@@ -172,7 +172,7 @@ def _s3_client(endpoint_url: str | None) -> object:
     return boto3.client("s3", endpoint_url=endpoint_url)
 
 
-def _missing_deployment(config: Config, *, root: bool = False) -> str | None:
+def _missing_deployment(config: Config, *, root: bool = False, schema: bool = True) -> str | None:
     """Why `config` names no deployment that a server has run on, or None. A command that only reads or
     maintains one must not make a fresh one (a new root key, a new audit log and its signing key) out of a
     mistyped --data-dir: `audit export` would print a verifier key nobody should pin."""
@@ -182,12 +182,26 @@ def _missing_deployment(config: Config, *, root: bool = False) -> str | None:
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         return (f"no database at {url.removeprefix('sqlite:///')}; give the server's --data-dir, --database-url "
                 "or --config")
+    if schema and not url.startswith("sqlite"):  # a server database that clipstore never set up
+        from clipstore.config import scrub
+        from clipstore.store import Database
+        db = Database(url, upgrade=False)
+        try:
+            with db.read() as conn:
+                inspector = sa.inspect(conn)
+                known = inspector.has_table("alembic_version") or inspector.has_table("schema_migrations")
+        finally:
+            db.close()
+        if not known:
+            return (f"no clipstore database at {scrub(url)}; give the server's --database-url (or --config), or "
+                    "run clipstore db upgrade there first")
     return None
 
 
-def _existing(config: Config, *, root: bool = False) -> Config | None:
-    """`config` if it names an existing deployment, else None after one line on stderr."""
-    problem = _missing_deployment(config, root=root)
+def _existing(config: Config, *, root: bool = False, schema: bool = True) -> Config | None:
+    """`config` if it names an existing deployment, else None after one line on stderr. `schema=False`: a
+    server database (PostgreSQL) may be empty, as `db current` reports it."""
+    problem = _missing_deployment(config, root=root, schema=schema)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return None
@@ -437,7 +451,7 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
 def _cmd_db_current(args: argparse.Namespace) -> int:
     from clipstore.app import private_data
     from clipstore.store import Database, migrations
-    config = _existing(_config(args))  # opening SQLite would create the database
+    config = _existing(_config(args), schema=False)  # opening SQLite would create the database
     if config is None:
         return EXIT_CONFIG
     private_data(config)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clipstore.config import ConfigError, default, load_config
@@ -314,3 +315,25 @@ def test_audit_peer_pseudonym_creates_no_database_where_only_a_root_key_is(tmp_p
                      env=_env(tmp_path))
     assert out.returncode == 2 and "no database at" in out.stderr and out.stdout == ""
     assert sorted(p.name for p in (tmp_path / "keyonly").iterdir()) == ["root.key"]
+
+
+@pytest.mark.parametrize("command", [("audit", "export", "--out", "{tmp}/export"), ("purge", "--dry-run"),
+                                     ("keys", "retire", "--account-id", "a", "--below", "2")])
+def test_maintenance_commands_on_an_empty_server_database_make_no_fresh_deployment(
+        tmp_path: Path, pg_url: str, command: tuple[str, ...]) -> None:
+    """The check for a data dir without a database covered SQLite only: a --database-url naming a PostgreSQL
+    database (or schema) clipstore never set up (a mistyped name that exists, the server's default database)
+    got a fresh deployment made in it, and `audit export` printed a brand-new verifier key."""
+    result = _clipstore(*(c.format(tmp=tmp_path) for c in command), "--data-dir", str(tmp_path / "d"),
+                        "--database-url", pg_url, env=_env(tmp_path))
+    assert (result.returncode, result.stdout) == (2, ""), result
+    assert result.stderr.startswith("error: no clipstore database at postgresql://"), result.stderr
+    engine = sa.create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        with engine.connect() as conn:
+            assert sa.inspect(conn).get_table_names() == []  # nothing made there
+    finally:
+        engine.dispose()
+    current = _clipstore("db", "current", "--data-dir", str(tmp_path / "d"), "--database-url", pg_url,
+                         env=_env(tmp_path))
+    assert (current.returncode, current.stdout) == (0, "empty: no revision applied\n"), current
