@@ -96,13 +96,14 @@ def _banner(server: object, args: argparse.Namespace) -> None:
     import shlex
 
     from clipstore import __version__
+    from clipstore.config import scrub
     config: Config = server.app.config  # type: ignore[attr-defined]
     host = config.listen.rpartition(":")[0]
     flags = [f"--data-dir {shlex.quote(str(config.data_dir.resolve()))}"]
     if args.config:
         flags.insert(0, f"--config {shlex.quote(str(args.config))}")
-    if config.database_url:
-        flags.append(f"--database-url {shlex.quote(config.database_url)}")
+    if config.database_url:  # never its password (it may come from a file or the environment): put it back
+        flags.append(f"--database-url {shlex.quote(scrub(config.database_url))}")
     print(f"clipstore {__version__} serving on {host}:{server.port} "  # type: ignore[attr-defined]
           "(development mode: plaintext, loopback only)\n"
           f"{_banner_where(config)}"

@@ -235,3 +235,17 @@ def test_dev_mode_banner_names_where_the_root_key_database_and_blobs_are(
     data_line, where_line = aws.splitlines()
     assert data_line.endswith("(database)") and "root key" not in data_line
     assert f"root key: AWS KMS key {kms_key}; blobs: s3://{bucket}" in where_line
+
+
+def test_dev_mode_banner_never_prints_the_database_password(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The next-command hint repeated database_url as it was, password included (from a config file or the
+    # environment, where it was kept out of sight), to stdout.
+    import argparse
+    from types import SimpleNamespace
+
+    from clipstore.cli import _banner
+    config = make_config(tmp_path / "data", database_url="postgresql://clipstore:s3cret-pw@127.0.0.1:5432/cs")
+    _banner(SimpleNamespace(app=SimpleNamespace(config=config), port=50051), argparse.Namespace(config=None))
+    out = capsys.readouterr().out
+    assert "s3cret-pw" not in out
+    assert "--database-url 'postgresql://clipstore:<redacted>@127.0.0.1:5432/cs'" in out
