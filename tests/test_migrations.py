@@ -25,6 +25,7 @@ from clipstore.audit.export import export_log
 from clipstore.auth import create_principal, hash_api_key
 from clipstore.cli import main
 from clipstore.clipkey import ClipKey, Purpose
+from clipstore.config import Config
 from clipstore.identity import seal_identity
 from clipstore.store import Database, migrations
 from clipstore.store.keys import SqlKekStore
@@ -268,6 +269,18 @@ def _perfect_subtrees(entries: list[bytes]) -> list[tuple[int, int, bytes]]:
     return [(level, idx, h) for level, hashes in enumerate(levels) for idx, h in enumerate(hashes)]
 
 
+def _legacy_deployment(tmp_path: Path, database_url: str | None) -> tuple[Config, str, dict[str, Any]]:
+    """A data dir whose database was made and filled by the code of revision 5fa6877 (before service_keys)."""
+    config = make_config(tmp_path / "data", database_url=database_url)
+    config.data_dir.mkdir(parents=True, mode=0o700)
+    root = LocalKms.from_file(config.root_key_file)
+    url = config.effective_database_url
+    legacy_migrate(url, "b36eb06")
+    legacy_migrate(url, "5fa6877")
+    _private(config.data_dir)
+    return config, url, _legacy_rows(url, root, tmp_path)
+
+
 def _legacy_rows(url: str, root: LocalKms, tmp_path: Path) -> dict[str, Any]:
     """Fill a database left by b36eb06 and then 5fa6877 the way those commits did: an audit log with
     (level, idx) subtree hashes, the signing seed in audit_signing_key, plaintext escalation notes."""
@@ -326,14 +339,7 @@ def _legacy_rows(url: str, root: LocalKms, tmp_path: Path) -> dict[str, Any]:
 
 def test_legacy_database_keeps_its_log_signing_key_and_its_plaintext_is_sealed_under_the_clip_key(
         tmp_path: Path, database_url: str | None) -> None:
-    config = make_config(tmp_path / "data", database_url=database_url)
-    config.data_dir.mkdir(parents=True, mode=0o700)
-    root = LocalKms.from_file(config.root_key_file)
-    url = config.effective_database_url
-    legacy_migrate(url, "b36eb06")
-    legacy_migrate(url, "5fa6877")
-    _private(config.data_dir)
-    legacy = _legacy_rows(url, root, tmp_path)
+    config, url, legacy = _legacy_deployment(tmp_path, database_url)
 
     app = App(config)
     try:
@@ -373,14 +379,7 @@ def test_a_legacy_database_with_its_root_key_file_missing_stops_the_start_and_ge
     account keys): with root.key missing, the start made a new root key (the database held no service key
     yet), left it in the data dir and then said that file did not open the database's keys."""
     from clipstore.config import ConfigError
-    config = make_config(tmp_path / "data", database_url=database_url)
-    config.data_dir.mkdir(parents=True, mode=0o700)
-    root = LocalKms.from_file(config.root_key_file)
-    url = config.effective_database_url
-    legacy_migrate(url, "b36eb06")
-    legacy_migrate(url, "5fa6877")
-    _private(config.data_dir)
-    _legacy_rows(url, root, tmp_path)
+    config, _, _ = _legacy_deployment(tmp_path, database_url)
     config.root_key_file.unlink()  # moved to a new host without it
     with pytest.raises(ConfigError) as refused:
         App(config).close()
