@@ -57,7 +57,7 @@ from clipstore.blobs.protocol import READ_CHUNK_BYTES  # noqa: E402
 from clipstore.client._wire import AUDIO_CHUNK_BYTES  # noqa: E402
 from clipstore.envelope import open_clip, seal_clip  # noqa: E402
 from clipstore.store import Database  # noqa: E402
-from clipstore.store.keys import SqlKekStore  # noqa: E402
+from clipstore.store.keys import KekRows, SqlKekStore  # noqa: E402
 from kms import KeyRing, LocalKms  # noqa: E402
 
 SIZES = {"32k": 32 * 1024, "320k": 320 * 1024, "5m": 5 * 1024 * 1024}
@@ -248,9 +248,12 @@ def stream_rss_growth_mib(ring: KeyRing) -> tuple[float, float]:
 
 
 def _ring(tmp: str) -> KeyRing:
-    ring = KeyRing(LocalKms.from_file(Path(tmp) / "root.key"), SqlKekStore(Database(f"sqlite:///{tmp}/m.db")),
-                   now=time.time)
-    ring.create_account(ACCOUNT)
+    db = Database(f"sqlite:///{tmp}/m.db")
+    ring = KeyRing(LocalKms.from_file(Path(tmp) / "root.key"), SqlKekStore(db), now=time.time)
+    first = ring.new_kek(ACCOUNT, 1)  # the account's first key, stored as AccountDirectory stores it
+    with db.transaction() as conn:
+        KekRows(conn).add(ACCOUNT, first.record, time.time())
+    ring.stored(first)
     return ring
 
 

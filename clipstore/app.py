@@ -173,7 +173,7 @@ class App:
         self.root = root_provider(config, create=not holds_keys(self.db))
         self.principals = PrincipalRepository(self.db)
         self.clock: Clock = clock or SystemClock()
-        self.keyring = KeyRing(self.root, SqlKekStore(self.db, now=self.clock.now), now=self.clock.now)
+        self.keyring = KeyRing(self.root, SqlKekStore(self.db), now=self.clock.now)
         try:
             finish_upgrade(self.db, self.root, self.keyring)  # before the signer: it may move the signing seed
             signer = load_or_create_signer(self.db, self.root)

@@ -442,7 +442,7 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
     db = Database(config.effective_database_url)
     try:
         root = root_provider(config, create=not holds_keys(db))  # never a new root.key for a database with keys
-        revision = finish_upgrade(db, root, KeyRing(root, SqlKekStore(db, now=time.time), now=time.time))
+        revision = finish_upgrade(db, root, KeyRing(root, SqlKekStore(db), now=time.time))
     finally:
         db.close()
     print(f"database at revision {revision} (head)")

@@ -67,20 +67,18 @@ class NewKek:
 
     account_ref: str
     record: KekRecord
-    cipher: AESGCM = field(repr=False, compare=False)
-    read: _Read = field(repr=False, compare=False)  # a shred before `stored` keeps `cipher` out of the cache
+    # The key ring's own: the unwrapped KEK, and the read a forget of the account before `stored` (a shred)
+    # marks stale, which keeps the KEK out of the cache
+    _cipher: AESGCM = field(repr=False, compare=False)
+    _read: _Read = field(repr=False, compare=False)
 
 
 class KekStore(Protocol):
-    """Where wrapped KEKs live (the metadata store implements it)."""
-
-    def add_kek(self, account_ref: str, record: KekRecord) -> None: ...
+    """Where the key ring reads wrapped KEKs (the metadata store implements it). They are written only in
+    the caller's units of work (an account's creation, a rotation, a retirement, a crypto-shred), which
+    then tell the ring (`KeyRing.stored`, `KeyRing.forget`)."""
 
     def keks(self, account_ref: str) -> list[KekRecord]: ...
-
-    def retire_keks_below(self, account_ref: str, min_version: int) -> int: ...
-
-    def destroy_keks(self, account_ref: str) -> int: ...
 
     def is_destroyed(self, account_ref: str) -> bool: ...
 
@@ -189,18 +187,6 @@ class KeyRing:
         self._reads.add(read)
         return read
 
-    def create_account(self, account_ref: str) -> int:
-        """Give a new account its first KEK; returns version 1."""
-        if self._store.keks(account_ref) or self._store.is_destroyed(account_ref):
-            raise ValueError(f"account {account_ref} already has (or had) keys")
-        return self._add_version(account_ref, 1)
-
-    def _add_version(self, account_ref: str, version: int) -> int:
-        new = self.new_kek(account_ref, version)
-        self._store.add_kek(account_ref, new.record)
-        self.stored(new)
-        return version
-
     def new_kek(self, account_ref: str, version: int) -> NewKek:
         """A fresh KEK for `version`, wrapped by the root (the root call happens here, outside any
         transaction); nothing is stored."""
@@ -209,18 +195,18 @@ class KeyRing:
         kek = secrets.token_bytes(KEK_BYTES)
         wrapped = self._root.encrypt(kek, self._context(account_ref, version))
         self.root_calls += 1
-        return NewKek(account_ref=account_ref, record=KekRecord(version=version, wrapped=wrapped), cipher=AESGCM(kek),
-                      read=read)
+        return NewKek(account_ref=account_ref, record=KekRecord(version=version, wrapped=wrapped),
+                      _cipher=AESGCM(kek), _read=read)
 
     def stored(self, new: NewKek) -> None:
         """`new` was committed by the caller: the account's cached versions are stale, its KEK is known
         (and cached, unless the account was forgotten, e.g. shredded, since `new_kek`)."""
         with self._lock:
-            self._reads.discard(new.read)
-            fresh = not new.read.stale
+            self._reads.discard(new._read)
+            fresh = not new._read.stale
             self._forget_locked(new.account_ref)
             if fresh:
-                self._cache.put((new.account_ref, new.record.version), new.cipher)
+                self._cache.put((new.account_ref, new.record.version), new._cipher)
 
     def next_version(self, account_ref: str) -> int:
         """The version a rotation would add (one past the newest)."""
@@ -239,29 +225,9 @@ class KeyRing:
             raise UnknownKeyVersion(f"account {account_ref} has no active key")
         return max(live)
 
-    def rotate(self, account_ref: str) -> int:
-        """Add a new active version; old versions still decrypt until retired."""
-        return self._add_version(account_ref, self.next_version(account_ref))
-
-    def retire_below(self, account_ref: str, min_version: int) -> int:
-        """Set the minimum decryption version; returns how many versions were retired."""
-        if min_version > self.active_version(account_ref):
-            raise ValueError(f"min_version {min_version} is above the active version")
-        retired = self._store.retire_keks_below(account_ref, min_version)
-        self._forget(account_ref)
-        return retired
-
-    def destroy(self, account_ref: str) -> int:
-        """Crypto-shred: every KEK version of this account is gone, and so is its cache."""
-        destroyed = self._store.destroy_keks(account_ref)
-        self._forget(account_ref)
-        return destroyed
-
     def forget(self, account_ref: str) -> None:
-        """Drop the account's cached keys (after its KEKs were destroyed in a caller's transaction)."""
-        self._forget(account_ref)
-
-    def _forget(self, account_ref: str) -> None:
+        """Drop the account's cached keys, after the caller's transaction changed them (a crypto-shred, a
+        retirement, a rotation that failed or lost its race): the next read asks the store."""
         with self._lock:
             self._forget_locked(account_ref)
 

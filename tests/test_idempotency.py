@@ -27,6 +27,7 @@ from clipstore.clips import NewClip
 from clipstore.errors import ClipstoreError
 from clipstore.server import ClipstoreServer, running_server
 from clipstore.store import schema
+from clipstore.store.keys import destroy_keks
 from clipstore.unit import OPERATOR, SYSTEM
 from clipstore.v1 import account_pb2, account_pb2_grpc, clip_pb2, clip_pb2_grpc
 from tests.clip_helpers import ACCOUNT_ID, SERIAL, Chunks, metadata, put_requests, trailer
@@ -291,7 +292,9 @@ def test_an_upload_overtaken_by_another_recording_with_its_key_is_refused_and_le
 
 def test_a_retry_after_the_accounts_keys_were_shredded_is_spent_before_its_audio_is_read(app: App) -> None:
     clip = app.clips.ingest(_new(idempotency_key="shredded"), Chunks([AUDIO]), OPERATOR)
-    app.keyring.destroy(clip.account_ref)  # an account deletion that stopped before the clip rows went
+    with app.db.transaction() as conn:  # an account deletion that stopped before the clip rows went
+        destroy_keks(conn, clip.account_ref, app.clock.now())
+    app.keyring.forget(clip.account_ref)
 
     def unread() -> Iterator[bytes]:
         raise AssertionError("a spent key's upload is not read")

@@ -16,6 +16,7 @@ import pytest
 
 from clipstore.config import Config
 from clipstore.server import ClipstoreServer, running_server
+from clipstore.store.keys import destroy_keks
 from clipstore.v1 import account_pb2, account_pb2_grpc, clip_pb2, clip_pb2_grpc
 from kms import AccountKeysDestroyed, WrappedDek
 from tests.clip_helpers import ACCOUNT_ID, SERIAL, metadata, put_requests, trailer
@@ -265,7 +266,9 @@ def test_lower_layer_failures_map_to_precise_statuses(stubs: tuple, s3_server: C
     clip = _put(clips, md)
     app = s3_server.app
     row = app.clips.find(clip.clip_id)
-    app.keyring.destroy(row.account_ref)  # keys shredded while rows still exist (mid-deletion)
+    with app.db.transaction() as conn:  # keys shredded while rows still exist (mid-deletion)
+        destroy_keks(conn, row.account_ref, app.clock.now())
+    app.keyring.forget(row.account_ref)
     err = _bad_get(clips, md, clip.clip_id)
     assert (err.code(), error_info(err).reason) == (grpc.StatusCode.NOT_FOUND, "ACCOUNT_DELETED")
 
@@ -286,14 +289,21 @@ def _bad_get(clips: clip_pb2_grpc.ClipServiceStub, md: tuple, clip_id: str) -> g
     return caught.value
 
 
-def test_old_key_versions_retire_only_after_the_rewrap(stubs: tuple, s3_server: ClipstoreServer) -> None:
+def test_old_key_versions_retire_only_after_the_rewrap(stubs: tuple, s3_server: ClipstoreServer,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from clipstore.errors import FailedPrecondition
     from clipstore.unit import OPERATOR
     clips, accounts, md = stubs
     clip = _put(clips, md)
     app = s3_server.app
-    ref = app.accounts.require(ACCOUNT_ID).account_ref
-    app.keyring.rotate(ref)  # a new version, but this clip's key still uses version 1
+
+    def stop(*args: object, **kwargs: object) -> WrappedDek:
+        raise RuntimeError("injected: the rotation stopped before its rewrap")
+
+    monkeypatch.setattr(app.keyring, "rewrap", stop)
+    with pytest.raises(RuntimeError, match="injected"):
+        app.accounts.rotate_key(ACCOUNT_ID, OPERATOR)  # a new version, but this clip's key still uses version 1
+    monkeypatch.undo()
     with pytest.raises(FailedPrecondition):
         app.accounts.retire_key_versions(ACCOUNT_ID, 2, OPERATOR)
     # A clip below the active version is a rotation that stopped half-way: RotateAccountKey resumes it

@@ -12,10 +12,12 @@ import boto3
 import pytest
 from moto import mock_aws
 
+from clipstore.app import App
 from clipstore.envelope import open_clip, seal_clip
 from clipstore.errors import EnvelopeError
 from clipstore.store import Database
-from clipstore.store.keys import SqlKekStore
+from clipstore.store.keys import KekRows, SqlKekStore, destroy_keks
+from clipstore.unit import OPERATOR
 from kms import (
     AccountKeysDestroyed,
     AwsKms,
@@ -31,17 +33,11 @@ from kms import (
     LocalKms,
     RetiredKeyVersion,
     UnknownKeyVersion,
+    WrappedDek,
 )
+from tests.conftest import FakeClock, make_config
 
 CTX = {"account_ref": "acct_1", "key_version": "1", "purpose": "account-kek"}
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 1_000_000.0
-
-    def now(self) -> float:
-        return self.t
 
 
 @pytest.fixture(params=["local", "aws-in-process", "aws-server"])
@@ -109,26 +105,37 @@ def test_aws_unreachable_endpoint_is_unavailable() -> None:
 
 
 # -- the key ring ---------------------------------------------------------------------
+# Accounts get, rotate, retire and shred their keys as the service does: through the units of work of
+# `AccountDirectory` (PutClip's account creation, RotateAccountKey, `clipstore keys retire`, DeleteAccount).
 @pytest.fixture
-def ring(tmp_path: Path, clock: FakeClock) -> KeyRing:
-    db = Database(f"sqlite:///{tmp_path / 'meta.db'}")
-    return KeyRing(LocalKms.from_file(tmp_path / "root.key"), SqlKekStore(db), now=clock.now)
+def app(tmp_path: Path, clock: FakeClock) -> Iterator[App]:
+    app = App(make_config(tmp_path / "data"), clock=clock)
+    yield app
+    app.close()
 
 
-def _seal(ring: KeyRing, account: str, clip: str, plaintext: bytes) -> tuple[bytes, object]:
+@pytest.fixture
+def ring(app: App) -> KeyRing:
+    return app.keyring
+
+
+def _account(app: App, account_id: str) -> str:
+    """A new account and its first key version (as a PutClip makes one); its account_ref."""
+    return app.accounts.find_or_create(account_id).account_ref
+
+
+def _seal(ring: KeyRing, account: str, clip: str, plaintext: bytes) -> tuple[bytes, WrappedDek]:
     dek, wrapped = ring.data_key_for(account, clip)
     return b"".join(seal_clip(dek, [plaintext], clip_id=clip, account_ref=account)), wrapped
 
 
-def _open(ring: KeyRing, account: str, clip: str, ciphertext: bytes, wrapped: object) -> bytes:
-    dek = ring.unwrap(wrapped, account_ref=account, clip_id=clip)  # type: ignore[arg-type]
+def _open(ring: KeyRing, account: str, clip: str, ciphertext: bytes, wrapped: WrappedDek) -> bytes:
+    dek = ring.unwrap(wrapped, account_ref=account, clip_id=clip)
     return b"".join(open_clip(dek, [ciphertext], clip_id=clip, account_ref=account))
 
 
-def test_root_is_called_about_once_per_account_per_ttl(ring: KeyRing) -> None:
-    accounts = [f"acct_{i:03d}" for i in range(100)]
-    for account in accounts:
-        ring.create_account(account)
+def test_root_is_called_about_once_per_account_per_ttl(app: App, ring: KeyRing) -> None:
+    accounts = [_account(app, f"account-{i:03d}") for i in range(100)]
     ring.root_calls = 0
     ring._cache._items.clear()  # start cold: every account must be unwrapped once
     for n in range(10_000):
@@ -139,104 +146,96 @@ def test_root_is_called_about_once_per_account_per_ttl(ring: KeyRing) -> None:
     assert ring.cache_hit_ratio > 0.99
 
 
-def test_cache_expires_after_ttl(ring: KeyRing, clock: FakeClock) -> None:
-    ring.create_account("acct_a")
-    ring.data_key_for("acct_a", "c_1")
+def test_cache_expires_after_ttl(app: App, ring: KeyRing, clock: FakeClock) -> None:
+    ref = _account(app, "alice")
+    ring.data_key_for(ref, "c_1")
     calls = ring.root_calls
     clock.t += 301
-    ring.data_key_for("acct_a", "c_2")
+    ring.data_key_for(ref, "c_2")
     assert ring.root_calls == calls + 1
 
 
-def test_rotate_rewrap_retire_keeps_every_clip_readable(ring: KeyRing) -> None:
-    ring.create_account("acct_a")
+def test_rotate_rewrap_retire_keeps_every_clip_readable(app: App, ring: KeyRing) -> None:
+    ref = _account(app, "alice")
     clips = {f"c_{i}": secrets.token_bytes(1000 + i) for i in range(5)}
-    sealed = {cid: _seal(ring, "acct_a", cid, pt) for cid, pt in clips.items()}
-    assert ring.rotate("acct_a") == 2
-    rewrapped = {cid: (ct, ring.rewrap(w, account_ref="acct_a", clip_id=cid))  # type: ignore[arg-type]
-                 for cid, (ct, w) in sealed.items()}
+    sealed = {cid: _seal(ring, ref, cid, pt) for cid, pt in clips.items()}
+    assert app.accounts.rotate_key("alice", OPERATOR)[0] == 2
+    rewrapped = {cid: (ct, ring.rewrap(w, account_ref=ref, clip_id=cid)) for cid, (ct, w) in sealed.items()}
     assert all(w.key_version == 2 for _, w in rewrapped.values())
-    assert ring.retire_below("acct_a", 2) == 1
+    assert app.accounts.retire_key_versions("alice", 2, OPERATOR) == 1
     for cid, (ct, wrapped) in rewrapped.items():
-        assert _open(ring, "acct_a", cid, ct, wrapped) == clips[cid]  # audio untouched, still readable
+        assert _open(ring, ref, cid, ct, wrapped) == clips[cid]  # audio untouched, still readable
     ct, old = sealed["c_0"]
     with pytest.raises(RetiredKeyVersion):
-        _open(ring, "acct_a", "c_0", ct, old)
+        _open(ring, ref, "c_0", ct, old)
 
 
-def test_unknown_key_version_is_refused(ring: KeyRing) -> None:
-    ring.create_account("acct_a")
+def test_unknown_key_version_is_refused(app: App, ring: KeyRing) -> None:
+    ref = _account(app, "alice")
     with pytest.raises(UnknownKeyVersion):
-        ring.wrap(b"d" * 32, account_ref="acct_a", clip_id="c_1", key_version=7)
+        ring.wrap(b"d" * 32, account_ref=ref, clip_id="c_1", key_version=7)
 
 
-def test_wrong_key_version_does_not_unwrap(ring: KeyRing) -> None:
-    from kms import WrappedDek
-    ring.create_account("acct_a")
-    _, wrapped = ring.data_key_for("acct_a", "c_1")
-    ring.rotate("acct_a")
+def test_wrong_key_version_does_not_unwrap(app: App, ring: KeyRing) -> None:
+    ref = _account(app, "alice")
+    _, wrapped = ring.data_key_for(ref, "c_1")
+    app.accounts.rotate_key("alice", OPERATOR)
     with pytest.raises(DekUnwrapError):
-        ring.unwrap(WrappedDek(key_version=2, blob=wrapped.blob), account_ref="acct_a", clip_id="c_1")
+        ring.unwrap(WrappedDek(key_version=2, blob=wrapped.blob), account_ref=ref, clip_id="c_1")
 
 
-def test_wrapped_dek_is_bound_to_clip_and_account(ring: KeyRing) -> None:
-    ring.create_account("acct_a")
-    ring.create_account("acct_b")
-    _, wrapped = ring.data_key_for("acct_a", "c_1")
+def test_wrapped_dek_is_bound_to_clip_and_account(app: App, ring: KeyRing) -> None:
+    a, b = _account(app, "alice"), _account(app, "bob")
+    _, wrapped = ring.data_key_for(a, "c_1")
     with pytest.raises(DekUnwrapError):
-        ring.unwrap(wrapped, account_ref="acct_a", clip_id="c_2")
+        ring.unwrap(wrapped, account_ref=a, clip_id="c_2")
     with pytest.raises(DekUnwrapError):
-        ring.unwrap(wrapped, account_ref="acct_b", clip_id="c_1")
+        ring.unwrap(wrapped, account_ref=b, clip_id="c_1")
 
 
-def test_crypto_shred_makes_a_copy_taken_before_unopenable(ring: KeyRing) -> None:
-    ring.create_account("acct_gone")
-    ring.create_account("acct_kept")
-    backup = _seal(ring, "acct_gone", "c_1", b"secret audio")  # a copy, as a backup would hold
-    kept = _seal(ring, "acct_kept", "c_2", b"other audio")
-    assert ring.destroy("acct_gone") == 1
+def test_crypto_shred_makes_a_copy_taken_before_unopenable(app: App, ring: KeyRing) -> None:
+    gone, kept = _account(app, "gone"), _account(app, "kept")
+    backup = _seal(ring, gone, "c_1", b"secret audio")  # a copy, as a backup would hold
+    other = _seal(ring, kept, "c_2", b"other audio")
+    app.accounts.delete_account("gone", OPERATOR)
     with pytest.raises(AccountKeysDestroyed):
-        _open(ring, "acct_gone", "c_1", *backup)
-    assert _open(ring, "acct_kept", "c_2", *kept) == b"other audio"  # no other account touched
+        _open(ring, gone, "c_1", *backup)
+    assert _open(ring, kept, "c_2", *other) == b"other audio"  # no other account touched
 
 
-def test_an_object_moved_to_another_account_does_not_open(ring: KeyRing) -> None:
-    ring.create_account("acct_a")
-    ring.create_account("acct_b")
-    ciphertext, _ = _seal(ring, "acct_a", "c_1", b"audio")
-    dek_b, _ = ring.data_key_for("acct_b", "c_1")
+def test_an_object_moved_to_another_account_does_not_open(app: App, ring: KeyRing) -> None:
+    a, b = _account(app, "alice"), _account(app, "bob")
+    ciphertext, _ = _seal(ring, a, "c_1", b"audio")
+    dek_b, _ = ring.data_key_for(b, "c_1")
     with pytest.raises(EnvelopeError):
-        b"".join(open_clip(dek_b, [ciphertext], clip_id="c_1", account_ref="acct_b"))
+        b"".join(open_clip(dek_b, [ciphertext], clip_id="c_1", account_ref=b))
 
 
-def test_key_material_is_never_in_reprs(ring: KeyRing) -> None:
-    ring.create_account("acct_a")
-    dek, wrapped = ring.data_key_for("acct_a", "c_1")
+def test_key_material_is_never_in_reprs(app: App, ring: KeyRing) -> None:
+    ref = _account(app, "alice")
+    dek, wrapped = ring.data_key_for(ref, "c_1")
     assert dek.hex() not in repr(wrapped) and wrapped.blob.hex() not in repr(wrapped)
     assert "LocalKms(<root key hidden>)" in repr(ring)
 
 
-def test_the_sql_kek_store_dates_keys_and_tombstones_by_the_injected_clock(tmp_path: Path,
-                                                                          database_url: str | None) -> None:
-    """Before, a KEK row and the tombstone of a key dropped after a lost creation race (AccountDirectory)
-    were dated by time.time(), not the service's clock: an injected clock (tests, replays) disagreed with them."""
+def test_key_rows_and_tombstones_are_dated_by_the_injected_clock(tmp_path: Path, database_url: str | None) -> None:
+    """Before, an account's KEK row and its crypto-shred tombstone were dated by time.time(), not the
+    service's clock: an injected clock (tests, replays) disagreed with them."""
     import sqlalchemy as sa
 
-    from clipstore.app import App
     from clipstore.store import schema
-    from tests.conftest import FakeClock, make_config
     clock = FakeClock(1_500_000_000.0)
     app = App(make_config(tmp_path / "d", database_url=database_url), clock=clock)
     try:
-        app.keyring.create_account("acct_lost_race")
+        ref = _account(app, "alice")
         with app.db.read() as conn:
             created = conn.execute(sa.select(schema.account_keys.c.created_at).where(
-                schema.account_keys.c.account_ref == "acct_lost_race")).scalar_one()
+                schema.account_keys.c.account_ref == ref)).scalar_one()
         clock.advance(60)
-        app.keyring.destroy("acct_lost_race")
+        app.accounts.delete_account("alice", OPERATOR)
         with app.db.read() as conn:
             destroyed = conn.execute(sa.select(schema.account_key_tombstones.c.destroyed_at).where(
-                schema.account_key_tombstones.c.account_ref == "acct_lost_race")).scalar_one()
+                schema.account_key_tombstones.c.account_ref == ref)).scalar_one()
         assert (created, destroyed) == (1_500_000_000.0, 1_500_000_060.0)
     finally:
         app.close()
@@ -291,9 +290,13 @@ def test_a_shred_during_a_key_read_in_flight_is_not_undone_by_its_caching(
     crypto-shred cached what it found after the shred's eviction: this process could then open the
     shredded account's clips until the cache's TTL (300 s) ran out."""
     pause = _Pause()
-    store = _PausingStore(Database(f"sqlite:///{tmp_path / 'meta.db'}"), pause)
-    ring = KeyRing(_PausingRoot(LocalKms.from_file(tmp_path / "root.key"), pause), store, now=clock.now)
-    ring.create_account("acct_a")
+    db = Database(f"sqlite:///{tmp_path / 'meta.db'}")
+    ring = KeyRing(_PausingRoot(LocalKms.from_file(tmp_path / "root.key"), pause), _PausingStore(db, pause),
+                   now=clock.now)
+    first = ring.new_kek("acct_a", 1)  # the account's first key, stored as AccountDirectory stores it
+    with db.transaction() as conn:
+        KekRows(conn).add("acct_a", first.record, clock.now())
+    ring.stored(first)
     dek, wrapped = ring.data_key_for("acct_a", "c_1")
     ring.forget("acct_a")  # cold: the next unwrap reads the store and asks the root
     if window == "root":
@@ -304,7 +307,9 @@ def test_a_shred_during_a_key_read_in_flight_is_not_undone_by_its_caching(
                                                                         clip_id="c_1")))
     reader.start()
     assert pause.reached.wait(10)  # the reader holds the keys it read ...
-    ring.destroy("acct_a")  # ... when the shred commits and evicts the account
+    with db.transaction() as conn:  # ... when the shred commits (DeleteAccount's unit) ...
+        destroy_keks(conn, "acct_a", clock.now())
+    ring.forget("acct_a")  # ... and evicts the account
     pause.go.set()
     reader.join(10)
     assert opened == [dek]  # begun before the shred, the call itself may still answer
@@ -314,12 +319,13 @@ def test_a_shred_during_a_key_read_in_flight_is_not_undone_by_its_caching(
         ring.data_key_for("acct_a", "c_2")
 
 
-def test_a_key_version_stored_after_a_shred_is_not_cached(ring: KeyRing) -> None:
+def test_a_key_version_stored_after_a_shred_is_not_cached(app: App, ring: KeyRing) -> None:
     """A rotation commits its version, a shred destroys it, then the rotation reports it stored."""
-    ring.create_account("acct_a")
-    new = ring.new_kek("acct_a", 2)
-    ring._store.add_kek("acct_a", new.record)
-    ring.destroy("acct_a")
+    ref = _account(app, "alice")
+    new = ring.new_kek(ref, 2)
+    with app.db.transaction() as conn:  # the rotation's unit
+        KekRows(conn).add(ref, new.record, app.clock.now())
+    app.accounts.delete_account("alice", OPERATOR)
     ring.stored(new)
     with pytest.raises(AccountKeysDestroyed):
-        ring.wrap(secrets.token_bytes(32), account_ref="acct_a", clip_id="c_1", key_version=2)
+        ring.wrap(secrets.token_bytes(32), account_ref=ref, clip_id="c_1", key_version=2)

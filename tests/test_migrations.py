@@ -28,7 +28,7 @@ from clipstore.clipkey import ClipKey, Purpose
 from clipstore.config import Config
 from clipstore.identity import seal_identity
 from clipstore.store import Database, migrations
-from clipstore.store.keys import SqlKekStore
+from clipstore.store.keys import KekRows, SqlKekStore, destroy_keks
 from clipstore.store.legacy import seal_plaintext
 from clipstore.store.review import ReviewRows
 from clipstore.store.schema import metadata
@@ -300,14 +300,18 @@ def _legacy_rows(url: str, root: LocalKms, tmp_path: Path) -> dict[str, Any]:
     clips = {}
     for name in ("kept", "shredded"):
         account_ref = f"acct_{name}"
-        keyring.create_account(account_ref)
+        first = keyring.new_kek(account_ref, 1)
+        with db.transaction() as conn:
+            KekRows(conn).add(account_ref, first.record, 1.0)
+        keyring.stored(first)
         dek, wrapped = keyring.data_key_for(account_ref, f"clip_{name}")
         clips[name] = {"clip_id": f"clip_{name}", "account_ref": account_ref, "size_bytes": 1, "sealed_bytes": 1,
                        "content_type": "audio/wav", "locale": "en-US", "device_type": "speaker",
                        "duration_ms": 1, "captured_at": None, "wake_word": True, "created_at": 1.0,
                        "expires_at": 1e12, "key_version": wrapped.key_version, "wrapped_dek": wrapped.blob,
                        "identity_ct": seal_identity(ClipKey(dek), f"clip_{name}", account_id="a", device_serial="d")}
-    keyring.destroy("acct_shredded")
+    with db.transaction() as conn:
+        destroy_keks(conn, "acct_shredded", 1.0)
     notes = {"esc_kept": ("clip_kept", "he said: call 555-0100"), "esc_shredded": ("clip_shredded", "shred me"),
              "esc_purged": ("clip_purged", "the clip is gone")}
     with db.transaction() as conn:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 import sqlalchemy as sa
 
 from clipstore.store import schema
@@ -13,13 +10,10 @@ from kms import KekRecord
 
 
 class SqlKekStore:
-    def __init__(self, db: Database, *, now: Callable[[], float] = time.time) -> None:
-        """`now`: the service's injected clock (`Clock.now`), which dates KEK rows and tombstones."""
-        self._db, self._now = db, now
+    """What `kms.KeyRing` reads. Key rows are written only in units of work (`KekRows`, `destroy_keks`)."""
 
-    def add_kek(self, account_ref: str, record: KekRecord) -> None:
-        with self._db.transaction() as conn:
-            KekRows(conn).add(account_ref, record, self._now())
+    def __init__(self, db: Database) -> None:
+        self._db = db
 
     def keks(self, account_ref: str) -> list[KekRecord]:
         t = schema.account_keys
@@ -27,14 +21,6 @@ class SqlKekStore:
             rows = conn.execute(sa.select(t.c.version, t.c.wrapped_kek, t.c.retired)
                                 .where(t.c.account_ref == account_ref).order_by(t.c.version))
             return [KekRecord(version=r.version, wrapped=bytes(r.wrapped_kek), retired=r.retired) for r in rows]
-
-    def retire_keks_below(self, account_ref: str, min_version: int) -> int:
-        with self._db.transaction() as conn:
-            return KekRows(conn).retire_below(account_ref, min_version)
-
-    def destroy_keks(self, account_ref: str) -> int:
-        with self._db.transaction() as conn:
-            return destroy_keks(conn, account_ref, self._now())
 
     def is_destroyed(self, account_ref: str) -> bool:
         t = schema.account_key_tombstones
