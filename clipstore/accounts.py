@@ -149,11 +149,16 @@ class AccountDirectory:
     def retire_key_versions(self, account_id: str, min_version: int, actor: Actor, *, dry_run: bool = False) -> int:
         """Set the minimum decryption version, once no clip of the account still needs an older one.
         With `dry_run`, only check and count the versions it would retire. The retirement and its entry
-        are one unit of work: both are there, or neither."""
+        are one unit of work: both are there, or neither; the unit checks the clips again (a PutClip may
+        have committed one meanwhile), and a PutClip committed after it wraps its key anew (`ClipLibrary.ingest`)."""
         ref = self.require(account_id).account_ref
+
+        def in_use() -> FailedPrecondition:
+            return FailedPrecondition(f"clips still use a version below {min_version}; "
+                                      "run RotateAccountKey (it rewraps) first", reason="KEY_VERSION_IN_USE")
+
         if any(c.key_version < min_version for c in self._clips.all_for_account(ref)):
-            raise FailedPrecondition(f"clips still use a version below {min_version}; "
-                                     "run RotateAccountKey (it rewraps) first", reason="KEY_VERSION_IN_USE")
+            raise in_use()
         if dry_run:
             return sum(r.version < min_version and not r.retired for r in self._keyring.versions(ref))
         if min_version > self._keyring.active_version(ref):
@@ -163,6 +168,8 @@ class AccountDirectory:
             if not self._rows(tx).account_exists(ref):  # deleted since it was found
                 raise tx.refuse(NotFound("no such account; it has no clips or was deleted",
                                          reason="ACCOUNT_NOT_FOUND"))
+            if self._rows(tx).uses_version_below(ref, min_version):  # committed since the check above
+                raise tx.refuse(in_use())
             retired = self._keks(tx).retire_below(ref, min_version)
             tx.audit(actor.record("account.key_retire", account_ref=ref, reason=f"below {min_version}"))
             return retired

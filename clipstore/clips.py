@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import secrets
@@ -46,6 +47,7 @@ MAX_CHUNK_BYTES = 1 << 20  # bounds memory per stream message
 MAX_CLIP_BYTES = 256 << 20  # ~2.5 h of 16-bit 16 kHz audio; longer is not a voice command
 ORPHAN_AGE_S = 3600.0  # an object without a row this old is a crashed or failed ingest
 PURGE_BATCH = 500
+RETIRED_KEY_ATTEMPTS = 3  # commits of one PutClip whose data key's version was retired meanwhile
 log = get_logger("clipstore.clips")
 _PURPOSE_OF = {"identity_ct": Purpose.IDENTITY, "note_ct": Purpose.NOTE, "label_ct": Purpose.LABEL,
                "resolution_ct": Purpose.RESOLUTION}
@@ -176,33 +178,52 @@ class ClipLibrary:
                       identity_ct=seal_identity(ClipKey(dek), clip_id, account_id=new.account_id,
                                                 device_serial=new.device_serial))
 
-        def commit(tx: Tx) -> str:
+        def commit(tx: Tx) -> str | None:
             # Row, idempotency key, entry and queue place: one unit. `active` is checked inside it, right
-            # before anything is written: a client's retry must find nothing half-done.
+            # before anything is written: a client's retry must find nothing half-done. None: nothing
+            # written, the data key's version was retired meanwhile.
             if not active():
                 raise tx.refuse(Cancelled("the call was cancelled before the clip was committed; nothing was "
                                           "stored"))
             rows = self._rows(tx)
-            owner, account_live = rows.owner_and_account(actor.id, idem, ref)
+            owner, account_live, key_live = rows.owner_account_key(actor.id, idem, ref, row.key_version)
             if owner is not None:  # a concurrent retry with the same key committed first
                 return owner
             if not account_live:  # deleted (shredded) while the audio arrived: the clip goes with it
                 raise tx.deny(actor, "clip.ingest", NotFound(
                     "the account was deleted while this clip was uploaded; nothing was stored",
                     reason="ACCOUNT_DELETED"), account_ref=ref)
+            if not key_live:  # a rotation and a retirement while the audio arrived: never a row the key won't open
+                return None
             rows.insert(row, principal_id=actor.id, idempotency_hash=idem)
             tx.audit(actor.record("clip.ingest", account_ref=ref, clip_id=clip_id))
             review = self._review(tx)
             self._sampler.offer(review, row, allow_review=review.allows_review(ref), now=tx.now)
             return clip_id
 
-        try:
-            owner = self._audit.run(commit)
-        except Exception as exc:
-            # AuditUnavailable.unconfirmed: the COMMIT was sent and never answered
-            if self._committed_after_all(clip_id, unconfirmed=getattr(exc, "unconfirmed", False) is True):
-                return row
-            raise
+        for _ in range(RETIRED_KEY_ATTEMPTS):
+            try:
+                owner = self._audit.run(commit)
+            except Exception as exc:
+                # AuditUnavailable.unconfirmed: the COMMIT was sent and never answered
+                if self._committed_after_all(clip_id, unconfirmed=getattr(exc, "unconfirmed", False) is True):
+                    return row
+                raise
+            if owner is not None:
+                break
+            # The same data key (the object stays as sealed), wrapped anew under the active version, which
+            # this process may not have cached yet (another replica's rotation)
+            self._keyring.forget(ref)
+            try:
+                wrapped = self._keyring.wrap(dek, account_ref=ref, clip_id=clip_id)
+            except Exception:
+                self._delete_object(clip_id)
+                raise
+            row = dataclasses.replace(row, key_version=wrapped.key_version, wrapped_dek=wrapped.blob)
+        else:
+            self._delete_object(clip_id)
+            raise Unavailable("the account's key was retired again and again while this clip was stored; nothing "
+                              "was stored; retry", reason="UNAVAILABLE")
         if owner != clip_id:
             self._delete_object(clip_id)  # ours is a duplicate; the sweep retries a failed delete
             clip, key = self._existing(owner)

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,10 +19,12 @@ import pytest
 import sqlalchemy as sa
 
 from clipstore.app import App
+from clipstore.errors import FailedPrecondition
 from clipstore.store import schema
 from clipstore.unit import OPERATOR
-from clipstore.v1 import account_pb2
-from tests.clip_helpers import ACCOUNT_ID
+from clipstore.v1 import account_pb2, clip_pb2
+from tests.clip_helpers import ACCOUNT_ID, metadata, put_requests
+from tests.conftest import bearer, new_key
 from tests.grpc_helpers import error_info
 from tests.test_idempotency import Ingest, ingest  # noqa: F401  # the fixture
 
@@ -164,3 +170,74 @@ def test_concurrent_rotations_add_one_version_each_with_its_entry_or_ask_for_a_r
     reasons = [e["outcome"]["reason"] for e in rotations if e["action"] == "account.key_rotate"]
     assert len(reasons) == outcomes.count("OK")  # one entry per answered rotation (those after the first resume)
     assert sum(r.startswith("new version") for r in reasons) == len(versions) - 1  # one per version added
+
+
+@pytest.mark.parametrize("end", ["after_the_retirement", "during_its_check"])
+def test_uploads_under_way_across_a_rotation_and_retirement_are_stored_under_a_live_key(
+        ingest: Ingest, monkeypatch: pytest.MonkeyPatch, end: str) -> None:  # noqa: F811
+    """24 PutClips took their data key under version 1, then RotateAccountKey added version 2 and `clipstore
+    keys retire --below 2` retired version 1, then the uploads ended: after the retirement, or between its
+    check that no clip uses version 1 and its unit. Before, each was acknowledged and stored under the
+    retired version: a clip that never opened again (FAILED_PRECONDITION KEY_VERSION_UNAVAILABLE) and that a
+    rotation could not rewrap, so every later RotateAccountKey of the account failed too. Now an upload ending
+    after the retirement wraps its data key anew under version 2; one ending during the check makes the
+    retirement refuse (KEY_VERSION_IN_USE) until a rotation rewrapped it."""
+    ingest.put("k0")
+    app = ingest.server.app
+    ref = app.accounts.require(ACCOUNT_ID).account_ref
+    release = threading.Event()
+
+    def held(key: str, audio: bytes) -> Iterator[clip_pb2.PutClipRequest]:
+        requests = list(put_requests(metadata(idempotency_key=key), audio))
+        yield from requests[:-1]
+        release.wait(30)
+        yield requests[-1]  # the trailer
+
+    uploads = {f"held-{i}": bytes([i + 1]) * 70_000 for i in range(24)}
+    calls: dict[str, concurrent.futures.Future[clip_pb2.PutClipResponse]] = {}
+    if end == "during_its_check":
+        catalog = app.accounts._clips
+        check = catalog.all_for_account
+
+        def checked_then_uploads_end(account_ref: str, **kwargs: Any) -> Iterator[Any]:
+            found = list(check(account_ref, **kwargs))  # no clip below version 2 yet ...
+            release.set()
+            for call in calls.values():  # ... then the uploads commit, before the retirement's unit
+                call.result()
+            return iter(found)
+
+        monkeypatch.setattr(catalog, "all_for_account", checked_then_uploads_end)
+    with concurrent.futures.ThreadPoolExecutor(len(uploads)) as pool:
+        calls.update({key: pool.submit(ingest.clips.PutClip, held(key, audio), metadata=ingest.md, timeout=60)
+                      for key, audio in uploads.items()})
+        deadline = time.monotonic() + 30  # every upload has its data key and writes its object
+        while len(list(Path(app.blobs.root).glob("*/*.partial"))) < len(uploads):  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        other = bearer(new_key(app, "ingest"))  # the uploads take all the calls one principal may have in flight
+        rotated = ingest.accounts.RotateAccountKey(account_pb2.RotateAccountKeyRequest(account_id=ACCOUNT_ID),
+                                                   metadata=other, timeout=30)
+        assert (rotated.active_key_version, rotated.rewrapped_clips) == (2, 1)
+        if end == "during_its_check":
+            with pytest.raises(FailedPrecondition) as refused:
+                app.accounts.retire_key_versions(ACCOUNT_ID, 2, OPERATOR)
+            assert refused.value.reason == "KEY_VERSION_IN_USE"
+            assert _versions(app, ref) == [(1, False), (2, False)] and "account.key_retire" not in _actions(app)
+            monkeypatch.undo()
+        else:
+            assert app.accounts.retire_key_versions(ACCOUNT_ID, 2, OPERATOR) == 1
+        release.set()
+        stored = {key: call.result().clip.clip_id for key, call in calls.items()}
+    for key, clip_id in stored.items():
+        assert ingest.audio(clip_id) == uploads[key]
+    if end == "during_its_check":  # stored under version 1, still live: the rotation resumes, then it retires
+        resumed = ingest.accounts.RotateAccountKey(account_pb2.RotateAccountKeyRequest(account_id=ACCOUNT_ID),
+                                                   metadata=ingest.md, timeout=30)
+        assert (resumed.active_key_version, resumed.rewrapped_clips, resumed.remaining_clips) == (2, 24, 0)
+        assert app.accounts.retire_key_versions(ACCOUNT_ID, 2, OPERATOR) == 1
+    assert _versions(app, ref) == [(1, True), (2, False)]
+    assert {app.clips.get(clip_id).key_version for clip_id in stored.values()} == {2}
+    again = ingest.accounts.RotateAccountKey(account_pb2.RotateAccountKeyRequest(account_id=ACCOUNT_ID),
+                                             metadata=ingest.md, timeout=30)
+    assert (again.active_key_version, again.rewrapped_clips, again.remaining_clips) == (3, 25, 0)
+    assert _actions(app).count("clip.ingest") == 25

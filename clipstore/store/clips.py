@@ -78,7 +78,9 @@ _ACCOUNT_BY_LOOKUP = _SELECT_ACCOUNT + "lookup_hmac = ?"
 _ACCOUNT_BY_REF = _SELECT_ACCOUNT + "account_ref = ?"
 _ACCOUNT_EXISTS = "SELECT 1 FROM accounts WHERE account_ref = ?"
 _OWNER = "SELECT clip_id FROM ingest_idempotency WHERE principal_id = ? AND key_hash = ?"
-_OWNER_AND_ACCOUNT = f"SELECT ({_OWNER}), EXISTS ({_ACCOUNT_EXISTS})"
+_KEY_LIVE = "SELECT 1 FROM account_keys WHERE account_ref = ? AND version = ? AND NOT retired"
+_OWNER_ACCOUNT_KEY = f"SELECT ({_OWNER}), EXISTS ({_ACCOUNT_EXISTS}), EXISTS ({_KEY_LIVE})"
+_USES_VERSION_BELOW = "SELECT 1 FROM clips WHERE account_ref = ? AND key_version < ? LIMIT 1"
 
 
 def _account(row: tuple[Any, ...] | None) -> AccountRow | None:
@@ -96,12 +98,17 @@ class ClipRows(PlainRows):
         """The clip an idempotency key belongs to (perhaps deleted since: the key is then a tombstone)."""
         return _clip_id(self._fetch(_OWNER, (principal_id, key_hash)))
 
-    def owner_and_account(self, principal_id: str, key_hash: bytes, account_ref: str) -> tuple[str | None, bool]:
-        """`owner`, and `account_exists` of `account_ref`, in one statement (one round trip in the writer's
-        unit of every PutClip)."""
-        row = self._fetch(_OWNER_AND_ACCOUNT, (principal_id, key_hash, account_ref))
+    def owner_account_key(self, principal_id: str, key_hash: bytes, account_ref: str, key_version: int
+                          ) -> tuple[str | None, bool, bool]:
+        """`owner`, `account_exists` of `account_ref`, and whether its `key_version` is there and not retired,
+        in one statement (one round trip in the writer's unit of every PutClip)."""
+        row = self._fetch(_OWNER_ACCOUNT_KEY, (principal_id, key_hash, account_ref, account_ref, key_version))
         assert row is not None
-        return (None if row[0] is None else str(row[0])), bool(row[1])
+        return (None if row[0] is None else str(row[0])), bool(row[1]), bool(row[2])
+
+    def uses_version_below(self, account_ref: str, min_version: int) -> bool:
+        """Whether a clip of the account still has its data key wrapped under a version below `min_version`."""
+        return self._fetch(_USES_VERSION_BELOW, (account_ref, min_version)) is not None
 
     def account_exists(self, account_ref: str) -> bool:
         """Whether the account's pseudonym mapping is still there (a deletion removes it with the shred)."""
