@@ -132,8 +132,10 @@ class AccountDirectory:
                 rows.delete(clip_id)  # its idempotency key stays as a tombstone
             return page
 
-        self._audit.run(shred)
-        self._keyring.forget(ref)
+        try:
+            self._audit.run(shred)
+        finally:  # also when its commit went unanswered (it may have landed): never a shredded key kept cached
+            self._keyring.forget(ref)
         deleted = 0
         while page := self._audit.run(next_page):
             deleted += len(page)

@@ -7,17 +7,22 @@ On SQLite and PostgreSQL, through a real server on loopback.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
+import grpc
 import pytest
 
 from clipstore import accounts
+from clipstore.audit.log import AuditUnavailable
 from clipstore.store.clips import ClipRows
 from clipstore.store.db import connection
 from clipstore.store.keys import destroy_keks
 from clipstore.store.review import ReviewRows
 from clipstore.unit import OPERATOR, Tx
-from clipstore.v1 import account_pb2
+from clipstore.v1 import account_pb2, clip_pb2
 from tests.clip_helpers import ACCOUNT_ID
+from tests.grpc_helpers import error_info
 from tests.test_idempotency import Ingest, ingest  # noqa: F401  # the fixture
 
 
@@ -76,3 +81,34 @@ def test_a_rotation_cut_short_by_its_deadline_resumes_without_adding_another_ver
         assert clip.key_version == 2 and b"".join(app.clips.audio(clip))
     again = app.accounts.rotate_key(ACCOUNT_ID, OPERATOR)  # nothing left behind: a new rotation
     assert again == (3, 5, 0)
+
+
+def test_a_deletion_whose_commit_answer_was_lost_leaves_no_key_of_the_account_cached(
+        ingest: Ingest, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """DeleteAccount's shred committed but its answer was lost (AUDIT_UNAVAILABLE, unconfirmed): before, the
+    key ring forgot the account only after a confirmed commit, so this process kept the shredded account's
+    key cached and went on opening its clips (GetClip answered, identity and all) until the cache's TTL
+    (300 s) ran out; a retried DeleteAccount (ACCOUNT_NOT_FOUND) did not drop it either."""
+    clip = ingest.put("k0")
+    app = ingest.server.app
+    assert ingest.audio(clip.clip_id)  # the account's key is cached
+    run = app.audit.run
+
+    def answer_lost(unit: Callable[[Tx], Any], **kwargs: Any) -> Any:
+        value = run(unit, **kwargs)
+        if unit.__name__ == "shred":  # committed; then the connection drops before the answer
+            lost = AuditUnavailable("the database did not confirm the commit")
+            lost.unconfirmed = True
+            raise lost
+        return value
+
+    monkeypatch.setattr(app.audit, "run", answer_lost)
+    with pytest.raises(grpc.RpcError) as caught:
+        ingest.accounts.DeleteAccount(account_pb2.DeleteAccountRequest(account_id=ACCOUNT_ID), metadata=ingest.md,
+                                      timeout=30)
+    assert error_info(caught.value).reason == "AUDIT_UNAVAILABLE"
+    monkeypatch.undo()
+    with pytest.raises(grpc.RpcError) as caught:
+        ingest.clips.GetClip(clip_pb2.GetClipRequest(clip_id=clip.clip_id), metadata=ingest.md, timeout=10)
+    assert (caught.value.code(), error_info(caught.value).reason) == (grpc.StatusCode.NOT_FOUND, "ACCOUNT_DELETED")
+
