@@ -20,6 +20,7 @@ log = get_logger("clipstore.accounts")
 DELETE_PAGE_CLIPS = 500  # clip rows per unit of work when an account is deleted
 REWRAP_PAGE_CLIPS = 200  # data keys rewrapped per unit of work in a rotation
 ROTATE_MARGIN_S = 1.0  # stop this long before the caller's deadline, to answer in time
+CREATE_ATTEMPTS = 3  # a deletion of the account another request just created: this one creates it anew
 PREFERENCE_ATTEMPTS = 3  # a deletion between finding the account and the unit sends the preference to the new one
 REMAINING_COUNT_LIMIT = 1_000_000  # "remaining" is exact up to this; the caller just calls again
 
@@ -43,19 +44,19 @@ class AccountDirectory:
     def find_or_create(self, account_id: str) -> AccountRow:
         lookup = self._lookup.hmac(account_id)
         existing = self._accounts.by_lookup(lookup)
-        if existing is not None:
-            return existing
-        ref = "acct_" + secrets.token_hex(12)
-        first = self._keyring.new_kek(ref, 1)  # the root call, before the transaction
-        # The account and its first key in one transaction: a failure between them used to leave a key row
-        # no account owns and nothing swept; a request that created the account first rolls back both.
-        if self._accounts.insert(ref, lookup, allow_review=self._default_allow, now=self._clock.now(),
-                                 key=first.record):
-            self._keyring.stored(first)
-            return AccountRow(account_ref=ref, allow_review=self._default_allow, retention_days=None)
-        winner = self._accounts.by_lookup(lookup)
-        assert winner is not None
-        return winner
+        for _ in range(CREATE_ATTEMPTS):
+            if existing is not None:
+                return existing
+            ref = "acct_" + secrets.token_hex(12)
+            first = self._keyring.new_kek(ref, 1)  # the root call, before the transaction
+            # The account and its first key in one transaction: a failure between them used to leave a key row
+            # no account owns and nothing swept; a request that created the account first rolls back both.
+            if self._accounts.insert(ref, lookup, allow_review=self._default_allow, now=self._clock.now(),
+                                     key=first.record):
+                self._keyring.stored(first)
+                return AccountRow(account_ref=ref, allow_review=self._default_allow, retention_days=None)
+            existing = self._accounts.by_lookup(lookup)  # the winner's; None if a deletion erased it since
+        raise Unavailable("the account was created and deleted again and again meanwhile; retry", reason="UNAVAILABLE")
 
     def require(self, account_id: str) -> AccountRow:
         account = self.find(account_id)

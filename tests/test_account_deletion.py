@@ -112,3 +112,29 @@ def test_a_deletion_whose_commit_answer_was_lost_leaves_no_key_of_the_account_ca
         ingest.clips.GetClip(clip_pb2.GetClipRequest(clip_id=clip.clip_id), metadata=ingest.md, timeout=10)
     assert (caught.value.code(), error_info(caught.value).reason) == (grpc.StatusCode.NOT_FOUND, "ACCOUNT_DELETED")
 
+
+
+def test_a_putclip_that_lost_the_race_to_create_its_account_to_a_deleted_one_makes_a_new_one(
+        ingest: Ingest, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """A PutClip found no account, another request created it first (this one's insert lost), and a
+    DeleteAccount erased it before this one read the winner back: before, an assertion failed and the
+    PutClip answered INTERNAL; now it makes the account anew, as a PutClip after the deletion does."""
+    app = ingest.server.app
+    ingest.put("k0")  # the other request's account
+    repository = app.accounts._accounts
+    by_lookup = repository.by_lookup
+    reads: list[object] = []
+
+    def racing(lookup_hmac: bytes) -> Any:
+        reads.append(lookup_hmac)
+        if len(reads) == 1:  # read before the other request created the account
+            return None
+        if len(reads) == 2:  # this one's insert lost; the deletion lands before the winner is read back
+            app.accounts.delete_account(ACCOUNT_ID, OPERATOR)
+        return by_lookup(lookup_hmac)
+
+    monkeypatch.setattr(repository, "by_lookup", racing)
+    clip = ingest.put("k1")
+    monkeypatch.undo()
+    assert ingest.audio(clip.clip_id)
+    assert app.clips.get(clip.clip_id).account_ref == app.accounts.require(ACCOUNT_ID).account_ref
