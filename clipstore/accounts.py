@@ -61,8 +61,14 @@ class AccountDirectory:
     def require(self, account_id: str) -> AccountRow:
         account = self.find(account_id)
         if account is None:
-            raise NotFound("no such account; it has no clips or was deleted", reason="ACCOUNT_NOT_FOUND")
+            raise _no_account()
         return account
+
+    def _still_there(self, tx: Tx, ref: str) -> None:
+        """Refuse the unit when the account was deleted since it was found (the check inside the unit, so a
+        deletion cannot slip between it and the change)."""
+        if not self._rows(tx).account_exists(ref):
+            raise tx.refuse(_no_account())
 
     def set_review_preference(self, account_id: str, allow: bool, actor: Actor) -> tuple[AccountRow, int, int]:
         """Returns the account and, when review is turned off, how many queued clips and
@@ -118,8 +124,8 @@ class AccountDirectory:
         concurrent deletions of one account, one erases it (one entry) and the others are told it is gone,
         as a deletion after it would be."""
         def shred(tx: Tx) -> None:
-            if once and not self._rows(tx).account_exists(ref):
-                raise tx.refuse(NotFound("no such account; it has no clips or was deleted", reason="ACCOUNT_NOT_FOUND"))
+            if once:
+                self._still_there(tx, ref)
             self._shred_keys(tx, ref)
             self._review(tx).withdraw_from_review(account_ref=ref)
             self._rows(tx).delete_account(ref)
@@ -168,9 +174,7 @@ class AccountDirectory:
             raise ValueError(f"min_version {min_version} is above the active version")
 
         def retire(tx: Tx) -> int:
-            if not self._rows(tx).account_exists(ref):  # deleted since it was found
-                raise tx.refuse(NotFound("no such account; it has no clips or was deleted",
-                                         reason="ACCOUNT_NOT_FOUND"))
+            self._still_there(tx, ref)
             if self._rows(tx).uses_version_below(ref, min_version):  # committed since the check above
                 raise tx.refuse(in_use())
             retired = self._keks(tx).retire_below(ref, min_version)
@@ -195,9 +199,7 @@ class AccountDirectory:
 
         def rotate(tx: Tx) -> None:
             """The new version and its entry in one unit (a resumed rotation adds only its entry)."""
-            if not self._rows(tx).account_exists(ref):  # deleted since it was found: never a key after the shred
-                raise tx.refuse(NotFound("no such account; it has no clips or was deleted",
-                                         reason="ACCOUNT_NOT_FOUND"))
+            self._still_there(tx, ref)  # never a key added after the shred
             if new is not None:
                 keks = self._keks(tx)
                 if keks.newest_version(ref) != version - 1:  # another rotation added this version first
@@ -228,3 +230,7 @@ class AccountDirectory:
             if stop_at is not None and time.monotonic() >= stop_at:
                 break
         return version, rewrapped, len(self._clips.below_version(ref, version, REMAINING_COUNT_LIMIT))
+
+
+def _no_account() -> NotFound:
+    return NotFound("no such account; it has no clips or was deleted", reason="ACCOUNT_NOT_FOUND")
