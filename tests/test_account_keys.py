@@ -135,8 +135,8 @@ def test_an_account_whose_row_cannot_be_written_leaves_no_key_behind(ingest: Ing
 def test_concurrent_first_clips_of_one_account_leave_one_account_and_one_key(ingest: Ingest) -> None:  # noqa: F811
     """The losers of the race to create the account roll back their key with their account row."""
     app = ingest.server.app
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        rows = list(pool.map(lambda _: app.accounts.find_or_create(ACCOUNT_ID), range(16)))
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        rows = list(pool.map(lambda _: app.accounts.find_or_create(ACCOUNT_ID), range(24)))
     assert len({r.account_ref for r in rows}) == 1
     assert _keys_and_accounts(app) == (1, 1)
     with app.db.read() as conn:
@@ -161,8 +161,8 @@ def test_concurrent_rotations_add_one_version_each_with_its_entry_or_ask_for_a_r
             return error_info(exc).reason
         return "OK"
 
-    with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        outcomes = list(pool.map(rotate, range(6)))
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        outcomes = list(pool.map(rotate, range(24)))
     assert set(outcomes) <= {"OK", "UNAVAILABLE"} and "OK" in outcomes
     versions = _versions(app, ref)
     assert [v for v, _ in versions] == list(range(1, len(versions) + 1))
